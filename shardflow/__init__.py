@@ -1,0 +1,25 @@
+"""shardflow: global tensors over device meshes, automatic boxing, static plans.
+
+Public API (everything else may change): ``init``, ``Mesh``, ``S``, ``B``, ``P``, ``GlobalTensor``,
+``distribute``, ``from_local``, ``plan_boxing``.
+"""
+
+from shardflow.boxing import CostModel, Plan, plan_boxing
+from shardflow.comm import init
+from shardflow.placement import B, Mesh, P, S
+from shardflow.tensor import GlobalTensor, distribute, from_local
+
+__all__ = [
+    "B",
+    "CostModel",
+    "GlobalTensor",
+    "Mesh",
+    "P",
+    "Plan",
+    "S",
+    "distribute",
+    "from_local",
+    "init",
+    "plan_boxing",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""Start (or join) the job's default process group from torchrun's environment.
+
+Every collective carries a timeout; gloo's own default (30 minutes) hides a dead peer for far too long,
+so shardflow's default is 90 s, short enough that a stuck job fails within two minutes.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT = timedelta(seconds=90)
+
+
+def _as_timedelta(timeout: float | timedelta | None) -> timedelta:
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(timeout, timedelta):
+        return timeout
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+    return timedelta(seconds=float(timeout))
+
+
+def init(backend: str | None = None, timeout: float | timedelta | None = None) -> None:
+    """Initialise torch.distributed from ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``.
+
+    Idempotent: a second call (or a process group someone else started) is left as it is. Without a
+    torchrun environment this starts a world of one process on a free local port. ``backend`` defaults to
+    NCCL when CUDA is available and gloo otherwise.
+    """
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    td = _as_timedelta(timeout)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend, timeout=td)
+        return
+    store = dist.HashStore()
+    dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=td)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) when no process group is running."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

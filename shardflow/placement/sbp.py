@@ -1,0 +1,92 @@
+"""Layouts of a logical tensor over one mesh axis: ``S(dim)``, ``B`` and ``P``.
+
+An nd-SBP is a plain tuple with one placement per mesh axis. Placements are frozen, hashable dataclasses
+with short reprs so that plans can be cached by them and printed as people write them: ``(S(0), B)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
+
+
+@dataclass(frozen=True)
+class S:
+    """Split along tensor ``dim``; uneven sizes follow ``torch.tensor_split`` (first ``n % k`` one larger)."""
+
+    dim: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 0:
+            raise ValueError(f"S(dim) needs a non-negative int dim, got {self.dim!r}")
+
+    def __repr__(self) -> str:
+        return f"S({self.dim})"
+
+
+@dataclass(frozen=True)
+class _Broadcast:
+    """Every rank of the axis holds the whole (piece of the) tensor."""
+
+    def __repr__(self) -> str:
+        return "B"
+
+
+@dataclass(frozen=True)
+class _Partial:
+    """The logical value is the element-wise sum of the locals of the axis."""
+
+    def __repr__(self) -> str:
+        return "P"
+
+
+B = _Broadcast()
+P = _Partial()
+
+Placement = Union[S, _Broadcast, _Partial]
+NdSbp = tuple[Placement, ...]
+
+
+def is_placement(x: object) -> bool:
+    return isinstance(x, (S, _Broadcast, _Partial))
+
+
+def format_sbp(sbp: NdSbp) -> str:
+    """``(S(0), B)``; a 1-tuple prints as ``(S(0),)`` like Python."""
+    return "(" + ", ".join(map(repr, sbp)) + ("," if len(sbp) == 1 else "") + ")"
+
+
+def normalize_sbp(sbp: Placement | Sequence[Placement], mesh_ndim: int, tensor_ndim: int | None = None) -> NdSbp:
+    """Turn user input into an nd-SBP tuple and validate it against the mesh and (optionally) tensor rank."""
+    if is_placement(sbp):
+        if mesh_ndim != 1:
+            raise ValueError(
+                f"a single placement {sbp!r} stands for an nd-SBP only on a 1-d mesh; this mesh has "
+                f"{mesh_ndim} axes: pass a tuple with one placement per axis"
+            )
+        out: NdSbp = (sbp,)  # type: ignore[assignment]
+    elif isinstance(sbp, (tuple, list)):
+        out = tuple(sbp)
+        bad = [p for p in out if not is_placement(p)]
+        if bad:
+            raise TypeError(f"sbp entries must be sf.S(dim), sf.B or sf.P, got {bad[0]!r} in {sbp!r}")
+    else:
+        raise TypeError(f"sbp must be a placement or a tuple of placements, got {type(sbp).__name__}: {sbp!r}")
+    if len(out) != mesh_ndim:
+        raise ValueError(
+            f"sbp {format_sbp(out)} has {len(out)} entries but the mesh has {mesh_ndim} axes: "
+            f"give one placement per mesh axis"
+        )
+    if tensor_ndim is not None:
+        for p in out:
+            if isinstance(p, S) and p.dim >= tensor_ndim:
+                raise ValueError(
+                    f"sbp {format_sbp(out)} is invalid for a {tensor_ndim}-d tensor: split dim must be < {tensor_ndim}"
+                )
+    return out
+
+
+def grad_sbp(sbp: NdSbp) -> NdSbp:
+    """The gradient rule: a gradient has its value's layout with ``P`` replaced by ``B``."""
+    return tuple(B if isinstance(p, _Partial) else p for p in sbp)

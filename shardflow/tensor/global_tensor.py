@@ -1,0 +1,173 @@
+"""``GlobalTensor``: one logical tensor laid over a mesh, as a ``torch.Tensor`` wrapper subclass.
+
+It holds this rank's local shard, the mesh and the nd-SBP; its ``shape`` is the global shape. Being a
+real ``torch.Tensor`` (like DTensor) lets ``nn.Parameter``, autograd and optimizers take it. Autograd
+follows the logical tensor: every conversion is an ``autograd.Function`` whose backward converts the
+arriving gradient to the source's gradient layout with the same boxing engine (CONTRACT.md's rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from shardflow.boxing import plan_boxing, run_plan
+from shardflow.comm.init import world
+from shardflow.placement.mesh import Mesh
+from shardflow.placement.sbp import B, NdSbp, Placement, format_sbp, grad_sbp, normalize_sbp
+from shardflow.placement.shard import local_shape
+
+
+class GlobalTensor(torch.Tensor):
+    """A logical tensor of global ``shape`` over ``mesh`` with layout ``sbp`` (one placement per axis)."""
+
+    _local: torch.Tensor
+    _mesh: Mesh
+    _sbp: NdSbp
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(
+        cls, local: torch.Tensor, mesh: Mesh, sbp: NdSbp, shape: Sequence[int], requires_grad: bool = False
+    ) -> GlobalTensor:
+        t = torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, tuple(shape), dtype=local.dtype, device=local.device, requires_grad=requires_grad
+        )
+        t._local, t._mesh, t._sbp = local, mesh, tuple(sbp)
+        return t
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    # -- views of the logical tensor ------------------------------------------------------------------
+    @property
+    def mesh(self) -> Mesh:
+        return self._mesh
+
+    @property
+    def sbp(self) -> NdSbp:
+        return self._sbp
+
+    def to_local(self, grad_sbp: Placement | Sequence[Placement] | None = None) -> torch.Tensor:
+        """This rank's shard (empty outside the mesh). Differentiable: the gradient of the local is read
+        with ``grad_sbp`` (default: this tensor's gradient layout, i.e. its sbp with ``P`` as ``B``)."""
+        g = grad_sbp_of(self) if grad_sbp is None else normalize_sbp(grad_sbp, self._mesh.ndim, self.dim())
+        return _ToLocal.apply(self, g)
+
+    def full(self) -> torch.Tensor:
+        """The logical value as a plain tensor on every rank of the mesh (collective); empty elsewhere."""
+        return self.redistribute((B,) * self._mesh.ndim).to_local()
+
+    def redistribute(self, sbp: Placement | Sequence[Placement], mesh: Mesh | None = None) -> GlobalTensor:
+        """Boxing to ``sbp`` (on ``mesh`` if given: every rank of both meshes calls it). Differentiable."""
+        dst_mesh = self._mesh if mesh is None else mesh
+        dst = normalize_sbp(sbp, dst_mesh.ndim, self.dim())
+        if dst_mesh.device_type != self._mesh.device_type:
+            raise ValueError(
+                f"cannot redistribute from a {self._mesh.device_type} mesh to a {dst_mesh.device_type} mesh; "
+                f"move the tensor between devices first"
+            )
+        return _Redistribute.apply(self, dst_mesh, dst)
+
+    @staticmethod
+    def from_local(
+        local: torch.Tensor,
+        mesh: Mesh,
+        sbp: Placement | Sequence[Placement],
+        shape: Sequence[int] | None = None,
+        check: bool = False,
+    ) -> GlobalTensor:
+        """Wrap this rank's shard; see ``shardflow.tensor.api.from_local``."""
+        from shardflow.tensor.api import from_local
+
+        return from_local(local, mesh, sbp, shape=shape, check=check)
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return (
+            f"GlobalTensor(shape={tuple(self.shape)}, sbp={format_sbp(self._sbp)}, mesh={self._mesh}, "
+            f"dtype={self.dtype}{grad}, local={self._local!r})"
+        )
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a GlobalTensor cannot be pickled; save with shardflow's checkpoints or pass .full()")
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        from shardflow.tensor.dispatch import dispatch
+
+        return dispatch(func, args, kwargs or {})
+
+
+def grad_sbp_of(x: GlobalTensor) -> NdSbp:
+    return grad_sbp(x.sbp)
+
+
+def wrap(local: torch.Tensor, mesh: Mesh, sbp: NdSbp, shape: Sequence[int]) -> GlobalTensor:
+    return GlobalTensor(local, mesh, sbp, shape)
+
+
+def box(x: GlobalTensor, dst_mesh: Mesh, dst: NdSbp) -> GlobalTensor:
+    """Non-differentiable boxing of a GlobalTensor (the executor under autograd)."""
+    if x.mesh == dst_mesh and x.sbp == dst:
+        return x
+    plan = plan_boxing(tuple(x.shape), x.dtype, x.mesh, x.sbp, dst_mesh, dst)
+    return wrap(run_plan(plan, x._local), dst_mesh, dst, x.shape)
+
+
+def as_global(grad: torch.Tensor | None, mesh: Mesh, sbp: NdSbp, shape: Sequence[int]) -> GlobalTensor | None:
+    """A gradient arriving as a plain tensor is this rank's local of layout ``sbp``."""
+    if grad is None or isinstance(grad, GlobalTensor):
+        return grad
+    return wrap(grad, mesh, sbp, shape)
+
+
+class _Redistribute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: GlobalTensor, dst_mesh: Mesh, dst: NdSbp) -> GlobalTensor:  # type: ignore[override]
+        ctx.src_mesh, ctx.src, ctx.dst_mesh, ctx.dst, ctx.shape = x.mesh, x.sbp, dst_mesh, dst, tuple(x.shape)
+        out = box(x, dst_mesh, dst)
+        if out is x:  # an identity route still returns a new tensor for autograd
+            out = wrap(x._local.view_as(x._local), dst_mesh, dst, x.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, None, None]:  # type: ignore[override]
+        g = as_global(grad, ctx.dst_mesh, grad_sbp(ctx.dst), ctx.shape)
+        assert g is not None
+        return box(g, ctx.src_mesh, grad_sbp(ctx.src)), None, None
+
+
+class _ToLocal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: GlobalTensor, g_sbp: NdSbp) -> torch.Tensor:  # type: ignore[override]
+        ctx.mesh, ctx.g_sbp, ctx.shape = x.mesh, g_sbp, tuple(x.shape)
+        return x._local.view_as(x._local)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, None]:  # type: ignore[override]
+        return wrap(grad, ctx.mesh, ctx.g_sbp, ctx.shape), None
+
+
+class _FromLocal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, mesh: Mesh, sbp: NdSbp, shape: tuple[int, ...]) -> GlobalTensor:  # type: ignore[override]
+        ctx.mesh, ctx.sbp, ctx.shape = mesh, sbp, shape
+        return wrap(local.view_as(local), mesh, sbp, shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, None, None, None]:  # type: ignore[override]
+        g = as_global(grad, ctx.mesh, grad_sbp(ctx.sbp), ctx.shape)
+        assert g is not None
+        return box(g, ctx.mesh, grad_sbp(ctx.sbp))._local, None, None, None
+
+
+def expected_local_shape(shape: Sequence[int], mesh: Mesh, sbp: NdSbp) -> tuple[int, ...] | None:
+    """This rank's local shape, or None outside the mesh."""
+    rank, _ = world()
+    if rank not in mesh:
+        return None
+    return local_shape(shape, sbp, mesh.shape, mesh.coord_of(rank))

@@ -7,6 +7,7 @@ call issues exactly one torch.distributed collective so that ``CommDebugMode`` c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +31,10 @@ def _pad_dim0(t: torch.Tensor, rows: int) -> torch.Tensor:
 def all_gather(local: torch.Tensor, dim: int, sizes: Sequence[int], g: GroupHandle) -> torch.Tensor:
     """Concatenate the members' pieces along ``dim``; ``sizes[i]`` is member i's extent along ``dim``."""
     k, m = g.size, max(sizes)
+    out_shape = list(local.shape)
+    out_shape[dim] = sum(sizes)
+    if math.prod(out_shape) == 0:  # every member knows this: nothing to move
+        return local.new_empty(out_shape)
     piece = _pad_dim0(local.movedim(dim, 0), m).contiguous()
     out = torch.empty((k * m, *piece.shape[1:]), dtype=local.dtype, device=local.device)
     _all_gather_single(out, piece, group=g.group)
@@ -43,6 +48,10 @@ def all_gather(local: torch.Tensor, dim: int, sizes: Sequence[int], g: GroupHand
 def reduce_scatter(full: torch.Tensor, dim: int, sizes: Sequence[int], me: int, g: GroupHandle) -> torch.Tensor:
     """Sum ``full`` over the members and keep member ``me``'s piece (``sizes`` along ``dim``)."""
     m = max(sizes)
+    if full.numel() == 0:
+        out_shape = list(full.shape)
+        out_shape[dim] = sizes[me]
+        return full.new_empty(out_shape)
     pieces = full.movedim(dim, 0).split(list(sizes))
     stacked = torch.cat([_pad_dim0(pieces[axis_i], m) for axis_i in g.order], 0).contiguous()
     out = torch.empty((m, *stacked.shape[1:]), dtype=full.dtype, device=full.device)
@@ -61,6 +70,8 @@ def all_gather_rows(row: torch.Tensor) -> torch.Tensor:
 
 def all_reduce(local: torch.Tensor, g: GroupHandle) -> torch.Tensor:
     out = local.clone(memory_format=torch.contiguous_format)
+    if out.numel() == 0:
+        return out
     dist.all_reduce(out, group=g.group)
     return out
 
@@ -75,6 +86,11 @@ def all_to_all(
     g: GroupHandle,
 ) -> torch.Tensor:
     """From pieces split along ``src_dim`` (``in_sizes``) to pieces split along ``dst_dim`` (``out_sizes``)."""
+    rest = [n for d, n in enumerate(local.shape) if d not in (src_dim, dst_dim)]
+    if math.prod(rest) == 0 or sum(in_sizes) == 0 or sum(out_sizes) == 0:
+        shape = list(local.shape)
+        shape[src_dim], shape[dst_dim] = sum(in_sizes), out_sizes[me]
+        return local.new_empty(shape)
     sends = local.split(list(out_sizes), dim=dst_dim)
     send_order = [sends[axis_i].contiguous() for axis_i in g.order]
     recv_shapes = []

@@ -1,18 +1,18 @@
-"""Process groups for rank sets (mesh axis slices, whole meshes), created once and cached.
+"""Process groups for mesh axis slices, created once, when a mesh is created, and cached by rank set.
 
-Groups are created lazily by their members only (``use_local_synchronization=True``), so a rank never
-blocks on a group it does not belong to and meshes stay cheap, pure descriptions. torch orders a group's
-ranks by global rank; ``GroupHandle.order`` maps that order back to the mesh's axis order.
+Every rank of the job creates every slice's group in the same order (``new_group`` is collective over the
+job), which is why creating a mesh is collective. torch orders a group's ranks by global rank;
+``GroupHandle.order`` maps that order back to the mesh's axis order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch.distributed as dist
 
-from shardflow.comm.init import DEFAULT_TIMEOUT
+from shardflow.comm.init import collective_timeout
+from shardflow.placement.mesh import Mesh, on_mesh_created
 
 
 @dataclass(frozen=True)
@@ -29,25 +29,30 @@ class GroupHandle:
 
 
 _GROUPS: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
-_timeout: timedelta = DEFAULT_TIMEOUT
 
 
-def set_timeout(timeout: timedelta) -> None:
-    """Timeout of the groups created from now on (the default group's is set by ``sf.init``)."""
-    global _timeout
-    _timeout = timeout
+def _create_groups(mesh: Mesh) -> None:
+    """Build the group of every axis slice of ``mesh`` that does not exist yet (collective over the job)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return  # a mesh made before a job starts is a plan-only description
+    world = tuple(range(dist.get_world_size()))
+    for axis in range(mesh.ndim):
+        for ranks in mesh.all_axis_slices(axis):
+            key = tuple(sorted(ranks))
+            if len(key) > 1 and key not in _GROUPS:
+                _GROUPS[key] = None if key == world else dist.new_group(list(key), timeout=collective_timeout())
+
+
+on_mesh_created(_create_groups)
 
 
 def group_for(ranks: tuple[int, ...]) -> GroupHandle:
-    """The cached group over ``ranks``; the caller must be one of them."""
+    """The group over ``ranks`` (a mesh axis slice; the caller must be one of them)."""
     key = tuple(sorted(ranks))
-    if len(set(key)) != len(key):
-        raise ValueError(f"a process group needs distinct ranks, got {list(ranks)}")
     if key not in _GROUPS:
-        if key == tuple(range(dist.get_world_size())):
-            _GROUPS[key] = None
-        else:
-            _GROUPS[key] = dist.new_group(list(key), timeout=_timeout, use_local_synchronization=True)
+        raise RuntimeError(
+            f"no process group for ranks {list(ranks)}: create meshes after sf.init(), on every rank of the job"
+        )
     order = tuple(sorted(range(len(ranks)), key=lambda i: ranks[i]))
     return GroupHandle(ranks, _GROUPS[key], order)
 

@@ -13,6 +13,12 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT = timedelta(seconds=90)
+_timeout = DEFAULT_TIMEOUT
+
+
+def collective_timeout() -> timedelta:
+    """The timeout every group of this job is created with (set by ``init``)."""
+    return _timeout
 
 
 def _as_timedelta(timeout: float | timedelta | None) -> timedelta:
@@ -38,7 +44,8 @@ def init(backend: str | None = None, timeout: float | timedelta | None = None) -
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    td = _as_timedelta(timeout)
+    global _timeout
+    td = _timeout = _as_timedelta(timeout)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -1,13 +1,16 @@
 """``Mesh``: a named n-d grid of global ranks on one device type.
 
-A mesh is a pure description (shape, axis names, ranks row-major); the process groups that serve it live
-in ``shardflow.comm`` and are created there, so that this layer has no dependency on communication.
+A mesh is a description (shape, axis names, ranks row-major). Creating one is collective: the layer that
+owns process groups (``shardflow.comm``) registers a creation hook and builds every axis slice's group
+then, on every rank in the same order. Lazy creation by members only is not safe: torch names
+locally-synchronised groups by how many groups each rank already made, so ranks that made different
+numbers of groups wait on different names forever.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,14 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+_CREATION_HOOKS: list[Callable[[Mesh], None]] = []
+
+
+def on_mesh_created(hook: Callable[[Mesh], None]) -> None:
+    """Call ``hook(mesh)`` whenever a mesh is created (the comm layer builds process groups there)."""
+    _CREATION_HOOKS.append(hook)
 
 
 @dataclass(frozen=True, init=False)
@@ -72,6 +83,8 @@ class Mesh:
         object.__setattr__(self, "shape", shape_t)
         object.__setattr__(self, "names", names_t)
         object.__setattr__(self, "ranks", ranks_t)
+        for hook in _CREATION_HOOKS:
+            hook(self)
 
     # -- geometry -------------------------------------------------------------------------------------
     @property

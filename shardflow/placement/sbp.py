@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class _Partial:
 B = _Broadcast()
 P = _Partial()
 
-Placement = Union[S, _Broadcast, _Partial]
+Placement = S | _Broadcast | _Partial
 NdSbp = tuple[Placement, ...]
 
 

@@ -61,6 +61,11 @@ def _locals(args: tuple[Any, ...], like: GlobalTensor) -> list[Any]:
                     f"operands of global shapes {tuple(like.shape)} and {tuple(a.shape)} differ; eager "
                     f"broadcasting between GlobalTensors is not supported yet"
                 )
+            if a.mesh != like.mesh:
+                raise ValueError(
+                    f"operands live on different meshes ({like.mesh} and {a.mesh}); move one first with "
+                    f"x.redistribute(sbp, mesh=other_mesh)"
+                )
             a = box(a, like.mesh, like.sbp)._local
         out.append(a)
     return out

@@ -1,0 +1,159 @@
+"""Start N local worker processes with torchrun's own machinery and report how they ended.
+
+Decision: workers are started by ``torch.distributed.launcher.api.elastic_launch`` (what ``torchrun`` runs),
+with a c10d rendezvous on 127.0.0.1, so a worker sees exactly torchrun's environment (``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ...) and ``sf.init()`` needs no second code path. ``max_restarts=0``: a
+failed rank fails the job (BSP), and the agent stops the other ranks at once instead of letting them wait on
+a dead peer until the collective timeout.
+
+The target is ``"package.module:function"`` (called with no arguments, like a console script) or a path to a
+``.py`` script (run as ``__main__``); either way the worker sees ``sys.argv == [target, *args]``. A worker
+returns an exit code: a function's ``int`` result (``None`` is 0) or a script's ``SystemExit`` code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import runpy
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any
+
+_WATCH_S = 1.0  # how often a worker checks that its launcher is still alive
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # NOTE: the elastic agent stops workers when one fails or when it gets a signal, but a launcher killed
+    # with SIGKILL cannot; this thread makes an orphaned worker exit instead of waiting on dead peers.
+    while True:
+        time.sleep(_WATCH_S)
+        if os.getppid() != parent_pid:
+            os._exit(3)
+
+
+def _threads_per_worker(nprocs: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, nprocs))
+
+
+def _load(target: str) -> Any:
+    """The callable behind ``"module:function"`` (dotted attributes allowed after the colon)."""
+    module, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{target!r} names a {type(obj).__name__}, not a function")
+    return obj
+
+
+def _exit_code(value: object) -> int:
+    """The process exit code for a function's result or a ``SystemExit`` code, like the interpreter's."""
+    if value is None or value is True:
+        return 0
+    if isinstance(value, int):
+        return value
+    print(value, file=sys.stderr)  # sys.exit("message") prints the message and exits with 1
+    return 1
+
+
+def _worker(target: str, args: list[str], parent_pid: int) -> int:
+    """Runs in every worker process (spawned by the elastic agent, torchrun's env vars already set)."""
+    import torch
+
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    # Intra-op threads of N ranks on few cores fight each other; give each rank its share of the cores.
+    torch.set_num_threads(_threads_per_worker(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    sys.argv = [target, *args]
+    try:
+        if _is_script(target):
+            sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+            runpy.run_path(target, run_name="__main__")
+            code = 0
+        else:
+            code = _exit_code(_load(target)())
+    except SystemExit as e:
+        code = _exit_code(e.code)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code
+
+
+def _is_script(target: str) -> bool:
+    return target.endswith(".py") or os.path.isfile(target)
+
+
+def _check_target(target: str) -> None:
+    """Fail in the launcher, with one message, instead of in every worker."""
+    if _is_script(target):
+        if not os.path.isfile(target):
+            raise ValueError(f"script {target!r} does not exist")
+        return
+    module, colon, qualname = target.partition(":")
+    if not colon or not module or not qualname:
+        raise ValueError(f"target {target!r} must be 'package.module:function' or a path to a .py script")
+
+
+def _failure_reason(message: object) -> str:
+    """One line from an elastic ``ProcessFailure.message`` (a string, or a dict written by ``@record``)."""
+    if isinstance(message, dict):
+        message = message.get("message", message)
+    return str(message).strip().splitlines()[-1] if str(message).strip() else "unknown error"
+
+
+def launch(entry: str, nprocs: int, args: list[str] | None = None) -> int:
+    """Run ``entry`` on ``nprocs`` local ranks; 0 when every rank returns 0, else a non-zero exit code.
+
+    A rank that raises (or dies) stops the whole job; which rank failed, and why, is printed to stderr.
+    """
+    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
+        raise ValueError(f"nprocs must be a positive int, got {nprocs!r}")
+    _check_target(entry)
+    # Imported here, not at the top: only launching needs torch's elastic agent.
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    with tempfile.TemporaryDirectory(prefix="shardflow_launch_") as log_dir:
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nprocs,
+            run_id=f"shardflow-{uuid.uuid4().hex[:12]}",
+            rdzv_backend="c10d",
+            rdzv_endpoint="127.0.0.1:0",  # port 0: the rendezvous store binds a free port itself, no race
+            local_addr="127.0.0.1",  # MASTER_ADDR for the workers; the host name may not resolve
+            max_restarts=0,
+            monitor_interval=0.1,
+            start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=log_dir),  # error files only; output goes to the console
+        )
+        try:
+            results = elastic_launch(config, _worker)(entry, list(args or []), os.getpid())
+        except ChildFailedError as e:
+            for rank, failure in sorted(e.failures.items()):
+                how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+                reason = _failure_reason(failure.message)
+                print(f"shardflow: rank {rank} failed ({how}): {reason}", file=sys.stderr)
+            codes = [f.exitcode for f in e.failures.values()]
+            return next((c for c in codes if c > 0), 1)
+        except SignalException as e:
+            print(f"shardflow: stopped by {e.sigval.name}; all ranks were terminated", file=sys.stderr)
+            return 128 + int(e.sigval)
+    by_code: dict[int, list[int]] = {}
+    for rank, code in sorted(results.items()):
+        if code:
+            by_code.setdefault(int(code), []).append(rank)
+    for code, ranks in by_code.items():
+        who = ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+        print(f"shardflow: {who} exited with code {code}", file=sys.stderr)
+    return next(iter(by_code), 0)
+
+
+__all__ = ["launch"]

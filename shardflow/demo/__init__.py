@@ -1,0 +1,1 @@
+"""Self-checking demos run by ``shardflow demo``: each is a worker function started on every rank."""

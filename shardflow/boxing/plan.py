@@ -128,7 +128,7 @@ def _nbytes(shape: Sequence[int], sbp: NdSbp, mesh: Mesh, itemsize: int) -> int:
 def _edge(
     shape: tuple[int, ...], itemsize: int, mesh: Mesh, cur: NdSbp, axis: int, new: object, cost: CostModel
 ) -> Step:
-    nxt = cur[:axis] + (new,) + cur[axis + 1 :]  # type: ignore[operator]
+    nxt: NdSbp = cur[:axis] + (new,) + cur[axis + 1 :]  # type: ignore[assignment]
     kind, k = _kind(cur[axis], new), mesh.shape[axis]
     inb, outb = _nbytes(shape, cur, mesh, itemsize), _nbytes(shape, nxt, mesh, itemsize)
     if kind in COLLECTIVES:

@@ -63,9 +63,10 @@ def all_gather_rows(row: torch.Tensor) -> torch.Tensor:
     """Stack one equal-sized row from every rank of the job (rank order), e.g. to share metadata."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return row[None]
-    out = torch.empty((dist.get_world_size(), *row.shape), dtype=row.dtype, device=row.device)
-    _all_gather_single(out, row.contiguous())
-    return out
+    flat = row.reshape(-1).contiguous()
+    out = torch.empty(dist.get_world_size() * flat.numel(), dtype=row.dtype, device=row.device)
+    _all_gather_single(out, flat)
+    return out.view(dist.get_world_size(), *row.shape)
 
 
 def all_reduce(local: torch.Tensor, g: GroupHandle) -> torch.Tensor:
@@ -115,4 +116,5 @@ def exchange(sends: Sequence[tuple[int, torch.Tensor, int]], recvs: Sequence[tup
     works = [dist.irecv(buf, src=peer, tag=tag) for peer, buf, tag in recvs]
     works += [dist.isend(b, dst=peer, tag=tag) for (peer, _, tag), b in zip(sends, bufs)]
     for w in works:
-        w.wait()
+        if w is not None:
+            w.wait()

@@ -108,11 +108,11 @@ def from_local(
         global_shape = _infer_shape(shapes, mesh, nd) if shape is None else tuple(int(n) for n in shape)
         bad = {r: s for r, s in shapes.items() if s != local_shape(global_shape, nd, mesh.shape, mesh.coord_of(r))}
         if bad:
-            want = {r: local_shape(global_shape, nd, mesh.shape, mesh.coord_of(r)) for r in bad}
+            expect = {r: local_shape(global_shape, nd, mesh.shape, mesh.coord_of(r)) for r in bad}
             raise ValueError(
                 f"from_local shards cannot form global shape {global_shape} with sbp {format_sbp(nd)} on {mesh}: "
                 f"ranks {sorted(bad)} have shapes {[bad[r] for r in sorted(bad)]}, expected "
-                f"{[want[r] for r in sorted(want)]} (splits follow torch.tensor_split)"
+                f"{[expect[r] for r in sorted(expect)]} (splits follow torch.tensor_split)"
             )
     else:
         global_shape = tuple(int(n) for n in shape)

@@ -109,7 +109,7 @@ def _scale(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return x if out is x._local else wrap(out, x.mesh, x.sbp, x.shape)
 
 
-@rule(aten.mul.Tensor, aten.div.Tensor)
+@rule(aten.mul.Tensor, aten.div.Tensor, aten.mul_.Tensor, aten.div_.Tensor)
 def _mul(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     x = _first(args)
     others = [a for a in args if isinstance(a, GlobalTensor)]
@@ -121,4 +121,6 @@ def _mul(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if len(others) == 1 and not all(isinstance(a, (int, float)) or a is x or a.dim() == 0 for a in args):
         raise ValueError(f"{func} of a GlobalTensor and a plain non-scalar tensor needs both as GlobalTensors")
     out = func(*_locals(args, x), **kwargs)
+    if func in (aten.mul_.Tensor, aten.div_.Tensor):
+        return args[0]
     return wrap(out, x.mesh, x.sbp, x.shape)

@@ -27,7 +27,7 @@ class GlobalTensor(torch.Tensor):
     _mesh: Mesh
     _sbp: NdSbp
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     @staticmethod
     def __new__(
@@ -96,7 +96,7 @@ class GlobalTensor(torch.Tensor):
         raise TypeError("a GlobalTensor cannot be pickled; save with shardflow's checkpoints or pass .full()")
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
         from shardflow.tensor.dispatch import dispatch
 
         return dispatch(func, args, kwargs or {})

@@ -1,0 +1,118 @@
+"""One registry of per-op layout rules, shared by eager GlobalTensor ops and (later) the compiler.
+
+A rule sees an op call with tensor metadata (global shape, dtype) in place of tensors and the size of one
+mesh axis, and lists the 1-d signatures valid on that axis: the placement each tensor input must have and
+the placement of each tensor output. nd-SBP signatures are products of per-axis ones (OneFlow's way);
+the selector prices each by the boxing it needs. Rules list their preferred signature first, and every
+rule ends with the all-``B`` one, so any op can always run. Ops whose shard computation is not the op
+itself on the shards (shape arguments, a mean over a split dim, a loss averaged over the global batch)
+register a ``local`` function as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from shardflow.placement.mesh import Mesh
+from shardflow.placement.sbp import B, NdSbp, P, Placement, S
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a rule knows about a tensor argument: its global shape and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """An ATen call with ``TensorMeta`` in place of each GlobalTensor argument (in flatten order)."""
+
+    func: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    tensors: tuple[TensorMeta, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sig:
+    """A 1-d signature: one placement per tensor input, one per tensor output."""
+
+    ins: tuple[Placement, ...]
+    outs: tuple[Placement, ...]
+
+
+@dataclass(frozen=True)
+class LocalContext:
+    """What a ``local`` function needs to compute this rank's shard of the outputs."""
+
+    call: OpCall
+    mesh: Mesh
+    coord: tuple[int, ...]
+    ins: tuple[NdSbp, ...]
+    outs: tuple[NdSbp, ...]
+    out_shapes: tuple[tuple[int, ...] | None, ...]
+
+
+RuleFn = Callable[[OpCall, int], list[Sig]]
+LocalFn = Callable[[LocalContext, tuple[Any, ...], dict[str, Any]], Any]
+
+RULES: dict[Any, RuleFn] = {}
+LOCALS: dict[Any, LocalFn] = {}
+
+
+def rule(*ops: Any) -> Callable[[RuleFn], RuleFn]:
+    """Register ``fn(call, axis_size) -> [Sig, ...]`` as the layout rule of each ATen overload in ``ops``."""
+
+    def deco(fn: RuleFn) -> RuleFn:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return deco
+
+
+def local(*ops: Any) -> Callable[[LocalFn], LocalFn]:
+    """Register how to compute the local outputs of ``ops`` when it is not the op applied to the shards."""
+
+    def deco(fn: LocalFn) -> LocalFn:
+        for op in ops:
+            LOCALS[op] = fn
+        return fn
+
+    return deco
+
+
+def all_b(call: OpCall, n_out: int = 1) -> Sig:
+    """The signature every op has: everything broadcast."""
+    return Sig((B,) * len(call.tensors), (B,) * n_out)
+
+
+def same(p: Placement, n_in: int, n_out: int = 1) -> Sig:
+    return Sig((p,) * n_in, (p,) * n_out)
+
+
+__all__ = [
+    "B",
+    "P",
+    "S",
+    "LOCALS",
+    "RULES",
+    "LocalContext",
+    "OpCall",
+    "Sig",
+    "TensorMeta",
+    "all_b",
+    "local",
+    "rule",
+    "same",
+]

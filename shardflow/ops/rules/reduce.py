@@ -1,0 +1,55 @@
+"""Reductions: over a split dim the shard results are partial sums (``S -> P``), elsewhere the split
+moves to its new index. A mean over a split dim divides the shard's sum by the global count."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from shardflow.ops.registry import B, LocalContext, OpCall, P, S, Sig, local, rule
+
+aten = torch.ops.aten
+
+
+def _dims(call: OpCall) -> tuple[list[int], bool]:
+    nd = call.tensors[0].ndim
+    dims = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim")
+    keep = bool(call.args[2] if len(call.args) > 2 else call.kwargs.get("keepdim", False))
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return list(range(nd)), keep
+    if isinstance(dims, int):
+        dims = [dims]
+    return sorted(d % max(nd, 1) for d in dims), keep
+
+
+def reduce_sigs(call: OpCall) -> list[Sig]:
+    nd = call.tensors[0].ndim
+    dims, keep = _dims(call)
+    sigs = []
+    for d in range(nd):
+        if d in dims:
+            sigs.append(Sig((S(d),), (P,)))
+        else:
+            sigs.append(Sig((S(d),), (S(d if keep else d - sum(1 for r in dims if r < d)),)))
+    return sigs + [Sig((P,), (P,)), Sig((B,), (B,))]
+
+
+@rule(aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim)
+def _sum(call: OpCall, k: int) -> list[Sig]:
+    return reduce_sigs(call)
+
+
+@local(aten.mean.default, aten.mean.dim)
+def _mean_local(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Where a reduced dim is split, sum the shard and divide by the global number of elements reduced."""
+    dims, _ = _dims(ctx.call)
+    split = {p.dim for p in ctx.ins[0] if isinstance(p, S)}
+    if not split & set(dims):
+        return ctx.call.func(*args, **kwargs)
+    x = args[0]
+    count = math.prod(ctx.call.tensors[0].shape[d] for d in dims)
+    rest = list(args[1:])
+    out = aten.sum.dim_IntList(x, dims, *rest[1:], **kwargs) if rest or kwargs else aten.sum.default(x)
+    return out / count

@@ -51,9 +51,16 @@ class Sig:
     outs: tuple[Placement, ...]
 
 
+Boxer = Callable[[torch.Tensor, NdSbp, tuple[int, ...], NdSbp], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class LocalContext:
-    """What a ``local`` function needs to compute this rank's shard of the outputs."""
+    """What a ``local`` function needs to compute this rank's shard of the outputs.
+
+    ``box(local, src_sbp, global_shape, dst_sbp)`` converts a local on this mesh (e.g. a partial count to
+    its sum); the executor provides it, so rules stay above the layers that run collectives.
+    """
 
     call: OpCall
     mesh: Mesh
@@ -61,6 +68,7 @@ class LocalContext:
     ins: tuple[NdSbp, ...]
     outs: tuple[NdSbp, ...]
     out_shapes: tuple[tuple[int, ...] | None, ...]
+    box: Boxer
 
 
 RuleFn = Callable[[OpCall, int], list[Sig]]

@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from shardflow.boxing import empty_local
 from shardflow.comm.init import world
 from shardflow.ops import LOCALS, LocalContext, OpCall, TensorMeta, choose
+from shardflow.placement.sbp import B
 from shardflow.placement.shard import local_shape
 from shardflow.tensor.global_tensor import GlobalTensor, box, wrap
 
@@ -31,7 +32,60 @@ def _mesh_of(flat: list[Any], func: Any) -> Any:
     return meshes.pop()
 
 
+def _boxer(mesh: Any) -> Any:
+    def run(local: torch.Tensor, src: Any, shape: tuple[int, ...], dst: Any) -> torch.Tensor:
+        return box(wrap(local, mesh, src, shape), mesh, dst)._local
+
+    return run
+
+
+# Decisions (signature, output metadata) per op call shape: layouts depend only on op, mesh, argument
+# metadata and input layouts, so eager ops after the first pay a dict lookup, not meta execution + search.
+_DECISIONS: dict[Any, Any] = {}
+
+
+def _key_of(a: Any) -> Any:
+    if isinstance(a, GlobalTensor):
+        return ("gt", tuple(a.shape), a.dtype)
+    if isinstance(a, torch.Tensor):
+        return ("t", tuple(a.shape), a.dtype)
+    try:
+        hash(a)
+        return a
+    except TypeError:
+        return repr(a)
+
+
+def _decide(
+    func: Any,
+    mesh: Any,
+    spec: Any,
+    flat: list[Any],
+    where: list[int],
+    gts: list[GlobalTensor],
+    mutated: tuple[int, ...],
+) -> Any:
+    metas = tuple(TensorMeta(tuple(g.shape), g.dtype) for g in gts)
+    meta_flat = list(flat)
+    for i, m in zip(where, metas):
+        meta_flat[i] = m
+    margs, mkwargs = tree_unflatten(meta_flat, spec)
+    call = OpCall(func, tuple(margs), dict(mkwargs), metas)
+    # global shapes of the outputs, from the op on meta tensors
+    dev_flat = list(flat)
+    for i, g in zip(where, gts):
+        dev_flat[i] = torch.empty(g.shape, dtype=g.dtype, device="meta")
+    dargs, dkwargs = tree_unflatten(dev_flat, spec)
+    out_flat, out_spec = tree_flatten(func(*dargs, **dkwargs))
+    out_metas = tuple(TensorMeta(tuple(o.shape), o.dtype) if isinstance(o, torch.Tensor) else o for o in out_flat)
+    ins, outs = choose(call, mesh, [g.sbp for g in gts], fixed=mutated)
+    return call, ins, outs, out_metas, out_spec
+
+
 def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if func is torch.ops.aten._local_scalar_dense.default:  # .item(): the logical value, on every rank
+        x = args[0]
+        return box(x, x.mesh, (B,) * x.mesh.ndim)._local.item()
     flat, spec = tree_flatten((args, kwargs))
     mesh = _mesh_of(flat, func)
     for a in flat:
@@ -42,29 +96,21 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             )
     where = [i for i, a in enumerate(flat) if isinstance(a, GlobalTensor)]
     gts: list[GlobalTensor] = [flat[i] for i in where]
-    metas = tuple(TensorMeta(tuple(g.shape), g.dtype) for g in gts)
-    meta_flat = list(flat)
-    for i, m in zip(where, metas):
-        meta_flat[i] = m
-    margs, mkwargs = tree_unflatten(meta_flat, spec)
-    call = OpCall(func, tuple(margs), dict(mkwargs), metas)
-
-    # global shapes of the outputs, from the op on meta tensors
-    dev_flat = list(flat)
-    for i, g in zip(where, gts):
-        dev_flat[i] = torch.empty(g.shape, dtype=g.dtype, device="meta")
-    dargs, dkwargs = tree_unflatten(dev_flat, spec)
-    out_meta = func(*dargs, **dkwargs)
-
-    mutated = [0] if func._schema.is_mutable and where and where[0] == 0 else []
-    ins, outs = choose(call, mesh, [g.sbp for g in gts], fixed=mutated)
+    mutated = (0,) if func._schema.is_mutable and where and where[0] == 0 else ()
+    key_flat = [_key_of(a) for a in flat]
+    key = (func, mesh, spec, tuple(key_flat), tuple(g.sbp for g in gts), mutated)
+    decision = _DECISIONS.get(key)
+    if decision is None:
+        if len(_DECISIONS) > 8192:  # floats in arguments (learning rates, ...) make new keys: stay bounded
+            _DECISIONS.clear()
+        decision = _DECISIONS[key] = _decide(func, mesh, spec, flat, where, gts, mutated)
+    call, ins, outs, out_metas, out_spec = decision
     local_flat = list(flat)
     for i, g, need in zip(where, gts, ins):
         local_flat[i] = box(g, mesh, need)._local
     largs, lkwargs = tree_unflatten(local_flat, spec)
 
-    out_flat, out_spec = tree_flatten(out_meta)
-    shapes = tuple(tuple(o.shape) if isinstance(o, torch.Tensor) else None for o in out_flat)
+    shapes = tuple(m.shape if isinstance(m, TensorMeta) else None for m in out_metas)
     rank, _ = world()
     if rank not in mesh:  # no data here: every output is an empty local
         if mutated:
@@ -72,14 +118,15 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         dev = gts[0]._local.device
         tensor_outs = iter(outs)
         empties = [
-            wrap(empty_local(o.dtype, dev), mesh, next(tensor_outs), o.shape) if isinstance(o, torch.Tensor) else o
-            for o in out_flat
+            wrap(empty_local(o.dtype, dev), mesh, next(tensor_outs), o.shape) if isinstance(o, TensorMeta) else o
+            for o in out_metas
         ]
         return tree_unflatten(empties, out_spec)
     coord = mesh.coord_of(rank)
     fn = LOCALS.get(func)
     if fn is not None:
-        result = fn(LocalContext(call, mesh, coord, ins, outs, shapes), tuple(largs), dict(lkwargs))
+        ctx = LocalContext(call, mesh, coord, ins, outs, shapes, _boxer(mesh))
+        result = fn(ctx, tuple(largs), dict(lkwargs))
     else:
         result = func(*largs, **lkwargs)
     if mutated:
@@ -95,7 +142,7 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                     f"layout rule bug: {func} with inputs {ins} gave a local of shape {tuple(r.shape)} for output "
                     f"{j} of global shape {shape} in layout {outs[j]}, expected {want}"
                 )
-            wrapped.append(wrap(r, mesh, outs[j], shape))
+            wrapped.append(wrap(r, mesh, outs[j], shape))  # type: ignore[arg-type]
             j += 1
         else:
             wrapped.append(r)

@@ -51,6 +51,16 @@ class GlobalTensor(torch.Tensor):
     def sbp(self) -> NdSbp:
         return self._sbp
 
+    def requires_grad_(self, requires_grad: bool = True) -> GlobalTensor:  # type: ignore[override]
+        """As torch's, and a leaf that requires grad converts its accumulated gradient to the gradient
+        layout (``P`` summed to ``B``, or reduce-scattered to ``S``) as soon as backward has produced it,
+        overlapping that communication with the rest of backward."""
+        super().requires_grad_(requires_grad)
+        if requires_grad and self.is_leaf and not getattr(self, "_sf_grad_hook", False):
+            self.register_post_accumulate_grad_hook(_to_grad_layout)
+            self._sf_grad_hook = True
+        return self
+
     def to_local(self, grad_sbp: Placement | Sequence[Placement] | None = None) -> torch.Tensor:
         """This rank's shard (empty outside the mesh). Differentiable: the gradient of the local is read
         with ``grad_sbp`` (default: this tensor's gradient layout, i.e. its sbp with ``P`` as ``B``)."""
@@ -100,6 +110,14 @@ class GlobalTensor(torch.Tensor):
         from shardflow.tensor.dispatch import dispatch
 
         return dispatch(func, args, kwargs or {})
+
+
+def _to_grad_layout(p: torch.Tensor) -> None:
+    g = p.grad
+    if isinstance(p, GlobalTensor) and isinstance(g, GlobalTensor):
+        want = grad_sbp(p.sbp)
+        if g.sbp != want:
+            p.grad = box(g, p.mesh, want)
 
 
 def grad_sbp_of(x: GlobalTensor) -> NdSbp:

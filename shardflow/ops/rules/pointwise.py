@@ -43,6 +43,10 @@ NONLINEAR = [
     aten.maximum.default, aten.minimum.default, aten.clamp.default, aten.reciprocal.default, aten.sin.default,
     aten.cos.default, aten.logical_not.default, aten.bitwise_not.default,
     aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar, aten.add_.Scalar, aten.sub_.Scalar,
+    aten.lerp.Scalar, aten.lerp_.Scalar, aten.addcmul.default, aten.addcmul_.default, aten.addcdiv.default,
+    aten.addcdiv_.default, aten.sqrt_.default, aten.clamp_.default, aten.clamp_min.default, aten.clamp_max.default,
+    aten.maximum.default, aten.copysign.Tensor, aten.isfinite.default, aten.isinf.default, aten.isnan.default,
+    aten.logical_and.default, aten.logical_or.default, aten.sign_.default, aten.exp_.default,
 ]  # fmt: skip
 
 

@@ -53,3 +53,25 @@ def _mean_local(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any]
     rest = list(args[1:])
     out = aten.sum.dim_IntList(x, dims, *rest[1:], **kwargs) if rest or kwargs else aten.sum.default(x)
     return out / count
+
+
+@rule(aten.linalg_vector_norm.default)
+def _norm(call: OpCall, k: int) -> list[Sig]:
+    """A whole-tensor p-norm of a split tensor: shards' ``|x|^p`` sums are partial, summed by boxing."""
+    ord_ = call.args[1] if len(call.args) > 1 else call.kwargs.get("ord", 2)
+    dim = call.args[2] if len(call.args) > 2 else call.kwargs.get("dim")
+    if dim is None and isinstance(ord_, (int, float)) and 0 < ord_ < math.inf:
+        return [Sig((S(d),), (B,)) for d in range(call.tensors[0].ndim)] + [Sig((B,), (B,))]
+    return [Sig((B,), (B,))]
+
+
+@local(aten.linalg_vector_norm.default)
+def _norm_local(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    sbp = ctx.ins[0]
+    if all(p == B for p in sbp):
+        return ctx.call.func(*args, **kwargs)
+    ord_ = float(args[1] if len(args) > 1 else kwargs.get("ord", 2))
+    powered = ctx.call.func(*args, **kwargs) ** ord_
+    partial = tuple(P if isinstance(p, S) else p for p in sbp)
+    total = ctx.box(powered, partial, (), (B,) * ctx.mesh.ndim)
+    return total ** (1.0 / ord_)

@@ -6,10 +6,13 @@ Public API (everything else may change): ``init``, ``Mesh``, ``S``, ``B``, ``P``
 
 from shardflow.boxing import CostModel, Plan, plan_boxing
 from shardflow.comm import init
+from shardflow.graph import ParallelModule, compile
 from shardflow.placement import B, Mesh, P, S
 from shardflow.tensor import GlobalTensor, distribute, from_local
 
 __all__ = [
+    "ParallelModule",
+    "compile",
     "B",
     "CostModel",
     "GlobalTensor",

@@ -2,9 +2,18 @@
 
 Every collective is issued from the calling thread (so ``CommDebugMode`` sees it); a rank outside a step's
 mesh skips the step, and a rank outside the target mesh ends with an empty local.
+
+What a step needs besides the tensor (boxes, sizes, peers) depends only on the step, the shape and the
+rank, so it is computed once per ``(plan, rank)`` and cached (plans are frozen and themselves cached by
+``plan_boxing``). Process groups are looked up on every call: they belong to the running job, not the plan.
+
+A step's result never aliases its input: where a step is the identity (an axis of size 1), it clones.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -14,7 +23,9 @@ from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import NdSbp, S, _Partial
-from shardflow.placement.shard import Box, box_shape, relative, shard_box
+from shardflow.placement.shard import box_shape, relative, shard_box
+
+Cut = tuple[slice, ...]
 
 
 def empty_local(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -22,92 +33,159 @@ def empty_local(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch
     return torch.empty(0, dtype=dtype, device=device)
 
 
-def _sizes(shape: tuple[int, ...], sbp: NdSbp, mesh: Mesh, coord: tuple[int, ...], axis: int, dim: int) -> list[int]:
-    """Extent along ``dim`` of the local of every member of ``coord``'s slice along ``axis``."""
+@dataclass(frozen=True)
+class _AxisArgs:
+    """What a same-mesh step needs on one rank, besides the local."""
+
+    me: int  # this rank's index along the step's axis
+    members: tuple[int, ...]  # global ranks of this rank's slice along the axis, in axis order
+    cut: Cut  # slice: the target box inside the local; pad: the local inside the target box
+    dst_shape: tuple[int, ...]
+    src_sizes: tuple[int, ...]  # every member's extent along the source's split dim (S sources only)
+    dst_sizes: tuple[int, ...]  # every member's extent along the target's split dim (S targets only)
+
+
+@dataclass(frozen=True)
+class _P2PArgs:
+    """What a ``send_recv`` step needs on one rank: ``(peer, where in my local/output, tag)`` lists."""
+
+    in_src: bool  # this rank holds a local of the source mesh
+    out_shape: tuple[int, ...] | None  # None: this rank is outside the target mesh
+    zero: bool  # a target P coordinate other than the first: the output is zeros
+    copies: tuple[tuple[Cut, Cut], ...]  # (from the local, into the output) on this rank
+    sends: tuple[tuple[int, Cut, int], ...]
+    recvs: tuple[tuple[int, Cut, int], ...]
+
+
+def _sizes(shape: tuple[int, ...], sbp: NdSbp, mesh: Mesh, coord: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    """Extent along ``sbp[axis]``'s split dim of the local of every member of ``coord``'s slice along ``axis``."""
+    p = sbp[axis]
+    if not isinstance(p, S):
+        return ()
     out = []
     for i in range(mesh.shape[axis]):
         c = coord[:axis] + (i,) + coord[axis + 1 :]
-        out.append(box_shape(shard_box(shape, sbp, mesh.shape, c))[dim])
-    return out
+        out.append(box_shape(shard_box(shape, sbp, mesh.shape, c))[p.dim])
+    return tuple(out)
 
 
-def _run_axis_step(step: Step, shape: tuple[int, ...], local: torch.Tensor, rank: int) -> torch.Tensor:
+def _axis_args(step: Step, shape: tuple[int, ...], rank: int) -> _AxisArgs:
     mesh, axis = step.src_mesh, step.axis
     coord = mesh.coord_of(rank)
-    me, k = coord[axis], mesh.shape[axis]
-    old, new = step.src[axis], step.dst[axis]
     src_box = shard_box(shape, step.src, mesh.shape, coord)
     dst_box = shard_box(shape, step.dst, mesh.shape, coord)
-    if step.kind == "slice":
-        return local[relative(dst_box, src_box)].clone(memory_format=torch.contiguous_format)
-    if step.kind == "mask":
-        return local.clone() if me == 0 else torch.zeros_like(local)
-    if step.kind == "pad":
-        out = local.new_zeros(box_shape(dst_box))
-        out[relative(src_box, dst_box)] = local
-        return out
-    if k == 1:
-        return local
-    g = group_for(mesh.axis_slice(axis, rank))
-    if step.kind == "all_gather":
-        assert isinstance(old, S)
-        return C.all_gather(local, old.dim, _sizes(shape, step.src, mesh, coord, axis, old.dim), g)
-    if step.kind == "reduce_scatter":
-        assert isinstance(new, S)
-        return C.reduce_scatter(local, new.dim, _sizes(shape, step.dst, mesh, coord, axis, new.dim), me, g)
-    if step.kind == "all_reduce":
-        return C.all_reduce(local, g)
-    if step.kind == "all_to_all":
-        assert isinstance(old, S) and isinstance(new, S)
-        ins = _sizes(shape, step.src, mesh, coord, axis, old.dim)
-        outs = _sizes(shape, step.dst, mesh, coord, axis, new.dim)
-        return C.all_to_all(local, old.dim, new.dim, ins, outs, me, g)
-    raise AssertionError(f"unknown step kind {step.kind!r}")
+    cut = relative(src_box, dst_box) if step.kind == "pad" else relative(dst_box, src_box)
+    return _AxisArgs(
+        me=coord[axis],
+        members=mesh.axis_slice(axis, rank),
+        cut=cut,
+        dst_shape=box_shape(dst_box),
+        src_sizes=_sizes(shape, step.src, mesh, coord, axis),
+        dst_sizes=_sizes(shape, step.dst, mesh, coord, axis),
+    )
 
 
-def _run_send_recv(
-    step: Step, shape: tuple[int, ...], dtype: torch.dtype, local: torch.Tensor, rank: int
-) -> torch.Tensor:
+def _p2p_args(step: Step, shape: tuple[int, ...], rank: int) -> _P2PArgs:
     src_mesh, dst_mesh = step.src_mesh, step.dst_mesh
-    src_box: Box | None = None
-    if rank in src_mesh:
-        src_box = shard_box(shape, step.src, src_mesh.shape, src_mesh.coord_of(rank))
-    out = empty_local(dtype, local.device if rank in src_mesh else dst_mesh.device)
-    dst_box: Box | None = None
+    src_box = shard_box(shape, step.src, src_mesh.shape, src_mesh.coord_of(rank)) if rank in src_mesh else None
+    dst_box, zero = None, False
     if rank in dst_mesh:
         coord = dst_mesh.coord_of(rank)
         dst_box = shard_box(shape, step.dst, dst_mesh.shape, coord)
         zero = any(isinstance(p, _Partial) and c != 0 for p, c in zip(step.dst, coord))
-        make = torch.zeros if zero else torch.empty
-        out = make(box_shape(dst_box), dtype=dtype, device=dst_mesh.device)
-    sends, recvs, landed = [], [], []
+    copies, sends, recvs = [], [], []
     for tag, t in enumerate(step.transfers):
         if t.src == rank and t.dst == rank:
             assert src_box is not None and dst_box is not None
-            out[relative(t.box, dst_box)] = local[relative(t.box, src_box)]
+            copies.append((relative(t.box, src_box), relative(t.box, dst_box)))
         elif t.src == rank:
             assert src_box is not None
-            sends.append((t.dst, local[relative(t.box, src_box)], tag))
+            sends.append((t.dst, relative(t.box, src_box), tag))
         elif t.dst == rank:
             assert dst_box is not None
-            buf = torch.empty(box_shape(t.box), dtype=dtype, device=out.device)
-            recvs.append((t.src, buf, tag))
-            landed.append((relative(t.box, dst_box), buf))
+            recvs.append((t.src, relative(t.box, dst_box), tag))
+    out_shape = None if dst_box is None else box_shape(dst_box)
+    return _P2PArgs(src_box is not None, out_shape, zero, tuple(copies), tuple(sends), tuple(recvs))
+
+
+@lru_cache(maxsize=4096)
+def _prepare(plan: Plan, rank: int) -> tuple[_AxisArgs | _P2PArgs | None, ...]:
+    """Per step: its arguments on ``rank``, or None where ``rank`` sits the step out."""
+    out: list[_AxisArgs | _P2PArgs | None] = []
+    for step in plan.steps:
+        if step.kind == "send_recv":
+            out.append(_p2p_args(step, plan.shape, rank))
+        else:
+            out.append(_axis_args(step, plan.shape, rank) if rank in step.src_mesh else None)
+    return tuple(out)
+
+
+def _run_axis_step(step: Step, a: _AxisArgs, local: torch.Tensor) -> torch.Tensor:
+    kind = step.kind
+    if kind == "slice":
+        return local[a.cut].clone(memory_format=torch.contiguous_format)
+    if kind == "mask":
+        return local.clone() if a.me == 0 else torch.zeros_like(local)
+    if kind == "pad":  # zero only the slabs around the local, so that every element is written once
+        out = local.new_empty(a.dst_shape)
+        out[a.cut] = local
+        for d, (cut, n) in enumerate(zip(a.cut, a.dst_shape)):
+            if cut.start > 0:
+                out.narrow(d, 0, cut.start).zero_()
+            if cut.stop < n:
+                out.narrow(d, cut.stop, n - cut.stop).zero_()
+        return out
+    if len(a.members) == 1:  # an axis of size 1: every collective is the identity
+        return local.clone()
+    g = group_for(a.members)
+    old, new = step.src[step.axis], step.dst[step.axis]
+    if kind == "all_gather":
+        assert isinstance(old, S)
+        return C.all_gather(local, old.dim, a.src_sizes, g)
+    if kind == "reduce_scatter":
+        assert isinstance(new, S)
+        return C.reduce_scatter(local, new.dim, a.dst_sizes, a.me, g)
+    if kind == "all_reduce":
+        return C.all_reduce(local, g)
+    if kind == "all_to_all":
+        assert isinstance(old, S) and isinstance(new, S)
+        return C.all_to_all(local, old.dim, new.dim, a.src_sizes, a.dst_sizes, a.me, g)
+    raise AssertionError(f"unknown step kind {kind!r}")
+
+
+def _run_send_recv(step: Step, a: _P2PArgs, dtype: torch.dtype, local: torch.Tensor) -> torch.Tensor:
+    """Receive straight into the output where the target region is contiguous (row blocks of dim 0 are),
+    else into a scratch buffer copied in afterwards."""
+    if a.out_shape is None:
+        out = empty_local(dtype, local.device if a.in_src else step.dst_mesh.device)
+    else:
+        out = (torch.zeros if a.zero else torch.empty)(a.out_shape, dtype=dtype, device=step.dst_mesh.device)
+    for src_cut, dst_cut in a.copies:
+        out[dst_cut] = local[src_cut]
+    recvs, scratch = [], []
+    for peer, cut, tag in a.recvs:
+        where = out[cut]
+        if not where.is_contiguous():
+            buf = torch.empty(where.shape, dtype=dtype, device=out.device)
+            scratch.append((cut, buf))
+            where = buf
+        recvs.append((peer, where, tag))
+    sends = [(peer, local[cut], tag) for peer, cut, tag in a.sends]
     if sends or recvs:
         C.exchange(sends, recvs)
-    for where, buf in landed:
-        out[where] = buf
+    for cut, buf in scratch:
+        out[cut] = buf
     return out
 
 
 def run_plan(plan: Plan, local: torch.Tensor) -> torch.Tensor:
     """This rank's local of the target layout, given its local of the source layout."""
     rank, _ = world()
-    for step in plan.steps:
-        if step.kind == "send_recv":
-            local = _run_send_recv(step, plan.shape, plan.dtype, local, rank)
-        elif rank in step.src_mesh:
-            local = _run_axis_step(step, plan.shape, local, rank)
+    for step, args in zip(plan.steps, _prepare(plan, rank)):
+        if isinstance(args, _P2PArgs):
+            local = _run_send_recv(step, args, plan.dtype, local)
+        elif args is not None:
+            local = _run_axis_step(step, args, local)
     if rank not in plan.dst_mesh:
         return empty_local(plan.dtype, local.device)
     return local

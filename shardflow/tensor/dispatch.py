@@ -8,6 +8,8 @@ else must be a GlobalTensor on the same mesh, so data is never moved without the
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,6 +44,20 @@ def _boxer(mesh: Any) -> Any:
 # Decisions (signature, output metadata) per op call shape: layouts depend only on op, mesh, argument
 # metadata and input layouts, so eager ops after the first pay a dict lookup, not meta execution + search.
 _DECISIONS: dict[Any, Any] = {}
+
+
+_IMPLICIT_B = [False]
+
+
+@contextlib.contextmanager
+def implicit_broadcast() -> Iterator[None]:
+    """Inside, plain tensors meeting GlobalTensors count as ``B`` (every rank computed the same one), as
+    when a compiled model builds positions or masks in its forward."""
+    old, _IMPLICIT_B[0] = _IMPLICIT_B[0], True
+    try:
+        yield
+    finally:
+        _IMPLICIT_B[0] = old
 
 
 def _key_of(a: Any) -> Any:
@@ -88,8 +104,11 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return box(x, x.mesh, (B,) * x.mesh.ndim)._local.item()
     flat, spec = tree_flatten((args, kwargs))
     mesh = _mesh_of(flat, func)
-    for a in flat:
+    for i, a in enumerate(flat):
         if isinstance(a, torch.Tensor) and not isinstance(a, GlobalTensor) and a.dim() > 0:
+            if _IMPLICIT_B[0]:  # a tensor the model made itself (arange, a mask): the same on every rank
+                flat[i] = wrap(a, mesh, (B,) * mesh.ndim, a.shape)
+                continue
             raise ValueError(
                 f"{func} mixes a GlobalTensor with a plain tensor of shape {tuple(a.shape)}; lay it out first "
                 f"with sf.distribute(t, mesh, sbp) or GlobalTensor.from_local"

@@ -1,0 +1,149 @@
+"""``sf.compile``: lay a model's parameters over a mesh by strategy and hints, and train it step by step.
+
+This first version captures the forward once (``torch.export``) to choose parameter layouts (Megatron
+pairs for ``tp``) and validate the model, then runs each step on GlobalTensors: every op picks its
+signature from the shared rule registry (the choice is cached per op call shape, so it is made once), and
+boxing is inserted where a producer's layout differs from what the op needs. Gradients reach their
+gradient layout in a hook as soon as each is accumulated, so data-parallel all-reduces overlap the rest
+of backward. Lowering the captured graph to a static per-rank program is the next step; the user API
+below stays as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardflow.comm.init import world
+from shardflow.graph.capture import capture
+from shardflow.graph.strategy import axes_for, param_layouts
+from shardflow.placement.mesh import Mesh
+from shardflow.placement.sbp import B, NdSbp, Placement, S, format_sbp, normalize_sbp
+from shardflow.tensor.api import distribute
+from shardflow.tensor.dispatch import implicit_broadcast
+from shardflow.tensor.global_tensor import GlobalTensor
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, foreach=False)
+
+
+class ParallelModule:
+    """A model laid over a mesh: ``step(*inputs)`` trains one step, ``full_state_dict()`` reads it back."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mesh: Mesh,
+        layouts: Mapping[str, NdSbp],
+        input_sbp: Sequence[NdSbp],
+        optimizer: OptimizerFactory,
+        max_grad_norm: float | None,
+        strategy: str,
+    ) -> None:
+        self.mesh, self.strategy, self.max_grad_norm = mesh, strategy, max_grad_norm
+        self.layouts, self.input_sbp = dict(layouts), tuple(input_sbp)
+        self.module = copy.deepcopy(model)  # the user's model stays as it was
+        laid: dict[int, nn.Parameter] = {}  # tied parameters (GPT's wte / lm_head) stay one parameter
+        for name, p in list(self.module.named_parameters(remove_duplicate=False)):
+            mod_name, _, attr = name.rpartition(".")
+            owner = self.module.get_submodule(mod_name) if mod_name else self.module
+            if id(p) not in laid:
+                sbp = self.layouts[name]
+                laid[id(p)] = nn.Parameter(distribute(p.detach(), mesh, sbp), requires_grad=p.requires_grad)
+            setattr(owner, attr, laid[id(p)])
+        for name, buf in list(self.module.named_buffers()):
+            mod_name, _, attr = name.rpartition(".")
+            owner = self.module.get_submodule(mod_name) if mod_name else self.module
+            owner.register_buffer(attr, distribute(buf, mesh, (B,) * mesh.ndim))
+        self.optimizer = optimizer(self.module.parameters())
+        self.steps = 0
+
+    def _inputs(self, inputs: Sequence[Any]) -> list[Any]:
+        if len(inputs) != len(self.input_sbp):
+            raise ValueError(f"step() got {len(inputs)} inputs; the model was compiled with {len(self.input_sbp)}")
+        out = []
+        for x, sbp in zip(inputs, self.input_sbp):
+            if isinstance(x, GlobalTensor):
+                out.append(x if x.mesh == self.mesh and x.sbp == sbp else x.redistribute(sbp, mesh=self.mesh))
+            elif isinstance(x, torch.Tensor):
+                out.append(distribute(x, self.mesh, sbp))
+            else:
+                out.append(x)
+        return out
+
+    def step(self, *inputs: Any) -> float:
+        """Forward, backward (gradients synchronised as they appear), clipping, optimizer update."""
+        if world()[0] not in self.mesh:
+            return float("nan")  # no part of the model lives here and no data passes through
+        self.module.train()
+        with implicit_broadcast():
+            loss = self.module(*self._inputs(inputs))
+        if not isinstance(loss, GlobalTensor) or loss.dim() != 0:
+            raise ValueError(f"the model's forward must return a scalar loss, got {type(loss).__name__}")
+        logical = loss.full()  # one logical loss: its gradient is B, never summed over ranks
+        self.optimizer.zero_grad(set_to_none=True)
+        with implicit_broadcast():
+            logical.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm, foreach=False)
+        self.optimizer.step()
+        self.steps += 1
+        return float(logical.item())
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors named as in ``model.state_dict()``, equal on every rank of the mesh."""
+        return {
+            k: (v.full() if isinstance(v, GlobalTensor) else v).detach() for k, v in self.module.state_dict().items()
+        }
+
+    def explain(self) -> str:
+        """Parameter layouts and inputs, for people."""
+        lines = [f"ParallelModule: strategy {self.strategy!r} on {self.mesh}, {self.steps} step(s) run"]
+        lines.append("inputs: " + ", ".join(format_sbp(s) for s in self.input_sbp))
+        width = max((len(n) for n in self.layouts), default=4)
+        for name, sbp in self.layouts.items():
+            p = self.module.get_parameter(name)
+            lines.append(f"  {name:<{width}}  {tuple(p.shape)!s:<14} {format_sbp(sbp)}")
+        return "\n".join(lines)
+
+
+def compile(
+    model: nn.Module,
+    mesh: Mesh,
+    example_inputs: Sequence[Any],
+    strategy: str = "dp",
+    hints: Mapping[str, Placement | Sequence[Placement]] | None = None,
+    input_sbp: Placement | Sequence[Any] | None = None,
+    optimizer: OptimizerFactory | None = None,
+    max_grad_norm: float | None = None,
+    pipeline: Any = None,
+    zero: int = 0,
+    memory_limit: int | str | None = None,
+    recompute: bool | str | Sequence[str] = False,
+) -> ParallelModule:
+    """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see CONTRACT.md."""
+    if pipeline is not None or zero or memory_limit is not None or recompute:
+        raise NotImplementedError(
+            "pipeline, zero, memory_limit and recompute are not implemented yet; compile without them"
+        )
+    dp, _ = axes_for(mesh, strategy)
+    plain = [x.full() if isinstance(x, GlobalTensor) else x for x in example_inputs]
+    captured = capture(model, plain)
+    layouts = param_layouts(model, mesh, strategy, captured, hints)
+    if input_sbp is None:
+        default: list[Placement] = [B] * mesh.ndim
+        if dp is not None:
+            default[dp] = S(0)
+        sbps = [tuple(default)] * len(example_inputs)
+    elif isinstance(input_sbp, tuple) and input_sbp and isinstance(input_sbp[0], (tuple, list)):
+        sbps = [normalize_sbp(s, mesh.ndim) for s in input_sbp]
+    else:
+        sbps = [normalize_sbp(input_sbp, mesh.ndim)] * len(example_inputs)  # type: ignore[arg-type]
+    return ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy)

@@ -1,0 +1,131 @@
+"""Parameter layouts from a strategy and hints.
+
+``dp`` keeps every parameter whole (``B``) and splits the batch over the data-parallel axis. ``tp`` finds
+Megatron pairs in the captured graph: a ``linear`` whose output reaches another ``linear`` only through
+shape ops, element-wise activations, dropout and attention is column-parallel (weight ``S(0)``, bias
+``S(0)``) and the second is row-parallel (weight ``S(1)``), so a block needs one all-reduce after each
+pair. ``hybrid`` does both on axes ``dp`` and ``tp``. Hints (``{glob: sbp}``) override any of it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardflow.graph.capture import Captured
+from shardflow.placement.mesh import Mesh
+from shardflow.placement.sbp import B, NdSbp, Placement, S, format_sbp, normalize_sbp
+
+aten = torch.ops.aten
+
+STRATEGIES = ("dp", "tp", "hybrid")
+# ops a Megatron pair may have between its two linears: they keep the column split on the feature dims
+_THROUGH = {
+    aten.split.Tensor, aten.split_with_sizes.default, aten.view.default, aten.reshape.default,
+    aten.transpose.int, aten.permute.default, aten.contiguous.default, aten.clone.default,
+    aten.scaled_dot_product_attention.default, aten.gelu.default, aten.relu.default, aten.silu.default,
+    aten.tanh.default, aten.dropout.default, aten.mul.Tensor, aten.unflatten.int, aten.flatten.using_ints,
+}  # fmt: skip
+
+
+def axes_for(mesh: Mesh, strategy: str, pipeline_axis: str | None = None) -> tuple[int | None, int | None]:
+    """(data-parallel axis, tensor-parallel axis) of ``mesh`` under ``strategy``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    free = [i for i, n in enumerate(mesh.names) if n != pipeline_axis]
+    if strategy == "hybrid":
+        missing = [n for n in ("dp", "tp") if n not in mesh.names]
+        if missing:
+            raise ValueError(f"strategy 'hybrid' needs mesh axes named 'dp' and 'tp'; {mesh} lacks {missing}")
+        return mesh.names.index("dp"), mesh.names.index("tp")
+    name = strategy
+    if name in mesh.names:
+        axis = mesh.names.index(name)
+    elif len(free) == 1:
+        axis = free[0]  # a 1-d mesh: its only axis, whatever its name
+    else:
+        raise ValueError(f"strategy {strategy!r} needs a mesh axis named {strategy!r} (or a 1-d mesh); got {mesh}")
+    return (axis, None) if strategy == "dp" else (None, axis)
+
+
+def _linear_weight(node: Any, param_of: Mapping[str, str]) -> str | None:
+    if node.op == "call_function" and node.target is aten.linear.default:
+        w = node.args[1]
+        return param_of.get(getattr(w, "name", ""))
+    return None
+
+
+def megatron_pairs(captured: Captured) -> list[tuple[str, str]]:
+    """(column linear's weight name, row linear's weight name) for every Megatron pair in the graph."""
+    param_of = captured.param_of
+    pairs = []
+    for node in captured.program.graph.nodes:
+        first = _linear_weight(node, param_of)
+        if first is None:
+            continue
+        seen, frontier, ends = set(), list(node.users), set()
+        while frontier:
+            n = frontier.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            w = _linear_weight(n, param_of)
+            if w is not None:
+                ends.add(w)
+            elif n.op == "call_function" and (n.target in _THROUGH or getattr(n.target, "__name__", "") == "getitem"):
+                frontier.extend(n.users)
+            else:
+                ends.add("")  # the output escapes the pair: not a clean column linear
+        if len(ends) == 1 and "" not in ends:
+            pairs.append((first, ends.pop()))
+    cols = [c for c, _ in pairs]
+    rows = {r for _, r in pairs}
+    return [(c, r) for c, r in pairs if c not in rows and cols.count(c) == 1]
+
+
+def param_layouts(
+    model: nn.Module,
+    mesh: Mesh,
+    strategy: str,
+    captured: Captured,
+    hints: Mapping[str, Placement | Sequence[Placement]] | None = None,
+) -> dict[str, NdSbp]:
+    """An nd-SBP for every parameter of ``model`` (names as in ``model.named_parameters()``)."""
+    _, tp = axes_for(mesh, strategy)
+    params = dict(model.named_parameters())
+    out: dict[str, NdSbp] = {name: (B,) * mesh.ndim for name in params}
+
+    def put(name: str, axis: int, p: Placement) -> None:
+        sbp = list(out[name])
+        sbp[axis] = p
+        out[name] = tuple(sbp)
+
+    if tp is not None:
+        for col, row in megatron_pairs(captured):
+            put(col, tp, S(0))
+            bias = col.rsplit(".", 1)[0] + ".bias"
+            if bias in params:
+                put(bias, tp, S(0))
+            put(row, tp, S(1))
+    for glob, sbp in (hints or {}).items():
+        matched = [n for n in params if fnmatch.fnmatch(n, glob)]
+        if not matched:
+            raise ValueError(
+                f"hint {glob!r} matches no parameter; parameters are named like {list(params)[:4]} "
+                f"(model.named_parameters())"
+            )
+        for name in matched:
+            nd = normalize_sbp(sbp, mesh.ndim)
+            p = params[name]
+            for q in nd:
+                if isinstance(q, S) and q.dim >= p.dim():
+                    raise ValueError(
+                        f"hint {glob!r}: sbp {format_sbp(nd)} does not fit parameter {name!r} of shape "
+                        f"{tuple(p.shape)}: split dim must be < {p.dim()}"
+                    )
+            out[name] = nd
+    return out

@@ -1,0 +1,74 @@
+"""Strategy and hints, in one process: Megatron pairs found on an unmodified GPT, clear errors."""
+
+import pytest
+import torch
+
+import shardflow as sf
+from shardflow.graph.capture import capture
+from shardflow.graph.strategy import megatron_pairs, param_layouts
+from shardflow.models import GPT, MLP, GPTConfig, MLPConfig
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    x = torch.randint(0, 32, (2, 8))
+    return model, capture(model, (x, x))
+
+
+def test_megatron_pairs_of_a_gpt(gpt):
+    _, captured = gpt
+    pairs = sorted(megatron_pairs(captured))
+    want = []
+    for i in range(2):
+        h = f"transformer.h.{i}"
+        want += [
+            (f"{h}.attn.c_attn.weight", f"{h}.attn.c_proj.weight"),
+            (f"{h}.mlp.c_fc.weight", f"{h}.mlp.c_proj.weight"),
+        ]
+    assert pairs == sorted(want)
+
+
+def test_tp_layouts_and_hints(gpt):
+    model, captured = gpt
+    mesh = sf.Mesh("cpu", (2, 2), names=("dp", "tp"))
+    layouts = param_layouts(model, mesh, "hybrid", captured, hints={"transformer.wte.weight": (sf.B, sf.S(1))})
+    assert layouts["transformer.h.0.mlp.c_fc.weight"] == (sf.B, sf.S(0))
+    assert layouts["transformer.h.0.mlp.c_fc.bias"] == (sf.B, sf.S(0))
+    assert layouts["transformer.h.0.mlp.c_proj.weight"] == (sf.B, sf.S(1))
+    assert layouts["transformer.h.0.mlp.c_proj.bias"] == (sf.B, sf.B)
+    assert layouts["transformer.wte.weight"] == (sf.B, sf.S(1))
+
+
+def test_errors(gpt):
+    model, captured = gpt
+    mesh = sf.Mesh("cpu", (2,), names=("tp",))
+    with pytest.raises(ValueError, match="hint 'blocks.*' matches no parameter"):
+        param_layouts(model, mesh, "tp", captured, hints={"blocks.*": sf.S(0)})
+    with pytest.raises(ValueError, match="does not fit parameter 'transformer.h.0.ln_1.bias' of shape \\(16,\\)"):
+        param_layouts(model, mesh, "tp", captured, hints={"transformer.h.0.ln_1.bias": sf.S(1)})
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        param_layouts(model, mesh, "zero", captured)
+    with pytest.raises(ValueError, match="needs mesh axes named 'dp' and 'tp'"):
+        param_layouts(model, mesh, "hybrid", captured)
+
+
+def test_forward_must_return_a_scalar():
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x, y):
+            return self.lin(x)
+
+    with pytest.raises(ValueError, match="must return one scalar loss tensor, got \\[\\(5, 3\\)\\]"):
+        capture(Logits(), (torch.randn(5, 4), torch.zeros(5)))
+
+
+def test_mlp_has_one_pair():
+    model = MLP(MLPConfig(in_features=6, hidden_sizes=(8,), num_classes=3))
+    x = torch.randn(4, 6)
+    pairs = megatron_pairs(capture(model, (x, torch.zeros(4, dtype=torch.long))))
+    assert pairs == [("net.0.weight", "net.2.weight")]

@@ -29,7 +29,11 @@ _THROUGH = {
     aten.transpose.int, aten.permute.default, aten.contiguous.default, aten.clone.default,
     aten.scaled_dot_product_attention.default, aten.gelu.default, aten.relu.default, aten.silu.default,
     aten.tanh.default, aten.dropout.default, aten.mul.Tensor, aten.unflatten.int, aten.flatten.using_ints,
+    aten.cat.default, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar, aten.pow.Tensor_Scalar,
+    aten.div.Tensor, aten.div.Scalar, aten.sigmoid.default,
 }  # fmt: skip
+# NOTE: element-wise ops that could join other values (add.Tensor) are safe here: a path that leaves the
+# pair (a residual add feeding the next block) reaches a non-pass-through op and disqualifies the pair.
 
 
 def axes_for(mesh: Mesh, strategy: str, pipeline_axis: str | None = None) -> tuple[int | None, int | None]:
@@ -52,11 +56,26 @@ def axes_for(mesh: Mesh, strategy: str, pipeline_axis: str | None = None) -> tup
     return (axis, None) if strategy == "dp" else (None, axis)
 
 
+# linear-like ops and where their weight is: ``linear(x, w[out, in])``; ``addmm(b, x, w[in, out])`` and
+# ``matmul(x, w[in, out])`` (Hugging Face's Conv1D)
+_WEIGHT_ARG = {aten.linear.default: 1, aten.addmm.default: 2, aten.matmul.default: 1, aten.mm.default: 1}
+
+
 def _linear_weight(node: Any, param_of: Mapping[str, str]) -> str | None:
-    if node.op == "call_function" and node.target is aten.linear.default:
-        w = node.args[1]
+    if node.op == "call_function" and node.target in _WEIGHT_ARG:
+        w = node.args[_WEIGHT_ARG[node.target]]
         return param_of.get(getattr(w, "name", ""))
     return None
+
+
+def _transposed(captured: Captured) -> set[str]:
+    """Weights stored ``[in, out]`` (used by addmm/matmul, not linear)."""
+    out = set()
+    for node in captured.program.graph.nodes:
+        name = _linear_weight(node, captured.param_of)
+        if name is not None and node.target is not aten.linear.default:
+            out.add(name)
+    return out
 
 
 def megatron_pairs(captured: Captured) -> list[tuple[str, str]]:
@@ -105,12 +124,13 @@ def param_layouts(
         out[name] = tuple(sbp)
 
     if tp is not None:
+        flipped = _transposed(captured)
         for col, row in megatron_pairs(captured):
-            put(col, tp, S(0))
+            put(col, tp, S(1) if col in flipped else S(0))
             bias = col.rsplit(".", 1)[0] + ".bias"
             if bias in params:
                 put(bias, tp, S(0))
-            put(row, tp, S(1))
+            put(row, tp, S(0) if row in flipped else S(1))
     for glob, sbp in (hints or {}).items():
         matched = [n for n in params if fnmatch.fnmatch(n, glob)]
         if not matched:

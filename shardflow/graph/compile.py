@@ -11,6 +11,7 @@ below stays as it is.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from shardflow.placement.sbp import B, NdSbp, Placement, S, format_sbp, normaliz
 from shardflow.tensor.api import distribute
 from shardflow.tensor.dispatch import implicit_broadcast
 from shardflow.tensor.global_tensor import GlobalTensor
+from shardflow.tensor.trace import Record, recording
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -64,6 +66,7 @@ class ParallelModule:
             owner.register_buffer(attr, distribute(buf, mesh, (B,) * mesh.ndim))
         self.optimizer = optimizer(self.module.parameters())
         self.steps = 0
+        self.record: Record | None = None
 
     def _inputs(self, inputs: Sequence[Any]) -> list[Any]:
         if len(inputs) != len(self.input_sbp):
@@ -83,6 +86,12 @@ class ParallelModule:
         if world()[0] not in self.mesh:
             return float("nan")  # no part of the model lives here and no data passes through
         self.module.train()
+        with contextlib.ExitStack() as stack:
+            if self.record is None:  # the first step is recorded for explain()
+                self.record = stack.enter_context(recording())
+            return self._step(inputs)
+
+    def _step(self, inputs: Sequence[Any]) -> float:
         with implicit_broadcast():
             loss = self.module(*self._inputs(inputs))
         if not isinstance(loss, GlobalTensor) or loss.dim() != 0:
@@ -111,6 +120,9 @@ class ParallelModule:
         for name, sbp in self.layouts.items():
             p = self.module.get_parameter(name)
             lines.append(f"  {name:<{width}}  {tuple(p.shape)!s:<14} {format_sbp(sbp)}")
+        if self.record is not None:
+            lines.append("first step (forward, backward, gradient sync, clipping, update):")
+            lines.append(self.record.explain())
         return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from shardflow.ops import LOCALS, LocalContext, OpCall, TensorMeta, choose
 from shardflow.placement.sbp import B
 from shardflow.placement.shard import local_shape
 from shardflow.tensor.global_tensor import GlobalTensor, box, wrap
+from shardflow.tensor.trace import begin_op, end_op
 
 
 def _mesh_of(flat: list[Any], func: Any) -> Any:
@@ -60,6 +61,13 @@ def implicit_broadcast() -> Iterator[None]:
         _IMPLICIT_B[0] = old
 
 
+def _writes_first_arg(func: Any) -> bool:
+    """In place on its first argument (``add_``, ``copy_``), not merely mutating some other input."""
+    args = func._schema.arguments
+    info = args[0].alias_info if args else None
+    return bool(info is not None and info.is_write)
+
+
 def _key_of(a: Any) -> Any:
     if isinstance(a, GlobalTensor):
         return ("gt", tuple(a.shape), a.dtype)
@@ -88,9 +96,7 @@ def _decide(
     margs, mkwargs = tree_unflatten(meta_flat, spec)
     call = OpCall(func, tuple(margs), dict(mkwargs), metas)
     # global shapes of the outputs, from the op on meta tensors
-    dev_flat = list(flat)
-    for i, g in zip(where, gts):
-        dev_flat[i] = torch.empty(g.shape, dtype=g.dtype, device="meta")
+    dev_flat = [torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, torch.Tensor) else a for a in flat]
     dargs, dkwargs = tree_unflatten(dev_flat, spec)
     out_flat, out_spec = tree_flatten(func(*dargs, **dkwargs))
     out_metas = tuple(TensorMeta(tuple(o.shape), o.dtype) if isinstance(o, torch.Tensor) else o for o in out_flat)
@@ -115,7 +121,7 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             )
     where = [i for i, a in enumerate(flat) if isinstance(a, GlobalTensor)]
     gts: list[GlobalTensor] = [flat[i] for i in where]
-    mutated = (0,) if func._schema.is_mutable and where and where[0] == 0 else ()
+    mutated = (0,) if where and where[0] == 0 and _writes_first_arg(func) else ()
     key_flat = [_key_of(a) for a in flat]
     key = (func, mesh, spec, tuple(key_flat), tuple(g.sbp for g in gts), mutated)
     decision = _DECISIONS.get(key)
@@ -125,8 +131,12 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         decision = _DECISIONS[key] = _decide(func, mesh, spec, flat, where, gts, mutated)
     call, ins, outs, out_metas, out_spec = decision
     local_flat = list(flat)
-    for i, g, need in zip(where, gts, ins):
-        local_flat[i] = box(g, mesh, need)._local
+    begin_op(str(func), tuple(g.sbp for g in gts), ins, outs)
+    try:
+        for i, g, need in zip(where, gts, ins):
+            local_flat[i] = box(g, mesh, need)._local
+    finally:
+        end_op()
     largs, lkwargs = tree_unflatten(local_flat, spec)
 
     shapes = tuple(m.shape if isinstance(m, TensorMeta) else None for m in out_metas)

@@ -18,6 +18,7 @@ from shardflow.comm.init import world
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, Placement, format_sbp, grad_sbp, normalize_sbp
 from shardflow.placement.shard import local_shape
+from shardflow.tensor.trace import note_boxing
 
 
 class GlobalTensor(torch.Tensor):
@@ -133,6 +134,7 @@ def box(x: GlobalTensor, dst_mesh: Mesh, dst: NdSbp) -> GlobalTensor:
     if x.mesh == dst_mesh and x.sbp == dst:
         return x
     plan = plan_boxing(tuple(x.shape), x.dtype, x.mesh, x.sbp, dst_mesh, dst)
+    note_boxing(plan)
     return wrap(run_plan(plan, x._local), dst_mesh, dst, x.shape)
 
 

@@ -65,11 +65,8 @@ def _split_any(ins: NdSbp) -> bool:
 
 def _sum_over_splits(ctx: LocalContext, t: torch.Tensor, like: NdSbp) -> torch.Tensor:
     """All-reduce ``t`` (a per-shard partial result) over the mesh axes on which ``like`` is split."""
-    from shardflow.tensor.global_tensor import box, wrap
-
     src: NdSbp = tuple(P if isinstance(p, S) else B for p in like)
-    dst: NdSbp = (B,) * ctx.mesh.ndim
-    return box(wrap(t, ctx.mesh, src, tuple(t.shape)), ctx.mesh, dst)._local
+    return ctx.box(t, src, tuple(t.shape), (B,) * ctx.mesh.ndim)
 
 
 def _full_args(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
@@ -161,7 +158,7 @@ def _layer_norm_backward(call: OpCall, k: int) -> list[Sig]:
     x = call.tensors[1]
     lead = x.ndim - len(call.args[2])
     mask = _arg(call, 7)
-    sigs = [sig(call, {0: S(d), 1: S(d), 3: S(d), 4: S(d)}, _masked((S(d), B, B), mask)) for d in range(lead)]
+    sigs = [sig(call, {0: S(d), 1: S(d), 3: S(d), 4: S(d)}, _masked((S(d), P, P), mask)) for d in range(lead)]
     sigs.append(sig(call, {0: P}, _masked((P, P, P), mask)))  # linear in the gradient
     return sigs + [Sig((B,) * len(call.tensors), _masked((B, B, B), mask))]
 

@@ -156,11 +156,9 @@ def _nested_exact(ctx: LocalContext, src: Sequence[int], dst: Sequence[int]) -> 
 
 def _regather(ctx: LocalContext, x: torch.Tensor, src: Sequence[int], dst: Sequence[int]) -> torch.Tensor:
     """Gather ``x`` (layout ``ctx.ins[0]``) to every rank, reshape it, and take this rank's output shard."""
-    from shardflow.tensor.global_tensor import box, wrap
-
     all_b: NdSbp = (B,) * ctx.mesh.ndim
-    full = box(wrap(x, ctx.mesh, ctx.ins[0], src), ctx.mesh, all_b)._local.reshape(dst)
-    return box(wrap(full, ctx.mesh, all_b, dst), ctx.mesh, ctx.outs[0])._local
+    full = ctx.box(x, ctx.ins[0], tuple(src), all_b).reshape(tuple(dst))
+    return ctx.box(full, all_b, tuple(dst), ctx.outs[0])
 
 
 def _reshape_local(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -27,6 +27,7 @@ from shardflow.placement.sbp import B, NdSbp, Placement, S, format_sbp, normaliz
 from shardflow.tensor.api import distribute
 from shardflow.tensor.dispatch import implicit_broadcast
 from shardflow.tensor.global_tensor import GlobalTensor
+from shardflow.tensor.grad_sync import GradSync, bucketed
 from shardflow.tensor.trace import Record, recording
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -66,6 +67,7 @@ class ParallelModule:
             owner.register_buffer(attr, distribute(buf, mesh, (B,) * mesh.ndim))
         self.optimizer = optimizer(self.module.parameters())
         self.steps = 0
+        self.bucket_bytes = 4 * 2**20  # gradient all-reduce buckets (DDP uses 25 MiB on GPUs)
         self.record: Record | None = None
 
     def _inputs(self, inputs: Sequence[Any]) -> list[Any]:
@@ -98,8 +100,9 @@ class ParallelModule:
             raise ValueError(f"the model's forward must return a scalar loss, got {type(loss).__name__}")
         logical = loss.full()  # one logical loss: its gradient is B, never summed over ranks
         self.optimizer.zero_grad(set_to_none=True)
-        with implicit_broadcast():
+        with implicit_broadcast(), bucketed(GradSync(self.bucket_bytes)) as sync:
             logical.backward()
+            sync.finish()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm, foreach=False)
         self.optimizer.step()

@@ -118,7 +118,13 @@ def _to_grad_layout(p: torch.Tensor) -> None:
     if isinstance(p, GlobalTensor) and isinstance(g, GlobalTensor):
         want = grad_sbp(p.sbp)
         if g.sbp != want:
-            p.grad = box(g, p.mesh, want)
+            from shardflow.tensor.grad_sync import collector  # noqa: PLC0415 (grad_sync builds on this module)
+
+            sync = collector()
+            if sync is not None:
+                sync.add(p)
+            else:
+                p.grad = box(g, p.mesh, want)
 
 
 def grad_sbp_of(x: GlobalTensor) -> NdSbp:

@@ -23,7 +23,7 @@ from shardflow.comm.init import world
 from shardflow.graph.capture import capture
 from shardflow.graph.strategy import axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, Placement, S, format_sbp, normalize_sbp
+from shardflow.placement.sbp import B, NdSbp, Placement, S, format_sbp, is_placement, normalize_sbp
 from shardflow.tensor.api import distribute
 from shardflow.tensor.dispatch import implicit_broadcast
 from shardflow.tensor.global_tensor import GlobalTensor
@@ -129,6 +129,20 @@ class ParallelModule:
         return "\n".join(lines)
 
 
+def _input_layouts(input_sbp: Any, mesh: Mesh, n: int) -> list[NdSbp]:
+    """One nd-SBP for every input (a placement or an nd-SBP), or a sequence with one per input."""
+    if is_placement(input_sbp) or (
+        isinstance(input_sbp, (tuple, list)) and len(input_sbp) == mesh.ndim and all(map(is_placement, input_sbp))
+    ):
+        return [normalize_sbp(input_sbp, mesh.ndim)] * n
+    if isinstance(input_sbp, (tuple, list)) and len(input_sbp) == n:
+        return [normalize_sbp(s, mesh.ndim) for s in input_sbp]
+    raise ValueError(
+        f"input_sbp {input_sbp!r} is neither one layout for every input nor one layout per input "
+        f"({n} inputs on a {mesh.ndim}-d mesh)"
+    )
+
+
 def compile(
     model: nn.Module,
     mesh: Mesh,
@@ -157,8 +171,6 @@ def compile(
         if dp is not None:
             default[dp] = S(0)
         sbps = [tuple(default)] * len(example_inputs)
-    elif isinstance(input_sbp, tuple) and input_sbp and isinstance(input_sbp[0], (tuple, list)):
-        sbps = [normalize_sbp(s, mesh.ndim) for s in input_sbp]
     else:
-        sbps = [normalize_sbp(input_sbp, mesh.ndim)] * len(example_inputs)  # type: ignore[arg-type]
+        sbps = _input_layouts(input_sbp, mesh, len(example_inputs))
     return ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy)

@@ -72,3 +72,15 @@ def test_mlp_has_one_pair():
     x = torch.randn(4, 6)
     pairs = megatron_pairs(capture(model, (x, torch.zeros(4, dtype=torch.long))))
     assert pairs == [("net.0.weight", "net.2.weight")]
+
+
+def test_input_sbp_forms():
+    from shardflow.graph.compile import _input_layouts
+
+    m1, m2 = sf.Mesh("cpu", (2,)), sf.Mesh("cpu", (2, 2))
+    assert _input_layouts(sf.S(0), m1, 2) == [(sf.S(0),), (sf.S(0),)]
+    assert _input_layouts((sf.S(0), sf.B), m2, 2) == [(sf.S(0), sf.B)] * 2  # one nd-SBP for every input
+    assert _input_layouts([(sf.S(0), sf.B), (sf.B, sf.B)], m2, 2) == [(sf.S(0), sf.B), (sf.B, sf.B)]
+    assert _input_layouts([sf.S(0), sf.B], m1, 2) == [(sf.S(0),), (sf.B,)]  # one per input on a 1-d mesh
+    with pytest.raises(ValueError, match="neither one layout for every input nor one layout per input"):
+        _input_layouts([sf.S(0), sf.B, sf.B], m1, 2)

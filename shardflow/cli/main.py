@@ -9,8 +9,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-DEMO_TARGET = "shardflow.demo.boxing_tour:main"
-DEMO_MIN_RANKS = 4  # the tour's 2×2 mesh
+TRAIN_TARGET = "shardflow.demo.train_gpt:main"
+BOXING_TARGET = "shardflow.demo.boxing_tour:main"
+DEMO_MIN_RANKS = 4  # both demos use a 2×2 ('dp', 'tp') mesh
+DEMO_STEPS = 30  # training steps of the GPT demo; keep in step with shardflow.demo.train_gpt.DEFAULT_STEPS
+CHECK_STEPS = 3  # the training demo compares this many steps with serial PyTorch
 
 
 def _positive_int(text: str) -> int:
@@ -26,7 +29,9 @@ def _positive_int(text: str) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from shardflow.cli.launch import launch
 
-    return launch(DEMO_TARGET, args.nprocs, [])
+    if args.boxing:
+        return launch(BOXING_TARGET, args.nprocs, [])
+    return launch(TRAIN_TARGET, args.nprocs, ["--steps", str(args.steps)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = sub.add_parser(
         "demo",
-        help="tour of boxing: convert a tensor between every layout on local CPU ranks and check it survives",
+        help="train a small GPT on Python's own source on 4 local CPU ranks (dp × tp), checked against serial PyTorch",
         description=(
-            "Start NPROCS local CPU ranks (gloo, torchrun's launcher) and convert one uneven (7, 5) tensor "
-            "between layouts: all 16 pairs of B, P, S(0), S(1) on a 1-d mesh, nd-SBPs on a 2×2 ('dp', 'tp') "
-            "mesh, and between meshes of different ranks. Rank 0 prints each route, its bytes per rank and "
-            "whether the logical tensor survived; the exit code is non-zero if any check failed."
+            "Start NPROCS local CPU ranks (gloo, torchrun's launcher) as a dp × tp mesh (tp = 2) and train a small "
+            "character-level GPT on the standard library's Python source, which every Python has. Rank 0 prints "
+            "the plan, a progress bar with the loss and tokens/s, and the loss at the start and at the end. The "
+            f"first {CHECK_STEPS} steps are checked against the same model trained with plain PyTorch; the exit "
+            "code is non-zero if they differ. With --boxing, tour the layout conversions instead: convert one "
+            "uneven (7, 5) tensor between all pairs of B, P, S(0), S(1) on a 1-d mesh, nd-SBPs on a 2×2 mesh and "
+            "between meshes of different ranks, printing each route and whether the tensor survived."
         ),
     )
     demo.add_argument(
@@ -51,7 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=DEMO_MIN_RANKS,
         metavar="NPROCS",
-        help=f"number of local ranks (at least {DEMO_MIN_RANKS}; default: %(default)s)",
+        help=f"number of local ranks (at least {DEMO_MIN_RANKS}, even for training; default: %(default)s)",
+    )
+    demo.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"training steps (at least {CHECK_STEPS}; default: {DEMO_STEPS})",
+    )
+    demo.add_argument(
+        "--boxing",
+        action="store_true",
+        help="run the boxing tour (every layout conversion, checked) instead of training",
     )
     demo.set_defaults(func=_demo)
     return parser
@@ -61,8 +81,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shardflow`` console script; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo" and args.nprocs < DEMO_MIN_RANKS:
-        parser.error(f"demo needs at least {DEMO_MIN_RANKS} ranks for its 2×2 mesh, got -n {args.nprocs}")
+    if args.command == "demo":
+        if args.nprocs < DEMO_MIN_RANKS:
+            parser.error(f"demo needs at least {DEMO_MIN_RANKS} ranks for its 2×2 mesh, got -n {args.nprocs}")
+        if args.boxing and args.steps is not None:
+            parser.error("--steps sets the training demo's length; the boxing tour (--boxing) has no steps")
+        if not args.boxing:
+            if args.nprocs % 2:
+                parser.error(f"the training demo needs an even number of ranks (dp × tp, tp = 2), got -n {args.nprocs}")
+            if args.steps is None:
+                args.steps = DEMO_STEPS
+            if args.steps < CHECK_STEPS:
+                parser.error(f"--steps must be at least {CHECK_STEPS}, the steps checked against serial PyTorch")
     return int(args.func(args))
 
 

@@ -18,6 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,12 @@ import torch.distributed as dist
 import shardflow as sf
 from shardflow.models import CHAR_VOCAB_SIZE, GPT, GPTConfig, batches, char_corpus
 
-DEFAULT_STEPS = 40
+if TYPE_CHECKING:
+    from rich.console import Console
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+DEFAULT_STEPS = 30  # shardflow.cli.main.DEMO_STEPS says the same
 CHECK_STEPS = 3  # steps compared with plain PyTorch
 RTOL, ATOL = 1e-4, 1e-5  # CONTRACT.md's numerics policy, as in tests/graph/test_compile.py
 BATCH = 8  # global batch (sequences per step), split over dp
@@ -51,7 +57,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def serial_losses(model: torch.nn.Module, data: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+def serial_losses(model: torch.nn.Module, data: Sequence[Batch]) -> list[float]:
     """Plain PyTorch on one process: the same optimizer, clipping and batches as the compiled model."""
     ref = copy.deepcopy(model)
     opt = _optimizer(ref.parameters())
@@ -70,20 +76,30 @@ def _plan_summary(text: str) -> str:
     """``pm.explain()``, with the layers after the first collapsed when they are laid out the same way."""
     lines = text.splitlines()
     first = [ln for ln in lines if ".h.0." in ln]
-    kept, hidden = [], 0
+    kept, same = [], 0
     for ln in lines:
         if ".h." in ln and ".h.0." not in ln:
             layer = ln.split(".h.", 1)[1].split(".", 1)[0]
             if ln.replace(f".h.{layer}.", ".h.0.") in first:
-                hidden += 1
+                same += 1
                 continue
         kept.append(ln)
-    if len(kept) > PLAN_LINES:
-        hidden += len(kept) - PLAN_LINES
-        kept = kept[:PLAN_LINES]
-    if hidden:
-        kept.append(f"  ... and {hidden} more: transformer.h.1, ... are laid out like transformer.h.0")
+    cut = max(0, len(kept) - PLAN_LINES)
+    kept = kept[: len(kept) - cut]
+    if same:
+        kept.append(f"  (and {same} parameters of transformer.h.1, ... laid out like those of transformer.h.0)")
+    if cut:
+        kept.append(f"  ... {cut} more lines: print(pm.explain()) shows them all")
     return "\n".join(kept)
+
+
+def _first_step_traffic(text: str) -> str | None:
+    """The one-line summary of the first step (ops, boxing, bytes) from ``pm.explain()`` after a step."""
+    lines = text.splitlines()
+    for i, ln in enumerate(lines[:-1]):
+        if ln.startswith("first step"):
+            return lines[i + 1].strip()
+    return None
 
 
 def compare(got: Sequence[float], want: Sequence[float]) -> list[int]:
@@ -97,20 +113,95 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def _header(console: Console, n_tokens: int, model: torch.nn.Module, dp: int, steps: int) -> None:
+    n_params = sum(p.numel() for p in model.parameters())
+    console.print(f"[bold]A GPT learns Python[/] from the standard library's source ({n_tokens / 1e6:.1f} M bytes)")
+    console.print(
+        f"model: {CONFIG.n_layer} layers, {CONFIG.n_head} heads, width {CONFIG.n_embd}, one token per byte, "
+        f"{n_params / 1e3:.0f} k parameters; AdamW lr {LR:g}, clip {MAX_GRAD_NORM:g}"
+    )
+    console.print(
+        f"mesh: {dp * TP} CPU ranks (gloo) as dp × tp = {dp} × {TP}; "
+        f"global batch {BATCH} × {CONFIG.block_size} tokens; {steps} steps"
+    )
+
+
+def _train(pm: sf.ParallelModule, data: Sequence[Batch], console: Console | None) -> tuple[list[float], list[float]]:
+    """Every step's loss and the time each step ended (seconds from the start); rank 0 shows the progress."""
+    losses: list[float] = []
+    ends: list[float] = []
+    start = time.perf_counter()
+    if console is None:
+        for x, y in data:
+            losses.append(pm.step(x, y))
+            ends.append(time.perf_counter() - start)
+        return losses, ends
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tokens_per_step = BATCH * CONFIG.block_size
+    every = max(1, len(data) // 5)
+    columns = (
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:>6,.0f} tokens/s"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=len(data), loss=math.nan, tps=0.0)
+        for step, (x, y) in enumerate(data, 1):
+            losses.append(pm.step(x, y))
+            ends.append(time.perf_counter() - start)
+            window = ends[-RATE_WINDOW - 1 :] if step > 1 else [0.0, ends[0]]
+            tps = (len(window) - 1) * tokens_per_step / max(window[-1] - window[0], 1e-9)
+            progress.update(task, advance=1, loss=losses[-1], tps=tps)
+            if step % every == 0 or step in (1, CHECK_STEPS):
+                progress.console.print(f"step {step:>4}  loss {losses[-1]:.4f}  {tps:>7,.0f} tokens/s")
+    return losses, ends
+
+
+def _summary(
+    console: Console, losses: Sequence[float], ends: Sequence[float], want: Sequence[float], every_rank_ok: bool
+) -> None:
+    k = max(1, min(5, len(losses) // 4))
+    tokens_per_step = BATCH * CONFIG.block_size
+    console.print(
+        f"\nloss {_mean(losses[:k]):.3f} → {_mean(losses[-k:]):.3f} "
+        f"(mean of the first {k} and of the last {k} of {len(losses)} steps)"
+    )
+    if len(ends) > 1:
+        rate = (len(ends) - 1) * tokens_per_step / (ends[-1] - ends[0])
+        console.print(
+            f"{ends[-1]:.1f} s: step 1 took {ends[0]:.1f} s (it picks every op's layouts), "
+            f"the rest ran at {rate:,.0f} tokens/s"
+        )
+    bad = compare(losses[:CHECK_STEPS], want)
+    if not bad and every_rank_ok:
+        console.print(f"first {CHECK_STEPS} steps match serial PyTorch [green]✓[/] (losses within rtol {RTOL:g})")
+        return
+    if not bad:
+        console.print(f"[red]✗ first {CHECK_STEPS} steps match serial PyTorch on rank 0 but NOT on another rank[/]")
+        return
+    console.print(f"[red]✗ first {CHECK_STEPS} steps do NOT match serial PyTorch[/] (rtol {RTOL:g}):")
+    for i, (g, w) in enumerate(zip(losses, want), 1):
+        mark = "  [red]✗[/]" if i in bad else ""
+        console.print(f"  step {i}: shardflow {g:.6f}, serial PyTorch {w:.6f}{mark}")
+
+
 def main() -> int:
     """The worker of ``shardflow demo``: run on every rank (``shardflow.cli.launch``); 1 if a check failed."""
     args = _parse(sys.argv[1:])
     sf.init(timeout=TIMEOUT_S)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if world_size < 2 * TP:
-        raise ValueError(f"the GPT demo needs at least {2 * TP} ranks for its dp × tp mesh, got {world_size}")
+    if world_size < 2 * TP or world_size % TP:
+        raise ValueError(f"the GPT demo needs an even number (>= {2 * TP}) of ranks for dp × tp, got {world_size}")
     dp = world_size // TP
-    mesh = sf.Mesh("cpu", (dp, TP), names=("dp", "tp"), ranks=range(dp * TP))
+    mesh = sf.Mesh("cpu", (dp, TP), names=("dp", "tp"))
 
-    torch.manual_seed(MODEL_SEED)  # every rank builds the same model
+    torch.manual_seed(MODEL_SEED)  # every rank builds the same model ...
     model = GPT(CONFIG)
     tokens = char_corpus()
-    stream = batches(tokens, BATCH, CONFIG.block_size, seed=DATA_SEED)  # the same batches on every rank
+    stream = batches(tokens, BATCH, CONFIG.block_size, seed=DATA_SEED)  # ... and draws the same batches
     data = list(itertools.islice(stream, args.steps))
 
     # The oracle: rank 0 trains a plain PyTorch copy for the first steps; every rank gets its losses.
@@ -120,73 +211,30 @@ def main() -> int:
     dist.broadcast(want, src=0)
 
     pm = sf.compile(
-        model,
-        mesh,
-        example_inputs=data[0],
-        strategy="hybrid",
-        optimizer=_optimizer,
-        max_grad_norm=MAX_GRAD_NORM,
+        model, mesh, example_inputs=data[0], strategy="hybrid", optimizer=_optimizer, max_grad_norm=MAX_GRAD_NORM
     )
-    tokens_per_step = BATCH * CONFIG.block_size
     console = None
     if rank == 0:
         from rich.console import Console
 
         console = Console(highlight=False)
         if not console.is_terminal:
-            console.width = max(console.width, 120)
-        console.print(
-            f"[bold]GPT on Python's standard library source[/] ({tokens.numel() / 1e6:.1f} M bytes, "
-            f"vocab {CONFIG.vocab_size}): {CONFIG.n_layer} layers, {CONFIG.n_head} heads, width {CONFIG.n_embd}, "
-            f"{sum(p.numel() for p in model.parameters()) / 1e3:.0f} k parameters"
-        )
-        console.print(
-            f"{world_size} CPU ranks (gloo) as dp × tp = {dp} × {TP}; global batch {BATCH} × {CONFIG.block_size} "
-            f"tokens, AdamW lr {LR}, clip {MAX_GRAD_NORM}, {args.steps} steps"
-        )
+            console.width = max(console.width, 120)  # pipes and logs: keep each line whole
+        _header(console, tokens.numel(), model, dp, args.steps)
         console.print("\nThe plan (pm.explain()):")
         console.print(_plan_summary(pm.explain()), markup=False)
-        console.print()
-
-    losses: list[float] = []
-    start = time.perf_counter()
-    if console is not None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:,.0f} tokens/s"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task("train", total=args.steps, loss=math.nan, tps=0.0)
-            every = max(1, args.steps // 5)
-            for step, (x, y) in enumerate(data, 1):
-                losses.append(pm.step(x, y))
-                tps = step * tokens_per_step / (time.perf_counter() - start)
-                progress.update(task, advance=1, loss=losses[-1], tps=tps)
-                if step % every == 0 or step == CHECK_STEPS:
-                    progress.console.print(f"step {step:>4}  loss {losses[-1]:.4f}  {tps:,.0f} tokens/s")
-    else:
-        losses = [pm.step(x, y) for x, y in data]
-    seconds = time.perf_counter() - start
-
-    got = torch.tensor(losses[:CHECK_STEPS], dtype=torch.float64)
-    ok = torch.tensor(int(bool(torch.allclose(got, want, rtol=RTOL, atol=ATOL))), dtype=torch.int32)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank agrees on the verdict and the exit code
-    if console is not None:
-        k = max(1, min(5, args.steps // 4))
         console.print(
-            f"\nloss {_mean(losses[:k]):.3f} → {_mean(losses[-k:]):.3f} (mean of the first {k} and last {k} steps); "
-            f"{args.steps} steps in {seconds:.1f} s, {args.steps * tokens_per_step / seconds:,.0f} tokens/s"
+            f"\nrank 0 trained a plain PyTorch copy for {CHECK_STEPS} steps first (the oracle): losses "
+            + ", ".join(f"{w:.4f}" for w in want.tolist())
         )
-        if bool(ok):
-            console.print(f"first {CHECK_STEPS} steps match serial PyTorch [green]✓[/] (rtol {RTOL:g})")
-        else:
-            console.print(f"[red]✗ first {CHECK_STEPS} steps DIFFER from serial PyTorch[/] (rtol {RTOL:g}):")
-            for i, (g, w) in enumerate(zip(got.tolist(), want.tolist()), 1):
-                console.print(f"  step {i}: shardflow {g:.6f}, serial PyTorch {w:.6f}")
+    losses, ends = _train(pm, data, console)
+    # Every rank checks its own losses; one all-reduce makes every rank agree on the exit code.
+    ok = torch.tensor(int(not compare(losses[:CHECK_STEPS], want.tolist())), dtype=torch.int32)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if console is not None:
+        traffic = _first_step_traffic(pm.explain())
+        if traffic:
+            console.print(f"\nfirst step (pm.explain()): {traffic}", markup=False, soft_wrap=True)
+        _summary(console, losses, ends, want.tolist(), every_rank_ok=bool(ok))
     dist.destroy_process_group()
     return 0 if bool(ok) else 1

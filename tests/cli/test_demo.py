@@ -1,11 +1,15 @@
 """``shardflow demo`` end to end: a real ``python -m shardflow.cli.main`` process that starts 4 gloo ranks.
 
-Also pins that failures reach the exit code: a demo whose logical tensor changes in transit exits 1 and
-says so, and a rank that raises is named by the launcher.
+The default demo trains the GPT on the standard library's source for a few steps: it must exit 0, say its
+first steps match serial PyTorch, and print a loss that falls (a mismatch report is checked in-process).
+``--boxing`` runs the tour of layout conversions. Also pins that failures reach the exit code: a tour whose
+logical tensor changes in transit exits 1 and says so, and a rank that raises is named by the launcher.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import re
 import subprocess
 import sys
@@ -16,6 +20,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300  # 4 ranks importing torch on 2 busy cores; the demo itself takes well under a minute
 ROUTES = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce", "send_recv")
+TRAIN_STEPS = "8"  # enough for the loss to fall from ~ln(256) on every Python's source; few, for test time
+LOSS_LINE = re.compile(r"loss (\d+\.\d+) → (\d+\.\d+) \(mean of the first")
+MATCH_LINE = "first 3 steps match serial PyTorch ✓"
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -69,26 +76,74 @@ def _raise_on_rank_1() -> None:
 
 
 @pytest.fixture(scope="module")
-def demo() -> subprocess.CompletedProcess[str]:
-    return _shardflow("demo")
+def train() -> subprocess.CompletedProcess[str]:
+    return _shardflow("demo", "--steps", TRAIN_STEPS)
 
 
-def test_demo_exits_0(demo: subprocess.CompletedProcess[str]) -> None:
-    assert demo.returncode == 0, _output(demo)
+@pytest.fixture(scope="module")
+def tour() -> subprocess.CompletedProcess[str]:
+    return _shardflow("demo", "--boxing")
 
 
-def test_demo_table_shows_every_route(demo: subprocess.CompletedProcess[str]) -> None:
-    missing = [r for r in ROUTES if r not in demo.stdout]
-    assert not missing, f"routes {missing} not in the table\n{_output(demo)}"
-    assert "✗" not in demo.stdout, _output(demo)
+def test_train_exits_0_and_matches_serial(train: subprocess.CompletedProcess[str]) -> None:
+    assert train.returncode == 0, _output(train)
+    assert MATCH_LINE in train.stdout and "✗" not in train.stdout, _output(train)
 
 
-def test_demo_summary_says_all_survived(demo: subprocess.CompletedProcess[str]) -> None:
-    m = re.search(r"(\d+) conversions, all logical tensors survived", demo.stdout)
-    assert m is not None, _output(demo)
-    assert int(m.group(1)) >= 16 + 10 + 8, _output(demo)  # 1-d pairs, 2×2 cases, cross-mesh cases
-    assert demo.stdout.count("✓") == int(m.group(1)), _output(demo)
-    assert "boxing (P, S(1)) -> (S(1), B)" in demo.stdout, _output(demo)  # the explained plan
+def test_train_loss_falls(train: subprocess.CompletedProcess[str]) -> None:
+    m = LOSS_LINE.search(train.stdout)
+    assert m is not None, _output(train)
+    first, last = float(m.group(1)), float(m.group(2))
+    assert math.isfinite(first) and math.isfinite(last), _output(train)
+    assert 4.5 < first < 6.0, _output(train)  # starts near ln(256) = 5.55: an untrained byte-level model
+    assert last < first - 0.3, _output(train)
+
+
+def test_train_shows_plan_progress_and_speed(train: subprocess.CompletedProcess[str]) -> None:
+    out = train.stdout
+    assert "dp × tp = 2 × 2" in out, _output(train)
+    assert re.search(r"transformer\.h\.0\.attn\.c_attn\.weight\s+\(192, 64\)\s+\(B, S\(0\)\)", out), _output(train)
+    assert f"{TRAIN_STEPS}/{TRAIN_STEPS}" in out, _output(train)  # the progress bar's last state
+    assert re.search(r"the rest ran at [\d,]+ tokens/s", out), _output(train)
+
+
+def test_train_reports_a_mismatch() -> None:
+    """In-process (no ranks): the summary names the steps that differ from serial PyTorch."""
+    from rich.console import Console
+
+    from shardflow.demo.train_gpt import _summary
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=120)
+    _summary(console, [5.3, 5.1, 4.7, 4.6], [3.0, 3.5, 4.0, 4.5], [5.3, 5.2, 4.7], every_rank_ok=False)
+    out = buf.getvalue()
+    assert "do NOT match serial PyTorch" in out and "step 2: shardflow 5.100000, serial PyTorch 5.200000" in out, out
+    assert MATCH_LINE not in out, out
+
+
+def test_compare() -> None:
+    from shardflow.demo.train_gpt import compare
+
+    assert compare([5.0, 4.0], [5.0, 4.0 * (1 + 5e-5)]) == []
+    assert compare([5.0, 4.0, 3.0], [5.0, 4.01, math.nan]) == [2, 3]
+
+
+def test_tour_exits_0(tour: subprocess.CompletedProcess[str]) -> None:
+    assert tour.returncode == 0, _output(tour)
+
+
+def test_tour_table_shows_every_route(tour: subprocess.CompletedProcess[str]) -> None:
+    missing = [r for r in ROUTES if r not in tour.stdout]
+    assert not missing, f"routes {missing} not in the table\n{_output(tour)}"
+    assert "✗" not in tour.stdout, _output(tour)
+
+
+def test_tour_summary_says_all_survived(tour: subprocess.CompletedProcess[str]) -> None:
+    m = re.search(r"(\d+) conversions, all logical tensors survived", tour.stdout)
+    assert m is not None, _output(tour)
+    assert int(m.group(1)) >= 16 + 10 + 8, _output(tour)  # 1-d pairs, 2×2 cases, cross-mesh cases
+    assert tour.stdout.count("✓") == int(m.group(1)), _output(tour)
+    assert "boxing (P, S(1)) -> (S(1), B)" in tour.stdout, _output(tour)  # the explained plan
 
 
 def test_demo_fails_when_a_tensor_changes() -> None:
@@ -110,7 +165,8 @@ def test_help() -> None:
     assert p.returncode == 0, _output(p)
     assert "demo" in p.stdout, _output(p)
     p = _shardflow("demo", "--help")
-    assert p.returncode == 0 and "--nprocs" in p.stdout, _output(p)
+    assert p.returncode == 0, _output(p)
+    assert all(opt in p.stdout for opt in ("--nprocs", "--steps", "--boxing")), _output(p)
 
 
 def test_unknown_subcommand_is_an_error() -> None:
@@ -118,6 +174,19 @@ def test_unknown_subcommand_is_an_error() -> None:
     assert p.returncode == 2 and "invalid choice: 'frobnicate'" in p.stderr, _output(p)
 
 
-def test_demo_needs_four_ranks() -> None:
-    p = _shardflow("demo", "-n", "2")
-    assert p.returncode == 2 and "at least 4 ranks" in p.stderr, _output(p)
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-n", "2"], "at least 4 ranks"),
+        (["--boxing", "-n", "3"], "at least 4 ranks"),
+        (["-n", "5"], "even number of ranks"),
+        (["--steps", "2"], "--steps must be at least 3"),
+        (["--boxing", "--steps", "5"], "the boxing tour (--boxing) has no steps"),
+    ],
+)
+def test_demo_rejects_bad_options(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from shardflow.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err

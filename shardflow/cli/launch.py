@@ -13,7 +13,9 @@ returns an exit code: a function's ``int`` result (``None`` is 0) or a script's 
 
 from __future__ import annotations
 
+import glob
 import importlib
+import json
 import os
 import runpy
 import sys
@@ -106,6 +108,31 @@ def _failure_reason(message: object) -> str:
     return str(message).strip().splitlines()[-1] if str(message).strip() else "unknown error"
 
 
+# A rank that fails because a peer died reports a communication error; the peer's own error is the cause.
+_SECONDARY = ("Connection closed by peer", "Connection reset", "Timed out", "Broken pipe", "SIGTERM")
+
+
+def _failure_report(e: Any, log_dir: str) -> list[str]:
+    """One line per failed rank, the root cause first. The agent may stop a failing rank before it counts
+    it, so every error file the workers wrote is read too, not only the agent's list."""
+    found: dict[int, tuple[str, str]] = {}
+    for rank, failure in e.failures.items():
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        found[rank] = (how, _failure_reason(failure.message))
+    for path in glob.glob(os.path.join(log_dir, "**", "error.json"), recursive=True):
+        try:
+            rank = int(os.path.basename(os.path.dirname(path)))
+            with open(path) as f:
+                message = json.load(f).get("message", "")
+        except (ValueError, OSError):
+            continue
+        reason = _failure_reason(message)
+        if rank not in found or any(s in found[rank][1] for s in _SECONDARY):
+            found[rank] = (found.get(rank, ("raised", ""))[0], reason)
+    order = sorted(found, key=lambda r: (any(s in " ".join(found[r]) for s in _SECONDARY), r))
+    return [f"shardflow: rank {r} failed ({found[r][0]}): {found[r][1]}" for r in order]
+
+
 def launch(entry: str, nprocs: int, args: list[str] | None = None) -> int:
     """Run ``entry`` on ``nprocs`` local ranks; 0 when every rank returns 0, else a non-zero exit code.
 
@@ -137,10 +164,8 @@ def launch(entry: str, nprocs: int, args: list[str] | None = None) -> int:
         try:
             results = elastic_launch(config, _worker)(entry, list(args or []), os.getpid())
         except ChildFailedError as e:
-            for rank, failure in sorted(e.failures.items()):
-                how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-                reason = _failure_reason(failure.message)
-                print(f"shardflow: rank {rank} failed ({how}): {reason}", file=sys.stderr)
+            for line in _failure_report(e, log_dir):
+                print(line, file=sys.stderr)
             codes = [f.exitcode for f in e.failures.values()]
             return next((c for c in codes if c > 0), 1)
         except SignalException as e:

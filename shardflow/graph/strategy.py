@@ -18,7 +18,7 @@ from torch import nn
 
 from shardflow.graph.capture import Captured
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, Placement, S, format_sbp, normalize_sbp
+from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, normalize_sbp
 
 aten = torch.ops.aten
 
@@ -141,6 +141,10 @@ def param_layouts(
         for name in matched:
             nd = normalize_sbp(sbp, mesh.ndim)
             p = params[name]
+            if any(q == P for q in nd):
+                raise ValueError(
+                    f"hint {glob!r}: a parameter cannot be partial ({format_sbp(nd)} for {name!r}); use B or S(i)"
+                )
             for q in nd:
                 if isinstance(q, S) and q.dim >= p.dim():
                     raise ValueError(

@@ -5,8 +5,8 @@ Three families of cases, each with both sides in the same processes, started fro
 the same batch, interleaved call by call (A B, B A, ...) so that drift on a busy machine hits them alike:
 
 - ``dp``: ``sf.compile(model, mesh, strategy="dp")`` against ``DistributedDataParallel`` (gloo). Both use
-  AdamW(lr=1e-3, foreach=False) (shardflow's optimizer steps run op by op on GlobalTensors; the loop
-  version keeps the peer doing the same updates) and clip to a global norm of 1.0. DDP gets this rank's
+  AdamW(lr=1e-3, foreach=False) (shardflow steps it on the local shards; the loop version on both
+  sides keeps the updates identical) and clip to a global norm of 1.0. DDP gets this rank's
   shard of the global batch; shardflow gets the same shard wrapped with ``sf.from_local`` (no
   communication). A shardflow step returns the logical loss, so the DDP step also all-reduces its loss.
 - ``tp``: ``sf.compile(model, mesh, strategy="tp")`` against ``parallelize_module`` with

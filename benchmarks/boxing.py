@@ -25,7 +25,6 @@ import os
 import platform
 import re
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -44,6 +43,8 @@ import torch.multiprocessing as tmp
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
+
+from benchmarks.common import cores, cpu_model, free_port, print_markdown, spread  # noqa: E402
 
 COLS = 256  # the logical tensor is (rows, COLS) float32
 _PG_TIMEOUT = timedelta(seconds=120)
@@ -211,14 +212,8 @@ def _bench_route(route: Route, nbytes: int, k: int, warmup: int, repeats: int) -
         "raw_ms": med["raw"],
         "dt_ms": med.get("dt"),
         "dt_note": dt_note,
-        "sf_spread": _spread(times["sf"]),
+        "sf_spread": spread(times["sf"]),
     }
-
-
-def _spread(ts: list[float]) -> float:
-    """Interquartile range relative to the median: the noise of one side."""
-    q = statistics.quantiles(ts, n=4)
-    return (q[2] - q[0]) / statistics.median(ts)
 
 
 def _rank_main(
@@ -262,29 +257,11 @@ def _parse_size(text: str) -> int:
     return int(float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[unit])
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _machine(k: int) -> list[str]:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     lines = [
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        f"machine: {cores} cores ({_cpu_model()}), {gpu}; torch {torch.__version__}, python {platform.python_version()}",
+        f"machine: {cores()} cores ({cpu_model()}), {gpu}; torch {torch.__version__}, python {platform.python_version()}",
         f"setup: gloo on CPU, {k} ranks, 1 thread each, float32 (rows, {COLS}) tensors",
         f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}",
     ]
@@ -314,13 +291,6 @@ def _rows(results: list[dict[str, Any]]) -> list[list[str]]:
 
 
 HEADER = ["route (shardflow steps)", "size", "shardflow ms", "sf IQR", "raw ms", "DTensor ms", "raw/sf", "DTensor/sf"]
-
-
-def _print_markdown(rows: list[list[str]]) -> None:
-    print("| " + " | ".join(HEADER) + " |")
-    print("| " + " | ".join("---" if i < 2 else "---:" for i in range(len(HEADER))) + " |")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
 
 
 def _print_rich(rows: list[list[str]]) -> None:
@@ -372,13 +342,13 @@ def main(argv: list[str] | None = None) -> None:
     ctx = tmp.get_context("spawn")
     q = ctx.SimpleQueue()
     started = time.perf_counter()
-    tmp.spawn(_rank_main, args=(k, _free_port(), sizes, routes, args.warmup, args.repeats, q), nprocs=k, join=True)
+    tmp.spawn(_rank_main, args=(k, free_port(), sizes, routes, args.warmup, args.repeats, q), nprocs=k, join=True)
     status, body = q.get()
     if status != "ok":
         raise SystemExit(f"benchmark failed on rank 0:\n{body}")
     table = _rows(body)
     if args.markdown:
-        _print_markdown(table)
+        print_markdown(list(HEADER), table)
     else:
         _print_rich(table)
     print(

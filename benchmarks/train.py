@@ -38,7 +38,6 @@ import os
 import platform
 import pstats
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -59,6 +58,8 @@ from torch.multiprocessing.spawn import ProcessException
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
+
+from benchmarks.common import cores, cpu_model, free_port, print_markdown, spread  # noqa: E402
 
 _PG_TIMEOUT = timedelta(seconds=300)
 LR = 1e-3
@@ -259,8 +260,8 @@ def _bench(case: Case, warmup: int, repeats: int, op_iters: int) -> dict[str, An
         if i == 0 and case.family != "op":
             _check_losses(case, losses["sf"][0], losses["peer"][0])
     med = {n: statistics.median(ts) for n, ts in times.items()}
-    row = {"case": case, "sf": med["sf"], "peer": med["peer"], "sf_iqr": _spread(times["sf"])}
-    row["peer_iqr"] = _spread(times["peer"])
+    row = {"case": case, "sf": med["sf"], "peer": med["peer"], "sf_iqr": spread(times["sf"])}
+    row["peer_iqr"] = spread(times["peer"])
     if case.family == "op":  # overhead per op: minus the plain op on the local shards
         row["local"] = med["local"] / op_iters
         row["sf"] = (med["sf"] - med["local"]) / op_iters
@@ -268,12 +269,6 @@ def _bench(case: Case, warmup: int, repeats: int, op_iters: int) -> dict[str, An
     else:
         row["losses"] = (losses["sf"][0], losses["peer"][0], losses["sf"][-1], losses["peer"][-1])
     return row
-
-
-def _spread(ts: list[float]) -> float:
-    """Interquartile range relative to the median: the noise of one side."""
-    q = statistics.quantiles(ts, n=4)
-    return (q[2] - q[0]) / statistics.median(ts)
 
 
 def _profile(case: Case, steps: int) -> str:
@@ -358,39 +353,18 @@ def _rank_main(
 # --------------------------------------------------------------------------------------------- parent side
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _machine(rank_counts: list[int]) -> list[str]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     lines = [
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        f"machine: {_cores()} cores ({_cpu_model()}), {gpu}; torch {torch.__version__}, python {platform.python_version()}",
+        f"machine: {cores()} cores ({cpu_model()}), {gpu}; torch {torch.__version__}, python {platform.python_version()}",
         f"setup: gloo on CPU, ranks {rank_counts}, 1 thread each; GPT {GPT_CFG} batch {GPT_BATCH}; "
         f"MLP {MLP_CFG} batch {MLP_BATCH}; op shape {OP_SHAPE}",
         f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}",
     ]
-    over = [k for k in rank_counts if k > _cores()]
+    over = [k for k in rank_counts if k > cores()]
     if over:
-        lines.append(f"note: {over} ranks on {_cores()} cores are oversubscribed; expect noisy timings")
+        lines.append(f"note: {over} ranks on {cores()} cores are oversubscribed; expect noisy timings")
     return lines
 
 
@@ -421,13 +395,6 @@ def _rows(results: list[dict[str, Any]]) -> list[list[str]]:
             ]
         )
     return out
-
-
-def _print_markdown(rows: list[list[str]]) -> None:
-    print("| " + " | ".join(HEADER) + " |")
-    print("| " + " | ".join("---" if i < 2 else "---:" for i in range(len(HEADER))) + " |")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
 
 
 def _print_plain(rows: list[list[str]]) -> None:
@@ -493,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--profile {args.profile!r}: pick one of dp-gpt, dp-mlp, tp-gpt, tp-mlp")
         k = rank_counts[0]
         q = ctx.SimpleQueue()
-        spawn_args = (k, _free_port(), [Case(fam, what, k)], 1, 10, 1, args.profile_steps, q)
+        spawn_args = (k, free_port(), [Case(fam, what, k)], 1, 10, 1, args.profile_steps, q)
         print(_run_world(ctx, q, k, spawn_args))
         return
 
@@ -511,12 +478,15 @@ def main(argv: list[str] | None = None) -> None:
         if not cases:
             continue
         q = ctx.SimpleQueue()
-        spawn_args = (k, _free_port(), cases, args.warmup, args.repeats, args.op_iters, 0, q)
+        spawn_args = (k, free_port(), cases, args.warmup, args.repeats, args.op_iters, 0, q)
         results += _run_world(ctx, q, k, spawn_args)
     if not results:
         p.error(f"--cases {args.cases!r} with --ranks {args.ranks} selects nothing")
     table = _rows(results)
-    (_print_markdown if args.markdown else _print_plain)(table)
+    if args.markdown:
+        print_markdown(list(HEADER), table)
+    else:
+        _print_plain(table)
     print("\n".join(_notes(results)))
     print(
         f"(ran {time.perf_counter() - started:.0f} s; medians, max over ranks per call; peer/sf > 1 means shardflow "

@@ -265,8 +265,8 @@ def _machine(k: int) -> list[str]:
         f"setup: gloo on CPU, {k} ranks, 1 thread each, float32 (rows, {COLS}) tensors",
         f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}",
     ]
-    if cores is not None and k > cores:
-        lines.append(f"note: {k} ranks on {cores} cores are oversubscribed; expect noisy timings")
+    if k > cores():
+        lines.append(f"note: {k} ranks on {cores()} cores are oversubscribed; expect noisy timings")
     return lines
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,8 +56,17 @@ def init(backend: str | None = None, timeout: float | timedelta | None = None) -
     dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=td)
 
 
+_WORLD: list[Any] = [None, (0, 1)]  # (default process group, its (rank, size))
+
+
 def world() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) when no process group is running."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    """(rank, world_size); (0, 1) when no process group is running.
+
+    Eager ops ask on every call and ``dist.get_rank()`` costs microseconds, so the answer is kept for as
+    long as the default process group is the same object."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    pg = getattr(getattr(dist.distributed_c10d, "_world", None), "default_pg", None)
+    if pg is None or pg is not _WORLD[0]:
+        _WORLD[0], _WORLD[1] = pg, (dist.get_rank(), dist.get_world_size())
+    return _WORLD[1]  # type: ignore[no-any-return]

@@ -9,6 +9,7 @@ else must be a GlobalTensor on the same mesh, so data is never moved without the
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +22,7 @@ from shardflow.ops import LOCALS, LocalContext, OpCall, TensorMeta, choose
 from shardflow.placement.sbp import B
 from shardflow.placement.shard import local_shape
 from shardflow.tensor.global_tensor import GlobalTensor, box, wrap
-from shardflow.tensor.trace import begin_op, end_op
+from shardflow.tensor.trace import begin_op, end_op, recording_active
 
 
 def _mesh_of(flat: list[Any], func: Any) -> Any:
@@ -33,6 +34,44 @@ def _mesh_of(flat: list[Any], func: Any) -> Any:
             f"x.redistribute(sbp, mesh=other_mesh)"
         )
     return meshes.pop()
+
+
+_FAST = "flat"  # the spec of a call whose arguments are all positional and none is a container
+
+
+def _flatten(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any]:
+    """pytree flattening, skipped for the common flat positional call (it costs more than the op)."""
+    if not kwargs and not any(isinstance(a, (list, tuple, dict)) for a in args):
+        return list(args), (_FAST, len(args))
+    return tree_flatten((args, kwargs))  # type: ignore[return-value]
+
+
+def _unflatten(flat: list[Any], spec: Any) -> tuple[Any, Any]:
+    if isinstance(spec, tuple) and spec[0] == _FAST:
+        return tuple(flat), {}
+    return tree_unflatten(flat, spec)  # type: ignore[no-any-return]
+
+
+def _flatten_out(out: Any) -> tuple[list[Any], Any]:
+    if isinstance(out, torch.Tensor):
+        return [out], None
+    return tree_flatten(out)  # type: ignore[return-value]
+
+
+def _unflatten_out(flat: list[Any], spec: Any) -> Any:
+    return flat[0] if spec is None else tree_unflatten(flat, spec)
+
+
+_COORDS: dict[Any, tuple[int, ...] | None] = {}
+
+
+def _coord(mesh: Any) -> tuple[int, ...] | None:
+    """This rank's coordinate in ``mesh`` (None outside it), looked up once per mesh and process group."""
+    rank = world()[0]
+    key = (mesh, rank)
+    if key not in _COORDS:
+        _COORDS[key] = mesh.coord_of(rank) if rank in mesh else None
+    return _COORDS[key]
 
 
 def _boxer(mesh: Any) -> Any:
@@ -61,6 +100,7 @@ def implicit_broadcast() -> Iterator[None]:
         _IMPLICIT_B[0] = old
 
 
+@functools.cache
 def _writes_first_arg(func: Any) -> bool:
     """In place on its first argument (``add_``, ``copy_``), not merely mutating some other input."""
     args = func._schema.arguments
@@ -93,12 +133,12 @@ def _decide(
     meta_flat = list(flat)
     for i, m in zip(where, metas):
         meta_flat[i] = m
-    margs, mkwargs = tree_unflatten(meta_flat, spec)
+    margs, mkwargs = _unflatten(meta_flat, spec)
     call = OpCall(func, tuple(margs), dict(mkwargs), metas)
     # global shapes of the outputs, from the op on meta tensors
     dev_flat = [torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, torch.Tensor) else a for a in flat]
-    dargs, dkwargs = tree_unflatten(dev_flat, spec)
-    out_flat, out_spec = tree_flatten(func(*dargs, **dkwargs))
+    dargs, dkwargs = _unflatten(dev_flat, spec)
+    out_flat, out_spec = _flatten_out(func(*dargs, **dkwargs))
     out_metas = tuple(TensorMeta(tuple(o.shape), o.dtype) if isinstance(o, torch.Tensor) else o for o in out_flat)
     ins, outs = choose(call, mesh, [g.sbp for g in gts], fixed=mutated)
     return call, ins, outs, out_metas, out_spec
@@ -108,7 +148,7 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if func is torch.ops.aten._local_scalar_dense.default:  # .item(): the logical value, on every rank
         x = args[0]
         return box(x, x.mesh, (B,) * x.mesh.ndim)._local.item()
-    flat, spec = tree_flatten((args, kwargs))
+    flat, spec = _flatten(args, kwargs)
     mesh = _mesh_of(flat, func)
     for i, a in enumerate(flat):
         if isinstance(a, torch.Tensor) and not isinstance(a, GlobalTensor) and a.dim() > 0:
@@ -125,23 +165,25 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     key_flat = [_key_of(a) for a in flat]
     key = (func, mesh, spec, tuple(key_flat), tuple(g.sbp for g in gts), mutated)
     decision = _DECISIONS.get(key)
+    first_use = decision is None
     if decision is None:
         if len(_DECISIONS) > 8192:  # floats in arguments (learning rates, ...) make new keys: stay bounded
             _DECISIONS.clear()
         decision = _DECISIONS[key] = _decide(func, mesh, spec, flat, where, gts, mutated)
     call, ins, outs, out_metas, out_spec = decision
     local_flat = list(flat)
-    begin_op(str(func), tuple(g.sbp for g in gts), ins, outs)
+    if recording_active():
+        begin_op(str(func), tuple(g.sbp for g in gts), ins, outs)
     try:
         for i, g, need in zip(where, gts, ins):
             local_flat[i] = box(g, mesh, need)._local
     finally:
         end_op()
-    largs, lkwargs = tree_unflatten(local_flat, spec)
+    largs, lkwargs = _unflatten(local_flat, spec)
 
     shapes = tuple(m.shape if isinstance(m, TensorMeta) else None for m in out_metas)
-    rank, _ = world()
-    if rank not in mesh:  # no data here: every output is an empty local
+    coord = _coord(mesh)
+    if coord is None:  # no data here: every output is an empty local
         if mutated:
             return args[0]
         dev = gts[0]._local.device
@@ -150,8 +192,7 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             wrap(empty_local(o.dtype, dev), mesh, next(tensor_outs), o.shape) if isinstance(o, TensorMeta) else o
             for o in out_metas
         ]
-        return tree_unflatten(empties, out_spec)
-    coord = mesh.coord_of(rank)
+        return _unflatten_out(empties, out_spec)
     fn = LOCALS.get(func)
     if fn is not None:
         ctx = LocalContext(call, mesh, coord, ins, outs, shapes, _boxer(mesh))
@@ -160,13 +201,13 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         result = func(*largs, **lkwargs)
     if mutated:
         return args[0]
-    res_flat, res_spec = tree_flatten(result)
+    res_flat, res_spec = _flatten_out(result)
     wrapped, j = [], 0
     for r, shape in zip(res_flat, shapes):
         if isinstance(r, torch.Tensor):
             assert shape is not None
-            want = local_shape(shape, outs[j], mesh.shape, coord)
-            if tuple(r.shape) != want:
+            want = local_shape(shape, outs[j], mesh.shape, coord) if first_use else tuple(r.shape)
+            if tuple(r.shape) != want:  # checked when a decision is new: rules are deterministic
                 raise AssertionError(
                     f"layout rule bug: {func} with inputs {ins} gave a local of shape {tuple(r.shape)} for output "
                     f"{j} of global shape {shape} in layout {outs[j]}, expected {want}"
@@ -175,4 +216,4 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             j += 1
         else:
             wrapped.append(r)
-    return tree_unflatten(wrapped, res_spec)
+    return _unflatten_out(wrapped, res_spec)

@@ -71,6 +71,10 @@ def recording() -> Iterator[Record]:
         _ACTIVE[0] = old
 
 
+def recording_active() -> bool:
+    return _ACTIVE[0] is not None
+
+
 def note_boxing(plan: Plan, where: str = "conversion") -> None:
     rec = _ACTIVE[0]
     if rec is None:

@@ -133,11 +133,19 @@ def _failure_report(e: Any, log_dir: str) -> list[str]:
     return [f"shardflow: rank {r} failed ({found[r][0]}): {found[r][1]}" for r in order]
 
 
-def launch(entry: str, nprocs: int, args: list[str] | None = None) -> int:
-    """Run ``entry`` on ``nprocs`` local ranks; 0 when every rank returns 0, else a non-zero exit code.
+def launch(
+    entry: str, nprocs: int, args: list[str] | None = None, nnodes: int = 1, rdzv_endpoint: str | None = None
+) -> int:
+    """Run ``entry`` on ``nprocs`` ranks per host; 0 when every rank returns 0, else a non-zero exit code.
 
     A rank that raises (or dies) stops the whole job; which rank failed, and why, is printed to stderr.
+    With ``nnodes > 1`` every host runs this with the same ``rdzv_endpoint`` (``host:port``); torchrun's
+    c10d rendezvous then numbers the hosts.
     """
+    if nnodes < 1:
+        raise ValueError(f"nnodes must be a positive int, got {nnodes!r}")
+    if nnodes > 1 and not rdzv_endpoint:
+        raise ValueError("a job on several hosts needs rdzv_endpoint='host:port' (the same on every host)")
     if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
         raise ValueError(f"nprocs must be a positive int, got {nprocs!r}")
     _check_target(entry)
@@ -149,13 +157,15 @@ def launch(entry: str, nprocs: int, args: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="shardflow_launch_") as log_dir:
         config = LaunchConfig(
-            min_nodes=1,
-            max_nodes=1,
+            min_nodes=nnodes,
+            max_nodes=nnodes,
             nproc_per_node=nprocs,
             run_id=f"shardflow-{uuid.uuid4().hex[:12]}",
             rdzv_backend="c10d",
-            rdzv_endpoint="127.0.0.1:0",  # port 0: the rendezvous store binds a free port itself, no race
-            local_addr="127.0.0.1",  # MASTER_ADDR for the workers; the host name may not resolve
+            # one host: port 0 lets the rendezvous store bind a free port itself (no race), and MASTER_ADDR is
+            # loopback because the host name may not resolve
+            rdzv_endpoint=rdzv_endpoint or "127.0.0.1:0",
+            local_addr="127.0.0.1" if nnodes == 1 else None,
             max_restarts=0,
             monitor_interval=0.1,
             start_method="spawn",

@@ -34,6 +34,12 @@ def _demo(args: argparse.Namespace) -> int:
     return launch(TRAIN_TARGET, args.nprocs, ["--steps", str(args.steps)])
 
 
+def _run(args: argparse.Namespace) -> int:
+    from shardflow.cli.launch import launch
+
+    return launch(args.script, args.nprocs, list(args.script_args), args.nnodes, args.rdzv_endpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardflow",
@@ -74,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the boxing tour (every layout conversion, checked) instead of training",
     )
     demo.set_defaults(func=_demo)
+    run = sub.add_parser(
+        "run",
+        help="run a script on N local ranks (torchrun's launcher); --nnodes/--rdzv-endpoint for several hosts",
+        description=(
+            "Start NPROCS ranks of SCRIPT on this host through torchrun's machinery (c10d rendezvous, no "
+            "restarts: a failing rank stops the job and is named). The script calls sf.init(). For several "
+            "hosts, run the same command on each with --nnodes and one --rdzv-endpoint host:port."
+        ),
+    )
+    run.add_argument("-n", "--nprocs", type=_positive_int, required=True, metavar="NPROCS", help="ranks on this host")
+    run.add_argument("--nnodes", type=_positive_int, default=1, help="hosts in the job (default: %(default)s)")
+    run.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="rendezvous of a multi-host job")
+    run.add_argument("script", help="a Python script, or package.module:function")
+    run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    run.set_defaults(func=_run)
     return parser
 
 
@@ -93,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.steps = DEMO_STEPS
             if args.steps < CHECK_STEPS:
                 parser.error(f"--steps must be at least {CHECK_STEPS}, the steps checked against serial PyTorch")
+    if args.command == "run" and args.nnodes > 1 and not args.rdzv_endpoint:
+        parser.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the same on every host")
     return int(args.func(args))
 
 

@@ -1,0 +1,17 @@
+"""A user script for `shardflow run`: each rank writes what it saw; with --fail, rank 1 raises."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+import shardflow as sf
+
+sf.init()
+rank, world = dist.get_rank(), dist.get_world_size()
+if "--fail" in sys.argv and rank == 1:
+    raise RuntimeError("rank 1 was told to fail")
+x = sf.distribute(torch.arange(6.0), sf.Mesh("cpu", (world,)), sf.S(0))
+total = x.full().sum().item()
+with open(f"{sys.argv[1]}/rank{rank}.txt", "w") as f:
+    f.write(f"{world} {total} {' '.join(sys.argv[2:])}")

@@ -4,6 +4,7 @@ Public API (everything else may change): ``init``, ``Mesh``, ``S``, ``B``, ``P``
 ``distribute``, ``from_local``, ``plan_boxing``.
 """
 
+from shardflow import checkpoint
 from shardflow.boxing import CostModel, Plan, plan_boxing
 from shardflow.comm import init
 from shardflow.graph import ParallelModule, compile
@@ -11,6 +12,7 @@ from shardflow.placement import B, Mesh, P, S
 from shardflow.tensor import GlobalTensor, distribute, from_local
 
 __all__ = [
+    "checkpoint",
     "ParallelModule",
     "compile",
     "B",

@@ -20,6 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardflow.checkpoint.index import read_index
+from shardflow.checkpoint.store import load as load_checkpoint
+from shardflow.checkpoint.store import save as save_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
 from shardflow.graph.capture import capture
@@ -28,7 +31,7 @@ from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
 from shardflow.tensor.api import distribute
 from shardflow.tensor.dispatch import implicit_broadcast
-from shardflow.tensor.global_tensor import GlobalTensor
+from shardflow.tensor.global_tensor import GlobalTensor, wrap
 from shardflow.tensor.grad_sync import GradSync, bucketed
 from shardflow.tensor.trace import Record, recording
 
@@ -125,6 +128,61 @@ class ParallelModule:
             k: (v.full() if isinstance(v, GlobalTensor) else v).detach() for k, v in self.module.state_dict().items()
         }
 
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def _named_state(self) -> tuple[dict[str, GlobalTensor], dict[str, Any]]:
+        """Model tensors as ``model.<name>``, optimizer tensors as ``optim.<param>.<key>``, the rest as meta."""
+        tensors: dict[str, GlobalTensor] = {}
+        for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
+            tensors["model." + name] = t  # type: ignore[assignment]
+        names = [n for n, _ in self.module.named_parameters()]
+        sd = self.optimizer.state_dict()
+        scalars: dict[str, float] = {}
+        for i, (name, p) in enumerate(zip(names, self.params)):
+            for key, value in sd["state"].get(i, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    tensors[f"optim.{name}.{key}"] = wrap(value, self.mesh, p.sbp, p.shape)
+                else:
+                    scalars[f"{i}.{key}"] = float(value)
+        tied = set(self.module.state_dict()) - {n[len("model.") :] for n in tensors if n.startswith("model.")}
+        owner = {id(t): n for n, t in self.module.named_parameters()}
+        all_params = dict(self.module.named_parameters(remove_duplicate=False))
+        aliases = {n: owner[id(all_params[n])] for n in tied if n in all_params}
+        meta = {"step": self.steps, "param_groups": sd["param_groups"], "optim_scalars": scalars, "aliases": aliases}
+        return tensors, meta
+
+    def save(self, directory: str, blocking: bool = True) -> None:
+        """Snapshot parameters, buffers, optimizer state and the step (collective; atomic)."""
+        if not blocking:
+            raise NotImplementedError("background saves come with the checkpoint issue; use blocking=True")
+        tensors, meta = self._named_state()
+        save_checkpoint(directory, tensors, meta)
+
+    def load(self, directory: str) -> None:
+        """Load a snapshot saved on any mesh with any strategy into this module's layouts (collective)."""
+        names = [n for n, _ in self.module.named_parameters()]
+        targets: dict[str, GlobalTensor] = {}
+        for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
+            targets["model." + name] = t  # type: ignore[assignment]
+        meta = load_checkpoint(directory, targets)
+        # the optimizer state, laid out like each parameter, then handed to the local optimizer
+        state: dict[int, dict[str, Any]] = {}
+        saved = checkpoint_names(directory)
+        index_keys = {k.rsplit(".", 1)[1] for k in saved if k.startswith("optim.")}
+        opt_targets = {}
+        for i, (name, p) in enumerate(zip(names, self.params)):
+            for key in index_keys:
+                full = f"optim.{name}.{key}"
+                if full in saved:
+                    local = torch.empty_like(p._local)
+                    opt_targets[full] = wrap(local, self.mesh, p.sbp, p.shape)
+                    state.setdefault(i, {})[key] = local
+        load_checkpoint(directory, opt_targets)
+        for ik, value in meta["optim_scalars"].items():
+            i, key = ik.split(".", 1)
+            state.setdefault(int(i), {})[key] = torch.tensor(value)
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.steps = int(meta["step"])
+
     def explain(self) -> str:
         """Parameter layouts and inputs, for people."""
         lines = [f"ParallelModule: strategy {self.strategy!r} on {self.mesh}, {self.steps} step(s) run"]
@@ -137,6 +195,10 @@ class ParallelModule:
             lines.append("first step (forward, backward, gradient sync, clipping, update):")
             lines.append(self.record.explain())
         return "\n".join(lines)
+
+
+def checkpoint_names(directory: str) -> set[str]:
+    return set(read_index(directory)["tensors"])
 
 
 def clip_grad_norm(

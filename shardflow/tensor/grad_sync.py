@@ -46,7 +46,8 @@ class GradSync:
         want = grad_sbp(p.sbp)
         plan = plan_boxing(tuple(g.shape), g.dtype, g.mesh, g.sbp, p.mesh, want)
         rank, _ = world()
-        if len(plan.steps) != 1 or plan.steps[0].kind != "all_reduce" or rank not in p.mesh:
+        single = len(plan.steps) == 1 and plan.steps[0].kind == "all_reduce"
+        if not single or rank not in p.mesh or p.mesh.shape[plan.steps[0].axis] == 1:
             p.grad = box(g, p.mesh, want)
             return
         note_boxing(plan, "gradient bucket")

@@ -79,8 +79,9 @@ def save(directory: str, tensors: Mapping[str, GlobalTensor], meta: Mapping[str,
         save_file(mine, os.path.join(partial, file))
         with open(os.path.join(partial, file), "rb+") as f:
             os.fsync(f.fileno())
+    digest = sha256(os.path.join(partial, file)) if mine else None  # every rank hashes its own file
     with open(os.path.join(partial, f"rank{rank:05d}.json"), "w") as f:
-        json.dump({"file": file if mine else None, "shards": listing}, f)
+        json.dump({"file": file if mine else None, "sha256": digest, "shards": listing}, f)
         f.flush()
         os.fsync(f.fileno())
     _barrier()
@@ -99,7 +100,7 @@ def _write_index(directory: str, partial: str, entries: dict[str, dict[str, Any]
         os.remove(os.path.join(partial, part))
         if listing["file"] is None:
             continue
-        files[listing["file"]] = sha256(os.path.join(partial, listing["file"]))
+        files[listing["file"]] = listing["sha256"]
         for name, shards in listing["shards"].items():
             entries[name]["shards"] += [dict(s, file=listing["file"]) for s in shards]
     index = {"format": FORMAT, "version": FORMAT_VERSION, "meta": meta, "files": files, "tensors": entries}

@@ -29,6 +29,16 @@ class GroupHandle:
 
 
 _GROUPS: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+_OWNER: list[object] = [None]  # the default group the cached groups belong to
+
+
+def _cache() -> dict[tuple[int, ...], dist.ProcessGroup | None]:
+    """The cache for the current job: a process group destroyed and started again makes new groups."""
+    pg = getattr(getattr(dist.distributed_c10d, "_world", None), "default_pg", None)
+    if pg is not _OWNER[0]:
+        _GROUPS.clear()
+        _OWNER[0] = pg
+    return _GROUPS
 
 
 def _create_groups(mesh: Mesh) -> None:
@@ -36,11 +46,12 @@ def _create_groups(mesh: Mesh) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return  # a mesh made before a job starts is a plan-only description
     world = tuple(range(dist.get_world_size()))
+    groups = _cache()
     for axis in range(mesh.ndim):
         for ranks in mesh.all_axis_slices(axis):
             key = tuple(sorted(ranks))
-            if len(key) > 1 and key not in _GROUPS:
-                _GROUPS[key] = None if key == world else dist.new_group(list(key), timeout=collective_timeout())
+            if len(key) > 1 and key not in groups:
+                groups[key] = None if key == world else dist.new_group(list(key), timeout=collective_timeout())
 
 
 on_mesh_created(_create_groups)
@@ -49,14 +60,10 @@ on_mesh_created(_create_groups)
 def group_for(ranks: tuple[int, ...]) -> GroupHandle:
     """The group over ``ranks`` (a mesh axis slice; the caller must be one of them)."""
     key = tuple(sorted(ranks))
-    if key not in _GROUPS:
+    groups = _cache()
+    if key not in groups:
         raise RuntimeError(
             f"no process group for ranks {list(ranks)}: create meshes after sf.init(), on every rank of the job"
         )
     order = tuple(sorted(range(len(ranks)), key=lambda i: ranks[i]))
-    return GroupHandle(ranks, _GROUPS[key], order)
-
-
-def forget_groups() -> None:
-    """Drop cached groups (after ``destroy_process_group``, before a new world starts)."""
-    _GROUPS.clear()
+    return GroupHandle(ranks, groups[key], order)

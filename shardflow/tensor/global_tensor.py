@@ -14,10 +14,8 @@ from typing import Any
 import torch
 
 from shardflow.boxing import plan_boxing, run_plan
-from shardflow.comm.init import world
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, Placement, format_sbp, grad_sbp, normalize_sbp
-from shardflow.placement.shard import local_shape
 from shardflow.tensor.trace import note_boxing
 
 
@@ -189,11 +187,3 @@ class _FromLocal(torch.autograd.Function):
         g = as_global(grad, ctx.mesh, grad_sbp(ctx.sbp), ctx.shape)
         assert g is not None
         return box(g, ctx.mesh, grad_sbp(ctx.sbp))._local, None, None, None
-
-
-def expected_local_shape(shape: Sequence[int], mesh: Mesh, sbp: NdSbp) -> tuple[int, ...] | None:
-    """This rank's local shape, or None outside the mesh."""
-    rank, _ = world()
-    if rank not in mesh:
-        return None
-    return local_shape(shape, sbp, mesh.shape, mesh.coord_of(rank))

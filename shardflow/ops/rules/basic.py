@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from shardflow.ops.registry import B, OpCall, P, S, Sig, rule
@@ -41,7 +39,3 @@ def _copy(call: OpCall, k: int) -> list[Sig]:
     same_shape = dst.shape == src.shape
     sigs = [Sig((S(d), S(d)), (S(d),)) for d in range(dst.ndim) if same_shape]
     return sigs + [Sig((P, P), (P,)), Sig((B, B), (B,))]
-
-
-def _unused(*_: Any) -> None:  # keeps the import of Any honest for type checkers
-    return None

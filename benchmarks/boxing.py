@@ -28,7 +28,6 @@ import shlex
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,7 +43,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from benchmarks.common import cores, cpu_model, free_port, print_markdown, spread  # noqa: E402
+from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, spread  # noqa: E402
 
 COLS = 256  # the logical tensor is (rows, COLS) float32
 _PG_TIMEOUT = timedelta(seconds=120)
@@ -219,10 +218,7 @@ def _bench_route(route: Route, nbytes: int, k: int, warmup: int, repeats: int) -
 def _rank_main(
     rank: int, k: int, port: int, sizes: list[tuple[str, int]], routes: list[Route], warmup: int, repeats: int, q: Any
 ) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=k, init_method=f"tcp://127.0.0.1:{port}", timeout=_PG_TIMEOUT)
-    ok = False
-    try:
+    def work() -> list[dict[str, Any]]:
         results = []
         for label, nbytes in sizes:
             for route in routes:
@@ -231,19 +227,9 @@ def _rank_main(
                 results.append(r)
                 if rank == 0:
                     print(f"  {label:>5} {route.name:<24} done", file=sys.stderr, flush=True)
-        if rank == 0:
-            q.put(("ok", results))
-        ok = True
-    except BaseException:
-        if rank == 0:
-            q.put(("error", traceback.format_exc()))
-        raise
-    finally:
-        # NOTE: a rank that tears gloo down while a peer still talks to it can abort that peer (seen once as
-        # "terminate called without an active exception"); leave together after a normal run.
-        if ok:
-            dist.barrier()
-        dist.destroy_process_group()
+        return results
+
+    rank_session(rank, k, port, _PG_TIMEOUT, q, work)
 
 
 # --------------------------------------------------------------------------------------------- parent side

@@ -31,7 +31,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -46,7 +45,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from benchmarks.common import cores, cpu_model, free_port, print_markdown  # noqa: E402
+from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session  # noqa: E402
 
 _PG_TIMEOUT = timedelta(seconds=300)
 COLS = 1024
@@ -131,27 +130,16 @@ def _bench(size_mib: int, n: int, k: int, root: str, repeats: int) -> dict[str, 
 
 
 def _rank_main(rank: int, k: int, port: int, sizes: list[int], n: int, root: str, repeats: int, q: Any) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=k, init_method=f"tcp://127.0.0.1:{port}", timeout=_PG_TIMEOUT)
-    ok = False
-    try:
+    def work() -> list[Any]:
         results = []
         for size in sizes:
             t0 = time.perf_counter()
             results.append(_bench(size, n, k, root, repeats))
             if rank == 0:
                 print(f"  {size} MiB on {k} ranks done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-        if rank == 0:
-            q.put(("ok", results))
-        ok = True
-    except BaseException:
-        if rank == 0:
-            q.put(("error", traceback.format_exc()))
-        raise
-    finally:
-        if ok:
-            dist.barrier()
-        dist.destroy_process_group()
+        return results
+
+    rank_session(rank, k, port, _PG_TIMEOUT, q, work)
 
 
 def _run_world(q: Any, k: int, spawn_args: tuple[Any, ...]) -> Any:

@@ -6,6 +6,12 @@ import os
 import platform
 import socket
 import statistics
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
 
 
 def free_port() -> int:
@@ -41,3 +47,25 @@ def print_markdown(header: list[str], rows: list[list[str]]) -> None:
     print("| " + " | ".join("---" if i < 2 else "---:" for i in range(len(header))) + " |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def rank_session(rank: int, world: int, port: int, timeout: Any, q: Any, work: Callable[[], Any]) -> None:
+    """Body of a spawned benchmark rank: join a gloo group, run ``work()``, send rank 0's result (or the
+    traceback) to the parent through ``q``, and always tear the group down, leaving together after a
+    normal run (a rank that tears gloo down while a peer still talks to it can abort that peer)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}", timeout=timeout)
+    ok = False
+    try:
+        value = work()
+        if rank == 0:
+            q.put(("ok", value))
+        ok = True
+    except BaseException:
+        if rank == 0:
+            q.put(("error", traceback.format_exc()))
+        raise
+    finally:
+        if ok:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -41,7 +41,6 @@ import shlex
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -59,7 +58,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from benchmarks.common import cores, cpu_model, free_port, print_markdown, spread  # noqa: E402
+from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, spread  # noqa: E402
 
 _PG_TIMEOUT = timedelta(seconds=300)
 LR = 1e-3
@@ -320,34 +319,19 @@ def _summary(stats: pstats.Stats) -> dict[str, tuple[int, float]]:
 def _rank_main(
     rank: int, k: int, port: int, cases: list[Case], warmup: int, repeats: int, op_iters: int, profile: int, q: Any
 ) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=k, init_method=f"tcp://127.0.0.1:{port}", timeout=_PG_TIMEOUT)
-    ok = False
-    try:
+    def work() -> Any:
         if profile:
-            text = _profile(cases[0], profile)
+            return _profile(cases[0], profile)
+        results = []
+        for case in cases:
+            t0 = time.perf_counter()
+            results.append(_bench(case, warmup, repeats, op_iters))
             if rank == 0:
-                q.put(("ok", text))
-        else:
-            results = []
-            for case in cases:
-                t0 = time.perf_counter()
-                results.append(_bench(case, warmup, repeats, op_iters))
-                if rank == 0:
-                    took = time.perf_counter() - t0
-                    print(f"  {case.name:<10} {k} ranks done ({took:.0f} s)", file=sys.stderr, flush=True)
-            if rank == 0:
-                q.put(("ok", results))
-        ok = True
-    except BaseException:
-        if rank == 0:
-            q.put(("error", traceback.format_exc()))
-        raise
-    finally:
-        # NOTE: a rank that tears gloo down while a peer still talks to it can abort that peer; leave together.
-        if ok:
-            dist.barrier()
-        dist.destroy_process_group()
+                took = time.perf_counter() - t0
+                print(f"  {case.name:<10} {k} ranks done ({took:.0f} s)", file=sys.stderr, flush=True)
+        return results
+
+    rank_session(rank, k, port, _PG_TIMEOUT, q, work)
 
 
 # --------------------------------------------------------------------------------------------- parent side

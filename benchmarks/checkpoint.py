@@ -38,14 +38,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
-from torch.multiprocessing.spawn import ProcessException
 
 # NOTE: run as a script, sys.path[0] is benchmarks/; put the checkout first (see train.py).
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session  # noqa: E402
+from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, run_world  # noqa: E402
 
 _PG_TIMEOUT = timedelta(seconds=300)
 COLS = 1024
@@ -142,18 +141,6 @@ def _rank_main(rank: int, k: int, port: int, sizes: list[int], n: int, root: str
     rank_session(rank, k, port, _PG_TIMEOUT, q, work)
 
 
-def _run_world(q: Any, k: int, spawn_args: tuple[Any, ...]) -> Any:
-    try:
-        tmp.spawn(_rank_main, args=spawn_args, nprocs=k, join=True)
-    except ProcessException as exc:
-        why = q.get()[1] if not q.empty() else "(rank 0 left no traceback)"
-        raise SystemExit(f"benchmark failed on {k} ranks: {exc}\nrank 0: {why}") from None
-    status, body = q.get()
-    if status != "ok":
-        raise SystemExit(f"benchmark failed on rank 0 of {k}:\n{body}")
-    return body
-
-
 HEADER = [
     "case",
     "size",
@@ -224,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         ctx = tmp.get_context("spawn")
         for k in rank_counts:
             q = ctx.SimpleQueue()
-            results += _run_world(q, k, (k, free_port(), sizes, args.tensors, root, args.repeats, q))
+            results += run_world(_rank_main, q, k, (k, free_port(), sizes, args.tensors, root, args.repeats, q))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     table = _rows(results)

@@ -69,3 +69,18 @@ def rank_session(rank: int, world: int, port: int, timeout: Any, q: Any, work: C
         if ok:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def run_world(rank_main: Callable[..., None], q: Any, k: int, spawn_args: tuple[Any, ...]) -> Any:
+    """Spawn ``k`` ranks of ``rank_main`` and return rank 0's answer; exit with rank 0's traceback if any."""
+    from torch.multiprocessing import ProcessException, spawn
+
+    try:
+        spawn(rank_main, args=spawn_args, nprocs=k, join=True)
+    except ProcessException as exc:
+        why = q.get()[1] if not q.empty() else "(rank 0 left no traceback)"
+        raise SystemExit(f"benchmark failed on {k} ranks: {exc}\nrank 0: {why}") from None
+    status, body = q.get()
+    if status != "ok":
+        raise SystemExit(f"benchmark failed on rank 0 of {k}:\n{body}")
+    return body

@@ -50,7 +50,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 from torch import nn
-from torch.multiprocessing.spawn import ProcessException
 
 # NOTE: run as a script, sys.path[0] is benchmarks/; put the checkout first so that the ranks import this
 # tree's shardflow whatever the state of the editable install.
@@ -58,7 +57,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, spread  # noqa: E402
+from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, run_world, spread  # noqa: E402
 
 _PG_TIMEOUT = timedelta(seconds=300)
 LR = 1e-3
@@ -403,19 +402,6 @@ def _notes(results: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _run_world(ctx: Any, q: Any, k: int, spawn_args: tuple[Any, ...]) -> Any:
-    """Spawn ``k`` ranks and return rank 0's answer; exit with rank 0's traceback if there is one."""
-    try:
-        tmp.spawn(_rank_main, args=spawn_args, nprocs=k, join=True)
-    except ProcessException as exc:
-        why = q.get()[1] if not q.empty() else "(rank 0 left no traceback)"
-        raise SystemExit(f"benchmark failed on {k} ranks: {exc}\nrank 0: {why}") from None
-    status, body = q.get()
-    if status != "ok":
-        raise SystemExit(f"benchmark failed on rank 0 of {k}:\n{body}")
-    return body
-
-
 ALL_CASES = [("dp", "gpt"), ("dp", "mlp"), ("tp", "gpt"), ("tp", "mlp"), ("op", "add"), ("op", "matmul")]
 
 
@@ -445,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         k = rank_counts[0]
         q = ctx.SimpleQueue()
         spawn_args = (k, free_port(), [Case(fam, what, k)], 1, 10, 1, args.profile_steps, q)
-        print(_run_world(ctx, q, k, spawn_args))
+        print(run_world(_rank_main, q, k, spawn_args))
         return
 
     info = _machine(rank_counts)
@@ -463,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         q = ctx.SimpleQueue()
         spawn_args = (k, free_port(), cases, args.warmup, args.repeats, args.op_iters, 0, q)
-        results += _run_world(ctx, q, k, spawn_args)
+        results += run_world(_rank_main, q, k, spawn_args)
     if not results:
         p.error(f"--cases {args.cases!r} with --ranks {args.ranks} selects nothing")
     table = _rows(results)

@@ -73,7 +73,7 @@ def rank_session(rank: int, world: int, port: int, timeout: Any, q: Any, work: C
 
 def run_world(rank_main: Callable[..., None], q: Any, k: int, spawn_args: tuple[Any, ...]) -> Any:
     """Spawn ``k`` ranks of ``rank_main`` and return rank 0's answer; exit with rank 0's traceback if any."""
-    from torch.multiprocessing import ProcessException, spawn
+    from torch.multiprocessing.spawn import ProcessException, spawn
 
     try:
         spawn(rank_main, args=spawn_args, nprocs=k, join=True)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardflow.checkpoint.index import read_index
+from shardflow.checkpoint.index import CheckpointError, read_index
 from shardflow.checkpoint.store import load as load_checkpoint
 from shardflow.checkpoint.store import save as save_checkpoint
 from shardflow.comm.groups import group_for
@@ -129,11 +129,13 @@ class ParallelModule:
         }
 
     # -- checkpoints ------------------------------------------------------------------------------------
+    def _model_tensors(self) -> dict[str, GlobalTensor]:
+        """Parameters and buffers by checkpoint name, ``model.<name>``."""
+        return {"model." + n: t for n, t in [*self.module.named_parameters(), *self.module.named_buffers()]}  # type: ignore[misc]
+
     def _named_state(self) -> tuple[dict[str, GlobalTensor], dict[str, Any]]:
         """Model tensors as ``model.<name>``, optimizer tensors as ``optim.<param>.<key>``, the rest as meta."""
-        tensors: dict[str, GlobalTensor] = {}
-        for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
-            tensors["model." + name] = t  # type: ignore[assignment]
+        tensors = self._model_tensors()
         names = [n for n, _ in self.module.named_parameters()]
         sd = self.optimizer.state_dict()
         scalars: dict[str, float] = {}
@@ -159,24 +161,21 @@ class ParallelModule:
 
     def load(self, directory: str) -> None:
         """Load a snapshot saved on any mesh with any strategy into this module's layouts (collective)."""
-        names = [n for n, _ in self.module.named_parameters()]
-        targets: dict[str, GlobalTensor] = {}
-        for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
-            targets["model." + name] = t  # type: ignore[assignment]
-        meta = load_checkpoint(directory, targets)
-        # the optimizer state, laid out like each parameter, then handed to the local optimizer
+        targets = self._model_tensors()
+        # optimizer state: laid out like its parameter, read into fresh locals, then given to the optimizer
+        params = {n: (i, p) for i, ((n, _), p) in enumerate(zip(self.module.named_parameters(), self.params))}
         state: dict[int, dict[str, Any]] = {}
-        saved = checkpoint_names(directory)
-        index_keys = {k.rsplit(".", 1)[1] for k in saved if k.startswith("optim.")}
-        opt_targets = {}
-        for i, (name, p) in enumerate(zip(names, self.params)):
-            for key in index_keys:
-                full = f"optim.{name}.{key}"
-                if full in saved:
-                    local = torch.empty_like(p._local)
-                    opt_targets[full] = wrap(local, self.mesh, p.sbp, p.shape)
-                    state.setdefault(i, {})[key] = local
-        load_checkpoint(directory, opt_targets)
+        for full in read_index(directory)["tensors"]:
+            if not full.startswith("optim."):
+                continue
+            pname, key = full[len("optim.") :].rsplit(".", 1)
+            if pname not in params:
+                raise CheckpointError(f"checkpoint {directory} holds optimizer state of {pname!r}, not in this model")
+            i, p = params[pname]
+            local = torch.empty_like(p._local)
+            targets[full] = wrap(local, self.mesh, p.sbp, p.shape)
+            state.setdefault(i, {})[key] = local
+        meta = load_checkpoint(directory, targets)  # one pass: each shard file is verified and opened once
         for ik, value in meta["optim_scalars"].items():
             i, key = ik.split(".", 1)
             state.setdefault(int(i), {})[key] = torch.tensor(value)
@@ -195,10 +194,6 @@ class ParallelModule:
             lines.append("first step (forward, backward, gradient sync, clipping, update):")
             lines.append(self.record.explain())
         return "\n".join(lines)
-
-
-def checkpoint_names(directory: str) -> set[str]:
-    return set(read_index(directory)["tensors"])
 
 
 def clip_grad_norm(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from shardflow.comm.init import collective_timeout
+from shardflow.comm.init import collective_timeout, default_group
 from shardflow.placement.mesh import Mesh, on_mesh_created
 
 
@@ -34,7 +34,7 @@ _OWNER: list[object] = [None]  # the default group the cached groups belong to
 
 def _cache() -> dict[tuple[int, ...], dist.ProcessGroup | None]:
     """The cache for the current job: a process group destroyed and started again makes new groups."""
-    pg = getattr(getattr(dist.distributed_c10d, "_world", None), "default_pg", None)
+    pg = default_group()
     if pg is not _OWNER[0]:
         _GROUPS.clear()
         _OWNER[0] = pg

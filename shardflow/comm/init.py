@@ -56,6 +56,11 @@ def init(backend: str | None = None, timeout: float | timedelta | None = None) -
     dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=td)
 
 
+def default_group() -> object | None:
+    """The job's default process group object (a new one after destroy + init); None if unknown."""
+    return getattr(getattr(dist.distributed_c10d, "_world", None), "default_pg", None)
+
+
 _WORLD: list[Any] = [None, (0, 1)]  # (default process group, its (rank, size))
 
 
@@ -66,7 +71,7 @@ def world() -> tuple[int, int]:
     long as the default process group is the same object."""
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
-    pg = getattr(getattr(dist.distributed_c10d, "_world", None), "default_pg", None)
+    pg = default_group()
     if pg is None or pg is not _WORLD[0]:
         _WORLD[0], _WORLD[1] = pg, (dist.get_rank(), dist.get_world_size())
     return _WORLD[1]  # type: ignore[no-any-return]

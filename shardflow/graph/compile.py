@@ -60,15 +60,13 @@ class ParallelModule:
         self.module = copy.deepcopy(model)  # the user's model stays as it was
         laid: dict[int, nn.Parameter] = {}  # tied parameters (GPT's wte / lm_head) stay one parameter
         for name, p in list(self.module.named_parameters(remove_duplicate=False)):
-            mod_name, _, attr = name.rpartition(".")
-            owner = self.module.get_submodule(mod_name) if mod_name else self.module
+            owner, attr = self._owner(name)
             if id(p) not in laid:
                 sbp = self.layouts[name]
                 laid[id(p)] = nn.Parameter(distribute(p.detach(), mesh, sbp), requires_grad=p.requires_grad)
             setattr(owner, attr, laid[id(p)])
         for name, buf in list(self.module.named_buffers()):
-            mod_name, _, attr = name.rpartition(".")
-            owner = self.module.get_submodule(mod_name) if mod_name else self.module
+            owner, attr = self._owner(name)
             owner.register_buffer(attr, distribute(buf, mesh, (B,) * mesh.ndim))
         # NOTE: the optimizer steps on the shards. A parameter, its gradient (after synchronisation) and its
         # optimizer state share one layout and updates are element-wise, so plain torch optimizers run on
@@ -79,6 +77,11 @@ class ParallelModule:
         self.steps = 0
         self.bucket_bytes = 4 * 2**20  # gradient all-reduce buckets (DDP uses 25 MiB on GPUs)
         self.record: Record | None = None
+
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        """The submodule holding the parameter or buffer ``name``, and its attribute name there."""
+        mod_name, _, attr = name.rpartition(".")
+        return (self.module.get_submodule(mod_name) if mod_name else self.module), attr
 
     def _inputs(self, inputs: Sequence[Any]) -> list[Any]:
         if len(inputs) != len(self.input_sbp):

@@ -1,4 +1,4 @@
-"""Process groups for mesh axis slices, created once, when a mesh is created, and cached by rank set.
+"""Process groups for mesh slices (over one axis or several), created once, when a mesh is created, and cached by rank set.
 
 Every rank of the job creates every slice's group in the same order (``new_group`` is collective over the
 job), which is why creating a mesh is collective. torch orders a group's ranks by global rank;
@@ -7,6 +7,7 @@ job), which is why creating a mesh is collective. torch orders a group's ranks b
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -47,8 +48,11 @@ def _create_groups(mesh: Mesh) -> None:
         return  # a mesh made before a job starts is a plan-only description
     world = tuple(range(dist.get_world_size()))
     groups = _cache()
-    for axis in range(mesh.ndim):
-        for ranks in mesh.all_axis_slices(axis):
+    # every slice over every set of axes: one axis for boxing steps, several for buckets of gradients
+    # that are partial sums over several axes (one all-reduce instead of one per axis)
+    subsets = [c for k in range(1, mesh.ndim + 1) for c in itertools.combinations(range(mesh.ndim), k)]
+    for axes in subsets:
+        for ranks in mesh.all_slices_over(axes):
             key = tuple(sorted(ranks))
             if len(key) > 1 and key not in groups:
                 groups[key] = None if key == world else dist.new_group(list(key), timeout=collective_timeout())

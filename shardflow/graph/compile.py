@@ -26,12 +26,13 @@ from shardflow.checkpoint.store import save as save_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
 from shardflow.graph.capture import capture
+from shardflow.graph.lower import Program, lower, trace_step
 from shardflow.graph.strategy import axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
+from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
 from shardflow.tensor.api import distribute
 from shardflow.tensor.dispatch import implicit_broadcast
-from shardflow.tensor.global_tensor import GlobalTensor, wrap
+from shardflow.tensor.global_tensor import GlobalTensor, box, wrap
 from shardflow.tensor.grad_sync import GradSync, bucketed
 from shardflow.tensor.trace import Record, recording
 
@@ -77,6 +78,11 @@ class ParallelModule:
         self.steps = 0
         self.bucket_bytes = 4 * 2**20  # gradient all-reduce buckets (DDP uses 25 MiB on GPUs)
         self.record: Record | None = None
+        # NOTE: each step runs this rank's static program (graph/lower.py), lowered once per input
+        # signature. ``static = False`` runs the same plan op by op on GlobalTensors instead (eager mode:
+        # any input shape without re-lowering; the reference the lowering is tested against).
+        self.static = True
+        self.programs: dict[Any, Program] = {}
 
     def _owner(self, name: str) -> tuple[nn.Module, str]:
         """The submodule holding the parameter or buffer ``name``, and its attribute name there."""
@@ -90,6 +96,10 @@ class ParallelModule:
         for x, sbp in zip(inputs, self.input_sbp):
             if isinstance(x, GlobalTensor):
                 out.append(x if x.mesh == self.mesh and x.sbp == sbp else x.redistribute(sbp, mesh=self.mesh))
+            elif isinstance(x, torch.Tensor) and P not in sbp:
+                # the full batch, the same on every rank (CONTRACT): each rank slices its shard, no messages
+                full = wrap(x.detach().to(self.mesh.device), self.mesh, (B,) * self.mesh.ndim, x.shape)
+                out.append(box(full, self.mesh, sbp))
             elif isinstance(x, torch.Tensor):
                 out.append(distribute(x, self.mesh, sbp))
             else:
@@ -101,10 +111,44 @@ class ParallelModule:
         if world()[0] not in self.mesh:
             return float("nan")  # no part of the model lives here and no data passes through
         self.module.train()
+        if self.static:
+            return self._static_step(self._inputs(inputs))
         with contextlib.ExitStack() as stack:
             if self.record is None:  # the first step is recorded for explain()
                 self.record = stack.enter_context(recording())
             return self._step(inputs)
+
+    def program(self, inputs: Sequence[Any]) -> Program:
+        """This rank's program for inputs laid out as ``inputs`` (GlobalTensors), lowered on first use."""
+        key = tuple((tuple(x.shape), x.dtype, x.sbp) if isinstance(x, GlobalTensor) else x for x in inputs)
+        if key not in self.programs:
+            joint = trace_step(self.module, inputs, self.mesh.device_type)
+            buffers = [b for _, b in self.module.named_buffers()]
+            sbps: list[NdSbp | None] = [p.sbp for p in self.params]
+            sbps += [b.sbp for b in buffers if isinstance(b, GlobalTensor)]
+            sbps += [x.sbp if isinstance(x, GlobalTensor) else None for x in inputs]
+            self.programs[key] = lower(joint, self.mesh, world()[0], sbps, self.bucket_bytes)
+        return self.programs[key]
+
+    def _static_step(self, inputs: Sequence[Any]) -> float:
+        program = self.program(inputs)
+        if self.record is None:
+            self.record = program.record
+        args = [p._local for p in self.params]
+        args += [b._local for _, b in self.module.named_buffers() if isinstance(b, GlobalTensor)]
+        args += [x._local if isinstance(x, GlobalTensor) else x for x in inputs]
+        with torch.no_grad():
+            loss, grads = (program.run if program.ran else program.checked)(args)  # first run checks shapes
+        program.ran = True
+        for lp in self.local_params:
+            lp.grad = None
+        for i, g in zip(program.grad_of, grads):
+            self.local_params[i].grad = g
+        if self.max_grad_norm is not None:
+            clip_grad_norm(self.params, self.local_params, self.mesh, self.max_grad_norm)
+        self.optimizer.step()
+        self.steps += 1
+        return float(loss.item())
 
     def _step(self, inputs: Sequence[Any]) -> float:
         with implicit_broadcast():
@@ -194,7 +238,10 @@ class ParallelModule:
             p = self.module.get_parameter(name)
             lines.append(f"  {name:<{width}}  {tuple(p.shape)!s:<14} {format_sbp(sbp)}")
         if self.record is not None:
-            lines.append("first step (forward, backward, gradient sync, clipping, update):")
+            if self.programs:
+                lines.append("step program (forward and backward lowered to local ops and collectives):")
+            else:
+                lines.append("first eager step (forward, backward, gradient sync, clipping, update):")
             lines.append(self.record.explain())
         return "\n".join(lines)
 
@@ -202,23 +249,27 @@ class ParallelModule:
 def clip_grad_norm(
     params: Sequence[GlobalTensor], local_params: Sequence[nn.Parameter], mesh: Mesh, max_norm: float
 ) -> float:
-    """``torch.nn.utils.clip_grad_norm_`` over the logical gradients, computed on shards: each shard's sum of
-    squares, divided by how many ranks hold a copy of it (its ``B`` axes), summed over the mesh axis by axis."""
-    total = torch.zeros((), dtype=torch.float64)
-    for p, lp in zip(params, local_params):
-        if lp.grad is not None:
-            copies = math.prod(n for n, q in zip(mesh.shape, grad_sbp(p.sbp)) if q == B)
-            total += lp.grad.detach().double().pow(2).sum() / copies
+    """``torch.nn.utils.clip_grad_norm_`` over the logical gradients, computed on shards.
+
+    Each shard's squared norm (one ``_foreach_norm`` over all of them) is summed over the mesh axes on which
+    some gradient is split; a shard held by several ranks of those axes (``B`` there) counts once. Axes on
+    which every gradient is ``B`` need no communication: every rank already has the same sum there.
+    """
+    pairs = [(p, lp.grad) for p, lp in zip(params, local_params) if lp.grad is not None]
+    if not pairs:
+        return 0.0
+    sbps = [grad_sbp(p.sbp) for p, _ in pairs]
+    axes = [a for a in range(mesh.ndim) if mesh.shape[a] > 1 and any(s[a] != B for s in sbps)]
+    norms = torch.stack(torch._foreach_norm([g.detach() for _, g in pairs])).double()
+    weights = torch.tensor([1.0 / math.prod(mesh.shape[a] for a in axes if s[a] == B) for s in sbps])
+    total = (norms.square() * weights.double()).sum()
     rank = world()[0]
-    for axis in range(mesh.ndim):
-        if mesh.shape[axis] > 1:
-            torch.distributed.all_reduce(total, group=group_for(mesh.axis_slice(axis, rank)).group)
+    for axis in axes:
+        torch.distributed.all_reduce(total, group=group_for(mesh.axis_slice(axis, rank)).group)
     norm = float(total.sqrt())
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
-        for lp in local_params:
-            if lp.grad is not None:
-                lp.grad.mul_(coef)
+        torch._foreach_mul_([g for _, g in pairs], coef)
     return norm
 
 

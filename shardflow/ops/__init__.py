@@ -1,7 +1,19 @@
 """Per-op layout rules (pure): which SBP signatures each ATen op accepts, and how to pick one."""
 
 from shardflow.ops import rules as _rules  # noqa: F401  (registers every rule module)
-from shardflow.ops.registry import LOCALS, RULES, LocalContext, OpCall, Sig, TensorMeta, local, rule
+from shardflow.ops.registry import LOCALS, RULES, LocalContext, OpCall, Sig, TensorMeta, local, rule, writes_arg
 from shardflow.ops.select import NoRuleError, choose
 
-__all__ = ["LOCALS", "RULES", "LocalContext", "NoRuleError", "OpCall", "Sig", "TensorMeta", "choose", "local", "rule"]
+__all__ = [
+    "LOCALS",
+    "RULES",
+    "LocalContext",
+    "NoRuleError",
+    "OpCall",
+    "Sig",
+    "TensorMeta",
+    "choose",
+    "local",
+    "rule",
+    "writes_arg",
+]

@@ -11,6 +11,7 @@ register a ``local`` function as well.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,14 @@ def local(*ops: Any) -> Callable[[LocalFn], LocalFn]:
     return deco
 
 
+@functools.cache
+def writes_arg(func: Any, index: int) -> bool:
+    """Whether ``func`` writes its argument ``index`` in place (``add_``'s self, batch norm's running stats)."""
+    args = func._schema.arguments
+    info = args[index].alias_info if index < len(args) else None
+    return bool(info is not None and info.is_write)
+
+
 def all_b(call: OpCall, n_out: int = 1) -> Sig:
     """The signature every op has: everything broadcast."""
     return Sig((B,) * len(call.tensors), (B,) * n_out)
@@ -123,4 +132,5 @@ __all__ = [
     "local",
     "rule",
     "same",
+    "writes_arg",
 ]

@@ -12,9 +12,9 @@ import itertools
 from collections.abc import Sequence
 
 from shardflow.boxing import plan_boxing
-from shardflow.ops.registry import RULES, OpCall, Sig
+from shardflow.ops.registry import RULES, OpCall, Sig, TensorMeta
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import NdSbp, format_sbp
+from shardflow.placement.sbp import NdSbp, Placement, format_sbp
 
 
 class NoRuleError(NotImplementedError):
@@ -38,10 +38,15 @@ def candidates(call: OpCall, mesh: Mesh) -> list[list[Sig]]:
 
 
 def choose(
-    call: OpCall, mesh: Mesh, current: Sequence[NdSbp], fixed: Sequence[int] = ()
+    call: OpCall,
+    mesh: Mesh,
+    current: Sequence[NdSbp],
+    fixed: Sequence[int] = (),
+    wanted: tuple[TensorMeta, Sequence[Placement | None]] | None = None,
 ) -> tuple[tuple[NdSbp, ...], tuple[NdSbp, ...]]:
     """(required input nd-SBPs, output nd-SBPs) of the cheapest signature; inputs in ``fixed`` (mutated
-    in place) must keep their current layout."""
+    in place) must keep their current layout. ``wanted = (meta, layout)`` prices the conversion of the
+    (single) output to a layout a later consumer is known to need (None on an axis: any)."""
     best: tuple[float, tuple[NdSbp, ...], tuple[NdSbp, ...]] | None = None
     for combo in itertools.product(*candidates(call, mesh)):
         ins = tuple(tuple(sig.ins[i] for sig in combo) for i in range(len(call.tensors)))
@@ -53,6 +58,11 @@ def choose(
         for meta, cur, need in zip(call.tensors, current, ins):
             if cur != need:  # NOTE: a free conversion (size-1 axis, empty tensor) still loses to none at all
                 cost += 1e-9 + plan_boxing(meta.shape, meta.dtype, mesh, cur, mesh, need).seconds
+        if wanted is not None:
+            meta, want = wanted
+            target = tuple(o if w is None else w for o, w in zip(outs[0], want))
+            if target != outs[0]:
+                cost += 1e-9 + plan_boxing(meta.shape, meta.dtype, mesh, outs[0], mesh, target).seconds
         if best is None or cost < best[0]:
             best = (cost, ins, outs)
     if best is None:

@@ -9,6 +9,7 @@ numbers of groups wait on different names forever.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -141,6 +142,23 @@ class Mesh:
         seen: dict[tuple[int, ...], None] = {}
         for r in self.ranks:
             seen.setdefault(self.axis_slice(a, r), None)
+        return list(seen)
+
+    def slice_over(self, axes: Sequence[int], rank: int) -> tuple[int, ...]:
+        """The ranks that share ``rank``'s coordinates except along ``axes``, in row-major order of those."""
+        coord = list(self.coord_of(rank))
+        out = []
+        for sub in itertools.product(*(range(self.shape[a]) for a in axes)):
+            for a, c in zip(axes, sub):
+                coord[a] = c
+            out.append(self.rank_at(coord))
+        return tuple(out)
+
+    def all_slices_over(self, axes: Sequence[int]) -> list[tuple[int, ...]]:
+        """Every slice over ``axes`` (deterministic order), e.g. to create their groups collectively."""
+        seen: dict[tuple[int, ...], None] = {}
+        for r in self.ranks:
+            seen.setdefault(self.slice_over(axes, r), None)
         return list(seen)
 
     def __getitem__(self, axis: int | str) -> Mesh:

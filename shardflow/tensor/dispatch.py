@@ -9,7 +9,6 @@ else must be a GlobalTensor on the same mesh, so data is never moved without the
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from shardflow.boxing import empty_local
 from shardflow.comm.init import world
-from shardflow.ops import LOCALS, LocalContext, OpCall, TensorMeta, choose
+from shardflow.ops import LOCALS, LocalContext, OpCall, TensorMeta, choose, writes_arg
 from shardflow.placement.sbp import B
 from shardflow.placement.shard import local_shape
 from shardflow.tensor.global_tensor import GlobalTensor, box, wrap
@@ -100,14 +99,6 @@ def implicit_broadcast() -> Iterator[None]:
         _IMPLICIT_B[0] = old
 
 
-@functools.cache
-def _writes_first_arg(func: Any) -> bool:
-    """In place on its first argument (``add_``, ``copy_``), not merely mutating some other input."""
-    args = func._schema.arguments
-    info = args[0].alias_info if args else None
-    return bool(info is not None and info.is_write)
-
-
 def _key_of(a: Any) -> Any:
     if isinstance(a, GlobalTensor):
         return ("gt", tuple(a.shape), a.dtype)
@@ -161,7 +152,7 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             )
     where = [i for i, a in enumerate(flat) if isinstance(a, GlobalTensor)]
     gts: list[GlobalTensor] = [flat[i] for i in where]
-    mutated = (0,) if where and where[0] == 0 and _writes_first_arg(func) else ()
+    mutated = (0,) if where and where[0] == 0 and writes_arg(func, 0) else ()
     key_flat = [_key_of(a) for a in flat]
     key = (func, mesh, spec, tuple(key_flat), tuple(g.sbp for g in gts), mutated)
     decision = _DECISIONS.get(key)

@@ -26,11 +26,12 @@ class OpRecord:
 @dataclass
 class Record:
     ops: list[OpRecord] = field(default_factory=list)
-    other: list[tuple[str, Plan]] = field(default_factory=list)  # boxing outside ops: (where, plan)
+    # boxing outside ops: (where, plan, how it runs when not by the plan's own route, e.g. in a bucket)
+    other: list[tuple[str, Plan, str | None]] = field(default_factory=list)
 
     def explain(self) -> str:
         boxed = [r for r in self.ops if r.boxing]
-        total = sum(p.bytes_per_rank for r in boxed for p in r.boxing) + sum(p.bytes_per_rank for _, p in self.other)
+        total = sum(p.bytes_per_rank for r in boxed for p in r.boxing) + sum(p.bytes_per_rank for _, p, _ in self.other)
         lines = [
             f"{len(self.ops)} ops, {len(boxed)} with boxing, {len(self.other)} other conversions; "
             f"{total / 2**20:.2f} MiB sent per rank per step (max over ranks)"
@@ -48,8 +49,8 @@ class Record:
         if self.other:
             lines.append("other conversions (gradient layouts, losses, redistribute):")
             seen: dict[tuple[str, str, str], list[int]] = {}
-            for where, p in self.other:
-                key = (where, f"{format_sbp(p.src_sbp)} -> {format_sbp(p.dst_sbp)}", p.route)
+            for where, p, how in self.other:
+                key = (where, f"{format_sbp(p.src_sbp)} -> {format_sbp(p.dst_sbp)}", how or p.route)
                 seen.setdefault(key, []).append(p.bytes_per_rank)
             for (where, conv, route), sizes in seen.items():
                 lines.append(f"  {where}: {conv} by {route} x{len(sizes)}, {sum(sizes)} B/rank")
@@ -83,7 +84,7 @@ def note_boxing(plan: Plan, where: str = "conversion") -> None:
     if cur is not None:
         cur.boxing.append(plan)
     else:
-        rec.other.append((where, plan))
+        rec.other.append((where, plan, None))
 
 
 def begin_op(op: str, ins: tuple[NdSbp, ...], needed: tuple[NdSbp, ...], outs: tuple[NdSbp, ...]) -> OpRecord | None:

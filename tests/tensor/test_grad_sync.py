@@ -1,19 +1,22 @@
 """Gradient buckets: with small buckets, all-reduces start during backward (before it ends), and the
-result still equals plain PyTorch."""
+result still equals plain PyTorch; in eager mode (hooks and GradSync) and in the static program (buckets
+launched by generated code, seen from a dispatch mode that logs every ATen op the step runs)."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import shardflow as sf
+from shardflow.graph import lower
 from shardflow.models import MLP, MLPConfig
 from shardflow.tensor import grad_sync
 from shardflow.testing import run_on_ranks
 
 
-def _run() -> tuple[int, int]:
+def _run_eager() -> tuple[int, int]:
     torch.manual_seed(0)
     model = MLP(MLPConfig(in_features=6, hidden_sizes=(16, 16, 16), num_classes=4))
     ref = copy.deepcopy(model)
@@ -22,6 +25,7 @@ def _run() -> tuple[int, int]:
     make = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
     pm = sf.compile(model, mesh, example_inputs=(x, y), strategy="dp", optimizer=make)
     pm.bucket_bytes = 1  # every gradient is its own bucket
+    pm.static = False
     events: list[str] = []
     launch, finish = grad_sync.GradSync._launch, grad_sync.GradSync.finish
 
@@ -38,6 +42,11 @@ def _run() -> tuple[int, int]:
         loss = pm.step(x, y)
     finally:
         grad_sync.GradSync._launch, grad_sync.GradSync.finish = launch, finish
+    _check_equal(ref, make, x, y, loss, pm)
+    return events.index("finish"), len(list(model.parameters()))
+
+
+def _check_equal(ref, make, x, y, loss, pm) -> None:  # type: ignore[no-untyped-def]
     opt = make(ref.parameters())
     want = ref(x, y)
     want.backward()
@@ -45,9 +54,58 @@ def _run() -> tuple[int, int]:
     assert abs(loss - want.item()) < 1e-5
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(pm.full_state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    return events.index("finish"), len(list(model.parameters()))
 
 
-def test_buckets_start_during_backward():
-    for launched_before_finish, n_params in run_on_ranks(4, _run):
+class _Log(TorchDispatchMode):
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.events.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _run_static() -> tuple[int, int, int]:
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(in_features=6, hidden_sizes=(16, 16, 16), num_classes=4))
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(6, 6), torch.randint(0, 4, (6,))
+    mesh = sf.Mesh("cpu", (4,), names=("dp",))
+    make = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    pm = sf.compile(model, mesh, example_inputs=(x, y), strategy="dp", optimizer=make)
+    pm.bucket_bytes = 1  # every gradient is its own bucket
+    events: list[str] = []
+    launch, wait = lower._launch, lower._wait
+
+    def spy_launch(*args):  # type: ignore[no-untyped-def]
+        events.append("launch")
+        return launch(*args)
+
+    def spy_wait(handle):  # type: ignore[no-untyped-def]
+        events.append("wait")
+        return wait(handle)
+
+    lower._launch, lower._wait = spy_launch, spy_wait  # bound into the program when it is lowered
+    try:
+        pm.program(pm._inputs((x, y)))
+    finally:
+        lower._launch, lower._wait = launch, wait
+    with _Log(events):
+        loss = pm.step(x, y)
+    _check_equal(ref, make, x, y, loss, pm)
+    first, last = events.index("launch"), events.index("wait")
+    compute_between = sum(e.startswith("aten.mm") or e.startswith("aten.threshold") for e in events[first:last])
+    return events.count("launch"), compute_between, len(list(model.parameters()))
+
+
+def test_buckets_start_during_backward_eager():
+    for launched_before_finish, n_params in run_on_ranks(4, _run_eager):
         assert launched_before_finish == n_params  # every bucket left before backward ended
+
+
+def test_buckets_start_during_backward_static():
+    for launches, compute_between, n_params in run_on_ranks(4, _run_static):
+        assert launches == n_params
+        # backward matmuls of earlier layers run after the first bucket left and before any wait
+        assert compute_between >= 4, compute_between

@@ -17,7 +17,14 @@ def keep_layout(call: OpCall, k: int, partial_ok: bool = True) -> list[Sig]:
     return sigs + [Sig((B,), (B,))]
 
 
-@rule(aten.detach.default, aten.alias.default, aten.clone.default, aten._to_copy.default, aten.lift_fresh.default)
+@rule(
+    aten.detach.default,
+    aten.alias.default,
+    aten.clone.default,
+    aten._to_copy.default,
+    aten.lift_fresh.default,
+    aten.lift_fresh_copy.default,
+)
 def _alias(call: OpCall, k: int) -> list[Sig]:
     return keep_layout(call, k)
 

@@ -1,0 +1,459 @@
+"""Lower a training step to a static per-rank program of plain tensors and collectives.
+
+Capture: ``make_fx`` traces the forward *and* ``torch.autograd.grad`` of the unmodified model on fake
+tensors (AOTAutograd's way to a joint graph; ``torch.export`` has no stable joint API), so the graph holds
+the below-autograd ATen ops that eager GlobalTensors see, backward included, and no autograd runs per step.
+Layouts: one pass in graph order picks each op's signature from the shared rule registry (``ops.choose``,
+priced by boxing) as eager would, and inserts boxing where a producer's layout differs from what a consumer
+needs; a value boxed to some layout once is reused (eager would box it again for every consumer).
+Code: the pass writes one Python function for this rank, one line per local op or boxing with ``del`` after
+a value's last use, and ``exec``s it, so a step costs the ATen calls and collectives, not dispatch.
+Gradients that need one all-reduce over one axis go into buckets launched asynchronously right after the
+line producing the bucket's last gradient, so communication overlaps the rest of backward (DDP's reducer,
+decided at compile time).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from shardflow.boxing import plan_boxing, run_plan
+from shardflow.boxing.plan import Plan
+from shardflow.comm.groups import group_for
+from shardflow.ops import LOCALS, LocalContext, OpCall, TensorMeta, choose, writes_arg
+from shardflow.ops.select import candidates
+from shardflow.placement.mesh import Mesh
+from shardflow.placement.sbp import B, NdSbp, P, Placement, S, grad_sbp
+from shardflow.placement.shard import local_shape
+from shardflow.tensor.trace import OpRecord, Record
+
+
+@dataclass(frozen=True)
+class Joint:
+    """A traced training step: ``graph(params, buffers, inputs) -> [loss, *grads]``."""
+
+    graph: fx.GraphModule
+    n_params: int
+    n_buffers: int
+    grad_of: tuple[int, ...]  # the parameter index of each gradient output (unused parameters get none)
+
+
+def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu") -> Joint:
+    """Trace forward + backward of ``model(*inputs)`` (a scalar loss) with respect to its parameters.
+
+    Parameters, buffers and tensor inputs are replaced by fake tensors of their global shapes (no memory),
+    so ``model`` may hold GlobalTensors or real tensors alike; tied parameters stay tied.
+    """
+    named = dict(model.named_parameters())
+    bnamed = dict(model.named_buffers())
+    names, bnames = list(named), list(bnamed)
+    grad_of: list[int] = []
+
+    def step(ps: list[torch.Tensor], bs: list[torch.Tensor], xs: list[Any]) -> list[torch.Tensor]:
+        leaves = [p.detach().requires_grad_(q.requires_grad) for p, q in zip(ps, named.values())]
+        loss = functional_call(model, {**dict(zip(names, leaves)), **dict(zip(bnames, bs))}, tuple(xs))
+        wanted = [i for i, p in enumerate(leaves) if p.requires_grad]
+        grads = torch.autograd.grad(loss, [leaves[i] for i in wanted], allow_unused=True)
+        grad_of[:] = [i for i, g in zip(wanted, grads) if g is not None]
+        return [loss.detach(), *[g for g in grads if g is not None]]
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+
+        def fake(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
+
+        ps = [fake(p) for p in named.values()]
+        bs = [fake(b) for b in bnamed.values()]
+        xs = [fake(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    del mode
+    graph = make_fx(step, tracing_mode="fake")(ps, bs, xs)
+    return Joint(graph, len(ps), len(bs), tuple(grad_of))
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A tensor value of the graph on this rank: its layout and global metadata."""
+
+    sbp: NdSbp
+    meta: TensorMeta
+
+
+@dataclass(frozen=True)
+class _Var:
+    """A variable of the generated code standing in for a tensor argument."""
+
+    name: str
+
+
+@dataclass
+class Program:
+    """This rank's step: ``run(args) -> (loss local in B, [synchronised gradient locals])``."""
+
+    source: str
+    run: Callable[[list[Any]], tuple[torch.Tensor, list[torch.Tensor]]]
+    checked: Callable[[list[Any]], tuple[torch.Tensor, list[torch.Tensor]]]  # same, asserting local shapes
+    record: Record
+    grad_of: tuple[int, ...]
+    # every communication in program order: (where, route, plan; None for a gradient bucket's all-reduce)
+    collectives: list[tuple[str, str, Plan | None]] = field(default_factory=list)
+    ran: bool = False  # the first run is the checked one
+
+
+def _launch(ranks: tuple[int, ...], *grads: torch.Tensor) -> tuple[Any, torch.Tensor, list[torch.Size]]:
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    work = dist.all_reduce(flat, group=group_for(ranks).group, async_op=True)
+    return work, flat, [g.shape for g in grads]
+
+
+def _wait(handle: tuple[Any, torch.Tensor, list[torch.Size]]) -> list[torch.Tensor]:
+    work, flat, shapes = handle
+    work.wait()
+    out, offset = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[offset : offset + n].view(shape))
+        offset += n
+    return out
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _check(value: torch.Tensor, want: tuple[int, ...], what: str) -> None:
+    if tuple(value.shape) != want:
+        raise AssertionError(f"layout rule bug: {what} gave a local of shape {tuple(value.shape)}, expected {want}")
+
+
+def _boxer(mesh: Mesh) -> Callable[[torch.Tensor, NdSbp, tuple[int, ...], NdSbp], torch.Tensor]:
+    def run(local: torch.Tensor, src: NdSbp, shape: tuple[int, ...], dst: NdSbp) -> torch.Tensor:
+        return run_plan(plan_boxing(tuple(shape), local.dtype, mesh, src, mesh, dst), local)
+
+    return run
+
+
+@dataclass
+class _Bucket:
+    ranks: tuple[int, ...]
+    grads: list[int] = field(default_factory=list)  # gradient output indices
+    nbytes: int = 0
+
+
+class _Lowering:
+    """One pass over the joint graph for one rank; see the module docstring."""
+
+    def __init__(self, joint: Joint, mesh: Mesh, rank: int, sbps: Sequence[NdSbp | None], bucket_bytes: int):
+        self.joint, self.mesh, self.rank, self.bucket_bytes = joint, mesh, rank, bucket_bytes
+        self.coord = mesh.coord_of(rank)
+        self.sbps = list(sbps)  # one per placeholder: params, buffers, inputs (None: not a tensor)
+        self.info: dict[fx.Node, Any] = {}
+        self.var: dict[fx.Node, str] = {}
+        self.lines: list[tuple[str, list[str], list[str]]] = []  # (code, names it uses, names it defines)
+        self.checks: dict[int, str] = {}  # line index -> shape check to add in the checked program
+        self.globals: dict[str, Any] = {}
+        self.boxed: dict[tuple[fx.Node, NdSbp], str] = {}
+        self.record = Record()
+        self.collectives: list[tuple[str, str, Plan | None]] = []
+        self.grad_vars: dict[int, str] = {}  # gradient output index -> variable holding its final local
+        self.open: dict[tuple[tuple[int, ...], torch.dtype], _Bucket] = {}
+        self.waits: list[tuple[str, list[int]]] = []
+        self.later: list[tuple[int, str, Plan]] = []  # gradients converted after backward
+        self.pending: dict[int, str] = {}  # bucketed gradient output index -> its unsynchronised local
+        self.n_vars = 0
+
+    # -- code generation helpers ------------------------------------------------------------------------
+    def new_var(self) -> str:
+        self.n_vars += 1
+        return f"v{self.n_vars}"
+
+    def const(self, value: Any, hint: str) -> str:
+        name = f"_{hint}{len(self.globals)}"
+        self.globals[name] = value
+        return name
+
+    def render(self, a: Any, used: list[str]) -> str:
+        if isinstance(a, _Var):
+            used.append(a.name)
+            return a.name
+        if isinstance(a, fx.Node):
+            used.append(self.var[a])
+            return self.var[a]
+        if isinstance(a, (list, tuple)):
+            inner = ", ".join(self.render(x, used) for x in a)
+            return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
+        if a is None or isinstance(a, (bool, int, str)) or (isinstance(a, float) and math.isfinite(a)):
+            return repr(a)
+        return self.const(a, "c")
+
+    def emit(self, code: str, used: list[str], defined: Sequence[str] = ()) -> int:
+        self.lines.append((code, used, list(defined)))
+        return len(self.lines) - 1
+
+    def box(self, node: fx.Node, need: NdSbp, where: str) -> tuple[str, Plan | None]:
+        """The variable holding ``node`` in layout ``need`` (boxed once, then reused)."""
+        value: _Value = self.info[node]
+        if value.sbp == need:
+            return self.var[node], None
+        key = (node, need)
+        if key in self.boxed:
+            return self.boxed[key], None
+        plan = plan_boxing(value.meta.shape, value.meta.dtype, self.mesh, value.sbp, self.mesh, need)
+        name = self.new_var()
+        fn = self.const(functools.partial(run_plan, plan), "box")
+        self.emit(f"{name} = {fn}({self.var[node]})", [self.var[node]], [name])
+        self.boxed[key] = name
+        if plan.steps:
+            self.collectives.append((where, plan.route, plan))
+        return name, plan
+
+    # -- the pass -----------------------------------------------------------------------------------------
+    def run(self) -> Program:
+        graph = self.joint.graph.graph
+        output = next(n for n in graph.nodes if n.op == "output")
+        results: list[fx.Node] = list(output.args[0])  # type: ignore[arg-type]
+        self.grad_nodes = {n: i for i, n in enumerate(results[1:])}
+        self.want = self.demands(graph)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(self.sbps):
+            raise AssertionError(f"traced step has {len(placeholders)} inputs, expected {len(self.sbps)}")
+        names = self.var_of_placeholders(placeholders)
+        self.emit(f"{', '.join(names)}{',' if len(names) == 1 else ''} = args", [], names)
+        for node in graph.nodes:
+            if node.op == "call_function":
+                self.call(node)
+            elif node.op == "get_attr":
+                self.var[node] = self.const(getattr(self.joint.graph, str(node.target)), "attr")
+                self.tensor_value(node, node.meta.get("val"), None)
+            if node in self.grad_nodes:
+                self.gradient_ready(node)
+        return self.finish(results[0])
+
+    def demands(self, graph: fx.Graph) -> dict[fx.Node, tuple[Placement | None, ...]]:
+        """Layouts later consumers need, known before the forward pass chooses: a gradient split like its
+        parameter, carried back through single-input ops (``t``, ``view``) to the op computing it, so
+        that op computes it split instead of as partial sums needing a reduce-scatter afterwards.
+        Replicated gradients add no demand: their all-reduce runs in a bucket, overlapped."""
+        want: dict[fx.Node, tuple[Placement | None, ...]] = {}
+        for node, k in self.grad_nodes.items():
+            sbp = grad_sbp(self.sbps[self.joint.grad_of[k]])  # type: ignore[arg-type]
+            if any(isinstance(p, S) for p in sbp):
+                want[node] = tuple(p if isinstance(p, S) else None for p in sbp)
+        for node in reversed(graph.nodes):
+            d = want.get(node)
+            if d is None or node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+                continue
+            flat, spec = tree_flatten((node.args, node.kwargs))
+            where = [i for i, a in enumerate(flat) if isinstance(a, fx.Node) and _is_tensor(a)]
+            if len(where) != 1 or len(flat[where[0]].users) != 1 or not _is_tensor(node):
+                continue
+            src: fx.Node = flat[where[0]]
+            meta = TensorMeta(tuple(src.meta["val"].shape), src.meta["val"].dtype)
+            flat[where[0]] = meta
+            margs, mkwargs = tree_unflatten(flat, spec)
+            din: list[Placement | None] = []
+            for axis, sigs in enumerate(
+                candidates(OpCall(node.target, tuple(margs), dict(mkwargs), (meta,)), self.mesh)
+            ):
+                match = next((sig for sig in sigs if sig.outs[:1] == (d[axis],)), None) if d[axis] else None
+                if d[axis] is not None and match is None:
+                    break
+                din.append(match.ins[0] if match else None)
+            else:
+                if any(p is not None for p in din):
+                    want[src] = tuple(din)
+        return want
+
+    def var_of_placeholders(self, placeholders: list[fx.Node]) -> list[str]:
+        names = []
+        for node, sbp in zip(placeholders, self.sbps):
+            name = self.var[node] = self.new_var()
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                self.info[node] = _Value(sbp or (B,) * self.mesh.ndim, TensorMeta(tuple(val.shape), val.dtype))
+            names.append(name)
+        return names
+
+    def tensor_value(self, node: fx.Node, val: Any, sbp: NdSbp | None) -> None:
+        if isinstance(val, torch.Tensor):
+            self.info[node] = _Value(sbp or (B,) * self.mesh.ndim, TensorMeta(tuple(val.shape), val.dtype))
+
+    def call(self, node: fx.Node) -> None:
+        func = node.target
+        if func is operator.getitem:
+            src, index = node.args
+            name = self.var[node] = self.new_var()
+            self.emit(f"{name} = {self.var[src]}[{index}]", [self.var[src]], [name])  # type: ignore[index]
+            parts = self.info.get(src)  # type: ignore[arg-type]
+            if isinstance(parts, list) and parts[index] is not None:  # type: ignore[index]
+                self.info[node] = parts[index]  # type: ignore[index]
+            return
+        if not isinstance(func, torch._ops.OpOverload):
+            raise ValueError(f"cannot lower {node.format_node()}: only ATen ops are supported in a training step")
+        flat, spec = tree_flatten((node.args, node.kwargs))
+        where = [i for i, a in enumerate(flat) if isinstance(a, fx.Node) and isinstance(self.info.get(a), _Value)]
+        val = node.meta.get("val")
+        wanted = None
+        if node in self.want and isinstance(val, torch.Tensor):
+            wanted = (TensorMeta(tuple(val.shape), val.dtype), self.want[node])
+        out_flat = [val] if isinstance(val, torch.Tensor) else tree_flatten(val)[0]
+        out_metas = [TensorMeta(tuple(o.shape), o.dtype) if isinstance(o, torch.Tensor) else None for o in out_flat]
+        name = self.var[node] = self.new_var()
+        if not where:  # a factory (arange, a mask): computed the same on every rank, so B
+            used: list[str] = []
+            args = [self.render(a, used) for a in node.args] + [
+                f"{k}={self.render(v, used)}" for k, v in node.kwargs.items()
+            ]
+            self.emit(f"{name} = {self.const(func, 'op')}({', '.join(args)})", used, [name])
+            self.outputs(node, [(B,) * self.mesh.ndim] * sum(m is not None for m in out_metas), out_metas)
+            return
+        values: list[_Value] = [self.info[flat[i]] for i in where]
+        metas = tuple(v.meta for v in values)
+        meta_flat = list(flat)
+        for i, m in zip(where, metas):
+            meta_flat[i] = m
+        margs, mkwargs = tree_unflatten(meta_flat, spec)
+        call = OpCall(func, tuple(margs), dict(mkwargs), metas)
+        mutated = (0,) if where[0] == 0 and writes_arg(func, 0) else ()
+        current = [v.sbp for v in values]
+        ins, outs = choose(call, self.mesh, current, fixed=mutated, wanted=wanted)
+        op_name = str(func)
+        record = OpRecord(op_name, tuple(current), ins, outs)
+        self.record.ops.append(record)
+        local_flat = list(flat)
+        for i, need in zip(where, ins):
+            if self.info[flat[i]].sbp != need and i < len(node.args) and writes_arg(func, i):
+                raise ValueError(f"{op_name} updates an input in place that would first need boxing to {need}")
+            var, plan = self.box(flat[i], need, op_name)
+            if plan is not None:
+                record.boxing.append(plan)
+            local_flat[i] = _Var(var)
+        if mutated:  # later readers of the mutated value must not reuse copies boxed before the update
+            self.boxed = {k: v for k, v in self.boxed.items() if k[0] is not flat[where[0]]}
+        largs, lkwargs = tree_unflatten(local_flat, spec)
+        used = []
+        fn = LOCALS.get(func)
+        if fn is not None:
+            shapes = tuple(m.shape if m is not None else None for m in out_metas)
+            ctx = LocalContext(call, self.mesh, self.coord, ins, outs, shapes, _boxer(self.mesh))
+            code = (
+                f"{name} = {self.const(fn, 'local')}({self.const(ctx, 'ctx')}, {self.render(tuple(largs), used)}, "
+                f"{{{', '.join(f'{k!r}: {self.render(v, used)}' for k, v in lkwargs.items())}}})"
+            )
+        else:
+            args = [self.render(a, used) for a in largs] + [f"{k}={self.render(v, used)}" for k, v in lkwargs.items()]
+            code = f"{name} = {self.const(func, 'op')}({', '.join(args)})"
+        line = self.emit(code, used, [name])
+        self.outputs(node, list(outs), out_metas)
+        wants = [
+            local_shape(m.shape, s, self.mesh.shape, self.coord) for m, s in zip([m for m in out_metas if m], outs)
+        ]
+        if isinstance(val, torch.Tensor):
+            self.checks[line] = f"_check({name}, {wants[0]!r}, {op_name!r})"
+        else:
+            tensor_at = [i for i, m in enumerate(out_metas) if m is not None]
+            self.checks[line] = "; ".join(f"_check({name}[{i}], {w!r}, {op_name!r})" for i, w in zip(tensor_at, wants))
+
+    def outputs(self, node: fx.Node, outs: list[NdSbp], out_metas: list[TensorMeta | None]) -> None:
+        if len(outs) != sum(m is not None for m in out_metas):
+            raise AssertionError(f"layout rule of {node.target} gave {len(outs)} output layouts")
+        it = iter(outs)
+        values = [_Value(next(it), m) if m is not None else None for m in out_metas]
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            self.info[node] = values[0]
+        else:
+            self.info[node] = values
+
+    # -- gradients ----------------------------------------------------------------------------------------
+    def gradient_ready(self, node: fx.Node) -> None:
+        k = self.grad_nodes[node]
+        param = self.joint.grad_of[k]
+        value: _Value = self.info[node]
+        want = grad_sbp(self.sbps[param])  # type: ignore[arg-type]
+        if value.sbp == want:
+            self.grad_vars[k] = self.var[node]
+            return
+        plan = plan_boxing(value.meta.shape, value.meta.dtype, self.mesh, value.sbp, self.mesh, want)
+        # partial sums over some axes, wanted replicated there and unchanged elsewhere: one all-reduce over
+        # the slice spanning those axes, whatever route the planner would take for the tensor alone
+        axes = tuple(a for a, (src, dst) in enumerate(zip(value.sbp, want)) if src != dst)
+        summed = all(value.sbp[a] == P and want[a] == B for a in axes)
+        if not summed or math.prod(self.mesh.shape[a] for a in axes) == 1:
+            self.later.append((k, self.var[node], plan))
+            return
+        names = ", ".join(self.mesh.names[a] for a in axes)
+        self.record.other.append(("gradient bucket", plan, f"one all_reduce over ({names})"))
+        ranks = self.mesh.slice_over(axes, self.rank)
+        key = (ranks, value.meta.dtype)
+        bucket = self.open.setdefault(key, _Bucket(ranks))
+        bucket.grads.append(k)
+        shape = local_shape(value.meta.shape, value.sbp, self.mesh.shape, self.coord)
+        bucket.nbytes += math.prod(shape) * value.meta.dtype.itemsize
+        self.pending[k] = self.var[node]
+        if bucket.nbytes >= self.bucket_bytes:
+            self.launch(self.open.pop(key))
+
+    def launch(self, bucket: _Bucket) -> None:
+        handle = self.new_var()
+        grads = [self.pending[k] for k in bucket.grads]
+        fn = self.const(functools.partial(_launch, bucket.ranks), "launch")
+        self.emit(f"{handle} = {fn}({', '.join(grads)})", grads, [handle])
+        self.collectives.append((f"gradient bucket of {len(grads)}", "all_reduce", None))
+        self.waits.append((handle, bucket.grads))
+
+    def finish(self, loss: fx.Node) -> Program:
+        for key in list(self.open):
+            self.launch(self.open.pop(key))
+        loss_var, plan = self.box(loss, (B,) * self.mesh.ndim, "loss")
+        if plan is not None:
+            self.record.other.append(("loss", plan, None))
+        for k, var, plan in self.later:
+            name = self.new_var()
+            self.emit(f"{name} = {self.const(functools.partial(run_plan, plan), 'box')}({var})", [var], [name])
+            self.record.other.append(("gradient", plan, None))
+            self.collectives.append(("gradient", plan.route, plan))
+            self.grad_vars[k] = name
+        for handle, ks in self.waits:
+            names = [self.new_var() for _ in ks]
+            self.emit(f"{', '.join(names)}, = _wait({handle})", [handle], names)
+            self.grad_vars.update(zip(ks, names))
+        grads = [self.grad_vars[k] for k in range(len(self.grad_nodes))]
+        self.emit(f"return {loss_var}, [{', '.join(grads)}]", [loss_var, *grads])
+        fast, checked = self.source(False), self.source(True)
+        env = {"_wait": _wait, "_check": _check, **self.globals}
+        exec(compile(fast, "<shardflow step>", "exec"), env)  # noqa: S102 - our own generated code
+        run = env["step"]
+        exec(compile(checked, "<shardflow checked step>", "exec"), env)  # noqa: S102
+        return Program(fast, run, env["step"], self.record, self.joint.grad_of, self.collectives)
+
+    def source(self, checked: bool) -> str:
+        last: dict[str, int] = {}
+        for i, (_, used, defined) in enumerate(self.lines):
+            for name in [*defined, *used]:  # a value never used dies where it is made
+                last[name] = i
+        out = ["def step(args):"]
+        for i, (code, used, defined) in enumerate(self.lines):
+            out.append("    " + code)
+            if checked and i in self.checks:
+                out.append("    " + self.checks[i])
+            dead = sorted({n for n in [*used, *defined] if last[n] == i and n[0] == "v"})  # not constants
+            if dead and not code.startswith("return"):
+                out.append(f"    del {', '.join(dead)}")
+        return "\n".join(out) + "\n"
+
+
+def lower(joint: Joint, mesh: Mesh, rank: int, sbps: Sequence[NdSbp | None], bucket_bytes: int = 4 * 2**20) -> Program:
+    """This rank's program for ``joint`` with one layout per placeholder (params, buffers, inputs)."""
+    return _Lowering(joint, mesh, rank, sbps, bucket_bytes).run()

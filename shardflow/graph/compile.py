@@ -1,12 +1,12 @@
 """``sf.compile``: lay a model's parameters over a mesh by strategy and hints, and train it step by step.
 
-This first version captures the forward once (``torch.export``) to choose parameter layouts (Megatron
-pairs for ``tp``) and validate the model, then runs each step on GlobalTensors: every op picks its
-signature from the shared rule registry (the choice is cached per op call shape, so it is made once), and
-boxing is inserted where a producer's layout differs from what the op needs. Gradients reach their
-gradient layout in a hook as soon as each is accumulated, so data-parallel all-reduces overlap the rest
-of backward. Lowering the captured graph to a static per-rank program is the next step; the user API
-below stays as it is.
+The forward is captured once with ``torch.export`` to choose parameter layouts (Megatron pairs for
+``tp``) and validate the model. Each step then runs this rank's static program (``graph/lower.py``):
+forward and backward traced once per input signature, every op's signature chosen from the shared rule
+registry, boxing inserted, gradient buckets launched from the generated code as soon as their last
+gradient exists. Clipping and the optimizer run on the local shards (plain torch optimizers: a
+parameter, its gradient and its optimizer state share one layout). ``static = False`` runs the same
+layouts op by op on GlobalTensors (eager), with gradients synchronised from post-accumulate hooks.
 """
 
 from __future__ import annotations

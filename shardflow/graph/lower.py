@@ -31,9 +31,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from shardflow.boxing import plan_boxing, run_plan
-from shardflow.boxing.plan import Plan
+from shardflow.boxing.plan import COLLECTIVES, Plan
 from shardflow.comm.groups import group_for
-from shardflow.ops import LOCALS, LocalContext, OpCall, TensorMeta, choose, writes_arg
+from shardflow.ops import LOCALS, PREPARED, LocalContext, OpCall, TensorMeta, choose, writes_arg
 from shardflow.ops.select import candidates
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, grad_sbp
@@ -98,6 +98,16 @@ class _Var:
     name: str
 
 
+@dataclass(frozen=True)
+class Comm:
+    """One communication of the program: where it happens, its route and plan (None: a gradient bucket)."""
+
+    phase: str  # "forward" (up to the loss), "backward", or "after" (loss, gradients once backward ends)
+    where: str  # the op needing it, "gradient bucket of N", "loss" or "gradient"
+    route: str
+    plan: Plan | None
+
+
 @dataclass
 class Program:
     """This rank's step: ``run(args) -> (loss local in B, [synchronised gradient locals])``."""
@@ -107,8 +117,7 @@ class Program:
     checked: Callable[[list[Any]], tuple[torch.Tensor, list[torch.Tensor]]]  # same, asserting local shapes
     record: Record
     grad_of: tuple[int, ...]
-    # every communication in program order: (where, route, plan; None for a gradient bucket's all-reduce)
-    collectives: list[tuple[str, str, Plan | None]] = field(default_factory=list)
+    collectives: list[Comm] = field(default_factory=list)  # every communication, in program order
     ran: bool = False  # the first run is the checked one
 
 
@@ -166,7 +175,8 @@ class _Lowering:
         self.globals: dict[str, Any] = {}
         self.boxed: dict[tuple[fx.Node, NdSbp], str] = {}
         self.record = Record()
-        self.collectives: list[tuple[str, str, Plan | None]] = []
+        self.collectives: list[Comm] = []
+        self.phase = "forward"
         self.grad_vars: dict[int, str] = {}  # gradient output index -> variable holding its final local
         self.open: dict[tuple[tuple[int, ...], torch.dtype], _Bucket] = {}
         self.waits: list[tuple[str, list[int]]] = []
@@ -215,8 +225,8 @@ class _Lowering:
         fn = self.const(functools.partial(run_plan, plan), "box")
         self.emit(f"{name} = {fn}({self.var[node]})", [self.var[node]], [name])
         self.boxed[key] = name
-        if plan.steps:
-            self.collectives.append((where, plan.route, plan))
+        if any(step.kind in COLLECTIVES or step.kind == "send_recv" for step in plan.steps):  # not local-only
+            self.collectives.append(Comm(self.phase, where, plan.route, plan))
         return name, plan
 
     # -- the pass -----------------------------------------------------------------------------------------
@@ -226,6 +236,7 @@ class _Lowering:
         results: list[fx.Node] = list(output.args[0])  # type: ignore[arg-type]
         self.grad_nodes = {n: i for i, n in enumerate(results[1:])}
         self.want = self.demands(graph)
+        loss = results[0].args[0] if results[0].target == torch.ops.aten.detach.default else results[0]
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(self.sbps):
             raise AssertionError(f"traced step has {len(placeholders)} inputs, expected {len(self.sbps)}")
@@ -239,6 +250,9 @@ class _Lowering:
                 self.tensor_value(node, node.meta.get("val"), None)
             if node in self.grad_nodes:
                 self.gradient_ready(node)
+            if node is loss:  # make_fx records the forward up to the loss, then autograd's backward
+                self.phase = "backward"
+        self.phase = "after"
         return self.finish(results[0])
 
     def demands(self, graph: fx.Graph) -> dict[fx.Node, tuple[Placement | None, ...]]:
@@ -348,10 +362,12 @@ class _Lowering:
         if fn is not None:
             shapes = tuple(m.shape if m is not None else None for m in out_metas)
             ctx = LocalContext(call, self.mesh, self.coord, ins, outs, shapes, _boxer(self.mesh))
-            code = (
-                f"{name} = {self.const(fn, 'local')}({self.const(ctx, 'ctx')}, {self.render(tuple(largs), used)}, "
-                f"{{{', '.join(f'{k!r}: {self.render(v, used)}' for k, v in lkwargs.items())}}})"
-            )
+            kw = f"{{{', '.join(f'{k!r}: {self.render(v, used)}' for k, v in lkwargs.items())}}}"
+            if func in PREPARED:  # what depends only on the context is worked out now, once
+                run = self.const(PREPARED[func](ctx), "local")
+                code = f"{name} = {run}({self.render(tuple(largs), used)}, {kw})"
+            else:
+                code = f"{name} = {self.const(fn, 'local')}({self.const(ctx, 'ctx')}, {self.render(tuple(largs), used)}, {kw})"
         else:
             args = [self.render(a, used) for a in largs] + [f"{k}={self.render(v, used)}" for k, v in lkwargs.items()]
             code = f"{name} = {self.const(func, 'op')}({', '.join(args)})"
@@ -410,7 +426,7 @@ class _Lowering:
         grads = [self.pending[k] for k in bucket.grads]
         fn = self.const(functools.partial(_launch, bucket.ranks), "launch")
         self.emit(f"{handle} = {fn}({', '.join(grads)})", grads, [handle])
-        self.collectives.append((f"gradient bucket of {len(grads)}", "all_reduce", None))
+        self.collectives.append(Comm(self.phase, f"gradient bucket of {len(grads)}", "all_reduce", None))
         self.waits.append((handle, bucket.grads))
 
     def finish(self, loss: fx.Node) -> Program:
@@ -423,7 +439,8 @@ class _Lowering:
             name = self.new_var()
             self.emit(f"{name} = {self.const(functools.partial(run_plan, plan), 'box')}({var})", [var], [name])
             self.record.other.append(("gradient", plan, None))
-            self.collectives.append(("gradient", plan.route, plan))
+            if any(step.kind in COLLECTIVES or step.kind == "send_recv" for step in plan.steps):
+                self.collectives.append(Comm(self.phase, "gradient", plan.route, plan))
             self.grad_vars[k] = name
         for handle, ks in self.waits:
             names = [self.new_var() for _ in ks]

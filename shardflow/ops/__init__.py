@@ -1,11 +1,24 @@
 """Per-op layout rules (pure): which SBP signatures each ATen op accepts, and how to pick one."""
 
 from shardflow.ops import rules as _rules  # noqa: F401  (registers every rule module)
-from shardflow.ops.registry import LOCALS, RULES, LocalContext, OpCall, Sig, TensorMeta, local, rule, writes_arg
+from shardflow.ops.registry import (
+    LOCALS,
+    PREPARED,
+    RULES,
+    LocalContext,
+    OpCall,
+    Sig,
+    TensorMeta,
+    local,
+    prepared,
+    rule,
+    writes_arg,
+)
 from shardflow.ops.select import NoRuleError, choose
 
 __all__ = [
     "LOCALS",
+    "PREPARED",
     "RULES",
     "LocalContext",
     "NoRuleError",
@@ -14,6 +27,7 @@ __all__ = [
     "TensorMeta",
     "choose",
     "local",
+    "prepared",
     "rule",
     "writes_arg",
 ]

@@ -75,8 +75,11 @@ class LocalContext:
 RuleFn = Callable[[OpCall, int], list[Sig]]
 LocalFn = Callable[[LocalContext, tuple[Any, ...], dict[str, Any]], Any]
 
+PreparedFn = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+
 RULES: dict[Any, RuleFn] = {}
 LOCALS: dict[Any, LocalFn] = {}
+PREPARED: dict[Any, Callable[[LocalContext], PreparedFn]] = {}
 
 
 def rule(*ops: Any) -> Callable[[RuleFn], RuleFn]:
@@ -109,6 +112,23 @@ def writes_arg(func: Any, index: int) -> bool:
     return bool(info is not None and info.is_write)
 
 
+def prepared(*ops: Any) -> Callable[[Callable[[LocalContext], PreparedFn]], Callable[[LocalContext], PreparedFn]]:
+    """Register ``fn(ctx) -> run(args, kwargs)``: the work of a ``local`` function that depends only on its
+    context (local shapes, whether a view stays exact), done once when a program is lowered. Registers the
+    ``local`` function of ``ops`` too (eager calls ``fn(ctx)(args, kwargs)`` every time)."""
+
+    def deco(fn: Callable[[LocalContext], PreparedFn]) -> Callable[[LocalContext], PreparedFn]:
+        def eager(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return fn(ctx)(args, kwargs)
+
+        for op in ops:
+            PREPARED[op] = fn
+            LOCALS[op] = eager
+        return fn
+
+    return deco
+
+
 def all_b(call: OpCall, n_out: int = 1) -> Sig:
     """The signature every op has: everything broadcast."""
     return Sig((B,) * len(call.tensors), (B,) * n_out)
@@ -123,6 +143,7 @@ __all__ = [
     "P",
     "S",
     "LOCALS",
+    "PREPARED",
     "RULES",
     "LocalContext",
     "OpCall",
@@ -130,6 +151,7 @@ __all__ = [
     "TensorMeta",
     "all_b",
     "local",
+    "prepared",
     "rule",
     "same",
     "writes_arg",

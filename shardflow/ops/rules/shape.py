@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from shardflow.ops.registry import B, LocalContext, OpCall, P, S, Sig, TensorMeta, local, rule
+from shardflow.ops.registry import B, LocalContext, OpCall, P, PreparedFn, S, Sig, TensorMeta, local, prepared, rule
 from shardflow.placement.sbp import NdSbp, Placement
 from shardflow.placement.shard import local_shape, shard_box, split_range
 
@@ -170,12 +170,13 @@ def _reshape_local(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         return aten.reshape.default(x, list(shape))
 
 
-@local(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-def _view_local(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+@prepared(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+def _view_local(ctx: LocalContext) -> PreparedFn:
     src, dst = _view_shapes(ctx.call)
     if not _nested_exact(ctx, src, dst):
-        return _regather(ctx, args[0], src, dst)
-    return _reshape_local(args[0], _local_out(ctx))
+        return lambda args, kwargs: _regather(ctx, args[0], src, dst)
+    shape = _local_out(ctx)
+    return lambda args, kwargs: _reshape_local(args[0], shape)
 
 
 # -- expand, squeeze, unsqueeze -------------------------------------------------------------------------------
@@ -190,9 +191,10 @@ def _expand(call: OpCall, k: int) -> list[Sig]:
     return moved(1, len(src), keep)
 
 
-@local(aten.expand.default)
-def _expand_local(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return aten.expand.default(args[0], list(_local_out(ctx)), *args[2:], **kwargs)
+@prepared(aten.expand.default)
+def _expand_local(ctx: LocalContext) -> PreparedFn:
+    shape = list(_local_out(ctx))
+    return lambda args, kwargs: aten.expand.default(args[0], shape, *args[2:], **kwargs)
 
 
 @rule(aten.unsqueeze.default)

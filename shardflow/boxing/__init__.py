@@ -1,7 +1,17 @@
 """Boxing: plan and run the conversion of a tensor between any two layouts, on one mesh or across meshes."""
 
 from shardflow.boxing.cost import DEFAULT_COST, CostModel
-from shardflow.boxing.plan import Plan, Step, Transfer, plan_boxing
+from shardflow.boxing.plan import Plan, Step, Transfer, estimate_seconds, plan_boxing
 from shardflow.boxing.run import empty_local, run_plan
 
-__all__ = ["DEFAULT_COST", "CostModel", "Plan", "Step", "Transfer", "empty_local", "plan_boxing", "run_plan"]
+__all__ = [
+    "DEFAULT_COST",
+    "CostModel",
+    "Plan",
+    "Step",
+    "Transfer",
+    "empty_local",
+    "estimate_seconds",
+    "plan_boxing",
+    "run_plan",
+]

@@ -20,6 +20,9 @@ class CostModel:
     """Seconds per message hop."""
     memory_bandwidth: float = 10e9
     """Local copy bytes per second."""
+    launch: float = 20e-6
+    """Seconds to issue one collective (Python, the backend's setup), whatever its size: one all-reduce
+    costs less than a reduce-scatter plus an all-gather moving the same bytes."""
 
     def collective(self, kind: str, k: int, nbytes: int) -> float:
         """Seconds for ``kind`` on ``k`` ranks; ``nbytes`` is the full piece (gather out, scatter in, local)."""
@@ -27,9 +30,9 @@ class CostModel:
             return 0.0
         frac = (k - 1) / k
         if kind == "all_gather" or kind == "reduce_scatter" or kind == "all_to_all":
-            return (k - 1) * self.latency + frac * nbytes / self.bandwidth
+            return self.launch + (k - 1) * self.latency + frac * nbytes / self.bandwidth
         if kind == "all_reduce":
-            return 2 * (k - 1) * self.latency + 2 * frac * nbytes / self.bandwidth
+            return self.launch + 2 * (k - 1) * self.latency + 2 * frac * nbytes / self.bandwidth
         raise ValueError(f"unknown collective {kind!r}")
 
     def local(self, nbytes: int) -> float:

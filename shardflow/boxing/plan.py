@@ -121,6 +121,7 @@ def _kind(old: object, new: object) -> str:
     return "slice" if isinstance(new, S) else "mask"  # from B
 
 
+@lru_cache(maxsize=65536)  # the search prices the same (shape, layout) from many states
 def _nbytes(shape: Sequence[int], sbp: NdSbp, mesh: Mesh, itemsize: int) -> int:
     return math.prod(max_local_shape(shape, sbp, mesh.shape)) * itemsize
 
@@ -208,7 +209,7 @@ def _send_recv(
     return Step("send_recv", src_mesh, dst_mesh, src, dst, -1, most, secs, tuple(transfers))
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=65536)
 def plan_boxing(
     shape: tuple[int, ...],
     dtype: torch.dtype,
@@ -230,4 +231,20 @@ def plan_boxing(
     return Plan(shape, dtype, src_mesh, src_sbp, dst_mesh, dst_sbp, steps)
 
 
-__all__ = ["Plan", "Step", "Transfer", "plan_boxing"]
+@lru_cache(maxsize=65536)
+def estimate_seconds(
+    shape: tuple[int, ...], dtype: torch.dtype, mesh: Mesh, src: NdSbp, dst: NdSbp, cost: CostModel = DEFAULT_COST
+) -> float:
+    """A quick price of ``src -> dst`` on one mesh: one 1-d step per differing axis, in axis order, without
+    the search (``plan_boxing`` finds the legal and cheapest order). For ranking many hypothetical
+    conversions, as the compiler's lookahead does, where planning each one exactly would cost seconds."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total, cur = 0.0, src
+    for axis, new in enumerate(dst):
+        if cur[axis] != new:
+            step = _edge(tuple(shape), itemsize, mesh, cur, axis, new, cost)
+            total, cur = total + step.seconds, step.dst
+    return total
+
+
+__all__ = ["Plan", "Step", "Transfer", "estimate_seconds", "plan_boxing"]

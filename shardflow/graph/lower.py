@@ -16,6 +16,7 @@ decided at compile time).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -30,11 +31,11 @@ from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from shardflow.boxing import plan_boxing, run_plan
+from shardflow.boxing import DEFAULT_COST, estimate_seconds, plan_boxing, run_plan
 from shardflow.boxing.plan import COLLECTIVES, Plan
 from shardflow.comm.groups import group_for
 from shardflow.ops import LOCALS, PREPARED, LocalContext, OpCall, TensorMeta, choose, writes_arg
-from shardflow.ops.select import candidates
+from shardflow.ops.select import candidates, communicates
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, grad_sbp
 from shardflow.placement.shard import local_shape
@@ -118,6 +119,7 @@ class Program:
     record: Record
     grad_of: tuple[int, ...]
     collectives: list[Comm] = field(default_factory=list)  # every communication, in program order
+    cost: float = 0.0  # seconds of communication per step, by the cost model (every rank's, summed)
     ran: bool = False  # the first run is the checked one
 
 
@@ -136,6 +138,14 @@ def _wait(handle: tuple[Any, torch.Tensor, list[torch.Size]]) -> list[torch.Tens
         out.append(flat[offset : offset + n].view(shape))
         offset += n
     return out
+
+
+_aten = torch.ops.aten
+_VIEWS = {_aten.t.default, _aten.transpose.int, _aten.view.default, _aten._unsafe_view.default, _aten.detach.default}
+
+
+def _reduces_to_split(cur: NdSbp, need: NdSbp) -> bool:
+    return any(c == P and isinstance(n, S) for c, n in zip(cur, need))
 
 
 def _is_tensor(node: fx.Node) -> bool:
@@ -164,8 +174,17 @@ class _Bucket:
 class _Lowering:
     """One pass over the joint graph for one rank; see the module docstring."""
 
-    def __init__(self, joint: Joint, mesh: Mesh, rank: int, sbps: Sequence[NdSbp | None], bucket_bytes: int):
+    def __init__(
+        self,
+        joint: Joint,
+        mesh: Mesh,
+        rank: int,
+        sbps: Sequence[NdSbp | None],
+        bucket_bytes: int,
+        reduce_to_split: bool,
+    ):
         self.joint, self.mesh, self.rank, self.bucket_bytes = joint, mesh, rank, bucket_bytes
+        self.reduce_to_split = reduce_to_split
         self.coord = mesh.coord_of(rank)
         self.sbps = list(sbps)  # one per placeholder: params, buffers, inputs (None: not a tensor)
         self.info: dict[fx.Node, Any] = {}
@@ -177,6 +196,10 @@ class _Lowering:
         self.record = Record()
         self.collectives: list[Comm] = []
         self.phase = "forward"
+        self.consumer_costs: dict[tuple[fx.Node, fx.Node, NdSbp], float] = {}
+        self.consumer_shapes: dict[fx.Node, Any] = {}
+        self.params: set[fx.Node] = set()  # parameters and views of them: pinned where the strategy put them
+        self.bucket_sizes: list[tuple[tuple[int, ...], int]] = []
         self.grad_vars: dict[int, str] = {}  # gradient output index -> variable holding its final local
         self.open: dict[tuple[tuple[int, ...], torch.dtype], _Bucket] = {}
         self.waits: list[tuple[str, list[int]]] = []
@@ -291,6 +314,7 @@ class _Lowering:
         return want
 
     def var_of_placeholders(self, placeholders: list[fx.Node]) -> list[str]:
+        self.params.update(placeholders[: self.joint.n_params])
         names = []
         for node, sbp in zip(placeholders, self.sbps):
             name = self.var[node] = self.new_var()
@@ -342,7 +366,20 @@ class _Lowering:
         call = OpCall(func, tuple(margs), dict(mkwargs), metas)
         mutated = (0,) if where[0] == 0 and writes_arg(func, 0) else ()
         current = [v.sbp for v in values]
-        ins, outs = choose(call, self.mesh, current, fixed=mutated, wanted=wanted)
+        after = self.lookahead(node, out_metas)
+        pinned = [t for t, i in enumerate(where) if flat[i] in self.params]
+        ins, outs = choose(
+            call,
+            self.mesh,
+            current,
+            fixed=mutated,
+            wanted=wanted,
+            after=after,
+            reduce_to_split=self.reduce_to_split,
+            pinned=pinned,
+        )
+        if len(where) == 1 and flat[where[0]] in self.params and func in _VIEWS:
+            self.params.add(node)  # a view of a parameter is pinned like the parameter
         op_name = str(func)
         record = OpRecord(op_name, tuple(current), ins, outs)
         self.record.ops.append(record)
@@ -381,6 +418,94 @@ class _Lowering:
         else:
             tensor_at = [i for i, m in enumerate(out_metas) if m is not None]
             self.checks[line] = "; ".join(f"_check({name}[{i}], {w!r}, {op_name!r})" for i, w in zip(tensor_at, wants))
+
+    def lookahead(
+        self, node: fx.Node, out_metas: list[TensorMeta | None]
+    ) -> Callable[[tuple[NdSbp, ...]], float] | None:
+        """What each choice of output layouts will cost the node's consumers: for every consumer, its
+        cheapest signature given that layout and the layouts of its other inputs known so far (one step of
+        lookahead; e.g. a reduce-scatter that a column-parallel linear must then all-gather loses to one
+        all-reduce)."""
+        tensors = [i for i, m in enumerate(out_metas) if m is not None]
+        uses: list[tuple[int, fx.Node, fx.Node]] = []  # (tensor output index, consumer, node it reads)
+        if _is_tensor(node):
+            uses = [(0, user, node) for user in node.users]
+        else:
+            for item in node.users:
+                if item.target is operator.getitem and item.args[1] in tensors:
+                    uses += [(tensors.index(item.args[1]), user, item) for user in item.users]  # type: ignore[arg-type]
+        if not uses:
+            return None
+
+        def cost(outs: tuple[NdSbp, ...]) -> float:
+            return sum(self.consumer_cost(user, src, outs[j]) for j, user, src in uses)
+
+        return cost
+
+    def consumer_cost(self, user: fx.Node, src: fx.Node, layout: NdSbp, depth: int = 0) -> float:
+        """The cheapest boxing ``user`` needs when ``src`` arrives in ``layout`` (priced quickly, see
+        ``estimate_seconds``). Through ops with one tensor input and one output (views, transposes,
+        element-wise) it looks on, up to 3 ops deeper: a partial sum that a view passes along is paid for
+        where something finally needs it reduced."""
+        key = (user, src, layout)
+        if key in self.consumer_costs:
+            return self.consumer_costs[key]
+        best, shape = 0.0, self.consumer_shape(user)
+        if shape is not None:
+            nodes, metas, combos = shape
+            passes_on = len(nodes) == 1 and _is_tensor(user) and depth < 3
+            best = math.inf
+            for needs, out in combos:
+                total = 0.0
+                for a, meta, need in zip(nodes, metas, needs):
+                    value = self.info.get(a)
+                    cur = layout if a is src else (value.sbp if isinstance(value, _Value) else None)
+                    if cur is None or cur == need:
+                        continue
+                    if a in self.params and communicates(cur, need):
+                        total = math.inf  # choose() keeps parameters where they are
+                        break
+                    if not self.reduce_to_split and _reduces_to_split(cur, need):
+                        total = math.inf  # the policy forbids it here, as choose() will
+                        break
+                    total += 1e-9 + estimate_seconds(meta.shape, meta.dtype, self.mesh, cur, need)
+                if passes_on and total < best and out is not None:
+                    total += sum(self.consumer_cost(nxt, user, out, depth + 1) for nxt in user.users)
+                best = min(best, total)
+        self.consumer_costs[key] = best
+        return best
+
+    def consumer_shape(
+        self, user: fx.Node
+    ) -> tuple[list[fx.Node], list[TensorMeta], list[tuple[tuple[NdSbp, ...], NdSbp | None]]] | None:
+        """A consumer's tensor inputs, their metadata and its distinct (input layouts, first output layout)
+        signatures; None where lookahead does not apply (no ATen op, no rule, too many signatures)."""
+        if user in self.consumer_shapes:
+            return self.consumer_shapes[user]
+        found = None
+        if user.op == "call_function" and isinstance(user.target, torch._ops.OpOverload):
+            flat, spec = tree_flatten((user.args, user.kwargs))
+            where = [i for i, a in enumerate(flat) if isinstance(a, fx.Node) and _is_tensor(a)]
+            metas = [TensorMeta(tuple(flat[i].meta["val"].shape), flat[i].meta["val"].dtype) for i in where]
+            nodes = [flat[i] for i in where]
+            for i, m in zip(where, metas):
+                flat[i] = m
+            margs, mkwargs = tree_unflatten(flat, spec)
+            try:
+                per_axis = candidates(OpCall(user.target, tuple(margs), dict(mkwargs), tuple(metas)), self.mesh)
+            except NotImplementedError:  # no rule: the consumer's own choice will say so
+                per_axis = []
+            if per_axis and math.prod(len(c) for c in per_axis) <= 256:
+                combos = {
+                    (
+                        tuple(tuple(sig.ins[t] for sig in combo) for t in range(len(nodes))),
+                        tuple(sig.outs[0] for sig in combo) if combo[0].outs else None,
+                    ): None
+                    for combo in itertools.product(*per_axis)
+                }
+                found = (nodes, metas, list(combos))
+        self.consumer_shapes[user] = found
+        return found
 
     def outputs(self, node: fx.Node, outs: list[NdSbp], out_metas: list[TensorMeta | None]) -> None:
         if len(outs) != sum(m is not None for m in out_metas):
@@ -422,6 +547,7 @@ class _Lowering:
             self.launch(self.open.pop(key))
 
     def launch(self, bucket: _Bucket) -> None:
+        self.bucket_sizes.append((bucket.ranks, bucket.nbytes))
         handle = self.new_var()
         grads = [self.pending[k] for k in bucket.grads]
         fn = self.const(functools.partial(_launch, bucket.ranks), "launch")
@@ -453,7 +579,14 @@ class _Lowering:
         exec(compile(fast, "<shardflow step>", "exec"), env)  # noqa: S102 - our own generated code
         run = env["step"]
         exec(compile(checked, "<shardflow checked step>", "exec"), env)  # noqa: S102
-        return Program(fast, run, env["step"], self.record, self.joint.grad_of, self.collectives)
+        return Program(fast, run, env["step"], self.record, self.joint.grad_of, self.collectives, self.cost())
+
+    def cost(self) -> float:
+        """Communication seconds per step by the cost model: every boxing plan, every gradient bucket."""
+        total = sum(c.plan.seconds for c in self.collectives if c.plan is not None)
+        for ranks, nbytes in self.bucket_sizes:
+            total += DEFAULT_COST.collective("all_reduce", len(ranks), nbytes)
+        return total
 
     def source(self, checked: bool) -> str:
         last: dict[str, int] = {}
@@ -472,5 +605,14 @@ class _Lowering:
 
 
 def lower(joint: Joint, mesh: Mesh, rank: int, sbps: Sequence[NdSbp | None], bucket_bytes: int = 4 * 2**20) -> Program:
-    """This rank's program for ``joint`` with one layout per placeholder (params, buffers, inputs)."""
-    return _Lowering(joint, mesh, rank, sbps, bucket_bytes).run()
+    """This rank's program for ``joint`` with one layout per placeholder (params, buffers, inputs).
+
+    Op-by-op choices cannot see what a layout costs later, in backward: reduce-scattering partial sums
+    into a batch split looks cheaper than an all-reduce in forward, then costs all-to-alls, gathers and
+    reduced gradients of replicated parameters in backward. So the pass runs under two policies (partial
+    sums may be reduce-scattered into splits, or only reduced to ``B``) and the program whose
+    communication the cost model prices lower wins (ties: the first). Every rank makes the same choice:
+    costs come from layouts and shapes only.
+    """
+    programs = [_Lowering(joint, mesh, rank, sbps, bucket_bytes, policy).run() for policy in (True, False)]
+    return min(programs, key=lambda p: p.cost)

@@ -52,6 +52,28 @@ def test_megatron_pair_reduces_once_in_forward():
         assert forward[0][2] in ("all_reduce", "reduce_scatter"), forward
 
 
+def _tp_gpt() -> list[tuple[str, str, str]]:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=4, n_embd=128))
+    x = torch.randint(0, 256, (4, 32))
+    mesh = sf.Mesh("cpu", (2,), names=("tp",))
+    # attention stays whole (a fused c_attn split by rows does not split by head); the MLPs are Megatron pairs
+    hints = {"transformer.h.*.attn.*": sf.B}
+    pm = sf.compile(model, mesh, example_inputs=(x, x), strategy="tp", hints=hints)
+    assert pm.layouts["transformer.h.0.mlp.c_fc.weight"] == (sf.S(0),)
+    program = pm.program(pm._inputs((x, x)))
+    return [(c.phase, c.where, c.route) for c in program.collectives]
+
+
+def test_megatron_gpt_blocks_reduce_once_each_way():
+    for comms in run_on_ranks(2, _tp_gpt):
+        forward = [c for c in comms if c[0] == "forward"]
+        backward = [c for c in comms if c[0] == "backward" and not c[1].startswith("gradient bucket")]
+        # per block: the MLP pair's partial sums reduced once in forward, their gradient once in backward
+        assert [c[2] for c in forward] == ["all_reduce"] * 2, forward
+        assert [c[2] for c in backward] == ["all_reduce"] * 2, backward
+
+
 def _new_shapes() -> list[tuple[float, float]]:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))

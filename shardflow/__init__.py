@@ -7,7 +7,7 @@ Public API (everything else may change): ``init``, ``Mesh``, ``S``, ``B``, ``P``
 from shardflow import checkpoint
 from shardflow.boxing import CostModel, Plan, plan_boxing
 from shardflow.comm import init
-from shardflow.graph import ParallelModule, compile
+from shardflow.graph import MemoryPlanError, MemoryReport, ParallelModule, compile
 from shardflow.placement import B, Mesh, P, S
 from shardflow.tensor import GlobalTensor, distribute, from_local
 
@@ -15,6 +15,8 @@ __all__ = [
     "checkpoint",
     "ParallelModule",
     "compile",
+    "MemoryPlanError",
+    "MemoryReport",
     "B",
     "CostModel",
     "GlobalTensor",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -26,7 +27,8 @@ from shardflow.checkpoint.store import save as save_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
 from shardflow.graph.capture import capture
-from shardflow.graph.lower import Program, lower, trace_step
+from shardflow.graph.lower import Program, ProgramMemory, lower, trace_step
+from shardflow.graph.memory import MemoryReport, fmt_bytes, optimizer_bytes, parse_bytes
 from shardflow.graph.strategy import axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
@@ -82,6 +84,7 @@ class ParallelModule:
         # signature. ``static = False`` runs the same plan op by op on GlobalTensors instead (eager mode:
         # any input shape without re-lowering; the reference the lowering is tested against).
         self.static = True
+        self.example_inputs: tuple[Any, ...] = ()
         self.programs: dict[Any, Program] = {}
 
     def _owner(self, name: str) -> tuple[nn.Module, str]:
@@ -130,18 +133,45 @@ class ParallelModule:
             self.programs[key] = lower(joint, self.mesh, world()[0], sbps, self.bucket_bytes)
         return self.programs[key]
 
+    def memory(self, *inputs: Any) -> MemoryReport:
+        """Predicted memory of a step on this rank, with every rank's peak (collective over the job).
+
+        ``inputs`` default to the example inputs the model was compiled with; nothing runs but lowering.
+        """
+        rank = world()[0]
+        if rank in self.mesh:
+            gins = self._inputs(inputs or self.example_inputs)
+            program = self.program(gins)
+            assert program.memory is not None
+            state, temp, note = optimizer_bytes(self.optimizer)
+            persistent = {
+                "parameters": _unique_bytes(p._local for p in self.params),
+                "buffers": _unique_bytes(b._local for b in self.module.buffers() if isinstance(b, GlobalTensor)),
+                "optimizer state": state,
+                "inputs": _unique_bytes(x._local for x in gins if isinstance(x, GlobalTensor)),
+            }
+            report = MemoryReport(rank, persistent, program.memory, program.memory.gradients + temp, note)
+        else:
+            report = MemoryReport(rank, {}, ProgramMemory(0, [], 0, ""), 0, "no part of the model on this rank")
+        if torch.distributed.is_initialized():
+            mine = torch.tensor([report.peak], dtype=torch.int64)
+            every = torch.zeros(world()[1], dtype=torch.int64)
+            torch.distributed.all_gather_into_tensor(every, mine)
+            report = dataclasses.replace(report, peaks=tuple(int(v) for v in every))
+        return report
+
     def _static_step(self, inputs: Sequence[Any]) -> float:
         program = self.program(inputs)
         if self.record is None:
             self.record = program.record
+        for lp in self.local_params:
+            lp.grad = None  # last step's gradients go before this step's activations arrive
         args = [p._local for p in self.params]
         args += [b._local for _, b in self.module.named_buffers() if isinstance(b, GlobalTensor)]
         args += [x._local if isinstance(x, GlobalTensor) else x for x in inputs]
         with torch.no_grad():
             loss, grads = (program.run if program.ran else program.checked)(args)  # first run checks shapes
         program.ran = True
-        for lp in self.local_params:
-            lp.grad = None
         for i, g in zip(program.grad_of, grads):
             self.local_params[i].grad = g
         if self.max_grad_norm is not None:
@@ -246,6 +276,14 @@ class ParallelModule:
         return "\n".join(lines)
 
 
+def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (tied parameters count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
 def clip_grad_norm(
     params: Sequence[GlobalTensor], local_params: Sequence[nn.Parameter], mesh: Mesh, max_norm: float
 ) -> float:
@@ -302,10 +340,9 @@ def compile(
     recompute: bool | str | Sequence[str] = False,
 ) -> ParallelModule:
     """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see CONTRACT.md."""
-    if pipeline is not None or zero or memory_limit is not None or recompute:
-        raise NotImplementedError(
-            "pipeline, zero, memory_limit and recompute are not implemented yet; compile without them"
-        )
+    if pipeline is not None or zero or recompute:
+        raise NotImplementedError("pipeline, zero and recompute are not implemented yet; compile without them")
+    limit = parse_bytes(memory_limit) if memory_limit is not None else None
     dp, _ = axes_for(mesh, strategy)
     plain = [x.full() if isinstance(x, GlobalTensor) else x for x in example_inputs]
     captured = capture(model, plain)
@@ -317,4 +354,54 @@ def compile(
         sbps = [tuple(default)] * len(example_inputs)
     else:
         sbps = _input_layouts(input_sbp, mesh, len(example_inputs))
-    return ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy)
+    pm = ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy)
+    pm.example_inputs = tuple(example_inputs)
+    if limit is not None:
+        _check_fits(pm, limit, model, plain, hints, optimizer, max_grad_norm)
+    return pm
+
+
+class MemoryPlanError(ValueError):
+    """A compiled plan would exceed ``memory_limit`` on some rank; the message names changes that fit."""
+
+
+def _check_fits(
+    pm: ParallelModule,
+    limit: int,
+    model: nn.Module,
+    plain: Sequence[Any],
+    hints: Mapping[str, Placement | Sequence[Placement]] | None,
+    optimizer: OptimizerFactory | None,
+    max_grad_norm: float | None,
+) -> None:
+    """Refuse, before any step, a plan whose predicted peak exceeds ``limit`` on some rank (collective: every
+    rank predicts its own peak, the peaks are gathered, and every rank raises the same error)."""
+    report = pm.memory()
+    peaks = list(report.peaks) or [report.peak]
+    worst = max(range(len(peaks)), key=peaks.__getitem__)
+    if peaks[worst] <= limit:
+        return
+    fixes: list[tuple[int, str]] = []
+    batch = plain[0].shape[0] if plain and isinstance(plain[0], torch.Tensor) and plain[0].dim() else 0
+    if batch > 1:
+        half = [
+            x[: batch // 2] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch else x for x in plain
+        ]
+        fixes.append((max(pm.memory(*half).peaks or [0]), f"a batch of {batch // 2} per step instead of {batch}"))
+    for strategy in ("dp", "tp", "hybrid"):
+        if strategy == pm.strategy:
+            continue
+        try:
+            alt = compile(model, pm.mesh, plain, strategy, hints, None, optimizer, max_grad_norm)
+        except ValueError:
+            continue  # the mesh has no axis for it, or the hints do not apply
+        fixes.append((max(alt.memory().peaks or [0]), f"strategy={strategy!r}"))
+    lines = [
+        f"the plan does not fit memory_limit={fmt_bytes(limit)}: rank {worst} would peak at "
+        f"{fmt_bytes(peaks[worst])} (every rank: {', '.join(fmt_bytes(p) for p in peaks)}).",
+        f"Largest items on rank {report.rank} ({report.where}):",
+        *[f"  {fmt_bytes(b):>12}  {what}" for b, what in report.largest(5)],
+        "Changes and their predicted peaks (largest rank):",
+        *[f"  {what}: {fmt_bytes(b)} ({'fits' if b <= limit else 'does not fit'})" for b, what in sorted(fixes)],
+    ]
+    raise MemoryPlanError("\n".join(lines))

@@ -109,6 +109,16 @@ class Comm:
     plan: Plan | None
 
 
+@dataclass(frozen=True)
+class ProgramMemory:
+    """What a program holds on this rank beyond its arguments (parameters, buffers, inputs)."""
+
+    peak: int  # bytes alive at the worst line: activations, boxed copies, gradients, buckets
+    at_peak: list[tuple[int, str]]  # (bytes, what) of everything alive there, largest first
+    gradients: int  # bytes of the gradients it returns (alive until the optimizer step ends)
+    peak_line: str  # the generated line where the peak occurs
+
+
 @dataclass
 class Program:
     """This rank's step: ``run(args) -> (loss local in B, [synchronised gradient locals])``."""
@@ -120,6 +130,7 @@ class Program:
     grad_of: tuple[int, ...]
     collectives: list[Comm] = field(default_factory=list)  # every communication, in program order
     cost: float = 0.0  # seconds of communication per step, by the cost model (every rank's, summed)
+    memory: ProgramMemory | None = None
     ran: bool = False  # the first run is the checked one
 
 
@@ -141,6 +152,7 @@ def _wait(handle: tuple[Any, torch.Tensor, list[torch.Size]]) -> list[torch.Tens
 
 
 _aten = torch.ops.aten
+_ALIASING = {_aten._unsafe_view.default, _aten.view.default, _aten.reshape.default, _aten.expand.default}
 _VIEWS = {_aten.t.default, _aten.transpose.int, _aten.view.default, _aten._unsafe_view.default, _aten.detach.default}
 
 
@@ -199,6 +211,10 @@ class _Lowering:
         self.consumer_costs: dict[tuple[fx.Node, fx.Node, NdSbp], float] = {}
         self.consumer_shapes: dict[fx.Node, Any] = {}
         self.params: set[fx.Node] = set()  # parameters and views of them: pinned where the strategy put them
+        # memory: the storages each variable keeps alive, and every storage's size and what made it
+        self.refs: dict[str, list[str]] = {}
+        self.storages: dict[str, tuple[int, str]] = {}  # key -> (bytes on this rank, label)
+        self.transient: dict[int, int] = {}  # line -> bytes alive only while it runs (collective staging)
         self.bucket_sizes: list[tuple[tuple[int, ...], int]] = []
         self.grad_vars: dict[int, str] = {}  # gradient output index -> variable holding its final local
         self.open: dict[tuple[tuple[int, ...], torch.dtype], _Bucket] = {}
@@ -231,6 +247,14 @@ class _Lowering:
             return repr(a)
         return self.const(a, "c")
 
+    def store(self, var: str, nbytes: int, label: str) -> None:
+        """``var`` holds a new storage of ``nbytes`` on this rank."""
+        self.storages[var] = (nbytes, f"{label} ({self.phase})")
+        self.refs[var] = [var]
+
+    def local_bytes(self, meta: TensorMeta, sbp: NdSbp) -> int:
+        return math.prod(local_shape(meta.shape, sbp, self.mesh.shape, self.coord)) * meta.dtype.itemsize
+
     def emit(self, code: str, used: list[str], defined: Sequence[str] = ()) -> int:
         self.lines.append((code, used, list(defined)))
         return len(self.lines) - 1
@@ -246,7 +270,10 @@ class _Lowering:
         plan = plan_boxing(value.meta.shape, value.meta.dtype, self.mesh, value.sbp, self.mesh, need)
         name = self.new_var()
         fn = self.const(functools.partial(run_plan, plan), "box")
-        self.emit(f"{name} = {fn}({self.var[node]})", [self.var[node]], [name])
+        line = self.emit(f"{name} = {fn}({self.var[node]})", [self.var[node]], [name])
+        self.store(name, self.local_bytes(value.meta, need), f"{where}: input boxed {plan.route}")
+        if any(step.kind in COLLECTIVES for step in plan.steps):  # staging: padded or packed copies of the input
+            self.transient[line] = self.local_bytes(value.meta, value.sbp)
         self.boxed[key] = name
         if any(step.kind in COLLECTIVES or step.kind == "send_recv" for step in plan.steps):  # not local-only
             self.collectives.append(Comm(self.phase, where, plan.route, plan))
@@ -334,6 +361,8 @@ class _Lowering:
             src, index = node.args
             name = self.var[node] = self.new_var()
             self.emit(f"{name} = {self.var[src]}[{index}]", [self.var[src]], [name])  # type: ignore[index]
+            part = f"{self.var[src]}#{index}"  # type: ignore[index]
+            self.refs[name] = [part] if part in self.storages else list(self.refs.get(self.var[src], []))  # type: ignore[index]
             parts = self.info.get(src)  # type: ignore[arg-type]
             if isinstance(parts, list) and parts[index] is not None:  # type: ignore[index]
                 self.info[node] = parts[index]  # type: ignore[index]
@@ -356,6 +385,7 @@ class _Lowering:
             ]
             self.emit(f"{name} = {self.const(func, 'op')}({', '.join(args)})", used, [name])
             self.outputs(node, [(B,) * self.mesh.ndim] * sum(m is not None for m in out_metas), out_metas)
+            self.op_storage(node, name, None, [(B,) * self.mesh.ndim] * len(out_metas), out_metas)
             return
         values: list[_Value] = [self.info[flat[i]] for i in where]
         metas = tuple(v.meta for v in values)
@@ -410,6 +440,8 @@ class _Lowering:
             code = f"{name} = {self.const(func, 'op')}({', '.join(args)})"
         line = self.emit(code, used, [name])
         self.outputs(node, list(outs), out_metas)
+        first = local_flat[where[0]]
+        self.op_storage(node, name, first.name if isinstance(first, _Var) else None, list(outs), out_metas)
         wants = [
             local_shape(m.shape, s, self.mesh.shape, self.coord) for m, s in zip([m for m in out_metas if m], outs)
         ]
@@ -507,6 +539,30 @@ class _Lowering:
         self.consumer_shapes[user] = found
         return found
 
+    def op_storage(
+        self, node: fx.Node, name: str, first: str | None, outs: list[NdSbp], out_metas: list[TensorMeta | None]
+    ) -> None:
+        """Record what the op's output holds: its first input's storage for views and in-place ops (their
+        schema says the result aliases an argument; ``_unsafe_view`` and the shape-op locals too), else a
+        new storage per tensor output, sized by its local shape."""
+        func = node.target
+        returns = func._schema.returns  # type: ignore[union-attr]
+        aliases = func in _ALIASING or any(r.alias_info is not None for r in returns)
+        if aliases and first is not None:
+            self.refs[name] = list(self.refs.get(first, []))
+            return
+        tensor_outs = iter(outs)
+        label = str(func).replace("aten.", "")
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            self.store(name, self.local_bytes(out_metas[0], next(tensor_outs)), label)  # type: ignore[arg-type]
+            return
+        self.refs[name] = []
+        for i, m in enumerate(out_metas):
+            if m is not None:
+                key = f"{name}#{i}"
+                self.storages[key] = (self.local_bytes(m, next(tensor_outs)), f"{label} output {i} ({self.phase})")
+                self.refs[name].append(key)
+
     def outputs(self, node: fx.Node, outs: list[NdSbp], out_metas: list[TensorMeta | None]) -> None:
         if len(outs) != sum(m is not None for m in out_metas):
             raise AssertionError(f"layout rule of {node.target} gave {len(outs)} output layouts")
@@ -552,6 +608,7 @@ class _Lowering:
         grads = [self.pending[k] for k in bucket.grads]
         fn = self.const(functools.partial(_launch, bucket.ranks), "launch")
         self.emit(f"{handle} = {fn}({', '.join(grads)})", grads, [handle])
+        self.store(handle, bucket.nbytes, f"gradient bucket of {len(grads)}")
         self.collectives.append(Comm(self.phase, f"gradient bucket of {len(grads)}", "all_reduce", None))
         self.waits.append((handle, bucket.grads))
 
@@ -564,6 +621,8 @@ class _Lowering:
         for k, var, plan in self.later:
             name = self.new_var()
             self.emit(f"{name} = {self.const(functools.partial(run_plan, plan), 'box')}({var})", [var], [name])
+            meta = TensorMeta(plan.shape, plan.dtype)
+            self.store(name, self.local_bytes(meta, plan.dst_sbp), f"gradient to its layout by {plan.route}")
             self.record.other.append(("gradient", plan, None))
             if any(step.kind in COLLECTIVES or step.kind == "send_recv" for step in plan.steps):
                 self.collectives.append(Comm(self.phase, "gradient", plan.route, plan))
@@ -571,15 +630,20 @@ class _Lowering:
         for handle, ks in self.waits:
             names = [self.new_var() for _ in ks]
             self.emit(f"{', '.join(names)}, = _wait({handle})", [handle], names)
+            for n in names:
+                self.refs[n] = [handle]
             self.grad_vars.update(zip(ks, names))
         grads = [self.grad_vars[k] for k in range(len(self.grad_nodes))]
         self.emit(f"return {loss_var}, [{', '.join(grads)}]", [loss_var, *grads])
+        self.memory = self.timeline([loss_var, *grads])
         fast, checked = self.source(False), self.source(True)
         env = {"_wait": _wait, "_check": _check, **self.globals}
         exec(compile(fast, "<shardflow step>", "exec"), env)  # noqa: S102 - our own generated code
         run = env["step"]
         exec(compile(checked, "<shardflow checked step>", "exec"), env)  # noqa: S102
-        return Program(fast, run, env["step"], self.record, self.joint.grad_of, self.collectives, self.cost())
+        return Program(
+            fast, run, env["step"], self.record, self.joint.grad_of, self.collectives, self.cost(), self.memory
+        )
 
     def cost(self) -> float:
         """Communication seconds per step by the cost model: every boxing plan, every gradient bucket."""
@@ -588,11 +652,48 @@ class _Lowering:
             total += DEFAULT_COST.collective("all_reduce", len(ranks), nbytes)
         return total
 
-    def source(self, checked: bool) -> str:
+    def last_uses(self) -> dict[str, int]:
         last: dict[str, int] = {}
         for i, (_, used, defined) in enumerate(self.lines):
             for name in [*defined, *used]:  # a value never used dies where it is made
                 last[name] = i
+        return last
+
+    def timeline(self, returned: list[str]) -> ProgramMemory:
+        """Bytes this rank's program holds line by line (storages from their line to the last use of any
+        variable that refers to them), its peak, what is alive there, and what the program returns."""
+        first: dict[str, int] = {}
+        for i, (_, _, defined) in enumerate(self.lines):
+            for name in defined:
+                first.setdefault(name, i)
+        last = self.last_uses()
+        span: dict[str, tuple[int, int]] = {}
+        for var, keys in self.refs.items():
+            if var not in first:
+                continue
+            a, b = first[var], last.get(var, first[var])
+            for key in keys:
+                lo, hi = span.get(key, (a, b))
+                span[key] = (min(lo, a), max(hi, b))
+        delta = [0] * (len(self.lines) + 1)
+        for key, (a, b) in span.items():
+            delta[a] += self.storages[key][0]
+            delta[b + 1] -= self.storages[key][0]
+        live, peak, at = 0, 0, 0
+        for i in range(len(self.lines)):
+            live += delta[i]
+            if live + self.transient.get(i, 0) > peak:
+                peak, at = live + self.transient.get(i, 0), i
+        alive = sorted(
+            ((self.storages[k][0], self.storages[k][1]) for k, (a, b) in span.items() if a <= at <= b), reverse=True
+        )
+        if self.transient.get(at):
+            alive.append((self.transient[at], "staging copies of the collective there"))
+        kept = {k for v in returned[1:] for k in self.refs.get(v, [])}
+        return ProgramMemory(peak, alive, sum(self.storages[k][0] for k in kept), self.lines[at][0])
+
+    def source(self, checked: bool) -> str:
+        last = self.last_uses()
         out = ["def step(args):"]
         for i, (code, used, defined) in enumerate(self.lines):
             out.append("    " + code)

@@ -1,0 +1,113 @@
+"""Predict each rank's peak memory from its static program, before any step runs.
+
+What a rank holds is known once the program is lowered: its shards of parameters, buffers and inputs,
+the optimizer's state (from the optimizer's kind and the shards it steps), and, line by line of the
+generated program, every storage alive — activations kept for backward, boxed copies, gradients, bucket
+buffers — with views and in-place results counted once (``ProgramMemory`` in graph/lower.py). The peak is
+the larger of the program's peak and the optimizer step (gradients plus the update's temporaries), on
+top of what persists. ``sf.compile(memory_limit=...)`` compares every rank's peak with the limit and
+refuses a plan that cannot fit, naming what would (see ``compile.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from shardflow.graph.lower import ProgramMemory
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(limit: int | str) -> int:
+    """``4096``, ``"512MiB"``, ``"4 GiB"``, ``"1.5GB"`` -> bytes."""
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        return limit
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(limit))
+    if isinstance(limit, str) and m and m.group(2).upper() in _UNITS and float(m.group(1)) > 0:
+        return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    raise ValueError(f"memory_limit {limit!r} is not a positive size; give bytes or a string such as '4GiB'")
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int, str]:
+    """(state bytes, step temporaries, how they were estimated) for ``optimizer`` over its parameters."""
+    total = temp = 0
+    kinds = set()
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        largest = max((p.numel() * p.element_size() for p in params), default=0)
+        name = type(optimizer).__name__
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            per = 3 if group.get("amsgrad") else 2  # exp_avg, exp_avg_sq (+ max_exp_avg_sq)
+            kinds.add(f"{name}: {per}x the parameters")
+        elif isinstance(optimizer, torch.optim.SGD):
+            per = 1 if group.get("momentum", 0) else 0
+            kinds.add(f"{name}: {per}x the parameters")
+        else:
+            per = 2
+            kinds.add(f"{name}: assumed 2x the parameters")
+        total += per * nbytes
+        # foreach updates make temporaries for every parameter at once, the loop one parameter at a time
+        # (Adam's denominator: a square root and its quotient, both alive for a moment)
+        temp = max(temp, 2 * nbytes if group.get("foreach") else 2 * largest)
+    return total, temp, "; ".join(sorted(kinds))
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Predicted bytes on one rank: what persists, the program's peak, and every rank's total peak."""
+
+    rank: int
+    persistent: dict[str, int]  # parameters, buffers, optimizer state, inputs
+    program: ProgramMemory
+    optimizer_step: int  # gradients + the update's temporaries
+    optimizer_note: str
+    peaks: Sequence[int] = field(default_factory=tuple)  # every rank's predicted peak, by rank
+
+    @property
+    def peak(self) -> int:
+        """This rank's predicted peak: what persists plus the larger of the program and the update."""
+        return sum(self.persistent.values()) + max(self.program.peak, self.optimizer_step)
+
+    @property
+    def where(self) -> str:
+        return (
+            "during the forward/backward program"
+            if self.program.peak >= self.optimizer_step
+            else ("in the optimizer step")
+        )
+
+    def largest(self, n: int = 5) -> list[tuple[int, str]]:
+        """The largest items at the peak: persistent ones and what the program holds there."""
+        items = [(b, k) for k, b in self.persistent.items()]
+        if self.program.peak >= self.optimizer_step:
+            items += self.program.at_peak
+        else:
+            items.append((self.optimizer_step, "gradients + optimizer step temporaries"))
+        return sorted(items, reverse=True)[:n]
+
+    def __str__(self) -> str:
+        lines = [f"predicted peak on rank {self.rank}: {fmt_bytes(self.peak)} ({self.where})"]
+        if self.peaks:
+            lines.append("every rank: " + ", ".join(f"{r}: {fmt_bytes(b)}" for r, b in enumerate(self.peaks)))
+        lines.append("persistent: " + ", ".join(f"{k} {fmt_bytes(b)}" for k, b in self.persistent.items()))
+        lines.append(f"optimizer state: {self.optimizer_note}")
+        lines.append(
+            f"program peak {fmt_bytes(self.program.peak)} at `{self.program.peak_line.strip()[:60]}`; "
+            f"gradients {fmt_bytes(self.program.gradients)}"
+        )
+        lines.append("largest at the peak:")
+        lines += [f"  {fmt_bytes(b):>12}  {what}" for b, what in self.largest(8)]
+        return "\n".join(lines)

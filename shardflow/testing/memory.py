@@ -1,0 +1,68 @@
+"""Measure what a training step really allocates, without asking the planner: torch's profiler records
+every allocation and free of the step (``profile_memory=True``); the peak is the largest running sum of
+them on top of the bytes alive when the step starts (storages of the parameters, buffers, optimizer
+state and gradients, counted from the objects themselves). CPU only: on GPU use
+``torch.cuda.max_memory_allocated``."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+_MARK = 777_781  # bytes
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def alive_before_step(pm: Any) -> int:
+    """Bytes of the distinct storages a ParallelModule holds between steps."""
+    tensors: list[torch.Tensor] = [p._local for p in pm.params]
+    tensors += [b._local for b in pm.module.buffers() if hasattr(b, "_local")]
+    tensors += [lp.grad for lp in pm.local_params if lp.grad is not None]
+    for state in pm.optimizer.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return _storage_bytes(tensors)
+
+
+def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
+    """(peak bytes during ``pm.step(*inputs)``, the step's loss), measured by the profiler.
+
+    Two steps run under the profiler and the second is measured: the profiler does not see frees of blocks
+    allocated before it started, and a step frees what the step before it made (gradients, input shards).
+    """
+    # the optimizer's step runs inside a record_function region, and the profiler folds the frees that
+    # happen inside such a region (between its ops) into one figure at the region's start, which would
+    # hide the update's peak: the measured steps call the step function without that wrapper
+    step = type(pm.optimizer).step
+    unwrapped = getattr(step, "__wrapped__", step)
+    pm.optimizer.step = types.MethodType(unwrapped, pm.optimizer)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            pm.step(*inputs)
+            base = alive_before_step(pm)
+            # a block of an odd size marks where the measured step begins (a record_function region would swallow
+            # the free events that happen between ops, which the profiler then reports as the region's own)
+            mark = torch.empty(_MARK, dtype=torch.uint8)
+            del mark
+            loss = pm.step(*inputs)
+    finally:
+        del pm.optimizer.step  # back to the class's method
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    start = next(t for t, delta in events if delta == _MARK)
+    run = peak = 0
+    for t, delta in events:
+        if t > start and delta != -_MARK:
+            run += delta
+            peak = max(peak, run)
+    return base + peak, loss

@@ -1,0 +1,71 @@
+"""Static memory prediction: ``pm.memory()`` against what the profiler measures for a real step, and
+``memory_limit`` refusing a plan before it runs with a fix that the test applies and sees fit.
+
+The measurement (shardflow/testing/memory.py) does not ask the planner: it sums the profiler's allocation
+and free events of a step on top of the storages alive before it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shardflow as sf
+from shardflow.models import GPT, MLP, GPTConfig, MLPConfig
+from shardflow.testing import run_on_ranks
+from shardflow.testing.memory import measure_step_peak
+
+
+def _case(kind: str):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    if kind == "gpt":
+        x = torch.randint(0, 256, (8, 64))
+        return GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128)), (x, x)
+    model = MLP(MLPConfig(in_features=256, hidden_sizes=(1024, 1024), num_classes=16))
+    return model, (torch.randn(64, 256), torch.randint(0, 16, (64,)))
+
+
+def _predict_and_measure(kind: str, strategy: str) -> tuple[int, int, str]:
+    model, data = _case(kind)
+    pm = sf.compile(model, sf.Mesh("cpu", (2,), names=(strategy,)), example_inputs=data, strategy=strategy)
+    report = pm.memory()
+    pm.step(*data)  # the optimizer's state exists from here on, as the prediction assumes
+    measured, _ = measure_step_peak(pm, *data)
+    return report.peak, measured, str(report)
+
+
+# NOTE: the GPT under tp is left out: its prediction is ~30% low (boxing's staging buffers inside the
+# gloo collectives are not modelled well yet); BENCHMARKS.md reports it.
+@pytest.mark.parametrize("kind, strategy", [("mlp", "dp"), ("mlp", "tp"), ("gpt", "dp")])
+def test_predicted_peak_matches_measured(kind, strategy):
+    for predicted, measured, text in run_on_ranks(2, _predict_and_measure, kind, strategy, timeout=300):
+        # 20%: a gradient bucket that gloo keeps referenced a little longer moves the measured peak by
+        # one bucket between runs (MLP dp: 1.05x-1.16x); typical runs agree within 5%
+        assert abs(measured - predicted) <= 0.2 * measured, (predicted, measured, text)
+        assert "predicted peak on rank" in text and "largest at the peak" in text
+
+
+def _refused_then_fixed() -> tuple[str, int, int]:
+    model, data = _case("mlp")
+    mesh = sf.Mesh("cpu", (2,), names=("dp",))
+    limit = 20 * 2**20
+    with pytest.raises(sf.MemoryPlanError) as err:
+        sf.compile(model, mesh, example_inputs=data, strategy="dp", memory_limit="20MiB")
+    message = str(err.value)
+    assert "rank 0 would peak at" in message and "strategy='tp'" in message, message
+    fix = next(line for line in message.splitlines() if "strategy='tp'" in line)
+    assert "(fits)" in fix, message
+    pm = sf.compile(model, mesh, example_inputs=data, strategy="tp", memory_limit="20MiB")  # the named fix
+    pm.step(*data)
+    measured, _ = measure_step_peak(pm, *data)
+    return message, measured, limit
+
+
+def test_plan_over_limit_is_refused_before_running_and_the_named_fix_fits():
+    for message, measured, limit in run_on_ranks(2, _refused_then_fixed, timeout=300):
+        assert measured <= limit, (measured, message)
+
+
+def test_bad_limit_is_a_clear_error():
+    with pytest.raises(ValueError, match="memory_limit"):
+        sf.graph.memory.parse_bytes("lots")
+    assert sf.graph.memory.parse_bytes("1.5 GiB") == int(1.5 * 2**30)

@@ -33,14 +33,14 @@ def _predict_and_measure(kind: str, strategy: str) -> tuple[int, int, str]:
     return report.peak, measured, str(report)
 
 
-# NOTE: the GPT under tp is left out: its prediction is ~30% low (boxing's staging buffers inside the
-# gloo collectives are not modelled well yet); BENCHMARKS.md reports it.
-@pytest.mark.parametrize("kind, strategy", [("mlp", "dp"), ("mlp", "tp"), ("gpt", "dp")])
-def test_predicted_peak_matches_measured(kind, strategy):
+# within 10% (they agree to 1% in BENCHMARKS.md); the GPT under tp is predicted ~24% low: gloo's staging
+# buffers inside its collectives are not modelled yet, so that case holds a looser bound until they are
+@pytest.mark.parametrize(
+    "kind, strategy, tolerance", [("mlp", "dp", 0.1), ("mlp", "tp", 0.1), ("gpt", "dp", 0.1), ("gpt", "tp", 0.3)]
+)
+def test_predicted_peak_matches_measured(kind, strategy, tolerance):
     for predicted, measured, text in run_on_ranks(2, _predict_and_measure, kind, strategy, timeout=300):
-        # 20%: a gradient bucket that gloo keeps referenced a little longer moves the measured peak by
-        # one bucket between runs (MLP dp: 1.05x-1.16x); typical runs agree within 5%
-        assert abs(measured - predicted) <= 0.2 * measured, (predicted, measured, text)
+        assert abs(measured - predicted) <= tolerance * measured, (predicted, measured, text)
         assert "predicted peak on rank" in text and "largest at the peak" in text
 
 

@@ -1,0 +1,112 @@
+"""Memory benchmark: ``pm.memory()``'s predicted peak per rank against the peak measured by torch's profiler
+(``shardflow.testing.memory.measure_step_peak``: allocation and free events of a real step on top of the
+storages alive before it), and how long the verdict of ``memory_limit`` takes (lowering included).
+
+Cases: the GPT and the MLP of benchmarks/train.py, on 2 ranks, as dp and tp. Each measurement is repeated
+``--repeats`` times (median and range reported). ZeRO against FSDP2 comes with ZeRO.
+
+    .venv/bin/python benchmarks/memory.py [--repeats 3] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.multiprocessing as tmp
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, run_world  # noqa: E402
+
+CASES = [("mlp", "dp"), ("mlp", "tp"), ("gpt", "dp"), ("gpt", "tp")]
+HEADER = [
+    "case",
+    "ranks",
+    "predicted MiB",
+    "measured MiB (median)",
+    "measured range",
+    "measured/predicted",
+    "verdict s",
+]
+
+
+def _model(kind: str) -> tuple[Any, tuple[Any, ...]]:
+    from shardflow.models import GPT, MLP, GPTConfig, MLPConfig
+
+    torch.manual_seed(0)
+    if kind == "gpt":
+        x = torch.randint(0, 256, (8, 64))
+        return GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128)), (x, x)
+    model = MLP(MLPConfig(in_features=256, hidden_sizes=(1024, 1024), num_classes=16))
+    return model, (torch.randn(64, 256), torch.randint(0, 16, (64,)))
+
+
+def _rank_main(rank: int, k: int, port: int, repeats: int, q: Any) -> None:
+    def work() -> list[dict[str, Any]]:
+        import shardflow as sf
+        from shardflow.testing.memory import measure_step_peak
+
+        out = []
+        for kind, strategy in CASES:
+            model, data = _model(kind)
+            started = time.perf_counter()
+            pm = sf.compile(
+                model, sf.Mesh("cpu", (k,), names=(strategy,)), data, strategy=strategy, memory_limit="64GiB"
+            )
+            verdict = time.perf_counter() - started  # capture, layouts, lowering, prediction, the check
+            predicted = pm.memory().peak
+            pm.step(*data)
+            measured = [measure_step_peak(pm, *data)[0] for _ in range(repeats)]
+            out.append(
+                {"case": f"{kind}-{strategy}", "k": k, "predicted": predicted, "measured": measured, "verdict": verdict}
+            )
+        return out
+
+    rank_session(rank, k, port, timedelta(seconds=300), q, work)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args()
+    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+    print(f"machine: {cores()} cores ({cpu_model()}); torch {torch.__version__}, python {platform.python_version()}")
+    print(f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}", flush=True)
+    q = tmp.get_context("spawn").SimpleQueue()
+    results = run_world(_rank_main, q, 2, (2, free_port(), args.repeats, q))
+    rows = []
+    for r in results:
+        med = statistics.median(r["measured"])
+        rows.append(
+            [
+                r["case"],
+                str(r["k"]),
+                f"{r['predicted'] / 2**20:.2f}",
+                f"{med / 2**20:.2f}",
+                f"{min(r['measured']) / 2**20:.2f}-{max(r['measured']) / 2**20:.2f}",
+                f"{med / r['predicted']:.2f}",
+                f"{r['verdict']:.2f}",
+            ]
+        )
+    if args.markdown:
+        print_markdown(HEADER, rows)
+    else:
+        for row in [HEADER, *rows]:
+            print("  ".join(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,9 @@ pytest: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/boxing.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/checkpoint.py
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

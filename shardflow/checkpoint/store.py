@@ -2,7 +2,11 @@
 
 Saving is collective: every rank writes the boxes it is first to hold (replicas along ``B`` axes write
 nothing) into ``<dir>.partial``, fsyncs, and rank 0 writes the index and swaps the folder in with
-renames, so a crash at any point leaves the previous snapshot whole. Loading is collective too: each rank
+renames, so a crash at any point leaves the previous snapshot whole. ``AsyncSave`` does the same in the
+background: the collective start (summing partials, copying this rank's boxes to host memory) runs at the
+call, then a thread writes, fsyncs and hashes, and meets the other ranks' threads on a process group of
+its own (so its barriers never interleave with training's collectives) before rank 0 swaps the folder
+in. Loading is collective too: each rank
 reads only the parts of the saved boxes that intersect its own box in the target layout (safetensors
 slices), which is what makes a checkpoint saved on 4 ranks as dp x tp loadable on 2 ranks as dp or on 1.
 """
@@ -13,7 +17,9 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,8 +56,23 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save(directory: str, tensors: Mapping[str, GlobalTensor], meta: Mapping[str, Any] | None = None) -> None:
-    """Write ``tensors`` (by name) and JSON-able ``meta`` to ``directory``; collective over the job."""
+@dataclass
+class _Pending:
+    """A save between its collective start and its end: what this rank writes, and the index entries."""
+
+    directory: str
+    partial: str
+    mine: dict[str, torch.Tensor]
+    listing: dict[str, list[dict[str, Any]]]
+    entries: dict[str, dict[str, Any]]
+    meta: dict[str, Any]
+
+
+def _prepare(
+    directory: str, tensors: Mapping[str, GlobalTensor], meta: Mapping[str, Any] | None, copy: bool
+) -> _Pending:
+    """The collective start of a save: the ``.partial`` folder, partial sums summed, this rank's boxes
+    (copied to host memory when ``copy``: training may change the originals while the save goes on)."""
     rank, _ = world()
     directory = os.path.abspath(directory)
     partial = directory + ".partial"
@@ -72,22 +93,76 @@ def save(directory: str, tensors: Mapping[str, GlobalTensor], meta: Mapping[str,
             if all(c == 0 for c, p in zip(coord, sbp) if p == B):  # first replica writes
                 b = shard_box(tuple(t.shape), sbp, t.mesh.shape, coord)
                 if math.prod(box_shape(b)) > 0:
-                    mine[name] = t._local.detach().contiguous()
+                    local = t._local.detach()
+                    mine[name] = local.to("cpu", copy=True) if copy else local.contiguous()
                     listing[name] = [{"key": name, "box": [list(x) for x in b]}]
+    return _Pending(directory, partial, mine, listing, entries, dict(meta or {}))
+
+
+def _write(pending: _Pending) -> None:
+    """This rank's file (fsynced), its SHA-256 and its part of the index; no communication."""
+    rank, _ = world()
     file = f"rank{rank:05d}.safetensors"
-    if mine:
-        save_file(mine, os.path.join(partial, file))
-        with open(os.path.join(partial, file), "rb+") as f:
+    if pending.mine:
+        save_file({k: v.contiguous() for k, v in pending.mine.items()}, os.path.join(pending.partial, file))
+        with open(os.path.join(pending.partial, file), "rb+") as f:
             os.fsync(f.fileno())
-    digest = sha256(os.path.join(partial, file)) if mine else None  # every rank hashes its own file
-    with open(os.path.join(partial, f"rank{rank:05d}.json"), "w") as f:
-        json.dump({"file": file if mine else None, "sha256": digest, "shards": listing}, f)
+    digest = sha256(os.path.join(pending.partial, file)) if pending.mine else None  # every rank hashes its own
+    with open(os.path.join(pending.partial, f"rank{rank:05d}.json"), "w") as f:
+        json.dump({"file": file if pending.mine else None, "sha256": digest, "shards": pending.listing}, f)
         f.flush()
         os.fsync(f.fileno())
-    _barrier()
-    if rank == 0:
-        _write_index(directory, partial, entries, dict(meta or {}))
-    _barrier()
+
+
+def _finish(pending: _Pending, barrier: Callable[[], None]) -> None:
+    """Once every rank has written: rank 0 writes the index and swaps the folder in."""
+    barrier()
+    if world()[0] == 0:
+        _write_index(pending.directory, pending.partial, pending.entries, pending.meta)
+    barrier()
+
+
+def save(directory: str, tensors: Mapping[str, GlobalTensor], meta: Mapping[str, Any] | None = None) -> None:
+    """Write ``tensors`` (by name) and JSON-able ``meta`` to ``directory``; collective over the job."""
+    pending = _prepare(directory, tensors, meta, copy=False)
+    _write(pending)
+    _finish(pending, _barrier)
+
+
+class AsyncSave:
+    """A save going on in a background thread; ``wait()`` returns when the snapshot is complete (or raises
+    what went wrong). Its own process group keeps its messages apart from training's collectives."""
+
+    _group: list[Any] = []  # one gloo group for background saves, made on first use (collectively)
+
+    def __init__(self, directory: str, tensors: Mapping[str, GlobalTensor], meta: Mapping[str, Any] | None):
+        if dist.is_initialized() and not self._group:
+            AsyncSave._group.append(dist.new_group(backend="gloo"))
+        group = self._group[0] if self._group else None
+        pending = _prepare(directory, tensors, meta, copy=True)  # collective; the rest is this rank's own
+        self.error: BaseException | None = None
+
+        def barrier() -> None:
+            if group is not None and dist.get_world_size() > 1:
+                dist.barrier(group=group)
+
+        def run() -> None:
+            try:
+                _write(pending)
+                _finish(pending, barrier)
+            except BaseException as e:  # noqa: BLE001 - handed to wait()
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name=f"shardflow-save:{os.path.basename(directory)}")
+        self.thread.start()
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise CheckpointError(f"background save failed: {self.error}") from self.error
 
 
 def _write_index(directory: str, partial: str, entries: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:

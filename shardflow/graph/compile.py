@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from shardflow.checkpoint.index import CheckpointError, read_index
+from shardflow.checkpoint.store import AsyncSave
 from shardflow.checkpoint.store import load as load_checkpoint
 from shardflow.checkpoint.store import save as save_checkpoint
 from shardflow.comm.groups import group_for
@@ -85,6 +86,7 @@ class ParallelModule:
         # any input shape without re-lowering; the reference the lowering is tested against).
         self.static = True
         self.example_inputs: tuple[Any, ...] = ()
+        self.saving: AsyncSave | None = None
         self.programs: dict[Any, Program] = {}
 
     def _owner(self, name: str) -> tuple[nn.Module, str]:
@@ -230,14 +232,28 @@ class ParallelModule:
         return tensors, meta
 
     def save(self, directory: str, blocking: bool = True) -> None:
-        """Snapshot parameters, buffers, optimizer state and the step (collective; atomic)."""
-        if not blocking:
-            raise NotImplementedError("background saves come with the checkpoint issue; use blocking=True")
+        """Snapshot parameters, buffers, optimizer state and the step (collective; atomic).
+
+        ``blocking=False`` copies this rank's shards to host memory and writes them in the background while
+        training goes on; the snapshot is the state at the call. Saves complete in order: the next ``save``,
+        ``load`` or ``wait_save()`` waits for the one in flight and raises its error, if any.
+        """
+        self.wait_save()
         tensors, meta = self._named_state()
-        save_checkpoint(directory, tensors, meta)
+        if blocking:
+            save_checkpoint(directory, tensors, meta)
+        else:
+            self.saving = AsyncSave(directory, tensors, meta)
+
+    def wait_save(self) -> None:
+        """Wait for a background save to complete (call it before the job ends)."""
+        saving, self.saving = self.saving, None
+        if saving is not None:
+            saving.wait()
 
     def load(self, directory: str) -> None:
         """Load a snapshot saved on any mesh with any strategy into this module's layouts (collective)."""
+        self.wait_save()
         targets = self._model_tensors()
         # optimizer state: laid out like its parameter, read into fresh locals, then given to the optimizer
         params = {n: (i, p) for i, ((n, _), p) in enumerate(zip(self.module.named_parameters(), self.params))}

@@ -68,6 +68,28 @@ def test_save_on_4_load_on_2_and_1_and_consolidate(tmp_path):
     assert abs(plain(x, y).item() - want[0]) <= 1e-5 * abs(want[0])  # the loss the resumed step reported
 
 
+def _async_save_run(directory: str) -> tuple[list[float], bool]:
+    _, pm = _compiled((2, 2), ("dp", "tp"), "hybrid")
+    data = _batches()
+    for x, y in data[:2]:
+        pm.step(x, y)
+    pm.save(directory, blocking=False)  # the snapshot is the state now; training goes on meanwhile
+    in_flight = pm.saving is not None
+    losses = [pm.step(x, y) for x, y in data[2:]]  # these steps change every parameter in place
+    pm.wait_save()
+    return losses, in_flight
+
+
+def test_background_save_snapshots_the_state_at_the_call(tmp_path):
+    ckpt = str(tmp_path / "step2")
+    results = run_on_ranks(4, _async_save_run, ckpt)
+    want, in_flight = results[0]
+    assert in_flight
+    assert not os.path.exists(ckpt + ".partial") and json.load(open(os.path.join(ckpt, "index.json")))
+    got = run_on_ranks(2, _resume, ckpt, (2,), ("dp",), "dp")[0]  # resumes from step 2, not 5
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+
+
 def _damage_checks(directory: str) -> None:
     _, pm = _compiled((1,), ("dp",), "dp")
     pm.save(directory)

@@ -7,6 +7,11 @@ registry, boxing inserted, gradient buckets launched from the generated code as 
 gradient exists. Clipping and the optimizer run on the local shards (plain torch optimizers: a
 parameter, its gradient and its optimizer state share one layout). ``static = False`` runs the same
 layouts op by op on GlobalTensors (eager), with gradients synchronised from post-accumulate hooks.
+
+``zero=3`` is a layout, not a wrapper: every parameter gets ``S(0)`` on the data-parallel axis, so its
+gradient and optimizer state are split too; the lowering gathers it right before each op that computes
+with it and lets the copy die after (backward gathers again), and gradients reach their split layout by
+reduce-scatter. Stages 1 and 2 (sharded optimizer state over replicated parameters) are not done yet.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class ParallelModule:
         self.static = True
         self.example_inputs: tuple[Any, ...] = ()
         self.saving: AsyncSave | None = None
+        self.zero_axis: int | None = None  # ZeRO-3: the axis parameters are split on and gathered over
         self.programs: dict[Any, Program] = {}
 
     def _owner(self, name: str) -> tuple[nn.Module, str]:
@@ -132,7 +138,7 @@ class ParallelModule:
             sbps: list[NdSbp | None] = [p.sbp for p in self.params]
             sbps += [b.sbp for b in buffers if isinstance(b, GlobalTensor)]
             sbps += [x.sbp if isinstance(x, GlobalTensor) else None for x in inputs]
-            self.programs[key] = lower(joint, self.mesh, world()[0], sbps, self.bucket_bytes)
+            self.programs[key] = lower(joint, self.mesh, world()[0], sbps, self.bucket_bytes, self.zero_axis)
         return self.programs[key]
 
     def memory(self, *inputs: Any) -> MemoryReport:
@@ -356,13 +362,23 @@ def compile(
     recompute: bool | str | Sequence[str] = False,
 ) -> ParallelModule:
     """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see CONTRACT.md."""
-    if pipeline is not None or zero or recompute:
-        raise NotImplementedError("pipeline, zero and recompute are not implemented yet; compile without them")
+    if pipeline is not None or recompute:
+        raise NotImplementedError("pipeline and recompute are not implemented yet; compile without them")
+    if zero not in (0, 3):
+        raise NotImplementedError(f"zero={zero!r}: ZeRO stage 3 (zero=3) is implemented, stages 1 and 2 not yet")
     limit = parse_bytes(memory_limit) if memory_limit is not None else None
     dp, _ = axes_for(mesh, strategy)
+    if zero and dp is None:
+        raise ValueError(f"zero={zero} shards over the data-parallel axis; strategy {strategy!r} on {mesh} has none")
     plain = [x.full() if isinstance(x, GlobalTensor) else x for x in example_inputs]
     captured = capture(model, plain)
     layouts = param_layouts(model, mesh, strategy, captured, hints)
+    if zero == 3:  # ZeRO-3 as a layout: parameters split on the data-parallel axis, gathered for each use
+        assert dp is not None
+        shapes = dict(model.named_parameters())
+        for name, sbp in layouts.items():
+            if sbp[dp] == B and shapes[name].dim() > 0:
+                layouts[name] = sbp[:dp] + (S(0),) + sbp[dp + 1 :]
     if input_sbp is None:
         default: list[Placement] = [B] * mesh.ndim
         if dp is not None:
@@ -371,6 +387,7 @@ def compile(
     else:
         sbps = _input_layouts(input_sbp, mesh, len(example_inputs))
     pm = ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy)
+    pm.zero_axis = dp if zero == 3 else None
     pm.example_inputs = tuple(example_inputs)
     if limit is not None:
         _check_fits(pm, limit, model, plain, hints, optimizer, max_grad_norm)

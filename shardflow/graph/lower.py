@@ -194,9 +194,11 @@ class _Lowering:
         sbps: Sequence[NdSbp | None],
         bucket_bytes: int,
         reduce_to_split: bool,
+        zero_axis: int | None = None,
     ):
         self.joint, self.mesh, self.rank, self.bucket_bytes = joint, mesh, rank, bucket_bytes
-        self.reduce_to_split = reduce_to_split
+        self.reduce_to_split, self.zero_axis = reduce_to_split, zero_axis
+        self.sharded: set[fx.Node] = set()  # ZeRO-3 parameters and their views
         self.coord = mesh.coord_of(rank)
         self.sbps = list(sbps)  # one per placeholder: params, buffers, inputs (None: not a tensor)
         self.info: dict[fx.Node, Any] = {}
@@ -267,14 +269,19 @@ class _Lowering:
         key = (node, need)
         if key in self.boxed:
             return self.boxed[key], None
-        plan = plan_boxing(value.meta.shape, value.meta.dtype, self.mesh, value.sbp, self.mesh, need)
+        name, plan = self.box_from(self.var[node], value.meta, value.sbp, need, where)
+        self.boxed[key] = name
+        return name, plan
+
+    def box_from(self, src: str, meta: TensorMeta, sbp: NdSbp, need: NdSbp, where: str) -> tuple[str, Plan]:
+        """Emit the boxing of variable ``src`` (layout ``sbp``) to ``need`` into a new variable."""
+        plan = plan_boxing(meta.shape, meta.dtype, self.mesh, sbp, self.mesh, need)
         name = self.new_var()
         fn = self.const(functools.partial(run_plan, plan), "box")
-        line = self.emit(f"{name} = {fn}({self.var[node]})", [self.var[node]], [name])
-        self.store(name, self.local_bytes(value.meta, need), f"{where}: input boxed {plan.route}")
+        line = self.emit(f"{name} = {fn}({src})", [src], [name])
+        self.store(name, self.local_bytes(meta, need), f"{where}: input boxed {plan.route}")
         if any(step.kind in COLLECTIVES for step in plan.steps):  # staging: padded or packed copies of the input
-            self.transient[line] = self.local_bytes(value.meta, value.sbp)
-        self.boxed[key] = name
+            self.transient[line] = self.local_bytes(meta, sbp)
         if any(step.kind in COLLECTIVES or step.kind == "send_recv" for step in plan.steps):  # not local-only
             self.collectives.append(Comm(self.phase, where, plan.route, plan))
         return name, plan
@@ -342,6 +349,10 @@ class _Lowering:
 
     def var_of_placeholders(self, placeholders: list[fx.Node]) -> list[str]:
         self.params.update(placeholders[: self.joint.n_params])
+        if self.zero_axis is not None:
+            for node, sbp in zip(placeholders[: self.joint.n_params], self.sbps):
+                if sbp is not None and isinstance(sbp[self.zero_axis], S):
+                    self.sharded.add(node)
         names = []
         for node, sbp in zip(placeholders, self.sbps):
             name = self.var[node] = self.new_var()
@@ -396,6 +407,15 @@ class _Lowering:
         call = OpCall(func, tuple(margs), dict(mkwargs), metas)
         mutated = (0,) if where[0] == 0 and writes_arg(func, 0) else ()
         current = [v.sbp for v in values]
+        # ZeRO-3: a parameter sharded over the data-parallel axis is gathered right before each op that
+        # computes with it (views of it stay sharded) and freed after; backward gathers it again
+        gathered: dict[int, str] = {}
+        if self.zero_axis is not None and func not in _VIEWS:
+            for t, i in enumerate(where):
+                if flat[i] in self.sharded:
+                    full = tuple(B if a == self.zero_axis else q for a, q in enumerate(current[t]))
+                    gathered[i] = self.box_from(self.var[flat[i]], metas[t], current[t], full, "ZeRO-3 gather")[0]
+                    current[t] = full
         after = self.lookahead(node, out_metas)
         pinned = [t for t, i in enumerate(where) if flat[i] in self.params]
         ins, outs = choose(
@@ -410,14 +430,21 @@ class _Lowering:
         )
         if len(where) == 1 and flat[where[0]] in self.params and func in _VIEWS:
             self.params.add(node)  # a view of a parameter is pinned like the parameter
+            if flat[where[0]] in self.sharded:
+                self.sharded.add(node)
         op_name = str(func)
         record = OpRecord(op_name, tuple(current), ins, outs)
         self.record.ops.append(record)
         local_flat = list(flat)
-        for i, need in zip(where, ins):
+        for t, (i, need) in enumerate(zip(where, ins)):
             if self.info[flat[i]].sbp != need and i < len(node.args) and writes_arg(func, i):
                 raise ValueError(f"{op_name} updates an input in place that would first need boxing to {need}")
-            var, plan = self.box(flat[i], need, op_name)
+            if i in gathered:
+                var, plan = gathered[i], None
+                if current[t] != need:  # pinned: a local conversion of the gathered copy
+                    var, plan = self.box_from(var, metas[t], current[t], need, op_name)
+            else:
+                var, plan = self.box(flat[i], need, op_name)
             if plan is not None:
                 record.boxing.append(plan)
             local_flat[i] = _Var(var)
@@ -705,7 +732,14 @@ class _Lowering:
         return "\n".join(out) + "\n"
 
 
-def lower(joint: Joint, mesh: Mesh, rank: int, sbps: Sequence[NdSbp | None], bucket_bytes: int = 4 * 2**20) -> Program:
+def lower(
+    joint: Joint,
+    mesh: Mesh,
+    rank: int,
+    sbps: Sequence[NdSbp | None],
+    bucket_bytes: int = 4 * 2**20,
+    zero_axis: int | None = None,
+) -> Program:
     """This rank's program for ``joint`` with one layout per placeholder (params, buffers, inputs).
 
     Op-by-op choices cannot see what a layout costs later, in backward: reduce-scattering partial sums
@@ -715,5 +749,5 @@ def lower(joint: Joint, mesh: Mesh, rank: int, sbps: Sequence[NdSbp | None], buc
     communication the cost model prices lower wins (ties: the first). Every rank makes the same choice:
     costs come from layouts and shapes only.
     """
-    programs = [_Lowering(joint, mesh, rank, sbps, bucket_bytes, policy).run() for policy in (True, False)]
+    programs = [_Lowering(joint, mesh, rank, sbps, bucket_bytes, policy, zero_axis).run() for policy in (True, False)]
     return min(programs, key=lambda p: p.cost)

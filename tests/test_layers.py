@@ -3,7 +3,20 @@
 import ast
 from pathlib import Path
 
-ORDER = ["placement", "comm", "boxing", "ops", "tensor", "checkpoint", "graph", "models", "testing", "demo", "cli"]
+ORDER = [
+    "placement",
+    "comm",
+    "boxing",
+    "ops",
+    "tensor",
+    "checkpoint",
+    "graph",
+    "models",
+    "testing",
+    "demo",
+    "train",
+    "cli",
+]
 ROOT = Path(__file__).resolve().parents[1] / "shardflow"
 
 

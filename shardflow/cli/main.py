@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 TRAIN_TARGET = "shardflow.demo.train_gpt:main"
 BOXING_TARGET = "shardflow.demo.boxing_tour:main"
+TRAIN_MAIN = "shardflow.train.loop:main"
+PLAN_MAIN = "shardflow.train.loop:plan_main"
 DEMO_MIN_RANKS = 4  # both demos use a 2×2 ('dp', 'tp') mesh
 DEMO_STEPS = 30  # training steps of the GPT demo; keep in step with shardflow.demo.train_gpt.DEFAULT_STEPS
 CHECK_STEPS = 3  # the training demo compares this many steps with serial PyTorch
@@ -38,6 +40,21 @@ def _run(args: argparse.Namespace) -> int:
     from shardflow.cli.launch import launch
 
     return launch(args.script, args.nprocs, list(args.script_args), args.nnodes, args.rdzv_endpoint)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import math
+
+    from shardflow.cli.launch import launch
+    from shardflow.train.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)  # checked here, before any rank starts
+    except (OSError, ValueError) as e:
+        print(f"shardflow {args.command}: {e}", file=sys.stderr)
+        return 2
+    target = TRAIN_MAIN if args.command == "train" else PLAN_MAIN
+    return launch(target, math.prod(cfg.mesh), [args.config, *args.overrides])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("script", help="a Python script, or package.module:function")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     run.set_defaults(func=_run)
+    for name, text in (
+        (
+            "train",
+            "train a GPT on Python's own source from a TOML config: snapshots, --resume auto, loss, tokens/s, MFU",
+        ),
+        ("plan", "compile a TOML config only: print the plan and every rank's predicted memory, run no step"),
+    ):
+        cmd = sub.add_parser(
+            name,
+            help=text,
+            description=(
+                f"{text[0].upper()}{text[1:]}. The job gets as many local ranks as the config's mesh has. Keys of the "
+                "config can be set on the command line after it, e.g. --steps 100 --model.n_layer 4 --resume never "
+                "(see examples/gpt.toml and shardflow/train/config.py for every key)."
+            ),
+        )
+        cmd.add_argument("config", help="a TOML file (examples/gpt.toml)")
+        cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs overriding the config")
+        cmd.set_defaults(func=_train)
     return parser
 
 

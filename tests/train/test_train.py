@@ -1,0 +1,85 @@
+"""``shardflow train``: configs with clear errors, resume bit-identical to an uninterrupted run, snapshots
+pruned to the last K (only shardflow's own), and the command itself on real launched ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardflow.testing import run_on_ranks
+from shardflow.train import load_config, train
+from shardflow.train.loop import snapshots
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--model.n_layer", "1", "--model.n_embd", "32", "--model.block_size", "16", "--log_every", "100"]
+
+
+def _train(run_dir: str, steps: int, resume: str, extra: list[str]) -> list[float]:
+    flags = ["--run_dir", run_dir, "--steps", str(steps), "--resume", resume, *SMALL, *extra]
+    return train(load_config(str(ROOT / "examples" / "gpt.toml"), flags), log=lambda _: None)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    mesh = ["--mesh", "2", "--axes", "dp", "--strategy", "dp", "--snapshot_every", "5"]
+    whole = run_on_ranks(2, _train, str(tmp_path / "a"), 10, "never", mesh)[0]
+    first = run_on_ranks(2, _train, str(tmp_path / "b"), 5, "auto", mesh)[0]
+    rest = run_on_ranks(2, _train, str(tmp_path / "b"), 10, "auto", mesh)[0]
+    assert len(whole) == 10 and len(first) == 5 and len(rest) == 5  # the second run started at step 6
+    assert first + rest == whole  # exactly, not approximately: same plan, same reduction order (CPU)
+
+
+def test_keeps_the_last_k_snapshots_and_nothing_else(tmp_path):
+    run_dir = tmp_path / "run"
+    foreign = run_dir / "step00000001"  # named like a snapshot, but not shardflow's: never deleted
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    flags = ["--mesh", "2", "--axes", "dp", "--strategy", "dp", "--snapshot_every", "2", "--keep_last", "2"]
+    run_on_ranks(2, _train, str(run_dir), 7, "never", flags)
+    assert [step for step, _ in snapshots(str(run_dir))] == [6, 7]
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert not any(p.name.endswith(".partial") for p in run_dir.iterdir())
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'model.layers'"):
+        load_config(None, ["--model.layers", "3"])
+    with pytest.raises(ValueError, match="'steps' must be int"):
+        load_config(None, ["--steps", "many"])
+    with pytest.raises(ValueError, match="same length"):
+        load_config(None, ["--mesh", "2,2"])
+    cfg = load_config(str(ROOT / "examples" / "gpt.toml"), ["--model.n_layer", "3", "--lr", "0.01"])
+    assert cfg.model.n_layer == 3 and cfg.lr == 0.01 and cfg.mesh == [2, 2]
+
+
+def test_shardflow_train_and_plan_commands(tmp_path):
+    exe = [sys.executable, "-m", "shardflow.cli.main"]
+    flags = ["--mesh", "2", "--axes", "dp", "--strategy", "dp", *SMALL, "--steps", "3", "--log_every", "1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    config = str(ROOT / "examples" / "gpt.toml")
+    out = subprocess.run(
+        [*exe, "train", config, *flags, "--run_dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 3/3: loss" in out.stdout and "tokens/s" in out.stdout, out.stdout
+    assert [s for s, _ in snapshots(str(tmp_path / "run"))] == [3]
+    again = subprocess.run(
+        [*exe, "train", config, *flags, "--run_dir", str(tmp_path / "run"), "--steps", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert again.returncode == 0 and "resumed from" in again.stdout and "step 4/4" in again.stdout, again.stdout
+    plan = subprocess.run([*exe, "plan", config, *flags], capture_output=True, text=True, timeout=300, env=env)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "ParallelModule" in plan.stdout and "predicted peak on rank 0" in plan.stdout, plan.stdout
+    bad = subprocess.run([*exe, "train", config, "--stepz", "3"], capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "unknown config key 'stepz'" in bad.stderr

@@ -63,9 +63,22 @@ def _exit_code(value: object) -> int:
     return 1
 
 
+def _name_process(rank: str) -> None:
+    """``ps``/``top`` show a worker as ``sf-rank<N>`` (Linux ``prctl(PR_SET_NAME)``): which process is
+    which rank matters when one hangs. Best effort elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, f"sf-rank{rank}".encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker(target: str, args: list[str], parent_pid: int) -> int:
     """Runs in every worker process (spawned by the elastic agent, torchrun's env vars already set)."""
     import torch
+
+    _name_process(os.environ.get("RANK", "?"))
 
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     # Intra-op threads of N ranks on few cores fight each other; give each rank its share of the cores.
@@ -112,9 +125,12 @@ def _failure_reason(message: object) -> str:
 _SECONDARY = ("Connection closed by peer", "Connection reset", "Timed out", "Broken pipe", "SIGTERM")
 
 
-def _failure_report(e: Any, log_dir: str) -> list[str]:
+def _failure_report(e: Any, log_dir: str, world: int | None = None) -> list[str]:
     """One line per failed rank, the root cause first. The agent may stop a failing rank before it counts
-    it, so every error file the workers wrote is read too, not only the agent's list."""
+    it, so every error file the workers wrote is read too, not only the agent's list. When every failure
+    is a peer timing out or losing its connection and ``world`` is known (one host), the ranks that never
+    failed themselves are named first: a stuck rank (stopped, hung in a kernel) fails nothing, its peers
+    time out waiting for it, and the agent stops it."""
     found: dict[int, tuple[str, str]] = {}
     for rank, failure in e.failures.items():
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
@@ -130,7 +146,17 @@ def _failure_report(e: Any, log_dir: str) -> list[str]:
         if rank not in found or any(s in found[rank][1] for s in _SECONDARY):
             found[rank] = (found.get(rank, ("raised", ""))[0], reason)
     order = sorted(found, key=lambda r: (any(s in " ".join(found[r]) for s in _SECONDARY), r))
-    return [f"shardflow: rank {r} failed ({found[r][0]}): {found[r][1]}" for r in order]
+    lines = [f"shardflow: rank {r} failed ({found[r][0]}): {found[r][1]}" for r in order]
+    secondary = all(any(s in " ".join(found[r]) for s in _SECONDARY) for r in found)
+    silent = [r for r in range(world or 0) if r not in found]
+    if found and secondary and silent:
+        who = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent))
+        lines.insert(
+            0,
+            f"shardflow: {who} never failed but stopped answering: the others timed out waiting for it "
+            f"(stuck or stopped; {'it was' if len(silent) == 1 else 'they were'} terminated by the launcher)",
+        )
+    return lines
 
 
 def launch(
@@ -174,7 +200,7 @@ def launch(
         try:
             results = elastic_launch(config, _worker)(entry, list(args or []), os.getpid())
         except ChildFailedError as e:
-            for line in _failure_report(e, log_dir):
+            for line in _failure_report(e, log_dir, nprocs if nnodes == 1 else None):
                 print(line, file=sys.stderr)
             codes = [f.exitcode for f in e.failures.values()]
             return next((c for c in codes if c > 0), 1)

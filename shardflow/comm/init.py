@@ -1,7 +1,11 @@
 """Start (or join) the job's default process group from torchrun's environment.
 
 Every collective carries a timeout; gloo's own default (30 minutes) hides a dead peer for far too long,
-so shardflow's default is 90 s, short enough that a stuck job fails within two minutes.
+so shardflow's default is 60 s: a stuck peer (SIGSTOP, a hung kernel) makes its peers' next collective
+time out after 60 s, and torchrun's agent then gives the stuck process its 30 s grace before SIGKILL, so
+the whole job ends within two minutes (tests/cli/test_faults.py measures ~95 s). Pass
+``sf.init(timeout=...)`` when a rank legitimately works alone for longer between collectives (huge
+checkpoints on slow disks).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT = timedelta(seconds=90)
+DEFAULT_TIMEOUT = timedelta(seconds=60)
 _timeout = DEFAULT_TIMEOUT
 
 

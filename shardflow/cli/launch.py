@@ -13,11 +13,13 @@ returns an exit code: a function's ``int`` result (``None`` is 0) or a script's 
 
 from __future__ import annotations
 
+import faulthandler
 import glob
 import importlib
 import json
 import os
 import runpy
+import signal
 import sys
 import tempfile
 import threading
@@ -79,6 +81,8 @@ def _worker(target: str, args: list[str], parent_pid: int) -> int:
     import torch
 
     _name_process(os.environ.get("RANK", "?"))
+    # ``kill -USR1 <pid>`` prints every thread's stack to stderr: what a stuck rank is doing
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     # Intra-op threads of N ranks on few cores fight each other; give each rank its share of the cores.

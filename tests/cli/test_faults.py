@@ -95,6 +95,8 @@ def _fault(tmp_path: Path, sig: signal.Signals, extra: tuple[str, ...] = ()) -> 
         assert sorted(workers.values()) == [0, 1, 2, 3], workers
         victim = next(p for p, r in workers.items() if r == 2)
         everything = _descendants(proc.pid)
+        os.kill(victim, signal.SIGUSR1)  # a worker prints its threads' stacks (what a stuck rank is doing)
+        time.sleep(1)
         started = time.monotonic()
         os.kill(victim, sig)
         proc.wait(timeout=240)
@@ -114,6 +116,7 @@ def test_a_killed_worker_stops_the_job_within_30_s(tmp_path):
     assert code != 0
     assert took <= 30, took
     assert f"rank {rank} failed (signal SIGKILL)" in err, err[-3000:]
+    assert "most recent call first" in err and "shardflow/train/loop.py" in err  # the SIGUSR1 stack dump
     assert left == [], left  # no orphan
 
 

@@ -35,7 +35,7 @@ from shardflow.boxing import DEFAULT_COST, estimate_seconds, plan_boxing, run_pl
 from shardflow.boxing.plan import COLLECTIVES, Plan
 from shardflow.comm.groups import group_for
 from shardflow.ops import LOCALS, PREPARED, LocalContext, OpCall, TensorMeta, choose, writes_arg
-from shardflow.ops.select import candidates, communicates
+from shardflow.ops.select import candidates, communicates, reduces_to_split
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, grad_sbp
 from shardflow.placement.shard import local_shape
@@ -129,7 +129,7 @@ class Program:
     record: Record
     grad_of: tuple[int, ...]
     collectives: list[Comm] = field(default_factory=list)  # every communication, in program order
-    cost: float = 0.0  # seconds of communication per step, by the cost model (every rank's, summed)
+    cost: float = 0.0  # seconds of this rank's communication per step, by the cost model
     memory: ProgramMemory | None = None
     ran: bool = False  # the first run is the checked one
 
@@ -154,10 +154,6 @@ def _wait(handle: tuple[Any, torch.Tensor, list[torch.Size]]) -> list[torch.Tens
 _aten = torch.ops.aten
 _ALIASING = {_aten._unsafe_view.default, _aten.view.default, _aten.reshape.default, _aten.expand.default}
 _VIEWS = {_aten.t.default, _aten.transpose.int, _aten.view.default, _aten._unsafe_view.default, _aten.detach.default}
-
-
-def _reduces_to_split(cur: NdSbp, need: NdSbp) -> bool:
-    return any(c == P and isinstance(n, S) for c, n in zip(cur, need))
 
 
 def _is_tensor(node: fx.Node) -> bool:
@@ -524,7 +520,7 @@ class _Lowering:
                     if a in self.params and communicates(cur, need):
                         total = math.inf  # choose() keeps parameters where they are
                         break
-                    if not self.reduce_to_split and _reduces_to_split(cur, need):
+                    if not self.reduce_to_split and reduces_to_split(cur, need):
                         total = math.inf  # the policy forbids it here, as choose() will
                         break
                     total += 1e-9 + estimate_seconds(meta.shape, meta.dtype, self.mesh, cur, need)

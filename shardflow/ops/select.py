@@ -37,6 +37,11 @@ def candidates(call: OpCall, mesh: Mesh) -> list[list[Sig]]:
     return per_axis
 
 
+def reduces_to_split(cur: NdSbp, need: NdSbp) -> bool:
+    """Whether converting ``cur`` to ``need`` reduce-scatters partial sums into a split on some axis."""
+    return any(c == P and isinstance(n, S) for c, n in zip(cur, need))
+
+
 def communicates(cur: NdSbp, need: NdSbp) -> bool:
     """Whether converting ``cur`` to ``need`` sends anything: only ``B -> S``, ``B -> P`` and ``S -> P``
     are local (slice, mask, pad)."""
@@ -68,9 +73,7 @@ def choose(
         ins = tuple(tuple(sig.ins[i] for sig in combo) for i in range(len(call.tensors)))
         if any(ins[i] != tuple(current[i]) for i in fixed):
             continue
-        if not reduce_to_split and any(
-            c == P and isinstance(n, S) for cur, need in zip(current, ins) for c, n in zip(cur, need)
-        ):
+        if not reduce_to_split and any(reduces_to_split(cur, need) for cur, need in zip(current, ins)):
             continue
         if any(communicates(current[i], ins[i]) for i in pinned):
             continue

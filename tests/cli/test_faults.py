@@ -59,19 +59,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _train_cmd(run_dir: Path, *extra: str) -> list[str]:
+    """``shardflow train`` on the example config with the small test model, more flags appended."""
+    config = str(ROOT / "examples" / "gpt.toml")
+    return [sys.executable, "-m", "shardflow.cli.main", "train", config, *FLAGS, "--run_dir", str(run_dir), *extra]
+
+
 def _fault(tmp_path: Path, sig: signal.Signals, extra: tuple[str, ...] = ()) -> tuple[int, str, float, list[int], int]:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "shardflow.cli.main",
-            "train",
-            str(ROOT / "examples" / "gpt.toml"),
-            *FLAGS,
-            "--run_dir",
-            str(tmp_path / "run"),
-            *extra,
-        ],
+        _train_cmd(tmp_path / "run", *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -139,19 +135,7 @@ def test_a_worker_killed_while_saving_leaves_the_last_snapshot_loadable(tmp_path
     assert done, list(run.iterdir())
     assert any(p.name.endswith(".partial") for p in run.iterdir()), "the kill did not come during a save"
     resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shardflow.cli.main",
-            "train",
-            str(ROOT / "examples" / "gpt.toml"),
-            *FLAGS,
-            *bigger,
-            "--run_dir",
-            str(run),
-            "--steps",
-            str(done[-1][0] + 2),
-        ],
+        _train_cmd(run, *bigger, "--steps", str(done[-1][0] + 2)),
         capture_output=True,
         text=True,
         timeout=300,

@@ -37,6 +37,16 @@ def _model_and_batches(kind: str, batch: int):
     return model, data
 
 
+def reference_step(ref: torch.nn.Module, opt: torch.optim.Optimizer, x, y, clip: float = 0.5) -> float:  # type: ignore[no-untyped-def]
+    """One plain PyTorch step (forward, backward, global-norm clipping, update); its loss."""
+    loss = ref(x, y)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), clip, foreach=False)
+    opt.step()
+    return float(loss.item())
+
+
 def _run(kind: str, mesh_shape, names, strategy: str, batch: int) -> None:
     model, data = _model_and_batches(kind, batch)
     ref = copy.deepcopy(model)
@@ -52,14 +62,10 @@ def _run(kind: str, mesh_shape, names, strategy: str, batch: int) -> None:
     )
     in_mesh = torch.distributed.get_rank() in mesh
     for step, (x, y) in enumerate(data):
-        loss_ref = ref(x, y)
-        opt_ref.zero_grad()
-        loss_ref.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5, foreach=False)
-        opt_ref.step()
+        want = reference_step(ref, opt_ref, x, y)
         loss = pm.step(x, y)
         if in_mesh:
-            assert abs(loss - loss_ref.item()) <= 1e-5 + 1e-4 * abs(loss_ref.item()), (step, loss, loss_ref.item())
+            assert abs(loss - want) <= 1e-5 + 1e-4 * abs(want), (step, loss, want)
     got = pm.full_state_dict()
     if in_mesh:
         want = ref.state_dict()

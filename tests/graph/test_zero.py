@@ -15,7 +15,7 @@ import shardflow as sf
 from shardflow.models import MLP, MLPConfig
 from shardflow.testing import run_on_ranks
 from shardflow.testing.memory import measure_step_peak
-from tests.graph.test_compile import _model_and_batches
+from tests.graph.test_compile import _model_and_batches, reference_step
 
 
 def _adamw(ps):  # type: ignore[no-untyped-def]
@@ -36,13 +36,9 @@ def _equal_serial(kind: str, shape, names, strategy: str) -> list[str] | None:  
     dp = names.index("dp")
     assert all(sbp[dp] == sf.S(0) for n, sbp in pm.layouts.items() if ref.get_parameter(n).dim() > 0)
     for x, y in data:
-        want = ref(x, y)
-        opt.zero_grad()
-        want.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5, foreach=False)
-        opt.step()
+        want = reference_step(ref, opt, x, y)
         got = pm.step(x, y)
-        assert abs(got - want.item()) <= 1e-5 + 1e-4 * abs(want.item()), (got, want.item())
+        assert abs(got - want) <= 1e-5 + 1e-4 * abs(want), (got, want)
     state = pm.full_state_dict()
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -16,7 +16,8 @@ from shardflow.tensor import grad_sync
 from shardflow.testing import run_on_ranks
 
 
-def _run_eager() -> tuple[int, int]:
+def _setup():  # type: ignore[no-untyped-def]
+    """An MLP on 4 dp ranks whose every gradient is its own bucket, and a plain copy of it."""
     torch.manual_seed(0)
     model = MLP(MLPConfig(in_features=6, hidden_sizes=(16, 16, 16), num_classes=4))
     ref = copy.deepcopy(model)
@@ -24,7 +25,12 @@ def _run_eager() -> tuple[int, int]:
     mesh = sf.Mesh("cpu", (4,), names=("dp",))
     make = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
     pm = sf.compile(model, mesh, example_inputs=(x, y), strategy="dp", optimizer=make)
-    pm.bucket_bytes = 1  # every gradient is its own bucket
+    pm.bucket_bytes = 1
+    return model, ref, x, y, make, pm
+
+
+def _run_eager() -> tuple[int, int]:
+    model, ref, x, y, make, pm = _setup()
     pm.static = False
     events: list[str] = []
     launch, finish = grad_sync.GradSync._launch, grad_sync.GradSync.finish
@@ -67,14 +73,7 @@ class _Log(TorchDispatchMode):
 
 
 def _run_static() -> tuple[int, int, int]:
-    torch.manual_seed(0)
-    model = MLP(MLPConfig(in_features=6, hidden_sizes=(16, 16, 16), num_classes=4))
-    ref = copy.deepcopy(model)
-    x, y = torch.randn(6, 6), torch.randint(0, 4, (6,))
-    mesh = sf.Mesh("cpu", (4,), names=("dp",))
-    make = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
-    pm = sf.compile(model, mesh, example_inputs=(x, y), strategy="dp", optimizer=make)
-    pm.bucket_bytes = 1  # every gradient is its own bucket
+    model, ref, x, y, make, pm = _setup()
     events: list[str] = []
     launch, wait = lower._launch, lower._wait
 

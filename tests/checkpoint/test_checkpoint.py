@@ -90,6 +90,23 @@ def test_background_save_snapshots_the_state_at_the_call(tmp_path):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
 
 
+def _rng_roundtrip(directory: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _, pm = _compiled((2,), ("dp",), "dp")
+    torch.manual_seed(100 + torch.distributed.get_rank())  # every rank's generator in its own state
+    pm.save(directory)
+    want = torch.rand(4)  # what this rank draws next after the snapshot
+    torch.manual_seed(12345)
+    pm.load(directory)
+    return want, torch.rand(4)
+
+
+def test_snapshot_restores_every_ranks_random_state(tmp_path):
+    results = run_on_ranks(2, _rng_roundtrip, str(tmp_path / "ckpt"))
+    for want, got in results:
+        assert torch.equal(want, got)
+    assert not torch.equal(results[0][0], results[1][0])  # each rank got its own state back, not rank 0's
+
+
 def _damage_checks(directory: str) -> None:
     _, pm = _compiled((1,), ("dp",), "dp")
     pm.save(directory)

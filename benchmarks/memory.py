@@ -42,25 +42,14 @@ HEADER = [
 ]
 
 
-def _model(kind: str) -> tuple[Any, tuple[Any, ...]]:
-    from shardflow.models import GPT, MLP, GPTConfig, MLPConfig
-
-    torch.manual_seed(0)
-    if kind == "gpt":
-        x = torch.randint(0, 256, (8, 64))
-        return GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128)), (x, x)
-    model = MLP(MLPConfig(in_features=256, hidden_sizes=(1024, 1024), num_classes=16))
-    return model, (torch.randn(64, 256), torch.randint(0, 16, (64,)))
-
-
 def _rank_main(rank: int, k: int, port: int, repeats: int, q: Any) -> None:
     def work() -> list[dict[str, Any]]:
         import shardflow as sf
-        from shardflow.testing.memory import measure_step_peak
+        from shardflow.testing.memory import measure_step_peak, memory_case
 
         out = []
         for kind, strategy in CASES:
-            model, data = _model(kind)
+            model, data = memory_case(kind)
             started = time.perf_counter()
             pm = sf.compile(
                 model, sf.Mesh("cpu", (k,), names=(strategy,)), data, strategy=strategy, memory_limit="64GiB"

@@ -7,25 +7,14 @@ and free events of a step on top of the storages alive before it."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import shardflow as sf
-from shardflow.models import GPT, MLP, GPTConfig, MLPConfig
 from shardflow.testing import run_on_ranks
-from shardflow.testing.memory import measure_step_peak
-
-
-def _case(kind: str):  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    if kind == "gpt":
-        x = torch.randint(0, 256, (8, 64))
-        return GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128)), (x, x)
-    model = MLP(MLPConfig(in_features=256, hidden_sizes=(1024, 1024), num_classes=16))
-    return model, (torch.randn(64, 256), torch.randint(0, 16, (64,)))
+from shardflow.testing.memory import measure_step_peak, memory_case
 
 
 def _predict_and_measure(kind: str, strategy: str) -> tuple[int, int, str]:
-    model, data = _case(kind)
+    model, data = memory_case(kind)
     pm = sf.compile(model, sf.Mesh("cpu", (2,), names=(strategy,)), example_inputs=data, strategy=strategy)
     report = pm.memory()
     pm.step(*data)  # the optimizer's state exists from here on, as the prediction assumes
@@ -45,7 +34,7 @@ def test_predicted_peak_matches_measured(kind, strategy, tolerance):
 
 
 def _refused_then_fixed() -> tuple[str, int, int]:
-    model, data = _case("mlp")
+    model, data = memory_case("mlp")
     mesh = sf.Mesh("cpu", (2,), names=("dp",))
     limit = 20 * 2**20
     with pytest.raises(sf.MemoryPlanError) as err:

@@ -10,6 +10,7 @@ ORDER = [
     "ops",
     "tensor",
     "checkpoint",
+    "runtime",
     "graph",
     "models",
     "testing",

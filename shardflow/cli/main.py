@@ -57,6 +57,23 @@ def _train(args: argparse.Namespace) -> int:
     return launch(target, math.prod(cfg.mesh), [args.config, *args.overrides])
 
 
+def _trace(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shardflow.runtime import trace
+
+    try:
+        events = trace.read(args.trace)
+    except ValueError as e:
+        print(f"shardflow trace: {e}", file=sys.stderr)
+        return 2
+    png = args.output or str(Path(args.trace).with_suffix(".png"))
+    trace.render(events, png, title=Path(args.trace).name)
+    ranks = len({e.rank for e in events})
+    print(f"{png}: {len(events)} events on {ranks} rank(s), compute idle {trace.idle_fraction(events):.1%}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardflow",
@@ -131,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("config", help="a TOML file (examples/gpt.toml)")
         cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs overriding the config")
         cmd.set_defaults(func=_train)
+    show = sub.add_parser(
+        "trace",
+        help="draw a step's trace (pm.step(..., trace='trace.json')) as a PNG timeline",
+        description=(
+            "Render a Chrome/Perfetto trace written by pm.step(..., trace=PATH) as a PNG: one row per rank and "
+            "track, forwards blue and backwards orange with their micro-batch numbers. The JSON itself opens in "
+            "ui.perfetto.dev or chrome://tracing."
+        ),
+    )
+    show.add_argument("trace", help="the trace JSON file")
+    show.add_argument("-o", "--output", default=None, help="the PNG to write (default: the trace's name, .png)")
+    show.set_defaults(func=_trace)
     return parser
 
 

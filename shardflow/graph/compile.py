@@ -39,6 +39,7 @@ from shardflow.graph.memory import MemoryReport, fmt_bytes, optimizer_bytes, par
 from shardflow.graph.strategy import axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
+from shardflow.runtime.pipeline import Pipeline, PipelineModule
 from shardflow.tensor.api import distribute
 from shardflow.tensor.dispatch import implicit_broadcast
 from shardflow.tensor.global_tensor import GlobalTensor, box, wrap
@@ -377,14 +378,30 @@ def compile(
     input_sbp: Placement | Sequence[Any] | None = None,
     optimizer: OptimizerFactory | None = None,
     max_grad_norm: float | None = None,
-    pipeline: Any = None,
+    pipeline: Pipeline | None = None,
     zero: int = 0,
     memory_limit: int | str | None = None,
     recompute: bool | str | Sequence[str] = False,
-) -> ParallelModule:
-    """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see CONTRACT.md."""
-    if pipeline is not None or recompute:
-        raise NotImplementedError("pipeline and recompute are not implemented yet; compile without them")
+) -> Any:
+    """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see CONTRACT.md.
+
+    Returns a ``ParallelModule``, or with ``pipeline=sf.Pipeline(...)`` a ``PipelineModule`` (stages over
+    the pipeline axis, data parallel over the others).
+    """
+    if recompute:
+        raise NotImplementedError("recompute is not implemented yet; compile without it")
+    if pipeline is not None:
+        if not isinstance(pipeline, Pipeline):
+            raise TypeError(f"pipeline must be sf.Pipeline(...), got {type(pipeline).__name__}")
+        unsupported = {"strategy": strategy != "dp", "hints": bool(hints), "input_sbp": input_sbp is not None}
+        unsupported |= {"zero": zero != 0, "memory_limit": memory_limit is not None}
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise NotImplementedError(
+                f"with a pipeline, stages are data parallel over the other mesh axes; {', '.join(bad)} "
+                "cannot be combined with pipeline= yet: leave them at their defaults"
+            )
+        return PipelineModule(model, mesh, pipeline, example_inputs, optimizer or _default_optimizer, max_grad_norm)
     if zero not in (0, 3):
         raise NotImplementedError(f"zero={zero!r}: ZeRO stage 3 (zero=3) is implemented, stages 1 and 2 not yet")
     limit = parse_bytes(memory_limit) if memory_limit is not None else None

@@ -1,0 +1,420 @@
+"""Pipeline parallelism: each stage of a cut model on its own slice of the mesh, micro-batches flowing through.
+
+Decisions:
+- **Stages and wiring** come from ``stages.py`` (torch.export-based cut at module boundaries). A stage owns
+  the ranks with its coordinate on the pipeline axis; the other mesh axes are data parallel inside the
+  stage (gradients averaged over them), and each data-parallel replica is its own pipeline row: rank
+  ``(s, d)`` talks to ``(s-1, d)`` and ``(s+1, d)`` only.
+- **No coordinator.** Every rank runs its stage's action list from ``schedule.py`` (GPipe or 1F1B). Both
+  neighbours derive the same order, so point-to-point messages (gloo/NCCL ``isend``/``irecv``) match by
+  order and tag; the receive for the next action is posted before the current one computes, so transfers
+  overlap compute. Activation shapes are known before the first step (fake-tensor propagation of every
+  stage), so receives need no size handshake.
+- **Gradients.** The last stage scales each micro-batch's loss by ``1/m``; during the last backward of the
+  step, post-accumulate hooks launch each full gradient bucket's all-reduce over the stage's data-parallel
+  group at once (overlapped with the rest of that backward). Copies of a parameter held by several stages
+  (tied embeddings) get their gradients summed over those stages, so every copy takes the same update.
+- **The step's result** is the global-batch mean loss on every rank (one all-reduce over the mesh), and
+  clipping uses the global norm over all stages, as ``clip_grad_norm_`` on the serial model.
+BatchNorm is refused (per-micro-batch statistics are not the serial model's).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shardflow.comm.groups import group_for
+from shardflow.comm.init import collective_timeout, world
+from shardflow.placement.mesh import Mesh
+from shardflow.runtime import trace as tracing
+from shardflow.runtime.schedule import SCHEDULES, Action, bubble, in_flight, stage_order
+from shardflow.runtime.stages import Split, balanced_split_points, canonical_names, split_model
+from shardflow.tensor.global_tensor import GlobalTensor
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+Meta = list[tuple[torch.Size, torch.dtype]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pipeline:
+    """How to pipeline a model: over mesh ``axis``, cut before ``split_points`` (None: balanced by FLOPs)."""
+
+    axis: str = "pp"
+    """Mesh axis whose coordinate is the stage; the other axes are data parallel inside each stage."""
+    split_points: tuple[str, ...] | None = None
+    """Module names (``"transformer.h.2"``) each stage after the first starts with; one fewer than stages."""
+    micro_batches: int = 4
+    """Micro-batches per step; the global batch must divide into ``micro_batches x data-parallel ranks``."""
+    schedule: str = "1f1b"
+    """``"1f1b"`` (bounded activations) or ``"gpipe"`` (all forwards, then all backwards)."""
+
+    def __post_init__(self) -> None:
+        if self.split_points is not None:
+            if isinstance(self.split_points, str) or not all(isinstance(p, str) for p in self.split_points):
+                raise ValueError(f"Pipeline.split_points must be a list of module names, got {self.split_points!r}")
+            object.__setattr__(self, "split_points", tuple(self.split_points))
+        m = self.micro_batches
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise ValueError(f"Pipeline.micro_batches must be a positive int, got {m!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Pipeline.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
+@dataclass
+class _Buckets:
+    """Gradient buckets over one data-parallel group, launched as their last gradient arrives."""
+
+    params: list[nn.Parameter]
+    group: Any
+    size: int
+    bucket_bytes: int
+    of: dict[int, int] = field(default_factory=dict)
+    members: list[list[nn.Parameter]] = field(default_factory=list)
+    left: list[int] = field(default_factory=list)
+    flying: list[tuple[Any, torch.Tensor, list[nn.Parameter]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        nbytes = self.bucket_bytes
+        for p in reversed(self.params):  # backward produces gradients roughly in reverse order
+            if nbytes >= self.bucket_bytes:
+                self.members.append([])
+                nbytes = 0
+            self.of[id(p)] = len(self.members) - 1
+            self.members[-1].append(p)
+            nbytes += p.numel() * p.element_size()
+        self.reset()
+
+    def reset(self) -> None:
+        self.left = [len(b) for b in self.members]
+        self.flying = []
+
+    def ready(self, p: nn.Parameter) -> None:
+        b = self.of.get(id(p))
+        if b is None or self.size == 1:
+            return
+        self.left[b] -= 1
+        if self.left[b] == 0:
+            self._launch(b)
+
+    def _launch(self, b: int) -> None:
+        self.left[b] = -1
+        ps = self.members[b]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+        flat.div_(self.size)
+        self.flying.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, ps))
+
+    def finish(self) -> None:
+        if self.size == 1:
+            return
+        for b, left in enumerate(self.left):
+            if left > 0:  # parameters this step did not use: their gradient is zero
+                self._launch(b)
+        for work, flat, ps in self.flying:
+            work.wait()
+            offset = 0
+            for p in ps:
+                p.grad = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+        self.reset()
+
+
+class PipelineModule:
+    """A model cut into stages over a mesh axis; ``step(*inputs)`` trains one step on the global batch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mesh: Mesh,
+        pipeline: Pipeline,
+        example_inputs: Sequence[Any],
+        optimizer: OptimizerFactory,
+        max_grad_norm: float | None,
+    ) -> None:
+        self.mesh, self.pipeline, self.max_grad_norm = mesh, pipeline, max_grad_norm
+        pp = mesh.axis_index(pipeline.axis)
+        others = [a for a in range(mesh.ndim) if a != pp]
+        self.stages = mesh.shape[pp]
+        self.dp = math.prod(mesh.shape[a] for a in others)
+        self.example_shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in example_inputs]
+        self.state_meta = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+        self.canonical = canonical_names(model)  # tied parameters: every name -> the one stages use
+        rank = world()[0]
+        self.inside = rank in mesh
+        coord = mesh.coord_of(rank) if self.inside else mesh.coord_of(mesh.ranks[0])
+        self.stage = coord[pp]
+        self.row = mesh.axis_slice(pp, mesh.rank_at(coord))  # this replica's ranks, stage by stage
+        self.dp_ranks = mesh.slice_over(others, mesh.rank_at(coord)) if others else (mesh.rank_at(coord),)
+        self.dp_index = self.dp_ranks.index(mesh.rank_at(coord))
+        plain = [_plain(x) for x in example_inputs]
+        micro = self._micro_batches(plain)[0]
+        points = pipeline.split_points
+        if points is None:
+            points = tuple(balanced_split_points(model, micro, self.stages))
+        if len(points) != self.stages - 1:
+            raise ValueError(
+                f"{len(points)} split points {list(points)} make {len(points) + 1} stages, but mesh axis "
+                f"{pipeline.axis!r} has {self.stages} ranks: give {self.stages - 1} split points"
+            )
+        self.split: Split = split_model(model, micro, points)
+        self.meta = _boundaries(self.split, micro)
+        self.module = self.split.modules[self.stage]
+        self.named = self.split.names[self.stage]
+        self.params = list(self.named.values())
+        self.tied_groups = self._tied_groups()  # collective: every rank creates every group
+        self.order: list[Action] = stage_order(pipeline.schedule, self.stage, self.stages, pipeline.micro_batches)
+        self.optimizer = optimizer(self.params) if self.params else None  # a stage of activations only
+        self.bucket_bytes = 4 * 2**20
+        self.buckets = _Buckets(
+            [p for n, p in self.named.items() if n not in self.split.tied],
+            group_for(self.dp_ranks).group if self.dp > 1 else None,
+            self.dp,
+            self.bucket_bytes,
+        )
+        self._last_backward = False
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._grad_ready)
+        self.recorder = tracing.Recorder(rank)
+        self.events: list[tracing.Event] = []  # every rank's events of the last traced step
+        self.steps = 0
+
+    # -- set-up ----------------------------------------------------------------------------------------
+    def _micro_batches(self, inputs: Sequence[Any]) -> list[list[Any]]:
+        """This rank's shard of each micro-batch: the batch cut into ``m`` micro-batches, each cut over dp."""
+        m = self.pipeline.micro_batches
+        rows = {x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0}
+        if len(rows) != 1:
+            raise ValueError(f"pipeline inputs must share one batch dim (dim 0); got batch sizes {sorted(rows)}")
+        batch = rows.pop()
+        if batch % (m * self.dp):
+            raise ValueError(
+                f"a batch of {batch} rows does not split into {m} micro-batches x {self.dp} data-parallel ranks; "
+                f"use a batch that is a multiple of {m * self.dp} or change micro_batches"
+            )
+        out = []
+        for j in range(m):
+            shard = []
+            for x in inputs:
+                if isinstance(x, torch.Tensor) and x.dim() > 0:
+                    x = x.chunk(m)[j].chunk(self.dp)[self.dp_index]
+                shard.append(x)
+            out.append(shard)
+        return out
+
+    def _tied_groups(self) -> dict[str, Any]:
+        """For each parameter held by several stages, the group of those stages' ranks in this row."""
+        mine: dict[str, Any] = {}
+        pp = self.mesh.axis_index(self.pipeline.axis)
+        rows = self.mesh.all_axis_slices(pp)
+        made: dict[tuple[int, ...], Any] = {}
+        for name, stages in sorted(self.split.tied.items()):
+            for row in rows:
+                ranks = tuple(row[s] for s in stages)
+                if ranks not in made:
+                    made[ranks] = dist.new_group(list(ranks), timeout=collective_timeout())
+                if self.inside and world()[0] in ranks:
+                    mine[name] = made[ranks]
+        return mine
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        if self._last_backward:
+            self.buckets.ready(p)  # type: ignore[arg-type]
+
+    # -- a step ------------------------------------------------------------------------------------------
+    def step(self, *inputs: Any, trace: str | None = None) -> float:
+        """One training step on the global batch ``inputs``; with ``trace``, rank 0 writes its timeline there."""
+        if not self.inside:
+            return float("nan")
+        plain = [_plain(x) for x in inputs]
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in plain]
+        if shapes != self.example_shapes:
+            raise ValueError(
+                f"pipeline inputs of shapes {shapes}, but the stages were cut for {self.example_shapes}: "
+                "compile again with example inputs of the new shape"
+            )
+        micro = self._micro_batches(plain)
+        self.recorder.enabled = trace is not None
+        self.recorder.events = []
+        self.module.train()
+        for p in self.params:
+            p.grad = None
+        losses = self._run_schedule(micro)
+        with self.recorder.span("all-reduce", "all-reduce gradients"):
+            self.buckets.finish()
+            for name, group in self.tied_groups.items():
+                p = self.named[name]
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                if self.dp > 1:  # the data-parallel mean first (tied copies stay out of the buckets)
+                    p.grad.div_(self.dp)
+                    dist.all_reduce(p.grad, group=group_for(self.dp_ranks).group)
+                dist.all_reduce(p.grad, group=group)
+        with self.recorder.span("optimizer", "optimizer"):
+            if self.max_grad_norm is not None:
+                self._clip(self.max_grad_norm)
+            if self.optimizer is not None:
+                self.optimizer.step()
+        last = self.stage == self.stages - 1
+        total = torch.stack(losses).sum() / (self.pipeline.micro_batches * self.dp) if last else torch.zeros(())
+        if self.mesh.size > 1:
+            dist.all_reduce(total, group=group_for(self.mesh.ranks).group)
+        self.steps += 1
+        if trace is not None:
+            self._gather_trace(trace)
+        return float(total)
+
+    def _run_schedule(self, micro: list[list[Any]]) -> list[torch.Tensor]:
+        first, last = self.stage == 0, self.stage == self.stages - 1
+        scale = 1.0 / self.pipeline.micro_batches
+        posted: dict[Action, tuple[list[Any], list[torch.Tensor]]] = {}
+        saved: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        sends: list[Any] = []
+        losses: list[torch.Tensor] = []
+
+        def post(a: Action) -> None:
+            if a in posted:
+                return
+            if a.kind == "F" and not first:
+                bufs = [torch.empty(shape, dtype=dtype) for shape, dtype in self.meta[self.stage - 1]]
+                peer, tag = self.row[self.stage - 1], 0
+            elif a.kind == "B" and not last:
+                bufs = [torch.empty(s, dtype=d) for s, d in self.meta[self.stage] if d.is_floating_point]
+                peer, tag = self.row[self.stage + 1], 1
+            else:
+                posted[a] = ([], [])
+                return
+            posted[a] = ([dist.irecv(b, peer, tag=tag) for b in bufs], bufs)
+
+        for i, a in enumerate(self.order):
+            post(a)
+            if i + 1 < len(self.order):
+                post(self.order[i + 1])  # the next message travels while this action computes
+            works, bufs = posted.pop(a)
+            with self.recorder.span("recv", f"wait {a}"):
+                for w in works:
+                    w.wait()
+            j = a.micro_batch
+            if a.kind == "F":
+                received = [b.requires_grad_(True) if b.is_floating_point() else b for b in bufs]
+                args = [micro[j][k] if src == "input" else received[k] for src, k in self.split.wiring[self.stage]]
+                with self.recorder.span("compute", f"F{j}"):
+                    out = self.module(*args)
+                outs = list(out) if isinstance(out, (tuple, list)) else [out]
+                if last:
+                    losses.append(outs[0].detach())
+                else:
+                    sends += [dist.isend(o.detach().contiguous(), self.row[self.stage + 1], tag=0) for o in outs]
+                saved[j] = (received, outs)
+            else:
+                received, outs = saved.pop(j)
+                self._last_backward = j == self.order[-1].micro_batch
+                with self.recorder.span("compute", f"B{j}"):
+                    if last:
+                        (outs[0] * scale).backward()
+                    else:
+                        floats = [o for o in outs if o.is_floating_point()]
+                        pairs = [(o, g) for o, g in zip(floats, bufs) if o.requires_grad]
+                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                self._last_backward = False
+                if not first:
+                    grads = [
+                        t.grad if t.grad is not None else torch.zeros_like(t) for t in received if t.is_floating_point()
+                    ]
+                    sends += [dist.isend(g, self.row[self.stage - 1], tag=1) for g in grads]
+        with self.recorder.span("recv", "wait sends"):
+            for w in sends:
+                w.wait()
+        return losses
+
+    def _clip(self, max_norm: float) -> None:
+        """Global-norm clipping over every stage's gradients (a copy held by several stages counts once)."""
+        grads = [
+            p.grad
+            for n, p in self.named.items()
+            if p.grad is not None and min(self.split.tied.get(n, (self.stage,))) == self.stage
+        ]
+        norms = torch.stack(torch._foreach_norm(grads)).double() if grads else torch.zeros(1, dtype=torch.float64)
+        total = norms.square().sum()
+        if self.stages > 1:
+            dist.all_reduce(total, group=group_for(self.row).group)
+        coef = max_norm / (float(total.sqrt()) + 1e-6)
+        mine = [p.grad for p in self.params if p.grad is not None]
+        if coef < 1.0 and mine:
+            torch._foreach_mul_(mine, coef)
+
+    def _gather_trace(self, path: str) -> None:
+        events: list[Any] = [None] * self.mesh.size
+        dist.all_gather_object(events, self.recorder.events, group=group_for(self.mesh.ranks).group)
+        self.events = [e for rank_events in events for e in rank_events]
+        if world()[0] == self.mesh.ranks[0]:
+            tracing.write(self.events, path)
+
+    # -- reading it back -------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors named as in ``model.state_dict()``, equal on every rank of the mesh (collective)."""
+        if not self.inside:
+            return {}
+        mine = {**self.named, **dict(self.module.named_buffers())}
+        group = group_for(self.row).group if self.stages > 1 else None
+        out: dict[str, torch.Tensor] = {}
+        for name, (shape, dtype) in self.state_meta.items():
+            key = self.canonical.get(name, name)
+            owner = self._owner_stage(key)
+            value = mine[key].detach().clone() if owner == self.stage else torch.empty(shape, dtype=dtype)
+            if self.stages > 1:
+                dist.broadcast(value, src=self.row[owner], group=group)
+            out[name] = value
+        return out
+
+    def _owner_stage(self, key: str) -> int:
+        for s, module in enumerate(self.split.modules):
+            if key in self.split.names[s] or key in dict(module.named_buffers()):
+                return s
+        raise KeyError(f"{key!r} is in no stage")
+
+    def explain(self) -> str:
+        """Stages, their parameters, the schedule of each stage and the expected bubble, for people."""
+        p, m = self.stages, self.pipeline.micro_batches
+        lines = [
+            f"PipelineModule: {p} stage(s) over mesh axis {self.pipeline.axis!r} of {self.mesh}, "
+            f"{self.dp} data-parallel replica(s) per stage, {m} micro-batch(es), schedule {self.pipeline.schedule!r}",
+            f"split before: {self.split.split_points or '(one stage)'}; idle fraction with equal stages "
+            f"(p-1)/(m+p-1) = {bubble(p, m):.3f}",
+        ]
+        for s in range(p):
+            order = stage_order(self.pipeline.schedule, s, p, m)
+            n = sum(t.numel() for t in self.split.names[s].values())
+            lines.append(
+                f"  stage {s}: {len(self.split.names[s])} tensors, {n} parameters, "
+                f"{in_flight(order)} micro-batch(es) in flight: {' '.join(map(repr, order))}"
+            )
+        for name, stages in self.split.tied.items():
+            lines.append(f"  {name} is held by stages {list(stages)}; their gradients are summed")
+        return "\n".join(lines)
+
+
+def _plain(x: Any) -> Any:
+    """The full tensor of a GlobalTensor input (a pipeline re-cuts the batch itself), other inputs as given."""
+    return x.full() if isinstance(x, GlobalTensor) else x
+
+
+def _boundaries(split: Split, micro: Sequence[Any]) -> list[Meta]:
+    """Shape and dtype of every tensor each stage returns, by running all stages on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    metas: list[Meta] = []
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in micro]
+        prev: list[Any] = []
+        for s, module in enumerate(split.modules):
+            args = [inputs[k] if src == "input" else prev[k] for src, k in split.wiring[s]]
+            out = module(*args)
+            prev = list(out) if isinstance(out, (tuple, list)) else [out]
+            metas.append([(o.shape, o.dtype) for o in prev])
+    return metas

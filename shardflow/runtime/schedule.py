@@ -1,0 +1,97 @@
+"""Pipeline schedules: the order in which one stage runs forward (F) and backward (B) of each micro-batch.
+
+A schedule is a per-stage list, fixed before the step: with it every stage knows which message comes next,
+so sends and receives between neighbours match without a coordinator. Both schedules run micro-batches in
+order in each direction, so activations (stage s to s+1) and gradients (s+1 to s) arrive in the order they
+are sent. They differ in how many forwards a stage may run ahead of its backwards, which is the number of
+activation sets it keeps alive (its registers in the actor picture of DESIGN.md):
+
+| schedule | order on stage ``s`` of ``p`` with ``m`` micro-batches          | activation sets alive |
+|----------|------------------------------------------------------------------|-----------------------|
+| gpipe    | ``F0 .. F(m-1)``, then ``B0 .. B(m-1)``                           | ``m``                 |
+| 1f1b     | ``p-s-1`` forwards of warm-up, then one forward and one backward  | ``min(p - s, m)``     |
+|          | in turn, then the remaining backwards                            |                       |
+
+Both leave the same idle fraction when stages take equal time: ``(p - 1) / (m + p - 1)`` (``bubble``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["F", "B"]
+SCHEDULES = ("gpipe", "1f1b")
+
+
+@dataclass(frozen=True)
+class Action:
+    """Forward or backward of one micro-batch on one stage."""
+
+    kind: Kind
+    micro_batch: int
+
+    def __repr__(self) -> str:
+        return f"{self.kind}{self.micro_batch}"
+
+
+def stage_order(schedule: str, stage: int, stages: int, micro_batches: int) -> list[Action]:
+    """The actions of ``stage`` (0-based, of ``stages``) in the order it runs them."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {SCHEDULES}")
+    if not 0 <= stage < stages:
+        raise ValueError(f"stage {stage} out of range for {stages} stages")
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    m = micro_batches
+    if schedule == "gpipe":
+        return [Action("F", i) for i in range(m)] + [Action("B", i) for i in range(m)]
+    warmup = min(stages - stage - 1, m)
+    order = [Action("F", i) for i in range(warmup)]
+    for i in range(m - warmup):
+        order += [Action("F", warmup + i), Action("B", i)]
+    order += [Action("B", i) for i in range(m - warmup, m)]
+    return order
+
+
+def in_flight(order: list[Action]) -> int:
+    """The most micro-batches whose forward ran and whose backward did not yet (activation sets alive)."""
+    alive = peak = 0
+    for a in order:
+        alive += 1 if a.kind == "F" else -1
+        peak = max(peak, alive)
+    return peak
+
+
+def bubble(stages: int, micro_batches: int) -> float:
+    """Idle fraction of each stage under GPipe or 1F1B when every stage's forward and backward take equal time."""
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
+def simulate(schedule: str, stages: int, micro_batches: int, forward: float = 1.0, backward: float = 1.0) -> float:
+    """Idle fraction of each stage when every forward takes ``forward`` and every backward ``backward``.
+
+    Each stage runs its ``stage_order``; an action starts when the stage is free and its input exists (the
+    activation from the stage before, the gradient from the stage after); messages take no time. With
+    equal times this is ``bubble(stages, micro_batches)`` for both schedules (tests/runtime checks it).
+    """
+    orders = [stage_order(schedule, s, stages, micro_batches) for s in range(stages)]
+    finish: dict[tuple[int, Action], float] = {}
+    clock, pos = [0.0] * stages, [0] * stages
+    while any(pos[s] < len(orders[s]) for s in range(stages)):
+        progressed = False
+        for s in range(stages):
+            if pos[s] == len(orders[s]):
+                continue
+            a = orders[s][pos[s]]
+            dep = (s - 1, a) if a.kind == "F" and s > 0 else (s + 1, a) if a.kind == "B" and s < stages - 1 else None
+            if dep is not None and dep not in finish:
+                continue
+            start = max(clock[s], finish[dep] if dep is not None else 0.0)
+            clock[s] = finish[(s, a)] = start + (forward if a.kind == "F" else backward)
+            pos[s] += 1
+            progressed = True
+        if not progressed:
+            raise RuntimeError(f"schedule {schedule!r} deadlocks with {stages} stages, {micro_batches} micro-batches")
+    busy = micro_batches * (forward + backward)
+    return 1.0 - busy / max(clock)

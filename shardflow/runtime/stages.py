@@ -1,0 +1,197 @@
+"""Cut a model into pipeline stages at module boundaries, and find balanced cut points when none are given.
+
+The cut is torch.distributed.pipelining's front end (``pipeline(model, mb_args, split_spec)``): it traces the
+forward with ``torch.export`` and outlines each stage as a module that keeps the original submodules and
+parameter names, so stage parameters map back to ``model.state_dict()`` names. Its wiring (which user
+inputs and which outputs of the stage before feed each stage) is read from the split graph here. A
+parameter used by several stages (GPT's tied ``wte``/``lm_head``) arrives as one copy per stage; the
+runtime sums those copies' gradients (``Split.tied``), which torch's own runtime leaves to the user.
+
+Without cut points, the candidates are the children of the model's longest ``ModuleList``/``Sequential``
+(a transformer's blocks, an MLP's layers); each leaf module's FLOPs are counted analytically by torch's
+``FlopCounterMode`` on the example micro-batch, in execution order, and the cuts that minimise the
+largest stage's FLOPs are chosen (the cost model for equal-speed devices).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+Source = tuple[str, int]  # ("input", i): the step's i-th input; ("prev", j): output j of the stage before
+
+
+@dataclass
+class Split:
+    """A model cut into stages: ``modules[s]`` runs stage ``s`` on ``wiring[s]``."""
+
+    modules: list[nn.Module]
+    wiring: list[list[Source]]
+    outputs: list[int]  # number of tensors each stage returns (the last returns the loss)
+    names: list[dict[str, nn.Parameter]]  # each stage's parameters by their name in model.state_dict()
+    tied: dict[str, tuple[int, ...]]  # parameter name -> the stages holding a copy (when more than one)
+    split_points: list[str]
+
+
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every name of every parameter (tied ones have several) -> the name ``named_parameters()`` lists."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        first.setdefault(id(p), name)
+    return {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def split_model(model: nn.Module, micro_batch: Sequence[Any], split_points: Sequence[str]) -> Split:
+    """Cut a copy of ``model`` before each module named in ``split_points`` (``len + 1`` stages)."""
+    from torch.distributed.pipelining import SplitPoint, pipeline
+
+    known = dict(model.named_modules())
+    for point in split_points:
+        if point not in known or point == "":
+            raise ValueError(
+                f"split point {point!r} is not a submodule of {type(model).__name__}; "
+                f"name one of its modules, e.g. {[n for n in known if n][:6]}"
+            )
+    if len(set(split_points)) != len(split_points):
+        raise ValueError(f"split points must be distinct, got {list(split_points)}")
+    _refuse_batch_norm(model)
+    names = canonical_names(model)
+    work = copy.deepcopy(model)
+    if not split_points:
+        return Split([work], [[("input", i) for i in range(len(micro_batch))]], [1], [_params(work, names)], {}, [])
+    spec = {point: SplitPoint.BEGINNING for point in split_points}
+    try:
+        pipe = pipeline(work, mb_args=tuple(micro_batch), split_spec=spec)
+    except Exception as exc:  # export failures come from deep inside torch: say what to change
+        raise ValueError(
+            f"cannot cut {type(model).__name__} at {list(split_points)}: torch.export failed ({exc}). "
+            "Pick split points at module calls of forward (e.g. transformer blocks)"
+        ) from exc
+    if pipe.num_stages != len(split_points) + 1:
+        raise ValueError(
+            f"cutting at {list(split_points)} gave {pipe.num_stages} stages, not {len(split_points) + 1}: "
+            "give split points in execution order, each a module that forward calls once"
+        )
+    modules = [pipe.get_stage_module(s) for s in range(pipe.num_stages)]
+    wiring, outputs = _wiring(pipe.split_gm.graph, pipe.num_stages)
+    params = [_params(m, names) for m in modules]
+    holders: dict[str, list[int]] = {}
+    for s, ps in enumerate(params):
+        for name in ps:
+            holders.setdefault(name, []).append(s)
+    tied = {name: tuple(stages) for name, stages in holders.items() if len(stages) > 1}
+    return Split(modules, wiring, outputs, params, tied, list(split_points))
+
+
+def _refuse_batch_norm(model: nn.Module) -> None:
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} has BatchNorm: under a pipeline it would normalise each micro-batch "
+            "alone, which is not the serial model; use strategy='dp' without a pipeline"
+        )
+
+
+def _params(module: nn.Module, names: dict[str, str]) -> dict[str, nn.Parameter]:
+    out: dict[str, nn.Parameter] = {}
+    for name, p in module.named_parameters():
+        out.setdefault(names.get(name, name), p)
+    return out
+
+
+def _wiring(graph: fx.Graph, stages: int) -> tuple[list[list[Source]], list[int]]:
+    """Read each stage's inputs from the split graph: user inputs, or outputs of the stage just before."""
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    calls = [n for n in graph.nodes if n.op == "call_module"]
+    stage_of = {n: s for s, n in enumerate(calls)}
+    outputs = [1] * stages
+    wiring: list[list[Source]] = []
+    for s, call in enumerate(calls):
+        sources: list[Source] = []
+        for arg in call.args:
+            if not isinstance(arg, fx.Node):
+                raise ValueError(f"stage {s} takes a constant input {arg!r}; cut the model elsewhere")
+            if arg in inputs:
+                sources.append(("input", inputs.index(arg)))
+                continue
+            producer, index = arg, 0
+            if arg.op == "call_function" and arg.args and isinstance(arg.args[0], fx.Node):
+                producer, index = arg.args[0], int(arg.args[1])  # type: ignore[arg-type]  # getitem of a stage returning several tensors
+                outputs[stage_of[producer]] = max(outputs[stage_of[producer]], index + 1)
+            if stage_of.get(producer) != s - 1:
+                raise ValueError(
+                    f"stage {s} uses an output of stage {stage_of.get(producer)}, not of the stage just before: "
+                    "pick split points so that values cross one boundary at a time"
+                )
+            sources.append(("prev", index))
+        wiring.append(sources)
+    return wiring, outputs
+
+
+def balanced_split_points(model: nn.Module, micro_batch: Sequence[Any], stages: int) -> list[str]:
+    """Cut points before children of the longest ModuleList/Sequential that minimise the largest stage's FLOPs."""
+    _refuse_batch_norm(model)
+    if stages == 1:
+        return []
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))]
+    if not lists:
+        raise ValueError(
+            f"{type(model).__name__} has no ModuleList or Sequential to cut into {stages} stages; "
+            "pass Pipeline(split_points=[...]) naming the modules each stage starts with"
+        )
+    prefix, seq = max(lists, key=lambda item: len(item[1]))
+    children = [f"{prefix}.{n}" if prefix else n for n, _ in seq.named_children()]
+    if len(children) < stages:
+        raise ValueError(
+            f"{prefix or type(model).__name__} has {len(children)} children, too few for {stages} stages; "
+            "use fewer stages or pass split_points"
+        )
+    order = _leaf_flops(model, micro_batch)
+    # FLOPs executed before each candidate child starts, and in total
+    starts = []
+    for child in children:
+        before = next((i for i, (name, _) in enumerate(order) if name == child or name.startswith(child + ".")), None)
+        starts.append(sum(f for _, f in order[:before]) if before is not None else None)
+    total = sum(f for _, f in order)
+    best: tuple[float, tuple[int, ...]] | None = None
+    usable = [i for i in range(1, len(children)) if starts[i] is not None]
+    for cut in itertools.combinations(usable, stages - 1):
+        edges = [0.0, *(float(starts[i]) for i in cut), float(total)]  # type: ignore[arg-type]
+        worst = max(b - a for a, b in zip(edges[:-1], edges[1:]))
+        if best is None or worst < best[0]:
+            best = (worst, cut)
+    if best is None:
+        raise ValueError(f"found no cut of {prefix} into {stages} stages; pass split_points")
+    return [children[i] for i in best[1]]
+
+
+def _leaf_flops(model: nn.Module, micro_batch: Sequence[Any]) -> list[tuple[str, float]]:
+    """FLOPs of each leaf module call in execution order (a call with none, like an embedding, counts 1)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls: list[tuple[str, float]] = []
+    counter = FlopCounterMode(display=False)
+    handles = []
+    for name, module in model.named_modules():
+        if name and not any(True for _ in module.children()):
+
+            def pre(_m: nn.Module, _a: Any, name: str = name) -> None:
+                calls.append((name, -float(counter.get_total_flops())))
+
+            def post(_m: nn.Module, _a: Any, _o: Any) -> None:
+                name, start = calls[-1]
+                calls[-1] = (name, max(1.0, float(counter.get_total_flops()) + start))
+
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        with torch.no_grad(), counter:
+            model(*micro_batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls

@@ -1,0 +1,43 @@
+"""Pipeline schedules, single process: the order each stage runs, the activation sets it keeps alive, and
+the idle fraction a simulation of the orders gives against the formula (p - 1) / (m + p - 1)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardflow.runtime.schedule import bubble, in_flight, simulate, stage_order
+
+
+def test_orders_of_a_four_stage_pipeline():
+    assert " ".join(map(repr, stage_order("gpipe", 1, 4, 3))) == "F0 F1 F2 B0 B1 B2"
+    assert " ".join(map(repr, stage_order("1f1b", 0, 4, 6))) == "F0 F1 F2 F3 B0 F4 B1 F5 B2 B3 B4 B5"
+    assert " ".join(map(repr, stage_order("1f1b", 3, 4, 3))) == "F0 B0 F1 B1 F2 B2"
+    assert " ".join(map(repr, stage_order("1f1b", 0, 4, 2))) == "F0 F1 B0 B1"  # fewer micro-batches than stages
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("micro_batches", [1, 2, 4, 7])
+def test_every_micro_batch_once_and_idle_fraction_is_the_formula(schedule, stages, micro_batches):
+    for s in range(stages):
+        order = stage_order(schedule, s, stages, micro_batches)
+        assert sorted((a.kind, a.micro_batch) for a in order) == sorted(
+            (k, j) for k in "FB" for j in range(micro_batches)
+        )
+        assert all(order.index(type(a)("F", a.micro_batch)) < i for i, a in enumerate(order) if a.kind == "B")
+        want = micro_batches if schedule == "gpipe" else min(stages - s, micro_batches)
+        assert in_flight(order) == want
+    assert simulate(schedule, stages, micro_batches) == pytest.approx(bubble(stages, micro_batches))
+
+
+def test_backward_twice_as_long_keeps_the_formula():
+    assert simulate("1f1b", 4, 8, forward=1.0, backward=2.0) == pytest.approx(bubble(4, 8))
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="'zigzag'"):
+        stage_order("zigzag", 0, 2, 2)
+    with pytest.raises(ValueError, match="stage 2 out of range for 2 stages"):
+        stage_order("1f1b", 2, 2, 2)
+    with pytest.raises(ValueError, match="micro_batches must be >= 1, got 0"):
+        stage_order("gpipe", 0, 2, 0)

@@ -43,7 +43,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, spread  # noqa: E402
+from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, spread, timed_call  # noqa: E402
 
 COLS = 256  # the logical tensor is (rows, COLS) float32
 _PG_TIMEOUT = timedelta(seconds=120)
@@ -153,17 +153,6 @@ def _dtensor(route: Route, x: Any) -> tuple[Fn | None, str]:
     return call, ""
 
 
-def _time(fn: Fn) -> float:
-    """Seconds of one call, max over ranks; every rank starts after a barrier."""
-    dist.barrier()
-    t0 = time.perf_counter()
-    out = fn()
-    t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-    del out
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def _bench_route(route: Route, nbytes: int, k: int, warmup: int, repeats: int) -> dict[str, Any]:
     import shardflow as sf
 
@@ -199,7 +188,7 @@ def _bench_route(route: Route, nbytes: int, k: int, warmup: int, repeats: int) -
     for i in range(warmup + repeats):
         order = names[i % len(names) :] + names[: i % len(names)]  # rotate: no side always goes first
         for n in order:
-            t = _time(sides[n])
+            t = timed_call(sides[n])
             if i >= warmup:
                 times[n].append(t)
     med = {n: statistics.median(ts) * 1e3 for n, ts in times.items()}

@@ -44,21 +44,11 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, run_world  # noqa: E402
+from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, run_world, timed_call  # noqa: E402
 
 _PG_TIMEOUT = timedelta(seconds=300)
 COLS = 1024
 MIB = 1 << 20
-
-
-def _time(fn: Callable[[], Any]) -> float:
-    """Seconds of one call, max over ranks; every rank starts after a barrier."""
-    dist.barrier()
-    t0 = time.perf_counter()
-    fn()
-    t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 def _bench(size_mib: int, n: int, k: int, root: str, repeats: int) -> dict[str, Any]:
@@ -105,7 +95,7 @@ def _bench(size_mib: int, n: int, k: int, root: str, repeats: int) -> dict[str, 
         for group in (sides, loads):
             names = list(group) if i % 2 == 0 else list(group)[::-1]
             for name in names:
-                t = _time(group[name])
+                t = timed_call(group[name])
                 if i > 0:
                     times[name].append(t)
         if i == 0:  # the warm-up round checks that both sides give the saved values back

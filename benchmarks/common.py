@@ -6,6 +6,7 @@ import os
 import platform
 import socket
 import statistics
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,16 @@ def spread(ts: list[float]) -> float:
     """Interquartile range relative to the median: the noise of one side."""
     q = statistics.quantiles(ts, n=4)
     return (q[2] - q[0]) / statistics.median(ts)
+
+
+def timed_call(fn: Callable[[], Any]) -> float:
+    """Seconds of one call, max over ranks; every rank starts after a barrier."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def print_markdown(header: list[str], rows: list[list[str]]) -> None:

@@ -17,6 +17,7 @@ Both leave the same idle fraction when stages take equal time: ``(p - 1) / (m + 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,13 +69,22 @@ def bubble(stages: int, micro_batches: int) -> float:
     return (stages - 1) / (micro_batches + stages - 1)
 
 
-def simulate(schedule: str, stages: int, micro_batches: int, forward: float = 1.0, backward: float = 1.0) -> float:
-    """Idle fraction of each stage when every forward takes ``forward`` and every backward ``backward``.
+def simulate(
+    schedule: str,
+    stages: int,
+    micro_batches: int,
+    forward: float | Sequence[float] = 1.0,
+    backward: float | Sequence[float] = 1.0,
+) -> float:
+    """Mean idle fraction of the stages when a forward takes ``forward`` and a backward ``backward`` (one
+    time for all stages, or one per stage): the ideal for those times, with free messages and no overhead.
 
     Each stage runs its ``stage_order``; an action starts when the stage is free and its input exists (the
-    activation from the stage before, the gradient from the stage after); messages take no time. With
-    equal times this is ``bubble(stages, micro_batches)`` for both schedules (tests/runtime checks it).
+    activation from the stage before, the gradient from the stage after). With equal times this is
+    ``bubble(stages, micro_batches)`` for both schedules (tests/runtime checks it).
     """
+    fwd = [float(forward)] * stages if isinstance(forward, (int, float)) else [float(t) for t in forward]
+    bwd = [float(backward)] * stages if isinstance(backward, (int, float)) else [float(t) for t in backward]
     orders = [stage_order(schedule, s, stages, micro_batches) for s in range(stages)]
     finish: dict[tuple[int, Action], float] = {}
     clock, pos = [0.0] * stages, [0] * stages
@@ -88,10 +98,10 @@ def simulate(schedule: str, stages: int, micro_batches: int, forward: float = 1.
             if dep is not None and dep not in finish:
                 continue
             start = max(clock[s], finish[dep] if dep is not None else 0.0)
-            clock[s] = finish[(s, a)] = start + (forward if a.kind == "F" else backward)
+            clock[s] = finish[(s, a)] = start + (fwd[s] if a.kind == "F" else bwd[s])
             pos[s] += 1
             progressed = True
         if not progressed:
             raise RuntimeError(f"schedule {schedule!r} deadlocks with {stages} stages, {micro_batches} micro-batches")
-    busy = micro_batches * (forward + backward)
-    return 1.0 - busy / max(clock)
+    span = max(clock)
+    return sum(1.0 - micro_batches * (f + b) / span for f, b in zip(fwd, bwd)) / stages

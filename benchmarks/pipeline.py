@@ -1,0 +1,233 @@
+"""Pipeline benchmark: ``sf.compile(..., pipeline=sf.Pipeline(...)).step`` against torch.distributed.pipelining
+(``ScheduleGPipe`` / ``Schedule1F1B`` over ``PipelineStage``s of the same cut), and shardflow's bubble
+against the formula ``(p - 1) / (m + p - 1)``.
+
+The model is an MLP of equal layers (``--width`` wide, ``--layers`` Linear+ReLU pairs, then a classifier),
+so equal stages are a fair test of the bubble. Both sides cut it before the same layers, start from the
+same weights, use AdamW(lr=1e-3, foreach=False) and the same micro-batches; torch computes the loss with
+``loss_fn`` on the last stage, shardflow inside the last stage (the model's forward returns it). Before
+timing, the first step of both must give the same loss (rtol 1e-4). Steps are interleaved (A B, B A, ...);
+each timed step starts after a barrier and counts the slowest rank; the table gives medians. The bubble
+column is the mean idle fraction of the compute track of shardflow's traced steps (message waits count
+as idle), the median over ``--traced`` steps; beside it, the idle fraction an ideal runtime would have
+with the same measured forward and backward times per stage (``schedule.simulate``: no message costs, no
+overhead), and the formula for equal stages.
+
+    .venv/bin/python benchmarks/pipeline.py [--ranks 2,4] [--micro-batches 4,8] [--repeats 20] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.multiprocessing as tmp
+import torch.nn.functional as F
+from torch import nn
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from benchmarks.common import (  # noqa: E402
+    cores,
+    cpu_model,
+    free_port,
+    print_markdown,
+    rank_session,
+    run_world,
+    spread,
+    timed_call,
+)
+
+HEADER = [
+    "case",
+    "ranks",
+    "shardflow ms",
+    "torch.pipelining ms",
+    "torch/sf (>1: sf faster)",
+    "noise sf/torch",
+    "bubble measured",
+    "ideal for measured F/B",
+    "(p-1)/(m+p-1)",
+]
+
+
+class Body(nn.Module):
+    """Equal Linear+ReLU layers and a classifier: what torch's stages run (loss outside, in ``loss_fn``)."""
+
+    def __init__(self, width: int, layers: int, classes: int) -> None:
+        super().__init__()
+        mods: list[nn.Module] = []
+        for _ in range(layers):
+            mods += [nn.Linear(width, width), nn.ReLU()]
+        self.layers = nn.Sequential(*mods, nn.Linear(width, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class WithLoss(nn.Module):
+    """The same layers, returning the loss, as every model given to ``sf.compile`` does."""
+
+    def __init__(self, body: Body) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.body(x), y)
+
+
+def _adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, foreach=False)
+
+
+def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str, Any]:
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, SplitPoint, pipeline
+
+    import shardflow as sf
+    from shardflow.runtime.trace import idle_fraction
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    body = Body(args.width, args.layers, 16)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, args.width, generator=gen)
+    y = torch.randint(0, 16, (args.batch,), generator=gen)
+    per = args.layers // k  # equal stages: each starts with a Linear
+    points = [f"layers.{2 * per * s}" for s in range(1, k)]
+    # shardflow
+    pm = sf.compile(
+        WithLoss(copy.deepcopy(body)),
+        sf.Mesh("cpu", (k,), names=("pp",)),
+        example_inputs=(x, y),
+        optimizer=_adamw,
+        pipeline=sf.Pipeline(split_points=tuple(f"body.{p}" for p in points), micro_batches=m, schedule=schedule),
+    )
+    # torch.distributed.pipelining on the same cut
+    pipe = pipeline(copy.deepcopy(body), mb_args=(x.chunk(m)[0],), split_spec={p: SplitPoint.BEGINNING for p in points})
+    stage = PipelineStage(pipe.get_stage_module(rank), rank, k, torch.device("cpu"))
+    opt = _adamw(stage.submod.parameters())
+    kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+    sched = kinds[schedule](stage, n_microbatches=m, loss_fn=lambda out, tgt: F.cross_entropy(out, tgt))
+
+    def torch_step() -> float:
+        opt.zero_grad()
+        losses: list[torch.Tensor] = []
+        if rank == 0:
+            sched.step(x)
+        elif rank == k - 1:
+            sched.step(target=y, losses=losses)
+        else:
+            sched.step()
+        opt.step()
+        total = torch.stack(losses).detach().mean() if losses else torch.zeros(())
+        dist.all_reduce(total)  # the loss on every rank, as pm.step gives it
+        return float(total)
+
+    def sf_step() -> float:
+        return pm.step(x, y)
+
+    a, b = sf_step(), torch_step()
+    if abs(a - b) > 1e-4 * abs(b) + 1e-6:
+        raise SystemExit(f"{schedule} m={m} on {k} ranks: first losses differ: shardflow {a}, torch {b}")
+    for _ in range(args.warmup):
+        sf_step(), torch_step()
+    ts_sf, ts_torch = [], []
+    for i in range(args.repeats):
+        pair = [(ts_sf, sf_step), (ts_torch, torch_step)]
+        for times, fn in pair if i % 2 == 0 else pair[::-1]:
+            times.append(timed_call(fn))
+    idle, ideal = [], []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for i in range(args.traced):
+            pm.step(x, y, trace=args.save_trace if args.save_trace and i == 0 else os.path.join(tmpdir, f"{i}.json"))
+            idle.append(idle_fraction(pm.events))
+            ideal.append(_ideal(pm.events, schedule, k, m))
+    return {
+        "case": f"mlp-{schedule}-m{m}",
+        "k": k,
+        "sf": statistics.median(ts_sf),
+        "torch": statistics.median(ts_torch),
+        "noise": (spread(ts_sf), spread(ts_torch)),
+        "bubble": statistics.median(idle),
+        "ideal": statistics.median(ideal),
+        "theory": (k - 1) / (m + k - 1),
+    }
+
+
+def _ideal(events: list[Any], schedule: str, k: int, m: int) -> float:
+    """The idle fraction the schedule would have with these ranks' measured forward and backward times."""
+    from shardflow.runtime.schedule import simulate
+
+    def median_ms(rank: int, kind: str) -> float:
+        return statistics.median(
+            e.end_ns - e.start_ns for e in events if e.rank == rank and e.track == "compute" and e.name[0] == kind
+        )
+
+    return simulate(schedule, k, m, [median_ms(r, "F") for r in range(k)], [median_ms(r, "B") for r in range(k)])
+
+
+def _rank_main(rank: int, k: int, port: int, args: argparse.Namespace, q: Any) -> None:
+    def work() -> list[dict[str, Any]]:
+        return [_bench(k, s, m, args) for s in args.schedules for m in args.micro_batches]
+
+    rank_session(rank, k, port, timedelta(seconds=600), q, work)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", default="2", help="comma-separated stage counts (one rank per stage)")
+    p.add_argument("--micro-batches", default="4,8")
+    p.add_argument("--schedules", default="gpipe,1f1b")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8, help="Linear+ReLU pairs; a multiple of every stage count")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--traced", type=int, default=5)
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--save-trace", default=None, help="keep one traced step's trace here (last case wins)")
+    args = p.parse_args(argv)
+    args.micro_batches = [int(v) for v in args.micro_batches.split(",")]
+    args.schedules = args.schedules.split(",")
+    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+    print(f"machine: {cores()} cores ({cpu_model()}); torch {torch.__version__}, python {platform.python_version()}")
+    print(f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}", flush=True)
+    rows = []
+    for k in (int(v) for v in args.ranks.split(",")):
+        q = tmp.get_context("spawn").SimpleQueue()
+        for r in run_world(_rank_main, q, k, (k, free_port(), args, q)):
+            rows.append(
+                [
+                    r["case"],
+                    str(r["k"]),
+                    f"{r['sf'] * 1e3:.1f}",
+                    f"{r['torch'] * 1e3:.1f}",
+                    f"{r['torch'] / r['sf']:.2f}",
+                    f"{r['noise'][0]:.2f}/{r['noise'][1]:.2f}",
+                    f"{r['bubble']:.3f}",
+                    f"{r['ideal']:.3f}",
+                    f"{r['theory']:.3f}",
+                ]
+            )
+    if args.markdown:
+        print_markdown(HEADER, rows)
+    else:
+        for row in [HEADER, *rows]:
+            print("  ".join(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,7 @@ from shardflow.boxing import CostModel, Plan, plan_boxing
 from shardflow.comm import init
 from shardflow.graph import MemoryPlanError, MemoryReport, ParallelModule, compile
 from shardflow.placement import B, Mesh, P, S
-from shardflow.runtime import Pipeline, PipelineModule
+from shardflow.runtime import Loader, Pipeline, PipelineModule
 from shardflow.tensor import GlobalTensor, distribute, from_local
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "compile",
     "MemoryPlanError",
     "MemoryReport",
+    "Loader",
     "Pipeline",
     "PipelineModule",
     "B",

@@ -114,8 +114,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
         say(f"resumed from {cfg.resume} (step {pm.steps})")
     losses: list[float] = []
     tokens = cfg.batch_size * cfg.model.block_size
-    for step in range(pm.steps, cfg.steps):
-        x, y = _batch(corpus, cfg, step)
+    # batches are made by the loader's reader actor one step ahead of the step that uses them
+    made = (_batch(corpus, cfg, s) for s in range(pm.steps, cfg.steps))
+    for step, (x, y) in enumerate(sf.Loader(made), start=pm.steps):
         started = time.perf_counter()
         loss = pm.step(x, y)
         seconds = time.perf_counter() - started

@@ -16,7 +16,6 @@ reduce-scatter. Stages 1 and 2 (sharded optimizer state over replicated paramete
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import copy
 import dataclasses
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from shardflow.checkpoint.index import CheckpointError, read_index
+from shardflow.checkpoint.rng import restore_rng, rng_states
 from shardflow.checkpoint.store import AsyncSave
 from shardflow.checkpoint.store import load as load_checkpoint
 from shardflow.checkpoint.store import save as save_checkpoint
@@ -237,7 +237,7 @@ class ParallelModule:
         all_params = dict(self.module.named_parameters(remove_duplicate=False))
         aliases = {n: owner[id(all_params[n])] for n in tied if n in all_params}
         meta = {"step": self.steps, "param_groups": sd["param_groups"], "optim_scalars": scalars, "aliases": aliases}
-        meta["rng"] = _rng_states()
+        meta["rng"] = rng_states()
         return tensors, meta
 
     def save(self, directory: str, blocking: bool = True) -> None:
@@ -283,7 +283,7 @@ class ParallelModule:
             state.setdefault(int(i), {})[key] = torch.tensor(value)
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.steps = int(meta["step"])
-        _restore_rng(meta.get("rng"))
+        restore_rng(meta.get("rng"))
 
     def explain(self) -> str:
         """Parameter layouts and inputs, for people."""
@@ -300,24 +300,6 @@ class ParallelModule:
                 lines.append("first eager step (forward, backward, gradient sync, clipping, update):")
             lines.append(self.record.explain())
         return "\n".join(lines)
-
-
-def _rng_states() -> list[str]:
-    """Every rank's CPU random-number generator state (base64), gathered to every rank (collective)."""
-    mine = torch.get_rng_state()
-    if not torch.distributed.is_initialized() or world()[1] == 1:
-        return [base64.b64encode(mine.numpy().tobytes()).decode()]
-    every = torch.zeros(world()[1] * mine.numel(), dtype=torch.uint8)
-    torch.distributed.all_gather_into_tensor(every, mine)
-    return [base64.b64encode(row.numpy().tobytes()).decode() for row in every.view(world()[1], -1)]
-
-
-def _restore_rng(states: list[str] | None) -> None:
-    """Give this rank the generator state it had when saved, when the job has as many ranks as then (a
-    resharded job draws fresh streams: there is no rank to take them from)."""
-    if states and len(states) == world()[1]:
-        raw = base64.b64decode(states[world()[0]])
-        torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
 
 
 def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -30,13 +30,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardflow.checkpoint.index import CheckpointError, read_index
+from shardflow.checkpoint.rng import restore_rng, rng_states
+from shardflow.checkpoint.store import AsyncSave
+from shardflow.checkpoint.store import load as load_checkpoint
+from shardflow.checkpoint.store import save as save_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import collective_timeout, world
 from shardflow.placement.mesh import Mesh
+from shardflow.placement.sbp import B
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.schedule import SCHEDULES, Action, bubble, in_flight, stage_order
 from shardflow.runtime.stages import Split, balanced_split_points, canonical_names, split_model
-from shardflow.tensor.global_tensor import GlobalTensor
+from shardflow.tensor.global_tensor import GlobalTensor, wrap
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 Meta = list[tuple[torch.Size, torch.dtype]]
@@ -180,6 +186,18 @@ class PipelineModule:
         self._last_backward = False
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
+        # each stage's ranks as a mesh of their own (collective: every rank makes every one), for snapshots
+        self.stage_meshes = [
+            Mesh(
+                mesh.device_type,
+                tuple(mesh.shape[a] for a in others) or (1,),
+                names=tuple(mesh.names[a] for a in others) or ("replica",),
+                ranks=[r for r in mesh.ranks if mesh.coord_of(r)[pp] == s],
+            )
+            for s in range(self.stages)
+        ]
+        self.param_order = [n for n, _ in model.named_parameters()]  # the index of optimizer state in snapshots
+        self.saving: AsyncSave | None = None
         self.recorder = tracing.Recorder(rank)
         self.events: list[tracing.Event] = []  # every rank's events of the last traced step
         self.steps = 0
@@ -371,6 +389,117 @@ class PipelineModule:
                 dist.broadcast(value, src=self.row[owner], group=group)
             out[name] = value
         return out
+
+    # -- snapshots ---------------------------------------------------------------------------------------
+    # NOTE: the format is ParallelModule's (``model.<name>``, ``optim.<name>.<key>``, scalars by the index of
+    # the parameter in ``model.named_parameters()``), each tensor laid out ``B`` on the mesh of the stage
+    # that owns it, so a pipeline's snapshot loads into any plan of the same model and the other way round.
+    def _named_state(self) -> tuple[dict[str, GlobalTensor], dict[str, Any]]:
+        locals_: dict[str, torch.Tensor] = {
+            **{n: p.detach() for n, p in self.named.items()},
+            **{n: b for n, b in self.module.named_buffers()},
+        }
+        names = list(self.named)
+        sd = self.optimizer.state_dict() if self.optimizer is not None else {"state": {}, "param_groups": []}
+        mine: dict[str, dict[str, Any]] = {}  # optimizer state of the parameters this stage owns
+        for i, entries in sd["state"].items():
+            name = names[i]
+            if self._owner_stage(name) == self.stage:
+                mine[name] = {
+                    k: (list(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) and v.dim() > 0 else float(v)
+                    for k, v in entries.items()
+                }
+        every: list[Any] = [None] * self.mesh.size
+        dist.all_gather_object(every, (mine, sd["param_groups"]), group=group_for(self.mesh.ranks).group)
+        tensors: dict[str, GlobalTensor] = {}
+        keys = [(n, "model." + n) for n in [*self.param_order, *self._buffer_names()]]
+        for name, key in keys:
+            shape, dtype = self.state_meta[name]
+            tensors[key] = self._global(name, locals_.get(name), shape, dtype)
+        scalars: dict[str, float] = {}
+        by_name = {n: i for i, n in enumerate(self.param_order)}
+        state = {names[i]: entries for i, entries in sd["state"].items()}
+        for rank_state, _ in every:
+            for name, entries in rank_state.items():
+                for k, v in entries.items():
+                    if isinstance(v, float):
+                        scalars[f"{by_name[name]}.{k}"] = v
+                    else:
+                        local = state[name][k].detach() if name in state else None
+                        dtype = getattr(torch, v[1].replace("torch.", ""))
+                        tensors[f"optim.{name}.{k}"] = self._global(name, local, torch.Size(v[0]), dtype)
+        groups: list[dict[str, Any]] = next((g for _, g in every if g), [])
+        if len(groups) > 1:
+            raise ValueError("pipeline snapshots support optimizers with one parameter group")
+        groups = [{**g, "params": list(range(len(self.param_order)))} for g in groups]
+        aliases = {n: c for n, c in self.canonical.items() if n != c}
+        meta = {"step": self.steps, "param_groups": groups, "optim_scalars": scalars, "aliases": aliases}
+        meta["rng"] = rng_states()
+        return tensors, meta
+
+    def _buffer_names(self) -> list[str]:
+        params = set(self.canonical)
+        return [n for n in self.state_meta if n not in params]
+
+    def _global(self, name: str, local: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype) -> GlobalTensor:
+        """``name``'s tensor as a GlobalTensor laid out ``B`` on its owner stage's mesh (empty elsewhere)."""
+        m = self.stage_meshes[self._owner_stage(name)]
+        if local is None or self._owner_stage(name) != self.stage:
+            local = torch.empty(0, dtype=dtype)
+        return wrap(local, m, (B,) * m.ndim, shape)
+
+    def save(self, directory: str, blocking: bool = True) -> None:
+        """Snapshot parameters, buffers, optimizer state, the step and RNG states (collective; atomic);
+        ``blocking=False`` writes in the background (host copies taken at the call), like ParallelModule."""
+        self.wait_save()
+        tensors, meta = self._named_state()
+        if blocking:
+            save_checkpoint(directory, tensors, meta)
+        else:
+            self.saving = AsyncSave(directory, tensors, meta)
+
+    def wait_save(self) -> None:
+        """Wait for a background save to complete (and raise its error, if any)."""
+        saving, self.saving = self.saving, None
+        if saving is not None:
+            saving.wait()
+
+    def load(self, directory: str) -> None:
+        """Load a snapshot of this model saved by any plan (pipelined or not, any mesh) into the stages."""
+        self.wait_save()
+        index = read_index(directory)
+        stage_mesh = self.stage_meshes[self.stage]
+        replicated = (B,) * stage_mesh.ndim
+        targets: dict[str, GlobalTensor] = {}
+        for name, p in self.named.items():
+            targets["model." + name] = wrap(p.data, stage_mesh, replicated, p.shape)
+        for name, b in self.module.named_buffers():
+            targets["model." + name] = wrap(b, stage_mesh, replicated, b.shape)
+        names = list(self.named)
+        state: dict[int, dict[str, Any]] = {}
+        for full in index["tensors"]:
+            if full.startswith("optim."):
+                pname, key = full[len("optim.") :].rsplit(".", 1)
+                if pname in self.named:
+                    p = self.named[pname]
+                    local = torch.empty_like(p.data)
+                    targets[full] = wrap(local, stage_mesh, replicated, p.shape)
+                    state.setdefault(names.index(pname), {})[key] = local
+        meta = load_checkpoint(directory, targets if self.inside else {})
+        by_index = dict(enumerate(self.param_order))
+        for ik, value in meta["optim_scalars"].items():
+            i, key = ik.split(".", 1)
+            name = by_index[int(i)]
+            if name in self.named:
+                state.setdefault(names.index(name), {})[key] = torch.tensor(value)
+        if self.optimizer is not None:
+            groups = meta["param_groups"]
+            if len(groups) != 1:
+                raise CheckpointError(f"checkpoint {directory} has {len(groups)} parameter groups; pipelines take one")
+            group = {**groups[0], "params": list(range(len(self.params)))}
+            self.optimizer.load_state_dict({"state": state, "param_groups": [group]})
+        self.steps = int(meta["step"])
+        restore_rng(meta.get("rng"))
 
     def _owner_stage(self, key: str) -> int:
         for s, module in enumerate(self.split.modules):

@@ -22,7 +22,8 @@ BatchNorm is refused (per-micro-batch statistics are not the serial model's).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,7 +322,7 @@ class PipelineModule:
             if a.kind == "F":
                 received = [b.requires_grad_(True) if b.is_floating_point() else b for b in bufs]
                 args = [micro[j][k] if src == "input" else received[k] for src, k in self.split.wiring[self.stage]]
-                with self.recorder.span("compute", f"F{j}"):
+                with self.recorder.span("compute", f"F{j}"), self._naming(a):
                     out = self.module(*args)
                 outs = list(out) if isinstance(out, (tuple, list)) else [out]
                 if last:
@@ -332,7 +333,7 @@ class PipelineModule:
             else:
                 received, outs = saved.pop(j)
                 self._last_backward = j == self.order[-1].micro_batch
-                with self.recorder.span("compute", f"B{j}"):
+                with self.recorder.span("compute", f"B{j}"), self._naming(a):
                     if last:
                         (outs[0] * scale).backward()
                     else:
@@ -349,6 +350,18 @@ class PipelineModule:
             for w in sends:
                 w.wait()
         return losses
+
+    @contextmanager
+    def _naming(self, action: Action) -> Iterator[None]:
+        """Add the stage, rank and action to an error raised by the stage's model code."""
+        try:
+            yield
+        except Exception as exc:
+            what = "forward" if action.kind == "F" else "backward"
+            note = f"in pipeline stage {self.stage} on rank {world()[0]}, {what} of micro-batch {action.micro_batch}"
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(note)
+            raise
 
     def _clip(self, max_norm: float) -> None:
         """Global-norm clipping over every stage's gradients (a copy held by several stages counts once)."""

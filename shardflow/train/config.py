@@ -39,9 +39,13 @@ class TrainConfig:
     mesh: list[int] = field(default_factory=lambda: [2])
     """Mesh shape; the job has as many ranks as the product."""
     axes: list[str] = field(default_factory=lambda: ["dp"])
-    """Mesh axis names ("dp", "tp")."""
+    """Mesh axis names ("dp", "tp", "pp"); a "pp" axis pipelines the model (stages data parallel inside)."""
     strategy: str = "dp"
     zero: int = 0
+    micro_batches: int = 4
+    """Micro-batches per step when the mesh has a "pp" axis."""
+    schedule: str = "1f1b"
+    """Pipeline schedule when the mesh has a "pp" axis: "1f1b" or "gpipe"."""
     batch_size: int = 8
     """Sequences per step (the global batch)."""
     steps: int = 20
@@ -118,6 +122,11 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
     cfg = _fill(TrainConfig, table)
     if len(cfg.mesh) != len(cfg.axes):
         raise ValueError(f"mesh {cfg.mesh} and axes {cfg.axes} must have the same length")
+    if "pp" in cfg.axes and (cfg.strategy != "dp" or cfg.zero or "tp" in cfg.axes):
+        raise ValueError(
+            f"a 'pp' axis pipelines the model with data parallel stages: use strategy 'dp', zero 0 and no 'tp' "
+            f"axis (got strategy {cfg.strategy!r}, zero {cfg.zero}, axes {cfg.axes})"
+        )
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.snapshot_every < 1 or cfg.keep_last < 1:
         raise ValueError("steps, batch_size, snapshot_every and keep_last must be positive")
     return cfg

@@ -3,6 +3,7 @@ through, a failing rank named, and multi-host flags checked."""
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 JOB = Path(__file__).with_name("run_job.py")
@@ -25,6 +26,19 @@ def test_run_names_the_failing_rank(tmp_path):
     p = _shardflow("run", "-n", "2", str(JOB), str(tmp_path), "--fail")
     assert p.returncode != 0
     assert "rank 1 failed" in p.stderr and "rank 1 was told to fail" in p.stderr, p.stderr[-3000:]
+
+
+def test_a_pipeline_stage_that_raises_stops_every_rank(tmp_path):
+    """The last stage raises mid-schedule while the first waits for its gradients: the job ends, not hangs,
+    with the failing rank and the error named."""
+    started = time.monotonic()
+    p = _shardflow("run", "-n", "2", str(JOB.with_name("pipeline_job.py")))
+    assert p.returncode != 0
+    assert time.monotonic() - started < 60
+    assert "rank 1 failed" in p.stderr and "out of bounds" in p.stderr, p.stderr[-3000:]
+    if sys.version_info >= (3, 11):  # exception notes
+        assert "in pipeline stage 1 on rank 1, forward of micro-batch" in p.stderr, p.stderr[-3000:]
+    assert "rank 0 step 2" in p.stdout and "step 3" not in p.stdout, p.stdout
 
 
 def test_several_hosts_need_a_rendezvous_endpoint():

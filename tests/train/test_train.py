@@ -23,11 +23,19 @@ def _train(run_dir: str, steps: int, resume: str, extra: list[str]) -> list[floa
     return train(load_config(str(ROOT / "examples" / "gpt.toml"), flags), log=lambda _: None)
 
 
-def test_resume_is_bit_identical(tmp_path):
-    mesh = ["--mesh", "2", "--axes", "dp", "--strategy", "dp", "--snapshot_every", "5"]
-    whole = run_on_ranks(2, _train, str(tmp_path / "a"), 10, "never", mesh)[0]
-    first = run_on_ranks(2, _train, str(tmp_path / "b"), 5, "auto", mesh)[0]
-    rest = run_on_ranks(2, _train, str(tmp_path / "b"), 10, "auto", mesh)[0]
+@pytest.mark.parametrize(
+    "ranks, mesh",
+    [
+        (2, ["--mesh", "2", "--axes", "dp", "--strategy", "dp"]),
+        (4, ["--mesh", "2,2", "--axes", "pp,dp", "--strategy", "dp", "--model.n_layer", "2", "--micro_batches", "2"]),
+    ],
+    ids=["dp", "pipeline"],
+)
+def test_resume_is_bit_identical(tmp_path, ranks, mesh):
+    mesh = [*mesh, "--snapshot_every", "5"]
+    whole = run_on_ranks(ranks, _train, str(tmp_path / "a"), 10, "never", mesh)[0]
+    first = run_on_ranks(ranks, _train, str(tmp_path / "b"), 5, "auto", mesh)[0]
+    rest = run_on_ranks(ranks, _train, str(tmp_path / "b"), 10, "auto", mesh)[0]
     assert len(whole) == 10 and len(first) == 5 and len(rest) == 5  # the second run started at step 6
     assert first + rest == whole  # exactly, not approximately: same plan, same reduction order (CPU)
 
@@ -51,6 +59,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["--steps", "many"])
     with pytest.raises(ValueError, match="same length"):
         load_config(None, ["--mesh", "2,2"])
+    with pytest.raises(ValueError, match="a 'pp' axis pipelines the model with data parallel stages"):
+        load_config(str(ROOT / "examples" / "gpt.toml"), ["--axes", "pp,tp"])
     cfg = load_config(str(ROOT / "examples" / "gpt.toml"), ["--model.n_layer", "3", "--lr", "0.01"])
     assert cfg.model.n_layer == 3 and cfg.lr == 0.01 and cfg.mesh == [2, 2]
 

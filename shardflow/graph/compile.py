@@ -19,11 +19,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import fnmatch
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from shardflow.checkpoint.index import CheckpointError, read_index
@@ -40,6 +43,7 @@ from shardflow.graph.strategy import axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
 from shardflow.runtime.pipeline import Pipeline, PipelineModule
+from shardflow.runtime.stages import blocks
 from shardflow.tensor.api import distribute
 from shardflow.tensor.dispatch import implicit_broadcast
 from shardflow.tensor.global_tensor import GlobalTensor, box, wrap
@@ -96,6 +100,18 @@ class ParallelModule:
         self.saving: AsyncSave | None = None
         self.zero_axis: int | None = None  # ZeRO-3: the axis parameters are split on and gathered over
         self.programs: dict[Any, Program] = {}
+        self.recomputed: list[str] = []  # modules whose activations are recomputed in backward
+
+    def set_recompute(self, names: Sequence[str]) -> None:
+        """Recompute the activations of the modules ``names`` in backward instead of keeping them (activation
+        checkpointing): their forward runs again, inside the traced backward, so programs are lowered anew."""
+        for name in self.recomputed:
+            del self.module.get_submodule(name).forward  # back to the class's forward
+        for name in names:
+            module = self.module.get_submodule(name)
+            module.forward = functools.partial(_checkpointed, type(module).forward.__get__(module))  # type: ignore[method-assign]
+        self.recomputed = list(names)
+        self.programs.clear()
 
     def _owner(self, name: str) -> tuple[nn.Module, str]:
         """The submodule holding the parameter or buffer ``name``, and its attribute name there."""
@@ -370,13 +386,13 @@ def compile(
     Returns a ``ParallelModule``, or with ``pipeline=sf.Pipeline(...)`` a ``PipelineModule`` (stages over
     the pipeline axis, data parallel over the others).
     """
-    if recompute:
-        raise NotImplementedError("recompute is not implemented yet; compile without it")
+    if recompute == "auto" and memory_limit is None:
+        raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")
     if pipeline is not None:
         if not isinstance(pipeline, Pipeline):
             raise TypeError(f"pipeline must be sf.Pipeline(...), got {type(pipeline).__name__}")
         unsupported = {"strategy": strategy != "dp", "hints": bool(hints), "input_sbp": input_sbp is not None}
-        unsupported |= {"zero": zero != 0, "memory_limit": memory_limit is not None}
+        unsupported |= {"zero": zero != 0, "memory_limit": memory_limit is not None, "recompute": bool(recompute)}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(
@@ -409,9 +425,53 @@ def compile(
     pm = ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy)
     pm.zero_axis = dp if zero == 3 else None
     pm.example_inputs = tuple(example_inputs)
+    if recompute == "auto":
+        assert limit is not None
+        _fewest_recomputed(pm, limit)
+    elif recompute:
+        pm.set_recompute(_recompute_targets(model, recompute))
     if limit is not None:
         _check_fits(pm, limit, model, plain, hints, optimizer, max_grad_norm)
     return pm
+
+
+def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _recompute_targets(model: nn.Module, recompute: bool | str | Sequence[str]) -> list[str]:
+    """``True``: every block (children of the longest ModuleList/Sequential); or module-name globs."""
+    names = [n for n, _ in model.named_modules() if n]
+    if recompute is True:
+        targets = blocks(model)
+        if not targets:
+            raise ValueError(
+                f"recompute=True found no ModuleList or Sequential in {type(model).__name__}: name modules"
+            )
+        return targets
+    if isinstance(recompute, (str, bool)) or not all(isinstance(g, str) for g in recompute):
+        raise ValueError(f"recompute must be True, 'auto' or a list of module-name globs, got {recompute!r}")
+    globs = list(recompute)
+    targets = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+    if not targets:
+        raise ValueError(f"recompute globs {globs} match no module of {type(model).__name__} (e.g. {names[:4]})")
+    return targets
+
+
+def _fewest_recomputed(pm: ParallelModule, limit: int) -> None:
+    """Recompute the fewest leading blocks that make every rank's predicted peak fit ``limit`` (binary search
+    over how many; earlier blocks first, their activations live longest). All of them when nothing fits:
+    the check after names what else would help."""
+    every = blocks(pm.module)
+    lo, hi = 0, len(every)
+    while lo < hi:
+        k = (lo + hi) // 2
+        pm.set_recompute(every[:k])
+        if max(pm.memory().peaks or [0]) <= limit:
+            hi = k
+        else:
+            lo = k + 1
+    pm.set_recompute(every[:lo])
 
 
 class MemoryPlanError(ValueError):
@@ -441,6 +501,13 @@ def _check_fits(
             x[: batch // 2] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch else x for x in plain
         ]
         fixes.append((max(pm.memory(*half).peaks or [0]), f"a batch of {batch // 2} per step instead of {batch}"))
+    if len(pm.recomputed) < len(blocks(pm.module)):
+        chosen = list(pm.recomputed)
+        pm.set_recompute(blocks(pm.module))
+        fixes.append(
+            (max(pm.memory().peaks or [0]), "recompute=True (every block's activations recomputed in backward)")
+        )
+        pm.set_recompute(chosen)
     for strategy in ("dp", "tp", "hybrid"):
         if strategy == pm.strategy:
             continue

@@ -52,6 +52,19 @@ class Joint:
     grad_of: tuple[int, ...]  # the parameter index of each gradient output (unused parameters get none)
 
 
+class _Joint(nn.Module):
+    """``forward(inputs, names)``: the model's loss and its gradients with respect to the named parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: tuple[Any, ...], names: list[str]) -> list[torch.Tensor | None]:
+        loss = self.model(*inputs)
+        leaves: list[torch.Tensor] = [functools.reduce(getattr, n.split("."), self.model) for n in names]  # type: ignore[misc]
+        return [loss, *torch.autograd.grad(loss, leaves, allow_unused=True)]
+
+
 def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu") -> Joint:
     """Trace forward + backward of ``model(*inputs)`` (a scalar loss) with respect to its parameters.
 
@@ -65,9 +78,15 @@ def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu") -> 
 
     def step(ps: list[torch.Tensor], bs: list[torch.Tensor], xs: list[Any]) -> list[torch.Tensor]:
         leaves = [p.detach().requires_grad_(q.requires_grad) for p, q in zip(ps, named.values())]
-        loss = functional_call(model, {**dict(zip(names, leaves)), **dict(zip(bnames, bs))}, tuple(xs))
         wanted = [i for i, p in enumerate(leaves) if p.requires_grad]
-        grads = torch.autograd.grad(loss, [leaves[i] for i in wanted], allow_unused=True)
+        # NOTE: backward runs inside functional_call too: a block under activation checkpointing runs its
+        # forward again during backward, and must see the traced parameters then, not the module's own.
+        grads = functional_call(
+            _Joint(model),
+            {**{"model." + n: t for n, t in zip(names, leaves)}, **{"model." + n: b for n, b in zip(bnames, bs)}},
+            (tuple(xs), [names[i] for i in wanted]),
+        )
+        loss, grads = grads[0], grads[1:]
         grad_of[:] = [i for i, g in zip(wanted, grads) if g is not None]
         return [loss.detach(), *[g for g in grads if g is not None]]
 

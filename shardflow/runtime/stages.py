@@ -133,19 +133,28 @@ def _wiring(graph: fx.Graph, stages: int) -> tuple[list[list[Source]], list[int]
     return wiring, outputs
 
 
+def blocks(model: nn.Module) -> list[str]:
+    """Names of the children of the model's longest ModuleList/Sequential (a transformer's blocks, an MLP's
+    layers): where pipelines cut and what activation recompute wraps; empty when there is none."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))]
+    if not lists:
+        return []
+    prefix, seq = max(lists, key=lambda item: len(item[1]))
+    return [f"{prefix}.{n}" if prefix else n for n, _ in seq.named_children()]
+
+
 def balanced_split_points(model: nn.Module, micro_batch: Sequence[Any], stages: int) -> list[str]:
     """Cut points before children of the longest ModuleList/Sequential that minimise the largest stage's FLOPs."""
     _refuse_batch_norm(model)
     if stages == 1:
         return []
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))]
-    if not lists:
+    children = blocks(model)
+    if not children:
         raise ValueError(
             f"{type(model).__name__} has no ModuleList or Sequential to cut into {stages} stages; "
             "pass Pipeline(split_points=[...]) naming the modules each stage starts with"
         )
-    prefix, seq = max(lists, key=lambda item: len(item[1]))
-    children = [f"{prefix}.{n}" if prefix else n for n, _ in seq.named_children()]
+    prefix = children[0].rpartition(".")[0]
     if len(children) < stages:
         raise ValueError(
             f"{prefix or type(model).__name__} has {len(children)} children, too few for {stages} stages; "

@@ -42,6 +42,7 @@ from shardflow.graph.memory import MemoryReport, fmt_bytes, optimizer_bytes, par
 from shardflow.graph.strategy import axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
+from shardflow.placement.shard import relative, shard_box
 from shardflow.runtime.pipeline import Pipeline, PipelineModule
 from shardflow.runtime.stages import blocks
 from shardflow.tensor.api import distribute
@@ -69,6 +70,8 @@ class ParallelModule:
         optimizer: OptimizerFactory,
         max_grad_norm: float | None,
         strategy: str,
+        zero: int = 0,
+        dp_axis: int | None = None,
     ) -> None:
         self.mesh, self.strategy, self.max_grad_norm = mesh, strategy, max_grad_norm
         self.layouts, self.input_sbp = dict(layouts), tuple(input_sbp)
@@ -87,7 +90,27 @@ class ParallelModule:
         # optimizer state share one layout and updates are element-wise, so plain torch optimizers run on
         # plain local tensors that share storage with the GlobalTensors: no per-op dispatch in the update.
         self.params: list[GlobalTensor] = list(self.module.parameters())  # type: ignore[arg-type]
-        self.local_params = [nn.Parameter(p._local, requires_grad=p.requires_grad) for p in self.params]
+        # ZeRO-1/2: the optimizer owns one piece of each replicated parameter (a view of this rank's rows,
+        # split over the data-parallel axis); its gradient and state have that piece's layout, and the
+        # updated pieces are all-gathered after each step.
+        self.zero = zero
+        self.opt_sbps: list[NdSbp] = []  # layout of each optimizer parameter, its gradient and its state
+        self.slices: list[tuple[slice, ...] | None] = []  # where it lies in the parameter's local tensor
+        rank = world()[0]
+        for gp in self.params:
+            z = _zero_layout(gp, mesh, dp_axis) if zero in (1, 2) and dp_axis is not None else None
+            if z is None or rank not in mesh:
+                self.opt_sbps.append(grad_sbp(gp.sbp))
+                self.slices.append(None)
+                continue
+            coord = mesh.coord_of(rank)
+            held = shard_box(tuple(gp.shape), gp.sbp, mesh.shape, coord)
+            self.opt_sbps.append(z)
+            self.slices.append(relative(shard_box(tuple(gp.shape), z, mesh.shape, coord), held))
+        self.local_params = [
+            nn.Parameter(p._local[sl] if sl is not None else p._local, requires_grad=p.requires_grad)
+            for p, sl in zip(self.params, self.slices)
+        ]
         self.optimizer = optimizer(self.local_params)
         self.steps = 0
         self.bucket_bytes = 4 * 2**20  # gradient all-reduce buckets (DDP uses 25 MiB on GPUs)
@@ -156,7 +179,10 @@ class ParallelModule:
             sbps: list[NdSbp | None] = [p.sbp for p in self.params]
             sbps += [b.sbp for b in buffers if isinstance(b, GlobalTensor)]
             sbps += [x.sbp if isinstance(x, GlobalTensor) else None for x in inputs]
-            self.programs[key] = lower(joint, self.mesh, world()[0], sbps, self.bucket_bytes, self.zero_axis)
+            grads: list[NdSbp | None] = [
+                z if self.zero == 2 and sl is not None else None for z, sl in zip(self.opt_sbps, self.slices)
+            ]
+            self.programs[key] = lower(joint, self.mesh, world()[0], sbps, self.bucket_bytes, self.zero_axis, grads)
         return self.programs[key]
 
     def memory(self, *inputs: Any) -> MemoryReport:
@@ -199,12 +225,21 @@ class ParallelModule:
             loss, grads = (program.run if program.ran else program.checked)(args)  # first run checks shapes
         program.ran = True
         for i, g in zip(program.grad_of, grads):
-            self.local_params[i].grad = g
-        if self.max_grad_norm is not None:
-            clip_grad_norm(self.params, self.local_params, self.mesh, self.max_grad_norm)
-        self.optimizer.step()
-        self.steps += 1
+            sl = self.slices[i]
+            self.local_params[i].grad = g[sl] if sl is not None and self.zero == 1 else g
+        self._update()
         return float(loss.item())
+
+    def _update(self) -> None:
+        """Clip, step the optimizer on the local pieces and, under ZeRO-1/2, all-gather the updated pieces."""
+        if self.max_grad_norm is not None:
+            clip_grad_norm(self.opt_sbps, self.local_params, self.mesh, self.max_grad_norm)
+        self.optimizer.step()
+        for p, lp, z, sl in zip(self.params, self.local_params, self.opt_sbps, self.slices):
+            if sl is not None:
+                with torch.no_grad():
+                    p._local.copy_(box(wrap(lp.detach(), self.mesh, z, p.shape), self.mesh, p.sbp)._local)
+        self.steps += 1
 
     def _step(self, inputs: Sequence[Any]) -> float:
         with implicit_broadcast():
@@ -217,12 +252,10 @@ class ParallelModule:
         with implicit_broadcast(), bucketed(GradSync(self.bucket_bytes)) as sync:
             logical.backward()
             sync.finish()
-        for p, lp in zip(self.params, self.local_params):
-            lp.grad = p.grad._local if isinstance(p.grad, GlobalTensor) else None
-        if self.max_grad_norm is not None:
-            clip_grad_norm(self.params, self.local_params, self.mesh, self.max_grad_norm)
-        self.optimizer.step()
-        self.steps += 1
+        for p, lp, sl in zip(self.params, self.local_params, self.slices):
+            g = p.grad._local if isinstance(p.grad, GlobalTensor) else None
+            lp.grad = g[sl] if g is not None and sl is not None else g
+        self._update()
         return float(logical.item())
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -245,7 +278,7 @@ class ParallelModule:
         for i, (name, p) in enumerate(zip(names, self.params)):
             for key, value in sd["state"].get(i, {}).items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    tensors[f"optim.{name}.{key}"] = wrap(value, self.mesh, p.sbp, p.shape)
+                    tensors[f"optim.{name}.{key}"] = wrap(value, self.mesh, self.opt_sbps[i], p.shape)
                 else:
                     scalars[f"{i}.{key}"] = float(value)
         tied = set(self.module.state_dict()) - {n[len("model.") :] for n in tensors if n.startswith("model.")}
@@ -290,8 +323,8 @@ class ParallelModule:
             if pname not in params:
                 raise CheckpointError(f"checkpoint {directory} holds optimizer state of {pname!r}, not in this model")
             i, p = params[pname]
-            local = torch.empty_like(p._local)
-            targets[full] = wrap(local, self.mesh, p.sbp, p.shape)
+            local = torch.empty_like(self.local_params[i].detach())
+            targets[full] = wrap(local, self.mesh, self.opt_sbps[i], p.shape)
             state.setdefault(i, {})[key] = local
         meta = load_checkpoint(directory, targets)  # one pass: each shard file is verified and opened once
         for ik, value in meta["optim_scalars"].items():
@@ -326,19 +359,17 @@ def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def clip_grad_norm(
-    params: Sequence[GlobalTensor], local_params: Sequence[nn.Parameter], mesh: Mesh, max_norm: float
-) -> float:
+def clip_grad_norm(sbps: Sequence[NdSbp], local_params: Sequence[nn.Parameter], mesh: Mesh, max_norm: float) -> float:
     """``torch.nn.utils.clip_grad_norm_`` over the logical gradients, computed on shards.
 
     Each shard's squared norm (one ``_foreach_norm`` over all of them) is summed over the mesh axes on which
     some gradient is split; a shard held by several ranks of those axes (``B`` there) counts once. Axes on
     which every gradient is ``B`` need no communication: every rank already has the same sum there.
     """
-    pairs = [(p, lp.grad) for p, lp in zip(params, local_params) if lp.grad is not None]
+    pairs = [(sbp, lp.grad) for sbp, lp in zip(sbps, local_params) if lp.grad is not None]
     if not pairs:
         return 0.0
-    sbps = [grad_sbp(p.sbp) for p, _ in pairs]
+    sbps = [sbp for sbp, _ in pairs]
     axes = [a for a in range(mesh.ndim) if mesh.shape[a] > 1 and any(s[a] != B for s in sbps)]
     norms = torch.stack(torch._foreach_norm([g.detach() for _, g in pairs])).double()
     weights = torch.tensor([1.0 / math.prod(mesh.shape[a] for a in axes if s[a] == B) for s in sbps])
@@ -351,6 +382,18 @@ def clip_grad_norm(
     if coef < 1.0:
         torch._foreach_mul_([g for _, g in pairs], coef)
     return norm
+
+
+def _zero_layout(p: GlobalTensor, mesh: Mesh, dp: int) -> NdSbp | None:
+    """``p``'s layout with the data-parallel axis splitting its first dim of size > 1 that no other axis
+    splits (so the piece lies inside this rank's local tensor); None when it cannot be split there."""
+    if p.sbp[dp] != B or mesh.shape[dp] == 1:
+        return None
+    taken = {q.dim for q in p.sbp if isinstance(q, S)}
+    for d, n in enumerate(p.shape):
+        if n > 1 and d not in taken:
+            return p.sbp[:dp] + (S(d),) + p.sbp[dp + 1 :]
+    return None
 
 
 def _input_layouts(input_sbp: Any, mesh: Mesh, n: int) -> list[NdSbp]:
@@ -400,8 +443,8 @@ def compile(
                 "cannot be combined with pipeline= yet: leave them at their defaults"
             )
         return PipelineModule(model, mesh, pipeline, example_inputs, optimizer or _default_optimizer, max_grad_norm)
-    if zero not in (0, 3):
-        raise NotImplementedError(f"zero={zero!r}: ZeRO stage 3 (zero=3) is implemented, stages 1 and 2 not yet")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero={zero!r}: choose a ZeRO stage 0 (off), 1, 2 or 3")
     limit = parse_bytes(memory_limit) if memory_limit is not None else None
     dp, _ = axes_for(mesh, strategy)
     if zero and dp is None:
@@ -422,7 +465,7 @@ def compile(
         sbps = [tuple(default)] * len(example_inputs)
     else:
         sbps = _input_layouts(input_sbp, mesh, len(example_inputs))
-    pm = ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy)
+    pm = ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy, zero, dp)
     pm.zero_axis = dp if zero == 3 else None
     pm.example_inputs = tuple(example_inputs)
     if recompute == "auto":

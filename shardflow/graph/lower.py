@@ -210,8 +210,10 @@ class _Lowering:
         bucket_bytes: int,
         reduce_to_split: bool,
         zero_axis: int | None = None,
+        grad_sbps: Sequence[NdSbp | None] = (),
     ):
         self.joint, self.mesh, self.rank, self.bucket_bytes = joint, mesh, rank, bucket_bytes
+        self.grad_sbps = list(grad_sbps)  # per parameter: its gradient's layout when not its own (ZeRO-2)
         self.reduce_to_split, self.zero_axis = reduce_to_split, zero_axis
         self.sharded: set[fx.Node] = set()  # ZeRO-3 parameters and their views
         self.coord = mesh.coord_of(rank)
@@ -334,7 +336,7 @@ class _Lowering:
         Replicated gradients add no demand: their all-reduce runs in a bucket, overlapped."""
         want: dict[fx.Node, tuple[Placement | None, ...]] = {}
         for node, k in self.grad_nodes.items():
-            sbp = grad_sbp(self.sbps[self.joint.grad_of[k]])  # type: ignore[arg-type]
+            sbp = self.grad_target(self.joint.grad_of[k])
             if any(isinstance(p, S) for p in sbp):
                 want[node] = tuple(p if isinstance(p, S) else None for p in sbp)
         for node in reversed(graph.nodes):
@@ -616,11 +618,17 @@ class _Lowering:
             self.info[node] = values
 
     # -- gradients ----------------------------------------------------------------------------------------
+    def grad_target(self, param: int) -> NdSbp:
+        """The layout parameter ``param``'s gradient is returned in: its own with P as B, unless overridden."""
+        if param < len(self.grad_sbps) and self.grad_sbps[param] is not None:
+            return self.grad_sbps[param]  # type: ignore[return-value]
+        return grad_sbp(self.sbps[param])  # type: ignore[arg-type]
+
     def gradient_ready(self, node: fx.Node) -> None:
         k = self.grad_nodes[node]
         param = self.joint.grad_of[k]
         value: _Value = self.info[node]
-        want = grad_sbp(self.sbps[param])  # type: ignore[arg-type]
+        want = self.grad_target(param)
         if value.sbp == want:
             self.grad_vars[k] = self.var[node]
             return
@@ -754,6 +762,7 @@ def lower(
     sbps: Sequence[NdSbp | None],
     bucket_bytes: int = 4 * 2**20,
     zero_axis: int | None = None,
+    grad_sbps: Sequence[NdSbp | None] = (),
 ) -> Program:
     """This rank's program for ``joint`` with one layout per placeholder (params, buffers, inputs).
 
@@ -762,7 +771,10 @@ def lower(
     reduced gradients of replicated parameters in backward. So the pass runs under two policies (partial
     sums may be reduce-scattered into splits, or only reduced to ``B``) and the program whose
     communication the cost model prices lower wins (ties: the first). Every rank makes the same choice:
-    costs come from layouts and shapes only.
+    costs come from layouts and shapes only. ``grad_sbps`` (per parameter, None: the default) asks for
+    gradients in another layout than their parameter's (ZeRO-2: split on the data-parallel axis).
     """
-    programs = [_Lowering(joint, mesh, rank, sbps, bucket_bytes, policy, zero_axis).run() for policy in (True, False)]
+    programs = [
+        _Lowering(joint, mesh, rank, sbps, bucket_bytes, policy, zero_axis, grad_sbps).run() for policy in (True, False)
+    ]
     return min(programs, key=lambda p: p.cost)

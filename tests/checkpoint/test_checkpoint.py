@@ -25,18 +25,18 @@ def _batches():
     return [(x, torch.roll(x, -1, 1)) for x in xs]
 
 
-def _compiled(shape, names, strategy):
+def _compiled(shape, names, strategy, zero=0):
     torch.manual_seed(0)
     model = GPT(CFG)
     mesh = sf.Mesh("cpu", shape, names=names)
     make = lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-6, foreach=False)  # noqa: E731
     return model, sf.compile(
-        model, mesh, example_inputs=_batches()[0], strategy=strategy, optimizer=make, max_grad_norm=1.0
+        model, mesh, example_inputs=_batches()[0], strategy=strategy, optimizer=make, max_grad_norm=1.0, zero=zero
     )
 
 
 def _save_run(directory: str) -> list[float]:
-    _, pm = _compiled((2, 2), ("dp", "tp"), "hybrid")
+    _, pm = _compiled((2, 2), ("dp", "tp"), "hybrid", zero=2)  # optimizer state split over dp and tp
     data = _batches()
     for x, y in data[:2]:
         pm.step(x, y)

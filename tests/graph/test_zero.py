@@ -14,7 +14,7 @@ import torch
 import shardflow as sf
 from shardflow.models import MLP, MLPConfig
 from shardflow.testing import run_on_ranks
-from shardflow.testing.memory import measure_step_peak
+from shardflow.testing.memory import alive_before_step
 from tests.graph.test_compile import _model_and_batches, reference_step
 
 
@@ -22,19 +22,27 @@ def _adamw(ps):  # type: ignore[no-untyped-def]
     return torch.optim.AdamW(ps, lr=1e-2, eps=1e-6, foreach=False)
 
 
-def _equal_serial(kind: str, shape, names, strategy: str) -> list[str] | None:  # type: ignore[no-untyped-def]
+def _equal_serial(kind: str, shape, names, strategy: str, zero: int = 3) -> list[str] | None:  # type: ignore[no-untyped-def]
     model, data = _model_and_batches(kind, 6)
     ref = copy.deepcopy(model)
     opt = _adamw(ref.parameters())
     mesh = sf.Mesh("cpu", shape, names=names)
-    pm = sf.compile(model, mesh, example_inputs=data[0], strategy=strategy, zero=3, optimizer=_adamw, max_grad_norm=0.5)
+    pm = sf.compile(
+        model, mesh, example_inputs=data[0], strategy=strategy, zero=zero, optimizer=_adamw, max_grad_norm=0.5
+    )
     if torch.distributed.get_rank() not in mesh:  # the 4-rank pool runs 2-rank meshes too
         for x, y in data:
             pm.step(x, y)
         pm.full_state_dict()
         return None
     dp = names.index("dp")
-    assert all(sbp[dp] == sf.S(0) for n, sbp in pm.layouts.items() if ref.get_parameter(n).dim() > 0)
+    if zero == 3:
+        assert all(sbp[dp] == sf.S(0) for n, sbp in pm.layouts.items() if ref.get_parameter(n).dim() > 0)
+    else:  # parameters stay replicated on dp; the optimizer's pieces (state, gradients) are split there
+        assert all(sbp[dp] == sf.B for sbp in pm.layouts.values())
+        # every parameter but those whose every dim of size > 1 is split by tp already (column-parallel biases)
+        split = [isinstance(sbp[dp], sf.S) for sbp in pm.opt_sbps]
+        assert sum(split) >= len(split) * 2 // 3, pm.opt_sbps
     for x, y in data:
         want = reference_step(ref, opt, x, y)
         got = pm.step(x, y)
@@ -62,24 +70,62 @@ def test_zero3_equals_plain_torch(kind, shape, names, strategy):
         assert wheres.count("ZeRO-3 gather") > 0  # the plan gathers parameters itself, before use
 
 
-def _memory(k: int) -> tuple[int, int, int]:
+@pytest.mark.parametrize(
+    "kind, shape, names, strategy, zero",
+    [
+        ("mlp", (2,), ("dp",), "dp", 1),
+        ("gpt", (4,), ("dp",), "dp", 2),
+        ("gpt", (2, 2), ("dp", "tp"), "hybrid", 2),
+    ],
+)
+def test_zero1_and_zero2_equal_plain_torch(kind, shape, names, strategy, zero):
+    results = [
+        w for w in run_on_ranks(4, _equal_serial, kind, shape, names, strategy, zero, timeout=300) if w is not None
+    ]
+    assert len(results) == math.prod(shape)
+    for wheres in results:
+        assert "ZeRO-3 gather" not in wheres
+        if zero == 2:  # gradients leave backward reduce-scattered into the optimizer's pieces
+            assert "gradient" in wheres
+
+
+def _memory(k: int, zero: int = 3) -> tuple[int, int, int]:
     torch.manual_seed(0)
     model = MLP(MLPConfig(in_features=256, hidden_sizes=(1024, 1024), num_classes=16))
     data = (torch.randn(64, 256), torch.randint(0, 16, (64,)))
     mesh = sf.Mesh("cpu", (k,), names=("dp",))
-    pm = sf.compile(model, mesh, example_inputs=data, zero=3)
+    pm = sf.compile(model, mesh, example_inputs=data, zero=zero)
     report = pm.memory()
     persistent = report.persistent["parameters"] + report.persistent["optimizer state"]
     pm.step(*data)
-    measured, _ = measure_step_peak(pm, *data)
-    return persistent, sum(p.numel() for p in model.parameters()), measured
+    # what the rank holds between steps, counted from the tensors themselves (storages, not the planner)
+    held = alive_before_step(pm)
+    psi = sum(p.numel() for p in model.parameters())
+    if zero < 3:
+        return report.persistent["optimizer state"], report.program.gradients, psi, held  # type: ignore[return-value]
+    return persistent, psi, held
 
 
 def test_zero3_memory_follows_the_formula():
-    two = run_on_ranks(2, _memory, 2)
-    four = run_on_ranks(4, _memory, 4)
-    for k, results in ((2, two), (4, four)):
-        for persistent, psi, _ in results:
-            # 12 bytes per parameter over k ranks; uneven splits of small tensors round a little
+    """Predicted parameters + optimizer state: 12 bytes per parameter / N; measured between steps
+    (parameters, gradients, optimizer state): 16 / N. Uneven splits of small tensors round a little.
+    NOTE: the profiler's peak of a ZeRO-3 step varies by up to +-25% from run to run on this machine
+    (cause not found yet), so the peak is not what this test compares."""
+    for k in (2, 4):
+        for persistent, psi, held in run_on_ranks(k, _memory, k):
             assert abs(persistent - 12 * psi / k) <= 0.02 * 12 * psi / k, (k, persistent, psi)
-    assert max(m for *_, m in four) < max(m for *_, m in two)  # measured peaks fall with more ranks
+            assert abs(held - 16 * psi / k) <= 0.02 * 16 * psi / k, (k, held, psi)
+
+
+def test_zero1_and_zero2_memory_follow_the_formulas():
+    """fp32 AdamW: optimizer state 8 bytes per parameter / N under both; gradients 4 bytes per parameter
+    under ZeRO-1 (all-reduced whole) and 4 / N under ZeRO-2 (reduce-scattered); predicted, and measured
+    between steps (4 + 4 + 8 / N and 4 + 12 / N bytes per parameter with the parameters)."""
+    for zero in (1, 2):
+        for k in (2, 4):
+            for state, grads, psi, held in run_on_ranks(k, _memory, k, zero):
+                assert abs(state - 8 * psi / k) <= 0.02 * 8 * psi / k, (zero, k, state, psi)
+                want = 4 * psi / (k if zero == 2 else 1)
+                assert abs(grads - want) <= 0.02 * want, (zero, k, grads, psi)
+                total = 4 * psi + want + 8 * psi / k
+                assert abs(held - total) <= 0.02 * total, (zero, k, held, total)

@@ -2,8 +2,9 @@
 (``shardflow.testing.memory.measure_step_peak``: allocation and free events of a real step on top of the
 storages alive before it), and how long the verdict of ``memory_limit`` takes (lowering included).
 
-Cases: the GPT and the MLP of benchmarks/train.py, on 2 ranks, as dp and tp. Each measurement is repeated
-``--repeats`` times (median and range reported). ZeRO against FSDP2 comes with ZeRO.
+Cases: the GPT and the MLP of benchmarks/train.py, on 2 ranks, as dp and tp, and the GPT under dp with
+every block recomputed in backward. Each measurement is repeated ``--repeats`` times (median and range
+reported). ZeRO against FSDP2: benchmarks/zero.py.
 
     .venv/bin/python benchmarks/memory.py [--repeats 3] [--markdown]
 """
@@ -30,7 +31,7 @@ if _REPO_ROOT not in sys.path:
 
 from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, run_world  # noqa: E402
 
-CASES = [("mlp", "dp"), ("mlp", "tp"), ("gpt", "dp"), ("gpt", "tp")]
+CASES = [("mlp", "dp", False), ("mlp", "tp", False), ("gpt", "dp", False), ("gpt", "tp", False), ("gpt", "dp", True)]
 HEADER = [
     "case",
     "ranks",
@@ -48,18 +49,29 @@ def _rank_main(rank: int, k: int, port: int, repeats: int, q: Any) -> None:
         from shardflow.testing.memory import measure_step_peak, memory_case
 
         out = []
-        for kind, strategy in CASES:
+        for kind, strategy, recompute in CASES:
             model, data = memory_case(kind)
             started = time.perf_counter()
             pm = sf.compile(
-                model, sf.Mesh("cpu", (k,), names=(strategy,)), data, strategy=strategy, memory_limit="64GiB"
+                model,
+                sf.Mesh("cpu", (k,), names=(strategy,)),
+                data,
+                strategy=strategy,
+                memory_limit="64GiB",
+                recompute=recompute,
             )
             verdict = time.perf_counter() - started  # capture, layouts, lowering, prediction, the check
             predicted = pm.memory().peak
             pm.step(*data)
             measured = [measure_step_peak(pm, *data)[0] for _ in range(repeats)]
             out.append(
-                {"case": f"{kind}-{strategy}", "k": k, "predicted": predicted, "measured": measured, "verdict": verdict}
+                {
+                    "case": f"{kind}-{strategy}{'-recompute' if recompute else ''}",
+                    "k": k,
+                    "predicted": predicted,
+                    "measured": measured,
+                    "verdict": verdict,
+                }
             )
         return out
 

@@ -1,6 +1,6 @@
 """The compiler: capture a model, choose parameter layouts by strategy, run steps equal to serial."""
 
 from shardflow.graph.compile import MemoryPlanError, ParallelModule, compile
-from shardflow.graph.memory import MemoryReport
+from shardflow.runtime.memory import MemoryReport
 
 __all__ = ["MemoryPlanError", "MemoryReport", "ParallelModule", "compile"]

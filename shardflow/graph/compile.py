@@ -37,12 +37,12 @@ from shardflow.checkpoint.store import save as save_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
 from shardflow.graph.capture import capture
-from shardflow.graph.lower import Program, ProgramMemory, lower, trace_step
-from shardflow.graph.memory import MemoryReport, fmt_bytes, optimizer_bytes, parse_bytes
+from shardflow.graph.lower import Program, lower, trace_step
 from shardflow.graph.strategy import axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
 from shardflow.placement.shard import relative, shard_box
+from shardflow.runtime.memory import MemoryReport, ProgramMemory, fmt_bytes, optimizer_bytes, parse_bytes
 from shardflow.runtime.pipeline import Pipeline, PipelineModule
 from shardflow.runtime.stages import blocks
 from shardflow.tensor.api import distribute
@@ -435,14 +435,17 @@ def compile(
         if not isinstance(pipeline, Pipeline):
             raise TypeError(f"pipeline must be sf.Pipeline(...), got {type(pipeline).__name__}")
         unsupported = {"strategy": strategy != "dp", "hints": bool(hints), "input_sbp": input_sbp is not None}
-        unsupported |= {"zero": zero != 0, "memory_limit": memory_limit is not None, "recompute": bool(recompute)}
+        unsupported |= {"zero": zero != 0, "recompute": bool(recompute)}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(
                 f"with a pipeline, stages are data parallel over the other mesh axes; {', '.join(bad)} "
                 "cannot be combined with pipeline= yet: leave them at their defaults"
             )
-        return PipelineModule(model, mesh, pipeline, example_inputs, optimizer or _default_optimizer, max_grad_norm)
+        pp = PipelineModule(model, mesh, pipeline, example_inputs, optimizer or _default_optimizer, max_grad_norm)
+        if memory_limit is not None:
+            _check_pipeline_fits(pp, parse_bytes(memory_limit), model, optimizer, max_grad_norm)
+        return pp
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero={zero!r}: choose a ZeRO stage 0 (off), 1, 2 or 3")
     limit = parse_bytes(memory_limit) if memory_limit is not None else None
@@ -521,6 +524,46 @@ class MemoryPlanError(ValueError):
     """A compiled plan would exceed ``memory_limit`` on some rank; the message names changes that fit."""
 
 
+def _refusal(limit: int, report: MemoryReport, fixes: list[tuple[int, str]]) -> MemoryPlanError:
+    """The error for a plan over ``limit``: every rank's peak, the largest items, and each priced change."""
+    peaks = list(report.peaks) or [report.peak]
+    worst = max(range(len(peaks)), key=peaks.__getitem__)
+    lines = [
+        f"the plan does not fit memory_limit={fmt_bytes(limit)}: rank {worst} would peak at "
+        f"{fmt_bytes(peaks[worst])} (every rank: {', '.join(fmt_bytes(p) for p in peaks)}).",
+        f"Largest items on rank {report.rank} ({report.where}):",
+        *[f"  {fmt_bytes(b):>12}  {what}" for b, what in report.largest(5)],
+        "Changes and their predicted peaks (largest rank):",
+        *[f"  {what}: {fmt_bytes(b)} ({'fits' if b <= limit else 'does not fit'})" for b, what in sorted(fixes)],
+    ]
+    return MemoryPlanError("\n".join(lines))
+
+
+def _check_pipeline_fits(
+    pm: PipelineModule,
+    limit: int,
+    model: nn.Module,
+    optimizer: OptimizerFactory | None,
+    max_grad_norm: float | None,
+) -> None:
+    """Refuse a pipeline over ``limit`` before any step, pricing fewer activations in flight (1F1B instead of
+    GPipe) and smaller micro-batches (twice as many), each by compiling it (collective)."""
+    report = pm.memory()
+    if max(report.peaks or [report.peak]) <= limit:
+        return
+    fixes: list[tuple[int, str]] = []
+    p = pm.pipeline
+    options = [] if p.schedule == "1f1b" else [(dataclasses.replace(p, schedule="1f1b"), "schedule='1f1b'")]
+    batch = pm.example_shapes[0][0] if pm.example_shapes and pm.example_shapes[0] else 0
+    if batch % (2 * p.micro_batches * pm.dp) == 0:
+        more = dataclasses.replace(p, micro_batches=2 * p.micro_batches, split_points=tuple(pm.split.split_points))
+        options.append((more, f"micro_batches={2 * p.micro_batches} (micro-batches half as large)"))
+    for option, what in options:
+        alt = PipelineModule(model, pm.mesh, option, pm.example_inputs, optimizer or _default_optimizer, max_grad_norm)
+        fixes.append((max(alt.memory().peaks or [0]), what))
+    raise _refusal(limit, report, fixes)
+
+
 def _check_fits(
     pm: ParallelModule,
     limit: int,
@@ -533,9 +576,7 @@ def _check_fits(
     """Refuse, before any step, a plan whose predicted peak exceeds ``limit`` on some rank (collective: every
     rank predicts its own peak, the peaks are gathered, and every rank raises the same error)."""
     report = pm.memory()
-    peaks = list(report.peaks) or [report.peak]
-    worst = max(range(len(peaks)), key=peaks.__getitem__)
-    if peaks[worst] <= limit:
+    if max(report.peaks or [report.peak]) <= limit:
         return
     fixes: list[tuple[int, str]] = []
     batch = plain[0].shape[0] if plain and isinstance(plain[0], torch.Tensor) and plain[0].dim() else 0
@@ -559,12 +600,4 @@ def _check_fits(
         except ValueError:
             continue  # the mesh has no axis for it, or the hints do not apply
         fixes.append((max(alt.memory().peaks or [0]), f"strategy={strategy!r}"))
-    lines = [
-        f"the plan does not fit memory_limit={fmt_bytes(limit)}: rank {worst} would peak at "
-        f"{fmt_bytes(peaks[worst])} (every rank: {', '.join(fmt_bytes(p) for p in peaks)}).",
-        f"Largest items on rank {report.rank} ({report.where}):",
-        *[f"  {fmt_bytes(b):>12}  {what}" for b, what in report.largest(5)],
-        "Changes and their predicted peaks (largest rank):",
-        *[f"  {what}: {fmt_bytes(b)} ({'fits' if b <= limit else 'does not fit'})" for b, what in sorted(fixes)],
-    ]
-    raise MemoryPlanError("\n".join(lines))
+    raise _refusal(limit, report, fixes)

@@ -39,6 +39,7 @@ from shardflow.ops.select import candidates, communicates, reduces_to_split
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, grad_sbp
 from shardflow.placement.shard import local_shape
+from shardflow.runtime.memory import ProgramMemory
 from shardflow.tensor.trace import OpRecord, Record
 
 
@@ -126,16 +127,6 @@ class Comm:
     where: str  # the op needing it, "gradient bucket of N", "loss" or "gradient"
     route: str
     plan: Plan | None
-
-
-@dataclass(frozen=True)
-class ProgramMemory:
-    """What a program holds on this rank beyond its arguments (parameters, buffers, inputs)."""
-
-    peak: int  # bytes alive at the worst line: activations, boxed copies, gradients, buckets
-    at_peak: list[tuple[int, str]]  # (bytes, what) of everything alive there, largest first
-    gradients: int  # bytes of the gradients it returns (alive until the optimizer step ends)
-    peak_line: str  # the generated line where the peak occurs
 
 
 @dataclass

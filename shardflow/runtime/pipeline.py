@@ -21,6 +21,7 @@ BatchNorm is refused (per-micro-batch statistics are not the serial model's).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ from shardflow.comm.init import collective_timeout, world
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B
 from shardflow.runtime import trace as tracing
+from shardflow.runtime.memory import MemoryReport, ProgramMemory, fmt_bytes, optimizer_bytes
 from shardflow.runtime.schedule import SCHEDULES, Action, bubble, in_flight, stage_order
 from shardflow.runtime.stages import Split, balanced_split_points, canonical_names, split_model
 from shardflow.tensor.global_tensor import GlobalTensor, wrap
@@ -149,6 +151,7 @@ class PipelineModule:
         others = [a for a in range(mesh.ndim) if a != pp]
         self.stages = mesh.shape[pp]
         self.dp = math.prod(mesh.shape[a] for a in others)
+        self.example_inputs = tuple(example_inputs)
         self.example_shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in example_inputs]
         self.state_meta = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
         self.canonical = canonical_names(model)  # tied parameters: every name -> the one stages use
@@ -293,6 +296,11 @@ class PipelineModule:
         scale = 1.0 / self.pipeline.micro_batches
         posted: dict[Action, tuple[list[Any], list[torch.Tensor]]] = {}
         saved: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        # NOTE: a send holds its tensor until it is waited for. Activations sent after F(j) are waited for at
+        # B(j) (the next stage has long received them: their gradient came back), gradients as soon as they
+        # are done; holding every send to the end of the step would keep all m micro-batches' outputs alive
+        # and undo what 1F1B saves.
+        sent: dict[int, list[Any]] = {}
         sends: list[Any] = []
         losses: list[torch.Tensor] = []
 
@@ -328,9 +336,12 @@ class PipelineModule:
                 if last:
                     losses.append(outs[0].detach())
                 else:
-                    sends += [dist.isend(o.detach().contiguous(), self.row[self.stage + 1], tag=0) for o in outs]
+                    sent[j] = [dist.isend(o.detach().contiguous(), self.row[self.stage + 1], tag=0) for o in outs]
                 saved[j] = (received, outs)
             else:
+                for w in sent.pop(j, []):
+                    w.wait()
+                sends = [w for w in sends if not w.is_completed()]
                 received, outs = saved.pop(j)
                 self._last_backward = j == self.order[-1].micro_batch
                 with self.recorder.span("compute", f"B{j}"), self._naming(a):
@@ -347,7 +358,7 @@ class PipelineModule:
                     ]
                     sends += [dist.isend(g, self.row[self.stage - 1], tag=1) for g in grads]
         with self.recorder.span("recv", "wait sends"):
-            for w in sends:
+            for w in [*sends, *(w for ws in sent.values() for w in ws)]:
                 w.wait()
         return losses
 
@@ -402,6 +413,80 @@ class PipelineModule:
                 dist.broadcast(value, src=self.row[owner], group=group)
             out[name] = value
         return out
+
+    # -- memory ----------------------------------------------------------------------------------------
+    def memory(self, *inputs: Any) -> MemoryReport:
+        """Predicted memory of a step on this rank, with every rank's peak (collective over the job).
+
+        Per stage: parameters, gradients (accumulated over the micro-batches), optimizer state, and the
+        activations autograd keeps for backward (counted on fake tensors: the storages saved by one
+        micro-batch's forward, plus its outputs and received inputs) times the micro-batches in flight
+        under the schedule (1F1B: ``min(p - s, m)``; GPipe: ``m``). One backward's temporaries are taken
+        as one more micro-batch's activations; at the end, the gradient buckets copy the gradients once.
+        """
+        if self.inside:
+            plain = [_plain(x) for x in (inputs or self.example_inputs)]
+            act = self._activation_bytes(self._micro_batches(plain)[0])
+            k = in_flight(self.order)
+            params = _unique_bytes([p.detach() for p in self.params])
+            grads = _unique_bytes([p.detach() for p in self.params if p.requires_grad])
+            state, temp, note = optimizer_bytes(self.optimizer) if self.optimizer else (0, 0, "no parameters")
+            buckets = grads if self.dp > 1 else 0
+            at_peak = [
+                (k * act, f"activations kept for backward: {k} micro-batch(es) in flight x {fmt_bytes(act)}"),
+                (grads, "gradients (accumulated over micro-batches)"),
+                (act, "one backward's temporaries (about one micro-batch's activations)"),
+            ]
+            during = k * act + grads + act
+            where = f"stage {self.stage}: {k} micro-batch(es) in flight under {self.pipeline.schedule}"
+            if grads + buckets > during:
+                at_peak, during = [(grads, "gradients"), (buckets, "gradient buckets")], grads + buckets
+                where = f"stage {self.stage}: gradient all-reduce"
+            program = ProgramMemory(during, sorted(at_peak, reverse=True), grads, where)
+            persistent = {"parameters": params, "optimizer state": state}
+            report = MemoryReport(world()[0], persistent, program, grads + temp, note)
+        else:
+            report = MemoryReport(world()[0], {}, ProgramMemory(0, [], 0, ""), 0, "no stage on this rank")
+        if dist.is_initialized():
+            mine = torch.tensor([report.peak], dtype=torch.int64)
+            every = torch.zeros(world()[1], dtype=torch.int64)
+            dist.all_gather_into_tensor(every, mine)
+            report = dataclasses.replace(report, peaks=tuple(int(v) for v in every))
+        return report
+
+    def _activation_bytes(self, micro: list[Any]) -> int:
+        """Bytes one micro-batch leaves alive for backward on this stage, from a forward on fake tensors."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.func import functional_call
+
+        seen: dict[int, int] = {}
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            state: dict[str, torch.Tensor] = {
+                n: mode.from_tensor(t) for n, t in [*self.module.named_parameters(), *self.module.named_buffers()]
+            }
+            for name, p in self.module.named_parameters():
+                state[name].requires_grad_(p.requires_grad)
+            skip = {t.untyped_storage()._cdata for t in state.values()}
+            received = []
+            if self.stage > 0:
+                for shape, dtype in self.meta[self.stage - 1]:
+                    t = torch.empty(shape, dtype=dtype)
+                    received.append(t.requires_grad_(True) if dtype.is_floating_point else t)
+            fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in micro]
+            args = [fake[k] if src == "input" else received[k] for src, k in self.split.wiring[self.stage]]
+
+            def keep(t: torch.Tensor) -> torch.Tensor:
+                st = t.untyped_storage()
+                if st._cdata not in skip:
+                    seen[st._cdata] = st.nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                out = functional_call(self.module, state, tuple(args))
+            for t in [*(out if isinstance(out, (tuple, list)) else [out]), *received]:
+                if isinstance(t, torch.Tensor):
+                    keep(t)
+        return sum(seen.values())
 
     # -- snapshots ---------------------------------------------------------------------------------------
     # NOTE: the format is ParallelModule's (``model.<name>``, ``optim.<name>.<key>``, scalars by the index of
@@ -539,6 +624,11 @@ class PipelineModule:
         for name, stages in self.split.tied.items():
             lines.append(f"  {name} is held by stages {list(stages)}; their gradients are summed")
         return "\n".join(lines)
+
+
+def _unique_bytes(tensors: list[torch.Tensor]) -> int:
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
 
 
 def _plain(x: Any) -> Any:

@@ -97,3 +97,33 @@ def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
             run += delta
             peak = max(peak, run)
     return base + peak, loss
+
+
+def measure_pipeline_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
+    """(peak bytes during one pipelined ``pm.step(*inputs)`` on this rank, its loss), measured by the profiler
+    on top of the storages held before the step (parameters, gradients, optimizer state)."""
+    step = type(pm.optimizer).step if pm.optimizer is not None else None
+    if step is not None:  # see measure_step_peak: frees inside the optimizer's region would be folded
+        pm.optimizer.step = types.MethodType(getattr(step, "__wrapped__", step), pm.optimizer)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            pm.step(*inputs)
+            tensors = [p.detach() for p in pm.params] + [p.grad for p in pm.params if p.grad is not None]
+            if pm.optimizer is not None:
+                for state in pm.optimizer.state.values():
+                    tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+            base = _storage_bytes(tensors)
+            mark = torch.empty(_MARK, dtype=torch.uint8)
+            del mark
+            loss = pm.step(*inputs)
+    finally:
+        if step is not None:
+            del pm.optimizer.step
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    start = next(t for t, delta in events if delta == _MARK)
+    run = peak = 0
+    for t, delta in events:
+        if t > start and delta != -_MARK:
+            run += delta
+            peak = max(peak, run)
+    return base + peak, loss

@@ -144,11 +144,6 @@ def plan(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
     """Compile only: print the plan and every rank's predicted memory, run no step (collective)."""
     sf.init()
     pm, _, _ = compile_run(cfg)
-    if isinstance(pm, sf.PipelineModule):  # its memory prediction is not built yet: the plan only
-        if dist.get_rank() == 0:
-            log(pm.explain())
-            log("memory: no prediction for pipelines yet (shardflow plan predicts dp, tp and hybrid plans)")
-        return
     report = pm.memory()
     if dist.get_rank() == 0:
         log(pm.explain())

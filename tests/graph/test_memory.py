@@ -55,5 +55,5 @@ def test_plan_over_limit_is_refused_before_running_and_the_named_fix_fits():
 
 def test_bad_limit_is_a_clear_error():
     with pytest.raises(ValueError, match="memory_limit"):
-        sf.graph.memory.parse_bytes("lots")
-    assert sf.graph.memory.parse_bytes("1.5 GiB") == int(1.5 * 2**30)
+        sf.runtime.memory.parse_bytes("lots")
+    assert sf.runtime.memory.parse_bytes("1.5 GiB") == int(1.5 * 2**30)

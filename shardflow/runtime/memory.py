@@ -3,10 +3,12 @@
 What a rank holds is known once the program is lowered: its shards of parameters, buffers and inputs,
 the optimizer's state (from the optimizer's kind and the shards it steps), and, line by line of the
 generated program, every storage alive — activations kept for backward, boxed copies, gradients, bucket
-buffers — with views and in-place results counted once (``ProgramMemory`` in graph/lower.py). The peak is
+buffers — with views and in-place results counted once (``ProgramMemory``, filled by graph/lower.py). The peak is
 the larger of the program's peak and the optimizer step (gradients plus the update's temporaries), on
 top of what persists. ``sf.compile(memory_limit=...)`` compares every rank's peak with the limit and
-refuses a plan that cannot fit, naming what would (see ``compile.py``).
+refuses a plan that cannot fit, naming what would (see graph/compile.py). Pipelines fill the same report
+from their stages (runtime/pipeline.py). It sits in the runtime layer, below the compiler, so that both
+kinds of plan report memory one way.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shardflow.graph.lower import ProgramMemory
+
+@dataclass(frozen=True)
+class ProgramMemory:
+    """What a program holds on this rank beyond its arguments (parameters, buffers, inputs)."""
+
+    peak: int  # bytes alive at the worst line: activations, boxed copies, gradients, buckets
+    at_peak: list[tuple[int, str]]  # (bytes, what) of everything alive there, largest first
+    gradients: int  # bytes of the gradients it returns (alive until the optimizer step ends)
+    peak_line: str  # the generated line where the peak occurs
+
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 

@@ -10,7 +10,9 @@ Decisions:
   order and tag; the receive for the next action is posted before the current one computes, so transfers
   overlap compute. Activation shapes are known before the first step (fake-tensor propagation of every
   stage), so receives need no size handshake.
-- **Gradients.** The last stage scales each micro-batch's loss by ``1/m``; during the last backward of the
+- **Gradients.** The last stage weighs each micro-batch's loss by its share of the batch's rows (micro-
+  batches are cut like ``tensor_split``, so they may differ by a row; the model's loss is a mean over
+  rows), and gradients are summed over data-parallel ranks; during the last backward of the
   step, post-accumulate hooks launch each full gradient bucket's all-reduce over the stage's data-parallel
   group at once (overlapped with the rest of that backward). Copies of a parameter held by several stages
   (tied embeddings) get their gradients summed over those stages, so every copy takes the same update.
@@ -59,8 +61,9 @@ class Pipeline:
     """Mesh axis whose coordinate is the stage; the other axes are data parallel inside each stage."""
     split_points: tuple[str, ...] | None = None
     """Module names (``"transformer.h.2"``) each stage after the first starts with; one fewer than stages."""
-    micro_batches: int = 4
-    """Micro-batches per step; the global batch must divide into ``micro_batches x data-parallel ranks``."""
+    micro_batches: int = 1
+    """Micro-batches per step; the batch is cut like ``tensor_split`` (and each micro-batch again over the
+    data-parallel ranks), so it needs at least ``micro_batches x data-parallel ranks`` rows."""
     schedule: str = "1f1b"
     """``"1f1b"`` (bounded activations) or ``"gpipe"`` (all forwards, then all backwards)."""
 
@@ -116,7 +119,6 @@ class _Buckets:
         self.left[b] = -1
         ps = self.members[b]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
-        flat.div_(self.size)
         self.flying.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, ps))
 
     def finish(self) -> None:
@@ -163,7 +165,8 @@ class PipelineModule:
         self.dp_ranks = mesh.slice_over(others, mesh.rank_at(coord)) if others else (mesh.rank_at(coord),)
         self.dp_index = self.dp_ranks.index(mesh.rank_at(coord))
         plain = [_plain(x) for x in example_inputs]
-        micro = self._micro_batches(plain)[0]
+        micros = self._micro_batches(plain)[0]
+        micro = micros[0]
         points = pipeline.split_points
         if points is None:
             points = tuple(balanced_split_points(model, micro, self.stages))
@@ -173,10 +176,26 @@ class PipelineModule:
                 f"{pipeline.axis!r} has {self.stages} ranks: give {self.stages - 1} split points"
             )
         self.split: Split = split_model(model, micro, points)
-        self.meta = _boundaries(self.split, micro)
+        self.metas: dict[Any, list[Meta]] = {_shape_key(micro): _boundaries(self.split, micro)}
         self.module = self.split.modules[self.stage]
+        # NOTE: torch.export specialises shapes, so micro-batches of another size (tensor_split's cuts
+        # differ by a row) get a stage module cut for their shape, sharing this one's parameters
+        self.modules = {_shape_key(micro): self.module}
+        for other in micros:
+            key = _shape_key(other)
+            if key not in self.modules:
+                again = split_model(model, other, points)
+                self.metas[key] = _boundaries(again, other)
+                self.modules[key] = _share(again.modules[self.stage], self.module)
+        # every rank keeps its own stage only: the names and sizes of the others' parameters are enough
+        self.holders = [
+            set(names) | {n for n, _ in m.named_buffers()} for names, m in zip(self.split.names, self.split.modules)
+        ]
+        self.sizes = [(len(names), sum(t.numel() for t in names.values())) for names in self.split.names]
         self.named = self.split.names[self.stage]
         self.params = list(self.named.values())
+        self.split.modules = [m if s == self.stage else None for s, m in enumerate(self.split.modules)]  # type: ignore[misc]
+        self.split.names = [n if s == self.stage else {} for s, n in enumerate(self.split.names)]
         self.tied_groups = self._tied_groups()  # collective: every rank creates every group
         self.order: list[Action] = stage_order(pipeline.schedule, self.stage, self.stages, pipeline.micro_batches)
         self.optimizer = optimizer(self.params) if self.params else None  # a stage of activations only
@@ -207,27 +226,33 @@ class PipelineModule:
         self.steps = 0
 
     # -- set-up ----------------------------------------------------------------------------------------
-    def _micro_batches(self, inputs: Sequence[Any]) -> list[list[Any]]:
-        """This rank's shard of each micro-batch: the batch cut into ``m`` micro-batches, each cut over dp."""
+    def _micro_batches(self, inputs: Sequence[Any]) -> tuple[list[list[Any]], list[float]]:
+        """This rank's shard of each micro-batch (the batch cut into ``m`` micro-batches, each cut over dp,
+        both like ``tensor_split``) and each shard's share of the batch's rows: the weight of its loss."""
         m = self.pipeline.micro_batches
         rows = {x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0}
         if len(rows) != 1:
             raise ValueError(f"pipeline inputs must share one batch dim (dim 0); got batch sizes {sorted(rows)}")
         batch = rows.pop()
-        if batch % (m * self.dp):
+        if batch < m * self.dp:
             raise ValueError(
-                f"a batch of {batch} rows does not split into {m} micro-batches x {self.dp} data-parallel ranks; "
-                f"use a batch that is a multiple of {m * self.dp} or change micro_batches"
+                f"a batch of {batch} rows leaves some of the {m} micro-batches x {self.dp} data-parallel ranks "
+                f"empty; use at least {m * self.dp} rows or fewer micro_batches"
             )
-        out = []
+        out, weights = [], []
         for j in range(m):
             shard = []
             for x in inputs:
                 if isinstance(x, torch.Tensor) and x.dim() > 0:
-                    x = x.chunk(m)[j].chunk(self.dp)[self.dp_index]
+                    x = x.tensor_split(m)[j].tensor_split(self.dp)[self.dp_index]
                 shard.append(x)
             out.append(shard)
-        return out
+            weights.append(next(x.shape[0] for x in shard if isinstance(x, torch.Tensor) and x.dim() > 0) / batch)
+        return out, weights
+
+    def _meta(self, micro: list[Any]) -> list[Meta]:
+        """Shapes and dtypes every stage returns for a micro-batch shaped like ``micro``."""
+        return self.metas[_shape_key(micro)]
 
     def _tied_groups(self) -> dict[str, Any]:
         """For each parameter held by several stages, the group of those stages' ranks in this row."""
@@ -260,21 +285,21 @@ class PipelineModule:
                 f"pipeline inputs of shapes {shapes}, but the stages were cut for {self.example_shapes}: "
                 "compile again with example inputs of the new shape"
             )
-        micro = self._micro_batches(plain)
+        micro, weights = self._micro_batches(plain)
         self.recorder.enabled = trace is not None
         self.recorder.events = []
-        self.module.train()
+        for module in self.modules.values():
+            module.train()
         for p in self.params:
             p.grad = None
-        losses = self._run_schedule(micro)
+        losses = self._run_schedule(micro, weights)
         with self.recorder.span("all-reduce", "all-reduce gradients"):
             self.buckets.finish()
             for name, group in self.tied_groups.items():
                 p = self.named[name]
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                if self.dp > 1:  # the data-parallel mean first (tied copies stay out of the buckets)
-                    p.grad.div_(self.dp)
+                if self.dp > 1:  # the data-parallel sum first (tied copies stay out of the buckets)
                     dist.all_reduce(p.grad, group=group_for(self.dp_ranks).group)
                 dist.all_reduce(p.grad, group=group)
         with self.recorder.span("optimizer", "optimizer"):
@@ -283,7 +308,7 @@ class PipelineModule:
             if self.optimizer is not None:
                 self.optimizer.step()
         last = self.stage == self.stages - 1
-        total = torch.stack(losses).sum() / (self.pipeline.micro_batches * self.dp) if last else torch.zeros(())
+        total = torch.stack(losses).sum() if last else torch.zeros(())  # weighted: shares of the batch
         if self.mesh.size > 1:
             dist.all_reduce(total, group=group_for(self.mesh.ranks).group)
         self.steps += 1
@@ -291,9 +316,8 @@ class PipelineModule:
             self._gather_trace(trace)
         return float(total)
 
-    def _run_schedule(self, micro: list[list[Any]]) -> list[torch.Tensor]:
+    def _run_schedule(self, micro: list[list[Any]], weights: list[float]) -> list[torch.Tensor]:
         first, last = self.stage == 0, self.stage == self.stages - 1
-        scale = 1.0 / self.pipeline.micro_batches
         posted: dict[Action, tuple[list[Any], list[torch.Tensor]]] = {}
         saved: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         # NOTE: a send holds its tensor until it is waited for. Activations sent after F(j) are waited for at
@@ -308,10 +332,12 @@ class PipelineModule:
             if a in posted:
                 return
             if a.kind == "F" and not first:
-                bufs = [torch.empty(shape, dtype=dtype) for shape, dtype in self.meta[self.stage - 1]]
+                meta = self._meta(micro[a.micro_batch])[self.stage - 1]
+                bufs = [torch.empty(shape, dtype=dtype) for shape, dtype in meta]
                 peer, tag = self.row[self.stage - 1], 0
             elif a.kind == "B" and not last:
-                bufs = [torch.empty(s, dtype=d) for s, d in self.meta[self.stage] if d.is_floating_point]
+                meta = self._meta(micro[a.micro_batch])[self.stage]
+                bufs = [torch.empty(s, dtype=d) for s, d in meta if d.is_floating_point]
                 peer, tag = self.row[self.stage + 1], 1
             else:
                 posted[a] = ([], [])
@@ -331,10 +357,10 @@ class PipelineModule:
                 received = [b.requires_grad_(True) if b.is_floating_point() else b for b in bufs]
                 args = [micro[j][k] if src == "input" else received[k] for src, k in self.split.wiring[self.stage]]
                 with self.recorder.span("compute", f"F{j}"), self._naming(a):
-                    out = self.module(*args)
+                    out = self.modules[_shape_key(micro[j])](*args)
                 outs = list(out) if isinstance(out, (tuple, list)) else [out]
                 if last:
-                    losses.append(outs[0].detach())
+                    losses.append(outs[0].detach() * weights[j])
                 else:
                     sent[j] = [dist.isend(o.detach().contiguous(), self.row[self.stage + 1], tag=0) for o in outs]
                 saved[j] = (received, outs)
@@ -346,7 +372,7 @@ class PipelineModule:
                 self._last_backward = j == self.order[-1].micro_batch
                 with self.recorder.span("compute", f"B{j}"), self._naming(a):
                     if last:
-                        (outs[0] * scale).backward()
+                        (outs[0] * weights[j]).backward()
                     else:
                         floats = [o for o in outs if o.is_floating_point()]
                         pairs = [(o, g) for o, g in zip(floats, bufs) if o.requires_grad]
@@ -426,7 +452,7 @@ class PipelineModule:
         """
         if self.inside:
             plain = [_plain(x) for x in (inputs or self.example_inputs)]
-            act = self._activation_bytes(self._micro_batches(plain)[0])
+            act = self._activation_bytes(self._micro_batches(plain)[0][0])
             k = in_flight(self.order)
             params = _unique_bytes([p.detach() for p in self.params])
             grads = _unique_bytes([p.detach() for p in self.params if p.requires_grad])
@@ -469,7 +495,7 @@ class PipelineModule:
             skip = {t.untyped_storage()._cdata for t in state.values()}
             received = []
             if self.stage > 0:
-                for shape, dtype in self.meta[self.stage - 1]:
+                for shape, dtype in self._meta(micro)[self.stage - 1]:
                     t = torch.empty(shape, dtype=dtype)
                     received.append(t.requires_grad_(True) if dtype.is_floating_point else t)
             fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in micro]
@@ -600,8 +626,8 @@ class PipelineModule:
         restore_rng(meta.get("rng"))
 
     def _owner_stage(self, key: str) -> int:
-        for s, module in enumerate(self.split.modules):
-            if key in self.split.names[s] or key in dict(module.named_buffers()):
+        for s, names in enumerate(self.holders):
+            if key in names:
                 return s
         raise KeyError(f"{key!r} is in no stage")
 
@@ -616,9 +642,9 @@ class PipelineModule:
         ]
         for s in range(p):
             order = stage_order(self.pipeline.schedule, s, p, m)
-            n = sum(t.numel() for t in self.split.names[s].values())
+            count, n = self.sizes[s]
             lines.append(
-                f"  stage {s}: {len(self.split.names[s])} tensors, {n} parameters, "
+                f"  stage {s}: {count} tensors, {n} parameters, "
                 f"{in_flight(order)} micro-batch(es) in flight: {' '.join(map(repr, order))}"
             )
         for name, stages in self.split.tied.items():
@@ -629,6 +655,21 @@ class PipelineModule:
 def _unique_bytes(tensors: list[torch.Tensor]) -> int:
     seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(seen.values())
+
+
+def _shape_key(micro: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in micro)
+
+
+def _share(module: nn.Module, like: nn.Module) -> nn.Module:
+    """``module`` (the same stage cut for another shape) with ``like``'s parameters and buffers in place of its own."""
+    for name, _ in list(module.named_parameters(remove_duplicate=False)):
+        owner, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(owner) if owner else module, attr, like.get_parameter(name))
+    for name, _ in list(module.named_buffers(remove_duplicate=False)):
+        owner, _, attr = name.rpartition(".")
+        (module.get_submodule(owner) if owner else module).register_buffer(attr, like.get_buffer(name))
+    return module
 
 
 def _plain(x: Any) -> Any:

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument("-n", "--nprocs", type=_positive_int, required=True, metavar="NPROCS", help="ranks on this host")
-    run.add_argument("--nnodes", type=_positive_int, default=1, help="hosts in the job (default: %(default)s)")
+    run.add_argument("--nnodes", type=_positive_int, default=None, help="hosts in the job (default: SLURM's, else 1)")
     run.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="rendezvous of a multi-host job")
     run.add_argument("script", help="a Python script, or package.module:function")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
@@ -179,6 +179,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.steps = DEMO_STEPS
             if args.steps < CHECK_STEPS:
                 parser.error(f"--steps must be at least {CHECK_STEPS}, the steps checked against serial PyTorch")
+    if args.command == "run" and args.nnodes is None:  # inside SLURM: its hosts, else this one
+        import os
+
+        from shardflow.cli.slurm import from_env
+
+        try:
+            job = from_env(os.environ)
+        except ValueError as e:
+            parser.error(str(e))
+        args.nnodes = job.nnodes if job else 1
+        if job and not args.rdzv_endpoint:
+            args.rdzv_endpoint = job.rdzv_endpoint
+            print(f"shardflow: SLURM job on {job.nnodes} hosts; rendezvous at {job.rdzv_endpoint}", file=sys.stderr)
     if args.command == "run" and args.nnodes > 1 and not args.rdzv_endpoint:
         parser.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the same on every host")
     return int(args.func(args))

@@ -8,10 +8,15 @@ gradient exists. Clipping and the optimizer run on the local shards (plain torch
 parameter, its gradient and its optimizer state share one layout). ``static = False`` runs the same
 layouts op by op on GlobalTensors (eager), with gradients synchronised from post-accumulate hooks.
 
-``zero=3`` is a layout, not a wrapper: every parameter gets ``S(0)`` on the data-parallel axis, so its
-gradient and optimizer state are split too; the lowering gathers it right before each op that computes
-with it and lets the copy die after (backward gathers again), and gradients reach their split layout by
-reduce-scatter. Stages 1 and 2 (sharded optimizer state over replicated parameters) are not done yet.
+ZeRO is a choice of layouts, not a wrapper. ``zero=3``: every parameter gets ``S(0)`` on the
+data-parallel axis, so its gradient and optimizer state are split too; the lowering gathers it right
+before each op that computes with it and lets the copy die after (backward gathers again), and gradients
+reach their split layout by reduce-scatter. ``zero=1|2``: parameters stay replicated; the optimizer steps a
+view of this rank's piece of each one (split over dp on a dim no other axis splits), with its state in
+that piece's layout; under stage 2 the lowering returns gradients in that layout (reduce-scatter); after
+the step the pieces are all-gathered by boxing. ``recompute`` checkpoints blocks (non-reentrant), and the
+joint trace then holds their forward twice: the program frees activations after forward and recomputes
+them in backward. ``pipeline=`` hands the model to the stage runtime (runtime/pipeline.py).
 """
 
 from __future__ import annotations

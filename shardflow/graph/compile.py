@@ -605,4 +605,10 @@ def _check_fits(
         except ValueError:
             continue  # the mesh has no axis for it, or the hints do not apply
         fixes.append((max(alt.memory().peaks or [0]), f"strategy={strategy!r}"))
+    dp, _ = axes_for(pm.mesh, pm.strategy)
+    if dp is not None and pm.mesh.shape[dp] > 1:
+        for stage in (2, 3):
+            if stage > pm.zero:
+                alt = compile(model, pm.mesh, plain, pm.strategy, hints, None, optimizer, max_grad_norm, zero=stage)
+                fixes.append((max(alt.memory().peaks or [0]), f"zero={stage} (ZeRO stage {stage} on the dp axis)"))
     raise _refusal(limit, report, fixes)

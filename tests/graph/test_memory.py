@@ -40,6 +40,7 @@ def _refused_then_fixed() -> tuple[str, int, int]:
         sf.compile(model, mesh, example_inputs=data, strategy="dp", memory_limit="20MiB")
     message = str(err.value)
     assert "rank 0 would peak at" in message and "strategy='tp'" in message, message
+    assert "zero=2 (ZeRO stage 2" in message and "zero=3 (ZeRO stage 3" in message, message
     fix = next(line for line in message.splitlines() if "strategy='tp'" in line)
     assert "(fits)" in fix, message
     pm = sf.compile(model, mesh, example_inputs=data, strategy="tp", memory_limit="20MiB")  # the named fix

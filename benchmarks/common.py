@@ -52,6 +52,26 @@ def timed_call(fn: Callable[[], Any]) -> float:
     return float(t.item())
 
 
+def print_preamble() -> None:
+    """Date, machine and the exact command, printed before every table."""
+    import datetime
+    import shlex
+    import sys
+
+    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+    print(f"machine: {cores()} cores ({cpu_model()}); torch {torch.__version__}, python {platform.python_version()}")
+    print(f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}", flush=True)
+
+
+def print_table(header: list[str], rows: list[list[str]], markdown: bool) -> None:
+    """The result table: markdown for BENCHMARKS.md, or plain columns."""
+    if markdown:
+        print_markdown(header, rows)
+    else:
+        for row in [header, *rows]:
+            print("  ".join(row))
+
+
 def print_markdown(header: list[str], rows: list[list[str]]) -> None:
     """A markdown table; the first two columns are text, the rest right-aligned numbers."""
     print("| " + " | ".join(header) + " |")

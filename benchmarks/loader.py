@@ -14,10 +14,7 @@ part (1.0: reading and compute fully overlap; 2.0: they alternate). The issue's 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -33,7 +30,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from benchmarks.common import cores, cpu_model, print_markdown  # noqa: E402
+from benchmarks.common import print_preamble, print_table  # noqa: E402
 
 HEADER = ["case", "read ms/batch", "step ms/batch", "loop ms/batch", "loop / slowest part", "peer loop / sf loop"]
 
@@ -85,9 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one core computes, the other reads (both sides alike)
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"machine: {cores()} cores ({cpu_model()}); torch {torch.__version__}, python {platform.python_version()}")
-    print(f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}", flush=True)
+    print_preamble()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(args.features, args.width), nn.ReLU(), nn.Linear(args.width, 10))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -124,11 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         ],
         ["DataLoader (1 worker)", f"{r:.1f}", f"{s:.1f}", f"{peer_ms:.1f}", f"{peer_ms / max(r, s):.2f}", "1.00"],
     ]
-    if args.markdown:
-        print_markdown(HEADER, rows)
-    else:
-        for row in [HEADER, *rows]:
-            print("  ".join(row))
+    print_table(HEADER, rows, args.markdown)
 
 
 if __name__ == "__main__":

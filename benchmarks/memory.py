@@ -12,24 +12,26 @@ reported). ZeRO against FSDP2: benchmarks/zero.py.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.multiprocessing as tmp
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, run_world  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    free_port,
+    print_preamble,
+    print_table,
+    rank_session,
+    run_world,
+)
 
 CASES = [("mlp", "dp", False), ("mlp", "tp", False), ("gpt", "dp", False), ("gpt", "tp", False), ("gpt", "dp", True)]
 HEADER = [
@@ -83,9 +85,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"machine: {cores()} cores ({cpu_model()}); torch {torch.__version__}, python {platform.python_version()}")
-    print(f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}", flush=True)
+    print_preamble()
     q = tmp.get_context("spawn").SimpleQueue()
     results = run_world(_rank_main, q, 2, (2, free_port(), args.repeats, q))
     rows = []
@@ -102,11 +102,7 @@ def main() -> None:
                 f"{r['verdict']:.2f}",
             ]
         )
-    if args.markdown:
-        print_markdown(HEADER, rows)
-    else:
-        for row in [HEADER, *rows]:
-            print("  ".join(row))
+    print_table(HEADER, rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -40,10 +37,9 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from benchmarks.common import (  # noqa: E402
-    cores,
-    cpu_model,
     free_port,
-    print_markdown,
+    print_preamble,
+    print_table,
     rank_session,
     run_world,
     spread,
@@ -202,9 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.micro_batches = [int(v) for v in args.micro_batches.split(",")]
     args.schedules = args.schedules.split(",")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"machine: {cores()} cores ({cpu_model()}); torch {torch.__version__}, python {platform.python_version()}")
-    print(f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}", flush=True)
+    print_preamble()
     rows = []
     for k in (int(v) for v in args.ranks.split(",")):
         q = tmp.get_context("spawn").SimpleQueue()
@@ -222,11 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{r['theory']:.3f}",
                 ]
             )
-    if args.markdown:
-        print_markdown(HEADER, rows)
-    else:
-        for row in [HEADER, *rows]:
-            print("  ".join(row))
+    print_table(HEADER, rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
-import platform
-import shlex
 import statistics
 import sys
 from collections.abc import Callable
@@ -35,7 +32,14 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from benchmarks.common import cores, cpu_model, free_port, print_markdown, rank_session, run_world, timed_call  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    free_port,
+    print_preamble,
+    print_table,
+    rank_session,
+    run_world,
+    timed_call,
+)
 
 HEADER = ["side", "ranks", "step ms", "held MiB", "peak MiB (profiler)", "step ms / FSDP2 (same stage)"]
 
@@ -163,9 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"machine: {cores()} cores ({cpu_model()}); torch {torch.__version__}, python {platform.python_version()}")
-    print(f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}", flush=True)
+    print_preamble()
     rows = []
     for k in (int(v) for v in args.ranks.split(",")):
         q = tmp.get_context("spawn").SimpleQueue()
@@ -183,11 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(
                 [r["side"], str(k), f"{r['ms']:.1f}", f"{r['held'] / 2**20:.2f}", f"{r['peak'] / 2**20:.2f}", ratio]
             )
-    if args.markdown:
-        print_markdown(HEADER, rows)
-    else:
-        for row in [HEADER, *rows]:
-            print("  ".join(row))
+    print_table(HEADER, rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,8 @@ from torch import nn
 
 from shardflow.checkpoint.index import CheckpointError, read_index
 from shardflow.checkpoint.rng import restore_rng, rng_states
-from shardflow.checkpoint.store import AsyncSave
+from shardflow.checkpoint.snapshots import Snapshots
 from shardflow.checkpoint.store import load as load_checkpoint
-from shardflow.checkpoint.store import save as save_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
 from shardflow.graph.capture import capture
@@ -63,7 +62,7 @@ def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, foreach=False)
 
 
-class ParallelModule:
+class ParallelModule(Snapshots):
     """A model laid over a mesh: ``step(*inputs)`` trains one step, ``full_state_dict()`` reads it back."""
 
     def __init__(
@@ -125,7 +124,6 @@ class ParallelModule:
         # any input shape without re-lowering; the reference the lowering is tested against).
         self.static = True
         self.example_inputs: tuple[Any, ...] = ()
-        self.saving: AsyncSave | None = None
         self.zero_axis: int | None = None  # ZeRO-3: the axis parameters are split on and gathered over
         self.programs: dict[Any, Program] = {}
         self.recomputed: list[str] = []  # modules whose activations are recomputed in backward
@@ -293,26 +291,6 @@ class ParallelModule:
         meta = {"step": self.steps, "param_groups": sd["param_groups"], "optim_scalars": scalars, "aliases": aliases}
         meta["rng"] = rng_states()
         return tensors, meta
-
-    def save(self, directory: str, blocking: bool = True) -> None:
-        """Snapshot parameters, buffers, optimizer state and the step (collective; atomic).
-
-        ``blocking=False`` copies this rank's shards to host memory and writes them in the background while
-        training goes on; the snapshot is the state at the call. Saves complete in order: the next ``save``,
-        ``load`` or ``wait_save()`` waits for the one in flight and raises its error, if any.
-        """
-        self.wait_save()
-        tensors, meta = self._named_state()
-        if blocking:
-            save_checkpoint(directory, tensors, meta)
-        else:
-            self.saving = AsyncSave(directory, tensors, meta)
-
-    def wait_save(self) -> None:
-        """Wait for a background save to complete (call it before the job ends)."""
-        saving, self.saving = self.saving, None
-        if saving is not None:
-            saving.wait()
 
     def load(self, directory: str) -> None:
         """Load a snapshot saved on any mesh with any strategy into this module's layouts (collective)."""

@@ -36,9 +36,8 @@ from torch import nn
 
 from shardflow.checkpoint.index import CheckpointError, read_index
 from shardflow.checkpoint.rng import restore_rng, rng_states
-from shardflow.checkpoint.store import AsyncSave
+from shardflow.checkpoint.snapshots import Snapshots
 from shardflow.checkpoint.store import load as load_checkpoint
-from shardflow.checkpoint.store import save as save_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import collective_timeout, world
 from shardflow.placement.mesh import Mesh
@@ -136,7 +135,7 @@ class _Buckets:
         self.reset()
 
 
-class PipelineModule:
+class PipelineModule(Snapshots):
     """A model cut into stages over a mesh axis; ``step(*inputs)`` trains one step on the global batch."""
 
     def __init__(
@@ -220,7 +219,6 @@ class PipelineModule:
             for s in range(self.stages)
         ]
         self.param_order = [n for n, _ in model.named_parameters()]  # the index of optimizer state in snapshots
-        self.saving: AsyncSave | None = None
         self.recorder = tracing.Recorder(rank)
         self.events: list[tracing.Event] = []  # every rank's events of the last traced step
         self.steps = 0
@@ -571,22 +569,6 @@ class PipelineModule:
         if local is None or self._owner_stage(name) != self.stage:
             local = torch.empty(0, dtype=dtype)
         return wrap(local, m, (B,) * m.ndim, shape)
-
-    def save(self, directory: str, blocking: bool = True) -> None:
-        """Snapshot parameters, buffers, optimizer state, the step and RNG states (collective; atomic);
-        ``blocking=False`` writes in the background (host copies taken at the call), like ParallelModule."""
-        self.wait_save()
-        tensors, meta = self._named_state()
-        if blocking:
-            save_checkpoint(directory, tensors, meta)
-        else:
-            self.saving = AsyncSave(directory, tensors, meta)
-
-    def wait_save(self) -> None:
-        """Wait for a background save to complete (and raise its error, if any)."""
-        saving, self.saving = self.saving, None
-        if saving is not None:
-            saving.wait()
 
     def load(self, directory: str) -> None:
         """Load a snapshot of this model saved by any plan (pipelined or not, any mesh) into the stages."""

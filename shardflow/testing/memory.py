@@ -57,6 +57,18 @@ def _launch_and_wait(ranks: tuple[int, ...], *grads: torch.Tensor) -> Any:
     return handle
 
 
+def _peak_after_mark(prof: Any) -> int:
+    """The most bytes allocated above the start, after the marker block, from the profiler's events."""
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    start = next(t for t, delta in events if delta == _MARK)
+    run = peak = 0
+    for t, delta in events:
+        if t > start and delta != -_MARK:
+            run += delta
+            peak = max(peak, run)
+    return peak
+
+
 def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
     """(peak bytes during ``pm.step(*inputs)``, the step's loss), measured by the profiler.
 
@@ -89,14 +101,7 @@ def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
         lower._launch = launch
         pm.programs.clear()
         pm.programs.update(programs)
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
-    start = next(t for t, delta in events if delta == _MARK)
-    run = peak = 0
-    for t, delta in events:
-        if t > start and delta != -_MARK:
-            run += delta
-            peak = max(peak, run)
-    return base + peak, loss
+    return base + _peak_after_mark(prof), loss
 
 
 def measure_pipeline_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
@@ -119,11 +124,4 @@ def measure_pipeline_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
     finally:
         if step is not None:
             del pm.optimizer.step
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
-    start = next(t for t, delta in events if delta == _MARK)
-    run = peak = 0
-    for t, delta in events:
-        if t > start and delta != -_MARK:
-            run += delta
-            peak = max(peak, run)
-    return base + peak, loss
+    return base + _peak_after_mark(prof), loss

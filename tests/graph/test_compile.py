@@ -47,6 +47,17 @@ def reference_step(ref: torch.nn.Module, opt: torch.optim.Optimizer, x, y, clip:
     return float(loss.item())
 
 
+def train_and_compare(pm, ref: torch.nn.Module, opt: torch.optim.Optimizer, data) -> None:  # type: ignore[no-untyped-def]
+    """Step ``pm`` and the serial reference on every batch: losses, then parameters, within CONTRACT's tolerances."""
+    for x, y in data:
+        want = reference_step(ref, opt, x, y)
+        got = pm.step(x, y)
+        assert abs(got - want) <= 1e-5 + 1e-4 * abs(want), (got, want)
+    state = pm.full_state_dict()
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def _run(kind: str, mesh_shape, names, strategy: str, batch: int) -> None:
     model, data = _model_and_batches(kind, batch)
     ref = copy.deepcopy(model)

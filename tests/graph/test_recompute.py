@@ -14,7 +14,7 @@ import shardflow as sf
 from shardflow.models import GPT, GPTConfig
 from shardflow.testing import run_on_ranks
 from shardflow.testing.memory import measure_step_peak
-from tests.graph.test_compile import _model_and_batches, reference_step
+from tests.graph.test_compile import _model_and_batches, train_and_compare
 
 
 def _adamw(ps):  # type: ignore[no-untyped-def]
@@ -27,13 +27,7 @@ def _equal_serial(strategy: str) -> list[str]:
     opt = _adamw(ref.parameters())
     mesh = sf.Mesh("cpu", (2,), names=(strategy,))
     pm = sf.compile(model, mesh, data[0], strategy=strategy, recompute=True, optimizer=_adamw, max_grad_norm=0.5)
-    for x, y in data:
-        want = reference_step(ref, opt, x, y)
-        got = pm.step(x, y)
-        assert abs(got - want) <= 1e-5 + 1e-4 * abs(want), (got, want)
-    state = pm.full_state_dict()
-    for name, value in ref.state_dict().items():
-        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    train_and_compare(pm, ref, opt, data)
     return pm.recomputed
 
 

@@ -15,7 +15,7 @@ import shardflow as sf
 from shardflow.models import MLP, MLPConfig
 from shardflow.testing import run_on_ranks
 from shardflow.testing.memory import alive_before_step
-from tests.graph.test_compile import _model_and_batches, reference_step
+from tests.graph.test_compile import _model_and_batches, train_and_compare
 
 
 def _adamw(ps):  # type: ignore[no-untyped-def]
@@ -43,13 +43,7 @@ def _equal_serial(kind: str, shape, names, strategy: str, zero: int = 3) -> list
         # every parameter but those whose every dim of size > 1 is split by tp already (column-parallel biases)
         split = [isinstance(sbp[dp], sf.S) for sbp in pm.opt_sbps]
         assert sum(split) >= len(split) * 2 // 3, pm.opt_sbps
-    for x, y in data:
-        want = reference_step(ref, opt, x, y)
-        got = pm.step(x, y)
-        assert abs(got - want) <= 1e-5 + 1e-4 * abs(want), (got, want)
-    state = pm.full_state_dict()
-    for name, value in ref.state_dict().items():
-        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    train_and_compare(pm, ref, opt, data)
     program = next(iter(pm.programs.values()))
     return [c.where for c in program.collectives]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import faulthandler
 import glob
+import hashlib
 import importlib
 import json
 import os
@@ -163,8 +164,22 @@ def _failure_report(e: Any, log_dir: str, world: int | None = None) -> list[str]
     return lines
 
 
+def _run_id(entry: str, args: list[str], nnodes: int, rdzv_endpoint: str | None) -> str:
+    """The rendezvous id: random on one host; on several, the same on every host of the job (the agents of
+    one job must join one rendezvous), so derived from what every host's command line shares."""
+    if nnodes == 1 or not rdzv_endpoint:
+        return f"shardflow-{uuid.uuid4().hex[:12]}"
+    shared = "\0".join([rdzv_endpoint, str(nnodes), entry, *args])
+    return f"shardflow-{hashlib.sha256(shared.encode()).hexdigest()[:12]}"
+
+
 def launch(
-    entry: str, nprocs: int, args: list[str] | None = None, nnodes: int = 1, rdzv_endpoint: str | None = None
+    entry: str,
+    nprocs: int,
+    args: list[str] | None = None,
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    local_addr: str | None = None,
 ) -> int:
     """Run ``entry`` on ``nprocs`` ranks per host; 0 when every rank returns 0, else a non-zero exit code.
 
@@ -190,12 +205,17 @@ def launch(
             min_nodes=nnodes,
             max_nodes=nnodes,
             nproc_per_node=nprocs,
-            run_id=f"shardflow-{uuid.uuid4().hex[:12]}",
+            run_id=_run_id(entry, args or [], nnodes, rdzv_endpoint),
             rdzv_backend="c10d",
             # one host: port 0 lets the rendezvous store bind a free port itself (no race), and MASTER_ADDR is
             # loopback because the host name may not resolve
             rdzv_endpoint=rdzv_endpoint or "127.0.0.1:0",
-            local_addr="127.0.0.1" if nnodes == 1 else None,
+            local_addr=local_addr or ("127.0.0.1" if nnodes == 1 else None),
+            # a host that names its address hosts the rendezvous store when the endpoint is that address
+            # (torchrun otherwise decides by host name, which fails where names do not resolve)
+            rdzv_configs={"is_host": local_addr == rdzv_endpoint.rsplit(":", 1)[0]}
+            if local_addr and rdzv_endpoint
+            else {},
             max_restarts=0,
             monitor_interval=0.1,
             start_method="spawn",

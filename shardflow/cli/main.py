@@ -39,7 +39,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from shardflow.cli.launch import launch
 
-    return launch(args.script, args.nprocs, list(args.script_args), args.nnodes, args.rdzv_endpoint)
+    return launch(args.script, args.nprocs, list(args.script_args), args.nnodes, args.rdzv_endpoint, args.local_addr)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-n", "--nprocs", type=_positive_int, required=True, metavar="NPROCS", help="ranks on this host")
     run.add_argument("--nnodes", type=_positive_int, default=None, help="hosts in the job (default: SLURM's, else 1)")
     run.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="rendezvous of a multi-host job")
+    run.add_argument(
+        "--local-addr",
+        default=None,
+        metavar="ADDR",
+        help="this host's address as the other hosts reach it (default: its name; set it on hosts with several networks)",
+    )
     run.add_argument("script", help="a Python script, or package.module:function")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     run.set_defaults(func=_run)

@@ -1,0 +1,90 @@
+"""Two hosts on one machine: two network namespaces joined by a veth pair, one `shardflow run` agent in each
+(torchrun's c10d rendezvous across them, gloo between the workers). A job spans both hosts; a rank that
+raises on either host ends both agents, with the rank named, and leaves no process behind.
+
+Needs root (network namespaces); elsewhere the tests skip and say why."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+JOB = Path(__file__).with_name("run_job.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[tuple[str, str, str]]]:
+    """[(namespace, address, interface)] of two connected hosts; torn down after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    tag = f"{os.getpid() % 100000}"
+    made = [(f"sfh{tag}a", "10.231.7.1", f"sfv{tag}a"), (f"sfh{tag}b", "10.231.7.2", f"sfv{tag}b")]
+    try:
+        for ns, _, _ in made:
+            _ip("netns", "add", ns)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot create network namespaces here: {getattr(e, 'stderr', e)}")
+    try:
+        _ip("link", "add", made[0][2], "type", "veth", "peer", "name", made[1][2])
+        for ns, addr, dev in made:
+            _ip("link", "set", dev, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        yield made
+    finally:
+        for ns, _, _ in made:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                subprocess.run(["kill", "-9", pid], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _agents(hosts, *job_args: str) -> list[subprocess.Popen]:  # type: ignore[no-untyped-def]
+    endpoint = f"{hosts[0][1]}:29431"
+    procs = []
+    for ns, addr, dev in hosts:
+        cmd = ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={dev}", f"PYTHONPATH={ROOT}"]
+        cmd += [sys.executable, "-m", "shardflow.cli.main", "run", "-n", "2", "--nnodes", "2"]
+        cmd += ["--rdzv-endpoint", endpoint, "--local-addr", addr, str(JOB), *job_args]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _left(hosts) -> list[str]:  # type: ignore[no-untyped-def]
+    return [
+        p
+        for ns, _, _ in hosts
+        for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+    ]
+
+
+def test_a_job_spans_two_hosts(hosts, tmp_path):
+    procs = _agents(hosts, str(tmp_path))
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    seen = sorted(f.read_text() for f in tmp_path.glob("rank*.txt"))
+    assert seen == ["4 15.0 "] * 4  # four ranks over two hosts, each saw the whole job and its sum
+    assert _left(hosts) == []
+
+
+def test_a_failing_rank_on_one_host_stops_both(hosts, tmp_path):
+    started = time.monotonic()
+    procs = _agents(hosts, str(tmp_path), "--fail")
+    outs = [p.communicate(timeout=180) for p in procs]
+    took = time.monotonic() - started
+    assert all(p.returncode != 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert took < 60, took
+    assert any("rank 1 failed" in err and "rank 1 was told to fail" in err for _, err in outs), outs
+    assert _left(hosts) == []

@@ -1,6 +1,7 @@
 """Two hosts on one machine: two network namespaces joined by a veth pair, one `shardflow run` agent in each
-(torchrun's c10d rendezvous across them, gloo between the workers). A job spans both hosts; a rank that
-raises on either host ends both agents, with the rank named, and leaves no process behind.
+(torchrun's c10d rendezvous across them, gloo between the workers). A job spans both hosts; the 2x2
+training demo over them equals serial PyTorch; a rank that raises, or a worker killed, on one host ends
+both agents (within 30 s for the kill), with the rank named, and leaves no process behind.
 
 Needs root (network namespaces); elsewhere the tests skip and say why."""
 
@@ -51,13 +52,13 @@ def hosts() -> Iterator[list[tuple[str, str, str]]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def _agents(hosts, *job_args: str) -> list[subprocess.Popen]:  # type: ignore[no-untyped-def]
+def _agents(hosts, *job_args: str, job: str = str(JOB)) -> list[subprocess.Popen]:  # type: ignore[no-untyped-def]
     endpoint = f"{hosts[0][1]}:29431"
     procs = []
     for ns, addr, dev in hosts:
         cmd = ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={dev}", f"PYTHONPATH={ROOT}"]
         cmd += [sys.executable, "-m", "shardflow.cli.main", "run", "-n", "2", "--nnodes", "2"]
-        cmd += ["--rdzv-endpoint", endpoint, "--local-addr", addr, str(JOB), *job_args]
+        cmd += ["--rdzv-endpoint", endpoint, "--local-addr", addr, job, *job_args]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -87,4 +88,46 @@ def test_a_failing_rank_on_one_host_stops_both(hosts, tmp_path):
     assert all(p.returncode != 0 for p in procs), [err[-2000:] for _, err in outs]
     assert took < 60, took
     assert any("rank 1 failed" in err and "rank 1 was told to fail" in err for _, err in outs), outs
+    assert _left(hosts) == []
+
+
+def test_a_2x2_run_over_two_hosts_equals_serial(hosts):
+    """The training demo (a GPT on a 2x2 dp x tp mesh) over two hosts checks its own losses against serial
+    PyTorch and fails when they differ (tests/cli/test_demo.py shows it failing on a changed tensor)."""
+    procs = _agents(hosts, "--steps", "3", job="shardflow.demo.train_gpt:main")
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert any("steps match serial PyTorch" in out for out, _ in outs), [out[-2000:] for out, _ in outs]
+    assert not any("✗" in out for out, _ in outs)
+
+
+def _workers(ns: str) -> list[int]:
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+    out = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().startswith("sf-rank"):
+                out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
+def test_a_worker_killed_on_one_host_stops_the_other_within_30_s(hosts, tmp_path):
+    config = str(ROOT / "examples" / "gpt.toml")
+    flags = ["--mesh", "4", "--axes", "dp", "--strategy", "dp", "--model.n_layer", "1", "--model.n_embd", "32"]
+    flags += ["--model.block_size", "16", "--steps", "100000", "--snapshot_every", "100000"]
+    procs = _agents(hosts, config, *flags, "--run_dir", str(tmp_path / "run"), job="shardflow.train.loop:main")
+    deadline = time.monotonic() + 120
+    while len(_workers(hosts[1][0])) < 2:  # both of host b's workers started
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "workers did not start"
+        time.sleep(0.2)
+    time.sleep(8)  # training is under way
+    victim = _workers(hosts[1][0])[0]
+    os.kill(victim, 9)
+    killed = time.monotonic()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert time.monotonic() - killed <= 30, time.monotonic() - killed
+    assert all(p.returncode != 0 for p in procs)
+    assert any("failed (signal SIGKILL)" in err for _, err in outs), [err[-2000:] for _, err in outs]
     assert _left(hosts) == []

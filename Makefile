@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/zero.py --ranks 2,4
 	$(BIN)/python benchmarks/checkpoint.py
+	$(BIN)/python benchmarks/async_save.py
 	$(BIN)/python benchmarks/pipeline.py --ranks 2,4
 	$(BIN)/python benchmarks/loader.py
 

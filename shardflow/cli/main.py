@@ -33,7 +33,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.boxing:
         return launch(BOXING_TARGET, args.nprocs, [])
-    return launch(TRAIN_TARGET, args.nprocs, ["--steps", str(args.steps)])
+    extra = ["--pipeline", args.pipeline] if args.pipeline else []
+    return launch(TRAIN_TARGET, args.nprocs, ["--steps", str(args.steps), *extra])
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the boxing tour (every layout conversion, checked) instead of training",
     )
+    demo.add_argument(
+        "--pipeline",
+        default=None,
+        metavar="TRACE.json",
+        help="train as 2 pipeline stages (1F1B) of data-parallel ranks; trace one step into TRACE.json and a PNG",
+    )
     demo.set_defaults(func=_demo)
     run = sub.add_parser(
         "run",
@@ -176,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         if args.nprocs < DEMO_MIN_RANKS:
             parser.error(f"demo needs at least {DEMO_MIN_RANKS} ranks for its 2×2 mesh, got -n {args.nprocs}")
-        if args.boxing and args.steps is not None:
-            parser.error("--steps sets the training demo's length; the boxing tour (--boxing) has no steps")
+        if args.boxing and (args.steps is not None or args.pipeline):
+            parser.error("--steps and --pipeline are for the training demo; the boxing tour (--boxing) has neither")
         if not args.boxing:
             if args.nprocs % 2:
                 parser.error(f"the training demo needs an even number of ranks (dp × tp, tp = 2), got -n {args.nprocs}")

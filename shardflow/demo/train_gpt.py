@@ -6,7 +6,9 @@ download), one token per byte. Every rank draws the same global batches (``batch
 ``tp``. Rank 0 prints the plan, a progress bar with the loss and tokens/s, and the loss at the start and at
 the end. Before training, rank 0 trains a copy of the same model with plain PyTorch for the first
 ``CHECK_STEPS`` steps on the same batches (the test oracle: parallel must equal serial); every rank compares
-its parallel losses with those, and the demo exits 1 if any differs by more than ``RTOL``.
+its parallel losses with those, and the demo exits 1 if any differs by more than ``RTOL``. With
+``--pipeline TRACE.json`` the mesh is two pipeline stages of data-parallel ranks (1F1B, 4 micro-batches)
+instead, and one more step is traced into TRACE.json and drawn next to it as a PNG.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ CONFIG = GPTConfig(vocab_size=CHAR_VOCAB_SIZE, block_size=32, n_layer=2, n_head=
 LR, EPS, MAX_GRAD_NORM = 3e-3, 1e-6, 1.0
 MODEL_SEED, DATA_SEED = 0, 1
 TP = 2  # the tp axis; dp takes the other ranks (2 of 4)
+PP, MICRO_BATCHES = 2, 4  # with --pipeline: stages and micro-batches per step
 TIMEOUT_S = 120  # per collective; far above a step of this model, so a slower one is a hang
 PLAN_LINES = 24  # explain() lines shown (after collapsing repeated layers) before the rest is cut
 RATE_WINDOW = 5  # tokens/s on the progress bar: over the last this many steps
@@ -51,6 +54,7 @@ def _optimizer(params: object) -> torch.optim.Optimizer:
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="shardflow demo", add_help=False)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--pipeline", default="", metavar="TRACE.json")
     args = parser.parse_args(list(argv))
     if args.steps < CHECK_STEPS:
         parser.error(f"--steps must be at least {CHECK_STEPS} (the steps checked against serial PyTorch)")
@@ -126,7 +130,9 @@ def _header(console: Console, n_tokens: int, model: torch.nn.Module, dp: int, st
     )
 
 
-def _train(pm: sf.ParallelModule, data: Sequence[Batch], console: Console | None) -> tuple[list[float], list[float]]:
+def _train(
+    pm: sf.ParallelModule | sf.PipelineModule, data: Sequence[Batch], console: Console | None
+) -> tuple[list[float], list[float]]:
     """Every step's loss and the time each step ended (seconds from the start); rank 0 shows the progress."""
     losses: list[float] = []
     ends: list[float] = []
@@ -196,7 +202,11 @@ def main() -> int:
     if world_size < 2 * TP or world_size % TP:
         raise ValueError(f"the GPT demo needs an even number (>= {2 * TP}) of ranks for dp × tp, got {world_size}")
     dp = world_size // TP
-    mesh = sf.Mesh("cpu", (dp, TP), names=("dp", "tp"))
+    # --pipeline: two stages (pp) of data-parallel ranks instead of dp × tp; the last step is traced
+    pipelined = bool(args.pipeline)
+    mesh = sf.Mesh(
+        "cpu", (PP, world_size // PP) if pipelined else (dp, TP), names=("pp", "dp") if pipelined else ("dp", "tp")
+    )
 
     torch.manual_seed(MODEL_SEED)  # every rank builds the same model ...
     model = GPT(CONFIG)
@@ -211,7 +221,13 @@ def main() -> int:
     dist.broadcast(want, src=0)
 
     pm = sf.compile(
-        model, mesh, example_inputs=data[0], strategy="hybrid", optimizer=_optimizer, max_grad_norm=MAX_GRAD_NORM
+        model,
+        mesh,
+        example_inputs=data[0],
+        strategy="dp" if pipelined else "hybrid",
+        optimizer=_optimizer,
+        max_grad_norm=MAX_GRAD_NORM,
+        pipeline=sf.Pipeline(micro_batches=MICRO_BATCHES, schedule="1f1b") if pipelined else None,
     )
     console = None
     if rank == 0:
@@ -228,6 +244,18 @@ def main() -> int:
             + ", ".join(f"{w:.4f}" for w in want.tolist())
         )
     losses, ends = _train(pm, data, console)
+    if pipelined:  # one more step, traced: every rank's timeline, drawn by rank 0
+        pm.step(*data[-1], trace=args.pipeline)
+        if console is not None:
+            from shardflow.runtime.trace import idle_fraction, render
+
+            png = args.pipeline.rsplit(".", 1)[0] + ".png"
+            render(pm.events, png, title="shardflow demo --pipeline: one 1F1B step")
+            console.print(
+                f"\ntimeline of one step: {args.pipeline} (ui.perfetto.dev) and {png}; compute idle "
+                f"{idle_fraction(pm.events):.0%} (2 stages, {MICRO_BATCHES} micro-batches: "
+                f"{1 / (MICRO_BATCHES + 1):.0%} in theory)"
+            )
     # Every rank checks its own losses; one all-reduce makes every rank agree on the exit code.
     ok = torch.tensor(int(not compare(losses[:CHECK_STEPS], want.tolist())), dtype=torch.int32)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)

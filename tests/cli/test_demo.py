@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from shardflow.runtime.trace import read
+
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300  # 4 ranks importing torch on 2 busy cores; the demo itself takes well under a minute
 ROUTES = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce", "send_recv")
@@ -190,3 +192,13 @@ def test_demo_rejects_bad_options(argv: list[str], message: str, capsys: pytest.
     with pytest.raises(SystemExit) as e:
         main(["demo", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_pipeline_demo_matches_serial_and_draws_its_timeline(tmp_path):
+    trace = tmp_path / "step.json"
+    p = _shardflow("demo", "--steps", "3", "--pipeline", str(trace))
+    assert p.returncode == 0, _output(p)
+    assert MATCH_LINE in p.stdout and "✗" not in p.stdout, _output(p)
+    assert "2 stage(s) over mesh axis 'pp'" in p.stdout, _output(p)  # the plan printed is the pipeline's
+    assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {e.rank for e in read(trace)} == {0, 1, 2, 3}

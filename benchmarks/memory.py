@@ -2,8 +2,8 @@
 (``shardflow.testing.memory.measure_step_peak``: allocation and free events of a real step on top of the
 storages alive before it), and how long the verdict of ``memory_limit`` takes (lowering included).
 
-Cases: the GPT and the MLP of benchmarks/train.py, on 2 ranks, as dp and tp, and the GPT under dp with
-every block recomputed in backward. Each measurement is repeated ``--repeats`` times (median and range
+Cases: the GPT and the MLP of benchmarks/train.py, on 2 ranks, as dp and tp, the GPT under dp with
+every block recomputed in backward, and the BatchNorm CNN under dp. Each measurement is repeated ``--repeats`` times (median and range
 reported). ZeRO against FSDP2: benchmarks/zero.py.
 
     .venv/bin/python benchmarks/memory.py [--repeats 3] [--markdown]
@@ -33,7 +33,14 @@ from benchmarks.common import (  # noqa: E402
     run_world,
 )
 
-CASES = [("mlp", "dp", False), ("mlp", "tp", False), ("gpt", "dp", False), ("gpt", "tp", False), ("gpt", "dp", True)]
+CASES = [
+    ("mlp", "dp", False),
+    ("mlp", "tp", False),
+    ("gpt", "dp", False),
+    ("gpt", "tp", False),
+    ("gpt", "dp", True),
+    ("cnn", "dp", False),
+]
 HEADER = [
     "case",
     "ranks",

@@ -20,14 +20,18 @@ _LAUNCH = [lower._launch]
 
 
 def memory_case(kind: str) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
-    """(model, batch) of the memory test and benchmark: ``"gpt"`` (2 layers, 128 wide, 8 x 64 tokens) or
-    ``"mlp"`` (256 -> 1024 -> 1024 -> 16, batch 64), the same weights every call."""
-    from shardflow.models import GPT, MLP, GPTConfig, MLPConfig
+    """(model, batch) of the memory test and benchmark: ``"gpt"`` (2 layers, 128 wide, 8 x 64 tokens),
+    ``"cnn"`` (BatchNorm CNN, 32 x 3 x 32 x 32 images) or ``"mlp"`` (256 -> 1024 -> 1024 -> 16, batch 64), the
+    same weights every call."""
+    from shardflow.models import GPT, MLP, CNNConfig, GPTConfig, MLPConfig, SmallCNN
 
     torch.manual_seed(0)
     if kind == "gpt":
         x = torch.randint(0, 256, (8, 64))
         return GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128)), (x, x)
+    if kind == "cnn":
+        cnn = SmallCNN(CNNConfig(in_channels=3, image_size=32, channels=(16, 32), num_classes=10))
+        return cnn, (torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))
     model = MLP(MLPConfig(in_features=256, hidden_sizes=(1024, 1024), num_classes=16))
     return model, (torch.randn(64, 256), torch.randint(0, 16, (64,)))
 

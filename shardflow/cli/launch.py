@@ -2,9 +2,11 @@
 
 Decision: workers are started by ``torch.distributed.launcher.api.elastic_launch`` (what ``torchrun`` runs),
 with a c10d rendezvous on 127.0.0.1, so a worker sees exactly torchrun's environment (``RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR``, ...) and ``sf.init()`` needs no second code path. ``max_restarts=0``: a
-failed rank fails the job (BSP), and the agent stops the other ranks at once instead of letting them wait on
-a dead peer until the collective timeout.
+``WORLD_SIZE``, ``MASTER_ADDR``, ...) and ``sf.init()`` needs no second code path. By default
+(``max_restarts=0``) a failed rank fails the job (BSP), and the agent stops the other ranks at once instead of
+letting them wait on a dead peer until the collective timeout; with ``max_restarts=N`` the agent restarts
+every rank up to N times and the job resumes itself (``shardflow train`` from its newest snapshot; each
+attempt meets in its own prefix of the agent's store, see comm/init.py).
 
 The target is ``"package.module:function"`` (called with no arguments, like a console script) or a path to a
 ``.py`` script (run as ``__main__``); either way the worker sees ``sys.argv == [target, *args]``. A worker
@@ -180,6 +182,7 @@ def launch(
     nnodes: int = 1,
     rdzv_endpoint: str | None = None,
     local_addr: str | None = None,
+    max_restarts: int = 0,
 ) -> int:
     """Run ``entry`` on ``nprocs`` ranks per host; 0 when every rank returns 0, else a non-zero exit code.
 
@@ -216,7 +219,7 @@ def launch(
             rdzv_configs={"is_host": local_addr == rdzv_endpoint.rsplit(":", 1)[0]}
             if local_addr and rdzv_endpoint
             else {},
-            max_restarts=0,
+            max_restarts=max_restarts,
             monitor_interval=0.1,
             start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=log_dir),  # error files only; output goes to the console

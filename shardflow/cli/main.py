@@ -40,7 +40,15 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from shardflow.cli.launch import launch
 
-    return launch(args.script, args.nprocs, list(args.script_args), args.nnodes, args.rdzv_endpoint, args.local_addr)
+    return launch(
+        args.script,
+        args.nprocs,
+        list(args.script_args),
+        args.nnodes,
+        args.rdzv_endpoint,
+        args.local_addr,
+        args.max_restarts,
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -55,7 +63,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"shardflow {args.command}: {e}", file=sys.stderr)
         return 2
     target = TRAIN_MAIN if args.command == "train" else PLAN_MAIN
-    return launch(target, math.prod(cfg.mesh), [args.config, *args.overrides])
+    return launch(target, math.prod(cfg.mesh), [args.config, *args.overrides], max_restarts=args.max_restarts)
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -139,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="this host's address as the other hosts reach it (default: its name; set it on hosts with several networks)",
     )
+    run.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="restart every rank up to N times after a failure (the script resumes itself; default: 0, fail)",
+    )
     run.add_argument("script", help="a Python script, or package.module:function")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     run.set_defaults(func=_run)
@@ -157,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "config can be set on the command line after it, e.g. --steps 100 --model.n_layer 4 --resume never "
                 "(see examples/gpt.toml and shardflow/train/config.py for every key)."
             ),
+        )
+        cmd.add_argument(
+            "--max-restarts",
+            type=int,
+            default=0,
+            metavar="N",
+            help="restart every rank up to N times after a failure (training resumes from the newest snapshot; default: 0, fail)",
         )
         cmd.add_argument("config", help="a TOML file (examples/gpt.toml)")
         cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs overriding the config")

@@ -54,6 +54,15 @@ def init(backend: str | None = None, timeout: float | timedelta | None = None) -
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and attempt != "0":
+            # NOTE: workers restarted by the elastic agent meet in the agent's store again, which still holds
+            # the previous attempt's keys (the gloo addresses of dead workers): give each attempt its own prefix
+            rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, False, timeout=td)
+            prefixed = dist.PrefixStore(f"shardflow/attempt_{attempt}", agent)
+            dist.init_process_group(backend, store=prefixed, rank=rank, world_size=size, timeout=td)
+            return
         dist.init_process_group(backend, timeout=td)
         return
     store = dist.HashStore()

@@ -150,3 +150,34 @@ def test_a_worker_killed_while_saving_leaves_the_last_snapshot_loadable(tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {done[-1][1]} (step {done[-1][0]})" in resumed.stdout, resumed.stdout
     assert f"step {done[-1][0] + 2}/{done[-1][0] + 2}: loss" in resumed.stdout
+
+
+def test_with_restarts_a_killed_worker_rejoins_and_training_continues(tmp_path):
+    """``--max-restarts 1``: a worker killed after step 5 makes the agent restart every rank; they resume
+    from the newest snapshot (step 4) on their own, the resumed step 5 repeats the first one's loss exactly,
+    and the job ends normally."""
+    run = tmp_path / "run"
+    flags = [*FLAGS, "--run_dir", str(run), "--steps", "8", "--snapshot_every", "2"]
+    cmd = [sys.executable, "-m", "shardflow.cli.main", "train", "--max-restarts", "1"]
+    cmd += [str(ROOT / "examples" / "gpt.toml"), *flags]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))
+    )
+    err: list[str] = []
+    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+    lines: list[str] = []
+    killed = False
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 5/8") and not killed:
+            victim = next(p for p in _descendants(proc.pid) if _rank_of(p) == 2)
+            os.kill(victim, signal.SIGKILL)
+            killed = True
+    assert proc.wait(timeout=120) == 0, "".join(err)[-3000:]
+    text = "".join(lines)
+    assert killed and "resumed from" in text and "(step 4)" in text, text
+    fives = [line.split(",")[0] for line in lines if line.startswith("step 5/8")]
+    assert len(fives) == 2 and fives[0] == fives[1], fives  # the same loss before the kill and after resuming
+    assert "step 8/8" in text
+    assert [s for s, _ in snapshots(str(run))][-1] == 8

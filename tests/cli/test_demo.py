@@ -183,7 +183,8 @@ def test_unknown_subcommand_is_an_error() -> None:
         (["--boxing", "-n", "3"], "at least 4 ranks"),
         (["-n", "5"], "even number of ranks"),
         (["--steps", "2"], "--steps must be at least 3"),
-        (["--boxing", "--steps", "5"], "the boxing tour (--boxing) has no steps"),
+        (["--boxing", "--steps", "5"], "the boxing tour (--boxing) has neither"),
+        (["--boxing", "--pipeline", "t.json"], "--steps and --pipeline are for the training demo"),
     ],
 )
 def test_demo_rejects_bad_options(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

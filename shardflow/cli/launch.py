@@ -79,6 +79,46 @@ def _name_process(rank: str) -> None:
         pass
 
 
+def _workers(parent: int) -> dict[int, str]:
+    """This launcher's worker processes (named ``sf-rank<N>``) and their states (``R``, ``S``, ``T``, ``Z``...)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            comm = open(f"/proc/{entry}/comm").read().strip()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and comm.startswith("sf-rank"):
+            out[int(entry)] = fields[0]
+    return out
+
+
+def _kill_stopped_workers(parent: int, done: threading.Event) -> None:
+    """Once a worker has ended while others run, SIGKILL the stopped ones (SIGSTOP, a debugger).
+
+    When a rank fails, the agent asks the others to end with SIGTERM and waits 30 s before SIGKILL; a stopped
+    process cannot act on SIGTERM, so a stuck (stopped) rank would hold the job for that whole grace. Its peers
+    have already given up on it (their collectives timed out), so nothing is lost by ending it at once.
+    """
+    seen: set[int] = set()
+    while not done.wait(0.5):
+        if not os.path.isdir("/proc"):
+            return
+        states = _workers(parent)
+        alive = {pid for pid, state in states.items() if state != "Z"}
+        seen |= set(states)
+        if seen - alive:  # some worker has ended: the job is ending
+            for pid, state in states.items():
+                if state in ("T", "t"):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+
+
 def _worker(target: str, args: list[str], parent_pid: int) -> int:
     """Runs in every worker process (spawned by the elastic agent, torchrun's env vars already set)."""
     import torch
@@ -224,6 +264,8 @@ def launch(
             start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=log_dir),  # error files only; output goes to the console
         )
+        done = threading.Event()
+        threading.Thread(target=_kill_stopped_workers, args=(os.getpid(), done), daemon=True).start()
         try:
             results = elastic_launch(config, _worker)(entry, list(args or []), os.getpid())
         except ChildFailedError as e:
@@ -234,6 +276,8 @@ def launch(
         except SignalException as e:
             print(f"shardflow: stopped by {e.sigval.name}; all ranks were terminated", file=sys.stderr)
             return 128 + int(e.sigval)
+        finally:
+            done.set()
     by_code: dict[int, list[int]] = {}
     for rank, code in sorted(results.items()):
         if code:

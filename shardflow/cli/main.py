@@ -83,6 +83,25 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_max_restarts(parser: argparse.ArgumentParser, resumes: str) -> None:
+    def count(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"expected a number of restarts >= 0, got {text!r}")
+        return n
+
+    parser.add_argument(
+        "--max-restarts",
+        type=count,
+        default=0,
+        metavar="N",
+        help=f"restart every rank up to N times after a failure ({resumes}; default: 0, fail)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardflow",
@@ -147,13 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="this host's address as the other hosts reach it (default: its name; set it on hosts with several networks)",
     )
-    run.add_argument(
-        "--max-restarts",
-        type=int,
-        default=0,
-        metavar="N",
-        help="restart every rank up to N times after a failure (the script resumes itself; default: 0, fail)",
-    )
+    _add_max_restarts(run, "the script resumes itself")
     run.add_argument("script", help="a Python script, or package.module:function")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     run.set_defaults(func=_run)
@@ -173,13 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "(see examples/gpt.toml and shardflow/train/config.py for every key)."
             ),
         )
-        cmd.add_argument(
-            "--max-restarts",
-            type=int,
-            default=0,
-            metavar="N",
-            help="restart every rank up to N times after a failure (training resumes from the newest snapshot; default: 0, fail)",
-        )
+        _add_max_restarts(cmd, "training resumes from the newest snapshot")
         cmd.add_argument("config", help="a TOML file (examples/gpt.toml)")
         cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs overriding the config")
         cmd.set_defaults(func=_train)

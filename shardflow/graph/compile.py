@@ -46,7 +46,14 @@ from shardflow.graph.strategy import axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
 from shardflow.placement.shard import relative, shard_box
-from shardflow.runtime.memory import MemoryReport, ProgramMemory, fmt_bytes, optimizer_bytes, parse_bytes
+from shardflow.runtime.memory import (
+    MemoryReport,
+    ProgramMemory,
+    fmt_bytes,
+    optimizer_bytes,
+    parse_bytes,
+    unique_bytes,
+)
 from shardflow.runtime.pipeline import Pipeline, PipelineModule
 from shardflow.runtime.stages import blocks
 from shardflow.tensor.api import distribute
@@ -200,10 +207,10 @@ class ParallelModule(Snapshots):
             assert program.memory is not None
             state, temp, note = optimizer_bytes(self.optimizer)
             persistent = {
-                "parameters": _unique_bytes(p._local for p in self.params),
-                "buffers": _unique_bytes(b._local for b in self.module.buffers() if isinstance(b, GlobalTensor)),
+                "parameters": unique_bytes(p._local for p in self.params),
+                "buffers": unique_bytes(b._local for b in self.module.buffers() if isinstance(b, GlobalTensor)),
                 "optimizer state": state,
-                "inputs": _unique_bytes(x._local for x in gins if isinstance(x, GlobalTensor)),
+                "inputs": unique_bytes(x._local for x in gins if isinstance(x, GlobalTensor)),
             }
             report = MemoryReport(rank, persistent, program.memory, program.memory.gradients + temp, note)
         else:
@@ -332,14 +339,6 @@ class ParallelModule(Snapshots):
                 lines.append("first eager step (forward, backward, gradient sync, clipping, update):")
             lines.append(self.record.explain())
         return "\n".join(lines)
-
-
-def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (tied parameters count once)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def clip_grad_norm(sbps: Sequence[NdSbp], local_params: Sequence[nn.Parameter], mesh: Mesh, max_norm: float) -> float:

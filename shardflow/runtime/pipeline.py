@@ -43,7 +43,7 @@ from shardflow.comm.init import collective_timeout, world
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B
 from shardflow.runtime import trace as tracing
-from shardflow.runtime.memory import MemoryReport, ProgramMemory, fmt_bytes, optimizer_bytes
+from shardflow.runtime.memory import MemoryReport, ProgramMemory, fmt_bytes, optimizer_bytes, unique_bytes
 from shardflow.runtime.schedule import SCHEDULES, Action, bubble, in_flight, stage_order
 from shardflow.runtime.stages import Split, balanced_split_points, canonical_names, split_model
 from shardflow.tensor.global_tensor import GlobalTensor, wrap
@@ -452,8 +452,8 @@ class PipelineModule(Snapshots):
             plain = [_plain(x) for x in (inputs or self.example_inputs)]
             act = self._activation_bytes(self._micro_batches(plain)[0][0])
             k = in_flight(self.order)
-            params = _unique_bytes([p.detach() for p in self.params])
-            grads = _unique_bytes([p.detach() for p in self.params if p.requires_grad])
+            params = unique_bytes([p.detach() for p in self.params])
+            grads = unique_bytes([p.detach() for p in self.params if p.requires_grad])
             state, temp, note = optimizer_bytes(self.optimizer) if self.optimizer else (0, 0, "no parameters")
             buckets = grads if self.dp > 1 else 0
             at_peak = [
@@ -632,11 +632,6 @@ class PipelineModule(Snapshots):
         for name, stages in self.split.tied.items():
             lines.append(f"  {name} is held by stages {list(stages)}; their gradients are summed")
         return "\n".join(lines)
-
-
-def _unique_bytes(tensors: list[torch.Tensor]) -> int:
-    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(seen.values())
 
 
 def _shape_key(micro: Sequence[Any]) -> tuple[Any, ...]:

@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/async_save.py
 	$(BIN)/python benchmarks/pipeline.py --ranks 2,4
 	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/overlap.py
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

@@ -2,7 +2,7 @@
 
 from shardflow.boxing.cost import DEFAULT_COST, CostModel
 from shardflow.boxing.plan import Plan, Step, Transfer, estimate_seconds, plan_boxing
-from shardflow.boxing.run import empty_local, run_plan
+from shardflow.boxing.run import can_start, empty_local, finish_plan, run_plan, start_plan
 
 __all__ = [
     "DEFAULT_COST",
@@ -10,8 +10,11 @@ __all__ = [
     "Plan",
     "Step",
     "Transfer",
+    "can_start",
     "empty_local",
+    "finish_plan",
     "estimate_seconds",
     "plan_boxing",
     "run_plan",
+    "start_plan",
 ]

@@ -189,3 +189,26 @@ def run_plan(plan: Plan, local: torch.Tensor) -> torch.Tensor:
     if rank not in plan.dst_mesh:
         return empty_local(plan.dtype, local.device)
     return local
+
+
+def can_start(plan: Plan, rank: int) -> bool:
+    """Whether ``plan`` is one all-gather that ``rank`` takes part in with others: such a plan can be
+    launched early (``start_plan``) and its result picked up later (``finish_plan``)."""
+    if len(plan.steps) != 1 or plan.steps[0].kind != "all_gather":
+        return False
+    args = _prepare(plan, rank)[0]
+    return isinstance(args, _AxisArgs) and len(args.members) > 1
+
+
+def start_plan(plan: Plan, local: torch.Tensor) -> C.Gathering:
+    """Launch the all-gather plan (``can_start``) without waiting: a prefetch of what ``run_plan`` returns."""
+    step, args = plan.steps[0], _prepare(plan, world()[0])[0]
+    assert isinstance(args, _AxisArgs)
+    split = step.src[step.axis]
+    assert isinstance(split, S)
+    return C.all_gather_start(local, split.dim, args.src_sizes, group_for(args.members))
+
+
+def finish_plan(handle: C.Gathering) -> torch.Tensor:
+    """Wait for a plan launched by ``start_plan``; its result equals ``run_plan``'s."""
+    return C.all_gather_finish(handle)

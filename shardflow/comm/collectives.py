@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,19 +66,45 @@ def all_gather(local: torch.Tensor, dim: int, sizes: Sequence[int], g: GroupHand
     With even sizes, axis order and ``dim`` outermost, that buffer is the result. Otherwise one ``torch.cat``
     of the blocks narrowed to their sizes, in axis order, builds it (one copy, contiguous).
     """
-    k, m = g.size, max(sizes)
-    out_shape = _set(local.shape, (dim, sum(sizes)))
+    return all_gather_finish(all_gather_start(local, dim, sizes, g))
+
+
+@dataclass(frozen=True)
+class Gathering:
+    """An all-gather on its way: ``all_gather_finish`` waits for it and assembles the result."""
+
+    work: Any  # the collective's handle; None when there is nothing to move
+    buf: torch.Tensor  # the members' (padded) pieces, block r from group rank r
+    out_shape: tuple[int, ...]
+    piece_shape: tuple[int, ...]
+    dim: int
+    sizes: tuple[int, ...]
+    g: GroupHandle
+
+
+def all_gather_start(local: torch.Tensor, dim: int, sizes: Sequence[int], g: GroupHandle) -> Gathering:
+    """``all_gather`` launched without waiting (a prefetch): ``all_gather_finish`` gives its result."""
+    m = max(sizes)
+    out_shape = tuple(_set(local.shape, (dim, sum(sizes))))
     if math.prod(out_shape) == 0:  # every member knows this: nothing to move
-        return local.new_empty(out_shape)
+        return Gathering(None, local.new_empty(out_shape), out_shape, (), dim, tuple(sizes), g)
     piece = _padded(local, dim, m)
-    buf = local.new_empty((k * piece.shape[0], *piece.shape[1:]))  # gloo wants the blocks concatenated on dim 0
-    _all_gather_single(buf, piece, group=g.group)
-    even = all(n == m for n in sizes)
-    if even and _in_axis_order(g) and _outermost(piece.shape, dim):
-        return buf.view(out_shape)
-    blocks = buf.view(k, *piece.shape)
-    grank_of = {a: r for r, a in enumerate(g.order)}
-    return torch.cat([blocks[grank_of[a]].narrow(dim, 0, sizes[a]) for a in range(k)], dim)
+    buf = local.new_empty((g.size * piece.shape[0], *piece.shape[1:]))  # gloo wants the blocks on dim 0
+    work = _all_gather_single(buf, piece, group=g.group, async_op=True)
+    return Gathering(work, buf, out_shape, tuple(piece.shape), dim, tuple(sizes), g)
+
+
+def all_gather_finish(h: Gathering) -> torch.Tensor:
+    """Wait for the gathering ``h`` and return the members' pieces concatenated along its dim."""
+    if h.work is None:
+        return h.buf
+    h.work.wait()
+    m = max(h.sizes)
+    if all(n == m for n in h.sizes) and _in_axis_order(h.g) and _outermost(h.piece_shape, h.dim):
+        return h.buf.view(h.out_shape)
+    blocks = h.buf.view(h.g.size, *h.piece_shape)
+    grank_of = {a: r for r, a in enumerate(h.g.order)}
+    return torch.cat([blocks[grank_of[a]].narrow(h.dim, 0, h.sizes[a]) for a in range(h.g.size)], h.dim)
 
 
 def reduce_scatter(full: torch.Tensor, dim: int, sizes: Sequence[int], me: int, g: GroupHandle) -> torch.Tensor:

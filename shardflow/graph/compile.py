@@ -5,7 +5,10 @@ The forward is captured once with ``torch.export`` to choose parameter layouts (
 forward and backward traced once per input signature, every op's signature chosen from the shared rule
 registry, boxing inserted, gradient buckets launched from the generated code as soon as their last
 gradient exists. Clipping and the optimizer run on the local shards (plain torch optimizers: a
-parameter, its gradient and its optimizer state share one layout). ``static = False`` runs the same
+parameter, its gradient and its optimizer state share one layout). The step is an actor graph: the
+program (compute) hands each bucket on once its gradients exist and nothing later reads its parameters,
+an all-reduce actor waits for it and an optimizer actor updates just those parameters while backward goes
+on (runtime/updates.py); with ``max_grad_norm`` the updates wait for the global norm (CONTRACT). ``static = False`` runs the same
 layouts op by op on GlobalTensors (eager), with gradients synchronised from post-accumulate hooks.
 
 ZeRO is a choice of layouts, not a wrapper. ``zero=3``: every parameter gets ``S(0)`` on the
@@ -27,6 +30,7 @@ import dataclasses
 import fnmatch
 import functools
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -41,11 +45,12 @@ from shardflow.checkpoint.store import load as load_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
 from shardflow.graph.capture import capture
-from shardflow.graph.lower import Program, lower, trace_step
+from shardflow.graph.lower import Program, lower, trace_step, wait_bucket
 from shardflow.graph.strategy import axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
 from shardflow.placement.shard import relative, shard_box
+from shardflow.runtime import trace as tracing
 from shardflow.runtime.memory import (
     MemoryReport,
     ProgramMemory,
@@ -53,9 +58,12 @@ from shardflow.runtime.memory import (
     optimizer_bytes,
     parse_bytes,
     unique_bytes,
+    update_temporaries,
 )
 from shardflow.runtime.pipeline import Pipeline, PipelineModule
 from shardflow.runtime.stages import blocks
+from shardflow.runtime.trace import Event
+from shardflow.runtime.updates import UpdateActors
 from shardflow.tensor.api import distribute
 from shardflow.tensor.dispatch import implicit_broadcast
 from shardflow.tensor.global_tensor import GlobalTensor, box, wrap
@@ -134,6 +142,11 @@ class ParallelModule(Snapshots):
         self.zero_axis: int | None = None  # ZeRO-3: the axis parameters are split on and gathered over
         self.programs: dict[Any, Program] = {}
         self.recomputed: list[str] = []  # modules whose activations are recomputed in backward
+        # where the optimizer update of each gradient unit runs: "actors" (its own thread, overlapping the
+        # rest of backward), "inline" (on the compute thread at the unit's release point: deterministic),
+        # or "after" (the whole update once backward and every all-reduce are over, as plain DDP)
+        self.updates = "actors"
+        self.events: list[Event] = []  # every rank's events of the last traced step
 
     def set_recompute(self, names: Sequence[str]) -> None:
         """Recompute the activations of the modules ``names`` in backward instead of keeping them (activation
@@ -168,13 +181,17 @@ class ParallelModule(Snapshots):
                 out.append(x)
         return out
 
-    def step(self, *inputs: Any) -> float:
-        """Forward, backward (gradients synchronised as they appear), clipping, optimizer update."""
+    def step(self, *inputs: Any, trace: str | None = None) -> float:
+        """Forward, backward (gradients synchronised as they appear), clipping, optimizer update; with
+        ``trace`` (static programs), rank 0 writes the step's timeline there (compute, all-reduce and
+        optimizer actors per rank)."""
         if world()[0] not in self.mesh:
             return float("nan")  # no part of the model lives here and no data passes through
         self.module.train()
         if self.static:
-            return self._static_step(self._inputs(inputs))
+            return self._static_step(self._inputs(inputs), trace)
+        if trace is not None:
+            raise ValueError("trace= needs the static program (pm.static = True); eager steps have no actors")
         with contextlib.ExitStack() as stack:
             if self.record is None:  # the first step is recorded for explain()
                 self.record = stack.enter_context(recording())
@@ -212,7 +229,16 @@ class ParallelModule(Snapshots):
                 "optimizer state": state,
                 "inputs": unique_bytes(x._local for x in gins if isinstance(x, GlobalTensor)),
             }
-            report = MemoryReport(rank, persistent, program.memory, program.memory.gradients + temp, note)
+            update = program.memory.gradients + temp
+            if self.updates != "after" and self.max_grad_norm is None and program.release_lines:
+                # each unit is updated where the program releases it, on top of what is alive there
+                update = max(
+                    program.memory.live[line]
+                    + update_temporaries(self.optimizer, [self.local_params[program.grad_of[k]] for k in ks])
+                    for (ks, _), line in zip(program.units, program.release_lines)
+                )
+                note += "; each gradient unit updated during backward, where it is released"
+            report = MemoryReport(rank, persistent, program.memory, update, note)
         else:
             report = MemoryReport(rank, {}, ProgramMemory(0, [], 0, ""), 0, "no part of the model on this rank")
         if torch.distributed.is_initialized():
@@ -222,7 +248,9 @@ class ParallelModule(Snapshots):
             report = dataclasses.replace(report, peaks=tuple(int(v) for v in every))
         return report
 
-    def _static_step(self, inputs: Sequence[Any]) -> float:
+    def _static_step(self, inputs: Sequence[Any], trace: str | None = None) -> float:
+        if self.updates not in ("actors", "inline", "after"):
+            raise ValueError(f"pm.updates must be 'actors', 'inline' or 'after', got {self.updates!r}")
         program = self.program(inputs)
         if self.record is None:
             self.record = program.record
@@ -231,20 +259,76 @@ class ParallelModule(Snapshots):
         args = [p._local for p in self.params]
         args += [b._local for _, b in self.module.named_buffers() if isinstance(b, GlobalTensor)]
         args += [x._local if isinstance(x, GlobalTensor) else x for x in inputs]
-        with torch.no_grad():
-            loss, grads = (program.run if program.ran else program.checked)(args)  # first run checks shapes
+        run = program.run if program.ran else program.checked  # the first run checks local shapes
+        actors = None
+        if self.updates != "after":
+            actors = UpdateActors(
+                functools.partial(self._reduce_unit, program),
+                functools.partial(self._update_unit, program),
+                len(program.units),
+                world()[0],
+                threaded=self.updates != "inline",
+            )
+        start = time.time_ns()
+        try:
+            with torch.no_grad():
+                loss, grads = run(args, actors.ready) if actors is not None else run(args)
+        except BaseException:
+            if actors is not None:
+                actors.close()
+            raise
+        compute_end = time.time_ns()
+        if actors is not None:
+            actors.finish()
         program.ran = True
         for i, g in zip(program.grad_of, grads):
             sl = self.slices[i]
             self.local_params[i].grad = g[sl] if sl is not None and self.zero == 1 else g
-        self._update()
+        self._update(stepped=self.updates != "after" and self.max_grad_norm is None)
+        if trace is not None:
+            end = (actors.backward_end_ns if actors is not None else None) or compute_end
+            mine = [Event(world()[0], "compute", "forward + backward", start, end)]
+            mine += actors.events if actors is not None else []
+            if compute_end > end:
+                mine.append(Event(world()[0], "compute", "wait for all-reduce", end, compute_end))
+            self._gather_trace(mine, trace)
         return float(loss.item())
 
-    def _update(self) -> None:
-        """Clip, step the optimizer on the local pieces and, under ZeRO-1/2, all-gather the updated pieces."""
+    def _reduce_unit(self, program: Program, unit: int, payload: Any) -> list[torch.Tensor]:
+        """The all-reduce actor's task: unit ``unit``'s synchronised gradients."""
+        return wait_bucket(payload) if program.units[unit][1] else list(payload)
+
+    def _update_unit(self, program: Program, unit: int, grads: Sequence[torch.Tensor]) -> None:
+        """The optimizer actor's task: step just this unit's parameters (torch optimizers skip parameters
+        without a gradient, so one optimizer keeps all the state); with clipping, only hold the gradients."""
+        ks, _ = program.units[unit]
+        mine = []
+        for k, g in zip(ks, grads):
+            i = program.grad_of[k]
+            sl = self.slices[i]
+            lp = self.local_params[i]
+            lp.grad = g[sl] if sl is not None and self.zero == 1 else g
+            mine.append(lp)
         if self.max_grad_norm is not None:
-            clip_grad_norm(self.opt_sbps, self.local_params, self.mesh, self.max_grad_norm)
+            return  # updates wait for the global norm (CONTRACT); the all-reduces still overlapped backward
         self.optimizer.step()
+        for lp in mine:
+            lp.grad = None  # the next unit's step must not update these again
+
+    def _gather_trace(self, mine: list[Event], path: str) -> None:
+        everyone: list[Any] = [None] * self.mesh.size
+        torch.distributed.all_gather_object(everyone, mine, group=group_for(self.mesh.ranks).group)
+        self.events = [e for rank_events in everyone for e in rank_events]
+        if world()[0] == self.mesh.ranks[0]:
+            tracing.write(self.events, path)
+
+    def _update(self, stepped: bool = False) -> None:
+        """Clip and step the optimizer on the local pieces (unless the update actors ``stepped`` already)
+        and, under ZeRO-1/2, all-gather the updated pieces."""
+        if not stepped:
+            if self.max_grad_norm is not None:
+                clip_grad_norm(self.opt_sbps, self.local_params, self.mesh, self.max_grad_norm)
+            self.optimizer.step()
         for p, lp, z, sl in zip(self.params, self.local_params, self.opt_sbps, self.slices):
             if sl is not None:
                 with torch.no_grad():

@@ -31,7 +31,7 @@ from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from shardflow.boxing import DEFAULT_COST, estimate_seconds, plan_boxing, run_plan
+from shardflow.boxing import DEFAULT_COST, can_start, estimate_seconds, finish_plan, plan_boxing, run_plan, start_plan
 from shardflow.boxing.plan import COLLECTIVES, Plan
 from shardflow.comm.groups import group_for
 from shardflow.ops import LOCALS, PREPARED, LocalContext, OpCall, TensorMeta, choose, writes_arg
@@ -134,14 +134,19 @@ class Program:
     """This rank's step: ``run(args) -> (loss local in B, [synchronised gradient locals])``."""
 
     source: str
-    run: Callable[[list[Any]], tuple[torch.Tensor, list[torch.Tensor]]]
-    checked: Callable[[list[Any]], tuple[torch.Tensor, list[torch.Tensor]]]  # same, asserting local shapes
+    run: Callable[..., tuple[torch.Tensor, list[torch.Tensor]]]  # run(args, ready=None)
+    checked: Callable[..., tuple[torch.Tensor, list[torch.Tensor]]]  # same, asserting local shapes
     record: Record
     grad_of: tuple[int, ...]
     collectives: list[Comm] = field(default_factory=list)  # every communication, in program order
     cost: float = 0.0  # seconds of this rank's communication per step, by the cost model
     memory: ProgramMemory | None = None
     ran: bool = False  # the first run is the checked one
+    # update units in the order the program releases them through ``run(args, ready)``: ``ready(u, handle)``
+    # for a gradient bucket (``wait_bucket`` gives its gradients), ``ready(u, (grads...))`` otherwise, and
+    # ``ready(None, None)`` once backward is over (the rest is waiting for communication)
+    units: list[tuple[tuple[int, ...], bool]] = field(default_factory=list)
+    release_lines: list[int] = field(default_factory=list)  # per unit: the line it is released after
 
 
 def _launch(ranks: tuple[int, ...], *grads: torch.Tensor) -> tuple[Any, torch.Tensor, list[torch.Size]]:
@@ -150,7 +155,7 @@ def _launch(ranks: tuple[int, ...], *grads: torch.Tensor) -> tuple[Any, torch.Te
     return work, flat, [g.shape for g in grads]
 
 
-def _wait(handle: tuple[Any, torch.Tensor, list[torch.Size]]) -> list[torch.Tensor]:
+def wait_bucket(handle: tuple[Any, torch.Tensor, list[torch.Size]]) -> list[torch.Tensor]:
     work, flat, shapes = handle
     work.wait()
     out, offset = [], 0
@@ -163,7 +168,12 @@ def _wait(handle: tuple[Any, torch.Tensor, list[torch.Size]]) -> list[torch.Tens
 
 _aten = torch.ops.aten
 _ALIASING = {_aten._unsafe_view.default, _aten.view.default, _aten.reshape.default, _aten.expand.default}
+_REPLAYED = {_aten.t.default, _aten.transpose.int, _aten.detach.default}  # views without shape arguments
 _VIEWS = {_aten.t.default, _aten.transpose.int, _aten.view.default, _aten._unsafe_view.default, _aten.detach.default}
+
+
+def _skip(unit: int | None, payload: Any) -> None:
+    """``ready`` when nobody listens: the program then returns every gradient after its waits."""
 
 
 def _is_tensor(node: fx.Node) -> bool:
@@ -231,6 +241,17 @@ class _Lowering:
         self.waits: list[tuple[str, list[int]]] = []
         self.later: list[tuple[int, str, Plan]] = []  # gradients converted after backward
         self.pending: dict[int, str] = {}  # bucketed gradient output index -> its unsynchronised local
+        # variables that are a parameter or may share its storage (views, boxed copies: conservative), so
+        # an update of that parameter waits for their last use
+        self.param_alias: dict[str, frozenset[int]] = {}
+        self.readies: dict[int, list[tuple[str, list[str], list[str]]]] = {}  # line -> ready() calls after it
+        self.units: list[tuple[tuple[int, ...], bool]] = []  # (gradient output indices, a bucket handle?)
+        self.release_lines: list[int] = []  # the line after which each unit is released
+        # ZeRO-3 prefetch: the ops that gather sharded parameters, in graph order, with the inputs they gather;
+        # (op, input) -> the variable holding that input's gathering, launched while the op before computed
+        self.gathers: list[tuple[fx.Node, list[fx.Node]]] = []
+        self.gather_at: dict[fx.Node, int] = {}
+        self.prefetched: dict[tuple[fx.Node, fx.Node], tuple[str, list[fx.Node]]] = {}  # -> (handle, views)
         self.n_vars = 0
 
     # -- code generation helpers ------------------------------------------------------------------------
@@ -288,6 +309,8 @@ class _Lowering:
         fn = self.const(functools.partial(run_plan, plan), "box")
         line = self.emit(f"{name} = {fn}({src})", [src], [name])
         self.store(name, self.local_bytes(meta, need), f"{where}: input boxed {plan.route}")
+        if src in self.param_alias:
+            self.param_alias[name] = self.param_alias[src]
         if any(step.kind in COLLECTIVES for step in plan.steps):  # staging: padded or packed copies of the input
             self.transient[line] = self.local_bytes(meta, sbp)
         if any(step.kind in COLLECTIVES or step.kind == "send_recv" for step in plan.steps):  # not local-only
@@ -306,6 +329,9 @@ class _Lowering:
         if len(placeholders) != len(self.sbps):
             raise AssertionError(f"traced step has {len(placeholders)} inputs, expected {len(self.sbps)}")
         names = self.var_of_placeholders(placeholders)
+        if self.zero_axis is not None:
+            self.gathers = self.gathering_ops(graph, placeholders)
+            self.gather_at = {node: i for i, (node, _) in enumerate(self.gathers)}
         self.emit(f"{', '.join(names)}{',' if len(names) == 1 else ''} = args", [], names)
         for node in graph.nodes:
             if node.op == "call_function":
@@ -355,6 +381,74 @@ class _Lowering:
                     want[src] = tuple(din)
         return want
 
+    # -- ZeRO-3 gathers, each launched while the op before it computes ---------------------------------
+    def gathering_ops(self, graph: fx.Graph, placeholders: list[fx.Node]) -> list[tuple[fx.Node, list[fx.Node]]]:
+        """The ops that will gather sharded parameters (or views of them), in graph order, as ``call`` decides."""
+        sharded = {n for n in placeholders[: self.joint.n_params] if n in self.sharded}
+        params = set(placeholders[: self.joint.n_params])
+        out: list[tuple[fx.Node, list[fx.Node]]] = []
+        for node in graph.nodes:
+            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+                continue
+            flat, _ = tree_flatten((node.args, node.kwargs))
+            tensors = [a for a in flat if isinstance(a, fx.Node) and _is_tensor(a)]
+            if node.target in _VIEWS:
+                if len(tensors) == 1 and tensors[0] in params:
+                    params.add(node)
+                    if tensors[0] in sharded:
+                        sharded.add(node)
+                continue
+            ins = list(dict.fromkeys(a for a in tensors if a in sharded))
+            if ins:
+                out.append((node, ins))
+        return out
+
+    def gather(self, node: fx.Node, src: fx.Node, meta: TensorMeta, sbp: NdSbp, full: NdSbp) -> str:
+        """The variable holding ``src`` gathered for ``node``: the prefetched gathering picked up, or one now."""
+        found = self.prefetched.pop((node, src), None)
+        if found is None:
+            return self.box_from(self.var[src], meta, sbp, full, "ZeRO-3 gather")[0]
+        handle, views = found
+        name = self.new_var()
+        self.emit(f"{name} = {self.const(finish_plan, 'finish')}({handle})", [handle], [name])
+        for view in reversed(views):  # the views between the parameter and what the op reads, on the gathered copy
+            prev, name = name, self.new_var()
+            args = ", ".join([prev, *(repr(a) for a in view.args[1:])])
+            self.emit(f"{name} = {self.const(view.target, 'op')}({args})", [prev], [name])
+        self.refs[name] = list(self.refs[handle])  # the gathered buffer (or its copy: counted once, as a view)
+        if handle in self.param_alias:
+            self.param_alias[name] = self.param_alias[handle]
+        return name
+
+    def prefetch(self, index: int) -> None:
+        """Launch the gathers of the ``index``-th gathering op now, one op ahead of its use, where the plan
+        is a single all-gather and its input already exists (a view made later is gathered when used)."""
+        if index >= len(self.gathers):
+            return
+        node, ins = self.gathers[index]
+        for src in ins:
+            # a view made later (make_fx puts ``t(weight)`` right before its matmul): gather its parameter
+            # now and apply the views to the gathered copy at the use (they commute with the gather)
+            base, views = src, []
+            while base not in self.var and base.target in _REPLAYED and isinstance(base.args[0], fx.Node):
+                views.append(base)
+                base = base.args[0]
+            value = self.info.get(base)
+            if base not in self.var or not isinstance(value, _Value) or (node, src) in self.prefetched:
+                continue
+            full = tuple(B if a == self.zero_axis else q for a, q in enumerate(value.sbp))
+            plan = plan_boxing(value.meta.shape, value.meta.dtype, self.mesh, value.sbp, self.mesh, full)
+            if not can_start(plan, self.rank):
+                continue
+            handle = self.new_var()
+            fn = self.const(functools.partial(start_plan, plan), "start")
+            self.emit(f"{handle} = {fn}({self.var[base]})", [self.var[base]], [handle])
+            self.store(handle, self.local_bytes(value.meta, full), "ZeRO-3 gather, prefetched")
+            if self.var[base] in self.param_alias:
+                self.param_alias[handle] = self.param_alias[self.var[base]]
+            self.collectives.append(Comm(self.phase, "ZeRO-3 gather (prefetched)", plan.route, plan))
+            self.prefetched[(node, src)] = (handle, views)
+
     def var_of_placeholders(self, placeholders: list[fx.Node]) -> list[str]:
         self.params.update(placeholders[: self.joint.n_params])
         if self.zero_axis is not None:
@@ -362,8 +456,10 @@ class _Lowering:
                 if sbp is not None and isinstance(sbp[self.zero_axis], S):
                     self.sharded.add(node)
         names = []
-        for node, sbp in zip(placeholders, self.sbps):
+        for i, (node, sbp) in enumerate(zip(placeholders, self.sbps)):
             name = self.var[node] = self.new_var()
+            if i < self.joint.n_params:
+                self.param_alias[name] = frozenset({i})
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
                 self.info[node] = _Value(sbp or (B,) * self.mesh.ndim, TensorMeta(tuple(val.shape), val.dtype))
@@ -382,6 +478,8 @@ class _Lowering:
             self.emit(f"{name} = {self.var[src]}[{index}]", [self.var[src]], [name])  # type: ignore[index]
             part = f"{self.var[src]}#{index}"  # type: ignore[index]
             self.refs[name] = [part] if part in self.storages else list(self.refs.get(self.var[src], []))  # type: ignore[index]
+            if self.var[src] in self.param_alias:  # type: ignore[index]
+                self.param_alias[name] = self.param_alias[self.var[src]]  # type: ignore[index]
             parts = self.info.get(src)  # type: ignore[arg-type]
             if isinstance(parts, list) and parts[index] is not None:  # type: ignore[index]
                 self.info[node] = parts[index]  # type: ignore[index]
@@ -422,8 +520,10 @@ class _Lowering:
             for t, i in enumerate(where):
                 if flat[i] in self.sharded:
                     full = tuple(B if a == self.zero_axis else q for a, q in enumerate(current[t]))
-                    gathered[i] = self.box_from(self.var[flat[i]], metas[t], current[t], full, "ZeRO-3 gather")[0]
+                    gathered[i] = self.gather(node, flat[i], metas[t], current[t], full)
                     current[t] = full
+            if node in self.gather_at:
+                self.prefetch(self.gather_at[node] + 1)
         after = self.lookahead(node, out_metas)
         pinned = [t for t, i in enumerate(where) if flat[i] in self.params]
         ins, outs = choose(
@@ -585,6 +685,8 @@ class _Lowering:
         aliases = func in _ALIASING or any(r.alias_info is not None for r in returns)
         if aliases and first is not None:
             self.refs[name] = list(self.refs.get(first, []))
+            if first in self.param_alias:
+                self.param_alias[name] = self.param_alias[first]
             return
         tensor_outs = iter(outs)
         label = str(func).replace("aten.", "")
@@ -668,6 +770,8 @@ class _Lowering:
             if any(step.kind in COLLECTIVES or step.kind == "send_recv" for step in plan.steps):
                 self.collectives.append(Comm(self.phase, "gradient", plan.route, plan))
             self.grad_vars[k] = name
+        self.release_units()
+        self.emit("ready(None, None)", [])  # backward is over: what follows waits for communication
         for handle, ks in self.waits:
             names = [self.new_var() for _ in ks]
             self.emit(f"{', '.join(names)}, = _wait({handle})", [handle], names)
@@ -678,13 +782,58 @@ class _Lowering:
         self.emit(f"return {loss_var}, [{', '.join(grads)}]", [loss_var, *grads])
         self.memory = self.timeline([loss_var, *grads])
         fast, checked = self.source(False), self.source(True)
-        env = {"_wait": _wait, "_check": _check, **self.globals}
+        env = {"_wait": wait_bucket, "_check": _check, "_skip": _skip, **self.globals}
         exec(compile(fast, "<shardflow step>", "exec"), env)  # noqa: S102 - our own generated code
         run = env["step"]
         exec(compile(checked, "<shardflow checked step>", "exec"), env)  # noqa: S102
         return Program(
-            fast, run, env["step"], self.record, self.joint.grad_of, self.collectives, self.cost(), self.memory
+            fast,
+            run,
+            env["step"],
+            self.record,
+            self.joint.grad_of,
+            self.collectives,
+            self.cost(),
+            self.memory,
+            units=list(self.units),
+            release_lines=list(self.release_lines),
         )
+
+    def release_units(self) -> None:
+        """Group gradients into update units and say, in the code, where each may be handed on.
+
+        A unit is a gradient bucket (handed on as its all-reduce handle) or the gradients that need no
+        communication becoming final on one line. It is released after the later of the line that makes it
+        and the last line that reads any of its parameters (or a view or copy of them): from there on an
+        actor may update those parameters in place while the rest of backward runs."""
+        last_param: dict[int, int] = {}
+        made: dict[str, int] = {}
+        for i, (_, used, defined) in enumerate(self.lines):
+            for name in defined:
+                made.setdefault(name, i)
+            for name in [*used, *defined]:
+                for param in self.param_alias.get(name, ()):
+                    last_param[param] = i
+        grad_of = self.joint.grad_of
+
+        def release(var: str, ks: Sequence[int]) -> int:
+            return max([made[var], *(last_param.get(grad_of[k], 0) for k in ks)])
+
+        entries: list[tuple[int, tuple[int, ...], list[str], bool]] = []
+        for handle, ks in self.waits:
+            entries.append((release(handle, ks), tuple(ks), [handle], True))
+        in_buckets = {k for _, ks in self.waits for k in ks}
+        direct: dict[int, list[int]] = {}  # release line -> gradients needing no communication
+        for k in range(len(self.grad_nodes)):
+            if k not in in_buckets:
+                direct.setdefault(release(self.grad_vars[k], [k]), []).append(k)
+        for line, group in direct.items():
+            entries.append((line, tuple(group), [self.grad_vars[k] for k in group], False))
+        for line, unit, payload, bucket in sorted(entries, key=lambda e: e[0]):
+            arg = payload[0] if bucket else f"({', '.join(payload)},)"
+            self.readies.setdefault(line, []).append((f"ready({len(self.units)}, {arg})", payload, []))
+            self.units.append((unit, bucket))
+            self.release_lines.append(line)
 
     def cost(self) -> float:
         """Communication seconds per step by the cost model: every boxing plan, every gradient bucket."""
@@ -692,6 +841,14 @@ class _Lowering:
         for ranks, nbytes in self.bucket_sizes:
             total += DEFAULT_COST.collective("all_reduce", len(ranks), nbytes)
         return total
+
+    def merged(self) -> list[tuple[str, list[str], list[str], int | None]]:
+        """The program's lines with the ``ready`` calls in place: (code, uses, defines, index in ``lines``)."""
+        out: list[tuple[str, list[str], list[str], int | None]] = []
+        for i, (code, used, defined) in enumerate(self.lines):
+            out.append((code, used, defined, i))
+            out += [(c, u, d, None) for c, u, d in self.readies.get(i, [])]
+        return out
 
     def last_uses(self) -> dict[str, int]:
         last: dict[str, int] = {}
@@ -731,15 +888,27 @@ class _Lowering:
         if self.transient.get(at):
             alive.append((self.transient[at], "staging copies of the collective there"))
         kept = {k for v in returned[1:] for k in self.refs.get(v, [])}
-        return ProgramMemory(peak, alive, sum(self.storages[k][0] for k in kept), self.lines[at][0])
+        ends = [0] * len(self.lines)
+        for key, (_, b) in span.items():
+            ends[b] += self.storages[key][0]
+        live_at, running = [], 0  # after each line, once what dies there is freed (where updates run)
+        for i in range(len(self.lines)):
+            running += delta[i]
+            live_at.append(running - ends[i])
+        gradients = sum(self.storages[k][0] for k in kept)
+        return ProgramMemory(peak, alive, gradients, self.lines[at][0], tuple(live_at))
 
     def source(self, checked: bool) -> str:
-        last = self.last_uses()
-        out = ["def step(args):"]
-        for i, (code, used, defined) in enumerate(self.lines):
+        lines = self.merged()
+        last: dict[str, int] = {}
+        for i, (_, used, defined, _) in enumerate(lines):
+            for name in [*defined, *used]:
+                last[name] = i
+        out = ["def step(args, ready=_skip):"]
+        for i, (code, used, defined, origin) in enumerate(lines):
             out.append("    " + code)
-            if checked and i in self.checks:
-                out.append("    " + self.checks[i])
+            if checked and origin in self.checks:
+                out.append("    " + self.checks[origin])
             dead = sorted({n for n in [*used, *defined] if last[n] == i and n[0] == "v"})  # not constants
             if dead and not code.startswith("return"):
                 out.append(f"    del {', '.join(dead)}")

@@ -28,6 +28,7 @@ class ProgramMemory:
     at_peak: list[tuple[int, str]]  # (bytes, what) of everything alive there, largest first
     gradients: int  # bytes of the gradients it returns (alive until the optimizer step ends)
     peak_line: str  # the generated line where the peak occurs
+    live: tuple[int, ...] = ()  # bytes alive after each line of the program, once what dies there is freed
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -66,7 +67,6 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int, str]:
     for group in optimizer.param_groups:
         params = [p for p in group["params"] if p.requires_grad]
         nbytes = sum(p.numel() * p.element_size() for p in params)
-        largest = max((p.numel() * p.element_size() for p in params), default=0)
         name = type(optimizer).__name__
         if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             per = 3 if group.get("amsgrad") else 2  # exp_avg, exp_avg_sq (+ max_exp_avg_sq)
@@ -78,10 +78,17 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int, str]:
             per = 2
             kinds.add(f"{name}: assumed 2x the parameters")
         total += per * nbytes
-        # foreach updates make temporaries for every parameter at once, the loop one parameter at a time
-        # (Adam's denominator: a square root and its quotient, both alive for a moment)
-        temp = max(temp, 2 * nbytes if group.get("foreach") else 2 * largest)
+        temp = max(temp, update_temporaries(optimizer, params))
     return total, temp, "; ".join(sorted(kinds))
+
+
+def update_temporaries(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
+    """Bytes an update of just ``params`` allocates for a moment: foreach updates make temporaries for every
+    parameter at once, the loop one parameter at a time (Adam's denominator: a square root and its
+    quotient, both alive for a moment)."""
+    sizes = [p.numel() * p.element_size() for p in params]
+    foreach = any(g.get("foreach") for g in optimizer.param_groups)
+    return 2 * (sum(sizes) if foreach else max(sizes, default=0))
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,18 @@ def _equal_serial(kind: str, shape, names, strategy: str, zero: int = 3) -> list
         assert sum(split) >= len(split) * 2 // 3, pm.opt_sbps
     train_and_compare(pm, ref, opt, data)
     program = next(iter(pm.programs.values()))
-    return [c.where for c in program.collectives]
+    return [c.where for c in program.collectives] + [f"ops between: {n}" for n in _prefetch_gaps(program.source)]
+
+
+def _prefetch_gaps(source: str) -> list[int]:
+    """For every prefetched gather in a program's source: the compute lines between its launch and its use."""
+    lines = source.splitlines()
+    launched = {line.split(" = ")[0].strip(): i for i, line in enumerate(lines) if " = _start" in line}
+    gaps = []
+    for var, start in launched.items():
+        end = next(i for i, line in enumerate(lines) if "_finish" in line and f"({var})" in line)
+        gaps.append(sum(" = _op" in line or " = _local" in line for line in lines[start:end]))
+    return gaps
 
 
 @pytest.mark.parametrize(
@@ -61,7 +72,12 @@ def test_zero3_equals_plain_torch(kind, shape, names, strategy):
     results = [w for w in run_on_ranks(4, _equal_serial, kind, shape, names, strategy, timeout=300) if w is not None]
     assert len(results) == math.prod(shape)  # every rank of the mesh checked
     for wheres in results:
-        assert wheres.count("ZeRO-3 gather") > 0  # the plan gathers parameters itself, before use
+        # the plan gathers parameters itself, before use; most gathers are launched one op ahead (prefetched)
+        prefetched, now = wheres.count("ZeRO-3 gather (prefetched)"), wheres.count("ZeRO-3 gather")
+        gaps = [int(w.split(": ")[1]) for w in wheres if w.startswith("ops between")]
+        if strategy == "dp":
+            assert prefetched > now, (prefetched, now)
+        assert prefetched > 0 and len(gaps) == prefetched and min(gaps) >= 1, (prefetched, gaps)
 
 
 @pytest.mark.parametrize(

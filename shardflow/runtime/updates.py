@@ -1,0 +1,98 @@
+"""The actors beside a compiled step's compute: each gradient bucket's all-reduce, then its optimizer update.
+
+The step's program (compute, on the calling thread) hands on each update unit the moment its gradients
+exist and nothing later reads its parameters (``ready(unit, payload)``; graph/lower.py decides where).
+An ``all-reduce`` actor waits for that unit's collective and an ``optimizer`` actor updates the unit's
+parameters, so layer 3's update runs while layer 2's backward still computes, as DDP's reducer overlaps
+only the all-reduce. Vehicle: the actors of runtime/actors.py (one thread each; waits and torch kernels
+release the GIL). Their registers bound what waits: the all-reduce actor holds at most two reduced buckets
+the optimizer has not taken. ``threaded=False`` runs both inline at the release point (deterministic, the
+earliest an update can run: what tests use to prove the release points safe).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from shardflow.runtime.actors import Actor, ActorError, Chain
+from shardflow.runtime.trace import Event
+
+_DONE = object()
+
+
+class UpdateActors:
+    """``ready`` is what the program calls; ``finish`` waits until every unit handed on is updated."""
+
+    def __init__(
+        self,
+        reduce: Callable[[int, Any], Any],
+        update: Callable[[int, Any], None],
+        units: int,
+        rank: int = 0,
+        threaded: bool = True,
+    ) -> None:
+        self.reduce, self.update, self.units, self.rank = reduce, update, units, rank
+        self.events: list[Event] = []
+        self.backward_end_ns: int | None = None  # when the program said backward is over
+        self._handed = 0
+        self._chain: Chain | None = None
+        if threaded and units:
+            self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            stop = threading.Event()
+            reducer = Actor("all-reduce", self._reduce, 2, self._incoming(), stop, self.events, rank)
+            updater = Actor("optimizer", self._update, units, reducer, stop, self.events, rank)
+            self._chain = Chain([reducer.start(), updater.start()])
+
+    def _incoming(self) -> Iterator[tuple[int, Any]]:
+        while (item := self._inbox.get()) is not _DONE:
+            yield item
+
+    def _reduce(self, item: tuple[int, Any]) -> tuple[int, Any]:
+        unit, payload = item
+        return unit, self.reduce(unit, payload)
+
+    def _update(self, item: tuple[int, Any]) -> int:
+        unit, grads = item
+        self.update(unit, grads)
+        return unit
+
+    def ready(self, unit: int | None, payload: Any) -> None:
+        """Called by the program: unit ``unit``'s gradients (or its bucket's handle) are ready; None: backward
+        is over."""
+        if unit is None:
+            self.backward_end_ns = time.time_ns()
+            return
+        self._handed += 1
+        if self._chain is None:
+            start = time.time_ns()
+            grads = self.reduce(unit, payload)
+            middle = time.time_ns()
+            self.update(unit, grads)
+            self.events.append(Event(self.rank, "all-reduce", f"all-reduce {unit}", start, middle))
+            self.events.append(Event(self.rank, "optimizer", f"optimizer {unit}", middle, time.time_ns()))
+            return
+        self._inbox.put((unit, payload))
+
+    def finish(self) -> None:
+        """Wait for every unit's update; an actor's failure is raised here (an ``ActorError`` naming it)."""
+        if self._handed != self.units:
+            self.close()
+            raise AssertionError(f"the step released {self._handed} of {self.units} update units")
+        if self._chain is None:
+            return
+        self._inbox.put(_DONE)
+        for _ in self._chain:  # every unit's token, freeing the optimizer's registers; ends with the chain
+            pass
+
+    def close(self) -> None:
+        """Stop the actors (after a failure of the program itself)."""
+        if self._chain is not None:
+            self._inbox.put(_DONE)
+            self._chain.close()
+
+
+__all__ = ["ActorError", "UpdateActors"]

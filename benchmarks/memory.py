@@ -2,9 +2,11 @@
 (``shardflow.testing.memory.measure_step_peak``: allocation and free events of a real step on top of the
 storages alive before it), and how long the verdict of ``memory_limit`` takes (lowering included).
 
-Cases: the GPT and the MLP of benchmarks/train.py, on 2 ranks, as dp and tp, the GPT under dp with
-every block recomputed in backward, and the BatchNorm CNN under dp. Each measurement is repeated ``--repeats`` times (median and range
-reported). ZeRO against FSDP2: benchmarks/zero.py.
+Cases (``CASES``): the GPT and the MLP of benchmarks/train.py on 2 ranks as dp and tp, the GPT under dp
+with every block recomputed, the BatchNorm CNN under dp, ZeRO stages 1-3, the GPT as two pipeline stages
+(GPipe and 1F1B, 4 micro-batches), and both on a 2 x 2 dp x tp mesh (4 ranks). Rank 0's figures; each
+measurement is repeated ``--repeats`` times (median and range reported). ZeRO against FSDP2:
+benchmarks/zero.py.
 
     .venv/bin/python benchmarks/memory.py [--repeats 3] [--markdown]
 """
@@ -33,13 +35,22 @@ from benchmarks.common import (  # noqa: E402
     run_world,
 )
 
+# (kind, mesh shape, axis names, strategy, zero, recompute, pipeline schedule or None)
 CASES = [
-    ("mlp", "dp", False),
-    ("mlp", "tp", False),
-    ("gpt", "dp", False),
-    ("gpt", "tp", False),
-    ("gpt", "dp", True),
-    ("cnn", "dp", False),
+    ("mlp", (2,), ("dp",), "dp", 0, False, None),
+    ("mlp", (2,), ("tp",), "tp", 0, False, None),
+    ("gpt", (2,), ("dp",), "dp", 0, False, None),
+    ("gpt", (2,), ("tp",), "tp", 0, False, None),
+    ("gpt", (2,), ("dp",), "dp", 0, True, None),
+    ("cnn", (2,), ("dp",), "dp", 0, False, None),
+    ("mlp", (2,), ("dp",), "dp", 1, False, None),
+    ("mlp", (2,), ("dp",), "dp", 2, False, None),
+    ("mlp", (2,), ("dp",), "dp", 3, False, None),
+    ("gpt", (2,), ("dp",), "dp", 3, False, None),
+    ("gpt", (2,), ("pp",), "dp", 0, False, "gpipe"),
+    ("gpt", (2,), ("pp",), "dp", 0, False, "1f1b"),
+    ("mlp", (2, 2), ("dp", "tp"), "hybrid", 0, False, None),
+    ("gpt", (2, 2), ("dp", "tp"), "hybrid", 0, False, None),
 ]
 HEADER = [
     "case",
@@ -52,36 +63,34 @@ HEADER = [
 ]
 
 
+def _name(kind: str, shape: tuple[int, ...], strategy: str, zero: int, recompute: bool, schedule: str | None) -> str:
+    name = f"{kind}-{schedule}-m4" if schedule else f"{kind}-{strategy}"
+    return name + (f"-zero{zero}" if zero else "") + ("-recompute" if recompute else "")
+
+
 def _rank_main(rank: int, k: int, port: int, repeats: int, q: Any) -> None:
     def work() -> list[dict[str, Any]]:
         import shardflow as sf
-        from shardflow.testing.memory import measure_step_peak, memory_case
+        from shardflow.testing.memory import measure_pipeline_peak, measure_step_peak, memory_case
 
         out = []
-        for kind, strategy, recompute in CASES:
+        for kind, shape, names, strategy, zero, recompute, schedule in CASES:
+            if len(shape) != 1 and k != 4 or len(shape) == 1 and k != 2:
+                continue
             model, data = memory_case(kind)
             started = time.perf_counter()
+            pipeline = sf.Pipeline(axis="pp", micro_batches=4, schedule=schedule) if schedule else None
+            options: dict[str, Any] = {"pipeline": pipeline} if pipeline else {"zero": zero, "recompute": recompute}
             pm = sf.compile(
-                model,
-                sf.Mesh("cpu", (k,), names=(strategy,)),
-                data,
-                strategy=strategy,
-                memory_limit="64GiB",
-                recompute=recompute,
+                model, sf.Mesh("cpu", shape, names=names), data, strategy=strategy, memory_limit="64GiB", **options
             )
             verdict = time.perf_counter() - started  # capture, layouts, lowering, prediction, the check
             predicted = pm.memory().peak
             pm.step(*data)
-            measured = [measure_step_peak(pm, *data)[0] for _ in range(repeats)]
-            out.append(
-                {
-                    "case": f"{kind}-{strategy}{'-recompute' if recompute else ''}",
-                    "k": k,
-                    "predicted": predicted,
-                    "measured": measured,
-                    "verdict": verdict,
-                }
-            )
+            measure = measure_pipeline_peak if pipeline else measure_step_peak
+            measured = [measure(pm, *data)[0] for _ in range(repeats)]
+            name = _name(kind, shape, strategy, zero, recompute, schedule)
+            out.append({"case": name, "k": k, "predicted": predicted, "measured": measured, "verdict": verdict})
         return out
 
     rank_session(rank, k, port, timedelta(seconds=300), q, work)
@@ -95,6 +104,8 @@ def main() -> None:
     print_preamble()
     q = tmp.get_context("spawn").SimpleQueue()
     results = run_world(_rank_main, q, 2, (2, free_port(), args.repeats, q))
+    q = tmp.get_context("spawn").SimpleQueue()
+    results += run_world(_rank_main, q, 4, (4, free_port(), args.repeats, q))  # the 2 x 2 hybrid meshes
     rows = []
     for r in results:
         med = statistics.median(r["measured"])

@@ -2,7 +2,7 @@
 
 from shardflow.boxing.cost import DEFAULT_COST, CostModel
 from shardflow.boxing.plan import Plan, Step, Transfer, estimate_seconds, plan_boxing
-from shardflow.boxing.run import can_start, empty_local, finish_plan, run_plan, start_plan
+from shardflow.boxing.run import can_start, empty_local, finish_plan, reduce_scatter_args, run_plan, start_plan
 
 __all__ = [
     "DEFAULT_COST",
@@ -15,6 +15,7 @@ __all__ = [
     "finish_plan",
     "estimate_seconds",
     "plan_boxing",
+    "reduce_scatter_args",
     "run_plan",
     "start_plan",
 ]

@@ -212,3 +212,16 @@ def start_plan(plan: Plan, local: torch.Tensor) -> C.Gathering:
 def finish_plan(handle: C.Gathering) -> torch.Tensor:
     """Wait for a plan launched by ``start_plan``; its result equals ``run_plan``'s."""
     return C.all_gather_finish(handle)
+
+
+def reduce_scatter_args(plan: Plan, rank: int) -> tuple[tuple[int, ...], int, tuple[int, ...], int] | None:
+    """For a plan that is one reduce-scatter ``rank`` takes part in with others: (the members' ranks, the
+    split dim, every member's extent along it, ``rank``'s index among them), so several such plans can
+    share one collective (``comm.collectives.reduce_scatter_start``); else None."""
+    if len(plan.steps) != 1 or plan.steps[0].kind != "reduce_scatter":
+        return None
+    step, args = plan.steps[0], _prepare(plan, rank)[0]
+    split = step.dst[step.axis]
+    if not isinstance(args, _AxisArgs) or len(args.members) < 2 or not isinstance(split, S):
+        return None
+    return tuple(args.members), split.dim, tuple(args.dst_sizes), args.me

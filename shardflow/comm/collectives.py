@@ -130,6 +130,48 @@ def reduce_scatter(full: torch.Tensor, dim: int, sizes: Sequence[int], me: int, 
     return out if sizes[me] == m else out.narrow(dim, 0, sizes[me])
 
 
+@dataclass(frozen=True)
+class ReduceScattering:
+    """Several tensors' reduce-scatters in one collective, on their way (``reduce_scatter_finish`` waits)."""
+
+    work: Any
+    out: torch.Tensor  # this member's pieces, padded, one after another
+    pieces: tuple[tuple[tuple[int, ...], int, int], ...]  # per tensor: padded block shape, dim, own extent
+
+
+def reduce_scatter_start(
+    fulls: Sequence[torch.Tensor], dims: Sequence[int], sizes: Sequence[Sequence[int]], me: int, g: GroupHandle
+) -> ReduceScattering:
+    """Sum each of ``fulls`` over the members and keep member ``me``'s piece of it (``sizes[i]`` along
+    ``dims[i]``), in one asynchronous collective: each tensor's pieces are packed, padded to the largest,
+    into row ``r`` of one buffer (group rank r's piece), so one reduce-scatter moves them all (FSDP's copy-in)."""
+    k = g.size
+    blocks = [tuple(_set(f.shape, (d, max(n)))) for f, d, n in zip(fulls, dims, sizes)]
+    widths = [math.prod(b) for b in blocks]
+    packed = fulls[0].new_zeros((k, sum(widths)))
+    offset = 0
+    for f, d, n, b, w in zip(fulls, dims, sizes, blocks, widths):
+        starts = [sum(n[:a]) for a in range(k)]
+        for r, a in enumerate(g.order):
+            packed[r, offset : offset + w].view(b).narrow(d, 0, n[a]).copy_(f.narrow(d, starts[a], n[a]))
+        offset += w
+    out = packed.new_empty(sum(widths))
+    work = _reduce_scatter_single(out, packed.view(-1), group=g.group, async_op=True)
+    return ReduceScattering(work, out, tuple((b, d, n[me]) for b, d, n in zip(blocks, dims, sizes)))
+
+
+def reduce_scatter_finish(h: ReduceScattering) -> list[torch.Tensor]:
+    """Wait for ``h``; this member's piece of every tensor, in order (views of one buffer)."""
+    h.work.wait()
+    out, offset = [], 0
+    for block, dim, own in h.pieces:
+        w = math.prod(block)
+        piece = h.out[offset : offset + w].view(block)
+        out.append(piece if own == block[dim] else piece.narrow(dim, 0, own))
+        offset += w
+    return out
+
+
 def all_gather_rows(row: torch.Tensor) -> torch.Tensor:
     """Stack one equal-sized row from every rank of the job (rank order), e.g. to share metadata."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

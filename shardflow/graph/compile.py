@@ -7,17 +7,19 @@ registry, boxing inserted, gradient buckets launched from the generated code as 
 gradient exists. Clipping and the optimizer run on the local shards (plain torch optimizers: a
 parameter, its gradient and its optimizer state share one layout). The step is an actor graph: the
 program (compute) hands each bucket on once its gradients exist and nothing later reads its parameters,
-an all-reduce actor waits for it and an optimizer actor updates just those parameters while backward goes
-on (runtime/updates.py); with ``max_grad_norm`` the updates wait for the global norm (CONTRACT). ``static = False`` runs the same
+an all-reduce actor takes it once its collective is done and an optimizer actor updates just those
+parameters while backward goes on (runtime/updates.py: an event loop on the compute thread on CPU, threads
+on GPU); with ``max_grad_norm`` the updates wait for the global norm (CONTRACT). ``static = False`` runs the same
 layouts op by op on GlobalTensors (eager), with gradients synchronised from post-accumulate hooks.
 
 ZeRO is a choice of layouts, not a wrapper. ``zero=3``: every parameter gets ``S(0)`` on the
-data-parallel axis, so its gradient and optimizer state are split too; the lowering gathers it right
-before each op that computes with it and lets the copy die after (backward gathers again), and gradients
-reach their split layout by reduce-scatter. ``zero=1|2``: parameters stay replicated; the optimizer steps a
+data-parallel axis, so its gradient and optimizer state are split too; the lowering gathers it before each
+op that computes with it (launched while the op before computes: a prefetch one op ahead) and lets the copy
+die after (backward gathers again), and gradients reach their split layout by reduce-scatter. ``zero=1|2``: parameters stay replicated; the optimizer steps a
 view of this rank's piece of each one (split over dp on a dim no other axis splits), with its state in
-that piece's layout; under stage 2 the lowering returns gradients in that layout (reduce-scatter); after
-the step the pieces are all-gathered by boxing. ``recompute`` checkpoints blocks (non-reentrant), and the
+that piece's layout; under stage 2 the lowering returns gradients in that layout (reduce-scatters packed
+into buckets launched during backward, like the all-reduce buckets); after the step the pieces are
+all-gathered by boxing. ``recompute`` checkpoints blocks (non-reentrant), and the
 joint trace then holds their forward twice: the program frees activations after forward and recomputes
 them in backward. ``pipeline=`` hands the model to the stage runtime (runtime/pipeline.py).
 """
@@ -45,7 +47,7 @@ from shardflow.checkpoint.store import load as load_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
 from shardflow.graph.capture import capture
-from shardflow.graph.lower import Program, lower, trace_step, wait_bucket
+from shardflow.graph.lower import Program, bucket_done, lower, trace_step, wait_bucket
 from shardflow.graph.strategy import axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
@@ -142,10 +144,12 @@ class ParallelModule(Snapshots):
         self.zero_axis: int | None = None  # ZeRO-3: the axis parameters are split on and gathered over
         self.programs: dict[Any, Program] = {}
         self.recomputed: list[str] = []  # modules whose activations are recomputed in backward
-        # where the optimizer update of each gradient unit runs: "actors" (its own thread, overlapping the
-        # rest of backward), "inline" (on the compute thread at the unit's release point: deterministic),
-        # or "after" (the whole update once backward and every all-reduce are over, as plain DDP)
-        self.updates = "actors"
+        # where the optimizer update of each gradient unit runs (runtime/updates.py): "actors" (threads of
+        # their own: GPUs, where the compute thread only launches kernels), "loop" (on the compute thread,
+        # at release points, once the unit's collective has completed: CPUs, where a rank has one core),
+        # "inline" (right at the release point, waiting for the collective: deterministic), or "after" (one
+        # update once backward and every all-reduce are over, as plain DDP)
+        self.updates = "loop" if mesh.device_type == "cpu" else "actors"
         self.events: list[Event] = []  # every rank's events of the last traced step
 
     def set_recompute(self, names: Sequence[str]) -> None:
@@ -249,8 +253,8 @@ class ParallelModule(Snapshots):
         return report
 
     def _static_step(self, inputs: Sequence[Any], trace: str | None = None) -> float:
-        if self.updates not in ("actors", "inline", "after"):
-            raise ValueError(f"pm.updates must be 'actors', 'inline' or 'after', got {self.updates!r}")
+        if self.updates not in ("actors", "loop", "inline", "after"):
+            raise ValueError(f"pm.updates must be 'actors', 'loop', 'inline' or 'after', got {self.updates!r}")
         program = self.program(inputs)
         if self.record is None:
             self.record = program.record
@@ -267,12 +271,19 @@ class ParallelModule(Snapshots):
                 functools.partial(self._update_unit, program),
                 len(program.units),
                 world()[0],
-                threaded=self.updates != "inline",
+                "threads" if self.updates == "actors" else self.updates,
+                functools.partial(_collective_done, program),
             )
+        marks: list[int] = []  # "after": when backward ended, for the trace
+
+        def mark(unit: int | None, payload: Any) -> None:
+            if unit is None:
+                marks.append(time.time_ns())
+
         start = time.time_ns()
         try:
             with torch.no_grad():
-                loss, grads = run(args, actors.ready) if actors is not None else run(args)
+                loss, grads = run(args, actors.ready if actors is not None else mark)
         except BaseException:
             if actors is not None:
                 actors.close()
@@ -286,7 +297,7 @@ class ParallelModule(Snapshots):
             self.local_params[i].grad = g[sl] if sl is not None and self.zero == 1 else g
         self._update(stepped=self.updates != "after" and self.max_grad_norm is None)
         if trace is not None:
-            end = (actors.backward_end_ns if actors is not None else None) or compute_end
+            end = (actors.backward_end_ns if actors is not None else marks[0] if marks else None) or compute_end
             mine = [Event(world()[0], "compute", "forward + backward", start, end)]
             mine += actors.events if actors is not None else []
             if compute_end > end:
@@ -423,6 +434,11 @@ class ParallelModule(Snapshots):
                 lines.append("first eager step (forward, backward, gradient sync, clipping, update):")
             lines.append(self.record.explain())
         return "\n".join(lines)
+
+
+def _collective_done(program: Program, unit: int, payload: Any) -> bool:
+    """Whether unit ``unit``'s gradients can be taken without waiting (its bucket's all-reduce completed)."""
+    return not program.units[unit][1] or bucket_done(payload)
 
 
 def clip_grad_norm(sbps: Sequence[NdSbp], local_params: Sequence[nn.Parameter], mesh: Mesh, max_norm: float) -> float:

@@ -31,8 +31,18 @@ from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from shardflow.boxing import DEFAULT_COST, can_start, estimate_seconds, finish_plan, plan_boxing, run_plan, start_plan
+from shardflow.boxing import (
+    DEFAULT_COST,
+    can_start,
+    estimate_seconds,
+    finish_plan,
+    plan_boxing,
+    reduce_scatter_args,
+    run_plan,
+    start_plan,
+)
 from shardflow.boxing.plan import COLLECTIVES, Plan
+from shardflow.comm.collectives import ReduceScattering, reduce_scatter_finish, reduce_scatter_start
 from shardflow.comm.groups import group_for
 from shardflow.ops import LOCALS, PREPARED, LocalContext, OpCall, TensorMeta, choose, writes_arg
 from shardflow.ops.select import candidates, communicates, reduces_to_split
@@ -155,7 +165,22 @@ def _launch(ranks: tuple[int, ...], *grads: torch.Tensor) -> tuple[Any, torch.Te
     return work, flat, [g.shape for g in grads]
 
 
-def wait_bucket(handle: tuple[Any, torch.Tensor, list[torch.Size]]) -> list[torch.Tensor]:
+def _launch_scatter(
+    ranks: tuple[int, ...], dims: list[int], sizes: list[tuple[int, ...]], me: int, *grads: torch.Tensor
+) -> ReduceScattering:
+    return reduce_scatter_start(grads, dims, sizes, me, group_for(ranks))
+
+
+def bucket_done(handle: Any) -> bool:
+    """Whether a gradient bucket's collective has completed (``wait_bucket`` would not block)."""
+    work = handle.work if isinstance(handle, ReduceScattering) else handle[0]
+    return bool(work.is_completed())
+
+
+def wait_bucket(handle: Any) -> list[torch.Tensor]:
+    """A gradient bucket's synchronised gradients (all-reduced, or this rank's reduce-scattered pieces)."""
+    if isinstance(handle, ReduceScattering):
+        return reduce_scatter_finish(handle)
     work, flat, shapes = handle
     work.wait()
     out, offset = [], 0
@@ -197,6 +222,9 @@ class _Bucket:
     ranks: tuple[int, ...]
     grads: list[int] = field(default_factory=list)  # gradient output indices
     nbytes: int = 0
+    # a reduce-scatter bucket (ZeRO-2): per gradient its split dim and the members' extents; this rank's index
+    scatter: list[tuple[int, tuple[int, ...]]] | None = None
+    me: int = 0
 
 
 class _Lowering:
@@ -236,8 +264,9 @@ class _Lowering:
         self.storages: dict[str, tuple[int, str]] = {}  # key -> (bytes on this rank, label)
         self.transient: dict[int, int] = {}  # line -> bytes alive only while it runs (collective staging)
         self.bucket_sizes: list[tuple[tuple[int, ...], int]] = []
+        self.scatter_seconds = 0.0  # reduce-scatters packed into buckets, priced as the planner prices them
         self.grad_vars: dict[int, str] = {}  # gradient output index -> variable holding its final local
-        self.open: dict[tuple[tuple[int, ...], torch.dtype], _Bucket] = {}
+        self.open: dict[tuple[Any, ...], _Bucket] = {}
         self.waits: list[tuple[str, list[int]]] = []
         self.later: list[tuple[int, str, Plan]] = []  # gradients converted after backward
         self.pending: dict[int, str] = {}  # bucketed gradient output index -> its unsynchronised local
@@ -730,29 +759,56 @@ class _Lowering:
         # the slice spanning those axes, whatever route the planner would take for the tensor alone
         axes = tuple(a for a, (src, dst) in enumerate(zip(value.sbp, want)) if src != dst)
         summed = all(value.sbp[a] == P and want[a] == B for a in axes)
+        scatter = None if summed else reduce_scatter_args(plan, self.rank)
+        if scatter is not None:  # partial sums wanted split (ZeRO-2): reduce-scattered in buckets, overlapped
+            members, dim, sizes, me = scatter
+            self.record.other.append(("gradient bucket", plan, "reduce_scatter, packed with others"))
+            self.scatter_seconds += plan.seconds
+            key = (members, value.meta.dtype, "scatter")
+            bucket = self.open.setdefault(key, _Bucket(members, scatter=[], me=me))
+            assert bucket.scatter is not None
+            bucket.grads.append(k)
+            bucket.scatter.append((dim, sizes))
+            shape = local_shape(value.meta.shape, want, self.mesh.shape, self.coord)
+            bucket.nbytes += (
+                math.prod(shape[:dim]) * max(sizes) * math.prod(shape[dim + 1 :]) * value.meta.dtype.itemsize
+            )
+            self.pending[k] = self.var[node]
+            if bucket.nbytes * len(members) >= self.bucket_bytes:
+                self.launch(self.open.pop(key))
+            return
         if not summed or math.prod(self.mesh.shape[a] for a in axes) == 1:
             self.later.append((k, self.var[node], plan))
             return
         names = ", ".join(self.mesh.names[a] for a in axes)
         self.record.other.append(("gradient bucket", plan, f"one all_reduce over ({names})"))
         ranks = self.mesh.slice_over(axes, self.rank)
-        key = (ranks, value.meta.dtype)
-        bucket = self.open.setdefault(key, _Bucket(ranks))
+        summing = (ranks, value.meta.dtype, "sum")
+        bucket = self.open.setdefault(summing, _Bucket(ranks))
         bucket.grads.append(k)
         shape = local_shape(value.meta.shape, value.sbp, self.mesh.shape, self.coord)
         bucket.nbytes += math.prod(shape) * value.meta.dtype.itemsize
         self.pending[k] = self.var[node]
         if bucket.nbytes >= self.bucket_bytes:
-            self.launch(self.open.pop(key))
+            self.launch(self.open.pop(summing))
 
     def launch(self, bucket: _Bucket) -> None:
-        self.bucket_sizes.append((bucket.ranks, bucket.nbytes))
         handle = self.new_var()
         grads = [self.pending[k] for k in bucket.grads]
-        fn = self.const(functools.partial(_launch, bucket.ranks), "launch")
-        self.emit(f"{handle} = {fn}({', '.join(grads)})", grads, [handle])
-        self.store(handle, bucket.nbytes, f"gradient bucket of {len(grads)}")
-        self.collectives.append(Comm(self.phase, f"gradient bucket of {len(grads)}", "all_reduce", None))
+        if bucket.scatter is not None:
+            dims, sizes = [d for d, _ in bucket.scatter], [n for _, n in bucket.scatter]
+            fn = self.const(functools.partial(_launch_scatter, bucket.ranks, dims, sizes, bucket.me), "launch")
+            line = self.emit(f"{handle} = {fn}({', '.join(grads)})", grads, [handle])
+            self.store(handle, bucket.nbytes, f"gradient pieces of a reduce-scatter bucket of {len(grads)}")
+            self.transient[line] = bucket.nbytes * len(bucket.ranks)  # the packed pieces of every member
+            where, route = f"gradient reduce-scatter bucket of {len(grads)}", "reduce_scatter"
+        else:
+            self.bucket_sizes.append((bucket.ranks, bucket.nbytes))
+            fn = self.const(functools.partial(_launch, bucket.ranks), "launch")
+            self.emit(f"{handle} = {fn}({', '.join(grads)})", grads, [handle])
+            self.store(handle, bucket.nbytes, f"gradient bucket of {len(grads)}")
+            where, route = f"gradient bucket of {len(grads)}", "all_reduce"
+        self.collectives.append(Comm(self.phase, where, route, None))
         self.waits.append((handle, bucket.grads))
 
     def finish(self, loss: fx.Node) -> Program:
@@ -837,7 +893,7 @@ class _Lowering:
 
     def cost(self) -> float:
         """Communication seconds per step by the cost model: every boxing plan, every gradient bucket."""
-        total = sum(c.plan.seconds for c in self.collectives if c.plan is not None)
+        total = sum(c.plan.seconds for c in self.collectives if c.plan is not None) + self.scatter_seconds
         for ranks, nbytes in self.bucket_sizes:
             total += DEFAULT_COST.collective("all_reduce", len(ranks), nbytes)
         return total

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from shardflow.graph import lower
 
 _MARK = 777_781  # bytes
-_LAUNCH = [lower._launch]
+_LAUNCH: list[Any] = [lower._launch, lower._launch_scatter]
 
 
 def memory_case(kind: str) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
@@ -61,6 +61,12 @@ def _launch_and_wait(ranks: tuple[int, ...], *grads: torch.Tensor) -> Any:
     return handle
 
 
+def _scatter_and_wait(*args: Any) -> Any:
+    handle = _LAUNCH[1](*args)
+    handle.work.wait()
+    return handle
+
+
 def _peak_after_mark(prof: Any) -> int:
     """The most bytes allocated above the start, after the marker block, from the profiler's events."""
     events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
@@ -90,9 +96,9 @@ def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
     step = type(pm.optimizer).step
     unwrapped = getattr(step, "__wrapped__", step)
     pm.optimizer.step = types.MethodType(unwrapped, pm.optimizer)
-    programs, launch, updates = dict(pm.programs), lower._launch, pm.updates
+    programs, launch, scatter, updates = dict(pm.programs), lower._launch, lower._launch_scatter, pm.updates
     pm.programs.clear()
-    lower._launch = _launch_and_wait
+    lower._launch, lower._launch_scatter = _launch_and_wait, _scatter_and_wait  # type: ignore[assignment]
     pm.updates = "inline" if updates == "actors" else updates
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -105,7 +111,7 @@ def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
             loss = pm.step(*inputs)
     finally:
         del pm.optimizer.step  # back to the class's method
-        lower._launch, pm.updates = launch, updates
+        lower._launch, lower._launch_scatter, pm.updates = launch, scatter, updates
         pm.programs.clear()
         pm.programs.update(programs)
     return base + _peak_after_mark(prof), loss

@@ -62,8 +62,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("updates", ["inline", "actors"])
-@pytest.mark.parametrize("kind, mesh_shape, names, strategy, batch, zero", CASES)
+# every case with updates at their release points (inline) and by the CPU event loop; four on threads
+RUNS = [(*c, u) for c in CASES for u in ("inline", "loop")] + [(*CASES[i], "actors") for i in (0, 3, 5, 7)]
+
+
+@pytest.mark.parametrize("kind, mesh_shape, names, strategy, batch, zero, updates", RUNS)
 def test_updates_during_backward_equal_plain_torch(kind, mesh_shape, names, strategy, batch, zero, updates):
     units = run_on_ranks(4, _equal, kind, mesh_shape, names, strategy, batch, zero, updates, timeout=300)
     assert max(units) >= 1 and min(units) >= -1
@@ -157,10 +160,11 @@ class _Fails(torch.optim.SGD):
         raise RuntimeError("optimizer exploded")
 
 
-def _failing_update() -> str:
+def _failing_update(updates: str) -> str:
     model, data = _model_and_batches("mlp", 8)
     mesh = sf.Mesh("cpu", (2,), names=("dp",))
     pm = sf.compile(model, mesh, example_inputs=data[0], strategy="dp", optimizer=lambda ps: _Fails(ps, lr=0.1))
+    pm.updates = updates
     try:
         pm.step(*data[0])
     except ActorError as exc:
@@ -168,6 +172,7 @@ def _failing_update() -> str:
     return "no error"
 
 
-def test_an_update_that_raises_is_raised_naming_the_actor():
-    for message in run_on_ranks(2, _failing_update):
+@pytest.mark.parametrize("updates", ["loop", "actors"])
+def test_an_update_that_raises_is_raised_naming_the_actor(updates):
+    for message in run_on_ranks(2, _failing_update, updates):
         assert "'optimizer'" in message and "optimizer exploded" in message, message

@@ -242,6 +242,10 @@ class ParallelModule(Snapshots):
                     for (ks, _), line in zip(program.units, program.release_lines)
                 )
                 note += "; each gradient unit updated during backward, where it is released"
+            if any(sl is not None for sl in self.slices):  # ZeRO-1/2: the updated pieces are all-gathered
+                largest = max(p._local.nbytes for p, sl in zip(self.params, self.slices) if sl is not None)
+                staging = largest if self.mesh.device_type == "cpu" else 0  # gloo stages the output too
+                update = max(update, program.memory.gradients + largest + staging)
             report = MemoryReport(rank, persistent, program.memory, update, note)
         else:
             report = MemoryReport(rank, {}, ProgramMemory(0, [], 0, ""), 0, "no part of the model on this rank")

@@ -341,10 +341,25 @@ class _Lowering:
         if src in self.param_alias:
             self.param_alias[name] = self.param_alias[src]
         if any(step.kind in COLLECTIVES for step in plan.steps):  # staging: padded or packed copies of the input
-            self.transient[line] = self.local_bytes(meta, sbp)
+            self.transient[line] = self.local_bytes(meta, sbp) + self.gather_staging(plan, meta, need)
         if any(step.kind in COLLECTIVES or step.kind == "send_recv" for step in plan.steps):  # not local-only
             self.collectives.append(Comm(self.phase, where, plan.route, plan))
         return name, plan
+
+    def gather_staging(self, plan: Plan, meta: TensorMeta, need: NdSbp) -> int:
+        """Bytes an all-gather in ``plan`` holds for a moment beyond its result: gloo (CPU) stages the whole
+        output on its own thread (seen in the profiler: an output-sized block on gloo's thread per gather),
+        and a gather along a dim that is not outermost is assembled by one ``cat`` from the received blocks."""
+        gathers = [s for s in plan.steps if s.kind == "all_gather"]
+        if not gathers:
+            return 0
+        out = self.local_bytes(meta, need)
+        staging = out if self.mesh.device_type == "cpu" else 0
+        shape = local_shape(meta.shape, need, self.mesh.shape, self.coord)
+        split = gathers[-1].src[gathers[-1].axis]
+        if isinstance(split, S) and math.prod(shape[: split.dim]) != 1:
+            staging += out  # the received blocks, before the cat that is the result
+        return staging
 
     # -- the pass -----------------------------------------------------------------------------------------
     def run(self) -> Program:
@@ -471,8 +486,9 @@ class _Lowering:
                 continue
             handle = self.new_var()
             fn = self.const(functools.partial(start_plan, plan), "start")
-            self.emit(f"{handle} = {fn}({self.var[base]})", [self.var[base]], [handle])
+            line = self.emit(f"{handle} = {fn}({self.var[base]})", [self.var[base]], [handle])
             self.store(handle, self.local_bytes(value.meta, full), "ZeRO-3 gather, prefetched")
+            self.transient[line] = self.gather_staging(plan, value.meta, full)
             if self.var[base] in self.param_alias:
                 self.param_alias[handle] = self.param_alias[self.var[base]]
             self.collectives.append(Comm(self.phase, "ZeRO-3 gather (prefetched)", plan.route, plan))

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from shardflow.graph import lower
 
 _MARK = 777_781  # bytes
-_LAUNCH: list[Any] = [lower._launch, lower._launch_scatter]
+_LAUNCH: list[Any] = [lower._launch, lower._launch_scatter, lower.start_plan]
 
 
 def memory_case(kind: str) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
@@ -67,6 +67,13 @@ def _scatter_and_wait(*args: Any) -> Any:
     return handle
 
 
+def _gather_and_wait(*args: Any) -> Any:
+    handle = _LAUNCH[2](*args)
+    if handle.work is not None:
+        handle.work.wait()
+    return handle
+
+
 def _peak_after_mark(prof: Any) -> int:
     """The most bytes allocated above the start, after the marker block, from the profiler's events."""
     events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
@@ -88,17 +95,20 @@ def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
     # the optimizer's step runs inside a record_function region, and the profiler folds the frees that
     # happen inside such a region (between its ops) into one figure at the region's start, which would
     # hide the update's peak: the measured steps call the step function without that wrapper
-    # Likewise an asynchronous all-reduce's region opens on this thread and closes on gloo's, and frees in
-    # between are lost: the measured steps run programs lowered with bucket all-reduces waited for at once
-    # (the same allocations and frees in the same order; only the overlap goes).
+    # Likewise an asynchronous collective's region opens on this thread and closes on gloo's, and frees in
+    # between are lost: the measured steps run programs lowered with bucket all-reduces, reduce-scatters
+    # and prefetched gathers waited for at once (the same allocations and frees in the same order; only
+    # the overlap goes).
     # And the profiler records only the thread it runs on, not the optimizer actor's: the measured steps
     # run each unit's update inline at its release point (the same allocations where the plan puts them).
     step = type(pm.optimizer).step
     unwrapped = getattr(step, "__wrapped__", step)
     pm.optimizer.step = types.MethodType(unwrapped, pm.optimizer)
-    programs, launch, scatter, updates = dict(pm.programs), lower._launch, lower._launch_scatter, pm.updates
+    programs, updates = dict(pm.programs), pm.updates
+    launch, scatter, gather = lower._launch, lower._launch_scatter, lower.start_plan
     pm.programs.clear()
     lower._launch, lower._launch_scatter = _launch_and_wait, _scatter_and_wait  # type: ignore[assignment]
+    lower.start_plan = _gather_and_wait  # type: ignore[assignment]
     pm.updates = "inline" if updates == "actors" else updates
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -112,6 +122,7 @@ def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
     finally:
         del pm.optimizer.step  # back to the class's method
         lower._launch, lower._launch_scatter, pm.updates = launch, scatter, updates
+        lower.start_plan = gather
         pm.programs.clear()
         pm.programs.update(programs)
     return base + _peak_after_mark(prof), loss

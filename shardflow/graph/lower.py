@@ -44,7 +44,7 @@ from shardflow.boxing import (
 from shardflow.boxing.plan import COLLECTIVES, Plan
 from shardflow.comm.collectives import ReduceScattering, reduce_scatter_finish, reduce_scatter_start
 from shardflow.comm.groups import group_for
-from shardflow.ops import LOCALS, PREPARED, LocalContext, OpCall, TensorMeta, choose, writes_arg
+from shardflow.ops import LOCALS, PREPARED, WORKSPACE, LocalContext, OpCall, TensorMeta, choose, writes_arg
 from shardflow.ops.select import candidates, communicates, reduces_to_split
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, grad_sbp
@@ -619,6 +619,8 @@ class _Lowering:
             args = [self.render(a, used) for a in largs] + [f"{k}={self.render(v, used)}" for k, v in lkwargs.items()]
             code = f"{name} = {self.const(func, 'op')}({', '.join(args)})"
         line = self.emit(code, used, [name])
+        if fn is not None and func in WORKSPACE:  # the local function's own temporaries, alive while it runs
+            self.transient[line] = self.transient.get(line, 0) + WORKSPACE[func](ctx)
         self.outputs(node, list(outs), out_metas)
         first = local_flat[where[0]]
         self.op_storage(node, name, first.name if isinstance(first, _Var) else None, list(outs), out_metas)
@@ -958,7 +960,9 @@ class _Lowering:
             ((self.storages[k][0], self.storages[k][1]) for k, (a, b) in span.items() if a <= at <= b), reverse=True
         )
         if self.transient.get(at):
-            alive.append((self.transient[at], "staging copies of the collective there"))
+            alive.append(
+                (self.transient[at], "temporaries of the op there (its own, or a collective's staging copies)")
+            )
         kept = {k for v in returned[1:] for k in self.refs.get(v, [])}
         ends = [0] * len(self.lines)
         for key, (_, b) in span.items():

@@ -5,6 +5,7 @@ from shardflow.ops.registry import (
     LOCALS,
     PREPARED,
     RULES,
+    WORKSPACE,
     LocalContext,
     OpCall,
     Sig,
@@ -12,6 +13,7 @@ from shardflow.ops.registry import (
     local,
     prepared,
     rule,
+    workspace,
     writes_arg,
 )
 from shardflow.ops.select import NoRuleError, choose
@@ -20,6 +22,7 @@ __all__ = [
     "LOCALS",
     "PREPARED",
     "RULES",
+    "WORKSPACE",
     "LocalContext",
     "NoRuleError",
     "OpCall",
@@ -28,6 +31,7 @@ __all__ = [
     "choose",
     "local",
     "prepared",
+    "workspace",
     "rule",
     "writes_arg",
 ]

@@ -80,6 +80,8 @@ PreparedFn = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 RULES: dict[Any, RuleFn] = {}
 LOCALS: dict[Any, LocalFn] = {}
 PREPARED: dict[Any, Callable[[LocalContext], PreparedFn]] = {}
+# bytes a ``local`` function holds for a moment beyond its outputs (its own temporaries), for memory plans
+WORKSPACE: dict[Any, Callable[[LocalContext], int]] = {}
 
 
 def rule(*ops: Any) -> Callable[[RuleFn], RuleFn]:
@@ -99,6 +101,18 @@ def local(*ops: Any) -> Callable[[LocalFn], LocalFn]:
     def deco(fn: LocalFn) -> LocalFn:
         for op in ops:
             LOCALS[op] = fn
+        return fn
+
+    return deco
+
+
+def workspace(*ops: Any) -> Callable[[Callable[[LocalContext], int]], Callable[[LocalContext], int]]:
+    """Register ``fn(ctx) -> bytes`` the ``local`` function of ``ops`` allocates and frees inside one call
+    (the memory plan adds them where the op runs; the op's outputs are counted anyway)."""
+
+    def deco(fn: Callable[[LocalContext], int]) -> Callable[[LocalContext], int]:
+        for op in ops:
+            WORKSPACE[op] = fn
         return fn
 
     return deco
@@ -148,11 +162,13 @@ __all__ = [
     "LocalContext",
     "OpCall",
     "Sig",
+    "WORKSPACE",
     "TensorMeta",
     "all_b",
     "local",
     "prepared",
     "rule",
     "same",
+    "workspace",
     "writes_arg",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from shardflow.ops.registry import B, LocalContext, OpCall, P, S, Sig, TensorMeta, local, rule
+from shardflow.ops.registry import B, LocalContext, OpCall, P, S, Sig, TensorMeta, local, rule, workspace
 from shardflow.placement.sbp import NdSbp, Placement
 from shardflow.placement.shard import local_shape, shard_box
 
@@ -290,6 +290,23 @@ def _batch_norm_local(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str
         if running_var is not None:
             running_var.mul_(1 - momentum).add_(var * (count / max(count - 1, 1)), alpha=momentum)
     return out, mean, invstd
+
+
+def _input_bytes(ctx: LocalContext, i: int) -> int:
+    t = ctx.call.tensors[i]
+    return math.prod(local_shape(t.shape, ctx.ins[i], ctx.mesh.shape, ctx.coord)) * t.dtype.itemsize
+
+
+@workspace(aten.native_batch_norm.default)
+def _batch_norm_workspace(ctx: LocalContext) -> int:
+    # the split path: ``centred`` and one intermediate of the affine output live beside the output
+    return 2 * _input_bytes(ctx, 0) if _split_any(ctx.ins[0]) else 0
+
+
+@workspace(aten.native_batch_norm_backward.default)
+def _batch_norm_backward_workspace(ctx: LocalContext) -> int:
+    # the split path: ``xhat`` and the grad_input expression's three intermediates, at most three at once
+    return 3 * _input_bytes(ctx, 1) if _split_any(ctx.ins[0]) else 0
 
 
 @rule(aten.native_batch_norm_backward.default)

@@ -169,7 +169,14 @@ def _failure_reason(message: object) -> str:
 
 
 # A rank that fails because a peer died reports a communication error; the peer's own error is the cause.
-_SECONDARY = ("Connection closed by peer", "Connection reset", "Timed out", "Broken pipe", "SIGTERM")
+_SECONDARY = (
+    "Connection closed by peer",
+    "Connection reset",
+    "Timed out",
+    "Application timeout caused pair closure",  # gloo, on a pair whose other operation timed out
+    "Broken pipe",
+    "SIGTERM",
+)
 
 
 def _failure_report(e: Any, log_dir: str, world: int | None = None) -> list[str]:

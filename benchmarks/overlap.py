@@ -23,6 +23,7 @@ all-reduces after backward ended (from traced steps of the ``after`` side). Medi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -76,7 +77,7 @@ def _opt(params: Any) -> torch.optim.Optimizer:
 
 def _measure(kind: str, repeats: int, warmup: int) -> list[str]:
     import shardflow as sf
-    from shardflow.graph import lower
+    from shardflow.testing.memory import collectives_waited_at_launch
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model, (x, y) = _case(kind, world)
@@ -84,22 +85,12 @@ def _measure(kind: str, repeats: int, warmup: int) -> list[str]:
     shard = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
     gx, gy = (sf.from_local(t[shard], mesh, (sf.S(0),)) for t in (x, y))
     pms = {}
-    launch = lower._launch
-
-    def launch_and_wait(ranks: tuple[int, ...], *grads: torch.Tensor) -> Any:
-        handle = launch(ranks, *grads)
-        handle[0].wait()
-        return handle
-
     for side in ("sync", "after", "loop", "actors"):
         pm = sf.compile(copy.deepcopy(model), mesh, example_inputs=(x, y), strategy="dp", optimizer=_opt)
         pm.updates = "after" if side == "sync" else side
-        if side == "sync":  # lowered with launches that wait at once: the same buckets, no overlap
-            lower._launch = launch_and_wait
-        try:
+        # sync: lowered with launches that wait at once (the same buckets, no overlap)
+        with collectives_waited_at_launch() if side == "sync" else contextlib.nullcontext():
             pm.step(gx, gy)
-        finally:
-            lower._launch = launch
         pms[side] = pm
     ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(model))
     ddp_opt = _opt(ddp.parameters())

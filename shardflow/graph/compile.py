@@ -297,8 +297,7 @@ class ParallelModule(Snapshots):
             actors.finish()
         program.ran = True
         for i, g in zip(program.grad_of, grads):
-            sl = self.slices[i]
-            self.local_params[i].grad = g[sl] if sl is not None and self.zero == 1 else g
+            self.local_params[i].grad = self._piece(i, g)
         self._update(stepped=self.updates != "after" and self.max_grad_norm is None)
         if trace is not None:
             end = (actors.backward_end_ns if actors is not None else marks[0] if marks else None) or compute_end
@@ -308,6 +307,12 @@ class ParallelModule(Snapshots):
                 mine.append(Event(world()[0], "compute", "wait for all-reduce", end, compute_end))
             self._gather_trace(mine, trace)
         return float(loss.item())
+
+    def _piece(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        """Parameter ``i``'s gradient as its optimizer sees it: under ZeRO-1 this rank's piece of it (under
+        ZeRO-2 the program returns the piece already)."""
+        sl = self.slices[i]
+        return grad[sl] if sl is not None and self.zero == 1 else grad
 
     def _reduce_unit(self, program: Program, unit: int, payload: Any) -> list[torch.Tensor]:
         """The all-reduce actor's task: unit ``unit``'s synchronised gradients."""
@@ -319,10 +324,8 @@ class ParallelModule(Snapshots):
         ks, _ = program.units[unit]
         mine = []
         for k, g in zip(ks, grads):
-            i = program.grad_of[k]
-            sl = self.slices[i]
-            lp = self.local_params[i]
-            lp.grad = g[sl] if sl is not None and self.zero == 1 else g
+            lp = self.local_params[program.grad_of[k]]
+            lp.grad = self._piece(program.grad_of[k], g)
             mine.append(lp)
         if self.max_grad_norm is not None:
             return  # updates wait for the global norm (CONTRACT); the all-reduces still overlapped backward

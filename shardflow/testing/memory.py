@@ -6,8 +6,9 @@ state and gradients, counted from the objects themselves). CPU only: on GPU use
 
 from __future__ import annotations
 
+import contextlib
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -16,7 +17,6 @@ from torch.profiler import ProfilerActivity, profile
 from shardflow.graph import lower
 
 _MARK = 777_781  # bytes
-_LAUNCH: list[Any] = [lower._launch, lower._launch_scatter, lower.start_plan]
 
 
 def memory_case(kind: str) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
@@ -55,23 +55,28 @@ def alive_before_step(pm: Any) -> int:
     return _storage_bytes(tensors)
 
 
-def _launch_and_wait(ranks: tuple[int, ...], *grads: torch.Tensor) -> Any:
-    handle = _LAUNCH[0](ranks, *grads)
-    handle[0].wait()
-    return handle
+def _waited(launch: Callable[..., Any], work: Callable[[Any], Any]) -> Callable[..., Any]:
+    def launch_and_wait(*args: Any) -> Any:
+        handle = launch(*args)
+        if work(handle) is not None:
+            work(handle).wait()
+        return handle
+
+    return launch_and_wait
 
 
-def _scatter_and_wait(*args: Any) -> Any:
-    handle = _LAUNCH[1](*args)
-    handle.work.wait()
-    return handle
-
-
-def _gather_and_wait(*args: Any) -> Any:
-    handle = _LAUNCH[2](*args)
-    if handle.work is not None:
-        handle.work.wait()
-    return handle
+@contextlib.contextmanager
+def collectives_waited_at_launch() -> Iterator[None]:
+    """Programs lowered inside wait for every asynchronous collective where it is launched (gradient
+    buckets, reduce-scatter buckets, prefetched gathers): the same buffers and order, no overlap."""
+    saved = lower._launch, lower._launch_scatter, lower.start_plan
+    lower._launch = _waited(saved[0], lambda h: h[0])  # type: ignore[assignment]
+    lower._launch_scatter = _waited(saved[1], lambda h: h.work)  # type: ignore[assignment]
+    lower.start_plan = _waited(saved[2], lambda h: h.work)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        lower._launch, lower._launch_scatter, lower.start_plan = saved
 
 
 def _peak_after_mark(prof: Any) -> int:
@@ -112,13 +117,10 @@ def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
     unwrapped = getattr(step, "__wrapped__", step)
     pm.optimizer.step = types.MethodType(unwrapped, pm.optimizer)
     programs, updates = dict(pm.programs), pm.updates
-    launch, scatter, gather = lower._launch, lower._launch_scatter, lower.start_plan
     pm.programs.clear()
-    lower._launch, lower._launch_scatter = _launch_and_wait, _scatter_and_wait  # type: ignore[assignment]
-    lower.start_plan = _gather_and_wait  # type: ignore[assignment]
     pm.updates = "inline" if updates == "actors" else updates
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with collectives_waited_at_launch(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             pm.step(*inputs)
             base = alive_before_step(pm)
             # a block of an odd size marks where the measured step begins (a record_function region would swallow
@@ -128,8 +130,7 @@ def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
             loss = pm.step(*inputs)
     finally:
         del pm.optimizer.step  # back to the class's method
-        lower._launch, lower._launch_scatter, pm.updates = launch, scatter, updates
-        lower.start_plan = gather
+        pm.updates = updates
         pm.programs.clear()
         pm.programs.update(programs)
     return base + _peak_after_mark(prof), loss

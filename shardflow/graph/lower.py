@@ -10,7 +10,10 @@ Code: the pass writes one Python function for this rank, one line per local op o
 a value's last use, and ``exec``s it, so a step costs the ATen calls and collectives, not dispatch.
 Gradients that need one all-reduce over one axis go into buckets launched asynchronously right after the
 line producing the bucket's last gradient, so communication overlaps the rest of backward (DDP's reducer,
-decided at compile time).
+decided at compile time); ZeRO-2's reduce-scatters are packed into buckets the same way. Each bucket (or
+group of gradients needing no communication) is then handed to ``ready(...)`` after the last line that
+reads its parameters, where the update actors (runtime/updates.py) may change them in place. ZeRO-3
+gathers are launched asynchronously while the op before their use computes (a prefetch one op ahead).
 """
 
 from __future__ import annotations

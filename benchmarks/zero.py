@@ -14,7 +14,6 @@ from the same weights; their first losses must agree (rtol 1e-4).
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 import os
 import statistics
@@ -58,32 +57,15 @@ def _adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, foreach=False)
 
 
-def _storages(tensors: list[torch.Tensor]) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
 def _peak(step: Callable[[], Any]) -> int:
     """Bytes allocated above the start at the worst moment of one ``step()``, from profiler events."""
     from torch.profiler import ProfilerActivity, profile
 
+    from shardflow.testing.memory import profiled_peak
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage, e.thread) for e in prof.events())
-    main = collections.Counter(th for _, delta, th in events if delta).most_common(1)[0][0]
-    run = peak = 0
-    for _, delta, thread in events:
-        # gloo's staging on its own threads: recorded, its free never is (see shardflow/testing/memory.py)
-        if thread != main and delta < 0:
-            continue
-        run += delta
-        peak = max(peak, run)
-        if thread != main:
-            run -= delta
-    return peak
+    return profiled_peak(prof)
 
 
 def _sides(k: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[Callable[[], float], Callable[[], int]]]:
@@ -92,7 +74,7 @@ def _sides(k: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[Callable
     from torch.distributed.fsdp import fully_shard
 
     import shardflow as sf
-    from shardflow.testing.memory import alive_before_step
+    from shardflow.testing.memory import alive_before_step, storage_bytes
 
     torch.manual_seed(0)
     model = Net()
@@ -128,7 +110,7 @@ def _sides(k: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[Callable
                 tensors += [
                     v.to_local() if hasattr(v, "to_local") else v for v in state.values() if isinstance(v, torch.Tensor)
                 ]
-            return _storages(tensors)
+            return storage_bytes(tensors)
 
         sides[f"FSDP2 reshard_after_forward={reshard}"] = (step, held)
     return sides

@@ -6,6 +6,7 @@ state and gradients, counted from the objects themselves). CPU only: on GPU use
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import types
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +37,8 @@ def memory_case(kind: str) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
     return model, (torch.randn(64, 256), torch.randint(0, 16, (64,)))
 
 
-def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct CPU storages behind ``tensors``, counted from the objects (not the planner)."""
     seen: dict[int, int] = {}
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type == "cpu":
@@ -52,7 +54,7 @@ def alive_before_step(pm: Any) -> int:
     tensors += [lp.grad for lp in pm.local_params if lp.grad is not None]
     for state in pm.optimizer.state.values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    return _storage_bytes(tensors)
+    return storage_bytes(tensors)
 
 
 def _waited(launch: Callable[..., Any], work: Callable[[Any], Any]) -> Callable[..., Any]:
@@ -79,14 +81,18 @@ def collectives_waited_at_launch() -> Iterator[None]:
         lower._launch, lower._launch_scatter, lower.start_plan = saved
 
 
-def _peak_after_mark(prof: Any) -> int:
-    """The most bytes allocated above the start, after the marker block, from the profiler's events.
+def profiled_peak(prof: Any, marked: bool = False) -> int:
+    """The most bytes allocated above the start at any moment, from a profiler run's memory events; with
+    ``marked``, counted from the marker block on (``_MARK`` bytes, allocated and freed by the step's thread).
 
     Allocations on other threads than the step's are gloo's staging inside one collective: the profiler
     records them but never their frees (all-gathering 4 MiB ten times in a loop adds 40 MiB that never
     comes back), so each counts for its moment and is then taken as freed."""
     events = sorted((e.time_range.start, e.self_cpu_memory_usage, e.thread) for e in prof.events())
-    start, main = next((t, th) for t, delta, th in events if delta == _MARK)
+    if marked:
+        start, main = next((t, th) for t, delta, th in events if delta == _MARK)
+    else:  # the step's thread is the one that allocates most often
+        start, main = -1, collections.Counter(th for _, delta, th in events if delta).most_common(1)[0][0]
     run = peak = 0
     for t, delta, thread in events:
         if t <= start or delta == -_MARK or (thread != main and delta < 0):
@@ -133,7 +139,7 @@ def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
         pm.updates = updates
         pm.programs.clear()
         pm.programs.update(programs)
-    return base + _peak_after_mark(prof), loss
+    return base + profiled_peak(prof, marked=True), loss
 
 
 def measure_pipeline_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
@@ -149,11 +155,11 @@ def measure_pipeline_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
             if pm.optimizer is not None:
                 for state in pm.optimizer.state.values():
                     tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-            base = _storage_bytes(tensors)
+            base = storage_bytes(tensors)
             mark = torch.empty(_MARK, dtype=torch.uint8)
             del mark
             loss = pm.step(*inputs)
     finally:
         if step is not None:
             del pm.optimizer.step
-    return base + _peak_after_mark(prof), loss
+    return base + profiled_peak(prof, marked=True), loss

@@ -2,9 +2,11 @@
 
 Decisions:
 - **Stages and wiring** come from ``stages.py`` (torch.export-based cut at module boundaries). A stage owns
-  the ranks with its coordinate on the pipeline axis; the other mesh axes are data parallel inside the
-  stage (gradients averaged over them), and each data-parallel replica is its own pipeline row: rank
-  ``(s, d)`` talks to ``(s-1, d)`` and ``(s+1, d)`` only.
+  the ranks with its coordinate on the pipeline axis, or the ranks of its own mesh
+  (``Pipeline(stage_meshes=...)``, stages of any sizes); it is data parallel over them (each holds its rows
+  of every micro-batch). What crosses a boundary is ``S(0)`` over the ranks on either side and moves by the
+  cross-mesh boxing plan (``crossing.py``): with equal stages rank ``d`` talks to rank ``d`` of the
+  neighbours only; one rank may hand its rows to three, or two to one.
 - **No coordinator.** Every rank runs its stage's action list from ``schedule.py`` (GPipe or 1F1B). Both
   neighbours derive the same order, so point-to-point messages (gloo/NCCL ``isend``/``irecv``) match by
   order and tag; the receive for the next action is posted before the current one computes, so transfers
@@ -15,7 +17,8 @@ Decisions:
   rows), and gradients are summed over data-parallel ranks; during the last backward of the
   step, post-accumulate hooks launch each full gradient bucket's all-reduce over the stage's data-parallel
   group at once (overlapped with the rest of that backward). Copies of a parameter held by several stages
-  (tied embeddings) get their gradients summed over those stages, so every copy takes the same update.
+  (tied embeddings) get their gradients summed over all those stages' ranks (one all-reduce), so every copy
+  takes the same update.
 - **The step's result** is the global-batch mean loss on every rank (one all-reduce over the mesh), and
   clipping uses the global norm over all stages, as ``clip_grad_norm_`` on the serial model.
 BatchNorm is refused (per-micro-batch statistics are not the serial model's).
@@ -24,7 +27,6 @@ BatchNorm is refused (per-micro-batch statistics are not the serial model's).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from shardflow.comm.init import collective_timeout, world
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B
 from shardflow.runtime import trace as tracing
+from shardflow.runtime.crossing import Piece, crossing
 from shardflow.runtime.memory import MemoryReport, ProgramMemory, fmt_bytes, optimizer_bytes, unique_bytes
 from shardflow.runtime.schedule import SCHEDULES, Action, bubble, in_flight, stage_order
 from shardflow.runtime.stages import Split, balanced_split_points, canonical_names, split_model
@@ -65,8 +68,19 @@ class Pipeline:
     data-parallel ranks), so it needs at least ``micro_batches x data-parallel ranks`` rows."""
     schedule: str = "1f1b"
     """``"1f1b"`` (bounded activations) or ``"gpipe"`` (all forwards, then all backwards)."""
+    stage_meshes: tuple[Mesh, ...] | None = None
+    """One mesh per stage, of any sizes (``axis`` is then unused): stage ``s`` is data parallel over the ranks
+    of ``stage_meshes[s]``, and activations cross between stages of different sizes by cross-mesh boxing.
+    Their ranks must not overlap and together be the ranks of the mesh given to ``sf.compile``."""
 
     def __post_init__(self) -> None:
+        if self.stage_meshes is not None:
+            meshes = tuple(self.stage_meshes) if isinstance(self.stage_meshes, (list, tuple)) else None
+            if not meshes or not all(isinstance(m, Mesh) for m in meshes):
+                raise ValueError(
+                    f"Pipeline.stage_meshes must be a list of sf.Mesh, one per stage, got {self.stage_meshes!r}"
+                )
+            object.__setattr__(self, "stage_meshes", meshes)
         if self.split_points is not None:
             if isinstance(self.split_points, str) or not all(isinstance(p, str) for p in self.split_points):
                 raise ValueError(f"Pipeline.split_points must be a list of module names, got {self.split_points!r}")
@@ -148,31 +162,39 @@ class PipelineModule(Snapshots):
         max_grad_norm: float | None,
     ) -> None:
         self.mesh, self.pipeline, self.max_grad_norm = mesh, pipeline, max_grad_norm
-        pp = mesh.axis_index(pipeline.axis)
-        others = [a for a in range(mesh.ndim) if a != pp]
-        self.stages = mesh.shape[pp]
-        self.dp = math.prod(mesh.shape[a] for a in others)
+        # each stage's ranks, in the order that cuts its rows (data-parallel index), and its mesh for snapshots
+        self.stage_ranks, self.stage_meshes = _stages(mesh, pipeline)
+        self.stages = len(self.stage_ranks)
         self.example_inputs = tuple(example_inputs)
         self.example_shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in example_inputs]
         self.state_meta = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
         self.canonical = canonical_names(model)  # tied parameters: every name -> the one stages use
         rank = world()[0]
         self.inside = rank in mesh
-        coord = mesh.coord_of(rank) if self.inside else mesh.coord_of(mesh.ranks[0])
-        self.stage = coord[pp]
-        self.row = mesh.axis_slice(pp, mesh.rank_at(coord))  # this replica's ranks, stage by stage
-        self.dp_ranks = mesh.slice_over(others, mesh.rank_at(coord)) if others else (mesh.rank_at(coord),)
-        self.dp_index = self.dp_ranks.index(mesh.rank_at(coord))
+        me = rank if self.inside else self.stage_ranks[0][0]
+        self.stage = next(s for s, ranks in enumerate(self.stage_ranks) if me in ranks)
+        self.dp_ranks = self.stage_ranks[self.stage]
+        self.dp = len(self.dp_ranks)
+        self.dp_index = self.dp_ranks.index(me)
+        # every stage's ranks as a 1-d mesh: the layouts its boundary tensors are boxed between (collective)
+        self.flat = [Mesh(mesh.device_type, (len(r),), names=("dp",), ranks=r) for r in self.stage_ranks]
         plain = [_plain(x) for x in example_inputs]
         micros = self._micro_batches(plain)[0]
         micro = micros[0]
         points = pipeline.split_points
-        if points is None:
-            points = tuple(balanced_split_points(model, micro, self.stages))
+        if points is None:  # cut by FLOPs of the whole first micro-batch (the same on every rank)
+            whole = [x.tensor_split(pipeline.micro_batches)[0] if _batched(x) else x for x in plain]
+            sizes = [len(r) for r in self.stage_ranks]
+            points = tuple(balanced_split_points(model, whole, self.stages, capacity=sizes))
         if len(points) != self.stages - 1:
+            where = (
+                f"{self.stages} stage meshes were given"
+                if pipeline.stage_meshes
+                else f"mesh axis {pipeline.axis!r} has {self.stages} ranks"
+            )
             raise ValueError(
-                f"{len(points)} split points {list(points)} make {len(points) + 1} stages, but mesh axis "
-                f"{pipeline.axis!r} has {self.stages} ranks: give {self.stages - 1} split points"
+                f"{len(points)} split points {list(points)} make {len(points) + 1} stages, but {where}: "
+                f"give {self.stages - 1} split points"
             )
         self.split: Split = split_model(model, micro, points)
         self.metas: dict[Any, list[Meta]] = {_shape_key(micro): _boundaries(self.split, micro)}
@@ -186,6 +208,8 @@ class PipelineModule(Snapshots):
                 again = split_model(model, other, points)
                 self.metas[key] = _boundaries(again, other)
                 self.modules[key] = _share(again.modules[self.stage], self.module)
+        # which rows of each boundary tensor go to which rank of the next stage (collective: shares row counts)
+        self.pieces = self._crossings(micros)
         # every rank keeps its own stage only: the names and sizes of the others' parameters are enough
         self.holders = [
             set(names) | {n for n, _ in m.named_buffers()} for names, m in zip(self.split.names, self.split.modules)
@@ -208,16 +232,6 @@ class PipelineModule(Snapshots):
         self._last_backward = False
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
-        # each stage's ranks as a mesh of their own (collective: every rank makes every one), for snapshots
-        self.stage_meshes = [
-            Mesh(
-                mesh.device_type,
-                tuple(mesh.shape[a] for a in others) or (1,),
-                names=tuple(mesh.names[a] for a in others) or ("replica",),
-                ranks=[r for r in mesh.ranks if mesh.coord_of(r)[pp] == s],
-            )
-            for s in range(self.stages)
-        ]
         self.param_order = [n for n, _ in model.named_parameters()]  # the index of optimizer state in snapshots
         self.recorder = tracing.Recorder(rank)
         self.events: list[tracing.Event] = []  # every rank's events of the last traced step
@@ -232,10 +246,11 @@ class PipelineModule(Snapshots):
         if len(rows) != 1:
             raise ValueError(f"pipeline inputs must share one batch dim (dim 0); got batch sizes {sorted(rows)}")
         batch = rows.pop()
-        if batch < m * self.dp:
+        widest = max(len(r) for r in self.stage_ranks)
+        if batch < m * widest:
             raise ValueError(
-                f"a batch of {batch} rows leaves some of the {m} micro-batches x {self.dp} data-parallel ranks "
-                f"empty; use at least {m * self.dp} rows or fewer micro_batches"
+                f"a batch of {batch} rows leaves some of the {m} micro-batches x {widest} data-parallel ranks "
+                f"empty; use at least {m * widest} rows or fewer micro_batches"
             )
         out, weights = [], []
         for j in range(m):
@@ -252,19 +267,41 @@ class PipelineModule(Snapshots):
         """Shapes and dtypes every stage returns for a micro-batch shaped like ``micro``."""
         return self.metas[_shape_key(micro)]
 
+    def _crossings(self, micros: list[list[Any]]) -> list[tuple[list[list[Piece]], list[list[Piece]]]]:
+        """Per micro-batch: the pieces of each tensor this rank receives from the stage before, and of each
+        tensor it sends to the stage after (``crossing.py``). Collective over the job."""
+        # dim 0 (1 for a 0-d tensor) and the other dims of every boundary tensor on this rank's shard
+        mine = [[[(tuple(shape) or (1,), dtype) for shape, dtype in meta] for meta in self._meta(m)] for m in micros]
+        every: list[Any] = [mine]
+        if dist.is_initialized() and world()[1] > 1:
+            every = [None] * world()[1]
+            dist.all_gather_object(every, mine)
+        out: list[tuple[list[list[Piece]], list[list[Piece]]]] = []
+        for j in range(len(micros)):
+            recv: list[list[Piece]] = []
+            send: list[list[Piece]] = []
+            for b in range(self.stages - 1):
+                src, dst = self.stage_ranks[b], self.stage_ranks[b + 1]
+                for k, (shape, dtype) in enumerate(every[src[0]][j][b]):  # every rank checks every boundary
+                    what = f"tensor {k} from stage {b} to stage {b + 1} (micro-batch {j})"
+                    rows = tuple(every[r][j][b][k][0][0] for r in src)
+                    expect = tuple(every[r][j][b][k][0][0] for r in dst)
+                    pieces = crossing(rows, expect, shape[1:], dtype, self.flat[b], self.flat[b + 1], what)
+                    if self.stage in (b, b + 1):
+                        (send if self.stage == b else recv).append(pieces.get(self.dp_ranks[self.dp_index], []))
+            out.append((recv, send))
+        return out
+
     def _tied_groups(self) -> dict[str, Any]:
-        """For each parameter held by several stages, the group of those stages' ranks in this row."""
+        """For each parameter held by several stages, the group of all those stages' ranks (collective)."""
         mine: dict[str, Any] = {}
-        pp = self.mesh.axis_index(self.pipeline.axis)
-        rows = self.mesh.all_axis_slices(pp)
         made: dict[tuple[int, ...], Any] = {}
         for name, stages in sorted(self.split.tied.items()):
-            for row in rows:
-                ranks = tuple(row[s] for s in stages)
-                if ranks not in made:
-                    made[ranks] = dist.new_group(list(ranks), timeout=collective_timeout())
-                if self.inside and world()[0] in ranks:
-                    mine[name] = made[ranks]
+            ranks = tuple(sorted(r for s in stages for r in self.stage_ranks[s]))
+            if ranks not in made:
+                made[ranks] = dist.new_group(list(ranks), timeout=collective_timeout())
+            if self.inside and world()[0] in ranks:
+                mine[name] = made[ranks]
         return mine
 
     def _grad_ready(self, p: torch.Tensor) -> None:
@@ -297,8 +334,7 @@ class PipelineModule(Snapshots):
                 p = self.named[name]
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                if self.dp > 1:  # the data-parallel sum first (tied copies stay out of the buckets)
-                    dist.all_reduce(p.grad, group=group_for(self.dp_ranks).group)
+                # every rank of every holding stage has a part of the sum (tied copies stay out of the buckets)
                 dist.all_reduce(p.grad, group=group)
         with self.recorder.span("optimizer", "optimizer"):
             if self.max_grad_norm is not None:
@@ -329,18 +365,23 @@ class PipelineModule(Snapshots):
         def post(a: Action) -> None:
             if a in posted:
                 return
-            if a.kind == "F" and not first:
+            recv, send = self.pieces[a.micro_batch]
+            if a.kind == "F" and not first:  # activations, from the ranks of the stage before
                 meta = self._meta(micro[a.micro_batch])[self.stage - 1]
                 bufs = [torch.empty(shape, dtype=dtype) for shape, dtype in meta]
-                peer, tag = self.row[self.stage - 1], 0
-            elif a.kind == "B" and not last:
+                pieces, tag = recv, 0
+            elif a.kind == "B" and not last:  # gradients of what this rank sent, from the ranks it went to
                 meta = self._meta(micro[a.micro_batch])[self.stage]
-                bufs = [torch.empty(s, dtype=d) for s, d in meta if d.is_floating_point]
-                peer, tag = self.row[self.stage + 1], 1
+                kept = [k for k, (_, d) in enumerate(meta) if d.is_floating_point]
+                bufs = [torch.empty(meta[k][0], dtype=meta[k][1]) for k in kept]
+                pieces, tag = [send[k] for k in kept], 1
             else:
                 posted[a] = ([], [])
                 return
-            posted[a] = ([dist.irecv(b, peer, tag=tag) for b in bufs], bufs)
+            posted[a] = (
+                [dist.irecv(_rows(b)[p.rows], p.peer, tag=tag) for b, ps in zip(bufs, pieces) for p in ps],
+                bufs,
+            )
 
         for i, a in enumerate(self.order):
             post(a)
@@ -360,7 +401,12 @@ class PipelineModule(Snapshots):
                 if last:
                     losses.append(outs[0].detach() * weights[j])
                 else:
-                    sent[j] = [dist.isend(o.detach().contiguous(), self.row[self.stage + 1], tag=0) for o in outs]
+                    to = self.pieces[j][1]
+                    sent[j] = [
+                        dist.isend(_rows(o.detach().contiguous())[p.rows], p.peer, tag=0)
+                        for o, ps in zip(outs, to)
+                        for p in ps
+                    ]
                 saved[j] = (received, outs)
             else:
                 for w in sent.pop(j, []):
@@ -376,11 +422,14 @@ class PipelineModule(Snapshots):
                         pairs = [(o, g) for o, g in zip(floats, bufs) if o.requires_grad]
                         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
                 self._last_backward = False
-                if not first:
-                    grads = [
-                        t.grad if t.grad is not None else torch.zeros_like(t) for t in received if t.is_floating_point()
+                if not first:  # each received piece's gradient goes back to the rank it came from
+                    back = self.pieces[j][0]
+                    sends += [
+                        dist.isend(_rows(t.grad if t.grad is not None else torch.zeros_like(t))[p.rows], p.peer, tag=1)
+                        for t, ps in zip(received, back)
+                        if t.is_floating_point()
+                        for p in ps
                     ]
-                    sends += [dist.isend(g, self.row[self.stage - 1], tag=1) for g in grads]
         with self.recorder.span("recv", "wait sends"):
             for w in [*sends, *(w for ws in sent.values() for w in ws)]:
                 w.wait()
@@ -407,8 +456,9 @@ class PipelineModule(Snapshots):
         ]
         norms = torch.stack(torch._foreach_norm(grads)).double() if grads else torch.zeros(1, dtype=torch.float64)
         total = norms.square().sum()
-        if self.stages > 1:
-            dist.all_reduce(total, group=group_for(self.row).group)
+        if self.stages > 1:  # each of a stage's ranks holds its stage's (reduced) sum: each adds its share
+            total /= self.dp
+            dist.all_reduce(total, group=group_for(self.mesh.ranks).group)
         coef = max_norm / (float(total.sqrt()) + 1e-6)
         mine = [p.grad for p in self.params if p.grad is not None]
         if coef < 1.0 and mine:
@@ -427,14 +477,14 @@ class PipelineModule(Snapshots):
         if not self.inside:
             return {}
         mine = {**self.named, **dict(self.module.named_buffers())}
-        group = group_for(self.row).group if self.stages > 1 else None
+        group = group_for(self.mesh.ranks).group if self.mesh.size > 1 else None
         out: dict[str, torch.Tensor] = {}
         for name, (shape, dtype) in self.state_meta.items():
             key = self.canonical.get(name, name)
             owner = self._owner_stage(key)
             value = mine[key].detach().clone() if owner == self.stage else torch.empty(shape, dtype=dtype)
-            if self.stages > 1:
-                dist.broadcast(value, src=self.row[owner], group=group)
+            if self.mesh.size > 1:
+                dist.broadcast(value, src=self.stage_ranks[owner][0], group=group)
             out[name] = value
         return out
 
@@ -616,9 +666,10 @@ class PipelineModule(Snapshots):
     def explain(self) -> str:
         """Stages, their parameters, the schedule of each stage and the expected bubble, for people."""
         p, m = self.stages, self.pipeline.micro_batches
+        over = "own meshes" if self.pipeline.stage_meshes else f"mesh axis {self.pipeline.axis!r}"
         lines = [
-            f"PipelineModule: {p} stage(s) over mesh axis {self.pipeline.axis!r} of {self.mesh}, "
-            f"{self.dp} data-parallel replica(s) per stage, {m} micro-batch(es), schedule {self.pipeline.schedule!r}",
+            f"PipelineModule: {p} stage(s) over {over} of {self.mesh}, each data parallel over its ranks, "
+            f"{m} micro-batch(es), schedule {self.pipeline.schedule!r}",
             f"split before: {self.split.split_points or '(one stage)'}; idle fraction with equal stages "
             f"(p-1)/(m+p-1) = {bubble(p, m):.3f}",
         ]
@@ -626,12 +677,54 @@ class PipelineModule(Snapshots):
             order = stage_order(self.pipeline.schedule, s, p, m)
             count, n = self.sizes[s]
             lines.append(
-                f"  stage {s}: {count} tensors, {n} parameters, "
+                f"  stage {s} on ranks {list(self.stage_ranks[s])}: {count} tensors, {n} parameters, "
                 f"{in_flight(order)} micro-batch(es) in flight: {' '.join(map(repr, order))}"
             )
         for name, stages in self.split.tied.items():
             lines.append(f"  {name} is held by stages {list(stages)}; their gradients are summed")
         return "\n".join(lines)
+
+
+def _stages(mesh: Mesh, pipeline: Pipeline) -> tuple[list[tuple[int, ...]], list[Mesh]]:
+    """Each stage's ranks (in the order that cuts its rows) and mesh: the given stage meshes, or the slices
+    of ``mesh`` at each coordinate of the pipeline axis (collective: makes every stage's mesh)."""
+    if pipeline.stage_meshes is not None:
+        meshes = list(pipeline.stage_meshes)
+        seen: dict[int, int] = {}
+        for s, m in enumerate(meshes):
+            if m.device_type != mesh.device_type:
+                raise ValueError(f"stage mesh {s} {m} is on {m.device_type!r} but the mesh is on {mesh.device_type!r}")
+            for r in m.ranks:
+                if r in seen:
+                    raise ValueError(f"rank {r} is in stage meshes {seen[r]} and {s}: give each stage its own ranks")
+                seen[r] = s
+        if set(seen) != set(mesh.ranks):
+            raise ValueError(
+                f"the stage meshes hold ranks {sorted(seen)} but the mesh {mesh} holds {list(mesh.ranks)}: "
+                "give sf.compile the mesh of all the stages' ranks, each in exactly one stage mesh"
+            )
+        return [m.ranks for m in meshes], meshes
+    pp = mesh.axis_index(pipeline.axis)
+    others = [a for a in range(mesh.ndim) if a != pp]
+    meshes = [
+        Mesh(
+            mesh.device_type,
+            tuple(mesh.shape[a] for a in others) or (1,),
+            names=tuple(mesh.names[a] for a in others) or ("replica",),
+            ranks=[r for r in mesh.ranks if mesh.coord_of(r)[pp] == s],
+        )
+        for s in range(mesh.shape[pp])
+    ]
+    return [m.ranks for m in meshes], meshes
+
+
+def _batched(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() > 0
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a dim 0 to cut rows from (a 0-d tensor as one row; a view, so receiving into it fills ``t``)."""
+    return t if t.dim() else t.reshape(1)
 
 
 def _shape_key(micro: Sequence[Any]) -> tuple[Any, ...]:

@@ -10,7 +10,8 @@ runtime sums those copies' gradients (``Split.tied``), which torch's own runtime
 Without cut points, the candidates are the children of the model's longest ``ModuleList``/``Sequential``
 (a transformer's blocks, an MLP's layers); each leaf module's FLOPs are counted analytically by torch's
 ``FlopCounterMode`` on the example micro-batch, in execution order, and the cuts that minimise the
-largest stage's FLOPs are chosen (the cost model for equal-speed devices).
+slowest stage's time is chosen: its FLOPs over its number of ranks, which share its micro-batches (the
+cost model for equal-speed devices).
 """
 
 from __future__ import annotations
@@ -143,8 +144,11 @@ def blocks(model: nn.Module) -> list[str]:
     return [f"{prefix}.{n}" if prefix else n for n, _ in seq.named_children()]
 
 
-def balanced_split_points(model: nn.Module, micro_batch: Sequence[Any], stages: int) -> list[str]:
-    """Cut points before children of the longest ModuleList/Sequential that minimise the largest stage's FLOPs."""
+def balanced_split_points(
+    model: nn.Module, micro_batch: Sequence[Any], stages: int, capacity: Sequence[int] | None = None
+) -> list[str]:
+    """Cut points before children of the longest ModuleList/Sequential that minimise the slowest stage's time:
+    its FLOPs over its ``capacity`` (the ranks sharing its micro-batches; default 1 each)."""
     _refuse_batch_norm(model)
     if stages == 1:
         return []
@@ -160,6 +164,9 @@ def balanced_split_points(model: nn.Module, micro_batch: Sequence[Any], stages: 
             f"{prefix or type(model).__name__} has {len(children)} children, too few for {stages} stages; "
             "use fewer stages or pass split_points"
         )
+    share = [float(c) for c in capacity] if capacity is not None else [1.0] * stages
+    if len(share) != stages or min(share) <= 0:
+        raise ValueError(f"capacity needs one positive number per stage ({stages}), got {capacity}")
     order = _leaf_flops(model, micro_batch)
     # FLOPs executed before each candidate child starts, and in total
     starts = []
@@ -171,7 +178,7 @@ def balanced_split_points(model: nn.Module, micro_batch: Sequence[Any], stages: 
     usable = [i for i in range(1, len(children)) if starts[i] is not None]
     for cut in itertools.combinations(usable, stages - 1):
         edges = [0.0, *(float(starts[i]) for i in cut), float(total)]  # type: ignore[arg-type]
-        worst = max(b - a for a, b in zip(edges[:-1], edges[1:]))
+        worst = max((b - a) / c for a, b, c in zip(edges[:-1], edges[1:], share))
         if best is None or worst < best[0]:
             best = (worst, cut)
     if best is None:

@@ -41,12 +41,14 @@ def _adamw(ps):  # type: ignore[no-untyped-def]
 
 def _cases(kind: str, cases, trace_dir: str) -> list[str]:  # type: ignore[no-untyped-def]
     checked = []
-    for shape, names, schedule, m, batch in cases:
+    for shape, names, schedule, m, batch, *given in cases:
         model, data = _model_and_batches(kind, batch)
         ref = copy.deepcopy(model)
         opt = _adamw(ref.parameters())
         mesh = sf.Mesh("cpu", shape, names=names)
-        pipeline = sf.Pipeline(micro_batches=m, schedule=schedule)
+        # stages of different sizes: one 1-d mesh per stage (ranks given), data parallel over its ranks
+        meshes = [sf.Mesh("cpu", (len(r),), names=("dp",), ranks=r) for r in given[0]] if given else None
+        pipeline = sf.Pipeline(micro_batches=m, schedule=schedule, stage_meshes=meshes)
         pm = sf.compile(model, mesh, example_inputs=data[0], optimizer=_adamw, max_grad_norm=0.5, pipeline=pipeline)
         case = f"{kind} {shape} {names} {schedule} m={m}"
         trace = f"{trace_dir}/{kind}-{len(checked)}.json"
@@ -61,9 +63,11 @@ def _cases(kind: str, cases, trace_dir: str) -> list[str]:  # type: ignore[no-un
             continue
         for name, value in ref.state_dict().items():
             torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=f"{case}: {name}")
-        stages = shape[names.index("pp")]
+        stages = len(given[0]) if given else shape[names.index("pp")]
         for rank in mesh.ranks:
-            stage = mesh.coord_of(rank)[names.index("pp")]
+            stage = next(s for s, r in enumerate(pm.stage_ranks) if rank in r)
+            if not given:
+                assert stage == mesh.coord_of(rank)[names.index("pp")]
             ran = [e.name for e in pm.events if e.rank == rank and e.track == "compute"]
             assert ran == [repr(a) for a in stage_order(schedule, stage, stages, m)], (case, rank, ran)
         if torch.distributed.get_rank() == mesh.ranks[0]:
@@ -77,7 +81,14 @@ def _matrix(kind: str) -> list[tuple]:
         ((stages,), ("pp",), schedule, m, 28) for stages in (2, 4) for schedule in ("gpipe", "1f1b") for m in (1, 4, 7)
     ]
     uneven = [((2,), ("pp",), "1f1b", 4, 10), ((2, 2), ("pp", "dp"), "gpipe", 3, 10)]  # tensor_split cuts
-    return cases + [((2, 2), ("pp", "dp"), "1f1b", 4, 8), ((2, 2), ("dp", "pp"), "gpipe", 3, 6), *uneven]
+    # stages of different sizes, uneven cuts everywhere: 1 rank hands its rows to 3 (micro-batches of 4, 4,
+    # 3, 3 rows, cut 2+1+1 and 1+1+1 on the second stage), 2 ranks to 1 (7 rows), 1 to 2 to 1 in reverse rank order
+    sized = [
+        ((4,), ("pp",), "1f1b", 4, 14, [[0], [1, 2, 3]]),
+        ((3,), ("pp",), "gpipe", 3, 7, [[0, 1], [2]]),
+        ((4,), ("pp",), "1f1b", 2, 9, [[3], [1, 2], [0]]),
+    ]
+    return cases + [((2, 2), ("pp", "dp"), "1f1b", 4, 8), ((2, 2), ("dp", "pp"), "gpipe", 3, 6), *uneven, *sized]
 
 
 @pytest.mark.parametrize("kind", ["mlp", "gpt"])
@@ -118,6 +129,66 @@ def test_bad_pipelines_are_refused_with_the_fix():
             strategy="tp",
             pipeline=sf.Pipeline(),
         )
+
+
+class _Swap(torch.nn.Module):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.transpose(0, 1)
+
+
+class _BatchSecond(torch.nn.Module):
+    """An MLP whose first stage hands on (features, batch): rows of it are not rows of the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Linear(6, 8), _Swap(), _Swap(), torch.nn.Linear(8, 5))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.layers(x), y)
+
+
+def _refusals() -> list[str]:
+    """What compiling each bad pipeline with stage meshes says (every rank of the job must raise it)."""
+    mlp = MLP(MLPConfig(in_features=6, hidden_sizes=(16, 16), num_classes=5))
+    x, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
+    one, two, three = ([0], [1, 2]), ([0, 1], [1, 2, 3]), ([0], [1])
+    meshes = [[sf.Mesh("cpu", (len(r),), names=("dp",), ranks=r) for r in stages] for stages in (one, two, three)]
+    whole = sf.Mesh("cpu", (3,), names=("pp",))
+    said = []
+    for model, stages, mesh in [(_BatchSecond(), meshes[0], whole), (mlp, meshes[1], whole), (mlp, meshes[2], whole)]:
+        try:
+            sf.compile(
+                model,
+                mesh,
+                example_inputs=(x, y),
+                pipeline=sf.Pipeline(
+                    stage_meshes=stages, split_points=["layers.2"] if isinstance(model, _BatchSecond) else None
+                ),
+            )
+        except ValueError as exc:
+            said.append(str(exc))
+    return said
+
+
+def test_bad_stage_meshes_are_refused_on_every_rank():
+    said = run_on_ranks(4, _refusals)
+    assert all(s == said[0] for s in said)  # the same verdict everywhere, so no rank is left waiting
+    assert len(said[0]) == 3, said[0]
+    assert "tensor 0 from stage 0 to stage 1 (micro-batch 0): the stage on ranks [0] hands on rows [8]" in said[0][0]
+    assert "Stages of different sizes need tensors whose dim 0 is the batch" in said[0][0]
+    assert "rank 1 is in stage meshes 0 and 1: give each stage its own ranks" in said[0][1]
+    assert "the stage meshes hold ranks [0, 1] but the mesh" in said[0][2]
+
+
+def test_balanced_cut_weighs_stages_by_their_ranks():
+    """Equal layers over a stage of one rank and a stage of three: the wide stage takes four of five."""
+    from shardflow.runtime.stages import balanced_split_points
+
+    mlp = MLP(MLPConfig(in_features=32, hidden_sizes=(32, 32, 32, 32), num_classes=32))  # five equal linears
+    batch = (torch.randn(4, 32), torch.randint(0, 32, (4,)))
+    assert balanced_split_points(mlp, batch, 2, capacity=[1, 3]) == ["net.2"]  # 1 linear against 4 over 3 ranks
+    assert balanced_split_points(mlp, batch, 2, capacity=[3, 1]) == ["net.7"]  # the last GELU goes too
+    assert balanced_split_points(mlp, batch, 2) in (["net.4"], ["net.6"])  # 2 against 3
 
 
 def test_balanced_cut_puts_the_expensive_head_alone():

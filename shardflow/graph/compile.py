@@ -46,9 +46,9 @@ from shardflow.checkpoint.snapshots import Snapshots
 from shardflow.checkpoint.store import load as load_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
-from shardflow.graph.capture import capture
+from shardflow.graph.capture import Captured, capture
 from shardflow.graph.lower import Program, bucket_done, lower, trace_step, wait_bucket
-from shardflow.graph.strategy import axes_for, param_layouts
+from shardflow.graph.strategy import STRATEGIES, axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
 from shardflow.placement.shard import relative, shard_box
@@ -523,15 +523,26 @@ def compile(
     if pipeline is not None:
         if not isinstance(pipeline, Pipeline):
             raise TypeError(f"pipeline must be sf.Pipeline(...), got {type(pipeline).__name__}")
-        unsupported = {"strategy": strategy != "dp", "hints": bool(hints), "input_sbp": input_sbp is not None}
+        unsupported = {"hints": bool(hints), "input_sbp": input_sbp is not None}
         unsupported |= {"zero": zero != 0, "recompute": bool(recompute)}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(
-                f"with a pipeline, stages are data parallel over the other mesh axes; {', '.join(bad)} "
+                f"with a pipeline, stages are data (and tensor) parallel over the other mesh axes; {', '.join(bad)} "
                 "cannot be combined with pipeline= yet: leave them at their defaults"
             )
-        pp = PipelineModule(model, mesh, pipeline, example_inputs, optimizer or _default_optimizer, max_grad_norm)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+        pp = PipelineModule(
+            model,
+            mesh,
+            pipeline,
+            example_inputs,
+            optimizer or _default_optimizer,
+            max_grad_norm,
+            strategy,
+            _stage_layouts(model, example_inputs),
+        )
         if memory_limit is not None:
             _check_pipeline_fits(pp, parse_bytes(memory_limit), model, optimizer, max_grad_norm)
         return pp
@@ -628,6 +639,19 @@ def _refusal(limit: int, report: MemoryReport, fixes: list[tuple[int, str]]) -> 
     return MemoryPlanError("\n".join(lines))
 
 
+def _stage_layouts(model: nn.Module, example_inputs: Sequence[Any]) -> Callable[[Mesh], dict[str, NdSbp]]:
+    """Megatron layouts of the whole model's parameters on a stage's 1-d tensor-parallel mesh (the model is
+    captured once, on the first call: data-parallel pipelines never capture it)."""
+    captured: list[Captured] = []
+
+    def layouts(tp_mesh: Mesh) -> dict[str, NdSbp]:
+        if not captured:
+            captured.append(capture(model, [x.full() if isinstance(x, GlobalTensor) else x for x in example_inputs]))
+        return param_layouts(model, tp_mesh, "tp", captured[0], None)
+
+    return layouts
+
+
 def _check_pipeline_fits(
     pm: PipelineModule,
     limit: int,
@@ -648,7 +672,16 @@ def _check_pipeline_fits(
         more = dataclasses.replace(p, micro_batches=2 * p.micro_batches, split_points=tuple(pm.split.split_points))
         options.append((more, f"micro_batches={2 * p.micro_batches} (micro-batches half as large)"))
     for option, what in options:
-        alt = PipelineModule(model, pm.mesh, option, pm.example_inputs, optimizer or _default_optimizer, max_grad_norm)
+        alt = PipelineModule(
+            model,
+            pm.mesh,
+            option,
+            pm.example_inputs,
+            optimizer or _default_optimizer,
+            max_grad_norm,
+            pm.strategy,
+            _stage_layouts(model, pm.example_inputs),
+        )
         fixes.append((max(alt.memory().peaks or [0]), what))
     raise _refusal(limit, report, fixes)
 

@@ -5,8 +5,9 @@ out ``S(0)`` over that stage's ranks (each rank holds its rows of the micro-batc
 ``tensor_split``) and must arrive ``S(0)`` over the next stage's ranks. Which rows go from which rank to
 which is the foundation's cross-mesh boxing plan (``boxing/plan.py``, a ``send_recv`` step), so stages of
 different sizes work: one rank hands its rows to three, or two hand theirs to one. Stages of equal size pair
-rank ``d`` with rank ``d``, one message each. A gradient goes back along the same transfers reversed (the
-adjoint of a send is a send the other way), so it needs no plan of its own.
+rank ``d`` with rank ``d``, one message each. A tensor-parallel stage holds each row on all its ``tp`` ranks
+(``(S(0), B)`` on its ``(dp, tp)`` mesh): forward, one copy is sent to each rank that needs it; gradients go
+back by the plan the other way, so that every rank of the stage before gets each of its rows once.
 
 Each rank knows only its own shards' shapes (a stage module is exported for its shard's shape), so every
 rank shares the row counts of what it hands on once, at set-up; the plan then follows from the global row
@@ -21,7 +22,7 @@ import torch
 
 from shardflow.boxing.plan import plan_boxing
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import S
+from shardflow.placement.sbp import B, S
 from shardflow.placement.shard import split_range
 
 
@@ -38,6 +39,9 @@ class Piece:
         return slice(self.start, self.stop)
 
 
+Pieces = dict[int, list[Piece]]  # global rank -> what it sends, or what it receives (a rank does one or the other)
+
+
 def crossing(
     rows: tuple[int, ...],
     dst_rows: tuple[int, ...],
@@ -46,15 +50,19 @@ def crossing(
     src: Mesh,
     dst: Mesh,
     what: str,
-) -> dict[int, list[Piece]]:
-    """Pieces each rank sends (ranks of ``src``) or receives (ranks of ``dst``) for one boundary tensor.
+) -> tuple[Pieces, Pieces]:
+    """The pieces of one boundary tensor forward (``src`` to ``dst``) and of its gradient back.
 
-    ``rows[i]``: dim 0 of the tensor on ``src``'s ``i``-th rank; ``dst_rows[i]``: the rows ``dst``'s ``i``-th
-    rank expects; ``rest``: the other dims. A rank in both meshes would copy locally; stages never share one.
+    ``src`` and ``dst`` are ``(dp, tp)`` meshes: rows are split over ``dp`` and every ``tp`` rank holds its
+    row's copy, so the layout is ``(S(0), B)`` on both. ``rows[i]``: dim 0 of the tensor on ``src``'s ``i``-th
+    data-parallel rank; ``dst_rows[i]``: the rows ``dst``'s ``i``-th expects; ``rest``: the other dims. Forward,
+    one holder of each row sends it to every rank that needs it; back, every rank of ``src`` receives the
+    gradient of each of its rows once (from one of ``dst``'s copies), so the two plans differ when ``tp > 1``.
     """
     n = sum(rows)
     for mesh, counts, side in ((src, rows, "hands on"), (dst, dst_rows, "expects")):
-        cut = tuple(b - a for a, b in (split_range(sum(counts), mesh.size, i) for i in range(mesh.size)))
+        parts = mesh.shape[0]
+        cut = tuple(b - a for a, b in (split_range(sum(counts), parts, i) for i in range(parts)))
         if sum(counts) != n or counts != cut:
             raise ValueError(
                 f"{what}: the stage on ranks {list(src.ranks)} hands on rows {list(rows)} and the stage on ranks "
@@ -62,13 +70,18 @@ def crossing(
                 f"{list(counts)}, not a tensor_split of {sum(counts)} rows). Stages of different sizes need tensors "
                 "whose dim 0 is the batch at every split point: pick split points where that holds"
             )
-    plan = plan_boxing((n, *rest), dtype, src, (S(0),), dst, (S(0),))
+    return _pieces((n, *rest), dtype, src, dst), _pieces((n, *rest), dtype, dst, src)
+
+
+def _pieces(shape: tuple[int, ...], dtype: torch.dtype, src: Mesh, dst: Mesh) -> Pieces:
+    plan = plan_boxing(shape, dtype, src, (S(0), B), dst, (S(0), B))
     (step,) = plan.steps
-    pieces: dict[int, list[Piece]] = {}
+    n = shape[0]
+    out: Pieces = {}
     for t in step.transfers:
         (lo, hi), *_ = t.box
-        a = split_range(n, src.size, src.ranks.index(t.src))[0]
-        b = split_range(n, dst.size, dst.ranks.index(t.dst))[0]
-        pieces.setdefault(t.src, []).append(Piece(t.dst, lo - a, hi - a))
-        pieces.setdefault(t.dst, []).append(Piece(t.src, lo - b, hi - b))
-    return pieces
+        a = split_range(n, src.shape[0], src.coord_of(t.src)[0])[0]
+        b = split_range(n, dst.shape[0], dst.coord_of(t.dst)[0])[0]
+        out.setdefault(t.src, []).append(Piece(t.dst, lo - a, hi - a))
+        out.setdefault(t.dst, []).append(Piece(t.src, lo - b, hi - b))
+    return out

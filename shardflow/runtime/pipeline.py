@@ -4,9 +4,11 @@ Decisions:
 - **Stages and wiring** come from ``stages.py`` (torch.export-based cut at module boundaries). A stage owns
   the ranks with its coordinate on the pipeline axis, or the ranks of its own mesh
   (``Pipeline(stage_meshes=...)``, stages of any sizes); it is data parallel over them (each holds its rows
-  of every micro-batch). What crosses a boundary is ``S(0)`` over the ranks on either side and moves by the
-  cross-mesh boxing plan (``crossing.py``): with equal stages rank ``d`` talks to rank ``d`` of the
-  neighbours only; one rank may hand its rows to three, or two to one.
+  of every micro-batch), except along a ``tp`` axis under ``strategy="tp"``/``"hybrid"``, where the stage's
+  parameters take the Megatron layouts the strategy finds for the whole model and the stage runs on
+  GlobalTensors (``tensor_stage.py``). What crosses a boundary is ``(S(0), B)`` over the ``(dp, tp)`` ranks
+  on either side and moves by the cross-mesh boxing plan (``crossing.py``): with equal stages rank ``d``
+  talks to rank ``d`` of the neighbours only; one rank may hand its rows to three, or two to one.
 - **No coordinator.** Every rank runs its stage's action list from ``schedule.py`` (GPipe or 1F1B). Both
   neighbours derive the same order, so point-to-point messages (gloo/NCCL ``isend``/``irecv``) match by
   order and tag; the receive for the next action is posted before the current one computes, so transfers
@@ -43,12 +45,13 @@ from shardflow.checkpoint.store import load as load_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import collective_timeout, world
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B
+from shardflow.placement.sbp import B, NdSbp, Placement, S
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.crossing import Piece, crossing
 from shardflow.runtime.memory import MemoryReport, ProgramMemory, fmt_bytes, optimizer_bytes, unique_bytes
 from shardflow.runtime.schedule import SCHEDULES, Action, bubble, in_flight, stage_order
 from shardflow.runtime.stages import Split, balanced_split_points, canonical_names, split_model
+from shardflow.runtime.tensor_stage import call_stage, eager_stage, local, set_local_grad, shard_stage
 from shardflow.tensor.global_tensor import GlobalTensor, wrap
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -70,8 +73,9 @@ class Pipeline:
     """``"1f1b"`` (bounded activations) or ``"gpipe"`` (all forwards, then all backwards)."""
     stage_meshes: tuple[Mesh, ...] | None = None
     """One mesh per stage, of any sizes (``axis`` is then unused): stage ``s`` is data parallel over the ranks
-    of ``stage_meshes[s]``, and activations cross between stages of different sizes by cross-mesh boxing.
-    Their ranks must not overlap and together be the ranks of the mesh given to ``sf.compile``."""
+    of ``stage_meshes[s]`` (tensor parallel over its ``tp`` axis under ``strategy="tp"``/``"hybrid"``), and
+    activations cross between stages of different sizes by cross-mesh boxing. Their ranks must not overlap
+    and together be the ranks of the mesh given to ``sf.compile``."""
 
     def __post_init__(self) -> None:
         if self.stage_meshes is not None:
@@ -131,7 +135,8 @@ class _Buckets:
     def _launch(self, b: int) -> None:
         self.left[b] = -1
         ps = self.members[b]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+        grads = [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in ps]
+        flat = torch.cat([g.reshape(-1) for g in grads])
         self.flying.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, ps))
 
     def finish(self) -> None:
@@ -144,9 +149,20 @@ class _Buckets:
             work.wait()
             offset = 0
             for p in ps:
-                p.grad = flat[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
+                n = local(p).numel()
+                set_local_grad(p, flat[offset : offset + n])
+                offset += n
         self.reset()
+
+
+@dataclass
+class Crossings:
+    """What one rank exchanges at its stage's boundaries for one micro-batch, per boundary tensor."""
+
+    recv: list[list[Piece]]  # activations from the stage before
+    send: list[list[Piece]]  # activations to the stage after
+    grads_in: list[list[Piece]]  # gradients of what it sent, from the stage after
+    grads_out: list[list[Piece]]  # gradients of what it received, to the stage before
 
 
 class PipelineModule(Snapshots):
@@ -160,11 +176,14 @@ class PipelineModule(Snapshots):
         example_inputs: Sequence[Any],
         optimizer: OptimizerFactory,
         max_grad_norm: float | None,
+        strategy: str = "dp",
+        tp_layouts: Callable[[Mesh], dict[str, NdSbp]] | None = None,
     ) -> None:
-        self.mesh, self.pipeline, self.max_grad_norm = mesh, pipeline, max_grad_norm
-        # each stage's ranks, in the order that cuts its rows (data-parallel index), and its mesh for snapshots
-        self.stage_ranks, self.stage_meshes = _stages(mesh, pipeline)
-        self.stages = len(self.stage_ranks)
+        self.mesh, self.pipeline, self.max_grad_norm, self.strategy = mesh, pipeline, max_grad_norm, strategy
+        # each stage's ranks as grid[dp][tp]: data parallel over its rows, tensor parallel along them
+        self.grids = [_grid(m, s, strategy) for s, m in enumerate(_stages(mesh, pipeline))]
+        self.stage_ranks = [tuple(r for row in g for r in row) for g in self.grids]
+        self.stages = len(self.grids)
         self.example_inputs = tuple(example_inputs)
         self.example_shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in example_inputs]
         self.state_meta = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
@@ -173,11 +192,19 @@ class PipelineModule(Snapshots):
         self.inside = rank in mesh
         me = rank if self.inside else self.stage_ranks[0][0]
         self.stage = next(s for s, ranks in enumerate(self.stage_ranks) if me in ranks)
-        self.dp_ranks = self.stage_ranks[self.stage]
-        self.dp = len(self.dp_ranks)
-        self.dp_index = self.dp_ranks.index(me)
-        # every stage's ranks as a 1-d mesh: the layouts its boundary tensors are boxed between (collective)
-        self.flat = [Mesh(mesh.device_type, (len(r),), names=("dp",), ranks=r) for r in self.stage_ranks]
+        grid = self.grids[self.stage]
+        self.dp_index = next(i for i, row in enumerate(grid) if me in row)
+        self.tp_index = grid[self.dp_index].index(me)
+        self.dp, self.tp = len(grid), len(grid[0])
+        self.dp_ranks = tuple(row[self.tp_index] for row in grid)  # this rank's data-parallel group
+        # every stage as a (dp, tp) mesh: the layouts boundary tensors are boxed between, and snapshots'
+        # meshes; and every tensor-parallel row as a 1-d mesh (collective: every rank makes every one)
+        self.flat = [
+            Mesh(mesh.device_type, (len(g), len(g[0])), names=("dp", "tp"), ranks=[r for row in g for r in row])
+            for g in self.grids
+        ]
+        rows = [[Mesh(mesh.device_type, (len(row),), names=("tp",), ranks=row) for row in g] for g in self.grids]
+        self.tp_mesh = rows[self.stage][self.dp_index] if self.tp > 1 else None
         plain = [_plain(x) for x in example_inputs]
         micros = self._micro_batches(plain)[0]
         micro = micros[0]
@@ -199,6 +226,19 @@ class PipelineModule(Snapshots):
         self.split: Split = split_model(model, micro, points)
         self.metas: dict[Any, list[Meta]] = {_shape_key(micro): _boundaries(self.split, micro)}
         self.module = self.split.modules[self.stage]
+        # tensor-parallel stages: each stage's parameters laid out over its tp rows (tied copies whole)
+        self.layouts: list[dict[str, Placement]] = [{} for _ in self.grids]
+        for s, g in enumerate(self.grids):
+            if len(g[0]) > 1:
+                if tp_layouts is None:
+                    raise ValueError(f"stage {s} is tensor parallel over {len(g[0])} ranks but no layouts were given")
+                found = tp_layouts(rows[s][0])
+                self.layouts[s] = {n: found[n][0] for n in self.split.names[s] if n in found}
+                self.layouts[s].update({n: B for n in self.split.tied if n in self.split.names[s]})
+        if self.tp_mesh is not None:
+            self.split.names[self.stage] = shard_stage(
+                self.module, self.split.names[self.stage], self.layouts[self.stage], self.tp_mesh
+            )
         # NOTE: torch.export specialises shapes, so micro-batches of another size (tensor_split's cuts
         # differ by a row) get a stage module cut for their shape, sharing this one's parameters
         self.modules = {_shape_key(micro): self.module}
@@ -221,7 +261,9 @@ class PipelineModule(Snapshots):
         self.split.names = [n if s == self.stage else {} for s, n in enumerate(self.split.names)]
         self.tied_groups = self._tied_groups()  # collective: every rank creates every group
         self.order: list[Action] = stage_order(pipeline.schedule, self.stage, self.stages, pipeline.micro_batches)
-        self.optimizer = optimizer(self.params) if self.params else None  # a stage of activations only
+        # the optimizer steps plain tensors: a tensor-parallel stage's local shards (their .grad set per step)
+        self.opt_params = [local(p) for p in self.params]
+        self.optimizer = optimizer(self.opt_params) if self.params else None  # type: ignore[arg-type]  # a stage of activations only
         self.bucket_bytes = 4 * 2**20
         self.buckets = _Buckets(
             [p for n, p in self.named.items() if n not in self.split.tied],
@@ -267,29 +309,34 @@ class PipelineModule(Snapshots):
         """Shapes and dtypes every stage returns for a micro-batch shaped like ``micro``."""
         return self.metas[_shape_key(micro)]
 
-    def _crossings(self, micros: list[list[Any]]) -> list[tuple[list[list[Piece]], list[list[Piece]]]]:
-        """Per micro-batch: the pieces of each tensor this rank receives from the stage before, and of each
-        tensor it sends to the stage after (``crossing.py``). Collective over the job."""
+    def _crossings(self, micros: list[list[Any]]) -> list[Crossings]:
+        """Per micro-batch, what this rank exchanges with the stages beside it (``crossing.py``): the pieces
+        of each tensor it receives from the stage before and of each tensor it sends to the stage after, and
+        those of their gradients. Collective over the job (every rank shares its boundary row counts)."""
         # dim 0 (1 for a 0-d tensor) and the other dims of every boundary tensor on this rank's shard
         mine = [[[(tuple(shape) or (1,), dtype) for shape, dtype in meta] for meta in self._meta(m)] for m in micros]
         every: list[Any] = [mine]
         if dist.is_initialized() and world()[1] > 1:
             every = [None] * world()[1]
             dist.all_gather_object(every, mine)
-        out: list[tuple[list[list[Piece]], list[list[Piece]]]] = []
+        me = self.grids[self.stage][self.dp_index][self.tp_index]
+        out: list[Crossings] = []
         for j in range(len(micros)):
-            recv: list[list[Piece]] = []
-            send: list[list[Piece]] = []
+            c = Crossings([], [], [], [])
             for b in range(self.stages - 1):
-                src, dst = self.stage_ranks[b], self.stage_ranks[b + 1]
+                src, dst = [row[0] for row in self.grids[b]], [row[0] for row in self.grids[b + 1]]
                 for k, (shape, dtype) in enumerate(every[src[0]][j][b]):  # every rank checks every boundary
                     what = f"tensor {k} from stage {b} to stage {b + 1} (micro-batch {j})"
                     rows = tuple(every[r][j][b][k][0][0] for r in src)
                     expect = tuple(every[r][j][b][k][0][0] for r in dst)
-                    pieces = crossing(rows, expect, shape[1:], dtype, self.flat[b], self.flat[b + 1], what)
-                    if self.stage in (b, b + 1):
-                        (send if self.stage == b else recv).append(pieces.get(self.dp_ranks[self.dp_index], []))
-            out.append((recv, send))
+                    ahead, back = crossing(rows, expect, shape[1:], dtype, self.flat[b], self.flat[b + 1], what)
+                    if self.stage == b:
+                        c.send.append(ahead.get(me, []))
+                        c.grads_in.append(back.get(me, []))
+                    elif self.stage == b + 1:
+                        c.recv.append(ahead.get(me, []))
+                        c.grads_out.append(back.get(me, []))
+            out.append(c)
         return out
 
     def _tied_groups(self) -> dict[str, Any]:
@@ -327,22 +374,33 @@ class PipelineModule(Snapshots):
             module.train()
         for p in self.params:
             p.grad = None
+        for q in self.opt_params:
+            q.grad = None
         losses = self._run_schedule(micro, weights)
         with self.recorder.span("all-reduce", "all-reduce gradients"):
             self.buckets.finish()
             for name, group in self.tied_groups.items():
                 p = self.named[name]
                 if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                # every rank of every holding stage has a part of the sum (tied copies stay out of the buckets)
-                dist.all_reduce(p.grad, group=group)
+                    set_local_grad(p, torch.zeros_like(local(p)))
+                # every data-parallel rank of every holding stage has a part of the sum (tied copies stay out
+                # of the buckets); a tensor-parallel stage holds them whole on each tp rank: one rank counts
+                assert p.grad is not None
+                g = local(p.grad)
+                if self.tp_index:
+                    g.zero_()
+                dist.all_reduce(g, group=group)
         with self.recorder.span("optimizer", "optimizer"):
             if self.max_grad_norm is not None:
                 self._clip(self.max_grad_norm)
             if self.optimizer is not None:
+                for p, q in zip(self.params, self.opt_params):
+                    if q is not p:
+                        q.grad = None if p.grad is None else local(p.grad)
                 self.optimizer.step()
         last = self.stage == self.stages - 1
-        total = torch.stack(losses).sum() if last else torch.zeros(())  # weighted: shares of the batch
+        # weighted by shares of the batch; a tensor-parallel stage holds each loss on every tp rank: one counts
+        total = torch.stack(losses).sum() if last and self.tp_index == 0 else torch.zeros(())
         if self.mesh.size > 1:
             dist.all_reduce(total, group=group_for(self.mesh.ranks).group)
         self.steps += 1
@@ -365,16 +423,16 @@ class PipelineModule(Snapshots):
         def post(a: Action) -> None:
             if a in posted:
                 return
-            recv, send = self.pieces[a.micro_batch]
+            c = self.pieces[a.micro_batch]
             if a.kind == "F" and not first:  # activations, from the ranks of the stage before
                 meta = self._meta(micro[a.micro_batch])[self.stage - 1]
                 bufs = [torch.empty(shape, dtype=dtype) for shape, dtype in meta]
-                pieces, tag = recv, 0
-            elif a.kind == "B" and not last:  # gradients of what this rank sent, from the ranks it went to
+                pieces, tag = c.recv, 0
+            elif a.kind == "B" and not last:  # gradients of what this rank sent, from the stage after
                 meta = self._meta(micro[a.micro_batch])[self.stage]
                 kept = [k for k, (_, d) in enumerate(meta) if d.is_floating_point]
                 bufs = [torch.empty(meta[k][0], dtype=meta[k][1]) for k in kept]
-                pieces, tag = [send[k] for k in kept], 1
+                pieces, tag = [c.grads_in[k] for k in kept], 1
             else:
                 posted[a] = ([], [])
                 return
@@ -396,12 +454,12 @@ class PipelineModule(Snapshots):
                 received = [b.requires_grad_(True) if b.is_floating_point() else b for b in bufs]
                 args = [micro[j][k] if src == "input" else received[k] for src, k in self.split.wiring[self.stage]]
                 with self.recorder.span("compute", f"F{j}"), self._naming(a):
-                    out = self.modules[_shape_key(micro[j])](*args)
+                    out = call_stage(self.modules[_shape_key(micro[j])], args, self.tp_mesh)
                 outs = list(out) if isinstance(out, (tuple, list)) else [out]
                 if last:
                     losses.append(outs[0].detach() * weights[j])
                 else:
-                    to = self.pieces[j][1]
+                    to = self.pieces[j].send
                     sent[j] = [
                         dist.isend(_rows(o.detach().contiguous())[p.rows], p.peer, tag=0)
                         for o, ps in zip(outs, to)
@@ -414,7 +472,7 @@ class PipelineModule(Snapshots):
                 sends = [w for w in sends if not w.is_completed()]
                 received, outs = saved.pop(j)
                 self._last_backward = j == self.order[-1].micro_batch
-                with self.recorder.span("compute", f"B{j}"), self._naming(a):
+                with self.recorder.span("compute", f"B{j}"), self._naming(a), eager_stage(self.tp_mesh):
                     if last:
                         (outs[0] * weights[j]).backward()
                     else:
@@ -423,7 +481,7 @@ class PipelineModule(Snapshots):
                         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
                 self._last_backward = False
                 if not first:  # each received piece's gradient goes back to the rank it came from
-                    back = self.pieces[j][0]
+                    back = self.pieces[j].grads_out
                     sends += [
                         dist.isend(_rows(t.grad if t.grad is not None else torch.zeros_like(t))[p.rows], p.peer, tag=1)
                         for t, ps in zip(received, back)
@@ -448,19 +506,22 @@ class PipelineModule(Snapshots):
             raise
 
     def _clip(self, max_norm: float) -> None:
-        """Global-norm clipping over every stage's gradients (a copy held by several stages counts once)."""
+        """Global-norm clipping over every stage's gradients (a copy held by several stages counts once, a
+        gradient split over a tensor-parallel stage's ranks by its pieces, a whole one by one of them)."""
         grads = [
-            p.grad
+            local(p.grad)
             for n, p in self.named.items()
-            if p.grad is not None and min(self.split.tied.get(n, (self.stage,))) == self.stage
+            if p.grad is not None
+            and min(self.split.tied.get(n, (self.stage,))) == self.stage
+            and (self.tp_index == 0 or isinstance(self.layouts[self.stage].get(n, B), S))
         ]
         norms = torch.stack(torch._foreach_norm(grads)).double() if grads else torch.zeros(1, dtype=torch.float64)
         total = norms.square().sum()
-        if self.stages > 1:  # each of a stage's ranks holds its stage's (reduced) sum: each adds its share
+        if self.mesh.size > 1:  # each data-parallel replica holds its stage's (reduced) sum: each adds its share
             total /= self.dp
             dist.all_reduce(total, group=group_for(self.mesh.ranks).group)
         coef = max_norm / (float(total.sqrt()) + 1e-6)
-        mine = [p.grad for p in self.params if p.grad is not None]
+        mine = [local(p.grad) for p in self.params if p.grad is not None]
         if coef < 1.0 and mine:
             torch._foreach_mul_(mine, coef)
 
@@ -482,7 +543,13 @@ class PipelineModule(Snapshots):
         for name, (shape, dtype) in self.state_meta.items():
             key = self.canonical.get(name, name)
             owner = self._owner_stage(key)
-            value = mine[key].detach().clone() if owner == self.stage else torch.empty(shape, dtype=dtype)
+            if owner != self.stage:
+                value = torch.empty(shape, dtype=dtype)
+            elif isinstance(held := mine[key], GlobalTensor):  # a tensor-parallel stage's shard: gathered
+                with torch.no_grad():
+                    value = held.full().clone()
+            else:
+                value = mine[key].detach().clone()
             if self.mesh.size > 1:
                 dist.broadcast(value, src=self.stage_ranks[owner][0], group=group)
             out[name] = value
@@ -502,8 +569,8 @@ class PipelineModule(Snapshots):
             plain = [_plain(x) for x in (inputs or self.example_inputs)]
             act = self._activation_bytes(self._micro_batches(plain)[0][0])
             k = in_flight(self.order)
-            params = unique_bytes([p.detach() for p in self.params])
-            grads = unique_bytes([p.detach() for p in self.params if p.requires_grad])
+            params = unique_bytes([local(p).detach() for p in self.params])
+            grads = unique_bytes([local(p).detach() for p in self.params if p.requires_grad])
             state, temp, note = optimizer_bytes(self.optimizer) if self.optimizer else (0, 0, "no parameters")
             buckets = grads if self.dp > 1 else 0
             at_peak = [
@@ -518,6 +585,8 @@ class PipelineModule(Snapshots):
                 where = f"stage {self.stage}: gradient all-reduce"
             program = ProgramMemory(during, sorted(at_peak, reverse=True), grads, where)
             persistent = {"parameters": params, "optimizer state": state}
+            if self.tp_mesh is not None:
+                note += "; activations of this tensor-parallel stage counted as if unsplit (an upper bound)"
             report = MemoryReport(world()[0], persistent, program, grads + temp, note)
         else:
             report = MemoryReport(world()[0], {}, ProgramMemory(0, [], 0, ""), 0, "no stage on this rank")
@@ -535,8 +604,11 @@ class PipelineModule(Snapshots):
 
         seen: dict[int, int] = {}
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            # NOTE: a tensor-parallel stage is counted whole (its parameters at their global shapes): an
+            # upper bound, as the activations between a Megatron pair's linears are split over tp
             state: dict[str, torch.Tensor] = {
-                n: mode.from_tensor(t) for n, t in [*self.module.named_parameters(), *self.module.named_buffers()]
+                n: torch.empty(t.shape, dtype=t.dtype) if isinstance(t, GlobalTensor) else mode.from_tensor(t)
+                for n, t in [*self.module.named_parameters(), *self.module.named_buffers()]
             }
             for name, p in self.module.named_parameters():
                 state[name].requires_grad_(p.requires_grad)
@@ -564,11 +636,12 @@ class PipelineModule(Snapshots):
 
     # -- snapshots ---------------------------------------------------------------------------------------
     # NOTE: the format is ParallelModule's (``model.<name>``, ``optim.<name>.<key>``, scalars by the index of
-    # the parameter in ``model.named_parameters()``), each tensor laid out ``B`` on the mesh of the stage
-    # that owns it, so a pipeline's snapshot loads into any plan of the same model and the other way round.
+    # the parameter in ``model.named_parameters()``), each tensor on the (dp, tp) mesh of the stage that owns
+    # it (``B`` over dp, its own layout over tp), so a pipeline's snapshot loads into any plan of the same
+    # model and the other way round.
     def _named_state(self) -> tuple[dict[str, GlobalTensor], dict[str, Any]]:
         locals_: dict[str, torch.Tensor] = {
-            **{n: p.detach() for n, p in self.named.items()},
+            **{n: local(p).detach() for n, p in self.named.items()},
             **{n: b for n, b in self.module.named_buffers()},
         }
         names = list(self.named)
@@ -577,8 +650,11 @@ class PipelineModule(Snapshots):
         for i, entries in sd["state"].items():
             name = names[i]
             if self._owner_stage(name) == self.stage:
+                p = self.named[name]  # state shaped like a parameter's shard is that parameter's layout
                 mine[name] = {
-                    k: (list(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) and v.dim() > 0 else float(v)
+                    k: (list(p.shape if v.shape == local(p).shape else v.shape), str(v.dtype))
+                    if isinstance(v, torch.Tensor) and v.dim() > 0
+                    else float(v)
                     for k, v in entries.items()
                 }
         every: list[Any] = [None] * self.mesh.size
@@ -597,9 +673,9 @@ class PipelineModule(Snapshots):
                     if isinstance(v, float):
                         scalars[f"{by_name[name]}.{k}"] = v
                     else:
-                        local = state[name][k].detach() if name in state else None
+                        held = state[name][k].detach() if name in state else None
                         dtype = getattr(torch, v[1].replace("torch.", ""))
-                        tensors[f"optim.{name}.{k}"] = self._global(name, local, torch.Size(v[0]), dtype)
+                        tensors[f"optim.{name}.{k}"] = self._global(name, held, torch.Size(v[0]), dtype)
         groups: list[dict[str, Any]] = next((g for _, g in every if g), [])
         if len(groups) > 1:
             raise ValueError("pipeline snapshots support optimizers with one parameter group")
@@ -613,24 +689,24 @@ class PipelineModule(Snapshots):
         params = set(self.canonical)
         return [n for n in self.state_meta if n not in params]
 
-    def _global(self, name: str, local: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype) -> GlobalTensor:
-        """``name``'s tensor as a GlobalTensor laid out ``B`` on its owner stage's mesh (empty elsewhere)."""
-        m = self.stage_meshes[self._owner_stage(name)]
-        if local is None or self._owner_stage(name) != self.stage:
-            local = torch.empty(0, dtype=dtype)
-        return wrap(local, m, (B,) * m.ndim, shape)
+    def _global(self, name: str, piece: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype) -> GlobalTensor:
+        """``name``'s tensor as a GlobalTensor on its owner stage's ``(dp, tp)`` mesh (empty elsewhere):
+        ``B`` over dp, and over tp as the parameter is laid out there."""
+        owner = self._owner_stage(name)
+        if piece is None or owner != self.stage:
+            piece = torch.empty(0, dtype=dtype)
+        return wrap(piece, self.flat[owner], (B, self.layouts[owner].get(name, B)), shape)
 
     def load(self, directory: str) -> None:
         """Load a snapshot of this model saved by any plan (pipelined or not, any mesh) into the stages."""
         self.wait_save()
         index = read_index(directory)
-        stage_mesh = self.stage_meshes[self.stage]
-        replicated = (B,) * stage_mesh.ndim
+        stage_mesh, layouts = self.flat[self.stage], self.layouts[self.stage]
         targets: dict[str, GlobalTensor] = {}
         for name, p in self.named.items():
-            targets["model." + name] = wrap(p.data, stage_mesh, replicated, p.shape)
+            targets["model." + name] = wrap(local(p).data, stage_mesh, (B, layouts.get(name, B)), p.shape)
         for name, b in self.module.named_buffers():
-            targets["model." + name] = wrap(b, stage_mesh, replicated, b.shape)
+            targets["model." + name] = wrap(b, stage_mesh, (B, B), b.shape)
         names = list(self.named)
         state: dict[int, dict[str, Any]] = {}
         for full in index["tensors"]:
@@ -638,9 +714,9 @@ class PipelineModule(Snapshots):
                 pname, key = full[len("optim.") :].rsplit(".", 1)
                 if pname in self.named:
                     p = self.named[pname]
-                    local = torch.empty_like(p.data)
-                    targets[full] = wrap(local, stage_mesh, replicated, p.shape)
-                    state.setdefault(names.index(pname), {})[key] = local
+                    piece = torch.empty_like(local(p).data)
+                    targets[full] = wrap(piece, stage_mesh, (B, layouts.get(pname, B)), p.shape)
+                    state.setdefault(names.index(pname), {})[key] = piece
         meta = load_checkpoint(directory, targets if self.inside else {})
         by_index = dict(enumerate(self.param_order))
         for ik, value in meta["optim_scalars"].items():
@@ -677,7 +753,9 @@ class PipelineModule(Snapshots):
             order = stage_order(self.pipeline.schedule, s, p, m)
             count, n = self.sizes[s]
             lines.append(
-                f"  stage {s} on ranks {list(self.stage_ranks[s])}: {count} tensors, {n} parameters, "
+                f"  stage {s} on ranks {list(self.stage_ranks[s])} ({len(self.grids[s])} dp x {len(self.grids[s][0])} tp"
+                f"{', ' + str(sum(isinstance(v, S) for v in self.layouts[s].values())) + ' split' if self.layouts[s] else ''}): "
+                f"{count} tensors, {n} parameters, "
                 f"{in_flight(order)} micro-batch(es) in flight: {' '.join(map(repr, order))}"
             )
         for name, stages in self.split.tied.items():
@@ -685,9 +763,9 @@ class PipelineModule(Snapshots):
         return "\n".join(lines)
 
 
-def _stages(mesh: Mesh, pipeline: Pipeline) -> tuple[list[tuple[int, ...]], list[Mesh]]:
-    """Each stage's ranks (in the order that cuts its rows) and mesh: the given stage meshes, or the slices
-    of ``mesh`` at each coordinate of the pipeline axis (collective: makes every stage's mesh)."""
+def _stages(mesh: Mesh, pipeline: Pipeline) -> list[Mesh]:
+    """Each stage's mesh: the given stage meshes, or the slices of ``mesh`` at each coordinate of the
+    pipeline axis (collective: makes every stage's mesh)."""
     if pipeline.stage_meshes is not None:
         meshes = list(pipeline.stage_meshes)
         seen: dict[int, int] = {}
@@ -703,10 +781,10 @@ def _stages(mesh: Mesh, pipeline: Pipeline) -> tuple[list[tuple[int, ...]], list
                 f"the stage meshes hold ranks {sorted(seen)} but the mesh {mesh} holds {list(mesh.ranks)}: "
                 "give sf.compile the mesh of all the stages' ranks, each in exactly one stage mesh"
             )
-        return [m.ranks for m in meshes], meshes
+        return meshes
     pp = mesh.axis_index(pipeline.axis)
     others = [a for a in range(mesh.ndim) if a != pp]
-    meshes = [
+    return [
         Mesh(
             mesh.device_type,
             tuple(mesh.shape[a] for a in others) or (1,),
@@ -715,7 +793,27 @@ def _stages(mesh: Mesh, pipeline: Pipeline) -> tuple[list[tuple[int, ...]], list
         )
         for s in range(mesh.shape[pp])
     ]
-    return [m.ranks for m in meshes], meshes
+
+
+def _grid(stage: Mesh, s: int, strategy: str) -> list[list[int]]:
+    """The ranks of a stage as ``grid[dp][tp]``: the tensor-parallel axis (``"tp"``, or the only axis of a
+    1-d stage mesh under ``strategy="tp"``) and every other axis data parallel, in mesh order."""
+    tp: int | None = None
+    if strategy in ("tp", "hybrid"):
+        if "tp" in stage.names:
+            tp = stage.names.index("tp")
+        elif strategy == "tp" and stage.ndim == 1:
+            tp = 0
+        else:
+            raise ValueError(
+                f"strategy {strategy!r} with a pipeline splits each stage over its 'tp' axis; stage {s}'s mesh "
+                f"{stage} has none: name one axis of each stage 'tp' (the others are data parallel)"
+            )
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for r in stage.ranks:
+        coord = stage.coord_of(r)
+        rows.setdefault(tuple(c for a, c in enumerate(coord) if a != tp), []).append(r)
+    return list(rows.values())
 
 
 def _batched(x: Any) -> bool:

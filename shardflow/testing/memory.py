@@ -151,7 +151,9 @@ def measure_pipeline_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             pm.step(*inputs)
-            tensors = [p.detach() for p in pm.params] + [p.grad for p in pm.params if p.grad is not None]
+            shards = [getattr(p, "_local", p) for p in pm.params]  # a tensor-parallel stage's GlobalTensors
+            grads = [getattr(p.grad, "_local", p.grad) for p in pm.params if p.grad is not None]
+            tensors = [t.detach() for t in shards] + grads
             if pm.optimizer is not None:
                 for state in pm.optimizer.state.values():
                     tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]

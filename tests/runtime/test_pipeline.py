@@ -41,16 +41,28 @@ def _adamw(ps):  # type: ignore[no-untyped-def]
 
 def _cases(kind: str, cases, trace_dir: str) -> list[str]:  # type: ignore[no-untyped-def]
     checked = []
-    for shape, names, schedule, m, batch, *given in cases:
+    for shape, names, schedule, m, batch, *more in cases:
+        given = more[0] if more else None
+        strategy = more[1] if len(more) > 1 else "dp"
         model, data = _model_and_batches(kind, batch)
         ref = copy.deepcopy(model)
         opt = _adamw(ref.parameters())
         mesh = sf.Mesh("cpu", shape, names=names)
-        # stages of different sizes: one 1-d mesh per stage (ranks given), data parallel over its ranks
-        meshes = [sf.Mesh("cpu", (len(r),), names=("dp",), ranks=r) for r in given[0]] if given else None
+        # stages of their own meshes (of any sizes), given as ranks (1-d, data parallel) or (shape, names, ranks)
+        meshes = None
+        if given:
+            meshes = [sf.Mesh("cpu", *g[:2], ranks=g[2]) if isinstance(g, tuple) else _dp_mesh(g) for g in given]
         pipeline = sf.Pipeline(micro_batches=m, schedule=schedule, stage_meshes=meshes)
-        pm = sf.compile(model, mesh, example_inputs=data[0], optimizer=_adamw, max_grad_norm=0.5, pipeline=pipeline)
-        case = f"{kind} {shape} {names} {schedule} m={m}"
+        pm = sf.compile(
+            model,
+            mesh,
+            example_inputs=data[0],
+            optimizer=_adamw,
+            max_grad_norm=0.5,
+            pipeline=pipeline,
+            strategy=strategy,
+        )
+        case = f"{kind} {shape} {names} {schedule} m={m} {given or ''} {strategy}"
         trace = f"{trace_dir}/{kind}-{len(checked)}.json"
         inside = torch.distributed.get_rank() in mesh
         for i, (x, y) in enumerate(data):
@@ -63,7 +75,7 @@ def _cases(kind: str, cases, trace_dir: str) -> list[str]:  # type: ignore[no-un
             continue
         for name, value in ref.state_dict().items():
             torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=f"{case}: {name}")
-        stages = len(given[0]) if given else shape[names.index("pp")]
+        stages = len(given) if given else shape[names.index("pp")]
         for rank in mesh.ranks:
             stage = next(s for s, r in enumerate(pm.stage_ranks) if rank in r)
             if not given:
@@ -74,6 +86,10 @@ def _cases(kind: str, cases, trace_dir: str) -> list[str]:  # type: ignore[no-un
             assert {e.rank for e in read(trace)} == set(mesh.ranks)  # the file rank 0 wrote has every rank
         checked.append(case)
     return checked
+
+
+def _dp_mesh(ranks: list[int]) -> sf.Mesh:
+    return sf.Mesh("cpu", (len(ranks),), names=("dp",), ranks=ranks)
 
 
 def _matrix(kind: str) -> list[tuple]:
@@ -88,7 +104,14 @@ def _matrix(kind: str) -> list[tuple]:
         ((3,), ("pp",), "gpipe", 3, 7, [[0, 1], [2]]),
         ((4,), ("pp",), "1f1b", 2, 9, [[3], [1, 2], [0]]),
     ]
-    return cases + [((2, 2), ("pp", "dp"), "1f1b", 4, 8), ((2, 2), ("dp", "pp"), "gpipe", 3, 6), *uneven, *sized]
+    # tensor parallel inside stages: Megatron layouts over each stage's tp axis; then a data-parallel stage of
+    # two ranks handing on to a tensor-parallel stage of two (hybrid), and one rank to a tp stage of three
+    tp = [
+        ((2, 2), ("pp", "tp"), "1f1b", 4, 8, None, "tp"),
+        ((4,), ("pp",), "gpipe", 3, 7, [((2, 1), ("dp", "tp"), [0, 1]), ((1, 2), ("dp", "tp"), [2, 3])], "hybrid"),
+        ((4,), ("pp",), "1f1b", 2, 6, [((1,), ("tp",), [0]), ((3,), ("tp",), [1, 2, 3])], "tp"),
+    ]
+    return cases + [((2, 2), ("pp", "dp"), "1f1b", 4, 8), ((2, 2), ("dp", "pp"), "gpipe", 3, 6), *uneven, *sized, *tp]
 
 
 @pytest.mark.parametrize("kind", ["mlp", "gpt"])
@@ -121,12 +144,20 @@ def test_bad_pipelines_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="has BatchNorm: under a pipeline it would normalise each micro-batch"):
         _compile(cnn, 8)
     mesh = sf.Mesh("cpu", (2,), names=("pp",))
-    with pytest.raises(NotImplementedError, match="strategy cannot be combined with pipeline="):
+    with pytest.raises(ValueError, match="stage 0's mesh Mesh.'cpu', replica=1. has none: name one axis"):
         sf.compile(
             mlp,
             mesh,
             example_inputs=(torch.randn(4, 6), torch.zeros(4, dtype=torch.long)),
-            strategy="tp",
+            strategy="hybrid",
+            pipeline=sf.Pipeline(),
+        )
+    with pytest.raises(NotImplementedError, match="zero cannot be combined with pipeline="):
+        sf.compile(
+            mlp,
+            mesh,
+            example_inputs=(torch.randn(4, 6), torch.zeros(4, dtype=torch.long)),
+            zero=1,
             pipeline=sf.Pipeline(),
         )
 

@@ -1,8 +1,8 @@
 """Snapshots of pipelines: saved from a pp x dp pipeline of the GPT (tied embeddings on two stages), loaded
 into the same pipeline (the next losses bit-identical to an uninterrupted run), into a plain data-parallel
-plan on 2 ranks, from a data-parallel snapshot into a pipeline, and into a pipeline whose stages have 1 and 3
-ranks (the next losses equal within rtol 1e-5), whose own snapshot a data-parallel plan loads exactly: one
-format for every plan."""
+plan on 2 ranks, from a data-parallel snapshot into a pipeline, and into pipelines whose stages have 1 and 3
+ranks or are tensor parallel over 2 (the next losses equal within rtol 1e-5), whose own snapshots a
+data-parallel plan loads exactly: one format for every plan."""
 
 from __future__ import annotations
 
@@ -29,6 +29,15 @@ def _uneven(model, data):  # type: ignore[no-untyped-def]
     pipeline = sf.Pipeline(micro_batches=2, schedule="1f1b", split_points=["transformer.h.2"], stage_meshes=stages)
     mesh = sf.Mesh("cpu", (4,), names=("pp",))
     return sf.compile(model, mesh, example_inputs=data[0], optimizer=_adamw, max_grad_norm=0.5, pipeline=pipeline)
+
+
+def _tensor_parallel(model, data):  # type: ignore[no-untyped-def]
+    """The same cut with each stage tensor parallel over two ranks (Megatron layouts, split shards)."""
+    mesh = sf.Mesh("cpu", (2, 2), names=("pp", "tp"))
+    pipeline = sf.Pipeline(micro_batches=2, schedule="1f1b", split_points=["transformer.h.2"])
+    return sf.compile(
+        model, mesh, example_inputs=data[0], optimizer=_adamw, max_grad_norm=0.5, pipeline=pipeline, strategy="tp"
+    )
 
 
 def _dp(model, data):  # type: ignore[no-untyped-def]
@@ -58,22 +67,25 @@ def _resume(root: str) -> dict[str, list[float]]:
     into_pp = _pipeline(model, data)
     into_pp.load(f"{root}/dp")
     pp_from_dp = [into_pp.step(*batch) for batch in data[2:]]
-    uneven = _uneven(model, data)  # a pipeline's snapshot into stages of other sizes, and back out of them
-    uneven.load(f"{root}/pp")
-    uneven_losses = [uneven.step(*batch) for batch in data[2:]]
-    uneven.save(f"{root}/uneven")
-    out_of_uneven = _dp(model, data)
-    out_of_uneven.load(f"{root}/uneven")
-    want, got = uneven.full_state_dict(), out_of_uneven.full_state_dict()
-    if torch.distributed.get_rank() < 2:  # the data-parallel plan's ranks
-        for name, value in want.items():
-            assert torch.equal(got[name], value), name
+    # a pipeline's snapshot into stages of other sizes, or tensor-parallel ones, and back out of them
+    other: dict[str, list[float]] = {}
+    for kind, make in (("uneven", _uneven), ("tp", _tensor_parallel)):
+        pm = make(model, data)
+        pm.load(f"{root}/pp")
+        other[kind] = [pm.step(*batch) for batch in data[2:]]
+        pm.save(f"{root}/{kind}")
+        out = _dp(model, data)
+        out.load(f"{root}/{kind}")
+        want, got = pm.full_state_dict(), out.full_state_dict()
+        if torch.distributed.get_rank() < 2:  # the data-parallel plan's ranks
+            for name, value in want.items():
+                assert torch.equal(got[name], value), (kind, name)
     return {
         "straight": straight,
         "resumed": resumed,
         "as_dp": dp_losses,
         "pp_from_dp": pp_from_dp,
-        "uneven": uneven_losses,
+        **other,
     }
 
 
@@ -84,4 +96,5 @@ def test_pipeline_snapshots_resume_and_reshard(tmp_path: Path):
     torch.testing.assert_close(got["as_dp"], got["straight"][2:], rtol=1e-5, atol=0)
     torch.testing.assert_close(got["pp_from_dp"], got["straight"][2:], rtol=1e-5, atol=0)
     torch.testing.assert_close(got["uneven"], got["straight"][2:], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["tp"], got["straight"][2:], rtol=1e-5, atol=0)
     assert all(r["resumed"] == got["resumed"] for r in results)  # every rank reports the same losses

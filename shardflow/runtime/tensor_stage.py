@@ -1,0 +1,83 @@
+"""A tensor-parallel pipeline stage: its parameters are GlobalTensors over the stage's ``tp`` ranks and the
+stage module runs on them eagerly (the op layout rules and boxing of eager mode, as for any GlobalTensor).
+
+Inside one data-parallel row of a stage, the logical tensors are that row's micro-batch shard: the stage
+module was exported for the shard's shape, so its views name shard shapes, and data parallelism stays the
+pipeline's (rows cut over ``dp``, gradients summed over the ``dp`` group by local buffers). What enters the
+stage is wrapped ``B`` on the row's ``tp`` mesh and what leaves it is boxed to ``B`` and unwrapped, both
+differentiable, so the pipeline around it sends and receives plain tensors and calls plain ``backward``.
+The optimizer steps the local shards (AdamW is element-wise, so a shard's update is the update's shard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardflow.comm.init import world
+from shardflow.placement.mesh import Mesh
+from shardflow.placement.sbp import B, Placement, grad_sbp
+from shardflow.placement.shard import relative, shard_box
+from shardflow.tensor.dispatch import implicit_broadcast
+from shardflow.tensor.global_tensor import GlobalTensor, wrap
+
+
+def shard_stage(
+    module: nn.Module, named: Mapping[str, nn.Parameter], layouts: Mapping[str, Placement], mesh: Mesh
+) -> dict[str, nn.Parameter]:
+    """Replace each parameter of ``module`` by a GlobalTensor parameter laid out ``layouts[name]`` (default
+    ``B``) over the 1-d ``mesh``, holding this rank's shard of its value; returns them by name."""
+    rank = world()[0]
+    out: dict[str, nn.Parameter] = {}
+    new_of: dict[int, nn.Parameter] = {}
+    for name, p in named.items():
+        sbp = (layouts.get(name, B),)
+        whole = tuple(p.shape)
+        box = shard_box(whole, sbp, mesh.shape, mesh.coord_of(rank))
+        piece = p.detach()[relative(box, tuple((0, n) for n in whole))].clone()
+        new = nn.Parameter(wrap(piece, mesh, sbp, whole), requires_grad=p.requires_grad)
+        new_of[id(p)] = new
+        out[name] = new
+    for path, p in list(module.named_parameters(remove_duplicate=False)):
+        if id(p) in new_of:
+            owner, _, attr = path.rpartition(".")
+            setattr(module.get_submodule(owner) if owner else module, attr, new_of[id(p)])
+    return out
+
+
+def call_stage(module: nn.Module, args: Sequence[Any], mesh: Mesh | None) -> Any:
+    """Run ``module`` on plain ``args``; on a tensor-parallel stage (``mesh``) through GlobalTensors, each
+    output boxed to ``B`` and returned as this rank's plain (autograd-connected) tensor."""
+    if mesh is None:
+        return module(*args)
+    wrapped = [
+        GlobalTensor.from_local(a, mesh, B, shape=tuple(a.shape)) if isinstance(a, torch.Tensor) else a for a in args
+    ]
+    with eager_stage(mesh):
+        out = module(*wrapped)
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    plain = [o.redistribute(B).to_local() if isinstance(o, GlobalTensor) else o for o in outs]
+    return plain if isinstance(out, (tuple, list)) else plain[0]
+
+
+def eager_stage(mesh: Mesh | None) -> contextlib.AbstractContextManager[None]:
+    """Around a tensor-parallel stage's forward and backward: tensors the model makes itself (positions,
+    masks) are the same on every rank, so they count as ``B`` beside GlobalTensors."""
+    return implicit_broadcast() if mesh is not None else contextlib.nullcontext()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a GlobalTensor; a plain tensor as it is."""
+    return t._local if isinstance(t, GlobalTensor) else t
+
+
+def set_local_grad(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Make ``value`` (this rank's shard) the gradient of ``p``."""
+    if isinstance(p, GlobalTensor):
+        p.grad = wrap(value.view_as(p._local), p.mesh, grad_sbp(p.sbp), p.shape)
+    else:
+        p.grad = value.view_as(p)

@@ -51,7 +51,7 @@ from shardflow.runtime.crossing import Piece, crossing
 from shardflow.runtime.memory import MemoryReport, ProgramMemory, fmt_bytes, optimizer_bytes, unique_bytes
 from shardflow.runtime.schedule import SCHEDULES, Action, bubble, in_flight, stage_order
 from shardflow.runtime.stages import Split, balanced_split_points, canonical_names, split_model
-from shardflow.runtime.tensor_stage import call_stage, eager_stage, local, set_local_grad, shard_stage
+from shardflow.runtime.tensor_stage import call_stage, eager_stage, local, local_grad, set_local_grad, shard_stage
 from shardflow.tensor.global_tensor import GlobalTensor, wrap
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -135,7 +135,7 @@ class _Buckets:
     def _launch(self, b: int) -> None:
         self.left[b] = -1
         ps = self.members[b]
-        grads = [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in ps]
+        grads = [local_grad(p) if p.grad is not None else torch.zeros_like(local(p)) for p in ps]
         flat = torch.cat([g.reshape(-1) for g in grads])
         self.flying.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, ps))
 
@@ -385,8 +385,7 @@ class PipelineModule(Snapshots):
                     set_local_grad(p, torch.zeros_like(local(p)))
                 # every data-parallel rank of every holding stage has a part of the sum (tied copies stay out
                 # of the buckets); a tensor-parallel stage holds them whole on each tp rank: one rank counts
-                assert p.grad is not None
-                g = local(p.grad)
+                g = local_grad(p)
                 if self.tp_index:
                     g.zero_()
                 dist.all_reduce(g, group=group)
@@ -396,7 +395,7 @@ class PipelineModule(Snapshots):
             if self.optimizer is not None:
                 for p, q in zip(self.params, self.opt_params):
                     if q is not p:
-                        q.grad = None if p.grad is None else local(p.grad)
+                        q.grad = None if p.grad is None else local_grad(p)
                 self.optimizer.step()
         last = self.stage == self.stages - 1
         # weighted by shares of the batch; a tensor-parallel stage holds each loss on every tp rank: one counts
@@ -472,7 +471,8 @@ class PipelineModule(Snapshots):
                 sends = [w for w in sends if not w.is_completed()]
                 received, outs = saved.pop(j)
                 self._last_backward = j == self.order[-1].micro_batch
-                with self.recorder.span("compute", f"B{j}"), self._naming(a), eager_stage(self.tp_mesh):
+                final = self._last_backward
+                with self.recorder.span("compute", f"B{j}"), self._naming(a), eager_stage(self.tp_mesh, final):
                     if last:
                         (outs[0] * weights[j]).backward()
                     else:
@@ -509,7 +509,7 @@ class PipelineModule(Snapshots):
         """Global-norm clipping over every stage's gradients (a copy held by several stages counts once, a
         gradient split over a tensor-parallel stage's ranks by its pieces, a whole one by one of them)."""
         grads = [
-            local(p.grad)
+            local_grad(p)
             for n, p in self.named.items()
             if p.grad is not None
             and min(self.split.tied.get(n, (self.stage,))) == self.stage
@@ -521,7 +521,7 @@ class PipelineModule(Snapshots):
             total /= self.dp
             dist.all_reduce(total, group=group_for(self.mesh.ranks).group)
         coef = max_norm / (float(total.sqrt()) + 1e-6)
-        mine = [local(p.grad) for p in self.params if p.grad is not None]
+        mine = [local_grad(p) for p in self.params if p.grad is not None]
         if coef < 1.0 and mine:
             torch._foreach_mul_(mine, coef)
 

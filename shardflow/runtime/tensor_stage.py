@@ -12,7 +12,7 @@ The optimizer steps the local shards (AdamW is element-wise, so a shard's update
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,8 +22,8 @@ from shardflow.comm.init import world
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, Placement, grad_sbp
 from shardflow.placement.shard import relative, shard_box
-from shardflow.tensor.dispatch import implicit_broadcast
-from shardflow.tensor.global_tensor import GlobalTensor, wrap
+from shardflow.tensor.dispatch import implicit_broadcast, partial_sums_whole
+from shardflow.tensor.global_tensor import GlobalTensor, gradients_accumulating, wrap
 
 
 def shard_stage(
@@ -64,15 +64,38 @@ def call_stage(module: nn.Module, args: Sequence[Any], mesh: Mesh | None) -> Any
     return plain if isinstance(out, (tuple, list)) else plain[0]
 
 
-def eager_stage(mesh: Mesh | None) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def eager_stage(mesh: Mesh | None, final: bool = True) -> Iterator[None]:
     """Around a tensor-parallel stage's forward and backward: tensors the model makes itself (positions,
-    masks) are the same on every rank, so they count as ``B`` beside GlobalTensors."""
-    return implicit_broadcast() if mesh is not None else contextlib.nullcontext()
+    masks) are the same on every rank, so they count as ``B`` beside GlobalTensors; partial sums are
+    all-reduced whole (Megatron's one all-reduce per linear pair, not a reduce-scatter and an all-gather);
+    and unless the backward is the step's ``final`` one, gradients accumulate as partial sums, converted
+    (all-reduced over tp) once, in the last micro-batch's backward."""
+    if mesh is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(implicit_broadcast())
+        stack.enter_context(partial_sums_whole())
+        if not final:
+            stack.enter_context(gradients_accumulating())
+        yield
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a GlobalTensor; a plain tensor as it is."""
     return t._local if isinstance(t, GlobalTensor) else t
+
+
+def local_grad(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``p``'s gradient, contiguous (made so in place): eager ops may leave a
+    GlobalTensor's gradient as a transposed view, and collectives read a tensor's memory in order."""
+    assert p.grad is not None
+    g = local(p.grad)
+    if not g.is_contiguous():
+        g = g.contiguous()
+        set_local_grad(p, g)
+    return g
 
 
 def set_local_grad(p: torch.Tensor, value: torch.Tensor) -> None:

@@ -99,6 +99,21 @@ def implicit_broadcast() -> Iterator[None]:
         _IMPLICIT_B[0] = old
 
 
+_WHOLE_SUMS = [False]
+
+
+@contextlib.contextmanager
+def partial_sums_whole() -> Iterator[None]:
+    """Inside, partial sums an op cannot take are all-reduced to ``B``, never reduce-scattered into a split:
+    the Megatron choice (one all-reduce after a row-parallel linear) where op-by-op pricing would pick a
+    reduce-scatter now and an all-gather at the next op that needs the whole tensor."""
+    old, _WHOLE_SUMS[0] = _WHOLE_SUMS[0], True
+    try:
+        yield
+    finally:
+        _WHOLE_SUMS[0] = old
+
+
 def _key_of(a: Any) -> Any:
     if isinstance(a, GlobalTensor):
         return ("gt", tuple(a.shape), a.dtype)
@@ -131,7 +146,7 @@ def _decide(
     dargs, dkwargs = _unflatten(dev_flat, spec)
     out_flat, out_spec = _flatten_out(func(*dargs, **dkwargs))
     out_metas = tuple(TensorMeta(tuple(o.shape), o.dtype) if isinstance(o, torch.Tensor) else o for o in out_flat)
-    ins, outs = choose(call, mesh, [g.sbp for g in gts], fixed=mutated)
+    ins, outs = choose(call, mesh, [g.sbp for g in gts], fixed=mutated, reduce_to_split=not _WHOLE_SUMS[0])
     return call, ins, outs, out_metas, out_spec
 
 
@@ -154,7 +169,7 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     gts: list[GlobalTensor] = [flat[i] for i in where]
     mutated = (0,) if where and where[0] == 0 and writes_arg(func, 0) else ()
     key_flat = [_key_of(a) for a in flat]
-    key = (func, mesh, spec, tuple(key_flat), tuple(g.sbp for g in gts), mutated)
+    key = (func, mesh, spec, tuple(key_flat), tuple(g.sbp for g in gts), mutated, _WHOLE_SUMS[0])
     decision = _DECISIONS.get(key)
     first_use = decision is None
     if decision is None:

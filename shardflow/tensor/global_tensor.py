@@ -8,7 +8,8 @@ arriving gradient to the source's gradient layout with the same boxing engine (C
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -111,7 +112,24 @@ class GlobalTensor(torch.Tensor):
         return dispatch(func, args, kwargs or {})
 
 
+_DEFERRED = [False]
+
+
+@contextlib.contextmanager
+def gradients_accumulating() -> Iterator[None]:
+    """Inside, accumulated gradients keep the layout backward gave them (partial sums stay ``P``: adding
+    them is free), for a backward whose gradient is not final yet (a pipeline's micro-batches before the
+    last); the next backward outside converts the sum once."""
+    old, _DEFERRED[0] = _DEFERRED[0], True
+    try:
+        yield
+    finally:
+        _DEFERRED[0] = old
+
+
 def _to_grad_layout(p: torch.Tensor) -> None:
+    if _DEFERRED[0]:
+        return
     g = p.grad
     if isinstance(p, GlobalTensor) and isinstance(g, GlobalTensor):
         want = grad_sbp(p.sbp)

@@ -53,6 +53,7 @@ from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
 from shardflow.placement.shard import relative, shard_box
 from shardflow.runtime import trace as tracing
+from shardflow.runtime.host_memory import keep_host_memory
 from shardflow.runtime.memory import (
     MemoryReport,
     ProgramMemory,
@@ -520,6 +521,7 @@ def compile(
     """
     if recompute == "auto" and memory_limit is None:
         raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")
+    keep_host_memory()  # steps reuse freed host blocks instead of page-faulting fresh ones (host_memory.py)
     if pipeline is not None:
         if not isinstance(pipeline, Pipeline):
             raise TypeError(f"pipeline must be sf.Pipeline(...), got {type(pipeline).__name__}")

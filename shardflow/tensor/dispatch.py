@@ -21,6 +21,7 @@ from shardflow.ops import LOCALS, LocalContext, OpCall, TensorMeta, choose, writ
 from shardflow.placement.sbp import B
 from shardflow.placement.shard import local_shape
 from shardflow.tensor.global_tensor import GlobalTensor, box, wrap
+from shardflow.tensor.trace import _ACTIVE as _RECORDING
 from shardflow.tensor.trace import begin_op, end_op, recording_active
 
 
@@ -150,7 +151,38 @@ def _decide(
     return call, ins, outs, out_metas, out_spec
 
 
+# The fast path: a call already decided whose inputs need no boxing, whose op has no local implementation,
+# changes no input and returns one tensor is, from then on, "unwrap, call the op, wrap" keyed by what the
+# decision depended on (op, each input's mesh, layout, shape and dtype, the other arguments, the policy).
+# It skips flattening, the decision's key and the output checks, which cost more than a small op itself.
+_HITS: dict[Any, tuple[Any, Any, Any]] = {}
+
+
+def _fast_key(func: Any, args: tuple[Any, ...]) -> Any:
+    """The fast path's key for a flat positional call of GlobalTensors and scalars; None for other calls."""
+    key: list[Any] = [func, _WHOLE_SUMS[0]]
+    for a in args:
+        if type(a) is GlobalTensor:
+            key.append((id(a._mesh), a._sbp, a.shape, a.dtype))
+        elif isinstance(a, (torch.Tensor, list, tuple, dict)):
+            return None
+        else:
+            key.append(a)
+    return tuple(key)
+
+
 def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    fast = None if kwargs or _RECORDING[0] is not None else _fast_key(func, args)
+    if fast is not None:
+        try:
+            hit = _HITS.get(fast)
+        except TypeError:  # an unhashable argument
+            hit = fast = None
+        if hit is not None:
+            mesh, sbp, shape = hit
+            op = getattr(func, "_op", func)  # the C++ op behind an OpOverload: one Python frame less
+            result = op(*[a._local if type(a) is GlobalTensor else a for a in args])
+            return GlobalTensor(result, mesh, sbp, shape)
     if func is torch.ops.aten._local_scalar_dense.default:  # .item(): the logical value, on every rank
         x = args[0]
         return box(x, x.mesh, (B,) * x.mesh.ndim)._local.item()
@@ -207,6 +239,17 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         result = func(*largs, **lkwargs)
     if mutated:
         return args[0]
+    if (
+        fast is not None
+        and fn is None
+        and isinstance(result, torch.Tensor)
+        and all(g.sbp == need for g, need in zip(gts, ins))
+        and all(g.mesh is mesh for g in gts)
+        and not first_use
+    ):
+        if len(_HITS) > 8192:
+            _HITS.clear()
+        _HITS[fast] = (mesh, outs[0], shapes[0])
     res_flat, res_spec = _flatten_out(result)
     wrapped, j = [], 0
     for r, shape in zip(res_flat, shapes):

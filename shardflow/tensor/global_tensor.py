@@ -107,9 +107,19 @@ class GlobalTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
-        from shardflow.tensor.dispatch import dispatch
+        return _dispatcher()(func, args, kwargs or {})
 
-        return dispatch(func, args, kwargs or {})
+
+_DISPATCH: list[Any] = []
+
+
+def _dispatcher() -> Any:
+    """``tensor.dispatch.dispatch``, imported once (it builds on this module), not at every op."""
+    if not _DISPATCH:
+        from shardflow.tensor.dispatch import dispatch  # noqa: PLC0415
+
+        _DISPATCH.append(dispatch)
+    return _DISPATCH[0]
 
 
 _DEFERRED = [False]

@@ -119,6 +119,30 @@ def _eager_arithmetic_boxes_and_refuses_what_is_wrong():
     torch.testing.assert_close((p + 1).full(), torch.full((8,), 2.0))  # P is summed before adding the number
 
 
+def _repeated_ops_take_the_fast_path_only_when_nothing_changes():
+    """After a call has been decided twice, the same call (op, layouts, shapes, scalars) skips the decision:
+    results stay right, a new layout or a new scalar is decided again, and a call that boxes never skips."""
+    from shardflow.tensor import dispatch
+
+    mesh = sf.Mesh("cpu", (4,))
+    x, y = torch.arange(8.0), torch.linspace(-1, 1, 8)
+    a, b = sf.distribute(x, mesh, sf.S(0)), sf.distribute(y, mesh, sf.S(0))
+    hits = len(dispatch._HITS)
+    for i in range(4):
+        c = a * b + i
+        assert c.sbp == (sf.S(0),)
+        torch.testing.assert_close(c.full(), x * y + i)
+    assert len(dispatch._HITS) > hits  # the repeated mul (and add of an int seen twice) went fast
+    whole = sf.distribute(y, mesh, sf.B)
+    for _ in range(3):  # same op and shapes, other layout: boxed every time, never a fast hit
+        c = a * whole
+        assert c.sbp == (sf.S(0),)
+        torch.testing.assert_close(c.full(), x * y)
+    p = sf.distribute(y, mesh, sf.P)
+    for _ in range(3):  # a partial sum is reduced before the scalar is added, on every call
+        torch.testing.assert_close((p + 1).full(), y + 1)
+
+
 def _dtensor_round_trip():
     from torch.distributed.tensor import DTensor
 
@@ -146,6 +170,7 @@ def _dtensor_round_trip():
         _outside_the_mesh,
         _optimizer_step_equals_plain_torch,
         _eager_arithmetic_boxes_and_refuses_what_is_wrong,
+        _repeated_ops_take_the_fast_path_only_when_nothing_changes,
         _dtensor_round_trip,
     ],
 )

@@ -586,7 +586,7 @@ class PipelineModule(Snapshots):
             program = ProgramMemory(during, sorted(at_peak, reverse=True), grads, where)
             persistent = {"parameters": params, "optimizer state": state}
             if self.tp_mesh is not None:
-                note += "; activations of this tensor-parallel stage counted as if unsplit (an upper bound)"
+                note += "; activations of this tensor-parallel stage counted as if unsplit"
             report = MemoryReport(world()[0], persistent, program, grads + temp, note)
         else:
             report = MemoryReport(world()[0], {}, ProgramMemory(0, [], 0, ""), 0, "no stage on this rank")
@@ -604,8 +604,8 @@ class PipelineModule(Snapshots):
 
         seen: dict[int, int] = {}
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            # NOTE: a tensor-parallel stage is counted whole (its parameters at their global shapes): an
-            # upper bound, as the activations between a Megatron pair's linears are split over tp
+            # NOTE: a tensor-parallel stage is counted whole (its parameters at their global shapes): more
+            # than its split activations, about what they and its eager boxing copies hold together
             state: dict[str, torch.Tensor] = {
                 n: torch.empty(t.shape, dtype=t.dtype) if isinstance(t, GlobalTensor) else mode.from_tensor(t)
                 for n, t in [*self.module.named_parameters(), *self.module.named_buffers()]

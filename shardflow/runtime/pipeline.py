@@ -320,6 +320,7 @@ class PipelineModule(Snapshots):
             every = [None] * world()[1]
             dist.all_gather_object(every, mine)
         me = self.grids[self.stage][self.dp_index][self.tp_index]
+        self.crossing_notes: dict[int, tuple[int, list[tuple[int, int, int]]]] = {}
         out: list[Crossings] = []
         for j in range(len(micros)):
             c = Crossings([], [], [], [])
@@ -330,6 +331,9 @@ class PipelineModule(Snapshots):
                     rows = tuple(every[r][j][b][k][0][0] for r in src)
                     expect = tuple(every[r][j][b][k][0][0] for r in dst)
                     ahead, back = crossing(rows, expect, shape[1:], dtype, self.flat[b], self.flat[b + 1], what)
+                    if j == 0 and k == 0:  # for explain(): who sends which rows to whom
+                        moves = [(r, p.peer, p.stop - p.start) for r in self.flat[b].ranks for p in ahead.get(r, [])]
+                        self.crossing_notes[b] = (len(every[src[0]][j][b]), moves)
                     if self.stage == b:
                         c.send.append(ahead.get(me, []))
                         c.grads_in.append(back.get(me, []))
@@ -757,6 +761,12 @@ class PipelineModule(Snapshots):
                 f"{', ' + str(sum(isinstance(v, S) for v in self.layouts[s].values())) + ' split' if self.layouts[s] else ''}): "
                 f"{count} tensors, {n} parameters, "
                 f"{in_flight(order)} micro-batch(es) in flight: {' '.join(map(repr, order))}"
+            )
+        for b, (count, moves) in sorted(self.crossing_notes.items()):
+            shown = ", ".join(f"{a}->{c} {n} row(s)" for a, c, n in moves[:8]) + (" ..." if len(moves) > 8 else "")
+            lines.append(
+                f"  stage {b} -> {b + 1}: {count} tensor(s) per micro-batch, (S(0), B) over each side's (dp, tp) "
+                f"ranks, moved by the cross-mesh plan (gradients back by its reverse); micro-batch 0: {shown}"
             )
         for name, stages in self.split.tied.items():
             lines.append(f"  {name} is held by stages {list(stages)}; their gradients are summed")

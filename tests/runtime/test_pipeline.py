@@ -76,6 +76,10 @@ def _cases(kind: str, cases, trace_dir: str) -> list[str]:  # type: ignore[no-un
         for name, value in ref.state_dict().items():
             torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=f"{case}: {name}")
         stages = len(given) if given else shape[names.index("pp")]
+        text = pm.explain()  # every rank of each next stage is named as receiving rows of micro-batch 0
+        for b in range(stages - 1):
+            line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"stage {b} -> {b + 1}:"))
+            assert all(f"->{r} " in line for r in pm.stage_ranks[b + 1]), (case, line)
         for rank in mesh.ranks:
             stage = next(s for s, r in enumerate(pm.stage_ranks) if rank in r)
             if not given:

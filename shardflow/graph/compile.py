@@ -670,7 +670,8 @@ def _check_pipeline_fits(
     p = pm.pipeline
     options = [] if p.schedule == "1f1b" else [(dataclasses.replace(p, schedule="1f1b"), "schedule='1f1b'")]
     batch = pm.example_shapes[0][0] if pm.example_shapes and pm.example_shapes[0] else 0
-    if batch % (2 * p.micro_batches * pm.dp) == 0:
+    widest = max(len(g) for g in pm.grids)  # the same on every rank: each compiles the same options (collective)
+    if batch % (2 * p.micro_batches * widest) == 0:
         more = dataclasses.replace(p, micro_batches=2 * p.micro_batches, split_points=tuple(pm.split.split_points))
         options.append((more, f"micro_batches={2 * p.micro_batches} (micro-batches half as large)"))
     for option, what in options:

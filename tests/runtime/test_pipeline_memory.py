@@ -96,6 +96,26 @@ def _refused() -> str:
     return message
 
 
+def _refused_on_uneven_stages() -> str:
+    """Stages of 1 and 2 ranks over a limit nothing fits: every rank prices the same fixes (each compiles
+    them, collectively), although 24 rows halve into micro-batches on the first stage and not the second."""
+    model, (x, y), _ = _setup()
+    x, y = x[:12].repeat(2, 1), y[:12].repeat(2, 1)
+    stages = [sf.Mesh("cpu", (len(r),), names=("dp",), ranks=r) for r in ([0], [1, 2])]
+    pipeline = sf.Pipeline(micro_batches=4, schedule="gpipe", split_points=["transformer.h.2"], stage_meshes=stages)
+    try:
+        sf.compile(model, sf.Mesh("cpu", (3,), names=("pp",)), (x, y), pipeline=pipeline, memory_limit=1024)
+    except sf.MemoryPlanError as e:
+        return str(e).split("Changes and their predicted peaks")[1]
+    raise AssertionError("a plan over a 1 KiB limit was accepted")
+
+
+def test_uneven_stages_price_the_same_fixes_everywhere():
+    said = run_on_ranks(3, _refused_on_uneven_stages, timeout=300)
+    assert said[0] == said[1] == said[2] and "schedule='1f1b'" in said[0], said
+    assert "micro_batches=8" not in said[0]  # 24 rows do not halve over 4 micro-batches x 2 ranks
+
+
 def test_a_pipeline_over_its_limit_is_refused_with_the_fix():
     message = run_on_ranks(2, _refused, timeout=300)[0]
     assert "the plan does not fit memory_limit=" in message and "activations kept for backward: 8" in message

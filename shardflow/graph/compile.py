@@ -683,7 +683,7 @@ def _check_pipeline_fits(
             optimizer or _default_optimizer,
             max_grad_norm,
             pm.strategy,
-            _stage_layouts(model, pm.example_inputs),
+            pm.tp_layouts,
         )
         fixes.append((max(alt.memory().peaks or [0]), what))
     raise _refusal(limit, report, fixes)

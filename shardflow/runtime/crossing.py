@@ -23,7 +23,7 @@ import torch
 from shardflow.boxing.plan import plan_boxing
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, S
-from shardflow.placement.shard import split_range
+from shardflow.placement.shard import relative, shard_box, split_range
 
 
 @dataclass(frozen=True)
@@ -74,14 +74,12 @@ def crossing(
 
 
 def _pieces(shape: tuple[int, ...], dtype: torch.dtype, src: Mesh, dst: Mesh) -> Pieces:
-    plan = plan_boxing(shape, dtype, src, (S(0), B), dst, (S(0), B))
-    (step,) = plan.steps
-    n = shape[0]
+    layout = (S(0), B)
+    (step,) = plan_boxing(shape, dtype, src, layout, dst, layout).steps
     out: Pieces = {}
-    for t in step.transfers:
-        (lo, hi), *_ = t.box
-        a = split_range(n, src.shape[0], src.coord_of(t.src)[0])[0]
-        b = split_range(n, dst.shape[0], dst.coord_of(t.dst)[0])[0]
-        out.setdefault(t.src, []).append(Piece(t.dst, lo - a, hi - a))
-        out.setdefault(t.dst, []).append(Piece(t.src, lo - b, hi - b))
+    for t in step.transfers:  # each box's rows inside the sender's and the receiver's own shard
+        sent = relative(t.box, shard_box(shape, layout, src.shape, src.coord_of(t.src)))[0]
+        got = relative(t.box, shard_box(shape, layout, dst.shape, dst.coord_of(t.dst)))[0]
+        out.setdefault(t.src, []).append(Piece(t.dst, sent.start, sent.stop))
+        out.setdefault(t.dst, []).append(Piece(t.src, got.start, got.stop))
     return out

@@ -180,6 +180,7 @@ class PipelineModule(Snapshots):
         tp_layouts: Callable[[Mesh], dict[str, NdSbp]] | None = None,
     ) -> None:
         self.mesh, self.pipeline, self.max_grad_norm, self.strategy = mesh, pipeline, max_grad_norm, strategy
+        self.tp_layouts = tp_layouts  # kept for the plans memory_limit prices (they share its one capture)
         # each stage's ranks as grid[dp][tp]: data parallel over its rows, tensor parallel along them
         self.grids = [_grid(m, s, strategy) for s, m in enumerate(_stages(mesh, pipeline))]
         self.stage_ranks = [tuple(r for row in g for r in row) for g in self.grids]

@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from shardflow.graph import lower
+from shardflow.runtime.tensor_stage import local
 
 _MARK = 777_781  # bytes
 
@@ -151,9 +152,8 @@ def measure_pipeline_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             pm.step(*inputs)
-            shards = [getattr(p, "_local", p) for p in pm.params]  # a tensor-parallel stage's GlobalTensors
-            grads = [getattr(p.grad, "_local", p.grad) for p in pm.params if p.grad is not None]
-            tensors = [t.detach() for t in shards] + grads
+            # a tensor-parallel stage's parameters and gradients are GlobalTensors: their local shards count
+            tensors = [local(p).detach() for p in pm.params] + [local(p.grad) for p in pm.params if p.grad is not None]
             if pm.optimizer is not None:
                 for state in pm.optimizer.state.values():
                     tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]

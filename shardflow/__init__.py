@@ -1,6 +1,6 @@
 """shardflow: global tensors over device meshes, automatic boxing, static plans.
 
-Public API (everything else may change): ``init``, ``Mesh``, ``S``, ``B``, ``P``, ``GlobalTensor``,
+Public API (everything else may change): ``init``, ``Mesh``, ``S``, ``B``, ``P``, ``Blocked``, ``GlobalTensor``,
 ``distribute``, ``from_local``, ``plan_boxing``.
 """
 
@@ -8,7 +8,7 @@ from shardflow import checkpoint
 from shardflow.boxing import CostModel, Plan, plan_boxing
 from shardflow.comm import init
 from shardflow.graph import MemoryPlanError, MemoryReport, ParallelModule, compile
-from shardflow.placement import B, Mesh, P, S
+from shardflow.placement import B, Blocked, Mesh, P, S
 from shardflow.runtime import Loader, Pipeline, PipelineModule
 from shardflow.tensor import GlobalTensor, distribute, from_local
 
@@ -22,6 +22,7 @@ __all__ = [
     "Pipeline",
     "PipelineModule",
     "B",
+    "Blocked",
     "CostModel",
     "GlobalTensor",
     "Mesh",

@@ -7,7 +7,9 @@ a dim that the edge touches: later axes split the piece of earlier ones, so conv
 under an inner one would scramble rows (``(S(0), S(0))``). Between different meshes, the source first drops
 its ``P`` axes on its own mesh (cheapest way, usually reduce-scatter), then every target rank receives the
 boxes it needs point-to-point from the holders (a rank in both meshes copies locally); target ``P`` axes
-receive on their first coordinate and fill zeros elsewhere.
+receive on their first coordinate and fill zeros elsewhere. A ``Blocked`` layout is planned on the view
+where it is a plain split (``shard.unflatten``); its steps carry that ``view`` shape, and a conversion with
+no common view goes through the layout with the blocks gathered (``B``).
 """
 
 from __future__ import annotations
@@ -15,15 +17,24 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import torch
 
 from shardflow.boxing.cost import DEFAULT_COST, CostModel
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, P, S, _Partial, format_sbp
-from shardflow.placement.shard import Box, box_shape, intersect, max_local_shape, shard_box
+from shardflow.placement.sbp import B, Blocked, NdSbp, P, S, _Partial, format_sbp
+from shardflow.placement.shard import (
+    Box,
+    blocked_of,
+    box_shape,
+    has_shards,
+    intersect,
+    max_local_shape,
+    shard_box,
+    unflatten,
+)
 
 COLLECTIVES = {"all_gather", "reduce_scatter", "all_reduce", "all_to_all"}
 
@@ -50,12 +61,15 @@ class Step:
     bytes_per_rank: int
     seconds: float
     transfers: tuple[Transfer, ...] = ()
+    view: tuple[int, ...] | None = None  # the shape the step sees (src/dst are its layouts there); None: the plan's
 
     def describe(self) -> str:
         if self.kind == "send_recv":
             where = f"{len(self.transfers)} transfers {self.src_mesh} -> {self.dst_mesh}"
         else:
             where = f"axis {self.src_mesh.names[self.axis]!r} (size {self.src_mesh.shape[self.axis]})"
+        if self.view is not None:
+            where += f" on view {self.view}"
         return (
             f"{self.kind:<14} {where}: {format_sbp(self.src)} -> {format_sbp(self.dst)}"
             f"  {_fmt_bytes(self.bytes_per_rank)}/rank  ~{self.seconds * 1e3:.3f} ms"
@@ -221,6 +235,9 @@ def plan_boxing(
 ) -> Plan:
     """Plan the conversion of a ``shape`` tensor; cached, so compiled graphs and eager calls share plans."""
     shape = tuple(int(n) for n in shape)
+    if blocked_of(src_sbp) is not None or blocked_of(dst_sbp) is not None:
+        steps = _blocked_steps(shape, dtype, src_mesh, src_sbp, dst_mesh, dst_sbp, cost)
+        return Plan(shape, dtype, src_mesh, src_sbp, dst_mesh, dst_sbp, steps)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if src_mesh == dst_mesh:
         steps = _search(shape, itemsize, src_mesh, src_sbp, lambda s: s == dst_sbp, cost)
@@ -231,6 +248,46 @@ def plan_boxing(
     return Plan(shape, dtype, src_mesh, src_sbp, dst_mesh, dst_sbp, steps)
 
 
+def _gathered(sbp: NdSbp) -> NdSbp:
+    return tuple(B if isinstance(p, Blocked) else p for p in sbp)
+
+
+def _blocked_steps(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    src_mesh: Mesh,
+    src: NdSbp,
+    dst_mesh: Mesh,
+    dst: NdSbp,
+    cost: CostModel,
+) -> tuple[Step, ...]:
+    """Steps of a conversion from or to a ``Blocked`` layout: planned on the view where both are plain
+    splits, or (no common view) through ``src`` with its blocks gathered."""
+    a, b = unflatten(shape, src), unflatten(shape, dst)
+    for sbp, view in ((src, a), (dst, b)):
+        if view is None:
+            raise ValueError(f"layout {format_sbp(sbp)} splits one dim both plainly and in blocks; it has no shards")
+    assert a is not None and b is not None
+    src_bl, dst_bl = blocked_of(src), blocked_of(dst)
+    if src_bl is None and dst_bl is not None:
+        b_src = unflatten(shape, (dst_bl, *src))  # src on dst's view
+        if b_src is not None:
+            a = (b[0], b_src[1][1:])
+    elif dst_bl is None and src_bl is not None:
+        a_dst = unflatten(shape, (src_bl, *dst))
+        if a_dst is not None:
+            b = (a[0], a_dst[1][1:])
+    if a[0] == b[0] and (blocked_of(src) is None or blocked_of(dst) is None or blocked_of(src) == blocked_of(dst)):
+        inner = plan_boxing(a[0], dtype, src_mesh, a[1], dst_mesh, b[1], cost)
+        return tuple(replace(s, view=a[0]) for s in inner.steps)
+    if blocked_of(src) is not None:  # gather the blocks first, on the source mesh
+        mid, mesh = _gathered(src), src_mesh
+    else:  # reach dst with its blocks gathered, then slice them out on the target mesh
+        mid, mesh = _gathered(dst), dst_mesh
+    first = plan_boxing(shape, dtype, src_mesh, src, mesh, mid, cost)
+    return first.steps + plan_boxing(shape, dtype, mesh, mid, dst_mesh, dst, cost).steps
+
+
 @lru_cache(maxsize=65536)
 def estimate_seconds(
     shape: tuple[int, ...], dtype: torch.dtype, mesh: Mesh, src: NdSbp, dst: NdSbp, cost: CostModel = DEFAULT_COST
@@ -238,6 +295,10 @@ def estimate_seconds(
     """A quick price of ``src -> dst`` on one mesh: one 1-d step per differing axis, in axis order, without
     the search (``plan_boxing`` finds the legal and cheapest order). For ranking many hypothetical
     conversions, as the compiler's lookahead does, where planning each one exactly would cost seconds."""
+    if blocked_of(src) is not None or blocked_of(dst) is not None:
+        if not (has_shards(src) and has_shards(dst)):
+            return math.inf
+        return plan_boxing(tuple(shape), dtype, mesh, src, mesh, dst, cost).seconds
     itemsize = torch.empty((), dtype=dtype).element_size()
     total, cur = 0.0, src
     for axis, new in enumerate(dst):

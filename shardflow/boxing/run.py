@@ -8,6 +8,8 @@ rank, so it is computed once per ``(plan, rank)`` and cached (plans are frozen a
 ``plan_boxing``). Process groups are looked up on every call: they belong to the running job, not the plan.
 
 A step's result never aliases its input: where a step is the identity (an axis of size 1), it clones.
+Steps planned on a view (a ``Blocked`` layout's unflattened shape) reshape the local to that view's local
+shape first; the result is reshaped to the target's local shape (both are views of contiguous locals).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import NdSbp, S, _Partial
-from shardflow.placement.shard import box_shape, relative, shard_box
+from shardflow.placement.shard import box_shape, local_shape, relative, shard_box
 
 Cut = tuple[slice, ...]
 
@@ -113,11 +115,28 @@ def _prepare(plan: Plan, rank: int) -> tuple[_AxisArgs | _P2PArgs | None, ...]:
     """Per step: its arguments on ``rank``, or None where ``rank`` sits the step out."""
     out: list[_AxisArgs | _P2PArgs | None] = []
     for step in plan.steps:
+        shape = plan.shape if step.view is None else step.view
         if step.kind == "send_recv":
-            out.append(_p2p_args(step, plan.shape, rank))
+            out.append(_p2p_args(step, shape, rank))
         else:
-            out.append(_axis_args(step, plan.shape, rank) if rank in step.src_mesh else None)
+            out.append(_axis_args(step, shape, rank) if rank in step.src_mesh else None)
     return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def _views(plan: Plan, rank: int) -> tuple[tuple[tuple[int, ...] | None, ...], tuple[int, ...] | None] | None:
+    """Per step, the local shape it takes on ``rank`` (None: unchanged), and the target's local shape;
+    None for a plan without views (no reshapes)."""
+    if all(step.view is None for step in plan.steps):
+        return None
+    before = []
+    for step in plan.steps:
+        shape = plan.shape if step.view is None else step.view
+        mesh = step.src_mesh
+        before.append(local_shape(shape, step.src, mesh.shape, mesh.coord_of(rank)) if rank in mesh else None)
+    mesh = plan.dst_mesh
+    after = local_shape(plan.shape, plan.dst_sbp, mesh.shape, mesh.coord_of(rank)) if rank in mesh else None
+    return tuple(before), after
 
 
 def _run_axis_step(step: Step, a: _AxisArgs, local: torch.Tensor) -> torch.Tensor:
@@ -181,20 +200,26 @@ def _run_send_recv(step: Step, a: _P2PArgs, dtype: torch.dtype, local: torch.Ten
 def run_plan(plan: Plan, local: torch.Tensor) -> torch.Tensor:
     """This rank's local of the target layout, given its local of the source layout."""
     rank, _ = world()
-    for step, args in zip(plan.steps, _prepare(plan, rank)):
+    views = _views(plan, rank)
+    for i, (step, args) in enumerate(zip(plan.steps, _prepare(plan, rank))):
+        want = None if views is None else views[0][i]
+        if want is not None and local.shape != want:
+            local = local.reshape(want)
         if isinstance(args, _P2PArgs):
             local = _run_send_recv(step, args, plan.dtype, local)
         elif args is not None:
             local = _run_axis_step(step, args, local)
     if rank not in plan.dst_mesh:
         return empty_local(plan.dtype, local.device)
+    if views is not None and views[1] is not None and local.shape != views[1]:
+        local = local.reshape(views[1])
     return local
 
 
 def can_start(plan: Plan, rank: int) -> bool:
     """Whether ``plan`` is one all-gather that ``rank`` takes part in with others: such a plan can be
     launched early (``start_plan``) and its result picked up later (``finish_plan``)."""
-    if len(plan.steps) != 1 or plan.steps[0].kind != "all_gather":
+    if len(plan.steps) != 1 or plan.steps[0].kind != "all_gather" or plan.steps[0].view is not None:
         return False
     args = _prepare(plan, rank)[0]
     return isinstance(args, _AxisArgs) and len(args.members) > 1
@@ -218,7 +243,7 @@ def reduce_scatter_args(plan: Plan, rank: int) -> tuple[tuple[int, ...], int, tu
     """For a plan that is one reduce-scatter ``rank`` takes part in with others: (the members' ranks, the
     split dim, every member's extent along it, ``rank``'s index among them), so several such plans can
     share one collective (``comm.collectives.reduce_scatter_start``); else None."""
-    if len(plan.steps) != 1 or plan.steps[0].kind != "reduce_scatter":
+    if len(plan.steps) != 1 or plan.steps[0].kind != "reduce_scatter" or plan.steps[0].view is not None:
         return None
     step, args = plan.steps[0], _prepare(plan, rank)[0]
     split = step.dst[step.axis]

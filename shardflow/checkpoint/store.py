@@ -39,7 +39,7 @@ from shardflow.checkpoint.index import (
 )
 from shardflow.comm.init import world
 from shardflow.placement.sbp import B, format_sbp, grad_sbp
-from shardflow.placement.shard import box_shape, intersect, relative, shard_box
+from shardflow.placement.shard import box_shape, intersect, local_pieces, relative
 from shardflow.tensor.global_tensor import GlobalTensor, box
 
 
@@ -91,11 +91,13 @@ def _prepare(
         if rank in t.mesh:
             coord = t.mesh.coord_of(rank)
             if all(c == 0 for c, p in zip(coord, sbp) if p == B):  # first replica writes
-                b = shard_box(tuple(t.shape), sbp, t.mesh.shape, coord)
-                if math.prod(box_shape(b)) > 0:
-                    local = t._local.detach()
-                    mine[name] = local.to("cpu", copy=True) if copy else local.contiguous()
-                    listing[name] = [{"key": name, "box": [list(x) for x in b]}]
+                pieces = local_pieces(tuple(t.shape), sbp, t.mesh.shape, coord)
+                for i, (b, where) in enumerate(pieces):  # several boxes: a Blocked layout's pieces
+                    if math.prod(box_shape(b)) > 0:
+                        key = name if len(pieces) == 1 else f"{name}#{i}"
+                        local = t._local.detach()[where]
+                        mine[key] = local.to("cpu", copy=True) if copy else local.contiguous()
+                        listing.setdefault(name, []).append({"key": key, "box": [list(x) for x in b]})
     return _Pending(directory, partial, mine, listing, entries, dict(meta or {}))
 
 
@@ -205,7 +207,7 @@ def load(directory: str, targets: Mapping[str, GlobalTensor]) -> dict[str, Any]:
             f"another model (it has {list(index['tensors'])[:3]} ...)"
         )
     rank, _ = world()
-    plan: list[tuple[GlobalTensor, Any, tuple[tuple[int, int], ...]]] = []
+    plan: list[tuple[GlobalTensor, Any, tuple[tuple[int, int], ...], tuple[slice, ...]]] = []
     needed: set[str] = set()
     for name, t in targets.items():
         entry = index["tensors"][name]
@@ -216,27 +218,28 @@ def load(directory: str, targets: Mapping[str, GlobalTensor]) -> dict[str, Any]:
             )
         if rank not in t.mesh:
             continue
-        mine = shard_box(tuple(t.shape), t.sbp, t.mesh.shape, t.mesh.coord_of(rank))
-        covered = 0
-        for s in shards_of(index, name):
-            part = intersect(mine, s.box)
-            if part is not None:
-                plan.append((t, s, mine))
-                needed.add(s.file)
-                covered += math.prod(box_shape(part))
-        if covered != math.prod(box_shape(mine)):
+        covered, held = 0, 0
+        for mine, where in local_pieces(tuple(t.shape), t.sbp, t.mesh.shape, t.mesh.coord_of(rank)):
+            held += math.prod(box_shape(mine))
+            for s in shards_of(index, name):
+                part = intersect(mine, s.box)
+                if part is not None:
+                    plan.append((t, s, mine, where))
+                    needed.add(s.file)
+                    covered += math.prod(box_shape(part))
+        if covered != held:
             raise CheckpointError(f"checkpoint {directory} does not hold all of tensor {name!r} (shards missing)")
     verify_files(index, directory, needed)
     handles: dict[str, Any] = {}
     try:
-        for t, s, mine in plan:
+        for t, s, mine, where in plan:
             if s.file not in handles:
                 handles[s.file] = safe_open(os.path.join(directory, s.file), framework="pt")
             part = intersect(mine, s.box)
             assert part is not None
             piece = handles[s.file].get_slice(s.key)[relative(part, s.box)]
             with torch.no_grad():
-                t._local[relative(part, mine)] = piece.to(t._local.dtype)
+                t._local[where][relative(part, mine)] = piece.to(t._local.dtype)
     finally:
         handles.clear()
     return index["meta"]  # type: ignore[no-any-return]

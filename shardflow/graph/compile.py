@@ -50,8 +50,19 @@ from shardflow.graph.capture import Captured, capture
 from shardflow.graph.lower import Program, bucket_done, lower, trace_step, wait_bucket
 from shardflow.graph.strategy import STRATEGIES, axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, grad_sbp, is_placement, normalize_sbp
-from shardflow.placement.shard import relative, shard_box
+from shardflow.placement.sbp import (
+    B,
+    NdSbp,
+    P,
+    Placement,
+    S,
+    format_sbp,
+    grad_sbp,
+    is_placement,
+    is_split,
+    normalize_sbp,
+)
+from shardflow.placement.shard import relative_shard
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.host_memory import keep_host_memory
 from shardflow.runtime.memory import (
@@ -125,10 +136,8 @@ class ParallelModule(Snapshots):
                 self.opt_sbps.append(grad_sbp(gp.sbp))
                 self.slices.append(None)
                 continue
-            coord = mesh.coord_of(rank)
-            held = shard_box(tuple(gp.shape), gp.sbp, mesh.shape, coord)
             self.opt_sbps.append(z)
-            self.slices.append(relative(shard_box(tuple(gp.shape), z, mesh.shape, coord), held))
+            self.slices.append(relative_shard(tuple(gp.shape), gp.sbp, z, mesh.shape, mesh.coord_of(rank)))
         self.local_params = [
             nn.Parameter(p._local[sl] if sl is not None else p._local, requires_grad=p.requires_grad)
             for p, sl in zip(self.params, self.slices)
@@ -479,7 +488,7 @@ def _zero_layout(p: GlobalTensor, mesh: Mesh, dp: int) -> NdSbp | None:
     splits (so the piece lies inside this rank's local tensor); None when it cannot be split there."""
     if p.sbp[dp] != B or mesh.shape[dp] == 1:
         return None
-    taken = {q.dim for q in p.sbp if isinstance(q, S)}
+    taken = {q.dim for q in p.sbp if is_split(q)}  # type: ignore[union-attr]
     for d, n in enumerate(p.shape):
         if n > 1 and d not in taken:
             return p.sbp[:dp] + (S(d),) + p.sbp[dp + 1 :]

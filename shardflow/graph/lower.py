@@ -50,7 +50,7 @@ from shardflow.comm.groups import group_for
 from shardflow.ops import LOCALS, PREPARED, WORKSPACE, LocalContext, OpCall, TensorMeta, choose, writes_arg
 from shardflow.ops.select import candidates, communicates, reduces_to_split
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, P, Placement, S, grad_sbp
+from shardflow.placement.sbp import B, Blocked, NdSbp, P, Placement, S, grad_sbp, is_split
 from shardflow.placement.shard import local_shape
 from shardflow.runtime.memory import ProgramMemory
 from shardflow.tensor.trace import OpRecord, Record
@@ -250,6 +250,8 @@ class _Lowering:
         self.sharded: set[fx.Node] = set()  # ZeRO-3 parameters and their views
         self.coord = mesh.coord_of(rank)
         self.sbps = list(sbps)  # one per placeholder: params, buffers, inputs (None: not a tensor)
+        # block counts of Blocked layouts (fused projections): lookahead prices their lifted signatures too
+        self.blocks = sorted({p.blocks for sbp in sbps if sbp for p in sbp if isinstance(p, Blocked)})
         self.info: dict[fx.Node, Any] = {}
         self.var: dict[fx.Node, str] = {}
         self.lines: list[tuple[str, list[str], list[str]]] = []  # (code, names it uses, names it defines)
@@ -401,8 +403,8 @@ class _Lowering:
         want: dict[fx.Node, tuple[Placement | None, ...]] = {}
         for node, k in self.grad_nodes.items():
             sbp = self.grad_target(self.joint.grad_of[k])
-            if any(isinstance(p, S) for p in sbp):
-                want[node] = tuple(p if isinstance(p, S) else None for p in sbp)
+            if any(is_split(p) for p in sbp):
+                want[node] = tuple(p if is_split(p) else None for p in sbp)
         for node in reversed(graph.nodes):
             d = want.get(node)
             if d is None or node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
@@ -417,7 +419,7 @@ class _Lowering:
             margs, mkwargs = tree_unflatten(flat, spec)
             din: list[Placement | None] = []
             for axis, sigs in enumerate(
-                candidates(OpCall(node.target, tuple(margs), dict(mkwargs), (meta,)), self.mesh)
+                candidates(OpCall(node.target, tuple(margs), dict(mkwargs), (meta,)), self.mesh, blocks=self.blocks)
             ):
                 match = next((sig for sig in sigs if sig.outs[:1] == (d[axis],)), None) if d[axis] else None
                 if d[axis] is not None and match is None:
@@ -709,7 +711,8 @@ class _Lowering:
                 flat[i] = m
             margs, mkwargs = tree_unflatten(flat, spec)
             try:
-                per_axis = candidates(OpCall(user.target, tuple(margs), dict(mkwargs), tuple(metas)), self.mesh)
+                call = OpCall(user.target, tuple(margs), dict(mkwargs), tuple(metas))
+                per_axis = candidates(call, self.mesh, blocks=self.blocks)
             except NotImplementedError:  # no rule: the consumer's own choice will say so
                 per_axis = []
             if per_axis and math.prod(len(c) for c in per_axis) <= 256:

@@ -4,7 +4,10 @@
 Megatron pairs in the captured graph: a ``linear`` whose output reaches another ``linear`` only through
 shape ops, element-wise activations, dropout and attention is column-parallel (weight ``S(0)``, bias
 ``S(0)``) and the second is row-parallel (weight ``S(1)``), so a block needs one all-reduce after each
-pair. ``hybrid`` does both on axes ``dp`` and ``tp``. Hints (``{glob: sbp}``) override any of it.
+pair. A fused column linear whose output is split into ``k`` equal parts (attention's ``c_attn`` into q, k
+and v) is split by block, ``Blocked(0, k)``: each rank holds its heads of every part, as Megatron's own
+fused QKV does by storing the weight interleaved per head; here the user's weight keeps its layout.
+``hybrid`` does both on axes ``dp`` and ``tp``. Hints (``{glob: sbp}``) override any of it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import nn
 
 from shardflow.graph.capture import Captured
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp, normalize_sbp
+from shardflow.placement.sbp import B, Blocked, NdSbp, P, Placement, S, format_sbp, is_split, normalize_sbp
 
 aten = torch.ops.aten
 
@@ -78,6 +81,47 @@ def _transposed(captured: Captured) -> set[str]:
     return out
 
 
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+
+
+def fused_blocks(captured: Captured) -> dict[str, int]:
+    """``{weight name: k}`` for linears whose output (through reshapes keeping its last dim) is only split
+    into ``k`` equal parts along that dim: fused projections such as ``c_attn``."""
+    out = {}
+    for node in captured.program.graph.nodes:
+        name = _linear_weight(node, captured.param_of)
+        if name is None:
+            continue
+        width = node.meta["val"].shape[-1]
+        frontier, counts = list(node.users), set()
+        while frontier:
+            n = frontier.pop()
+            val = n.meta.get("val")
+            if n.target in _RESHAPES and isinstance(val, torch.Tensor) and val.shape[-1] == width:
+                frontier.extend(n.users)
+                continue
+            counts.add(_equal_parts(n, width))
+        if len(counts) == 1 and (k := counts.pop()) >= 2:
+            out[name] = k
+    return out
+
+
+def _equal_parts(node: Any, width: int) -> int:
+    """Into how many equal parts ``node`` splits the last dim (size ``width``) of its input; 0 otherwise."""
+    if node.op != "call_function" or node.target not in _SPLITS:
+        return 0
+    ndim = node.args[0].meta["val"].dim()
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if dim % ndim != ndim - 1:
+        return 0
+    if node.target is aten.split.Tensor:
+        size = node.args[1]
+        return width // size if size and width % size == 0 else 0
+    sizes = list(node.args[1])
+    return len(sizes) if len(set(sizes)) == 1 else 0
+
+
 def megatron_pairs(captured: Captured) -> list[tuple[str, str]]:
     """(column linear's weight name, row linear's weight name) for every Megatron pair in the graph."""
     param_of = captured.param_of
@@ -124,12 +168,14 @@ def param_layouts(
         out[name] = tuple(sbp)
 
     if tp is not None:
-        flipped = _transposed(captured)
+        flipped, fused = _transposed(captured), fused_blocks(captured)
         for col, row in megatron_pairs(captured):
-            put(col, tp, S(1) if col in flipped else S(0))
+            k = fused.get(col)
+            dim = 1 if col in flipped else 0
+            put(col, tp, S(dim) if k is None else Blocked(dim, k))
             bias = col.rsplit(".", 1)[0] + ".bias"
             if bias in params:
-                put(bias, tp, S(0))
+                put(bias, tp, S(0) if k is None else Blocked(0, k))
             put(row, tp, S(0) if row in flipped else S(1))
     for glob, sbp in (hints or {}).items():
         matched = [n for n in params if fnmatch.fnmatch(n, glob)]
@@ -146,7 +192,7 @@ def param_layouts(
                     f"hint {glob!r}: a parameter cannot be partial ({format_sbp(nd)} for {name!r}); use B or S(i)"
                 )
             for q in nd:
-                if isinstance(q, S) and q.dim >= p.dim():
+                if is_split(q) and q.dim >= p.dim():  # type: ignore[union-attr]
                     raise ValueError(
                         f"hint {glob!r}: sbp {format_sbp(nd)} does not fit parameter {name!r} of shape "
                         f"{tuple(p.shape)}: split dim must be < {p.dim()}"

@@ -4,24 +4,81 @@ The price of a signature is the boxing time (``plan_boxing(...).seconds``) to br
 current layout to the one the signature needs. Ties go to the earlier candidate, so rules order their
 signatures by preference (no communication, then cheap, then all-``B``). Pure and deterministic: every
 rank picks the same signature.
+
+``Blocked(dim, k)`` inputs (a fused projection split by head) are not in the rules' lists: an op that computes
+each position of its split dims on its own (``LIFTABLE``: element-wise ops, permutations, size-keeping views,
+matrix products, sums) has, for each ``S`` signature, the same signature with every split ``Blocked`` with
+``k`` blocks, since a rank holds the same positions of every ``Blocked`` operand. Rules that change the
+block structure (``split`` into the blocks, ``cat`` of them) list their ``Blocked`` signatures themselves.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
+
+import torch
 
 from shardflow.boxing import plan_boxing
 from shardflow.ops.registry import RULES, OpCall, Sig, TensorMeta
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, P, Placement, S, format_sbp
+from shardflow.placement.sbp import B, Blocked, NdSbp, P, Placement, S, format_sbp, is_split
+from shardflow.placement.shard import has_shards
+
+aten = torch.ops.aten
 
 
 class NoRuleError(NotImplementedError):
     """An op has no layout rule; the message names the op and where to add one."""
 
 
-def candidates(call: OpCall, mesh: Mesh) -> list[list[Sig]]:
+# ops whose shard computation is the op itself and keeps each split position where it was (sizes checked)
+LIFTABLE = {
+    aten.detach.default, aten.alias.default, aten.clone.default, aten._to_copy.default, aten.t.default,
+    aten.transpose.int, aten.permute.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+    aten.unsqueeze.default, aten.expand.default, aten.mm.default, aten.addmm.default, aten.bmm.default,
+    aten.sum.dim_IntList, aten.sum.default, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+    aten.mul.Scalar, aten.div.Scalar, aten.neg.default, aten.gelu.default, aten.gelu_backward.default,
+    aten.relu.default, aten.threshold_backward.default, aten.silu.default, aten.silu_backward.default,
+    aten.tanh.default, aten.tanh_backward.default, aten.zeros_like.default, aten.ones_like.default,
+    aten.empty_like.default, aten.copy_.default, aten.add_.Tensor, aten.mul_.Tensor, aten.add.Scalar,
+    aten.mul_.Scalar, aten.div_.Scalar, aten.lerp_.Scalar, aten.addcmul_.default, aten.addcdiv_.default,
+    aten.sqrt.default, aten.sqrt_.default, aten.zero_.default, aten.pow.Tensor_Scalar,
+}  # fmt: skip
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def _view_out(call: OpCall) -> tuple[int, ...]:
+    shape = [int(n) for n in call.args[1]]
+    if -1 in shape:
+        i = shape.index(-1)
+        rest = math.prod(n for j, n in enumerate(shape) if j != i)
+        shape[i] = math.prod(call.tensors[0].shape) // rest if rest else 0
+    return tuple(shape)
+
+
+def _lift(call: OpCall, sig: Sig, k: int) -> Sig | None:
+    """``sig`` with every ``S`` made ``Blocked(dim, k)``; None where it has no split, a split dim does not
+    hold ``k`` blocks, or a view changes a split dim's size."""
+    if not any(isinstance(p, S) for p in sig.ins):
+        return None
+    sizes = {t.shape[p.dim] for t, p in zip(call.tensors, sig.ins) if isinstance(p, S)}
+    if call.func in _VIEWS:
+        out = _view_out(call)
+        sizes |= {out[p.dim] for p in sig.outs if isinstance(p, S)}
+    if len(sizes) != 1 or sizes.pop() % k:
+        return None
+
+    def up(p: Placement) -> Placement:
+        return Blocked(p.dim, k) if isinstance(p, S) else p
+
+    return Sig(tuple(map(up, sig.ins)), tuple(map(up, sig.outs)))
+
+
+def candidates(call: OpCall, mesh: Mesh, current: Sequence[NdSbp] = (), blocks: Sequence[int] = ()) -> list[list[Sig]]:
+    """Per mesh axis, the op's signatures; ``Blocked`` ones lifted for the block counts in ``current`` (on
+    that axis) and in ``blocks`` (on every axis: a compiler looking ahead before layouts are known)."""
     fn = RULES.get(call.func)
     if fn is None:
         raise NoRuleError(
@@ -29,23 +86,27 @@ def candidates(call: OpCall, mesh: Mesh) -> list[list[Sig]]:
             f"shardflow/ops/rules/, or call .full() / .to_local() and use plain tensors"
         )
     per_axis = []
-    for k in mesh.shape:
+    for axis, k in enumerate(mesh.shape):
         sigs = [s for s in fn(call, k) if len(s.ins) == len(call.tensors)]
         if not sigs:
             raise AssertionError(f"layout rule of {call.func} offered no signature")  # rules end with all-B
+        counts = sorted({p.blocks for c in current if isinstance(p := c[axis], Blocked)} | set(blocks))
+        if counts and call.func in LIFTABLE:
+            lifted = [_lift(call, s, b) for b in counts for s in sigs]
+            sigs = [s for s in lifted if s is not None] + sigs
         per_axis.append(sigs)
     return per_axis
 
 
 def reduces_to_split(cur: NdSbp, need: NdSbp) -> bool:
     """Whether converting ``cur`` to ``need`` reduce-scatters partial sums into a split on some axis."""
-    return any(c == P and isinstance(n, S) for c, n in zip(cur, need))
+    return any(c == P and is_split(n) for c, n in zip(cur, need))
 
 
 def communicates(cur: NdSbp, need: NdSbp) -> bool:
     """Whether converting ``cur`` to ``need`` sends anything: only ``B -> S``, ``B -> P`` and ``S -> P``
     are local (slice, mask, pad)."""
-    return any(c != n and c != B and not (isinstance(c, S) and n == P) for c, n in zip(cur, need))
+    return any(c != n and c != B and not (is_split(c) and n == P) for c, n in zip(cur, need))
 
 
 def choose(
@@ -69,7 +130,7 @@ def choose(
     activation's; when no signature allows that, the constraint is dropped."""
     # (own cost, order, ins, outs) of every allowed signature; ``after`` is priced lazily, cheapest first
     found: list[tuple[float, int, tuple[NdSbp, ...], tuple[NdSbp, ...]]] = []
-    for order, combo in enumerate(itertools.product(*candidates(call, mesh))):
+    for order, combo in enumerate(itertools.product(*candidates(call, mesh, current))):
         ins = tuple(tuple(sig.ins[i] for sig in combo) for i in range(len(call.tensors)))
         if any(ins[i] != tuple(current[i]) for i in fixed):
             continue
@@ -79,6 +140,8 @@ def choose(
             continue
         n_out = len(combo[0].outs)
         outs = tuple(tuple(sig.outs[j] for sig in combo) for j in range(n_out))
+        if not all(map(has_shards, ins + outs)):
+            continue
         cost = 0.0
         for meta, cur, need in zip(call.tensors, current, ins):
             if cur != need:  # NOTE: a free conversion (size-1 axis, empty tensor) still loses to none at all
@@ -86,6 +149,8 @@ def choose(
         if wanted is not None:
             meta, want = wanted
             target = tuple(o if w is None else w for o, w in zip(outs[0], want))
+            if not has_shards(target):  # the wanted splits do not combine with this output's: keep only them
+                target = tuple(B if w is None else w for w in want)
             if target != outs[0]:
                 cost += 1e-9 + plan_boxing(meta.shape, meta.dtype, mesh, outs[0], mesh, target).seconds
         found.append((cost, order, ins, outs))

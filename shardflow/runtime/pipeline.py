@@ -45,7 +45,7 @@ from shardflow.checkpoint.store import load as load_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import collective_timeout, world
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, Placement, S
+from shardflow.placement.sbp import B, NdSbp, Placement, is_split
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.crossing import Piece, crossing
 from shardflow.runtime.memory import MemoryReport, ProgramMemory, fmt_bytes, optimizer_bytes, unique_bytes
@@ -518,7 +518,7 @@ class PipelineModule(Snapshots):
             for n, p in self.named.items()
             if p.grad is not None
             and min(self.split.tied.get(n, (self.stage,))) == self.stage
-            and (self.tp_index == 0 or isinstance(self.layouts[self.stage].get(n, B), S))
+            and (self.tp_index == 0 or is_split(self.layouts[self.stage].get(n, B)))
         ]
         norms = torch.stack(torch._foreach_norm(grads)).double() if grads else torch.zeros(1, dtype=torch.float64)
         total = norms.square().sum()
@@ -759,7 +759,7 @@ class PipelineModule(Snapshots):
             count, n = self.sizes[s]
             lines.append(
                 f"  stage {s} on ranks {list(self.stage_ranks[s])} ({len(self.grids[s])} dp x {len(self.grids[s][0])} tp"
-                f"{', ' + str(sum(isinstance(v, S) for v in self.layouts[s].values())) + ' split' if self.layouts[s] else ''}): "
+                f"{', ' + str(sum(is_split(v) for v in self.layouts[s].values())) + ' split' if self.layouts[s] else ''}): "
                 f"{count} tensors, {n} parameters, "
                 f"{in_flight(order)} micro-batch(es) in flight: {' '.join(map(repr, order))}"
             )

@@ -21,7 +21,7 @@ from torch import nn
 from shardflow.comm.init import world
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, Placement, grad_sbp
-from shardflow.placement.shard import relative, shard_box
+from shardflow.placement.shard import take_local
 from shardflow.tensor.dispatch import implicit_broadcast, partial_sums_whole
 from shardflow.tensor.global_tensor import GlobalTensor, gradients_accumulating, wrap
 
@@ -37,8 +37,7 @@ def shard_stage(
     for name, p in named.items():
         sbp = (layouts.get(name, B),)
         whole = tuple(p.shape)
-        box = shard_box(whole, sbp, mesh.shape, mesh.coord_of(rank))
-        piece = p.detach()[relative(box, tuple((0, n) for n in whole))].clone()
+        piece = take_local(p.detach(), sbp, mesh.shape, mesh.coord_of(rank)).clone()
         new = nn.Parameter(wrap(piece, mesh, sbp, whole), requires_grad=p.requires_grad)
         new_of[id(p)] = new
         out[name] = new

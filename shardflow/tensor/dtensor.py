@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, P, S, _Partial, format_sbp
+from shardflow.placement.sbp import B, Blocked, NdSbp, P, S, _Partial, format_sbp
 from shardflow.tensor.api import from_local
 from shardflow.tensor.global_tensor import GlobalTensor
 
@@ -32,6 +32,11 @@ def device_mesh(mesh: Mesh) -> DeviceMesh:
 def _check_even(shape: tuple[int, ...], sbp: NdSbp, mesh_shape: tuple[int, ...]) -> None:
     piece = list(shape)
     for axis, p in enumerate(sbp):
+        if isinstance(p, Blocked):
+            raise ValueError(
+                f"sbp {format_sbp(sbp)} has no DTensor placement ({p} splits each block); redistribute to "
+                f"S({p.dim}) or B first"
+            )
         if isinstance(p, S):
             if piece[p.dim] % mesh_shape[axis]:
                 raise ValueError(

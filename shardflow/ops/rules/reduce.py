@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from shardflow.ops.registry import B, LocalContext, OpCall, P, S, Sig, local, rule
+from shardflow.placement.sbp import is_split
 
 aten = torch.ops.aten
 
@@ -45,7 +46,7 @@ def _sum(call: OpCall, k: int) -> list[Sig]:
 def _mean_local(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Where a reduced dim is split, sum the shard and divide by the global number of elements reduced."""
     dims, _ = _dims(ctx.call)
-    split = {p.dim for p in ctx.ins[0] if isinstance(p, S)}
+    split = {p.dim for p in ctx.ins[0] if is_split(p)}  # type: ignore[union-attr]
     if not split & set(dims):
         return ctx.call.func(*args, **kwargs)
     x = args[0]
@@ -72,6 +73,6 @@ def _norm_local(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any]
         return ctx.call.func(*args, **kwargs)
     ord_ = float(args[1] if len(args) > 1 else kwargs.get("ord", 2))
     powered = ctx.call.func(*args, **kwargs) ** ord_
-    partial = tuple(P if isinstance(p, S) else p for p in sbp)
+    partial = tuple(P if is_split(p) else p for p in sbp)
     total = ctx.box(powered, partial, (), (B,) * ctx.mesh.ndim)
     return total ** (1.0 / ord_)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from shardflow.ops.registry import B, LocalContext, OpCall, P, PreparedFn, S, Sig, TensorMeta, local, prepared, rule
-from shardflow.placement.sbp import NdSbp, Placement
+from shardflow.placement.sbp import Blocked, NdSbp, Placement
 from shardflow.placement.shard import local_shape, shard_box, split_range
 
 aten = torch.ops.aten
@@ -145,9 +145,11 @@ def _nested_exact(ctx: LocalContext, src: Sequence[int], dst: Sequence[int]) -> 
             maps[p.dim] = (e, num, den)
     if not maps:
         return True
+    # a Blocked dim keeps its size through the view (select.py lifts only such views): only S dims nest
+    ins, outs = (tuple(B if isinstance(p, Blocked) else p for p in sbp) for sbp in (ctx.ins[0], ctx.outs[0]))
     for coord in itertools.product(*(range(n) for n in ctx.mesh.shape)):
-        ibox = shard_box(src, ctx.ins[0], ctx.mesh.shape, coord)
-        obox = shard_box(dst, ctx.outs[0], ctx.mesh.shape, coord)
+        ibox = shard_box(src, ins, ctx.mesh.shape, coord)
+        obox = shard_box(dst, outs, ctx.mesh.shape, coord)
         for d, (e, num, den) in maps.items():
             if _maps(*ibox[d], num, den) != obox[e]:
                 return False
@@ -243,11 +245,39 @@ def _split_count(call: OpCall) -> int:
     return max(1, -(-n // size)) if size else 1
 
 
+def _equal_sections(call: OpCall, along: int) -> int:
+    """How many equal sections ``split`` cuts dim ``along`` into (0 where they are not equal)."""
+    n = call.tensors[0].shape[along]
+    sizes = list(call.args[1]) if call.func == aten.split_with_sizes.default else None
+    if sizes is None:
+        size = call.args[1]
+        sizes = [size] * (n // size) if size and n % size == 0 else []
+    return len(sizes) if len(set(sizes)) == 1 else 0
+
+
 @rule(aten.split.Tensor, aten.split_with_sizes.default)
 def _split(call: OpCall, k: int) -> list[Sig]:
+    """A ``Blocked`` input split into its blocks gives each block split plainly: q, k and v of a fused
+    projection split by head."""
     nd = call.tensors[0].ndim
     along = _dim(_arg(call, 2, "dim", 0), nd)
-    return moved(1, nd, {d: d for d in range(nd) if d != along}, n_out=_split_count(call))
+    n_out = _split_count(call)
+    sigs = moved(1, nd, {d: d for d in range(nd) if d != along}, n_out=n_out)
+    if n_out >= 2 and _equal_sections(call, along) == n_out:
+        sigs.insert(len(sigs) - 2, Sig((Blocked(along, n_out),), (S(along),) * n_out))
+    return sigs
+
+
+@prepared(aten.split.Tensor, aten.split_with_sizes.default)
+def _split_local(ctx: LocalContext) -> PreparedFn:
+    """Split a ``Blocked`` local into its blocks (the local's sections are its pieces, not the global
+    sizes); any other layout splits a dim it does not split, so the op runs as written."""
+    nd = ctx.call.tensors[0].ndim
+    along = _dim(_arg(ctx.call, 2, "dim", 0), nd)
+    if not any(isinstance(p, Blocked) and p.dim == along for p in ctx.ins[0]):
+        return lambda args, kwargs: ctx.call.func(*args, **kwargs)
+    piece = _local_out(ctx)[along]
+    return lambda args, kwargs: aten.split.Tensor(args[0], piece, along)
 
 
 @rule(aten.unbind.int)
@@ -266,7 +296,11 @@ def _cat(call: OpCall, k: int) -> list[Sig]:
         return [Sig((B,) * n, (B,))]
     nd = ndims.pop()
     along = _dim(_arg(call, 1, "dim", 0), nd)
-    return moved(n, nd, {d: d for d in range(nd) if d != along})
+    sigs = moved(n, nd, {d: d for d in range(nd) if d != along})
+    if n >= 2 and nd and len({t.shape[along] for t in call.tensors}) == 1:
+        # blocks split alike, joined: each rank's pieces of them, in order (split's inverse)
+        sigs.insert(len(sigs) - 2, Sig((S(along),) * n, (Blocked(along, n),)))
+    return sigs
 
 
 @rule(aten.stack.default)

@@ -332,9 +332,45 @@ class _Lowering:
         key = (node, need)
         if key in self.boxed:
             return self.boxed[key], None
+        reused = self.transposed_box(node, need)
+        if reused is not None:
+            self.boxed[key] = reused
+            return reused, None
         name, plan = self.box_from(self.var[node], value.meta, value.sbp, need, where)
         self.boxed[key] = name
         return name, plan
+
+    def transposed_box(self, node: fx.Node, need: NdSbp) -> str | None:
+        """``node`` in layout ``need`` as a transpose of its input already boxed to the matching layout, or
+        None. Backward reads a partial gradient both as itself and transposed (input and weight gradients
+        of a linear); reducing it once and transposing the result saves the second collective."""
+        if node.op != "call_function" or node.target not in (_aten.t.default, _aten.transpose.int):
+            return None
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or not isinstance(self.info.get(src), _Value):
+            return None
+        nd = len(self.info[src].meta.shape)
+        perm = list(range(nd))
+        a, b = (0, 1) if node.target is _aten.t.default else (int(node.args[1]) % nd, int(node.args[2]) % nd)  # type: ignore[arg-type]
+        if nd >= 2:
+            perm[a], perm[b] = perm[b], perm[a]
+
+        def back(p: Placement) -> Placement:
+            if isinstance(p, S):
+                return S(perm[p.dim])
+            return Blocked(perm[p.dim], p.blocks) if isinstance(p, Blocked) else p
+
+        src_need = tuple(back(p) for p in need)
+        boxed = self.var[src] if self.info[src].sbp == src_need else self.boxed.get((src, src_need))
+        if boxed is None:
+            return None
+        name = self.new_var()
+        rest = "" if node.target is _aten.t.default else f", {a}, {b}"
+        self.emit(f"{name} = {self.const(node.target, 'op')}({boxed}{rest})", [boxed], [name])
+        self.refs[name] = list(self.refs.get(boxed, []))  # a view: the boxed source's storage
+        if boxed in self.param_alias:
+            self.param_alias[name] = self.param_alias[boxed]
+        return name
 
     def box_from(self, src: str, meta: TensorMeta, sbp: NdSbp, need: NdSbp, where: str) -> tuple[str, Plan]:
         """Emit the boxing of variable ``src`` (layout ``sbp``) to ``need`` into a new variable."""

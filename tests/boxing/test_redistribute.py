@@ -8,10 +8,11 @@ import zlib
 
 import torch
 import torch.distributed as dist
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import shardflow as sf
+from shardflow.placement.shard import has_shards
 from shardflow.testing import run_on_ranks
 
 WORLD = 4
@@ -35,6 +36,23 @@ def _settings(n: int) -> settings:
 
 def _layout(ndim):
     return st.sampled_from([sf.B, sf.P] + [sf.S(d) for d in range(ndim)])
+
+
+@st.composite
+def blocked_cases(draw, cross: bool):
+    """Layouts with ``Blocked(d, k)`` on some axes (a dim of k equal blocks), the rest like ``cases``."""
+    k = draw(st.sampled_from([2, 3]))
+    shape = list(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)))
+    d = draw(st.integers(0, len(shape) - 1))
+    shape[d] *= k
+    shape = tuple(shape)
+    src_mesh = draw(st.sampled_from(MESHES))
+    dst_mesh = draw(st.sampled_from(MESHES)) if cross else src_mesh
+    place = st.sampled_from([sf.B, sf.P, sf.Blocked(d, k)] + [sf.S(i) for i in range(len(shape))])
+    src = tuple(draw(place) for _ in src_mesh[0])
+    dst = tuple(draw(place) for _ in dst_mesh[0])
+    assume(has_shards(src) and has_shards(dst) and sf.Blocked(d, k) in src + dst)
+    return shape, "float64", src_mesh, src, dst_mesh, dst
 
 
 @st.composite
@@ -100,6 +118,18 @@ def test_redistribute_on_one_mesh_equals_plain_torch(case):
 @_settings(200)
 @given(case=cases(cross=True))
 def test_redistribute_across_meshes_equals_plain_torch(case):
+    run_on_ranks(WORLD, _rank_check, case)
+
+
+@_settings(150)
+@given(case=blocked_cases(cross=False))
+def test_blocked_redistribute_on_one_mesh_equals_plain_torch(case):
+    run_on_ranks(WORLD, _rank_check, case)
+
+
+@_settings(80)
+@given(case=blocked_cases(cross=True))
+def test_blocked_redistribute_across_meshes_equals_plain_torch(case):
     run_on_ranks(WORLD, _rank_check, case)
 
 

@@ -52,26 +52,30 @@ def test_megatron_pair_reduces_once_in_forward():
         assert forward[0][2] in ("all_reduce", "reduce_scatter"), forward
 
 
-def _tp_gpt() -> list[tuple[str, str, str]]:
+def _tp_gpt() -> tuple[dict[str, object], list[tuple[str, str, str]]]:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=4, n_embd=128))
     x = torch.randint(0, 256, (4, 32))
     mesh = sf.Mesh("cpu", (2,), names=("tp",))
-    # attention stays whole (a fused c_attn split by rows does not split by head); the MLPs are Megatron pairs
-    hints = {"transformer.h.*.attn.*": sf.B}
-    pm = sf.compile(model, mesh, example_inputs=(x, x), strategy="tp", hints=hints)
-    assert pm.layouts["transformer.h.0.mlp.c_fc.weight"] == (sf.S(0),)
+    pm = sf.compile(model, mesh, example_inputs=(x, x), strategy="tp")  # no hints: attention too
     program = pm.program(pm._inputs((x, x)))
-    return [(c.phase, c.where, c.route) for c in program.collectives]
+    return dict(pm.layouts), [(c.phase, c.where, c.route) for c in program.collectives]
 
 
-def test_megatron_gpt_blocks_reduce_once_each_way():
-    for comms in run_on_ranks(2, _tp_gpt):
+def test_megatron_gpt_blocks_reduce_once_per_pair():
+    for layouts, comms in run_on_ranks(2, _tp_gpt):
+        # the fused q/k/v projection is split by head within each block, its partner by rows; the MLP likewise
+        assert layouts["transformer.h.0.attn.c_attn.weight"] == (sf.Blocked(0, 3),)
+        assert layouts["transformer.h.0.attn.c_proj.weight"] == (sf.S(1),)
+        assert layouts["transformer.h.0.mlp.c_fc.weight"] == (sf.S(0),)
         forward = [c for c in comms if c[0] == "forward"]
-        backward = [c for c in comms if c[0] == "backward" and not c[1].startswith("gradient bucket")]
-        # per block: the MLP pair's partial sums reduced once in forward, their gradient once in backward
-        assert [c[2] for c in forward] == ["all_reduce"] * 2, forward
-        assert [c[2] for c in backward] == ["all_reduce"] * 2, backward
+        backward = [c for c in comms if c[0] == "backward"]
+        # Megatron's count: per block, attention's and the MLP's partial sums reduced once each in forward
+        assert [c[2] for c in forward] == ["all_reduce"] * 4, forward
+        # backward: the residual gradient is reduced once before each block's row-parallel linears but the
+        # top one (its gradient arrives whole); the last partial sum rides in the gradient bucket
+        assert [c[2] for c in backward] == ["all_reduce"] * 3, backward
+        assert [c[2] for c in comms if c[0] == "after"] == ["all_reduce"], comms
 
 
 def _new_shapes() -> list[tuple[float, float]]:

@@ -73,11 +73,11 @@ def _tensor_parallel_peaks() -> tuple[int, int]:
 
 
 def test_tensor_parallel_stages_are_priced_as_if_unsplit():
-    """A tensor-parallel stage's activations are counted as if unsplit, which the stage's eager boxing
-    copies about make up for here: measured 0.97-1.01 of the prediction over three runs (0.81-0.88 before
-    partial sums were all-reduced whole), so within 15%."""
+    """A tensor-parallel stage's activations are counted as if unsplit: an upper bound. Since attention is
+    split by head (Blocked q/k/v) the stage keeps less: measured 0.77 of the prediction (0.97-1.01 while q, k
+    and v were all-reduced whole), so the bound holds with room to spare but is not within 10% any more."""
     for predicted, measured in run_on_ranks(4, _tensor_parallel_peaks, timeout=300):
-        assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
+        assert measured <= predicted <= 1.45 * measured, (predicted, measured)
 
 
 def _refused() -> str:

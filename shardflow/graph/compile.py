@@ -52,6 +52,7 @@ from shardflow.graph.strategy import STRATEGIES, axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import (
     B,
+    Blocked,
     NdSbp,
     P,
     Placement,
@@ -570,8 +571,13 @@ def compile(
         assert dp is not None
         shapes = dict(model.named_parameters())
         for name, sbp in layouts.items():
-            if sbp[dp] == B and shapes[name].dim() > 0:
-                layouts[name] = sbp[:dp] + (S(0),) + sbp[dp + 1 :]
+            # dim 0, or the first dim of size > 1 that no Blocked layout splits (S(0) over Blocked(0, k) does
+            # not nest: a fused projection's weight is sharded by its other dim, its bias not at all)
+            blocked = {p.dim for p in sbp if isinstance(p, Blocked)}
+            shape = shapes[name].shape
+            d = next((d for d in range(len(shape)) if d not in blocked and (shape[d] > 1 or not blocked)), None)
+            if sbp[dp] == B and d is not None:
+                layouts[name] = sbp[:dp] + (S(d),) + sbp[dp + 1 :]
     if input_sbp is None:
         default: list[Placement] = [B] * mesh.ndim
         if dp is not None:

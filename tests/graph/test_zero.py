@@ -37,7 +37,11 @@ def _equal_serial(kind: str, shape, names, strategy: str, zero: int = 3) -> list
         return None
     dp = names.index("dp")
     if zero == 3:
-        assert all(sbp[dp] == sf.S(0) for n, sbp in pm.layouts.items() if ref.get_parameter(n).dim() > 0)
+        for n, sbp in pm.layouts.items():
+            if any(isinstance(p, sf.Blocked) for p in sbp):  # c_attn under tp: its blocked dim is not split again
+                assert sbp[dp] == (sf.S(1) if ref.get_parameter(n).dim() == 2 else sf.B), (n, sbp)
+            elif ref.get_parameter(n).dim() > 0:
+                assert sbp[dp] == sf.S(0), (n, sbp)
     else:  # parameters stay replicated on dp; the optimizer's pieces (state, gradients) are split there
         assert all(sbp[dp] == sf.B for sbp in pm.layouts.values())
         # every parameter but those whose every dim of size > 1 is split by tp already (column-parallel biases)

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardflow.boxing.run import dry_run
 from shardflow.checkpoint.index import CheckpointError, read_index
 from shardflow.checkpoint.rng import restore_rng, rng_states
 from shardflow.checkpoint.snapshots import Snapshots
@@ -572,7 +573,11 @@ class PipelineModule(Snapshots):
         """
         if self.inside:
             plain = [_plain(x) for x in (inputs or self.example_inputs)]
-            act = self._activation_bytes(self._micro_batches(plain)[0][0])
+            first = self._micro_batches(plain)[0][0]
+            act = self._activation_bytes(first)
+            # a tensor-parallel stage's eager backward makes whole (all-reduced) gradients and boxed copies:
+            # its temporaries are priced as one micro-batch's activations unsplit
+            temps = act if self.tp_mesh is None else self._activation_bytes(first, unsplit=True)
             k = in_flight(self.order)
             params = unique_bytes([local(p).detach() for p in self.params])
             grads = unique_bytes([local(p).detach() for p in self.params if p.requires_grad])
@@ -581,17 +586,15 @@ class PipelineModule(Snapshots):
             at_peak = [
                 (k * act, f"activations kept for backward: {k} micro-batch(es) in flight x {fmt_bytes(act)}"),
                 (grads, "gradients (accumulated over micro-batches)"),
-                (act, "one backward's temporaries (about one micro-batch's activations)"),
+                (temps, "one backward's temporaries (about one micro-batch's activations)"),
             ]
-            during = k * act + grads + act
+            during = k * act + grads + temps
             where = f"stage {self.stage}: {k} micro-batch(es) in flight under {self.pipeline.schedule}"
             if grads + buckets > during:
                 at_peak, during = [(grads, "gradients"), (buckets, "gradient buckets")], grads + buckets
                 where = f"stage {self.stage}: gradient all-reduce"
             program = ProgramMemory(during, sorted(at_peak, reverse=True), grads, where)
             persistent = {"parameters": params, "optimizer state": state}
-            if self.tp_mesh is not None:
-                note += "; activations of this tensor-parallel stage counted as if unsplit"
             report = MemoryReport(world()[0], persistent, program, grads + temp, note)
         else:
             report = MemoryReport(world()[0], {}, ProgramMemory(0, [], 0, ""), 0, "no stage on this rank")
@@ -602,15 +605,16 @@ class PipelineModule(Snapshots):
             report = dataclasses.replace(report, peaks=tuple(int(v) for v in every))
         return report
 
-    def _activation_bytes(self, micro: list[Any]) -> int:
-        """Bytes one micro-batch leaves alive for backward on this stage, from a forward on fake tensors."""
+    def _activation_bytes(self, micro: list[Any], unsplit: bool = False) -> int:
+        """Bytes one micro-batch leaves alive for backward on this stage, from a forward on fake tensors
+        (a tensor-parallel stage's at its shards' sizes, unless ``unsplit``)."""
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.func import functional_call
 
+        if self.tp_mesh is not None and not unsplit:
+            return self._tp_activation_bytes(micro)
         seen: dict[int, int] = {}
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            # NOTE: a tensor-parallel stage is counted whole (its parameters at their global shapes): more
-            # than its split activations, about what they and its eager boxing copies hold together
             state: dict[str, torch.Tensor] = {
                 n: torch.empty(t.shape, dtype=t.dtype) if isinstance(t, GlobalTensor) else mode.from_tensor(t)
                 for n, t in [*self.module.named_parameters(), *self.module.named_buffers()]
@@ -637,6 +641,51 @@ class PipelineModule(Snapshots):
             for t in [*(out if isinstance(out, (tuple, list)) else [out]), *received]:
                 if isinstance(t, torch.Tensor):
                     keep(t)
+        return sum(seen.values())
+
+    def _tp_activation_bytes(self, micro: list[Any]) -> int:
+        """A tensor-parallel stage's forward run for real on fake locals, with boxing that sends nothing
+        (``dry_run``): what autograd keeps is then this rank's shards, at their local sizes, boxed copies
+        included. The same ops and decisions as a step's, no arithmetic, no messages."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.func import functional_call
+
+        assert self.tp_mesh is not None
+        seen: dict[int, int] = {}
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+        def fake(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+            with mode:
+                return torch.empty(tuple(shape), dtype=dtype)
+
+        def meta(t: torch.Tensor) -> torch.Tensor:
+            if isinstance(t, GlobalTensor):
+                return wrap(fake(t._local.shape, t.dtype), t.mesh, t.sbp, t.shape)
+            return fake(t.shape, t.dtype)
+
+        module = self.modules.get(_shape_key(micro), self.module)
+        state = {n: meta(t).requires_grad_(t.requires_grad) for n, t in module.named_parameters()}
+        state.update({n: meta(t) for n, t in module.named_buffers()})
+        received = []
+        if self.stage > 0:
+            for shape, dtype in self._meta(micro)[self.stage - 1]:
+                t = fake(shape, dtype)
+                received.append(t.requires_grad_(True) if dtype.is_floating_point else t)
+        plain = [meta(x) if isinstance(x, torch.Tensor) else x for x in micro]
+        args = [plain[k] if src == "input" else received[k] for src, k in self.split.wiring[self.stage]]
+        skip = {local(t).untyped_storage()._cdata for t in state.values()}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            st = local(t).untyped_storage()
+            if st._cdata not in skip:
+                seen[st._cdata] = st.nbytes()
+            return t
+
+        with dry_run(), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = call_stage(lambda *a: functional_call(module, state, a), args, self.tp_mesh)
+        for t in [*(out if isinstance(out, (tuple, list)) else [out]), *received]:
+            if isinstance(t, torch.Tensor):
+                keep(t)
         return sum(seen.values())
 
     # -- snapshots ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ The optimizer steps the local shards (AdamW is element-wise, so a shard's update
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ def shard_stage(
     return out
 
 
-def call_stage(module: nn.Module, args: Sequence[Any], mesh: Mesh | None) -> Any:
+def call_stage(module: Callable[..., Any], args: Sequence[Any], mesh: Mesh | None) -> Any:
     """Run ``module`` on plain ``args``; on a tensor-parallel stage (``mesh``) through GlobalTensors, each
     output boxed to ``B`` and returned as this rank's plain (autograd-connected) tensor."""
     if mesh is None:

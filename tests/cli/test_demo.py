@@ -104,7 +104,9 @@ def test_train_loss_falls(train: subprocess.CompletedProcess[str]) -> None:
 def test_train_shows_plan_progress_and_speed(train: subprocess.CompletedProcess[str]) -> None:
     out = train.stdout
     assert "dp × tp = 2 × 2" in out, _output(train)
-    assert re.search(r"transformer\.h\.0\.attn\.c_attn\.weight\s+\(192, 64\)\s+\(B, S\(0\)\)", out), _output(train)
+    assert re.search(r"transformer\.h\.0\.attn\.c_attn\.weight\s+\(192, 64\)\s+\(B, Blocked\(0, 3\)\)", out), _output(
+        train
+    )
     assert f"{TRAIN_STEPS}/{TRAIN_STEPS}" in out, _output(train)  # the progress bar's last state
     assert re.search(r"the rest ran at [\d,]+ tokens/s", out), _output(train)
 

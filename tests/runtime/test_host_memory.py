@@ -38,8 +38,16 @@ def _faults(keep: bool) -> tuple[bool, int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     applied, kept = _faults(keep=True)
-    off, default = _faults(keep=False)
-    assert applied and not off
     pages = 10 * 6 * (8 * 2**20) // os.sysconf("SC_PAGE_SIZE")
-    assert default >= pages // 2, default  # the freed heap top is given back and faulted in again each step
+    # glibc's defaults give the freed heap top back and fault it in again each step, unless some small block
+    # happens to sit above it (about 1 run in 3 here, 2026-11-26): the defaults must fault in one of 4 runs
+    defaults = []
+    for _ in range(4):
+        off, default = _faults(keep=False)
+        assert not off
+        defaults.append(default)
+        if default >= pages // 2:
+            break
+    assert applied
+    assert max(defaults) >= pages // 2, defaults
     assert kept < pages // 100, kept  # the same heap blocks, still resident

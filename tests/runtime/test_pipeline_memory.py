@@ -72,12 +72,14 @@ def _tensor_parallel_peaks() -> tuple[int, int]:
     return pm.memory().peak, measure_pipeline_peak(pm, x, y)[0]
 
 
-def test_tensor_parallel_stages_are_priced_as_if_unsplit():
-    """A tensor-parallel stage's activations are counted as if unsplit: an upper bound. Since attention is
-    split by head (Blocked q/k/v) the stage keeps less: measured 0.77 of the prediction (0.97-1.01 while q, k
-    and v were all-reduced whole), so the bound holds with room to spare but is not within 10% any more."""
+def test_tensor_parallel_stages_are_priced_by_their_shards():
+    """A tensor-parallel stage's activations are what a forward on fake shards with boxing that sends nothing
+    keeps (its backward's temporaries: one micro-batch's activations unsplit). Predicted 0.89-0.91 (first
+    stage) and 0.92-0.94 (second) of the measured peaks over three runs: under, by what is not found yet
+    (counting activations unsplit gave 1.30 once attention was split by head), so within 15%, the bound
+    this test had before."""
     for predicted, measured in run_on_ranks(4, _tensor_parallel_peaks, timeout=300):
-        assert measured <= predicted <= 1.45 * measured, (predicted, measured)
+        assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
 
 
 def _refused() -> str:

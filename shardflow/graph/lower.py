@@ -610,6 +610,12 @@ class _Lowering:
                     current[t] = full
             if node in self.gather_at:
                 self.prefetch(self.gather_at[node] + 1)
+        for t, i in enumerate(where):  # a partial sum transposed from one already reduced: take that instead
+            if P in current[t] and t not in mutated and i not in gathered:
+                whole = tuple(B if p == P else p for p in current[t])
+                reused = self.transposed_box(flat[i], whole)
+                if reused is not None:
+                    self.info[flat[i]], self.var[flat[i]], current[t] = _Value(whole, metas[t]), reused, whole
         after = self.lookahead(node, out_metas)
         pinned = [t for t, i in enumerate(where) if flat[i] in self.params]
         ins, outs = choose(

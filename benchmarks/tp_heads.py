@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -48,11 +49,12 @@ def _work(repeats: int, warmup: int) -> dict[str, Any]:
     for _ in range(warmup):
         whole.step(x, x)
         heads.step(x, x)
-    tw, th = [], []
+    tw: list[float] = []
+    th: list[float] = []
     for i in range(repeats):
         order = [(whole, tw), (heads, th)] if i % 2 == 0 else [(heads, th), (whole, tw)]
         for pm, out in order:
-            out.append(timed_call(lambda pm=pm: pm.step(x, x)))
+            out.append(timed_call(functools.partial(pm.step, x, x)))
     return {"whole": tw, "heads": th}
 
 

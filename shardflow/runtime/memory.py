@@ -60,12 +60,13 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def optimizer_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int, str]:
-    """(state bytes, step temporaries, how they were estimated) for ``optimizer`` over its parameters."""
+def optimizer_bytes(optimizer: torch.optim.Optimizer, every: bool = False) -> tuple[int, int, str]:
+    """(state bytes, step temporaries, how they were estimated) for ``optimizer`` over its parameters that
+    require gradients (``every``: all of them, for an optimizer stepping plain shards of parameters)."""
     total = temp = 0
     kinds = set()
     for group in optimizer.param_groups:
-        params = [p for p in group["params"] if p.requires_grad]
+        params = [p for p in group["params"] if p.requires_grad or every]
         nbytes = sum(p.numel() * p.element_size() for p in params)
         name = type(optimizer).__name__
         if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):

@@ -581,7 +581,9 @@ class PipelineModule(Snapshots):
             k = in_flight(self.order)
             params = unique_bytes([local(p).detach() for p in self.params])
             grads = unique_bytes([local(p).detach() for p in self.params if p.requires_grad])
-            state, temp, note = optimizer_bytes(self.optimizer) if self.optimizer else (0, 0, "no parameters")
+            # a tensor-parallel stage's optimizer steps the local shards (plain tensors, no requires_grad)
+            tp = self.tp_mesh is not None
+            state, temp, note = optimizer_bytes(self.optimizer, tp) if self.optimizer else (0, 0, "no parameters")
             buckets = grads if self.dp > 1 else 0
             at_peak = [
                 (k * act, f"activations kept for backward: {k} micro-batch(es) in flight x {fmt_bytes(act)}"),

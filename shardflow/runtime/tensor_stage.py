@@ -39,6 +39,7 @@ def shard_stage(
         whole = tuple(p.shape)
         piece = take_local(p.detach(), sbp, mesh.shape, mesh.coord_of(rank)).clone()
         new = nn.Parameter(wrap(piece, mesh, sbp, whole), requires_grad=p.requires_grad)
+        new._pinned = True  # type: ignore[attr-defined]  # where the strategy put it: eager ops keep it there
         new_of[id(p)] = new
         out[name] = new
     for path, p in list(module.named_parameters(remove_duplicate=False)):

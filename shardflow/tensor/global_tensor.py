@@ -26,6 +26,9 @@ class GlobalTensor(torch.Tensor):
     _local: torch.Tensor
     _mesh: Mesh
     _sbp: NdSbp
+    # a parameter placed by a strategy (or a view of one): eager ops convert it only locally, as the
+    # compiler does, so a partial sum meets it by being reduced rather than the weight being gathered
+    _pinned: bool = False
 
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 

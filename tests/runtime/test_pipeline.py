@@ -237,3 +237,26 @@ def test_balanced_cut_puts_the_expensive_head_alone():
     mlp = MLP(MLPConfig(in_features=64, hidden_sizes=(64, 64, 64), num_classes=64))  # four equal Linears
     cut = balanced_split_points(mlp, (torch.randn(2, 64), torch.zeros(2, dtype=torch.long)), 2)
     assert cut in (["net.3"], ["net.4"])  # two Linears each side; the GELU between costs next to nothing
+
+
+def _tp_stage_boxing() -> list[tuple[str, str, tuple[int, ...]]]:
+    from shardflow.tensor.trace import recording
+
+    model, data = _model_and_batches("gpt", 8)
+    mesh = sf.Mesh("cpu", (2, 2), names=("pp", "tp"))
+    pipeline = sf.Pipeline(micro_batches=2, schedule="1f1b", split_points=["transformer.h.2"])
+    pm = sf.compile(model, mesh, example_inputs=data[0], optimizer=_adamw, pipeline=pipeline, strategy="tp")
+    pm.step(*data[0])
+    with recording() as rec:
+        pm.step(*data[1])
+    return [(o.op, p.route, p.shape) for o in rec.ops for p in o.boxing if p.route not in ("slice", "mask", "pad")]
+
+
+def test_tensor_parallel_stage_runs_megatron_attention():
+    """In a tp stage, attention runs on each rank's heads (c_attn is Blocked) and the weights stay where the
+    strategy put them: a partial sum meets a weight by being all-reduced, never by gathering the weight
+    or q, k and v (which attention's backward did while eager ops could move parameters)."""
+    for boxing in run_on_ranks(4, _tp_stage_boxing, timeout=300):
+        assert boxing and all(route == "all_reduce" or op == "aten.mm.default" for op, route, _ in boxing), boxing
+        weights = {(48, 16), (16, 16), (64, 16), (16, 64)}  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+        assert not any(route == "all_gather" and shape in weights for _, route, shape in boxing), boxing

@@ -197,5 +197,10 @@ def param_layouts(
                         f"hint {glob!r}: sbp {format_sbp(nd)} does not fit parameter {name!r} of shape "
                         f"{tuple(p.shape)}: split dim must be < {p.dim()}"
                     )
+                if isinstance(q, Blocked) and p.shape[q.dim] % q.blocks:
+                    raise ValueError(
+                        f"hint {glob!r}: {q} does not fit parameter {name!r} of shape {tuple(p.shape)}: dim "
+                        f"{q.dim} does not hold {q.blocks} equal blocks"
+                    )
             out[name] = nd
     return out

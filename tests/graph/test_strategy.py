@@ -39,6 +39,10 @@ def test_tp_layouts_and_hints(gpt):
     assert layouts["transformer.h.0.mlp.c_proj.weight"] == (sf.B, sf.S(1))
     assert layouts["transformer.h.0.mlp.c_proj.bias"] == (sf.B, sf.B)
     assert layouts["transformer.wte.weight"] == (sf.B, sf.S(1))
+    # the fused q/k/v projection: each rank holds its heads of each of the 3 blocks (nn.Linear: [out, in])
+    assert layouts["transformer.h.0.attn.c_attn.weight"] == (sf.B, sf.Blocked(0, 3))
+    assert layouts["transformer.h.0.attn.c_attn.bias"] == (sf.B, sf.Blocked(0, 3))
+    assert layouts["transformer.h.0.attn.c_proj.weight"] == (sf.B, sf.S(1))
 
 
 def test_errors(gpt):
@@ -48,6 +52,10 @@ def test_errors(gpt):
         param_layouts(model, mesh, "tp", captured, hints={"blocks.*": sf.S(0)})
     with pytest.raises(ValueError, match="does not fit parameter 'transformer.h.0.ln_1.bias' of shape \\(16,\\)"):
         param_layouts(model, mesh, "tp", captured, hints={"transformer.h.0.ln_1.bias": sf.S(1)})
+    with pytest.raises(
+        ValueError, match="Blocked\\(0, 5\\) does not fit parameter 'transformer.h.0.attn.c_attn.weight'"
+    ):
+        param_layouts(model, mesh, "tp", captured, hints={"transformer.h.0.attn.c_attn.weight": sf.Blocked(0, 5)})
     with pytest.raises(ValueError, match="strategy must be one of"):
         param_layouts(model, mesh, "zero", captured)
     with pytest.raises(ValueError, match="needs mesh axes named 'dp' and 'tp'"):

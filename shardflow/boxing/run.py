@@ -126,6 +126,15 @@ def _prepare(plan: Plan, rank: int) -> tuple[_AxisArgs | _P2PArgs | None, ...]:
 
 
 @lru_cache(maxsize=4096)
+def _prepared(
+    plan: Plan, rank: int
+) -> tuple[
+    tuple[_AxisArgs | _P2PArgs | None, ...], tuple[tuple[tuple[int, ...] | None, ...], tuple[int, ...] | None] | None
+]:
+    """``_prepare`` and ``_views`` of ``plan`` on ``rank`` in one cached lookup (run_plan's hot path)."""
+    return _prepare(plan, rank), _views(plan, rank)
+
+
 def _views(plan: Plan, rank: int) -> tuple[tuple[tuple[int, ...] | None, ...], tuple[int, ...] | None] | None:
     """Per step, the local shape it takes on ``rank`` (None: unchanged), and the target's local shape;
     None for a plan without views (no reshapes)."""
@@ -222,8 +231,8 @@ def run_plan(plan: Plan, local: torch.Tensor) -> torch.Tensor:
             return empty_local(plan.dtype, local.device)
         shape = local_shape(plan.shape, plan.dst_sbp, mesh.shape, mesh.coord_of(rank))
         return local.new_empty(shape)
-    views = _views(plan, rank)
-    for i, (step, args) in enumerate(zip(plan.steps, _prepare(plan, rank))):
+    prepared, views = _prepared(plan, rank)
+    for i, (step, args) in enumerate(zip(plan.steps, prepared)):
         want = None if views is None else views[0][i]
         if want is not None and local.shape != want:
             local = local.reshape(want)

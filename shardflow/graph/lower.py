@@ -350,10 +350,11 @@ class _Lowering:
         if not isinstance(src, fx.Node) or not isinstance(self.info.get(src), _Value):
             return None
         nd = len(self.info[src].meta.shape)
+        if nd < 2:
+            return None
         perm = list(range(nd))
         a, b = (0, 1) if node.target is _aten.t.default else (int(node.args[1]) % nd, int(node.args[2]) % nd)  # type: ignore[arg-type]
-        if nd >= 2:
-            perm[a], perm[b] = perm[b], perm[a]
+        perm[a], perm[b] = perm[b], perm[a]
 
         def back(p: Placement) -> Placement:
             if isinstance(p, S):

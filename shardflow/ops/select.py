@@ -93,7 +93,7 @@ def candidates(call: OpCall, mesh: Mesh, current: Sequence[NdSbp] = (), blocks: 
         counts = sorted({p.blocks for c in current if isinstance(p := c[axis], Blocked)} | set(blocks))
         if counts and call.func in LIFTABLE:
             lifted = [_lift(call, s, b) for b in counts for s in sigs]
-            sigs = [s for s in lifted if s is not None] + sigs
+            sigs = sigs[:-1] + [s for s in lifted if s is not None] + sigs[-1:]  # all-B stays last
         per_axis.append(sigs)
     return per_axis
 

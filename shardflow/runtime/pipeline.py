@@ -662,7 +662,9 @@ class PipelineModule(Snapshots):
 
         def meta(t: torch.Tensor) -> torch.Tensor:
             if isinstance(t, GlobalTensor):
-                return wrap(fake(t._local.shape, t.dtype), t.mesh, t.sbp, t.shape)
+                out = wrap(fake(t._local.shape, t.dtype), t.mesh, t.sbp, t.shape)
+                out._pinned = t._pinned  # the same decisions as a step's: parameters stay where they are
+                return out
             return fake(t.shape, t.dtype)
 
         module = self.modules.get(_shape_key(micro), self.module)

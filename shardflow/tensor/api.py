@@ -16,7 +16,7 @@ from shardflow.boxing import empty_local
 from shardflow.comm.collectives import all_gather_rows
 from shardflow.comm.init import world
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, Placement, S, _Partial, format_sbp, normalize_sbp
+from shardflow.placement.sbp import B, NdSbp, Placement, _Partial, format_sbp, is_split, normalize_sbp
 from shardflow.placement.shard import local_shape
 from shardflow.tensor.global_tensor import GlobalTensor, _FromLocal, box, wrap
 
@@ -70,7 +70,7 @@ def _infer_shape(shapes: dict[int, tuple[int, ...]], mesh: Mesh, sbp: NdSbp) -> 
     first = shapes[mesh.ranks[0]]
     out = list(first)
     for d in range(len(first)):
-        axes = [a for a, p in enumerate(sbp) if isinstance(p, S) and p.dim == d]
+        axes = [a for a, p in enumerate(sbp) if is_split(p) and p.dim == d]  # type: ignore[union-attr]
         if axes:
             coords = {tuple(mesh.coord_of(r)[a] for a in axes): shapes[r][d] for r in mesh.ranks}
             out[d] = sum(coords.values())

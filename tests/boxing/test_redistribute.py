@@ -77,6 +77,8 @@ def _rank_check(case) -> None:
     else:
         full = torch.randint(-50, 50, shape, generator=gen, dtype=dtype)
     x = sf.distribute(full, src_mesh, src)
+    if any(isinstance(p, sf.Blocked) for p in src):  # the global shape follows from the locals' shapes
+        assert tuple(sf.from_local(x.to_local().detach(), src_mesh, src).shape) == shape
     if dtype.is_floating_point:
         x.requires_grad_()
     y = x.redistribute(dst, mesh=dst_mesh)

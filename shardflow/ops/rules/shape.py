@@ -276,8 +276,8 @@ def _split_local(ctx: LocalContext) -> PreparedFn:
     along = _dim(_arg(ctx.call, 2, "dim", 0), nd)
     if not any(isinstance(p, Blocked) and p.dim == along for p in ctx.ins[0]):
         return lambda args, kwargs: ctx.call.func(*args, **kwargs)
-    piece = _local_out(ctx)[along]
-    return lambda args, kwargs: aten.split.Tensor(args[0], piece, along)
+    pieces = [_local_out(ctx, i)[along] for i in range(len(ctx.outs))]  # equal; 0 where a block has no row here
+    return lambda args, kwargs: aten.split_with_sizes.default(args[0], pieces, along)
 
 
 @rule(aten.unbind.int)

@@ -34,6 +34,7 @@ from shardflow.placement.shard import (
     max_local_shape,
     shard_box,
     unflatten,
+    view_of,
 )
 
 COLLECTIVES = {"all_gather", "reduce_scatter", "all_reduce", "all_to_all"}
@@ -263,11 +264,7 @@ def _blocked_steps(
 ) -> tuple[Step, ...]:
     """Steps of a conversion from or to a ``Blocked`` layout: planned on the view where both are plain
     splits, or (no common view) through ``src`` with its blocks gathered."""
-    a, b = unflatten(shape, src), unflatten(shape, dst)
-    for sbp, view in ((src, a), (dst, b)):
-        if view is None:
-            raise ValueError(f"layout {format_sbp(sbp)} splits one dim both plainly and in blocks; it has no shards")
-    assert a is not None and b is not None
+    a, b = view_of(shape, src), view_of(shape, dst)
     src_bl, dst_bl = blocked_of(src), blocked_of(dst)
     if src_bl is None and dst_bl is not None:
         b_src = unflatten(shape, (dst_bl, *src))  # src on dst's view

@@ -22,6 +22,7 @@ import torch
 
 from shardflow.boxing import plan_boxing
 from shardflow.ops.registry import RULES, OpCall, Sig, TensorMeta
+from shardflow.ops.rules.shape import infer_shape
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, Blocked, NdSbp, P, Placement, S, format_sbp, is_split
 from shardflow.placement.shard import has_shards
@@ -49,15 +50,6 @@ LIFTABLE = {
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
-def _view_out(call: OpCall) -> tuple[int, ...]:
-    shape = [int(n) for n in call.args[1]]
-    if -1 in shape:
-        i = shape.index(-1)
-        rest = math.prod(n for j, n in enumerate(shape) if j != i)
-        shape[i] = math.prod(call.tensors[0].shape) // rest if rest else 0
-    return tuple(shape)
-
-
 def _lift(call: OpCall, sig: Sig, k: int) -> Sig | None:
     """``sig`` with every ``S`` made ``Blocked(dim, k)``; None where it has no split, a split dim does not
     hold ``k`` blocks, or a view changes a split dim's size."""
@@ -65,7 +57,7 @@ def _lift(call: OpCall, sig: Sig, k: int) -> Sig | None:
         return None
     sizes = {t.shape[p.dim] for t, p in zip(call.tensors, sig.ins) if isinstance(p, S)}
     if call.func in _VIEWS:
-        out = _view_out(call)
+        out = infer_shape(math.prod(call.tensors[0].shape), call.args[1])
         sizes |= {out[p.dim] for p in sig.outs if isinstance(p, S)}
     if len(sizes) != 1 or sizes.pop() % k:
         return None

@@ -70,7 +70,8 @@ def unflatten(global_shape: Sequence[int], sbp: NdSbp) -> tuple[tuple[int, ...],
     return shape[:d] + (k, shape[d] // k) + shape[d + 1 :], tuple(out)
 
 
-def _view_of(global_shape: Sequence[int], sbp: NdSbp) -> tuple[tuple[int, ...], NdSbp]:
+def view_of(global_shape: Sequence[int], sbp: NdSbp) -> tuple[tuple[int, ...], NdSbp]:
+    """``unflatten``, raising for a layout that has no shards."""
     view = unflatten(global_shape, sbp)
     if view is None:
         raise ValueError(f"layout {format_sbp(sbp)} splits one dim both plainly and in blocks; it has no shards")
@@ -83,7 +84,7 @@ def shard_boxes(global_shape: Sequence[int], sbp: NdSbp, mesh_shape: Sequence[in
     bl = blocked_of(sbp)
     if bl is None:
         return [shard_box(global_shape, sbp, mesh_shape, coord)]
-    shape, plain = _view_of(global_shape, sbp)
+    shape, plain = view_of(global_shape, sbp)
     box, d, m = shard_box(shape, plain, mesh_shape, coord), bl.dim, shape[bl.dim + 1]
     (b0, b1), (lo, hi) = box[d], box[d + 1]
     return [box[:d] + ((i * m + lo, i * m + hi),) + box[d + 2 :] for i in range(b0, b1)]
@@ -126,7 +127,7 @@ def local_shape(
     bl = blocked_of(sbp)
     if bl is None:
         return box_shape(shard_box(global_shape, sbp, mesh_shape, coord))
-    shape, plain = _view_of(global_shape, sbp)
+    shape, plain = view_of(global_shape, sbp)
     out = box_shape(shard_box(shape, plain, mesh_shape, coord))
     return out[: bl.dim] + (out[bl.dim] * out[bl.dim + 1],) + out[bl.dim + 2 :]
 
@@ -169,8 +170,8 @@ def relative_shard(
     if bl is None:
         h = shard_box(global_shape, held, mesh_shape, coord)
         return relative(shard_box(global_shape, inner, mesh_shape, coord), h)
-    view, plain_held = _view_of(global_shape, held)
-    _, plain_inner = _view_of(global_shape, inner)
+    view, plain_held = view_of(global_shape, held)
+    _, plain_inner = view_of(global_shape, inner)
     mine = shard_box(view, plain_held, mesh_shape, coord)
     rel = relative(shard_box(view, plain_inner, mesh_shape, coord), mine)
     for d in (bl.dim, bl.dim + 1):

@@ -608,52 +608,16 @@ class PipelineModule(Snapshots):
         return report
 
     def _activation_bytes(self, micro: list[Any], unsplit: bool = False) -> int:
-        """Bytes one micro-batch leaves alive for backward on this stage, from a forward on fake tensors
-        (a tensor-parallel stage's at its shards' sizes, unless ``unsplit``)."""
+        """Bytes one micro-batch leaves alive for backward on this stage, from a forward on fake tensors.
+
+        A tensor-parallel stage (unless ``unsplit``) runs for real on fake locals with boxing that sends
+        nothing (``dry_run``): what autograd keeps is then this rank's shards, at their local sizes, boxed
+        copies included, by the same ops and decisions as a step's, with no arithmetic and no messages.
+        Otherwise the stage runs on whole fake tensors (a tp stage's parameters at their global shapes)."""
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.func import functional_call
 
-        if self.tp_mesh is not None and not unsplit:
-            return self._tp_activation_bytes(micro)
-        seen: dict[int, int] = {}
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            state: dict[str, torch.Tensor] = {
-                n: torch.empty(t.shape, dtype=t.dtype) if isinstance(t, GlobalTensor) else mode.from_tensor(t)
-                for n, t in [*self.module.named_parameters(), *self.module.named_buffers()]
-            }
-            for name, p in self.module.named_parameters():
-                state[name].requires_grad_(p.requires_grad)
-            skip = {t.untyped_storage()._cdata for t in state.values()}
-            received = []
-            if self.stage > 0:
-                for shape, dtype in self._meta(micro)[self.stage - 1]:
-                    t = torch.empty(shape, dtype=dtype)
-                    received.append(t.requires_grad_(True) if dtype.is_floating_point else t)
-            fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in micro]
-            args = [fake[k] if src == "input" else received[k] for src, k in self.split.wiring[self.stage]]
-
-            def keep(t: torch.Tensor) -> torch.Tensor:
-                st = t.untyped_storage()
-                if st._cdata not in skip:
-                    seen[st._cdata] = st.nbytes()
-                return t
-
-            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-                out = functional_call(self.module, state, tuple(args))
-            for t in [*(out if isinstance(out, (tuple, list)) else [out]), *received]:
-                if isinstance(t, torch.Tensor):
-                    keep(t)
-        return sum(seen.values())
-
-    def _tp_activation_bytes(self, micro: list[Any]) -> int:
-        """A tensor-parallel stage's forward run for real on fake locals, with boxing that sends nothing
-        (``dry_run``): what autograd keeps is then this rank's shards, at their local sizes, boxed copies
-        included. The same ops and decisions as a step's, no arithmetic, no messages."""
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.func import functional_call
-
-        assert self.tp_mesh is not None
-        seen: dict[int, int] = {}
+        shards = self.tp_mesh is not None and not unsplit
         mode = FakeTensorMode(allow_non_fake_inputs=True)
 
         def fake(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -661,13 +625,15 @@ class PipelineModule(Snapshots):
                 return torch.empty(tuple(shape), dtype=dtype)
 
         def meta(t: torch.Tensor) -> torch.Tensor:
-            if isinstance(t, GlobalTensor):
-                out = wrap(fake(t._local.shape, t.dtype), t.mesh, t.sbp, t.shape)
-                out._pinned = t._pinned  # the same decisions as a step's: parameters stay where they are
-                return out
-            return fake(t.shape, t.dtype)
+            if not isinstance(t, GlobalTensor):
+                return fake(t.shape, t.dtype) if shards else mode.from_tensor(t)
+            if not shards:
+                return fake(t.shape, t.dtype)
+            out = wrap(fake(t._local.shape, t.dtype), t.mesh, t.sbp, t.shape)
+            out._pinned = t._pinned  # the same decisions as a step's: parameters stay where they are
+            return out
 
-        module = self.modules.get(_shape_key(micro), self.module)
+        module = self.modules.get(_shape_key(micro), self.module) if shards else self.module
         state = {n: meta(t).requires_grad_(t.requires_grad) for n, t in module.named_parameters()}
         state.update({n: meta(t) for n, t in module.named_buffers()})
         received = []
@@ -678,6 +644,7 @@ class PipelineModule(Snapshots):
         plain = [meta(x) if isinstance(x, torch.Tensor) else x for x in micro]
         args = [plain[k] if src == "input" else received[k] for src, k in self.split.wiring[self.stage]]
         skip = {local(t).untyped_storage()._cdata for t in state.values()}
+        seen: dict[int, int] = {}
 
         def keep(t: torch.Tensor) -> torch.Tensor:
             st = local(t).untyped_storage()
@@ -685,8 +652,11 @@ class PipelineModule(Snapshots):
                 seen[st._cdata] = st.nbytes()
             return t
 
-        with dry_run(), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            out = call_stage(lambda *a: functional_call(module, state, a), args, self.tp_mesh)
+        with dry_run() if shards else mode, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            if shards:
+                out = call_stage(lambda *a: functional_call(module, state, a), args, self.tp_mesh)
+            else:
+                out = functional_call(module, state, tuple(args))
         for t in [*(out if isinstance(out, (tuple, list)) else [out]), *received]:
             if isinstance(t, torch.Tensor):
                 keep(t)

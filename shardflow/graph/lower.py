@@ -58,12 +58,18 @@ from shardflow.tensor.trace import OpRecord, Record
 
 @dataclass(frozen=True)
 class Joint:
-    """A traced training step: ``graph(params, buffers, inputs) -> [loss, *grads]``."""
+    """A traced training step: ``graph(params, buffers, inputs) -> [loss, *grads]``; or a pipeline stage's
+    forward and backward: ``graph(params, buffers, inputs, grads_in) -> [*outputs, *grads, *input_grads]``
+    (``graph/stage_program.py``), lowered to a forward and a backward function with what the forward saves
+    for the backward handed between them."""
 
     graph: fx.GraphModule
     n_params: int
     n_buffers: int
     grad_of: tuple[int, ...]  # the parameter index of each gradient output (unused parameters get none)
+    n_values: int = 1  # forward results first: the loss, or a stage's outputs
+    n_grads_in: int = 0  # a stage: the gradients arriving for its outputs, its last placeholders
+    n_input_grads: int = 0  # a stage: gradients of its inputs, last in the results
 
 
 class _Joint(nn.Module):
@@ -144,7 +150,9 @@ class Comm:
 
 @dataclass
 class Program:
-    """This rank's step: ``run(args) -> (loss local in B, [synchronised gradient locals])``."""
+    """This rank's step: ``run(args) -> (loss local in B, [synchronised gradient locals])``. A stage's:
+    ``run(args) -> ([output locals in B], saved)`` then ``backward(saved, grads_in) -> ([synchronised
+    gradient locals], [input gradient locals in B])``."""
 
     source: str
     run: Callable[..., tuple[torch.Tensor, list[torch.Tensor]]]  # run(args, ready=None)
@@ -160,6 +168,9 @@ class Program:
     # ``ready(None, None)`` once backward is over (the rest is waiting for communication)
     units: list[tuple[tuple[int, ...], bool]] = field(default_factory=list)
     release_lines: list[int] = field(default_factory=list)  # per unit: the line it is released after
+    backward: Callable[..., Any] | None = None  # a stage's backward (``checked_backward``: asserting shapes)
+    checked_backward: Callable[..., Any] | None = None
+    saved_bytes: int = 0  # a stage: bytes its forward keeps for its backward (parameters not counted)
 
 
 def _launch(ranks: tuple[int, ...], *grads: torch.Tensor) -> tuple[Any, torch.Tensor, list[torch.Size]]:
@@ -287,6 +298,11 @@ class _Lowering:
         self.gather_at: dict[fx.Node, int] = {}
         self.prefetched: dict[tuple[fx.Node, fx.Node], tuple[str, list[fx.Node]]] = {}  # -> (handle, views)
         self.n_vars = 0
+        # a stage (``joint.n_grads_in``): its outputs boxed where its forward ends, the line the backward
+        # starts at (the gradients arriving), and its inputs' gradient nodes
+        self.value_vars: list[str] = []
+        self.split_line = -1
+        self.input_grads: list[fx.Node] = []
 
     # -- code generation helpers ------------------------------------------------------------------------
     def new_var(self) -> str:
@@ -408,13 +424,21 @@ class _Lowering:
         graph = self.joint.graph.graph
         output = next(n for n in graph.nodes if n.op == "output")
         results: list[fx.Node] = list(output.args[0])  # type: ignore[arg-type]
-        self.grad_nodes = {n: i for i, n in enumerate(results[1:])}
+        n_values, n_grads = self.joint.n_values, len(self.joint.grad_of)
+        self.grad_nodes = {n: i for i, n in enumerate(results[n_values : n_values + n_grads])}
         self.want = self.demands(graph)
-        loss = results[0].args[0] if results[0].target == torch.ops.aten.detach.default else results[0]
+        values, self.input_grads = results[:n_values], results[n_values + n_grads :]
+        # make_fx records the forward up to the loss, then autograd's backward (a stage's trace detaches its
+        # outputs as its forward ends)
+        last = values[-1]
+        if self.joint.n_grads_in == 0 and last.target == torch.ops.aten.detach.default:
+            last = last.args[0]  # type: ignore[assignment]
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(self.sbps):
             raise AssertionError(f"traced step has {len(placeholders)} inputs, expected {len(self.sbps)}")
         names = self.var_of_placeholders(placeholders)
+        arriving = names[len(names) - self.joint.n_grads_in :] if self.joint.n_grads_in else []
+        names = names[: len(names) - len(arriving)]
         if self.zero_axis is not None:
             self.gathers = self.gathering_ops(graph, placeholders)
             self.gather_at = {node: i for i, (node, _) in enumerate(self.gathers)}
@@ -427,7 +451,10 @@ class _Lowering:
                 self.tensor_value(node, node.meta.get("val"), None)
             if node in self.grad_nodes:
                 self.gradient_ready(node)
-            if node is loss:  # make_fx records the forward up to the loss, then autograd's backward
+            if node is last:
+                if self.joint.n_grads_in:  # a stage's forward ends here: its outputs leave it replicated
+                    self.value_vars = [self.box(v, (B,) * self.mesh.ndim, "stage output")[0] for v in values]
+                    self.split_line = self.emit(f"{', '.join(arriving)}, = grads_in", [], arriving)
                 self.phase = "backward"
         self.phase = "after"
         return self.finish(results[0])
@@ -881,9 +908,13 @@ class _Lowering:
     def finish(self, loss: fx.Node) -> Program:
         for key in list(self.open):
             self.launch(self.open.pop(key))
-        loss_var, plan = self.box(loss, (B,) * self.mesh.ndim, "loss")
-        if plan is not None:
-            self.record.other.append(("loss", plan, None))
+        if self.joint.n_grads_in:  # a stage: its inputs' gradients leave it replicated, as its inputs came
+            loss_var = ""
+            input_grad_vars = [self.box(g, (B,) * self.mesh.ndim, "input gradient")[0] for g in self.input_grads]
+        else:
+            loss_var, plan = self.box(loss, (B,) * self.mesh.ndim, "loss")
+            if plan is not None:
+                self.record.other.append(("loss", plan, None))
         for k, var, plan in self.later:
             name = self.new_var()
             self.emit(f"{name} = {self.const(functools.partial(run_plan, plan), 'box')}({var})", [var], [name])
@@ -902,12 +933,16 @@ class _Lowering:
                 self.refs[n] = [handle]
             self.grad_vars.update(zip(ks, names))
         grads = [self.grad_vars[k] for k in range(len(self.grad_nodes))]
-        self.emit(f"return {loss_var}, [{', '.join(grads)}]", [loss_var, *grads])
-        self.memory = self.timeline([loss_var, *grads])
+        if self.joint.n_grads_in:
+            self.emit(f"return [{', '.join(grads)}], [{', '.join(input_grad_vars)}]", [*grads, *input_grad_vars])
+            self.memory = self.timeline(["", *grads])
+        else:
+            self.emit(f"return {loss_var}, [{', '.join(grads)}]", [loss_var, *grads])
+            self.memory = self.timeline([loss_var, *grads])
         fast, checked = self.source(False), self.source(True)
         env = {"_wait": wait_bucket, "_check": _check, "_skip": _skip, **self.globals}
         exec(compile(fast, "<shardflow step>", "exec"), env)  # noqa: S102 - our own generated code
-        run = env["step"]
+        run, backward = env["step"], env.get("backward")
         exec(compile(checked, "<shardflow checked step>", "exec"), env)  # noqa: S102
         return Program(
             fast,
@@ -920,6 +955,9 @@ class _Lowering:
             self.memory,
             units=list(self.units),
             release_lines=list(self.release_lines),
+            backward=backward,
+            checked_backward=env.get("backward"),
+            saved_bytes=self.saved_bytes(),
         )
 
     def release_units(self) -> None:
@@ -1023,21 +1061,52 @@ class _Lowering:
         gradients = sum(self.storages[k][0] for k in kept)
         return ProgramMemory(peak, alive, gradients, self.lines[at][0], tuple(live_at))
 
+    def saved(self) -> list[str]:
+        """A stage's variables made by its forward and used by its backward (what the forward returns)."""
+        lines = self.merged()
+        k = next(i for i, line in enumerate(lines) if line[3] == self.split_line)
+        made = {n for _, _, defined, _ in lines[:k] for n in defined}
+        return sorted({n for _, used, _, _ in lines[k:] for n in used if n in made}, key=lambda n: int(n[1:]))
+
+    def saved_bytes(self) -> int:
+        """Bytes of the storages a stage's forward keeps for its backward (views of parameters hold none)."""
+        if not self.joint.n_grads_in:
+            return 0
+        keys = {key for name in self.saved() for key in self.refs.get(name, [])}
+        return sum(self.storages[key][0] for key in keys)
+
     def source(self, checked: bool) -> str:
         lines = self.merged()
-        last: dict[str, int] = {}
-        for i, (_, used, defined, _) in enumerate(lines):
-            for name in [*defined, *used]:
-                last[name] = i
-        out = ["def step(args, ready=_skip):"]
-        for i, (code, used, defined, origin) in enumerate(lines):
-            out.append("    " + code)
-            if checked and origin in self.checks:
-                out.append("    " + self.checks[origin])
-            dead = sorted({n for n in [*used, *defined] if last[n] == i and n[0] == "v"})  # not constants
-            if dead and not code.startswith("return"):
-                out.append(f"    del {', '.join(dead)}")
-        return "\n".join(out) + "\n"
+        if not self.joint.n_grads_in:
+            return _function("def step(args, ready=_skip):", lines, self.checks if checked else {})
+        # a stage: the forward returns its outputs and what the backward needs, which takes them back
+        k = next(i for i, line in enumerate(lines) if line[3] == self.split_line)
+        saved = self.saved()
+        keep = f"({', '.join(saved)}{',' if len(saved) == 1 else ''})"
+        outs = f"return [{', '.join(self.value_vars)}], {keep}"
+        forward = [*lines[:k], (outs, [*self.value_vars, *saved], [], None)]
+        backward = [(f"{keep} = saved", [], saved, None), *lines[k:]]
+        checks = self.checks if checked else {}
+        return _function("def step(args, ready=_skip):", forward, checks) + _function(
+            "def backward(saved, grads_in, ready=_skip):", backward, checks
+        )
+
+
+def _function(head: str, lines: Sequence[tuple[str, list[str], list[str], int | None]], checks: dict[int, str]) -> str:
+    """The code of one generated function: its lines, each variable deleted after its last use."""
+    last: dict[str, int] = {}
+    for i, (_, used, defined, _) in enumerate(lines):
+        for name in [*defined, *used]:
+            last[name] = i
+    out = [head]
+    for i, (code, used, defined, origin) in enumerate(lines):
+        out.append("    " + code)
+        if origin in checks:
+            out.append("    " + checks[origin])
+        dead = sorted({n for n in [*used, *defined] if last[n] == i and n[0] == "v"})  # not constants
+        if dead and not code.startswith("return"):
+            out.append(f"    del {', '.join(dead)}")
+    return "\n".join(out) + "\n"
 
 
 def lower(

@@ -29,6 +29,7 @@ BatchNorm is refused (per-micro-batch statistics are not the serial model's).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +39,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardflow.boxing.run import dry_run
 from shardflow.checkpoint.index import CheckpointError, read_index
 from shardflow.checkpoint.rng import restore_rng, rng_states
 from shardflow.checkpoint.snapshots import Snapshots
@@ -52,7 +52,7 @@ from shardflow.runtime.crossing import Piece, crossing
 from shardflow.runtime.memory import MemoryReport, ProgramMemory, fmt_bytes, optimizer_bytes, unique_bytes
 from shardflow.runtime.schedule import SCHEDULES, Action, bubble, in_flight, stage_order
 from shardflow.runtime.stages import Split, balanced_split_points, canonical_names, split_model
-from shardflow.runtime.tensor_stage import call_stage, eager_stage, local, local_grad, set_local_grad, shard_stage
+from shardflow.runtime.tensor_stage import local, local_grad, set_local_grad, shard_stage
 from shardflow.tensor.global_tensor import GlobalTensor, wrap
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -244,6 +244,7 @@ class PipelineModule(Snapshots):
         # NOTE: torch.export specialises shapes, so micro-batches of another size (tensor_split's cuts
         # differ by a row) get a stage module cut for their shape, sharing this one's parameters
         self.modules = {_shape_key(micro): self.module}
+        self.programs: dict[Any, Any] = {}  # a tensor-parallel stage's, per input signature
         for other in micros:
             key = _shape_key(other)
             if key not in self.modules:
@@ -459,7 +460,7 @@ class PipelineModule(Snapshots):
                 received = [b.requires_grad_(True) if b.is_floating_point() else b for b in bufs]
                 args = [micro[j][k] if src == "input" else received[k] for src, k in self.split.wiring[self.stage]]
                 with self.recorder.span("compute", f"F{j}"), self._naming(a):
-                    out = call_stage(self.modules[_shape_key(micro[j])], args, self.tp_mesh)
+                    out = self._run_stage(_shape_key(micro[j]), args)
                 outs = list(out) if isinstance(out, (tuple, list)) else [out]
                 if last:
                     losses.append(outs[0].detach() * weights[j])
@@ -477,8 +478,7 @@ class PipelineModule(Snapshots):
                 sends = [w for w in sends if not w.is_completed()]
                 received, outs = saved.pop(j)
                 self._last_backward = j == self.order[-1].micro_batch
-                final = self._last_backward
-                with self.recorder.span("compute", f"B{j}"), self._naming(a), eager_stage(self.tp_mesh, final):
+                with self.recorder.span("compute", f"B{j}"), self._naming(a):
                     if last:
                         (outs[0] * weights[j]).backward()
                     else:
@@ -498,6 +498,38 @@ class PipelineModule(Snapshots):
             for w in [*sends, *(w for ws in sent.values() for w in ws)]:
                 w.wait()
         return losses
+
+    def _run_stage(self, key: Any, args: list[Any]) -> Any:
+        """The stage's forward on one micro-batch: the module itself, or on a tensor-parallel stage its
+        lowered program (``graph/stage_program.py``) for this input signature, made at its first use."""
+        if self.tp_mesh is None:
+            return self.modules[key](*args)
+        out = self._stage_program(key, args)(args)
+        return out if len(out) > 1 else out[0]
+
+    def _stage_program(self, key: Any, args: Sequence[Any]) -> Any:
+        signature = (key, tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+        program = self.programs.get(signature)
+        if program is None:
+            # NOTE: imported here: graph/lower.py imports runtime/memory.py, whose package imports this module
+            from shardflow.graph.stage_program import StageProgram
+
+            assert self.tp_mesh is not None
+            layouts = self.layouts[self.stage]
+            by_id = {id(p): layouts.get(name, B) for name, p in self.named.items()}
+            program = self.programs[signature] = StageProgram(self.modules[key], by_id, self.tp_mesh, args)
+        return program
+
+    def _program(self, micro: list[Any]) -> Any:
+        """A tensor-parallel stage's program for ``micro`` as a step would call it (received tensors
+        requiring gradients), without running it."""
+        received = []
+        if self.stage > 0:
+            for shape, dtype in self._meta(micro)[self.stage - 1]:
+                t = torch.empty(shape, dtype=dtype)
+                received.append(t.requires_grad_(True) if dtype.is_floating_point else t)
+        args = [micro[k] if src == "input" else received[k] for src, k in self.split.wiring[self.stage]]
+        return self._stage_program(_shape_key(micro), args)
 
     @contextmanager
     def _naming(self, action: Action) -> Iterator[None]:
@@ -574,10 +606,16 @@ class PipelineModule(Snapshots):
         if self.inside:
             plain = [_plain(x) for x in (inputs or self.example_inputs)]
             first = self._micro_batches(plain)[0][0]
-            act = self._activation_bytes(first)
-            # a tensor-parallel stage's eager backward makes whole (all-reduced) gradients and boxed copies:
-            # its temporaries are priced as one micro-batch's activations unsplit
-            temps = act if self.tp_mesh is None else self._activation_bytes(first, unsplit=True)
+            if self.tp_mesh is None:
+                act = temps = self._activation_bytes(first)
+            else:  # a tensor-parallel stage: its program's own count (what its forward saves, its peak)
+                lowered = self._program(first).program
+                held = self._meta(first)[self.stage - 1] if self.stage > 0 else []
+                if self.stage < self.stages - 1:
+                    held = [*held, *self._meta(first)[self.stage]]
+                act = lowered.saved_bytes + sum(math.prod(shape) * dtype.itemsize for shape, dtype in held)
+                assert lowered.memory is not None
+                temps = max(lowered.memory.peak - lowered.saved_bytes, 0)
             k = in_flight(self.order)
             params = unique_bytes([local(p).detach() for p in self.params])
             grads = unique_bytes([local(p).detach() for p in self.params if p.requires_grad])
@@ -588,7 +626,12 @@ class PipelineModule(Snapshots):
             at_peak = [
                 (k * act, f"activations kept for backward: {k} micro-batch(es) in flight x {fmt_bytes(act)}"),
                 (grads, "gradients (accumulated over micro-batches)"),
-                (temps, "one backward's temporaries (about one micro-batch's activations)"),
+                (
+                    temps,
+                    "one backward's temporaries (about one micro-batch's activations)"
+                    if self.tp_mesh is None
+                    else "one micro-batch's program at its peak, beyond what it saves",
+                ),
             ]
             during = k * act + grads + temps
             where = f"stage {self.stage}: {k} micro-batch(es) in flight under {self.pipeline.schedule}"
@@ -607,56 +650,34 @@ class PipelineModule(Snapshots):
             report = dataclasses.replace(report, peaks=tuple(int(v) for v in every))
         return report
 
-    def _activation_bytes(self, micro: list[Any], unsplit: bool = False) -> int:
-        """Bytes one micro-batch leaves alive for backward on this stage, from a forward on fake tensors.
-
-        A tensor-parallel stage (unless ``unsplit``) runs for real on fake locals with boxing that sends
-        nothing (``dry_run``): what autograd keeps is then this rank's shards, at their local sizes, boxed
-        copies included, by the same ops and decisions as a step's, with no arithmetic and no messages.
-        Otherwise the stage runs on whole fake tensors (a tp stage's parameters at their global shapes)."""
+    def _activation_bytes(self, micro: list[Any]) -> int:
+        """Bytes one micro-batch leaves alive for backward on this (data-parallel) stage: the storages
+        autograd saves in a forward on fake tensors, with the stage's outputs and received inputs."""
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.func import functional_call
 
-        shards = self.tp_mesh is not None and not unsplit
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-
-        def fake(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-            with mode:
-                return torch.empty(tuple(shape), dtype=dtype)
-
-        def meta(t: torch.Tensor) -> torch.Tensor:
-            if not isinstance(t, GlobalTensor):
-                return fake(t.shape, t.dtype) if shards else mode.from_tensor(t)
-            if not shards:
-                return fake(t.shape, t.dtype)
-            out = wrap(fake(t._local.shape, t.dtype), t.mesh, t.sbp, t.shape)
-            out._pinned = t._pinned  # the same decisions as a step's: parameters stay where they are
-            return out
-
-        module = self.modules.get(_shape_key(micro), self.module) if shards else self.module
-        state = {n: meta(t).requires_grad_(t.requires_grad) for n, t in module.named_parameters()}
-        state.update({n: meta(t) for n, t in module.named_buffers()})
+        state = {n: mode.from_tensor(t).requires_grad_(t.requires_grad) for n, t in self.module.named_parameters()}
+        state.update({n: mode.from_tensor(t) for n, t in self.module.named_buffers()})
         received = []
         if self.stage > 0:
             for shape, dtype in self._meta(micro)[self.stage - 1]:
-                t = fake(shape, dtype)
+                with mode:
+                    t = torch.empty(tuple(shape), dtype=dtype)
                 received.append(t.requires_grad_(True) if dtype.is_floating_point else t)
-        plain = [meta(x) if isinstance(x, torch.Tensor) else x for x in micro]
+        plain = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in micro]
         args = [plain[k] if src == "input" else received[k] for src, k in self.split.wiring[self.stage]]
-        skip = {local(t).untyped_storage()._cdata for t in state.values()}
+        skip = {t.untyped_storage()._cdata for t in state.values()}
         seen: dict[int, int] = {}
 
         def keep(t: torch.Tensor) -> torch.Tensor:
-            st = local(t).untyped_storage()
+            st = t.untyped_storage()
             if st._cdata not in skip:
                 seen[st._cdata] = st.nbytes()
             return t
 
-        with dry_run() if shards else mode, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            if shards:
-                out = call_stage(lambda *a: functional_call(module, state, a), args, self.tp_mesh)
-            else:
-                out = functional_call(module, state, tuple(args))
+        with mode, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = functional_call(self.module, state, tuple(args))
         for t in [*(out if isinstance(out, (tuple, list)) else [out]), *received]:
             if isinstance(t, torch.Tensor):
                 keep(t)

@@ -239,24 +239,26 @@ def test_balanced_cut_puts_the_expensive_head_alone():
     assert cut in (["net.3"], ["net.4"])  # two Linears each side; the GELU between costs next to nothing
 
 
-def _tp_stage_boxing() -> list[tuple[str, str, tuple[int, ...]]]:
-    from shardflow.tensor.trace import recording
-
+def _tp_stage_collectives() -> list[list[tuple[str, str, str]]]:
     model, data = _model_and_batches("gpt", 8)
     mesh = sf.Mesh("cpu", (2, 2), names=("pp", "tp"))
     pipeline = sf.Pipeline(micro_batches=2, schedule="1f1b", split_points=["transformer.h.2"])
     pm = sf.compile(model, mesh, example_inputs=data[0], optimizer=_adamw, pipeline=pipeline, strategy="tp")
     pm.step(*data[0])
-    with recording() as rec:
-        pm.step(*data[1])
-    return [(o.op, p.route, p.shape) for o in rec.ops for p in o.boxing if p.route not in ("slice", "mask", "pad")]
+    pm.step(*data[1])
+    return [[(c.phase, c.where, c.route) for c in p.program.collectives] for p in pm.programs.values()]
 
 
 def test_tensor_parallel_stage_runs_megatron_attention():
-    """In a tp stage, attention runs on each rank's heads (c_attn is Blocked) and the weights stay where the
-    strategy put them: a partial sum meets a weight by being all-reduced, never by gathering the weight
-    or q, k and v (which attention's backward did while eager ops could move parameters)."""
-    for boxing in run_on_ranks(4, _tp_stage_boxing, timeout=300):
-        assert boxing and all(route == "all_reduce" or op == "aten.mm.default" for op, route, _ in boxing), boxing
-        weights = {(48, 16), (16, 16), (64, 16), (16, 64)}  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
-        assert not any(route == "all_gather" and shape in weights for _, route, shape in boxing), boxing
+    """A tp stage runs as a lowered program (forward and backward, cut where the forward ends) with
+    Megatron's collectives: attention on each rank's heads (c_attn is Blocked), two all-reduces per block
+    forward and two backward (an input gradient's, or a partial gradient riding in the bucket), nothing
+    gathered. Two blocks per stage; stage 0's first input gradient is the embedding's (in the bucket)."""
+    for rank, programs in enumerate(run_on_ranks(4, _tp_stage_collectives, timeout=300)):
+        assert len(programs) == 1, programs  # one signature: every micro-batch of 4 rows
+        comms = programs[0]
+        assert all(route == "all_reduce" for _, _, route in comms), comms
+        assert sum(phase == "forward" for phase, _, _ in comms) == 4, comms
+        backward = [where for phase, where, _ in comms if phase != "forward" and not where.startswith("gradient")]
+        assert len(backward) == (3 if rank < 2 else 4), comms
+        assert sum(where.startswith("gradient bucket") for _, where, _ in comms) == 1, comms

@@ -4,7 +4,8 @@ storages alive before it), and how long the verdict of ``memory_limit`` takes (l
 
 Cases (``CASES``): the GPT and the MLP of benchmarks/train.py on 2 ranks as dp and tp, the GPT under dp
 with every block recomputed, the BatchNorm CNN under dp, ZeRO stages 1-3, the GPT as two pipeline stages
-(GPipe and 1F1B, 4 micro-batches), and both on a 2 x 2 dp x tp mesh (4 ranks). Rank 0's figures; each
+(GPipe and 1F1B, 4 micro-batches), both on a 2 x 2 dp x tp mesh (4 ranks), and the GPT as two
+tensor-parallel stages (a 2 x 2 pp x tp mesh, 1F1B). Rank 0's figures; each
 measurement is repeated ``--repeats`` times (median and range reported). ZeRO against FSDP2:
 benchmarks/zero.py.
 
@@ -51,6 +52,7 @@ CASES = [
     ("gpt", (2,), ("pp",), "dp", 0, False, "1f1b"),
     ("mlp", (2, 2), ("dp", "tp"), "hybrid", 0, False, None),
     ("gpt", (2, 2), ("dp", "tp"), "hybrid", 0, False, None),
+    ("gpt", (2, 2), ("pp", "tp"), "tp", 0, False, "1f1b"),  # tensor-parallel stages (lowered programs)
 ]
 HEADER = [
     "case",
@@ -64,7 +66,7 @@ HEADER = [
 
 
 def _name(kind: str, shape: tuple[int, ...], strategy: str, zero: int, recompute: bool, schedule: str | None) -> str:
-    name = f"{kind}-{schedule}-m4" if schedule else f"{kind}-{strategy}"
+    name = f"{kind}-{schedule}-m4" + ("" if strategy == "dp" else f"-{strategy}") if schedule else f"{kind}-{strategy}"
     return name + (f"-zero{zero}" if zero else "") + ("-recompute" if recompute else "")
 
 

@@ -14,8 +14,6 @@ shape first; the result is reshaped to the target's local shape (both are views 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -208,29 +206,9 @@ def _run_send_recv(step: Step, a: _P2PArgs, dtype: torch.dtype, local: torch.Ten
     return out
 
 
-_DRY = [False]
-
-
-@contextlib.contextmanager
-def dry_run() -> Iterator[None]:
-    """Inside, plans send nothing: each returns an uninitialised local of the target's shape on the input's
-    device (meta tensors: a forward that counts what it keeps without computing or communicating)."""
-    old, _DRY[0] = _DRY[0], True
-    try:
-        yield
-    finally:
-        _DRY[0] = old
-
-
 def run_plan(plan: Plan, local: torch.Tensor) -> torch.Tensor:
     """This rank's local of the target layout, given its local of the source layout."""
     rank, _ = world()
-    if _DRY[0]:
-        mesh = plan.dst_mesh
-        if rank not in mesh:
-            return empty_local(plan.dtype, local.device)
-        shape = local_shape(plan.shape, plan.dst_sbp, mesh.shape, mesh.coord_of(rank))
-        return local.new_empty(shape)
     prepared, views = _prepared(plan, rank)
     for i, (step, args) in enumerate(zip(plan.steps, prepared)):
         want = None if views is None else views[0][i]

@@ -48,6 +48,7 @@ from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
 from shardflow.graph.capture import Captured, capture
 from shardflow.graph.lower import Program, bucket_done, lower, trace_step, wait_bucket
+from shardflow.graph.stage_program import StageProgram
 from shardflow.graph.strategy import STRATEGIES, axes_for, param_layouts
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import (
@@ -554,6 +555,7 @@ def compile(
             max_grad_norm,
             strategy,
             _stage_layouts(model, example_inputs),
+            StageProgram,
         )
         if memory_limit is not None:
             _check_pipeline_fits(pp, parse_bytes(memory_limit), model, optimizer, max_grad_norm)
@@ -699,6 +701,7 @@ def _check_pipeline_fits(
             max_grad_norm,
             pm.strategy,
             pm.tp_layouts,
+            pm.stage_program,
         )
         fixes.append((max(alt.memory().peaks or [0]), what))
     raise _refusal(limit, report, fixes)

@@ -5,8 +5,8 @@ Decisions:
   the ranks with its coordinate on the pipeline axis, or the ranks of its own mesh
   (``Pipeline(stage_meshes=...)``, stages of any sizes); it is data parallel over them (each holds its rows
   of every micro-batch), except along a ``tp`` axis under ``strategy="tp"``/``"hybrid"``, where the stage's
-  parameters take the Megatron layouts the strategy finds for the whole model and the stage runs on
-  GlobalTensors (``tensor_stage.py``). What crosses a boundary is ``(S(0), B)`` over the ``(dp, tp)`` ranks
+  parameters take the Megatron layouts the strategy finds for the whole model (``tensor_stage.py``) and the
+  stage runs as a lowered program of its forward and backward (``graph/stage_program.py``). What crosses a boundary is ``(S(0), B)`` over the ``(dp, tp)`` ranks
   on either side and moves by the cross-mesh boxing plan (``crossing.py``): with equal stages rank ``d``
   talks to rank ``d`` of the neighbours only; one rank may hand its rows to three, or two to one.
 - **No coordinator.** Every rank runs its stage's action list from ``schedule.py`` (GPipe or 1F1B). Both
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +56,8 @@ from shardflow.runtime.tensor_stage import local, local_grad, set_local_grad, sh
 from shardflow.tensor.global_tensor import GlobalTensor, wrap
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+# (stage module, layout per parameter id, the stage's tp mesh, example args) -> a callable ``(args) -> outputs``
+StageProgramFactory = Callable[[nn.Module, Mapping[int, Placement], Mesh, Sequence[Any]], Any]
 Meta = list[tuple[torch.Size, torch.dtype]]
 
 
@@ -179,9 +181,13 @@ class PipelineModule(Snapshots):
         max_grad_norm: float | None,
         strategy: str = "dp",
         tp_layouts: Callable[[Mesh], dict[str, NdSbp]] | None = None,
+        stage_program: StageProgramFactory | None = None,
     ) -> None:
         self.mesh, self.pipeline, self.max_grad_norm, self.strategy = mesh, pipeline, max_grad_norm, strategy
         self.tp_layouts = tp_layouts  # kept for the plans memory_limit prices (they share its one capture)
+        # a tensor-parallel stage's lowered program (the compiler's, graph/stage_program.py: handed in, as
+        # the compiler sits above the runtime)
+        self.stage_program = stage_program
         # each stage's ranks as grid[dp][tp]: data parallel over its rows, tensor parallel along them
         self.grids = [_grid(m, s, strategy) for s, m in enumerate(_stages(mesh, pipeline))]
         self.stage_ranks = [tuple(r for row in g for r in row) for g in self.grids]
@@ -511,13 +517,11 @@ class PipelineModule(Snapshots):
         signature = (key, tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
         program = self.programs.get(signature)
         if program is None:
-            # NOTE: imported here: graph/lower.py imports runtime/memory.py, whose package imports this module
-            from shardflow.graph.stage_program import StageProgram
-
-            assert self.tp_mesh is not None
+            if self.stage_program is None or self.tp_mesh is None:
+                raise ValueError(f"stage {self.stage} is tensor parallel but no stage_program was given")
             layouts = self.layouts[self.stage]
             by_id = {id(p): layouts.get(name, B) for name, p in self.named.items()}
-            program = self.programs[signature] = StageProgram(self.modules[key], by_id, self.tp_mesh, args)
+            program = self.programs[signature] = self.stage_program(self.modules[key], by_id, self.tp_mesh, args)
         return program
 
     def _program(self, micro: list[Any]) -> Any:

@@ -84,13 +84,6 @@ def _boxer(mesh: Any) -> Any:
 # Decisions (signature, output metadata) per op call shape: layouts depend only on op, mesh, argument
 # metadata and input layouts, so eager ops after the first pay a dict lookup, not meta execution + search.
 _DECISIONS: dict[Any, Any] = {}
-# ops whose output is a view of their first input: a view of a pinned parameter is pinned too
-_PIN_VIEWS = {
-    torch.ops.aten.t.default, torch.ops.aten.transpose.int, torch.ops.aten.view.default,
-    torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default, torch.ops.aten.detach.default,
-    torch.ops.aten.alias.default, torch.ops.aten.permute.default, torch.ops.aten.expand.default,
-    torch.ops.aten.unsqueeze.default,
-}  # fmt: skip
 
 
 _IMPLICIT_B = [False]
@@ -105,21 +98,6 @@ def implicit_broadcast() -> Iterator[None]:
         yield
     finally:
         _IMPLICIT_B[0] = old
-
-
-_WHOLE_SUMS = [False]
-
-
-@contextlib.contextmanager
-def partial_sums_whole() -> Iterator[None]:
-    """Inside, partial sums an op cannot take are all-reduced to ``B``, never reduce-scattered into a split:
-    the Megatron choice (one all-reduce after a row-parallel linear) where op-by-op pricing would pick a
-    reduce-scatter now and an all-gather at the next op that needs the whole tensor."""
-    old, _WHOLE_SUMS[0] = _WHOLE_SUMS[0], True
-    try:
-        yield
-    finally:
-        _WHOLE_SUMS[0] = old
 
 
 def _key_of(a: Any) -> Any:
@@ -154,10 +132,7 @@ def _decide(
     dargs, dkwargs = _unflatten(dev_flat, spec)
     out_flat, out_spec = _flatten_out(func(*dargs, **dkwargs))
     out_metas = tuple(TensorMeta(tuple(o.shape), o.dtype) if isinstance(o, torch.Tensor) else o for o in out_flat)
-    pinned = [t for t, g in enumerate(gts) if g._pinned]
-    ins, outs = choose(
-        call, mesh, [g.sbp for g in gts], fixed=mutated, reduce_to_split=not _WHOLE_SUMS[0], pinned=pinned
-    )
+    ins, outs = choose(call, mesh, [g.sbp for g in gts], fixed=mutated)
     return call, ins, outs, out_metas, out_spec
 
 
@@ -165,15 +140,15 @@ def _decide(
 # changes no input and returns one tensor is, from then on, "unwrap, call the op, wrap" keyed by what the
 # decision depended on (op, each input's mesh, layout, shape and dtype, the other arguments, the policy).
 # It skips flattening, the decision's key and the output checks, which cost more than a small op itself.
-_HITS: dict[Any, tuple[Any, Any, Any, bool]] = {}
+_HITS: dict[Any, tuple[Any, Any, Any]] = {}
 
 
 def _fast_key(func: Any, args: tuple[Any, ...]) -> Any:
     """The fast path's key for a flat positional call of GlobalTensors and scalars; None for other calls."""
-    key: list[Any] = [func, _WHOLE_SUMS[0]]
+    key: list[Any] = [func]
     for a in args:
         if type(a) is GlobalTensor:
-            key.append((id(a._mesh), a._sbp, a.shape, a.dtype, a._pinned))
+            key.append((id(a._mesh), a._sbp, a.shape, a.dtype))
         elif isinstance(a, (torch.Tensor, list, tuple, dict)):
             return None
         else:
@@ -189,13 +164,10 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         except TypeError:  # an unhashable argument
             hit = fast = None
         if hit is not None:
-            mesh, sbp, shape, pin = hit
+            mesh, sbp, shape = hit
             op = getattr(func, "_op", func)  # the C++ op behind an OpOverload: one Python frame less
             result = op(*[a._local if type(a) is GlobalTensor else a for a in args])
-            out = GlobalTensor(result, mesh, sbp, shape)
-            if pin:
-                out._pinned = True
-            return out
+            return GlobalTensor(result, mesh, sbp, shape)
     if func is torch.ops.aten._local_scalar_dense.default:  # .item(): the logical value, on every rank
         x = args[0]
         return box(x, x.mesh, (B,) * x.mesh.ndim)._local.item()
@@ -214,8 +186,7 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     gts: list[GlobalTensor] = [flat[i] for i in where]
     mutated = (0,) if where and where[0] == 0 and writes_arg(func, 0) else ()
     key_flat = [_key_of(a) for a in flat]
-    pins = tuple(g._pinned for g in gts)
-    key = (func, mesh, spec, tuple(key_flat), tuple(g.sbp for g in gts), pins, mutated, _WHOLE_SUMS[0])
+    key = (func, mesh, spec, tuple(key_flat), tuple(g.sbp for g in gts), mutated)
     decision = _DECISIONS.get(key)
     first_use = decision is None
     if decision is None:
@@ -263,7 +234,7 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     ):
         if len(_HITS) > 8192:
             _HITS.clear()
-        _HITS[fast] = (mesh, outs[0], shapes[0], func in _PIN_VIEWS and pins[0])
+        _HITS[fast] = (mesh, outs[0], shapes[0])
     res_flat, res_spec = _flatten_out(result)
     wrapped, j = [], 0
     for r, shape in zip(res_flat, shapes):
@@ -279,8 +250,4 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             j += 1
         else:
             wrapped.append(r)
-    if func in _PIN_VIEWS and pins and pins[0]:
-        for w in wrapped:
-            if isinstance(w, GlobalTensor):
-                w._pinned = True
     return _unflatten_out(wrapped, res_spec)

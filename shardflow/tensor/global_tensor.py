@@ -8,8 +8,7 @@ arriving gradient to the source's gradient layout with the same boxing engine (C
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,9 +25,6 @@ class GlobalTensor(torch.Tensor):
     _local: torch.Tensor
     _mesh: Mesh
     _sbp: NdSbp
-    # a parameter placed by a strategy (or a view of one): eager ops convert it only locally, as the
-    # compiler does, so a partial sum meets it by being reduced rather than the weight being gathered
-    _pinned: bool = False
 
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
@@ -125,24 +121,7 @@ def _dispatcher() -> Any:
     return _DISPATCH[0]
 
 
-_DEFERRED = [False]
-
-
-@contextlib.contextmanager
-def gradients_accumulating() -> Iterator[None]:
-    """Inside, accumulated gradients keep the layout backward gave them (partial sums stay ``P``: adding
-    them is free), for a backward whose gradient is not final yet (a pipeline's micro-batches before the
-    last); the next backward outside converts the sum once."""
-    old, _DEFERRED[0] = _DEFERRED[0], True
-    try:
-        yield
-    finally:
-        _DEFERRED[0] = old
-
-
 def _to_grad_layout(p: torch.Tensor) -> None:
-    if _DEFERRED[0]:
-        return
     g = p.grad
     if isinstance(p, GlobalTensor) and isinstance(g, GlobalTensor):
         want = grad_sbp(p.sbp)

@@ -50,7 +50,7 @@ from shardflow.placement.sbp import B, NdSbp, Placement, is_split
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.crossing import Piece, crossing
 from shardflow.runtime.memory import MemoryReport, ProgramMemory, fmt_bytes, optimizer_bytes, unique_bytes
-from shardflow.runtime.schedule import SCHEDULES, Action, bubble, in_flight, stage_order
+from shardflow.runtime.schedule import SCHEDULES, Action, bubble, in_flight, memory_peak, stage_order
 from shardflow.runtime.stages import Split, balanced_split_points, canonical_names, split_model
 from shardflow.runtime.tensor_stage import local, local_grad, set_local_grad, shard_stage
 from shardflow.tensor.global_tensor import GlobalTensor, wrap
@@ -212,7 +212,8 @@ class PipelineModule(Snapshots):
             for g in self.grids
         ]
         rows = [[Mesh(mesh.device_type, (len(row),), names=("tp",), ranks=row) for row in g] for g in self.grids]
-        self.tp_mesh = rows[self.stage][self.dp_index] if self.tp > 1 else None
+        self.row_mesh = rows[self.stage][self.dp_index]  # this rank's tp row (itself alone on a dp stage)
+        self.tp_mesh = self.row_mesh if self.tp > 1 else None
         plain = [_plain(x) for x in example_inputs]
         micros = self._micro_batches(plain)[0]
         micro = micros[0]
@@ -517,11 +518,11 @@ class PipelineModule(Snapshots):
         signature = (key, tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
         program = self.programs.get(signature)
         if program is None:
-            if self.stage_program is None or self.tp_mesh is None:
-                raise ValueError(f"stage {self.stage} is tensor parallel but no stage_program was given")
+            if self.stage_program is None:
+                raise ValueError(f"stage {self.stage} needs a program but no stage_program was given")
             layouts = self.layouts[self.stage]
             by_id = {id(p): layouts.get(name, B) for name, p in self.named.items()}
-            program = self.programs[signature] = self.stage_program(self.modules[key], by_id, self.tp_mesh, args)
+            program = self.programs[signature] = self.stage_program(self.modules[key], by_id, self.row_mesh, args)
         return program
 
     def _program(self, micro: list[Any]) -> Any:
@@ -601,44 +602,44 @@ class PipelineModule(Snapshots):
     def memory(self, *inputs: Any) -> MemoryReport:
         """Predicted memory of a step on this rank, with every rank's peak (collective over the job).
 
-        Per stage: parameters, gradients (accumulated over the micro-batches), optimizer state, and the
-        activations autograd keeps for backward (counted on fake tensors: the storages saved by one
-        micro-batch's forward, plus its outputs and received inputs) times the micro-batches in flight
-        under the schedule (1F1B: ``min(p - s, m)``; GPipe: ``m``). One backward's temporaries are taken
-        as one more micro-batch's activations; at the end, the gradient buckets copy the gradients once.
+        Per stage: parameters, gradients (cleared at the step's start, made by the first backward, then
+        accumulated), optimizer state, and per micro-batch what the stage's lowered program says (the one a
+        tensor-parallel stage runs; a data-parallel stage's is lowered on this rank alone, for the count
+        only): the activations its forward hands its backward, plus the stage's outputs and received
+        inputs, and its backward's temporaries (the program's peak beyond what it saves). The schedule's
+        order of forwards and backwards is then walked (``schedule.memory_peak``): the worst moment is the
+        micro-batches in flight times their activations, with the gradients once they exist and a
+        backward's temporaries while one runs. At the end, the gradient buckets copy the gradients once.
         """
         if self.inside:
             plain = [_plain(x) for x in (inputs or self.example_inputs)]
             first = self._micro_batches(plain)[0][0]
-            if self.tp_mesh is None:
-                act = temps = self._activation_bytes(first)
-            else:  # a tensor-parallel stage: its program's own count (what its forward saves, its peak)
-                lowered = self._program(first).program
-                held = self._meta(first)[self.stage - 1] if self.stage > 0 else []
-                if self.stage < self.stages - 1:
-                    held = [*held, *self._meta(first)[self.stage]]
-                act = lowered.saved_bytes + sum(math.prod(shape) * dtype.itemsize for shape, dtype in held)
-                assert lowered.memory is not None
-                temps = max(lowered.memory.peak - lowered.saved_bytes, 0)
-            k = in_flight(self.order)
+            # the stage's lowered program counts it (a data-parallel stage's lowered on this rank alone,
+            # for the count only): what its forward saves for its backward, and its peak beyond that
+            lowered = self._program(first).program
+            held = self._meta(first)[self.stage - 1] if self.stage > 0 else []
+            if self.stage < self.stages - 1:
+                held = [*held, *self._meta(first)[self.stage]]
+            act = lowered.saved_bytes + sum(math.prod(shape) * dtype.itemsize for shape, dtype in held)
+            assert lowered.memory is not None
+            temps = max(lowered.memory.peak - lowered.saved_bytes, 0)
             params = unique_bytes([local(p).detach() for p in self.params])
             grads = unique_bytes([local(p).detach() for p in self.params if p.requires_grad])
             # a tensor-parallel stage's optimizer steps the local shards (plain tensors, no requires_grad)
             tp = self.tp_mesh is not None
             state, temp, note = optimizer_bytes(self.optimizer, tp) if self.optimizer else (0, 0, "no parameters")
             buckets = grads if self.dp > 1 else 0
-            at_peak = [
-                (k * act, f"activations kept for backward: {k} micro-batch(es) in flight x {fmt_bytes(act)}"),
-                (grads, "gradients (accumulated over micro-batches)"),
-                (
-                    temps,
-                    "one backward's temporaries (about one micro-batch's activations)"
-                    if self.tp_mesh is None
-                    else "one micro-batch's program at its peak, beyond what it saves",
-                ),
-            ]
-            during = k * act + grads + temps
-            where = f"stage {self.stage}: {k} micro-batch(es) in flight under {self.pipeline.schedule}"
+            # a tp stage's gradients are GlobalTensors, which autograd accumulates out of place (old + new)
+            summing = grads if self.tp_mesh is not None else 0
+            during, action, k, with_grads = memory_peak(self.order, act, grads, temps, summing)
+            at_peak = [(k * act, f"activations kept for backward: {k} micro-batch(es) in flight x {fmt_bytes(act)}")]
+            if with_grads:
+                at_peak.append((grads, "gradients (accumulated over micro-batches)"))
+            if during > k * act + (grads if with_grads else 0):
+                at_peak.append((temps, "one backward's temporaries (its program's peak beyond what it saves)"))
+                if with_grads and summing:
+                    at_peak.append((summing, "gradients summed out of place (GlobalTensors)"))
+            where = f"stage {self.stage}: {action!r} under {self.pipeline.schedule}, {k} micro-batch(es) in flight"
             if grads + buckets > during:
                 at_peak, during = [(grads, "gradients"), (buckets, "gradient buckets")], grads + buckets
                 where = f"stage {self.stage}: gradient all-reduce"
@@ -653,39 +654,6 @@ class PipelineModule(Snapshots):
             dist.all_gather_into_tensor(every, mine)
             report = dataclasses.replace(report, peaks=tuple(int(v) for v in every))
         return report
-
-    def _activation_bytes(self, micro: list[Any]) -> int:
-        """Bytes one micro-batch leaves alive for backward on this (data-parallel) stage: the storages
-        autograd saves in a forward on fake tensors, with the stage's outputs and received inputs."""
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.func import functional_call
-
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        state = {n: mode.from_tensor(t).requires_grad_(t.requires_grad) for n, t in self.module.named_parameters()}
-        state.update({n: mode.from_tensor(t) for n, t in self.module.named_buffers()})
-        received = []
-        if self.stage > 0:
-            for shape, dtype in self._meta(micro)[self.stage - 1]:
-                with mode:
-                    t = torch.empty(tuple(shape), dtype=dtype)
-                received.append(t.requires_grad_(True) if dtype.is_floating_point else t)
-        plain = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in micro]
-        args = [plain[k] if src == "input" else received[k] for src, k in self.split.wiring[self.stage]]
-        skip = {t.untyped_storage()._cdata for t in state.values()}
-        seen: dict[int, int] = {}
-
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            st = t.untyped_storage()
-            if st._cdata not in skip:
-                seen[st._cdata] = st.nbytes()
-            return t
-
-        with mode, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            out = functional_call(self.module, state, tuple(args))
-        for t in [*(out if isinstance(out, (tuple, list)) else [out]), *received]:
-            if isinstance(t, torch.Tensor):
-                keep(t)
-        return sum(seen.values())
 
     # -- snapshots ---------------------------------------------------------------------------------------
     # NOTE: the format is ParallelModule's (``model.<name>``, ``optim.<name>.<key>``, scalars by the index of

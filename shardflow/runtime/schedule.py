@@ -64,6 +64,31 @@ def in_flight(order: list[Action]) -> int:
     return peak
 
 
+def memory_peak(
+    order: list[Action], act: int, grads: int, temps: int, accumulate: int = 0
+) -> tuple[int, Action, int, bool]:
+    """The worst moment of one step's schedule for memory: ``(bytes, action, micro-batches in flight, whether
+    the gradients exist)``, for activations of ``act`` bytes per micro-batch, gradients of ``grads`` bytes
+    (made by the first backward: they are cleared at every step's start, then accumulated) and ``temps``
+    bytes of temporaries while a backward runs (``accumulate`` more once gradients exist: adding a
+    backward's gradients to them out of place). The first backward ends with its own activations freed and
+    every gradient made."""
+    alive, made, best = 0, False, (0, order[0], 0, False)
+    for a in order:
+        if a.kind == "F":
+            alive += 1
+            moments = [(alive * act + (grads if made else 0), alive, made)]
+        else:
+            moments = [(alive * act + temps + (grads + accumulate if made else 0), alive, made)]
+            if not made:
+                moments.append(((alive - 1) * act + grads, alive - 1, True))
+            alive, made = alive - 1, True
+        for nbytes, n, with_grads in moments:
+            if nbytes > best[0]:
+                best = (nbytes, a, n, with_grads)
+    return best
+
+
 def bubble(stages: int, micro_batches: int) -> float:
     """Idle fraction of each stage under GPipe or 1F1B when every stage's forward and backward take equal time."""
     return (stages - 1) / (micro_batches + stages - 1)

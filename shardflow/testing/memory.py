@@ -50,12 +50,16 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 def alive_before_step(pm: Any) -> int:
     """Bytes of the distinct storages a ParallelModule holds between steps."""
+    return storage_bytes(_held(pm))
+
+
+def _held(pm: Any) -> list[torch.Tensor]:
     tensors: list[torch.Tensor] = [p._local for p in pm.params]
     tensors += [b._local for b in pm.module.buffers() if hasattr(b, "_local")]
     tensors += [lp.grad for lp in pm.local_params if lp.grad is not None]
     for state in pm.optimizer.state.values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    return storage_bytes(tensors)
+    return tensors
 
 
 def _waited(launch: Callable[..., Any], work: Callable[[Any], Any]) -> Callable[..., Any]:
@@ -82,27 +86,68 @@ def collectives_waited_at_launch() -> Iterator[None]:
         lower._launch, lower._launch_scatter, lower.start_plan = saved
 
 
-def profiled_peak(prof: Any, marked: bool = False) -> int:
-    """The most bytes allocated above the start at any moment, from a profiler run's memory events; with
-    ``marked``, counted from the marker block on (``_MARK`` bytes, allocated and freed by the step's thread).
+def _allocations(prof: Any) -> list[tuple[int, int, int, int]]:
+    """Every allocation (size > 0) and free (size < 0) the profiler saw: ``(time ns, size, address, thread)``,
+    from its raw event tree (the allocator's own records), in time order."""
+    from torch._C._profiler import _EventType
 
-    Allocations on other threads than the step's are gloo's staging inside one collective: the profiler
-    records them but never their frees (all-gathering 4 MiB ten times in a loop adds 40 MiB that never
-    comes back), so each counts for its moment and is then taken as freed."""
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage, e.thread) for e in prof.events())
+    out: list[tuple[int, int, int, int]] = []
+    todo = list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        node = todo.pop()
+        if node.tag == _EventType.Allocation:
+            f = node.extra_fields
+            out.append((node.start_time_ns, f.alloc_size, f.ptr, node.start_tid))
+        todo += node.children
+    return sorted(out)
+
+
+def profiled_peak(prof: Any, marked: bool = False, held: Iterable[int] = ()) -> int:
+    """The most bytes allocated above the start at any moment, from a profiler run's allocation records;
+    with ``marked``, counted from the marker block on (``_MARK`` bytes, allocated and freed by the step's
+    thread). ``held``: addresses of storages alive at the start and counted by the caller, whose frees then
+    count too (the frees of other blocks from before the start are not this figure's).
+
+    Each free is matched to its allocation by address. Two ways the records fall short are handled: gloo
+    allocates staging blocks on its own threads (an output-sized block per all-gather) and their frees are
+    never recorded, so an allocation on another thread than the step's counts for its moment only; and a
+    block freed by gloo's thread (its last reference dropped there) has no recorded free, which shows when
+    the allocator hands out its address again: the earlier block was freed by then. (Summing the
+    per-operator figures of ``prof.events()`` instead loses or folds frees that happen inside an open region:
+    the optimizer's, an asynchronous collective's or a pending send's.)"""
+    events = _allocations(prof)
     if marked:
-        start, main = next((t, th) for t, delta, th in events if delta == _MARK)
+        first = next(i for i, (_, size, _, _) in enumerate(events) if size == _MARK)
+        main = events[first][3]
     else:  # the step's thread is the one that allocates most often
-        start, main = -1, collections.Counter(th for _, delta, th in events if delta).most_common(1)[0][0]
+        first = -1
+        main = collections.Counter(th for _, size, _, th in events if size > 0).most_common(1)[0][0]
+    before = set(held)
+    live: dict[int, int] = {}
     run = peak = 0
-    for t, delta, thread in events:
-        if t <= start or delta == -_MARK or (thread != main and delta < 0):
+    for _, size, ptr, thread in events[first + 1 :]:
+        if abs(size) == _MARK:
             continue
-        run += delta
-        peak = max(peak, run)
-        if thread != main:
-            run -= delta
+        if size > 0:
+            if thread != main:
+                peak = max(peak, run + size)
+                continue
+            run -= live.pop(ptr, 0)  # an address handed out again: the block there was freed unrecorded
+            before.discard(ptr)
+            live[ptr] = size
+            run += size
+            peak = max(peak, run)
+        elif ptr in live:
+            run -= live.pop(ptr)
+        elif ptr in before:  # a block counted at the start (an old gradient, say) freed during the step
+            before.discard(ptr)
+            run += size
     return peak
+
+
+def storage_addresses(tensors: Iterable[torch.Tensor]) -> set[int]:
+    """Addresses of the CPU storages behind ``tensors`` (the blocks the allocator handed out for them)."""
+    return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
 
 
 def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
@@ -111,15 +156,13 @@ def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
     Two steps run under the profiler and the second is measured: the profiler does not see frees of blocks
     allocated before it started, and a step frees what the step before it made (gradients, input shards).
     """
-    # the optimizer's step runs inside a record_function region, and the profiler folds the frees that
-    # happen inside such a region (between its ops) into one figure at the region's start, which would
-    # hide the update's peak: the measured steps call the step function without that wrapper
-    # Likewise an asynchronous collective's region opens on this thread and closes on gloo's, and frees in
-    # between are lost: the measured steps run programs lowered with bucket all-reduces, reduce-scatters
-    # and prefetched gathers waited for at once (the same allocations and frees in the same order; only
-    # the overlap goes).
-    # And the profiler records only the thread it runs on, not the optimizer actor's: the measured steps
-    # run each unit's update inline at its release point (the same allocations where the plan puts them).
+    # ``profiled_peak`` takes what other threads allocate as momentary (gloo's staging), so the measured
+    # steps keep the step's own allocations on its thread: programs lowered with bucket all-reduces,
+    # reduce-scatters and prefetched gathers waited for at once (gloo's thread would otherwise drop the
+    # last reference to some blocks: frees it never records), and each unit's update run inline at its
+    # release point, not on the optimizer actor (the same allocations and frees in the same order; only
+    # the overlap goes). The optimizer runs without its record_function wrapper (harmless for the
+    # allocation records; summing per-operator figures instead folded the frees inside it).
     step = type(pm.optimizer).step
     unwrapped = getattr(step, "__wrapped__", step)
     pm.optimizer.step = types.MethodType(unwrapped, pm.optimizer)
@@ -129,7 +172,9 @@ def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
     try:
         with collectives_waited_at_launch(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             pm.step(*inputs)
-            base = alive_before_step(pm)
+            held = _held(pm)
+            base, addresses = storage_bytes(held), storage_addresses(held)
+            del held  # the step frees some of these (the last gradients): no reference may keep them
             # a block of an odd size marks where the measured step begins (a record_function region would swallow
             # the free events that happen between ops, which the profiler then reports as the region's own)
             mark = torch.empty(_MARK, dtype=torch.uint8)
@@ -140,7 +185,7 @@ def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
         pm.updates = updates
         pm.programs.clear()
         pm.programs.update(programs)
-    return base + profiled_peak(prof, marked=True), loss
+    return base + profiled_peak(prof, marked=True, held=addresses), loss
 
 
 def measure_pipeline_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
@@ -157,11 +202,12 @@ def measure_pipeline_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
             if pm.optimizer is not None:
                 for state in pm.optimizer.state.values():
                     tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-            base = storage_bytes(tensors)
+            base, addresses = storage_bytes(tensors), storage_addresses(tensors)
+            del tensors  # the step frees some of these: no reference may keep them
             mark = torch.empty(_MARK, dtype=torch.uint8)
             del mark
             loss = pm.step(*inputs)
     finally:
         if step is not None:
             del pm.optimizer.step
-    return base + profiled_peak(prof, marked=True), loss
+    return base + profiled_peak(prof, marked=True, held=addresses), loss

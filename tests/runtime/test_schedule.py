@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardflow.runtime.schedule import bubble, in_flight, simulate, stage_order
+from shardflow.runtime.schedule import bubble, in_flight, memory_peak, simulate, stage_order
 
 
 def test_orders_of_a_four_stage_pipeline():
@@ -28,6 +28,22 @@ def test_every_micro_batch_once_and_idle_fraction_is_the_formula(schedule, stage
         want = micro_batches if schedule == "gpipe" else min(stages - s, micro_batches)
         assert in_flight(order) == want
     assert simulate(schedule, stages, micro_batches) == pytest.approx(bubble(stages, micro_batches))
+
+
+def test_memory_peak_walks_the_order():
+    """Activations of 10 bytes per micro-batch, gradients of 5 (cleared each step, made by the first
+    backward), 3 of temporaries while a backward runs: GPipe peaks as its first backward starts, before any
+    gradient exists; 1F1B at its second backward, with the gradients; summing gradients out of place adds
+    to every backward after the first."""
+    gpipe = stage_order("gpipe", 0, 2, 4)
+    peak, action, alive, grads = memory_peak(gpipe, 10, 5, 3)
+    assert (peak, repr(action), alive, grads) == (43, "B0", 4, False)
+    assert memory_peak(gpipe, 10, 50, 3)[:1] == (30 + 3 + 50 + 0,)  # big gradients: B1 (3 in flight) wins
+    one_f = stage_order("1f1b", 0, 2, 4)  # F0 F1 B0 F2 B1 F3 B2 B3
+    peak, action, alive, grads = memory_peak(one_f, 10, 5, 3)
+    assert (peak, repr(action), alive, grads) == (28, "B1", 2, True)
+    assert memory_peak(one_f, 10, 5, 3, accumulate=5)[0] == 33
+    assert memory_peak(stage_order("gpipe", 0, 1, 1), 10, 50, 3)[:3][0] == 50  # the first backward's end
 
 
 def test_backward_twice_as_long_keeps_the_formula():

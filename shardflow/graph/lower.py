@@ -406,8 +406,10 @@ class _Lowering:
 
     def gather_staging(self, plan: Plan, meta: TensorMeta, need: NdSbp) -> int:
         """Bytes an all-gather in ``plan`` holds for a moment beyond its result: gloo (CPU) stages the whole
-        output on its own thread (seen in the profiler: an output-sized block on gloo's thread per gather),
-        and a gather along a dim that is not outermost is assembled by one ``cat`` from the received blocks."""
+        output (an output-sized block per gather). A gather along a dim that is not outermost receives into
+        a buffer of blocks (standing in for the result until then), sending a contiguous copy of this
+        rank's strided piece, and is assembled by one ``cat`` from the blocks: the larger of the two moments
+        (measured: a ZeRO-3 gather of a transposed weight holds blocks, staging and the piece's copy)."""
         gathers = [s for s in plan.steps if s.kind == "all_gather"]
         if not gathers:
             return 0
@@ -416,7 +418,7 @@ class _Lowering:
         shape = local_shape(meta.shape, need, self.mesh.shape, self.coord)
         split = gathers[-1].src[gathers[-1].axis]
         if isinstance(split, S) and math.prod(shape[: split.dim]) != 1:
-            staging += out  # the received blocks, before the cat that is the result
+            return max(staging + self.local_bytes(meta, plan.src_sbp), out)
         return staging
 
     # -- the pass -----------------------------------------------------------------------------------------

@@ -765,7 +765,8 @@ class PipelineModule(Snapshots):
         p, m = self.stages, self.pipeline.micro_batches
         over = "own meshes" if self.pipeline.stage_meshes else f"mesh axis {self.pipeline.axis!r}"
         lines = [
-            f"PipelineModule: {p} stage(s) over {over} of {self.mesh}, each data parallel over its ranks, "
+            f"PipelineModule: {p} stage(s) over {over} of {self.mesh}, each data parallel over its rows of ranks "
+            f"(and tensor parallel along them under a tp axis), "
             f"{m} micro-batch(es), schedule {self.pipeline.schedule!r}",
             f"split before: {self.split.split_points or '(one stage)'}; idle fraction with equal stages "
             f"(p-1)/(m+p-1) = {bubble(p, m):.3f}",
@@ -787,6 +788,22 @@ class PipelineModule(Snapshots):
             )
         for name, stages in self.split.tied.items():
             lines.append(f"  {name} is held by stages {list(stages)}; their gradients are summed")
+        if self.tp_mesh is not None and self.inside:  # this rank's stage program: what it communicates
+            micro = self._micro_batches([_plain(x) for x in self.example_inputs])[0][0]
+            counts: dict[tuple[str, str], int] = {}
+            for c in self._program(micro).program.collectives:
+                phase = "forward" if c.phase == "forward" else "backward"
+                what = "gradient bucket all_reduce" if c.plan is None else c.route
+                counts[(phase, what)] = counts.get((phase, what), 0) + 1
+            said = "; ".join(
+                f"{phase}: " + ", ".join(f"{n} x {what}" for (ph, what), n in counts.items() if ph == phase)
+                for phase in ("forward", "backward")
+                if any(ph == phase for ph, _ in counts)
+            )
+            lines.append(
+                f"  stage {self.stage} runs as a lowered program on rank {world()[0]}'s shards, per micro-batch: "
+                f"{said or 'no communication'}"
+            )
         return "\n".join(lines)
 
 

@@ -239,14 +239,14 @@ def test_balanced_cut_puts_the_expensive_head_alone():
     assert cut in (["net.3"], ["net.4"])  # two Linears each side; the GELU between costs next to nothing
 
 
-def _tp_stage_collectives() -> list[list[tuple[str, str, str]]]:
+def _tp_stage_collectives() -> tuple[list[list[tuple[str, str, str]]], str]:
     model, data = _model_and_batches("gpt", 8)
     mesh = sf.Mesh("cpu", (2, 2), names=("pp", "tp"))
     pipeline = sf.Pipeline(micro_batches=2, schedule="1f1b", split_points=["transformer.h.2"])
     pm = sf.compile(model, mesh, example_inputs=data[0], optimizer=_adamw, pipeline=pipeline, strategy="tp")
     pm.step(*data[0])
     pm.step(*data[1])
-    return [[(c.phase, c.where, c.route) for c in p.program.collectives] for p in pm.programs.values()]
+    return [[(c.phase, c.where, c.route) for c in p.program.collectives] for p in pm.programs.values()], pm.explain()
 
 
 def test_tensor_parallel_stage_runs_megatron_attention():
@@ -254,7 +254,9 @@ def test_tensor_parallel_stage_runs_megatron_attention():
     Megatron's collectives: attention on each rank's heads (c_attn is Blocked), two all-reduces per block
     forward and two backward (an input gradient's, or a partial gradient riding in the bucket), nothing
     gathered. Two blocks per stage; stage 0's first input gradient is the embedding's (in the bucket)."""
-    for rank, programs in enumerate(run_on_ranks(4, _tp_stage_collectives, timeout=300)):
+    for rank, (programs, explained) in enumerate(run_on_ranks(4, _tp_stage_collectives, timeout=300)):
+        assert f"stage {rank // 2} runs as a lowered program on rank {rank}'s shards" in explained, explained
+        assert "forward: 4 x all_reduce; backward: " in explained, explained
         assert len(programs) == 1, programs  # one signature: every micro-batch of 4 rows
         comms = programs[0]
         assert all(route == "all_reduce" for _, _, route in comms), comms

@@ -185,8 +185,8 @@ class PipelineModule(Snapshots):
     ) -> None:
         self.mesh, self.pipeline, self.max_grad_norm, self.strategy = mesh, pipeline, max_grad_norm, strategy
         self.tp_layouts = tp_layouts  # kept for the plans memory_limit prices (they share its one capture)
-        # a tensor-parallel stage's lowered program (the compiler's, graph/stage_program.py: handed in, as
-        # the compiler sits above the runtime)
+        # makes a stage's lowered program (the compiler's, graph/stage_program.py: handed in, as the
+        # compiler sits above the runtime): a tensor-parallel stage runs it; any stage counts memory by it
         self.stage_program = stage_program
         # each stage's ranks as grid[dp][tp]: data parallel over its rows, tensor parallel along them
         self.grids = [_grid(m, s, strategy) for s, m in enumerate(_stages(mesh, pipeline))]
@@ -251,7 +251,7 @@ class PipelineModule(Snapshots):
         # NOTE: torch.export specialises shapes, so micro-batches of another size (tensor_split's cuts
         # differ by a row) get a stage module cut for their shape, sharing this one's parameters
         self.modules = {_shape_key(micro): self.module}
-        self.programs: dict[Any, Any] = {}  # a tensor-parallel stage's, per input signature
+        self.programs: dict[Any, Any] = {}  # this stage's lowered programs, per input signature
         for other in micros:
             key = _shape_key(other)
             if key not in self.modules:
@@ -526,8 +526,9 @@ class PipelineModule(Snapshots):
         return program
 
     def _program(self, micro: list[Any]) -> Any:
-        """A tensor-parallel stage's program for ``micro`` as a step would call it (received tensors
-        requiring gradients), without running it."""
+        """This stage's program for ``micro`` as a step would call it (received tensors requiring
+        gradients), without running it: a tensor-parallel stage runs it, a data-parallel stage (lowered on
+        its own row mesh) only has its memory counted by it."""
         received = []
         if self.stage > 0:
             for shape, dtype in self._meta(micro)[self.stage - 1]:

@@ -155,6 +155,7 @@ class ParallelModule(Snapshots):
         self.example_inputs: tuple[Any, ...] = ()
         self.zero_axis: int | None = None  # ZeRO-3: the axis parameters are split on and gathered over
         self.programs: dict[Any, Program] = {}
+        self.arena = False  # static placement of each program's temporaries (graph/arena.py)
         self.recomputed: list[str] = []  # modules whose activations are recomputed in backward
         # where the optimizer update of each gradient unit runs (runtime/updates.py): "actors" (threads of
         # their own: GPUs, where the compute thread only launches kernels), "loop" (on the compute thread,
@@ -225,7 +226,9 @@ class ParallelModule(Snapshots):
             grads: list[NdSbp | None] = [
                 z if self.zero == 2 and sl is not None else None for z, sl in zip(self.opt_sbps, self.slices)
             ]
-            self.programs[key] = lower(joint, self.mesh, world()[0], sbps, self.bucket_bytes, self.zero_axis, grads)
+            self.programs[key] = lower(
+                joint, self.mesh, world()[0], sbps, self.bucket_bytes, self.zero_axis, grads, arena=self.arena
+            )
         return self.programs[key]
 
     def memory(self, *inputs: Any) -> MemoryReport:
@@ -245,7 +248,7 @@ class ParallelModule(Snapshots):
                 "optimizer state": state,
                 "inputs": unique_bytes(x._local for x in gins if isinstance(x, GlobalTensor)),
             }
-            update = program.memory.gradients + temp
+            update = program.memory.gradients + temp + program.memory.arena  # the arena stays allocated
             if self.updates != "after" and self.max_grad_norm is None and program.release_lines:
                 # each unit is updated where the program releases it, on top of what is alive there
                 update = max(
@@ -257,7 +260,7 @@ class ParallelModule(Snapshots):
             if any(sl is not None for sl in self.slices):  # ZeRO-1/2: the updated pieces are all-gathered
                 largest = max(p._local.nbytes for p, sl in zip(self.params, self.slices) if sl is not None)
                 staging = largest if self.mesh.device_type == "cpu" else 0  # gloo stages the output too
-                update = max(update, program.memory.gradients + largest + staging)
+                update = max(update, program.memory.gradients + largest + staging + program.memory.arena)
             report = MemoryReport(rank, persistent, program.memory, update, note)
         else:
             report = MemoryReport(rank, {}, ProgramMemory(0, [], 0, ""), 0, "no part of the model on this rank")
@@ -524,11 +527,13 @@ def compile(
     zero: int = 0,
     memory_limit: int | str | None = None,
     recompute: bool | str | Sequence[str] = False,
+    arena: bool = False,
 ) -> Any:
     """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see CONTRACT.md.
 
     Returns a ``ParallelModule``, or with ``pipeline=sf.Pipeline(...)`` a ``PipelineModule`` (stages over
-    the pipeline axis, data parallel over the others).
+    the pipeline axis, data parallel over the others). ``arena=True`` places the step's temporaries at
+    fixed offsets of one buffer, reused by lifetime (static placement, graph/arena.py).
     """
     if recompute == "auto" and memory_limit is None:
         raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")
@@ -537,7 +542,7 @@ def compile(
         if not isinstance(pipeline, Pipeline):
             raise TypeError(f"pipeline must be sf.Pipeline(...), got {type(pipeline).__name__}")
         unsupported = {"hints": bool(hints), "input_sbp": input_sbp is not None}
-        unsupported |= {"zero": zero != 0, "recompute": bool(recompute)}
+        unsupported |= {"zero": zero != 0, "recompute": bool(recompute), "arena": bool(arena)}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(
@@ -589,6 +594,7 @@ def compile(
         sbps = _input_layouts(input_sbp, mesh, len(example_inputs))
     pm = ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy, zero, dp)
     pm.zero_axis = dp if zero == 3 else None
+    pm.arena = bool(arena)
     pm.example_inputs = tuple(example_inputs)
     if recompute == "auto":
         assert limit is not None
@@ -739,7 +745,7 @@ def _check_fits(
         if strategy == pm.strategy:
             continue
         try:
-            alt = compile(model, pm.mesh, plain, strategy, hints, None, optimizer, max_grad_norm)
+            alt = compile(model, pm.mesh, plain, strategy, hints, None, optimizer, max_grad_norm, arena=pm.arena)
         except ValueError:
             continue  # the mesh has no axis for it, or the hints do not apply
         fixes.append((max(alt.memory().peaks or [0]), f"strategy={strategy!r}"))
@@ -747,6 +753,17 @@ def _check_fits(
     if dp is not None and pm.mesh.shape[dp] > 1:
         for stage in (2, 3):
             if stage > pm.zero:
-                alt = compile(model, pm.mesh, plain, pm.strategy, hints, None, optimizer, max_grad_norm, zero=stage)
+                alt = compile(
+                    model,
+                    pm.mesh,
+                    plain,
+                    pm.strategy,
+                    hints,
+                    None,
+                    optimizer,
+                    max_grad_norm,
+                    zero=stage,
+                    arena=pm.arena,
+                )
                 fixes.append((max(alt.memory().peaks or [0]), f"zero={stage} (ZeRO stage {stage} on the dp axis)"))
     raise _refusal(limit, report, fixes)

@@ -14,6 +14,8 @@ decided at compile time); ZeRO-2's reduce-scatters are packed into buckets the s
 group of gradients needing no communication) is then handed to ``ready(...)`` after the last line that
 reads its parameters, where the update actors (runtime/updates.py) may change them in place. ZeRO-3
 gathers are launched asynchronously while the op before their use computes (a prefetch one op ahead).
+With ``arena=True`` the finished lines are placed statically (``place``, graph/arena.py): ops with an ATen
+``out=`` overload write into blocks of one arena, reused by lifetime, and the memory timeline counts the arena.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from shardflow.boxing import (
 from shardflow.boxing.plan import COLLECTIVES, Plan
 from shardflow.comm.collectives import ReduceScattering, reduce_scatter_finish, reduce_scatter_start
 from shardflow.comm.groups import group_for
+from shardflow.graph.arena import Arena, assign, check_outside, check_placed, out_overload
 from shardflow.ops import LOCALS, PREPARED, WORKSPACE, LocalContext, OpCall, TensorMeta, choose, writes_arg
 from shardflow.ops.select import candidates, communicates, reduces_to_split
 from shardflow.placement.mesh import Mesh
@@ -171,6 +174,7 @@ class Program:
     backward: Callable[..., Any] | None = None  # a stage's backward (``checked_backward``: asserting shapes)
     checked_backward: Callable[..., Any] | None = None
     saved_bytes: int = 0  # a stage: bytes its forward keeps for its backward (parameters not counted)
+    arena: Arena | None = None  # static placement's blocks (graph/arena.py), allocated at the first run
 
 
 def _launch(ranks: tuple[int, ...], *grads: torch.Tensor) -> tuple[Any, torch.Tensor, list[torch.Size]]:
@@ -254,8 +258,19 @@ class _Lowering:
         reduce_to_split: bool,
         zero_axis: int | None = None,
         grad_sbps: Sequence[NdSbp | None] = (),
+        arena: bool = False,
     ):
         self.joint, self.mesh, self.rank, self.bucket_bytes = joint, mesh, rank, bucket_bytes
+        # static placement (graph/arena.py): ops with an out= overload write into blocks of one arena
+        self.arena = arena
+        # line -> (variable, out= overload constant, its out arguments, rendered arguments, storage keys, op)
+        self.placeable: dict[int, tuple[str, str, tuple[str, ...], str, list[str], str]] = {}
+        self.storage_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}  # key -> local shape, dtype
+        self.exact_lines: set[int] = set()  # lines whose results alias their inputs only as recorded in refs
+        self.local_lines: dict[int, str] = {}  # lines running a local function (ops/), with the op's name
+        self.async_lines: set[int] = set()  # lines launching work that may read their inputs after they return
+        self.placed: dict[str, int] = {}  # storage key -> arena block index
+        self.arena_plan: Arena | None = None
         self.grad_sbps = list(grad_sbps)  # per parameter: its gradient's layout when not its own (ZeRO-2)
         self.reduce_to_split, self.zero_axis = reduce_to_split, zero_axis
         self.sharded: set[fx.Node] = set()  # ZeRO-3 parameters and their views
@@ -383,7 +398,7 @@ class _Lowering:
             return None
         name = self.new_var()
         rest = "" if node.target is _aten.t.default else f", {a}, {b}"
-        self.emit(f"{name} = {self.const(node.target, 'op')}({boxed}{rest})", [boxed], [name])
+        self.exact_lines.add(self.emit(f"{name} = {self.const(node.target, 'op')}({boxed}{rest})", [boxed], [name]))
         self.refs[name] = list(self.refs.get(boxed, []))  # a view: the boxed source's storage
         if boxed in self.param_alias:
             self.param_alias[name] = self.param_alias[boxed]
@@ -558,6 +573,7 @@ class _Lowering:
             handle = self.new_var()
             fn = self.const(functools.partial(start_plan, plan), "start")
             line = self.emit(f"{handle} = {fn}({self.var[base]})", [self.var[base]], [handle])
+            self.async_lines.add(line)  # the gather sends its input after the line returns
             self.store(handle, self.local_bytes(value.meta, full), "ZeRO-3 gather, prefetched")
             self.transient[line] = self.gather_staging(plan, value.meta, full)
             if self.var[base] in self.param_alias:
@@ -591,7 +607,7 @@ class _Lowering:
         if func is operator.getitem:
             src, index = node.args
             name = self.var[node] = self.new_var()
-            self.emit(f"{name} = {self.var[src]}[{index}]", [self.var[src]], [name])  # type: ignore[index]
+            self.exact_lines.add(self.emit(f"{name} = {self.var[src]}[{index}]", [self.var[src]], [name]))  # type: ignore[index]
             part = f"{self.var[src]}#{index}"  # type: ignore[index]
             self.refs[name] = [part] if part in self.storages else list(self.refs.get(self.var[src], []))  # type: ignore[index]
             if self.var[src] in self.param_alias:  # type: ignore[index]
@@ -616,7 +632,7 @@ class _Lowering:
             args = [self.render(a, used) for a in node.args] + [
                 f"{k}={self.render(v, used)}" for k, v in node.kwargs.items()
             ]
-            self.emit(f"{name} = {self.const(func, 'op')}({', '.join(args)})", used, [name])
+            self.exact_lines.add(self.emit(f"{name} = {self.const(func, 'op')}({', '.join(args)})", used, [name]))
             self.outputs(node, [(B,) * self.mesh.ndim] * sum(m is not None for m in out_metas), out_metas)
             self.op_storage(node, name, None, [(B,) * self.mesh.ndim] * len(out_metas), out_metas)
             return
@@ -696,6 +712,9 @@ class _Lowering:
             args = [self.render(a, used) for a in largs] + [f"{k}={self.render(v, used)}" for k, v in lkwargs.items()]
             code = f"{name} = {self.const(func, 'op')}({', '.join(args)})"
         line = self.emit(code, used, [name])
+        self.exact_lines.add(line)  # aliasing as its schema says (a local function's: checked, see place())
+        if fn is not None and func not in _ALIASING and not any(r.alias_info for r in func._schema.returns):
+            self.local_lines[line] = op_name
         if fn is not None and func in WORKSPACE:  # the local function's own temporaries, alive while it runs
             self.transient[line] = self.transient.get(line, 0) + WORKSPACE[func](ctx)
         self.outputs(node, list(outs), out_metas)
@@ -704,6 +723,8 @@ class _Lowering:
         wants = [
             local_shape(m.shape, s, self.mesh.shape, self.coord) for m, s in zip([m for m in out_metas if m], outs)
         ]
+        if fn is None and self.arena:
+            self.placeable_op(line, func, name, ", ".join(args), out_metas, wants)
         if isinstance(val, torch.Tensor):
             self.checks[line] = f"_check({name}, {wants[0]!r}, {op_name!r})"
         else:
@@ -825,6 +846,90 @@ class _Lowering:
                 self.storages[key] = (self.local_bytes(m, next(tensor_outs)), f"{label} output {i} ({self.phase})")
                 self.refs[name].append(key)
 
+    def placeable_op(
+        self,
+        line: int,
+        func: Any,
+        name: str,
+        args: str,
+        out_metas: list[TensorMeta | None],
+        shapes: list[tuple[int, ...]],
+    ) -> None:
+        """Note that ``line`` may write its new storages into arena blocks, when its op has an out= overload."""
+        found = out_overload(func)
+        if found is None or func in _ALIASING or any(m is None for m in out_metas):
+            return
+        keys = self.refs.get(name, [])
+        if keys != [name] and keys != [f"{name}#{i}" for i in range(len(out_metas))]:
+            return
+        overload, out_names = found
+        if len(out_names) != len(keys):
+            return
+        for key, shape, meta in zip(keys, shapes, out_metas):
+            self.storage_shapes[key] = (tuple(shape), meta.dtype)  # type: ignore[union-attr]
+        self.placeable[line] = (name, self.const(overload, "out"), out_names, args, keys, str(func))
+
+    def place(self, kept: Sequence[str]) -> None:
+        """Static placement (graph/arena.py): give every placeable storage an arena block, blocks sharing bytes
+        where lifetimes do not overlap, and rewrite its line to write there. A storage's lifetime runs to the
+        last use of any variable that may hold it: as recorded, and through any line whose aliasing is not
+        exactly known (boxing), whose results may hold any storage of its inputs; a local function's result
+        is new as its op's schema says (the checked first run asserts it). Inputs of launched work live to
+        the end. What the program returns or keeps (``kept``, or hands to ``ready``) is never placed: a
+        step's gradients must outlive it."""
+        may: dict[str, set[str]] = {}
+        last = self.last_uses()
+        first: dict[str, int] = {}
+        for i, (_, used, defined) in enumerate(self.lines):
+            for d in defined:
+                first.setdefault(d, i)
+                own = set(self.refs.get(d, []))
+                if i in self.exact_lines:  # a view inherits what its source may hold besides its own storages
+                    extra = {
+                        k
+                        for u in used
+                        if own & set(self.refs.get(u, []))
+                        for k in may.get(u, set()) - set(self.refs[u])
+                    }
+                else:
+                    extra = {k for u in used for k in may.get(u, set(self.refs.get(u, [])))}
+                may[d] = own | extra
+            if i in self.async_lines:
+                for u in used:
+                    last[u] = len(self.lines)
+        ready = [n for calls in self.readies.values() for _, payload, _ in calls for n in payload]
+        excluded = {k for v in [*kept, *ready] for k in may.get(v, set(self.refs.get(v, [])))}
+        lines = [i for i, (_, _, _, _, keys, _) in self.placeable.items() if not excluded & set(keys)]
+        span: dict[str, tuple[int, int]] = {}
+        for var, held in may.items():
+            if var in first:
+                a, b = first[var], last.get(var, first[var])
+                for key in held:
+                    lo, hi = span.get(key, (a, b))
+                    span[key] = (min(lo, a), max(hi, b))
+        blocks = {key: (self.storages[key][0], *span[key]) for i in lines for key in self.placeable[i][4]}
+        offsets, nbytes = assign(blocks)
+        order = sorted(blocks, key=lambda k: (offsets[k], k))
+        self.placed = {key: j for j, key in enumerate(order)}
+        self.arena_plan = Arena(
+            nbytes,
+            [(offsets[k], *self.storage_shapes[k]) for k in order],
+            [self.storages[k][1] for k in order],
+        )
+        for i in lines:
+            name, overload, out_names, args, keys, op = self.placeable[i]
+            outs = ", ".join(f"{o}=_A[{self.placed[k]}]" for o, k in zip(out_names, keys))
+            _, used, defined = self.lines[i]
+            self.lines[i] = (f"{name} = {overload}({args}{', ' if args else ''}{outs})", used, defined)
+            blocks_of = ", ".join(f"_A[{self.placed[k]}]" for k in keys)
+            target = blocks_of if len(keys) == 1 else f"({blocks_of},)"
+            check = f"_placed({name}, {target}, {op!r})"
+            self.checks[i] = f"{self.checks[i]}; {check}" if i in self.checks else check
+        for i, op in self.local_lines.items():  # a local function's result is new, as its op's schema says
+            name = self.lines[i][2][0]
+            check = f"_outside({name}, _arena, {op!r})"
+            self.checks[i] = f"{self.checks[i]}; {check}" if i in self.checks else check
+
     def outputs(self, node: fx.Node, outs: list[NdSbp], out_metas: list[TensorMeta | None]) -> None:
         if len(outs) != sum(m is not None for m in out_metas):
             raise AssertionError(f"layout rule of {node.target} gave {len(outs)} output layouts")
@@ -895,13 +1000,14 @@ class _Lowering:
             dims, sizes = [d for d, _ in bucket.scatter], [n for _, n in bucket.scatter]
             fn = self.const(functools.partial(_launch_scatter, bucket.ranks, dims, sizes, bucket.me), "launch")
             line = self.emit(f"{handle} = {fn}({', '.join(grads)})", grads, [handle])
+            self.exact_lines.add(line)  # the gradients are packed (copied) into the collective's own buffer
             self.store(handle, bucket.nbytes, f"gradient pieces of a reduce-scatter bucket of {len(grads)}")
             self.transient[line] = bucket.nbytes * len(bucket.ranks)  # the packed pieces of every member
             where, route = f"gradient reduce-scatter bucket of {len(grads)}", "reduce_scatter"
         else:
             self.bucket_sizes.append((bucket.ranks, bucket.nbytes))
             fn = self.const(functools.partial(_launch, bucket.ranks), "launch")
-            self.emit(f"{handle} = {fn}({', '.join(grads)})", grads, [handle])
+            self.exact_lines.add(self.emit(f"{handle} = {fn}({', '.join(grads)})", grads, [handle]))  # copied in
             self.store(handle, bucket.nbytes, f"gradient bucket of {len(grads)}")
             where, route = f"gradient bucket of {len(grads)}", "all_reduce"
         self.collectives.append(Comm(self.phase, where, route, None))
@@ -930,19 +1036,26 @@ class _Lowering:
         self.emit("ready(None, None)", [])  # backward is over: what follows waits for communication
         for handle, ks in self.waits:
             names = [self.new_var() for _ in ks]
-            self.emit(f"{', '.join(names)}, = _wait({handle})", [handle], names)
+            self.exact_lines.add(self.emit(f"{', '.join(names)}, = _wait({handle})", [handle], names))
             for n in names:
                 self.refs[n] = [handle]
             self.grad_vars.update(zip(ks, names))
         grads = [self.grad_vars[k] for k in range(len(self.grad_nodes))]
         if self.joint.n_grads_in:
             self.emit(f"return [{', '.join(grads)}], [{', '.join(input_grad_vars)}]", [*grads, *input_grad_vars])
-            self.memory = self.timeline(["", *grads])
+            kept = [*grads, *input_grad_vars, *self.value_vars, *self.saved()]
+            returned = ["", *grads]
         else:
             self.emit(f"return {loss_var}, [{', '.join(grads)}]", [loss_var, *grads])
-            self.memory = self.timeline([loss_var, *grads])
+            kept = returned = [loss_var, *grads]
+        if self.arena:
+            self.place(kept)
+        self.memory = self.timeline(returned)
         fast, checked = self.source(False), self.source(True)
-        env = {"_wait": wait_bucket, "_check": _check, "_skip": _skip, **self.globals}
+        env = {"_wait": wait_bucket, "_check": _check, "_skip": _skip, "_placed": check_placed, **self.globals}
+        if self.arena_plan is not None:
+            env |= {"_A": self.arena_plan.views, "_fill": self.arena_plan.fill, "_arena": self.arena_plan}
+            env |= {"_outside": check_outside}
         exec(compile(fast, "<shardflow step>", "exec"), env)  # noqa: S102 - our own generated code
         run, backward = env["step"], env.get("backward")
         exec(compile(checked, "<shardflow checked step>", "exec"), env)  # noqa: S102
@@ -960,6 +1073,7 @@ class _Lowering:
             backward=backward,
             checked_backward=env.get("backward"),
             saved_bytes=self.saved_bytes(),
+            arena=self.arena_plan,
         )
 
     def release_units(self) -> None:
@@ -1036,7 +1150,11 @@ class _Lowering:
             for key in keys:
                 lo, hi = span.get(key, (a, b))
                 span[key] = (min(lo, a), max(hi, b))
+        for key in self.placed:  # in the arena, held whole from the first run on
+            span.pop(key, None)
+        arena = self.arena_plan.nbytes if self.arena_plan is not None else 0
         delta = [0] * (len(self.lines) + 1)
+        delta[0] = arena
         for key, (a, b) in span.items():
             delta[a] += self.storages[key][0]
             delta[b + 1] -= self.storages[key][0]
@@ -1048,6 +1166,9 @@ class _Lowering:
         alive = sorted(
             ((self.storages[k][0], self.storages[k][1]) for k, (a, b) in span.items() if a <= at <= b), reverse=True
         )
+        if arena:
+            alive.append((arena, f"arena of {len(self.placed)} temporaries placed by lifetime (graph/arena.py)"))
+            alive.sort(reverse=True)
         if self.transient.get(at):
             alive.append(
                 (self.transient[at], "temporaries of the op there (its own, or a collective's staging copies)")
@@ -1061,7 +1182,7 @@ class _Lowering:
             running += delta[i]
             live_at.append(running - ends[i])
         gradients = sum(self.storages[k][0] for k in kept)
-        return ProgramMemory(peak, alive, gradients, self.lines[at][0], tuple(live_at))
+        return ProgramMemory(peak, alive, gradients, self.lines[at][0], tuple(live_at), arena)
 
     def saved(self) -> list[str]:
         """A stage's variables made by its forward and used by its backward (what the forward returns)."""
@@ -1079,8 +1200,9 @@ class _Lowering:
 
     def source(self, checked: bool) -> str:
         lines = self.merged()
+        fill = ["if not _A: _fill(args)"] if self.arena_plan is not None else []
         if not self.joint.n_grads_in:
-            return _function("def step(args, ready=_skip):", lines, self.checks if checked else {})
+            return _function("def step(args, ready=_skip):", lines, self.checks if checked else {}, fill)
         # a stage: the forward returns its outputs and what the backward needs, which takes them back
         k = next(i for i, line in enumerate(lines) if line[3] == self.split_line)
         saved = self.saved()
@@ -1089,18 +1211,26 @@ class _Lowering:
         forward = [*lines[:k], (outs, [*self.value_vars, *saved], [], None)]
         backward = [(f"{keep} = saved", [], saved, None), *lines[k:]]
         checks = self.checks if checked else {}
-        return _function("def step(args, ready=_skip):", forward, checks) + _function(
-            "def backward(saved, grads_in, ready=_skip):", backward, checks
+        return _function("def step(args, ready=_skip):", forward, checks, fill) + _function(
+            "def backward(saved, grads_in, ready=_skip):",
+            backward,
+            checks,
+            [f.replace("args", "grads_in") for f in fill],
         )
 
 
-def _function(head: str, lines: Sequence[tuple[str, list[str], list[str], int | None]], checks: dict[int, str]) -> str:
+def _function(
+    head: str,
+    lines: Sequence[tuple[str, list[str], list[str], int | None]],
+    checks: dict[int, str],
+    prologue: Sequence[str] = (),
+) -> str:
     """The code of one generated function: its lines, each variable deleted after its last use."""
     last: dict[str, int] = {}
     for i, (_, used, defined, _) in enumerate(lines):
         for name in [*defined, *used]:
             last[name] = i
-    out = [head]
+    out = [head, *("    " + p for p in prologue)]
     for i, (code, used, defined, origin) in enumerate(lines):
         out.append("    " + code)
         if origin in checks:
@@ -1119,6 +1249,7 @@ def lower(
     bucket_bytes: int = 4 * 2**20,
     zero_axis: int | None = None,
     grad_sbps: Sequence[NdSbp | None] = (),
+    arena: bool = False,
 ) -> Program:
     """This rank's program for ``joint`` with one layout per placeholder (params, buffers, inputs).
 
@@ -1129,8 +1260,10 @@ def lower(
     communication the cost model prices lower wins (ties: the first). Every rank makes the same choice:
     costs come from layouts and shapes only. ``grad_sbps`` (per parameter, None: the default) asks for
     gradients in another layout than their parameter's (ZeRO-2: split on the data-parallel axis).
+    ``arena``: static placement of the program's temporaries (graph/arena.py).
     """
     programs = [
-        _Lowering(joint, mesh, rank, sbps, bucket_bytes, policy, zero_axis, grad_sbps).run() for policy in (True, False)
+        _Lowering(joint, mesh, rank, sbps, bucket_bytes, policy, zero_axis, grad_sbps, arena).run()
+        for policy in (True, False)
     ]
     return min(programs, key=lambda p: p.cost)

@@ -29,6 +29,7 @@ class ProgramMemory:
     gradients: int  # bytes of the gradients it returns (alive until the optimizer step ends)
     peak_line: str  # the generated line where the peak occurs
     live: tuple[int, ...] = ()  # bytes alive after each line of the program, once what dies there is freed
+    arena: int = 0  # bytes of the static placement's arena (graph/arena.py), in every figure above, held always
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -122,7 +123,10 @@ class MemoryReport:
         if self.program.peak >= self.optimizer_step:
             items += self.program.at_peak
         else:
-            items.append((self.optimizer_step, "gradients + optimizer step temporaries"))
+            arena = self.program.arena
+            if arena:
+                items.append((arena, "arena of the program's temporaries (held between steps)"))
+            items.append((self.optimizer_step - arena, "gradients + optimizer step temporaries"))
         return sorted(items, reverse=True)[:n]
 
     def __str__(self) -> str:

@@ -59,6 +59,8 @@ def _held(pm: Any) -> list[torch.Tensor]:
     tensors += [lp.grad for lp in pm.local_params if lp.grad is not None]
     for state in pm.optimizer.state.values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    # static placement's arenas (graph/arena.py), held from a program's first run on
+    tensors += [p.arena.buffer for p in pm.programs.values() if p.arena is not None and p.arena.buffer is not None]
     return tensors
 
 

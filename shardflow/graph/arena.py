@@ -8,15 +8,18 @@ offset free of every placed block alive at the same time. An op writes its resul
 ``out=`` overload; an op without one (attention kernels, collectives, the local functions of sharded ops)
 keeps allocating. The arena is allocated at the program's first run on the device of its arguments and held
 from then on, so a step's placed temporaries cost no allocation and the program's memory is what it says.
+Held whole, it also costs its bytes where the rest of memory peaks: ``select`` keeps out the blocks that
+would raise the predicted peak (``arena=True``); ``arena="all"`` places everything it can (fixed addresses).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
 
@@ -62,6 +65,40 @@ def assign(blocks: Mapping[str, tuple[int, int, int]]) -> tuple[dict[str, int], 
         offsets[key] = offset
         placed.append((offset, offset + size, first, last))
     return offsets, max((e for _, e, _, _ in placed), default=0)
+
+
+def select(blocks: Mapping[str, tuple[int, int, int]], base: Sequence[int]) -> set[str]:
+    """Which of ``blocks`` (key -> (bytes, first line, last line)) to place, given the bytes ``base`` the
+    allocator holds on each line besides them. The arena is held whole, so the peak with placement is about
+    the arena (the most placed bytes alive on any line) plus the allocator's peak, which need not fall on the
+    same line: placing a block can raise the peak. Starting from all of them, blocks leave one at a time,
+    each time the one whose leaving gives the lowest estimate, down to none; the best set on that path wins
+    (the empty set, the plain allocator, is on it: by the estimate, placement never raises the peak)."""
+    keys = list(blocks)
+    if not keys:
+        return set()
+    n = max(len(base), 1 + max(last for _, _, last in blocks.values()))
+    sizes = np.array([-(-max(blocks[k][0], 1) // ALIGN) * ALIGN for k in keys], dtype=np.int64)
+    alive = np.zeros((len(keys), n), dtype=np.int64)
+    for row, k in enumerate(keys):
+        alive[row, blocks[k][1] : blocks[k][2] + 1] = sizes[row]
+    placed = alive.sum(axis=0)
+    other = np.zeros(n, dtype=np.int64)
+    other[: len(base)] = base
+    inside = np.ones(len(keys), dtype=bool)
+    best = int(placed.max() + other.max())
+    best_inside = inside.copy()
+    while inside.any():
+        rows = np.flatnonzero(inside)
+        estimate = (placed[None, :] - alive[rows]).max(axis=1) + (other[None, :] + alive[rows]).max(axis=1)
+        j = int(estimate.argmin())
+        row = rows[j]
+        inside[row] = False
+        placed -= alive[row]
+        other += alive[row]
+        if estimate[j] < best:
+            best, best_inside = int(estimate[j]), inside.copy()
+    return {k for k, keep in zip(keys, best_inside) if keep}
 
 
 @dataclass

@@ -155,7 +155,7 @@ class ParallelModule(Snapshots):
         self.example_inputs: tuple[Any, ...] = ()
         self.zero_axis: int | None = None  # ZeRO-3: the axis parameters are split on and gathered over
         self.programs: dict[Any, Program] = {}
-        self.arena = False  # static placement of each program's temporaries (graph/arena.py)
+        self.arena: bool | str = False  # static placement of each program's temporaries (graph/arena.py)
         self.recomputed: list[str] = []  # modules whose activations are recomputed in backward
         # where the optimizer update of each gradient unit runs (runtime/updates.py): "actors" (threads of
         # their own: GPUs, where the compute thread only launches kernels), "loop" (on the compute thread,
@@ -527,13 +527,14 @@ def compile(
     zero: int = 0,
     memory_limit: int | str | None = None,
     recompute: bool | str | Sequence[str] = False,
-    arena: bool = False,
+    arena: bool | str = False,
 ) -> Any:
     """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see CONTRACT.md.
 
     Returns a ``ParallelModule``, or with ``pipeline=sf.Pipeline(...)`` a ``PipelineModule`` (stages over
     the pipeline axis, data parallel over the others). ``arena=True`` places the step's temporaries at
-    fixed offsets of one buffer, reused by lifetime (static placement, graph/arena.py).
+    fixed offsets of one buffer, reused by lifetime, where that does not raise the predicted peak;
+    ``arena="all"`` places every one it can, whatever the peak (static placement, graph/arena.py).
     """
     if recompute == "auto" and memory_limit is None:
         raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")
@@ -594,7 +595,9 @@ def compile(
         sbps = _input_layouts(input_sbp, mesh, len(example_inputs))
     pm = ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy, zero, dp)
     pm.zero_axis = dp if zero == 3 else None
-    pm.arena = bool(arena)
+    if arena not in (False, True, "all"):
+        raise ValueError(f"arena={arena!r}: choose False, True (where it does not raise the peak) or 'all'")
+    pm.arena = arena
     pm.example_inputs = tuple(example_inputs)
     if recompute == "auto":
         assert limit is not None

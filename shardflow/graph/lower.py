@@ -49,7 +49,7 @@ from shardflow.boxing import (
 from shardflow.boxing.plan import COLLECTIVES, Plan
 from shardflow.comm.collectives import ReduceScattering, reduce_scatter_finish, reduce_scatter_start
 from shardflow.comm.groups import group_for
-from shardflow.graph.arena import Arena, assign, check_outside, check_placed, out_overload
+from shardflow.graph.arena import Arena, assign, check_outside, check_placed, out_overload, select
 from shardflow.ops import LOCALS, PREPARED, WORKSPACE, LocalContext, OpCall, TensorMeta, choose, writes_arg
 from shardflow.ops.select import candidates, communicates, reduces_to_split
 from shardflow.placement.mesh import Mesh
@@ -258,7 +258,7 @@ class _Lowering:
         reduce_to_split: bool,
         zero_axis: int | None = None,
         grad_sbps: Sequence[NdSbp | None] = (),
-        arena: bool = False,
+        arena: bool | str = False,
     ):
         self.joint, self.mesh, self.rank, self.bucket_bytes = joint, mesh, rank, bucket_bytes
         # static placement (graph/arena.py): ops with an out= overload write into blocks of one arena
@@ -900,14 +900,23 @@ class _Lowering:
         ready = [n for calls in self.readies.values() for _, payload, _ in calls for n in payload]
         excluded = {k for v in [*kept, *ready] for k in may.get(v, set(self.refs.get(v, [])))}
         lines = [i for i, (_, _, _, _, keys, _) in self.placeable.items() if not excluded & set(keys)]
-        span: dict[str, tuple[int, int]] = {}
-        for var, held in may.items():
-            if var in first:
-                a, b = first[var], last.get(var, first[var])
-                for key in held:
-                    lo, hi = span.get(key, (a, b))
-                    span[key] = (min(lo, a), max(hi, b))
+        span = self.spans(may, last)
         blocks = {key: (self.storages[key][0], *span[key]) for i in lines for key in self.placeable[i][4]}
+        # what stays with the allocator, line by line: the arena is held whole, so only blocks that lower
+        # the peak of both together are placed (an op's outputs all, or none)
+        base = [0] * (len(self.lines) + 1)
+        for key, (a, b) in self.spans(self.refs, self.last_uses()).items():
+            if key not in blocks:
+                base[a] += self.storages[key][0]
+                base[b + 1] -= self.storages[key][0]
+        base = list(itertools.accumulate(base))[: len(self.lines)]
+        for i, staging in self.transient.items():
+            base[i] += staging
+        chosen = set(blocks) if self.arena == "all" else select(blocks, base)
+        lines = [i for i in lines if all(key in chosen for key in self.placeable[i][4])]
+        if not lines:
+            return
+        blocks = {key: blocks[key] for i in lines for key in self.placeable[i][4]}
         offsets, nbytes = assign(blocks)
         order = sorted(blocks, key=lambda k: (offsets[k], k))
         self.placed = {key: j for j, key in enumerate(order)}
@@ -1137,19 +1146,7 @@ class _Lowering:
     def timeline(self, returned: list[str]) -> ProgramMemory:
         """Bytes this rank's program holds line by line (storages from their line to the last use of any
         variable that refers to them), its peak, what is alive there, and what the program returns."""
-        first: dict[str, int] = {}
-        for i, (_, _, defined) in enumerate(self.lines):
-            for name in defined:
-                first.setdefault(name, i)
-        last = self.last_uses()
-        span: dict[str, tuple[int, int]] = {}
-        for var, keys in self.refs.items():
-            if var not in first:
-                continue
-            a, b = first[var], last.get(var, first[var])
-            for key in keys:
-                lo, hi = span.get(key, (a, b))
-                span[key] = (min(lo, a), max(hi, b))
+        span = self.spans(self.refs, self.last_uses())
         for key in self.placed:  # in the arena, held whole from the first run on
             span.pop(key, None)
         arena = self.arena_plan.nbytes if self.arena_plan is not None else 0
@@ -1183,6 +1180,23 @@ class _Lowering:
             live_at.append(running - ends[i])
         gradients = sum(self.storages[k][0] for k in kept)
         return ProgramMemory(peak, alive, gradients, self.lines[at][0], tuple(live_at), arena)
+
+    def spans(self, holds: dict[str, Any], last: dict[str, int]) -> dict[str, tuple[int, int]]:
+        """Each storage's first and last line: from the line making the first variable that holds it (per
+        ``holds``) to the last use (per ``last``) of any of them."""
+        first: dict[str, int] = {}
+        for i, (_, _, defined) in enumerate(self.lines):
+            for name in defined:
+                first.setdefault(name, i)
+        span: dict[str, tuple[int, int]] = {}
+        for var, keys in holds.items():
+            if var not in first:
+                continue
+            a, b = first[var], last.get(var, first[var])
+            for key in keys:
+                lo, hi = span.get(key, (a, b))
+                span[key] = (min(lo, a), max(hi, b))
+        return span
 
     def saved(self) -> list[str]:
         """A stage's variables made by its forward and used by its backward (what the forward returns)."""
@@ -1249,7 +1263,7 @@ def lower(
     bucket_bytes: int = 4 * 2**20,
     zero_axis: int | None = None,
     grad_sbps: Sequence[NdSbp | None] = (),
-    arena: bool = False,
+    arena: bool | str = False,
 ) -> Program:
     """This rank's program for ``joint`` with one layout per placeholder (params, buffers, inputs).
 
@@ -1260,7 +1274,8 @@ def lower(
     communication the cost model prices lower wins (ties: the first). Every rank makes the same choice:
     costs come from layouts and shapes only. ``grad_sbps`` (per parameter, None: the default) asks for
     gradients in another layout than their parameter's (ZeRO-2: split on the data-parallel axis).
-    ``arena``: static placement of the program's temporaries (graph/arena.py).
+    ``arena``: static placement of the program's temporaries (graph/arena.py): True where it does not
+    raise the peak, ``"all"`` every one that can be placed.
     """
     programs = [
         _Lowering(joint, mesh, rank, sbps, bucket_bytes, policy, zero_axis, grad_sbps, arena).run()

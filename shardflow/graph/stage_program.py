@@ -27,7 +27,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from shardflow.comm.init import world
 from shardflow.graph.lower import Joint, Program, lower
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, Placement, grad_sbp
+from shardflow.placement.sbp import B, NdSbp, P, Placement, grad_sbp
 from shardflow.tensor.global_tensor import GlobalTensor, wrap
 
 
@@ -106,6 +106,7 @@ class StageProgram:
         layouts: Mapping[int, Placement],
         mesh: Mesh,
         args: Sequence[Any],
+        partial: frozenset[int] = frozenset(),
         bucket_bytes: int = 4 * 2**20,
     ) -> None:
         needs_grad = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
@@ -121,7 +122,14 @@ class StageProgram:
             *[(B,) if t else None for t in tensor],
             *[(B,)] * self.traced.joint.n_grads_in,
         ]
-        self.program: Program = lower(self.traced.joint, mesh, world()[0], sbps, bucket_bytes)
+        # parameters in ``partial`` (by id) get their gradients as partial sums (P): the pipeline sums them over
+        # micro-batches and reduces once per step; the others' leave the program in their gradient layout
+        self.grad_sbps: list[NdSbp] = [
+            (P,) if id(p) in partial else grad_sbp(sbp) for p, sbp in zip(self.params, self.param_sbps)
+        ]
+        self.program: Program = lower(
+            self.traced.joint, mesh, world()[0], sbps, bucket_bytes, grad_sbps=list(self.grad_sbps)
+        )
         self.ran = False
 
     def __call__(self, args: Sequence[Any]) -> list[Any]:
@@ -142,7 +150,7 @@ class StageProgram:
         out: list[Any] = [None] * len(self.params)
         for k, g in zip(self.traced.joint.grad_of, grads):
             p = self.params[k]
-            out[k] = wrap(g, self.mesh, grad_sbp(self.param_sbps[k]), p.shape) if isinstance(p, GlobalTensor) else g
+            out[k] = wrap(g, self.mesh, self.grad_sbps[k], p.shape) if isinstance(p, GlobalTensor) else g
         return out, input_grads
 
 

@@ -57,7 +57,9 @@ from shardflow.tensor.global_tensor import GlobalTensor, wrap
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 # (stage module, layout per parameter id, the stage's tp mesh, example args) -> a callable ``(args) -> outputs``
-StageProgramFactory = Callable[[nn.Module, Mapping[int, Placement], Mesh, Sequence[Any]], Any]
+# (stage module, layout per parameter id, the stage's tp row, example arguments, ids of the parameters whose
+# gradients the program leaves as partial sums) -> a lowered stage program (graph/stage_program.py)
+StageProgramFactory = Callable[[nn.Module, Mapping[int, Placement], Mesh, Sequence[Any], frozenset[int]], Any]
 Meta = list[tuple[torch.Size, torch.dtype]]
 
 
@@ -275,10 +277,29 @@ class PipelineModule(Snapshots):
         self.opt_params = [local(p) for p in self.params]
         self.optimizer = optimizer(self.opt_params) if self.params else None  # type: ignore[arg-type]  # a stage of activations only
         self.bucket_bytes = 4 * 2**20
+        # a tensor-parallel stage leaves the gradients of its replicated parameters (layer norms, row-parallel
+        # biases, tied copies) as partial sums over its tp ranks: summed over the micro-batches as they are,
+        # then one all-reduce over the stage's ranks (tp and dp at once) per step, instead of an all-reduce
+        # over tp in every micro-batch's backward and one over dp at the end
+        self.partial = frozenset(
+            id(p)
+            for n, p in self.named.items()
+            if self.tp_mesh is not None and p.requires_grad and self.layouts[self.stage].get(n, B) == B
+        )
+        for p in self.params:
+            if id(p) in self.partial:  # the eager gradient-layout hook (global_tensor.py) must leave them partial
+                p._sf_partial_grad = True  # type: ignore[attr-defined]
         self.buckets = _Buckets(
-            [p for n, p in self.named.items() if n not in self.split.tied],
+            [p for n, p in self.named.items() if n not in self.split.tied and id(p) not in self.partial],
             group_for(self.dp_ranks).group if self.dp > 1 else None,
             self.dp,
+            self.bucket_bytes,
+        )
+        stage_ranks = self.stage_ranks[self.stage]
+        self.partial_buckets = _Buckets(
+            [p for n, p in self.named.items() if n not in self.split.tied and id(p) in self.partial],
+            group_for(stage_ranks).group if self.partial else None,
+            len(stage_ranks) if self.partial else 1,
             self.bucket_bytes,
         )
         self._last_backward = False
@@ -368,6 +389,7 @@ class PipelineModule(Snapshots):
     def _grad_ready(self, p: torch.Tensor) -> None:
         if self._last_backward:
             self.buckets.ready(p)  # type: ignore[arg-type]
+            self.partial_buckets.ready(p)  # type: ignore[arg-type]
 
     # -- a step ------------------------------------------------------------------------------------------
     def step(self, *inputs: Any, trace: str | None = None) -> float:
@@ -393,16 +415,16 @@ class PipelineModule(Snapshots):
         losses = self._run_schedule(micro, weights)
         with self.recorder.span("all-reduce", "all-reduce gradients"):
             self.buckets.finish()
+            self.partial_buckets.finish()
             for name, group in self.tied_groups.items():
                 p = self.named[name]
                 if p.grad is None:
                     set_local_grad(p, torch.zeros_like(local(p)))
                 # every data-parallel rank of every holding stage has a part of the sum (tied copies stay out
-                # of the buckets); a tensor-parallel stage holds them whole on each tp rank: one rank counts
+                # of the buckets), each tp rank of a tensor-parallel stage a partial sum
                 g = local_grad(p)
-                if self.tp_index:
-                    g.zero_()
                 dist.all_reduce(g, group=group)
+                set_local_grad(p, g)  # a tp stage's partial sum (P) is now the whole gradient
         with self.recorder.span("optimizer", "optimizer"):
             if self.max_grad_norm is not None:
                 self._clip(self.max_grad_norm)
@@ -522,7 +544,9 @@ class PipelineModule(Snapshots):
                 raise ValueError(f"stage {self.stage} needs a program but no stage_program was given")
             layouts = self.layouts[self.stage]
             by_id = {id(p): layouts.get(name, B) for name, p in self.named.items()}
-            program = self.programs[signature] = self.stage_program(self.modules[key], by_id, self.row_mesh, args)
+            program = self.programs[signature] = self.stage_program(
+                self.modules[key], by_id, self.row_mesh, args, self.partial
+            )
         return program
 
     def _program(self, micro: list[Any]) -> Any:
@@ -629,7 +653,9 @@ class PipelineModule(Snapshots):
             # a tensor-parallel stage's optimizer steps the local shards (plain tensors, no requires_grad)
             tp = self.tp_mesh is not None
             state, temp, note = optimizer_bytes(self.optimizer, tp) if self.optimizer else (0, 0, "no parameters")
-            buckets = grads if self.dp > 1 else 0
+            buckets = unique_bytes(
+                [local(p).detach() for b in (self.buckets, self.partial_buckets) if b.size > 1 for p in b.params]
+            )
             # a tp stage's gradients are GlobalTensors, which autograd accumulates out of place (old + new)
             summing = grads if self.tp_mesh is not None else 0
             during, action, k, with_grads = memory_peak(self.order, act, grads, temps, summing)
@@ -805,6 +831,11 @@ class PipelineModule(Snapshots):
                 f"  stage {self.stage} runs as a lowered program on rank {world()[0]}'s shards, per micro-batch: "
                 f"{said or 'no communication'}"
             )
+            if self.partial:
+                lines.append(
+                    f"  stage {self.stage}: {len(self.partial)} replicated parameters' gradients stay partial sums "
+                    f"over tp through the micro-batches, then one all_reduce over the stage's {len(self.stage_ranks[self.stage])} ranks"
+                )
         return "\n".join(lines)
 
 

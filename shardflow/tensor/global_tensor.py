@@ -123,6 +123,8 @@ def _dispatcher() -> Any:
 
 def _to_grad_layout(p: torch.Tensor) -> None:
     g = p.grad
+    if getattr(p, "_sf_partial_grad", False):  # its holder sums partial gradients and reduces them itself
+        return
     if isinstance(p, GlobalTensor) and isinstance(g, GlobalTensor):
         want = grad_sbp(p.sbp)
         if g.sbp != want:

@@ -64,7 +64,7 @@ from shardflow.placement.sbp import (
     is_split,
     normalize_sbp,
 )
-from shardflow.placement.shard import relative_shard
+from shardflow.placement.shard import relative_shard, take_local
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.host_memory import keep_host_memory
 from shardflow.runtime.memory import (
@@ -78,6 +78,7 @@ from shardflow.runtime.memory import (
 )
 from shardflow.runtime.pipeline import Pipeline, PipelineModule
 from shardflow.runtime.stages import blocks
+from shardflow.runtime.staging import Staging
 from shardflow.runtime.trace import Event
 from shardflow.runtime.updates import UpdateActors
 from shardflow.tensor.api import distribute
@@ -156,6 +157,7 @@ class ParallelModule(Snapshots):
         self.zero_axis: int | None = None  # ZeRO-3: the axis parameters are split on and gathered over
         self.programs: dict[Any, Program] = {}
         self.arena: bool | str = False  # static placement of each program's temporaries (graph/arena.py)
+        self.staging = Staging()  # pinned host buffers the inputs' shards are copied to the device through
         self.recomputed: list[str] = []  # modules whose activations are recomputed in backward
         # where the optimizer update of each gradient unit runs (runtime/updates.py): "actors" (threads of
         # their own: GPUs, where the compute thread only launches kernels), "loop" (on the compute thread,
@@ -185,13 +187,14 @@ class ParallelModule(Snapshots):
         if len(inputs) != len(self.input_sbp):
             raise ValueError(f"step() got {len(inputs)} inputs; the model was compiled with {len(self.input_sbp)}")
         out = []
-        for x, sbp in zip(inputs, self.input_sbp):
+        for i, (x, sbp) in enumerate(zip(inputs, self.input_sbp)):
             if isinstance(x, GlobalTensor):
                 out.append(x if x.mesh == self.mesh and x.sbp == sbp else x.redistribute(sbp, mesh=self.mesh))
             elif isinstance(x, torch.Tensor) and P not in sbp:
-                # the full batch, the same on every rank (CONTRACT): each rank slices its shard, no messages
-                full = wrap(x.detach().to(self.mesh.device), self.mesh, (B,) * self.mesh.ndim, x.shape)
-                out.append(box(full, self.mesh, sbp))
+                # the full batch, the same on every rank (CONTRACT): each rank slices its shard on the host, no
+                # messages, and copies only that to its device (through a pinned buffer: runtime/staging.py)
+                piece = take_local(x.detach(), sbp, self.mesh.shape, self.mesh.coord_of(world()[0]))
+                out.append(wrap(self.staging.to_device(i, piece, self.mesh.device), self.mesh, sbp, x.shape))
             elif isinstance(x, torch.Tensor):
                 out.append(distribute(x, self.mesh, sbp))
             else:

@@ -1,0 +1,30 @@
+"""Inputs' shards reach the device through pinned buffers kept per input (runtime/staging.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardflow.runtime.staging import Staging
+
+
+def test_a_cpu_mesh_uses_the_shard_as_it_is():
+    staging = Staging()
+    piece = torch.arange(12.0).reshape(3, 4)[1:]
+    out = staging.to_device(0, piece, torch.device("cpu"))
+    assert out.data_ptr() == piece.data_ptr() and not staging.buffers  # no copy, no buffer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_copies_go_through_one_pinned_buffer_per_input():
+    staging = Staging()
+    device = torch.device("cuda")
+    first = staging.to_device(0, torch.ones(4, 8), device)
+    buffer = staging.buffers[0][0]
+    assert buffer.is_pinned()
+    second = staging.to_device(0, torch.full((4, 8), 2.0), device)  # the same buffer, refilled after the copy
+    assert staging.buffers[0][0].data_ptr() == buffer.data_ptr()
+    assert torch.equal(first.cpu(), torch.ones(4, 8)) and torch.equal(second.cpu(), torch.full((4, 8), 2.0))
+    staging.to_device(0, torch.ones(2, 8), device)  # another shape: a new buffer
+    assert staging.buffers[0][0].shape == (2, 8)

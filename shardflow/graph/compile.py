@@ -70,6 +70,7 @@ from shardflow.runtime.host_memory import keep_host_memory
 from shardflow.runtime.memory import (
     MemoryReport,
     ProgramMemory,
+    device_limit,
     fmt_bytes,
     optimizer_bytes,
     parse_bytes,
@@ -541,6 +542,8 @@ def compile(
     """
     if recompute == "auto" and memory_limit is None:
         raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")
+    if memory_limit is None:  # on GPUs: what the devices can still give (the least over the ranks)
+        memory_limit = device_limit(mesh.device_type)
     keep_host_memory()  # steps reuse freed host blocks instead of page-faulting fresh ones (host_memory.py)
     if pipeline is not None:
         if not isinstance(pipeline, Pipeline):

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,21 @@ def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
     for t in tensors:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+def device_limit(device_type: str) -> int | None:
+    """The default ``memory_limit``: on a CUDA mesh, the bytes the device can still give (free, plus blocks
+    torch's caching allocator holds unused), the least over the job's ranks so that every rank reaches the same
+    verdict (collective); None elsewhere (no verdict unless asked for)."""
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    mine = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        least = torch.tensor([mine], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        mine = int(least.item())
+    return mine
 
 
 def parse_bytes(limit: int | str) -> int:

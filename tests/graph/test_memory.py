@@ -22,11 +22,11 @@ def _predict_and_measure(kind: str, strategy: str) -> tuple[int, int, str]:
     return report.peak, measured, str(report)
 
 
-# NOTE: the GPT under tp is not in this test: its prediction is ~20% low and the measurement swings
-# between runs (gloo's staging buffers inside batch-split attention are not modelled); BENCHMARKS.md
-# reports it. The cases here agree within 1%, checked at the 10%. The CNN's peak is inside the
-# batch-norm backward that computes global-batch statistics: its temporaries are priced by WORKSPACE.
-@pytest.mark.parametrize("kind, strategy", [("mlp", "dp"), ("mlp", "tp"), ("gpt", "dp"), ("cnn", "dp")])
+# NOTE: the cases here agree within 1%, checked at the 10%, but for the GPT under tp, whose
+# measurement swings between runs by up to 5% (gloo's staging blocks, allocated on its own threads, counted
+# for their moment). The CNN's peak is inside the batch-norm backward that computes global-batch
+# statistics: its temporaries are priced by WORKSPACE.
+@pytest.mark.parametrize("kind, strategy", [("mlp", "dp"), ("mlp", "tp"), ("gpt", "dp"), ("gpt", "tp"), ("cnn", "dp")])
 def test_predicted_peak_matches_measured(kind, strategy):
     for predicted, measured, text in run_on_ranks(2, _predict_and_measure, kind, strategy, timeout=300):
         assert abs(measured - predicted) <= 0.1 * measured, (predicted, measured, text)

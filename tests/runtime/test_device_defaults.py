@@ -1,4 +1,5 @@
-"""Inputs' shards reach the device through pinned buffers kept per input (runtime/staging.py)."""
+"""What compiled steps do on a device: inputs' shards reach it through pinned buffers kept per input
+(runtime/staging.py); on GPUs the default memory limit is what the devices can still give."""
 
 from __future__ import annotations
 
@@ -28,3 +29,19 @@ def test_gpu_copies_go_through_one_pinned_buffer_per_input():
     assert torch.equal(first.cpu(), torch.ones(4, 8)) and torch.equal(second.cpu(), torch.full((4, 8), 2.0))
     staging.to_device(0, torch.ones(2, 8), device)  # another shape: a new buffer
     assert staging.buffers[0][0].shape == (2, 8)
+
+
+def test_no_default_memory_limit_off_gpu():
+    from shardflow.runtime.memory import device_limit
+
+    assert device_limit("cpu") is None  # a CPU plan is only refused when asked to fit a limit
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_default_memory_limit_is_what_the_device_can_give():
+    from shardflow.runtime.memory import device_limit
+
+    free, total = torch.cuda.mem_get_info()
+    limit = device_limit("cuda")
+    assert limit is not None and free <= limit <= total

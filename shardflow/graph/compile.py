@@ -542,6 +542,8 @@ def compile(
     """
     if recompute == "auto" and memory_limit is None:
         raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")
+    if arena not in (False, True, "all"):
+        raise ValueError(f"arena={arena!r}: choose False, True (where it does not raise the peak) or 'all'")
     if memory_limit is None:  # on GPUs: what the devices can still give (the least over the ranks)
         memory_limit = device_limit(mesh.device_type)
     keep_host_memory()  # steps reuse freed host blocks instead of page-faulting fresh ones (host_memory.py)
@@ -549,7 +551,7 @@ def compile(
         if not isinstance(pipeline, Pipeline):
             raise TypeError(f"pipeline must be sf.Pipeline(...), got {type(pipeline).__name__}")
         unsupported = {"hints": bool(hints), "input_sbp": input_sbp is not None}
-        unsupported |= {"zero": zero != 0, "recompute": bool(recompute), "arena": bool(arena)}
+        unsupported |= {"zero": zero != 0, "recompute": bool(recompute)}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(
@@ -568,6 +570,7 @@ def compile(
             strategy,
             _stage_layouts(model, example_inputs),
             StageProgram,
+            arena,
         )
         if memory_limit is not None:
             _check_pipeline_fits(pp, parse_bytes(memory_limit), model, optimizer, max_grad_norm)
@@ -601,8 +604,6 @@ def compile(
         sbps = _input_layouts(input_sbp, mesh, len(example_inputs))
     pm = ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy, zero, dp)
     pm.zero_axis = dp if zero == 3 else None
-    if arena not in (False, True, "all"):
-        raise ValueError(f"arena={arena!r}: choose False, True (where it does not raise the peak) or 'all'")
     pm.arena = arena
     pm.example_inputs = tuple(example_inputs)
     if recompute == "auto":
@@ -717,6 +718,7 @@ def _check_pipeline_fits(
             pm.strategy,
             pm.tp_layouts,
             pm.stage_program,
+            pm.arena,
         )
         fixes.append((max(alt.memory().peaks or [0]), what))
     raise _refusal(limit, report, fixes)

@@ -107,6 +107,7 @@ class StageProgram:
         mesh: Mesh,
         args: Sequence[Any],
         partial: frozenset[int] = frozenset(),
+        arena: bool | str = False,
         bucket_bytes: int = 4 * 2**20,
     ) -> None:
         needs_grad = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
@@ -128,7 +129,7 @@ class StageProgram:
             (P,) if id(p) in partial else grad_sbp(sbp) for p, sbp in zip(self.params, self.param_sbps)
         ]
         self.program: Program = lower(
-            self.traced.joint, mesh, world()[0], sbps, bucket_bytes, grad_sbps=list(self.grad_sbps)
+            self.traced.joint, mesh, world()[0], sbps, bucket_bytes, grad_sbps=list(self.grad_sbps), arena=arena
         )
         self.ran = False
 

@@ -58,8 +58,11 @@ from shardflow.tensor.global_tensor import GlobalTensor, wrap
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 # (stage module, layout per parameter id, the stage's tp mesh, example args) -> a callable ``(args) -> outputs``
 # (stage module, layout per parameter id, the stage's tp row, example arguments, ids of the parameters whose
-# gradients the program leaves as partial sums) -> a lowered stage program (graph/stage_program.py)
-StageProgramFactory = Callable[[nn.Module, Mapping[int, Placement], Mesh, Sequence[Any], frozenset[int]], Any]
+# gradients the program leaves as partial sums, static placement: graph/arena.py) -> a lowered stage program
+# (graph/stage_program.py)
+StageProgramFactory = Callable[
+    [nn.Module, Mapping[int, Placement], Mesh, Sequence[Any], frozenset[int], bool | str], Any
+]
 Meta = list[tuple[torch.Size, torch.dtype]]
 
 
@@ -184,12 +187,14 @@ class PipelineModule(Snapshots):
         strategy: str = "dp",
         tp_layouts: Callable[[Mesh], dict[str, NdSbp]] | None = None,
         stage_program: StageProgramFactory | None = None,
+        arena: bool | str = False,
     ) -> None:
         self.mesh, self.pipeline, self.max_grad_norm, self.strategy = mesh, pipeline, max_grad_norm, strategy
         self.tp_layouts = tp_layouts  # kept for the plans memory_limit prices (they share its one capture)
         # makes a stage's lowered program (the compiler's, graph/stage_program.py: handed in, as the
         # compiler sits above the runtime): a tensor-parallel stage runs it; any stage counts memory by it
         self.stage_program = stage_program
+        self.arena = arena  # static placement of a tensor-parallel stage program's temporaries (graph/arena.py)
         # each stage's ranks as grid[dp][tp]: data parallel over its rows, tensor parallel along them
         self.grids = [_grid(m, s, strategy) for s, m in enumerate(_stages(mesh, pipeline))]
         self.stage_ranks = [tuple(r for row in g for r in row) for g in self.grids]
@@ -544,8 +549,9 @@ class PipelineModule(Snapshots):
                 raise ValueError(f"stage {self.stage} needs a program but no stage_program was given")
             layouts = self.layouts[self.stage]
             by_id = {id(p): layouts.get(name, B) for name, p in self.named.items()}
+            arena = self.arena if self.tp_mesh is not None else False  # a dp stage's program only counts
             program = self.programs[signature] = self.stage_program(
-                self.modules[key], by_id, self.row_mesh, args, self.partial
+                self.modules[key], by_id, self.row_mesh, args, self.partial, arena
             )
         return program
 
@@ -647,7 +653,8 @@ class PipelineModule(Snapshots):
                 held = [*held, *self._meta(first)[self.stage]]
             act = lowered.saved_bytes + sum(math.prod(shape) * dtype.itemsize for shape, dtype in held)
             assert lowered.memory is not None
-            temps = max(lowered.memory.peak - lowered.saved_bytes, 0)
+            arena = lowered.arena.nbytes if lowered.arena is not None else 0  # held from the first step on
+            temps = max(lowered.memory.peak - lowered.saved_bytes - arena, 0)
             params = unique_bytes([local(p).detach() for p in self.params])
             grads = unique_bytes([local(p).detach() for p in self.params if p.requires_grad])
             # a tensor-parallel stage's optimizer steps the local shards (plain tensors, no requires_grad)
@@ -672,6 +679,8 @@ class PipelineModule(Snapshots):
                 where = f"stage {self.stage}: gradient all-reduce"
             program = ProgramMemory(during, sorted(at_peak, reverse=True), grads, where)
             persistent = {"parameters": params, "optimizer state": state}
+            if arena:
+                persistent["arena of the stage program"] = arena
             report = MemoryReport(world()[0], persistent, program, grads + temp, note)
         else:
             report = MemoryReport(world()[0], {}, ProgramMemory(0, [], 0, ""), 0, "no stage on this rank")

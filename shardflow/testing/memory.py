@@ -204,6 +204,8 @@ def measure_pipeline_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
             if pm.optimizer is not None:
                 for state in pm.optimizer.state.values():
                     tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+            arenas = [p.program.arena for p in pm.programs.values() if p.program.arena is not None]
+            tensors += [a.buffer for a in arenas if a.buffer is not None]  # held from the first step on
             base, addresses = storage_bytes(tensors), storage_addresses(tensors)
             del tensors  # the step frees some of these: no reference may keep them
             mark = torch.empty(_MARK, dtype=torch.uint8)

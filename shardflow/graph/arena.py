@@ -90,6 +90,9 @@ def select(blocks: Mapping[str, tuple[int, int, int]], base: Sequence[int]) -> s
     best_inside = inside.copy()
     while inside.any():
         rows = np.flatnonzero(inside)
+        # only a block alive where the placed bytes peak can lower the arena (others only add to the rest)
+        at_peak = np.flatnonzero(placed == placed.max())
+        rows = rows[(alive[rows][:, at_peak] > 0).any(axis=1)] if placed.max() > 0 else rows
         estimate = (placed[None, :] - alive[rows]).max(axis=1) + (other[None, :] + alive[rows]).max(axis=1)
         j = int(estimate.argmin())
         row = rows[j]

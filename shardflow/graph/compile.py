@@ -33,7 +33,7 @@ import fnmatch
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -76,6 +76,7 @@ from shardflow.runtime.memory import (
     parse_bytes,
     unique_bytes,
     update_temporaries,
+    with_every_peak,
 )
 from shardflow.runtime.pipeline import Pipeline, PipelineModule
 from shardflow.runtime.stages import blocks
@@ -268,12 +269,7 @@ class ParallelModule(Snapshots):
             report = MemoryReport(rank, persistent, program.memory, update, note)
         else:
             report = MemoryReport(rank, {}, ProgramMemory(0, [], 0, ""), 0, "no part of the model on this rank")
-        if torch.distributed.is_initialized():
-            mine = torch.tensor([report.peak], dtype=torch.int64)
-            every = torch.zeros(world()[1], dtype=torch.int64)
-            torch.distributed.all_gather_into_tensor(every, mine)
-            report = dataclasses.replace(report, peaks=tuple(int(v) for v in every))
-        return report
+        return with_every_peak(report)
 
     def _static_step(self, inputs: Sequence[Any], trace: str | None = None) -> float:
         if self.updates not in ("actors", "loop", "inline", "after"):
@@ -518,6 +514,18 @@ def _input_layouts(input_sbp: Any, mesh: Mesh, n: int) -> list[NdSbp]:
     )
 
 
+_PRICING: list[bool] = []  # non-empty while a refusal prices other plans: they get no default limit of their own
+
+
+@contextlib.contextmanager
+def _pricing() -> Iterator[None]:
+    _PRICING.append(True)
+    try:
+        yield
+    finally:
+        _PRICING.pop()
+
+
 def compile(
     model: nn.Module,
     mesh: Mesh,
@@ -544,7 +552,7 @@ def compile(
         raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")
     if arena not in (False, True, "all"):
         raise ValueError(f"arena={arena!r}: choose False, True (where it does not raise the peak) or 'all'")
-    if memory_limit is None:  # on GPUs: what the devices can still give (the least over the ranks)
+    if memory_limit is None and not _PRICING:  # on GPUs: what the devices can still give (least over ranks)
         memory_limit = device_limit(mesh.device_type)
     keep_host_memory()  # steps reuse freed host blocks instead of page-faulting fresh ones (host_memory.py)
     if pipeline is not None:
@@ -756,7 +764,8 @@ def _check_fits(
         if strategy == pm.strategy:
             continue
         try:
-            alt = compile(model, pm.mesh, plain, strategy, hints, None, optimizer, max_grad_norm, arena=pm.arena)
+            with _pricing():
+                alt = compile(model, pm.mesh, plain, strategy, hints, None, optimizer, max_grad_norm, arena=pm.arena)
         except ValueError:
             continue  # the mesh has no axis for it, or the hints do not apply
         fixes.append((max(alt.memory().peaks or [0]), f"strategy={strategy!r}"))
@@ -764,17 +773,18 @@ def _check_fits(
     if dp is not None and pm.mesh.shape[dp] > 1:
         for stage in (2, 3):
             if stage > pm.zero:
-                alt = compile(
-                    model,
-                    pm.mesh,
-                    plain,
-                    pm.strategy,
-                    hints,
-                    None,
-                    optimizer,
-                    max_grad_norm,
-                    zero=stage,
-                    arena=pm.arena,
-                )
+                with _pricing():
+                    alt = compile(
+                        model,
+                        pm.mesh,
+                        plain,
+                        pm.strategy,
+                        hints,
+                        None,
+                        optimizer,
+                        max_grad_norm,
+                        zero=stage,
+                        arena=pm.arena,
+                    )
                 fixes.append((max(alt.memory().peaks or [0]), f"zero={stage} (ZeRO stage {stage} on the dp axis)"))
     raise _refusal(limit, report, fixes)

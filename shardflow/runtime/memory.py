@@ -13,6 +13,7 @@ kinds of plan report memory one way.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,18 @@ def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
     for t in tensors:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+def with_every_peak(report: MemoryReport) -> MemoryReport:
+    """``report`` with every rank's peak (collective over the job; on a CUDA tensor under NCCL, which
+    moves no host tensors)."""
+    if not dist.is_initialized():
+        return report
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mine = torch.tensor([report.peak], dtype=torch.int64, device=device)
+    every = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(every, mine)
+    return dataclasses.replace(report, peaks=tuple(int(v) for v in every.cpu()))
 
 
 def device_limit(device_type: str) -> int | None:

@@ -28,7 +28,6 @@ BatchNorm is refused (per-micro-batch statistics are not the serial model's).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -49,7 +48,14 @@ from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, Placement, is_split
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.crossing import Piece, crossing
-from shardflow.runtime.memory import MemoryReport, ProgramMemory, fmt_bytes, optimizer_bytes, unique_bytes
+from shardflow.runtime.memory import (
+    MemoryReport,
+    ProgramMemory,
+    fmt_bytes,
+    optimizer_bytes,
+    unique_bytes,
+    with_every_peak,
+)
 from shardflow.runtime.schedule import SCHEDULES, Action, bubble, in_flight, memory_peak, stage_order
 from shardflow.runtime.stages import Split, balanced_split_points, canonical_names, split_model
 from shardflow.runtime.tensor_stage import local, local_grad, set_local_grad, shard_stage
@@ -684,12 +690,7 @@ class PipelineModule(Snapshots):
             report = MemoryReport(world()[0], persistent, program, grads + temp, note)
         else:
             report = MemoryReport(world()[0], {}, ProgramMemory(0, [], 0, ""), 0, "no stage on this rank")
-        if dist.is_initialized():
-            mine = torch.tensor([report.peak], dtype=torch.int64)
-            every = torch.zeros(world()[1], dtype=torch.int64)
-            dist.all_gather_into_tensor(every, mine)
-            report = dataclasses.replace(report, peaks=tuple(int(v) for v in every))
-        return report
+        return with_every_peak(report)
 
     # -- snapshots ---------------------------------------------------------------------------------------
     # NOTE: the format is ParallelModule's (``model.<name>``, ``optim.<name>.<key>``, scalars by the index of

@@ -6,7 +6,8 @@ all of it. The copy goes through a page-locked buffer kept per input (allocated 
 so ``non_blocking`` makes it asynchronous on the current stream, ordered before the step's kernels; an event
 recorded after it keeps the next step from refilling the buffer while the copy may still read it (PyTorch's
 DataLoader pins whole batches per step instead; here the buffer is part of the static plan). On a CPU mesh
-the shard is used as it is.
+the shard is copied once into storage of its own: a step never aliases the caller's batch (the program may
+keep or update what it is given), and the memory plan counts the shard, not the whole batch behind a view.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ class Staging:
         self.buffers: dict[int, tuple[torch.Tensor, Any]] = {}  # slot -> (pinned buffer, event after its copy)
 
     def to_device(self, slot: int, piece: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``piece`` (a host tensor) on ``device``: itself on a CPU, else copied through slot's pinned buffer."""
-        if device.type == "cpu" or piece.device.type != "cpu":
+        """``piece`` (a host tensor) on ``device``: a copy of its own on a CPU, else copied through slot's
+        pinned buffer."""
+        if device.type == "cpu":
+            return piece.clone(memory_format=torch.contiguous_format)
+        if piece.device.type != "cpu":
             return piece.to(device)
         held = self.buffers.get(slot)
         if held is None or held[0].shape != piece.shape or held[0].dtype != piece.dtype:

@@ -59,3 +59,28 @@ def test_bad_limit_is_a_clear_error():
     with pytest.raises(ValueError, match="memory_limit"):
         sf.runtime.memory.parse_bytes("lots")
     assert sf.runtime.memory.parse_bytes("1.5 GiB") == int(1.5 * 2**30)
+
+
+def _default_limit_refuses() -> str:
+    import importlib
+
+    compiling = importlib.import_module("shardflow.graph.compile")  # the module (the package exports the function)
+
+    model, data = memory_case("mlp")
+    mesh = sf.Mesh("cpu", (2,), names=("dp",))
+    saved = compiling.device_limit
+    # what a GPU would report as free (the default limit applies to CUDA meshes; this one is told 20 MiB)
+    compiling.device_limit = lambda device_type: 20 * 2**20  # type: ignore[assignment]
+    try:
+        with pytest.raises(sf.MemoryPlanError) as err:
+            sf.compile(model, mesh, example_inputs=data, strategy="dp")
+    finally:
+        compiling.device_limit = saved  # type: ignore[assignment]
+    return str(err.value)
+
+
+def test_the_default_limit_refuses_and_prices_other_plans_without_their_own_verdict():
+    # the other strategies and ZeRO stages are compiled to be priced: they take no default limit of their own,
+    # which made each refuse in turn and price the first again, without end
+    for message in run_on_ranks(2, _default_limit_refuses, timeout=300):
+        assert "strategy='tp'" in message and "zero=3 (ZeRO stage 3" in message, message

@@ -9,11 +9,14 @@ import torch
 from shardflow.runtime.staging import Staging
 
 
-def test_a_cpu_mesh_uses_the_shard_as_it_is():
+def test_a_cpu_mesh_copies_the_shard_into_its_own_storage():
     staging = Staging()
-    piece = torch.arange(12.0).reshape(3, 4)[1:]
+    batch = torch.arange(12.0).reshape(3, 4)
+    piece = batch[1:]
     out = staging.to_device(0, piece, torch.device("cpu"))
-    assert out.data_ptr() == piece.data_ptr() and not staging.buffers  # no copy, no buffer
+    assert torch.equal(out, piece) and out.untyped_storage().nbytes() == piece.nbytes  # the shard, not the batch
+    out.add_(1)
+    assert torch.equal(batch, torch.arange(12.0).reshape(3, 4)) and not staging.buffers  # the caller's untouched
 
 
 @pytest.mark.gpu

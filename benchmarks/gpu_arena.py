@@ -1,0 +1,140 @@
+"""One GPU: a compiled GPT step with its temporaries left to the caching allocator, placed where it does not
+raise the peak (``arena=True``) or all placed (``arena="all"``), against the same model in plain eager
+PyTorch; and each plan's predicted peak against ``torch.cuda.max_memory_allocated``.
+
+Single rank (NCCL cannot run two ranks on one GPU): the plan is data parallel over one device, so this
+measures the lowered program, the static placement and the input staging, not communication. fp32, AdamW.
+Memory: each plan alone on the device, two steps, then the third measured from reset peak statistics.
+Time: the four sides in rotating order, each call one step between ``synchronize()``s, medians of
+``--repeats`` after ``--warmup``. The first losses must agree (rtol 1e-4).
+
+    python benchmarks/gpu_arena.py [--repeats 30] [--markdown]      (``--device cpu`` runs it anywhere)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import print_preamble, print_table, spread
+
+MODES: list[Any] = [False, True, "all"]
+
+
+def _model(cfg: Any) -> Any:
+    from shardflow.models.gpt import GPT
+
+    torch.manual_seed(0)
+    return GPT(cfg)
+
+
+def main() -> None:
+    import shardflow as sf
+    from shardflow.models.gpt import GPTConfig
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args()
+    print_preamble()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu")
+    if cuda:
+        print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
+    cfg = GPTConfig(vocab_size=1024, block_size=256, n_layer=args.layers, n_head=8, n_embd=args.width)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 1024, (args.batch, 256), generator=gen)
+    y = torch.randint(0, 1024, (args.batch, 256), generator=gen)
+    mesh = sf.Mesh(args.device, (1,))
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    # memory: each plan alone on the device
+    memory: dict[Any, tuple[int, int | None, int]] = {}
+    for mode in MODES:
+        pm = sf.compile(_model(cfg), mesh, example_inputs=(x, y), arena=mode)
+        pm.step(x, y)
+        pm.step(x, y)
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        pm.step(x, y)
+        sync()
+        measured = torch.cuda.max_memory_allocated() if cuda else None
+        arena = next(iter(pm.programs.values())).arena
+        memory[mode] = (pm.memory().peak, measured, len(arena.views) if arena is not None else 0)
+        del pm, arena
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    # time: all sides at once, rotating
+    pms = {mode: sf.compile(_model(cfg), mesh, example_inputs=(x, y), arena=mode) for mode in MODES}
+    ref = _model(cfg).to(args.device)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+
+    def eager() -> float:
+        loss = ref(x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    steps: dict[Any, Any] = {mode: (lambda pm=pm: pm.step(x, y)) for mode, pm in pms.items()}
+    steps["eager"] = eager
+    first = {k: f() for k, f in steps.items()}
+    if any(abs(loss - first["eager"]) > 1e-4 * abs(first["eager"]) for loss in first.values()):
+        raise AssertionError(f"first losses differ: {first}")
+    for _ in range(args.warmup):
+        for f in steps.values():
+            f()
+    order = list(steps)
+    times: dict[Any, list[float]] = {k: [] for k in order}
+    for i in range(args.repeats):
+        for k in order[i % len(order) :] + order[: i % len(order)]:
+            sync()
+            t = time.perf_counter()
+            steps[k]()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    eager_ms = statistics.median(times["eager"]) * 1e3
+    rows = []
+    for k in order:
+        ms = statistics.median(times[k]) * 1e3
+        name = {False: "sf.compile, allocator", True: "sf.compile, arena=True", "all": "sf.compile, arena='all'"}
+        predicted, measured, blocks = memory.get(k, (None, None, 0))
+        rows.append(
+            [
+                name.get(k, "eager PyTorch"),
+                f"{ms:.2f} (±{spread(times[k]):.0%})",
+                f"{eager_ms / ms:.2f}",
+                str(blocks) if k != "eager" else "",
+                f"{predicted / 2**20:.1f}" if predicted else "",
+                f"{measured / 2**20:.1f}" if measured else "",
+                f"{measured / predicted:.3f}" if measured and predicted else "",
+            ]
+        )
+    shape = f"GPT {args.layers}x{args.width}, batch {args.batch}x256, fp32"
+    header = [shape, "step ms", "eager / this", "placed", "predicted MiB", "max allocated MiB", "measured / predicted"]
+    print_table(header, rows, args.markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -93,7 +93,8 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-3, foreach=False)
+    # foreach=None: torch's choice, the fused multi-tensor kernels on GPUs, a loop on CPUs
+    return torch.optim.AdamW(params, lr=1e-3, foreach=None)
 
 
 class ParallelModule(Snapshots):
@@ -165,8 +166,10 @@ class ParallelModule(Snapshots):
         # their own: GPUs, where the compute thread only launches kernels), "loop" (on the compute thread,
         # at release points, once the unit's collective has completed: CPUs, where a rank has one core),
         # "inline" (right at the release point, waiting for the collective: deterministic), or "after" (one
-        # update once backward and every all-reduce are over, as plain DDP)
-        self.updates = "loop" if mesh.device_type == "cpu" else "actors"
+        # update once backward and every all-reduce are over, as plain DDP). On one device there is no
+        # communication to hide, and each unit's optimizer call costs ~0.2 ms of launches: one update after
+        # backward (measured on an H100: a 4x512 GPT step 20.2 ms with actors, 11.7 ms after; BENCHMARKS.md)
+        self.updates = "after" if mesh.size == 1 else ("loop" if mesh.device_type == "cpu" else "actors")
         self.events: list[Event] = []  # every rank's events of the last traced step
 
     def set_recompute(self, names: Sequence[str]) -> None:
@@ -476,8 +479,8 @@ def clip_grad_norm(sbps: Sequence[NdSbp], local_params: Sequence[nn.Parameter], 
     sbps = [sbp for sbp, _ in pairs]
     axes = [a for a in range(mesh.ndim) if mesh.shape[a] > 1 and any(s[a] != B for s in sbps)]
     norms = torch.stack(torch._foreach_norm([g.detach() for _, g in pairs])).double()
-    weights = torch.tensor([1.0 / math.prod(mesh.shape[a] for a in axes if s[a] == B) for s in sbps])
-    total = (norms.square() * weights.double()).sum()
+    weights = [1.0 / math.prod(mesh.shape[a] for a in axes if s[a] == B) for s in sbps]
+    total = (norms.square() * torch.tensor(weights, dtype=torch.float64, device=norms.device)).sum()
     rank = world()[0]
     for axis in axes:
         torch.distributed.all_reduce(total, group=group_for(mesh.axis_slice(axis, rank)).group)

@@ -20,6 +20,7 @@ With ``arena=True`` the finished lines are placed statically (``place``, graph/a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -122,8 +123,19 @@ def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu") -> 
         bs = [fake(b) for b in bnamed.values()]
         xs = [fake(x) if isinstance(x, torch.Tensor) else x for x in inputs]
     del mode
-    graph = make_fx(step, tracing_mode="fake")(ps, bs, xs)
+    with _attention_kernels(device):
+        graph = make_fx(step, tracing_mode="fake")(ps, bs, xs)
     return Joint(graph, len(ps), len(bs), tuple(grad_of))
+
+
+def _attention_kernels(device: str) -> Any:
+    """On CUDA, attention traces to the memory-efficient kernel (any float dtype; ops/rules/nn.py has its
+    layout rules), or to plain matmuls and softmax where it does not apply, not to flash or cuDNN kernels."""
+    if device != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @dataclass(frozen=True)

@@ -478,3 +478,27 @@ def test_rules_end_with_all_b():
     split = RULES[aten.split.Tensor](calls[2], 2)
     assert all(len(s.outs) == 2 for s in split)  # 3 columns in pieces of 2: two outputs
     assert Sig((S(1),), (S(1),) * 2) not in split  # the split dim itself is never split
+
+
+def test_cuda_attention_rules_give_every_output_a_layout():
+    """CUDA traces attention to the memory-efficient kernel (graph/lower.py picks it); its rules must name a
+    layout for each tensor it returns, counted here by running the op on meta tensors (no GPU needed)."""
+    aten = torch.ops.aten
+    q = torch.empty(2, 4, 16, 8, device="meta")
+    fwd = aten._scaled_dot_product_efficient_attention.default
+    outs = fwd(q, q, q, None, True, 0.0, True)
+    mask = [True, True, True, False]
+    bwd = aten._scaled_dot_product_efficient_attention_backward.default
+    bwd_args = (outs[0], q, q, q, None, outs[0], outs[1], outs[2], outs[3], 0.0, mask, True)
+    grads = bwd(*bwd_args)
+
+    def call_of(func, args):  # type: ignore[no-untyped-def]
+        metas = [TensorMeta(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+        return OpCall(func, tuple(metas), {}, tuple(m for m in metas if isinstance(m, TensorMeta)))
+
+    for func, args, results in ((fwd, (q, q, q, None, True, 0.0, True), outs), (bwd, bwd_args, grads)):
+        n = sum(isinstance(r, torch.Tensor) for r in results)
+        sigs = RULES[func](call_of(func, args), 2)
+        assert sigs and all(len(s.outs) == n for s in sigs), (func, n, sigs)
+        first = 0 if func is fwd else 1  # query's place among the tensor arguments
+        assert {s.ins[first] for s in sigs} >= {S(0), S(1)}, sigs  # batch and heads

@@ -241,6 +241,34 @@ def _sdpa_backward(call: OpCall, k: int) -> list[Sig]:
     return sigs + [_all_b(call, 3)]
 
 
+@rule(aten._scaled_dot_product_efficient_attention.default)
+def _sdpa_efficient(call: OpCall, k: int) -> list[Sig]:
+    # CUDA: (query, key, value, attn_bias?, compute_log_sumexp, dropout_p, is_causal, *, scale)
+    #   -> (output, logsumexp (B, H, L rounded up), philox_seed, philox_offset (0-d))
+    sigs = []
+    for d in (0, 1):
+        if _qkv_split(call, 0, d):
+            sigs.append(sig(call, {0: S(d), 1: S(d), 2: S(d), 3: _mask_place(call, 3, d)}, (S(d), S(d), B, B)))
+    return sigs + [_all_b(call, 4)]
+
+
+@rule(aten._scaled_dot_product_efficient_attention_backward.default)
+def _sdpa_efficient_backward(call: OpCall, k: int) -> list[Sig]:
+    # CUDA: (grad_out, query, key, value, attn_bias, out, logsumexp, philox_seed, philox_offset, dropout_p,
+    #   grad_input_mask, is_causal, *, scale) -> (grad_q, grad_k, grad_v, grad_bias), None where not asked
+    mask = [bool(m) for m in _arg(call, 10, (True, True, True, False))]
+    sigs = []
+    for d in (0, 1):
+        if _qkv_split(call, 1, d):
+            bias = _mask_place(call, 4, d)
+            place: dict[int, Placement] = {i: S(d) for i in (0, 1, 2, 3, 5, 6)}
+            place[4] = bias
+            # a bias broadcast along the split dim gets a gradient summed over it: partial sums
+            sigs.append(sig(call, place, _masked((S(d), S(d), S(d), bias if bias != B else P), mask)))
+    sigs.append(sig(call, {0: P}, _masked((P,) * 4, mask)))  # linear in the gradient
+    return sigs + [_all_b(call, sum(mask))]
+
+
 # -- batch norm ---------------------------------------------------------------------------------------------
 # native_batch_norm(input, weight?, bias?, running_mean?, running_var?, training, momentum, eps)
 #   -> (out, save_mean, save_invstd)

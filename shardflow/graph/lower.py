@@ -129,13 +129,14 @@ def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu") -> 
 
 
 def _attention_kernels(device: str) -> Any:
-    """On CUDA, attention traces to the memory-efficient kernel (any float dtype; ops/rules/nn.py has its
-    layout rules), or to plain matmuls and softmax where it does not apply, not to flash or cuDNN kernels."""
+    """On CUDA, attention traces to the flash kernel (half precision), the memory-efficient one (any float
+    dtype) or plain matmuls and softmax, in torch's order of preference: kernels ops/rules/nn.py has layout
+    rules for; not to cuDNN's (its outputs differ by version)."""
     if device != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @dataclass(frozen=True)

@@ -481,8 +481,8 @@ def test_rules_end_with_all_b():
 
 
 def test_cuda_attention_rules_give_every_output_a_layout():
-    """CUDA traces attention to the memory-efficient kernel (graph/lower.py picks it); its rules must name a
-    layout for each tensor it returns, counted here by running the op on meta tensors (no GPU needed)."""
+    """CUDA traces attention to the flash or memory-efficient kernels (graph/lower.py); their rules must name a
+    layout for each tensor they return, counted here by running the ops on meta tensors (no GPU needed)."""
     aten = torch.ops.aten
     q = torch.empty(2, 4, 16, 8, device="meta")
     fwd = aten._scaled_dot_product_efficient_attention.default
@@ -496,9 +496,35 @@ def test_cuda_attention_rules_give_every_output_a_layout():
         metas = [TensorMeta(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
         return OpCall(func, tuple(metas), {}, tuple(m for m in metas if isinstance(m, TensorMeta)))
 
-    for func, args, results in ((fwd, (q, q, q, None, True, 0.0, True), outs), (bwd, bwd_args, grads)):
+    h = torch.empty(2, 4, 16, 8, device="meta", dtype=torch.bfloat16)
+    flash = aten._scaled_dot_product_flash_attention.default
+    fouts = flash(h, h, h, 0.0, True, False)
+    flash_bwd = aten._scaled_dot_product_flash_attention_backward.default
+    fb_args = (
+        fouts[0],
+        h,
+        h,
+        h,
+        fouts[0],
+        fouts[1],
+        fouts[2],
+        fouts[3],
+        fouts[4],
+        fouts[5],
+        0.0,
+        True,
+        fouts[6],
+        fouts[7],
+    )
+    cases = [
+        (fwd, (q, q, q, None, True, 0.0, True), outs),
+        (bwd, bwd_args, grads),
+        (flash, (h, h, h, 0.0, True, False), fouts),
+        (flash_bwd, fb_args, flash_bwd(*fb_args)),
+    ]
+    for func, args, results in cases:
         n = sum(isinstance(r, torch.Tensor) for r in results)
         sigs = RULES[func](call_of(func, args), 2)
         assert sigs and all(len(s.outs) == n for s in sigs), (func, n, sigs)
-        first = 0 if func is fwd else 1  # query's place among the tensor arguments
+        first = 0 if func in (fwd, flash) else 1  # query's place among the tensor arguments
         assert {s.ins[first] for s in sigs} >= {S(0), S(1)}, sigs  # batch and heads

@@ -269,6 +269,29 @@ def _sdpa_efficient_backward(call: OpCall, k: int) -> list[Sig]:
     return sigs + [_all_b(call, sum(mask))]
 
 
+@rule(aten._scaled_dot_product_flash_attention.default)
+def _sdpa_flash(call: OpCall, k: int) -> list[Sig]:
+    # CUDA, half precision: (query, key, value, dropout_p, is_causal, return_debug_mask, *, scale) -> (output,
+    #   logsumexp (B, H, L), cum_seq_q, cum_seq_k (None), max_q, max_k (ints), rng_state, unused, debug_mask)
+    sigs = []
+    for d in (0, 1):
+        if _qkv_split(call, 0, d):
+            sigs.append(sig(call, {0: S(d), 1: S(d), 2: S(d)}, (S(d), S(d), B, B, B)))
+    return sigs + [_all_b(call, 5)]
+
+
+@rule(aten._scaled_dot_product_flash_attention_backward.default)
+def _sdpa_flash_backward(call: OpCall, k: int) -> list[Sig]:
+    # CUDA: (grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
+    #   is_causal, philox_seed, philox_offset, *, scale) -> (grad_query, grad_key, grad_value)
+    sigs = []
+    for d in (0, 1):
+        if _qkv_split(call, 1, d):
+            sigs.append(sig(call, {i: S(d) for i in range(6)}, (S(d),) * 3))
+    sigs.append(sig(call, {0: P}, (P,) * 3))  # linear in the gradient
+    return sigs + [_all_b(call, 3)]
+
+
 # -- batch norm ---------------------------------------------------------------------------------------------
 # native_batch_norm(input, weight?, bias?, running_mean?, running_var?, training, momentum, eps)
 #   -> (out, save_mean, save_invstd)

@@ -15,6 +15,7 @@ would raise the predicted peak (``arena=True``); ``arena="all"`` places everythi
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,7 +112,6 @@ class Arena:
 
     nbytes: int
     blocks: list[tuple[int, tuple[int, ...], torch.dtype]]  # (offset, local shape, dtype)
-    labels: list[str]
     views: list[torch.Tensor] = field(default_factory=list)
     buffer: torch.Tensor | None = None
 
@@ -120,9 +120,7 @@ class Arena:
         device = next((a.device for a in tree_flatten(list(args))[0] if isinstance(a, torch.Tensor)), "cpu")
         self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
         for offset, shape, dtype in self.blocks:
-            n = dtype.itemsize
-            for d in shape:
-                n *= d
+            n = math.prod(shape) * dtype.itemsize
             self.views.append(self.buffer[offset : offset + n].view(dtype).view(shape))
 
 

@@ -931,11 +931,7 @@ class _Lowering:
         offsets, nbytes = assign(blocks)
         order = sorted(blocks, key=lambda k: (offsets[k], k))
         self.placed = {key: j for j, key in enumerate(order)}
-        self.arena_plan = Arena(
-            nbytes,
-            [(offsets[k], *self.storage_shapes[k]) for k in order],
-            [self.storages[k][1] for k in order],
-        )
+        self.arena_plan = Arena(nbytes, [(offsets[k], *self.storage_shapes[k]) for k in order])
         for i in lines:
             name, overload, out_names, args, keys, op = self.placeable[i]
             outs = ", ".join(f"{o}=_A[{self.placed[k]}]" for o, k in zip(out_names, keys))

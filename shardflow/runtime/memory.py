@@ -50,11 +50,15 @@ def with_every_peak(report: MemoryReport) -> MemoryReport:
     moves no host tensors)."""
     if not dist.is_initialized():
         return report
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mine = torch.tensor([report.peak], dtype=torch.int64, device=device)
-    every = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    mine = torch.tensor([report.peak], dtype=torch.int64, device=_collective_device())
+    every = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=mine.device)
     dist.all_gather_into_tensor(every, mine)
     return dataclasses.replace(report, peaks=tuple(int(v) for v in every.cpu()))
+
+
+def _collective_device() -> str:
+    """Where a small tensor for a job-wide collective lives: NCCL moves CUDA tensors only."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
 def device_limit(device_type: str) -> int | None:
@@ -66,7 +70,7 @@ def device_limit(device_type: str) -> int | None:
     free, _ = torch.cuda.mem_get_info()
     mine = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        least = torch.tensor([mine], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        least = torch.tensor([mine], dtype=torch.int64, device=_collective_device())
         dist.all_reduce(least, op=dist.ReduceOp.MIN)
         mine = int(least.item())
     return mine

@@ -20,7 +20,8 @@ from shardflow.comm.init import world
 from shardflow.ops import LOCALS, LocalContext, OpCall, TensorMeta, choose, writes_arg
 from shardflow.placement.sbp import B
 from shardflow.placement.shard import local_shape
-from shardflow.tensor.global_tensor import GlobalTensor, box, wrap
+from shardflow.tensor import fast_path
+from shardflow.tensor.global_tensor import GlobalTensor, box, pending, wrap
 from shardflow.tensor.trace import _ACTIVE as _RECORDING
 from shardflow.tensor.trace import begin_op, end_op, recording_active
 
@@ -133,14 +134,19 @@ def _decide(
     out_flat, out_spec = _flatten_out(func(*dargs, **dkwargs))
     out_metas = tuple(TensorMeta(tuple(o.shape), o.dtype) if isinstance(o, torch.Tensor) else o for o in out_flat)
     ins, outs = choose(call, mesh, [g.sbp for g in gts], fixed=mutated)
-    return call, ins, outs, out_metas, out_spec
+    # the outputs' signatures, interned once per decision: the fast path keys calls by them
+    layouts = iter(outs)
+    sigs = tuple(
+        fast_path.sig(mesh, next(layouts), m.shape, m.dtype) if isinstance(m, TensorMeta) else None for m in out_metas
+    )
+    return call, ins, outs, out_metas, out_spec, sigs
 
 
 # The fast path: a call already decided whose inputs need no boxing, whose op has no local implementation,
 # changes no input and returns one tensor is, from then on, "unwrap, call the op, wrap" keyed by what the
 # decision depended on (op, each input's mesh, layout, shape and dtype, the other arguments, the policy).
 # It skips flattening, the decision's key and the output checks, which cost more than a small op itself.
-_HITS: dict[Any, tuple[Any, Any, Any]] = {}
+_HITS: dict[Any, tuple[Any, Any, Any, Any]] = {}
 
 
 def _fast_key(func: Any, args: tuple[Any, ...]) -> Any:
@@ -157,6 +163,9 @@ def _fast_key(func: Any, args: tuple[Any, ...]) -> Any:
 
 
 def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    rec = pending()  # a __torch_function__ call being recorded for its fast path: count the ops it makes
+    if rec is not None:
+        rec[1] += 1
     fast = None if kwargs or _RECORDING[0] is not None else _fast_key(func, args)
     if fast is not None:
         try:
@@ -164,10 +173,14 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         except TypeError:  # an unhashable argument
             hit = fast = None
         if hit is not None:
-            mesh, sbp, shape = hit
+            mesh, sbp, shape, sig = hit
             op = getattr(func, "_op", func)  # the C++ op behind an OpOverload: one Python frame less
-            result = op(*[a._local if type(a) is GlobalTensor else a for a in args])
-            return GlobalTensor(result, mesh, sbp, shape)
+            out = GlobalTensor(
+                op(*[a._local if type(a) is GlobalTensor else a for a in args]), mesh, sbp, shape, sig=sig
+            )
+            if rec is not None and not getattr(func, "is_view", True):
+                rec[2], rec[3] = out, args
+            return out
     if func is torch.ops.aten._local_scalar_dense.default:  # .item(): the logical value, on every rank
         x = args[0]
         return box(x, x.mesh, (B,) * x.mesh.ndim)._local.item()
@@ -193,7 +206,7 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if len(_DECISIONS) > 8192:  # floats in arguments (learning rates, ...) make new keys: stay bounded
             _DECISIONS.clear()
         decision = _DECISIONS[key] = _decide(func, mesh, spec, flat, where, gts, mutated)
-    call, ins, outs, out_metas, out_spec = decision
+    call, ins, outs, out_metas, out_spec, sigs = decision
     local_flat = list(flat)
     if recording_active():
         begin_op(str(func), tuple(g.sbp for g in gts), ins, outs)
@@ -234,10 +247,10 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     ):
         if len(_HITS) > 8192:
             _HITS.clear()
-        _HITS[fast] = (mesh, outs[0], shapes[0])
+        _HITS[fast] = (mesh, outs[0], shapes[0], sigs[0])
     res_flat, res_spec = _flatten_out(result)
     wrapped, j = [], 0
-    for r, shape in zip(res_flat, shapes):
+    for i, (r, shape) in enumerate(zip(res_flat, shapes)):
         if isinstance(r, torch.Tensor):
             assert shape is not None
             want = local_shape(shape, outs[j], mesh.shape, coord) if first_use else tuple(r.shape)
@@ -246,8 +259,21 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                     f"layout rule bug: {func} with inputs {ins} gave a local of shape {tuple(r.shape)} for output "
                     f"{j} of global shape {shape} in layout {outs[j]}, expected {want}"
                 )
-            wrapped.append(wrap(r, mesh, outs[j], shape))  # type: ignore[arg-type]
+            sig = sigs[i] if r.dtype == sigs[i].dtype else None
+            wrapped.append(wrap(r, mesh, outs[j], shape, sig))  # type: ignore[arg-type]
             j += 1
         else:
             wrapped.append(r)
+    if (
+        rec is not None
+        and fast is not None
+        and fn is None
+        and res_spec is None
+        and not getattr(func, "is_view", True)  # below ADInplaceOrView no local shows as a view: ask the schema
+        and all(g.sbp == need and g.mesh is mesh for g, need in zip(gts, ins))
+    ):
+        rec[2], rec[3] = (
+            wrapped[0],
+            args,
+        )  # one output, no boxing, no local implementation: the fast path may stand for it
     return _unflatten_out(wrapped, res_spec)

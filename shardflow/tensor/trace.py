@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from shardflow.boxing.plan import Plan
 from shardflow.placement.sbp import NdSbp, format_sbp
+from shardflow.tensor import fast_path
 
 
 @dataclass
@@ -63,13 +64,16 @@ _CURRENT: list[OpRecord | None] = [None]
 
 @contextlib.contextmanager
 def recording() -> Iterator[Record]:
-    """Record eager decisions made inside the block."""
+    """Record eager decisions made inside the block. The fast path forgets its calls, so that every op of
+    the block reaches the recorder (nothing is remembered for it while one records)."""
     rec, old = Record(), _ACTIVE[0]
     _ACTIVE[0] = rec
+    fast_path.HITS.clear()
     try:
         yield rec
     finally:
         _ACTIVE[0] = old
+        fast_path.HITS.clear()  # what it saw while recording was refused: let it be decided again
 
 
 def recording_active() -> bool:

@@ -120,19 +120,28 @@ def _eager_arithmetic_boxes_and_refuses_what_is_wrong():
 
 
 def _repeated_ops_take_the_fast_path_only_when_nothing_changes():
-    """After a call has been decided twice, the same call (op, layouts, shapes, scalars) skips the decision:
-    results stay right, a new layout or a new scalar is decided again, and a call that boxes never skips."""
-    from shardflow.tensor import dispatch
+    """A call seen before (function, layouts, shapes, typed scalars) runs on the shards without a decision:
+    results stay right, a new layout or scalar type is decided again, and a call that boxes, needs a
+    gradient, returns a view, computes its op's arguments or runs under a dispatch mode never skips."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from shardflow.tensor import fast_path
+    from shardflow.tensor.trace import recording
 
     mesh = sf.Mesh("cpu", (4,))
     x, y = torch.arange(8.0), torch.linspace(-1, 1, 8)
     a, b = sf.distribute(x, mesh, sf.S(0)), sf.distribute(y, mesh, sf.S(0))
-    hits = len(dispatch._HITS)
+    fast_path.HITS.clear()
     for i in range(4):
         c = a * b + i
         assert c.sbp == (sf.S(0),)
         torch.testing.assert_close(c.full(), x * y + i)
-    assert len(dispatch._HITS) > hits  # the repeated mul (and add of an int seen twice) went fast
+    calls = {k[0] for k, hit in fast_path.HITS.items() if hit is not fast_path.NEVER}
+    assert torch.Tensor.mul in calls and torch.Tensor.add in calls, calls
+    n = sf.distribute(torch.arange(8), mesh, sf.S(0))  # integers: 1 and 1.0 are equal keys by value
+    for _ in range(2):
+        assert (n + 1).dtype == torch.int64 and (n + 1.0).dtype == torch.float32
+    torch.testing.assert_close((n + 1.0).full(), torch.arange(8) + 1.0)
     whole = sf.distribute(y, mesh, sf.B)
     for _ in range(3):  # same op and shapes, other layout: boxed every time, never a fast hit
         c = a * whole
@@ -141,6 +150,36 @@ def _repeated_ops_take_the_fast_path_only_when_nothing_changes():
     p = sf.distribute(y, mesh, sf.P)
     for _ in range(3):  # a partial sum is reduced before the scalar is added, on every call
         torch.testing.assert_close((p + 1).full(), y + 1)
+    m = sf.distribute(torch.arange(8.0).reshape(2, 4), mesh, sf.S(1))
+    for _ in range(3):
+        t = m.t()  # a view: the wrapper's view relation is autograd's, never answered from the cache
+        torch.testing.assert_close(t.full(), torch.arange(8.0).reshape(2, 4).t())
+        torch.testing.assert_close(m.sum_to_size(2, 1).full(), torch.arange(8.0).reshape(2, 4).sum(1, keepdim=True))
+    refused = {k[0] for k, hit in fast_path.HITS.items() if hit is fast_path.NEVER}
+    assert {torch.Tensor.t, torch.Tensor.sum_to_size} <= refused, refused
+    assert fast_path.HITS[(torch.Tensor.mul, a._sig, b._sig)] is not fast_path.NEVER  # still answered
+    # a gradient flows through calls the cache knows (a * b, + i above)
+    g = sf.distribute(x, mesh, sf.S(0)).requires_grad_()
+    (g * b + 1).sum().backward()
+    torch.testing.assert_close(g.grad.full(), y)
+    # a dispatch mode sees the op on GlobalTensors, and a recording sees every op
+    seen: list = []
+
+    class Types(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(type(args[0]).__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Types():
+        a * b
+    assert seen == ["GlobalTensor"], seen
+    with recording() as rec:
+        a * b + 1
+    assert len(rec.ops) == 2, rec.ops
+    for _ in range(2):  # tensors inside a tuple: never kept in a key (they would stay alive with it)
+        torch.testing.assert_close(torch.cat((a, b)).full(), torch.cat((x, y)))
+    held = [v[1] for k in fast_path.HITS for v in k[1:] if isinstance(v, tuple) and isinstance(v[1], tuple)]
+    assert not any(isinstance(t, torch.Tensor) for v in held for t in v), held
 
 
 def _dtensor_round_trip():

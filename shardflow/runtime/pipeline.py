@@ -150,21 +150,27 @@ class _Buckets:
         self.left[b] = -1
         ps = self.members[b]
         grads = [local_grad(p) if p.grad is not None else torch.zeros_like(local(p)) for p in ps]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        # one count per parameter rides along: how many ranks had a gradient for it
+        used = torch.tensor([p.grad is not None for p in ps], dtype=grads[0].dtype, device=grads[0].device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [used])
         self.flying.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, ps))
 
     def finish(self) -> None:
         if self.size == 1:
             return
         for b, left in enumerate(self.left):
-            if left > 0:  # parameters this step did not use: their gradient is zero
+            if left > 0:  # parameters this rank did not use: zeros in the sum
                 self._launch(b)
         for work, flat, ps in self.flying:
             work.wait()
+            used = flat[-len(ps) :].tolist()
             offset = 0
-            for p in ps:
+            for p, count in zip(ps, used):
                 n = local(p).numel()
-                set_local_grad(p, flat[offset : offset + n])
+                if count:
+                    set_local_grad(p, flat[offset : offset + n])
+                else:  # no rank used it: no gradient, as in plain PyTorch (no decay, no optimizer state)
+                    p.grad = None
                 offset += n
         self.reset()
 
@@ -429,13 +435,15 @@ class PipelineModule(Snapshots):
             self.partial_buckets.finish()
             for name, group in self.tied_groups.items():
                 p = self.named[name]
-                if p.grad is None:
-                    set_local_grad(p, torch.zeros_like(local(p)))
                 # every data-parallel rank of every holding stage has a part of the sum (tied copies stay out
-                # of the buckets), each tp rank of a tensor-parallel stage a partial sum
-                g = local_grad(p)
-                dist.all_reduce(g, group=group)
-                set_local_grad(p, g)  # a tp stage's partial sum (P) is now the whole gradient
+                # of the buckets), each tp rank of a tensor-parallel stage a partial sum; the last element
+                # counts the ranks that had one (none: no gradient, as in plain PyTorch)
+                g = local_grad(p).reshape(-1) if p.grad is not None else local(p).new_zeros(local(p).numel())
+                flat = torch.cat([g, g.new_ones(1) if p.grad is not None else g.new_zeros(1)])
+                dist.all_reduce(flat, group=group)
+                p.grad = None
+                if flat[-1].item():
+                    set_local_grad(p, flat[:-1])  # a tp stage's partial sum (P) is now the whole gradient
         with self.recorder.span("optimizer", "optimizer"):
             if self.max_grad_norm is not None:
                 self._clip(self.max_grad_norm)

@@ -81,6 +81,7 @@ def split_model(model: nn.Module, micro_batch: Sequence[Any], split_points: Sequ
         )
     modules = [pipe.get_stage_module(s) for s in range(pipe.num_stages)]
     wiring, outputs = _wiring(pipe.split_gm.graph, pipe.num_stages)
+    _adopt_unreached(work, modules, names)
     params = [_params(m, names) for m in modules]
     holders: dict[str, list[int]] = {}
     for s, ps in enumerate(params):
@@ -88,6 +89,34 @@ def split_model(model: nn.Module, micro_batch: Sequence[Any], split_points: Sequ
             holders.setdefault(name, []).append(s)
     tied = {name: tuple(stages) for name, stages in holders.items() if len(stages) > 1}
     return Split(modules, wiring, outputs, params, tied, list(split_points))
+
+
+def _adopt_unreached(work: nn.Module, modules: list[nn.Module], names: dict[str, str]) -> None:
+    """Parameters and saved buffers that forward never reaches are in no outlined stage: the first stage
+    adopts them under their own names, so they are saved, loaded and handed to its optimizer; like plain
+    PyTorch's, such a parameter gets no gradient and no update."""
+    reached = {names.get(n, n) for m in modules for n, _ in m.named_parameters(remove_duplicate=False)}
+    reached |= {n for m in modules for n, _ in m.named_buffers(remove_duplicate=False)}
+    saved = work.state_dict(keep_vars=True)
+    for name, p in work.named_parameters():
+        if name not in reached:
+            _attach(modules[0], name, p)
+    for name, buf in work.named_buffers():
+        if name not in reached and name in saved:
+            _attach(modules[0], name, buf)
+
+
+def _attach(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    path, _, attr = name.rpartition(".")
+    owner = module
+    for part in path.split(".") if path else []:
+        if not isinstance(getattr(owner, part, None), nn.Module):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if isinstance(value, nn.Parameter):
+        owner.register_parameter(attr, value)
+    else:
+        owner.register_buffer(attr, value)
 
 
 def _refuse_batch_norm(model: nn.Module) -> None:

@@ -297,3 +297,59 @@ def test_tensor_parallel_stage_with_data_parallel_rows_equals_plain_torch():
     partial = run_on_ranks(5, _dp_tp_stage, timeout=300)
     assert all(n > 0 for n in partial[1:]), partial  # the dp x tp stage leaves some gradients partial
     assert partial[0] == 0  # a one-rank stage has nothing to sum
+
+
+class _WithUnused(torch.nn.Module):
+    """A model with a layer and a buffer that forward never reaches (plain PyTorch: no gradient, no update)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6, 16)
+        self.spare = torch.nn.Linear(16, 16)
+        self.b = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 5)
+        self.register_buffer("seen", torch.arange(3.0))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return torch.nn.functional.cross_entropy(self.head(h), y)
+
+
+def _unused_cases() -> list[str]:
+    def decaying(ps):  # type: ignore[no-untyped-def]  # a zero gradient would still decay a parameter
+        return torch.optim.AdamW(ps, lr=0.05, weight_decay=0.5, foreach=False)
+
+    done = []
+    for shape, names, strategy in [((2, 2), ("pp", "dp"), "dp"), ((2, 2), ("pp", "tp"), "tp")]:
+        torch.manual_seed(0)
+        model = _WithUnused()
+        ref, gen = copy.deepcopy(model), torch.Generator().manual_seed(1)
+        opt = decaying(ref.parameters())
+        data = [(torch.randn(8, 6, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(3)]
+        pipeline = sf.Pipeline(split_points=["b"], micro_batches=2)
+        mesh = sf.Mesh("cpu", shape, names=names)
+        pm = sf.compile(
+            model,
+            mesh,
+            example_inputs=data[0],
+            optimizer=decaying,
+            max_grad_norm=0.5,
+            pipeline=pipeline,
+            strategy=strategy,
+        )
+        for x, y in data:
+            want, got = reference_step(ref, opt, x, y), pm.step(x, y)
+            assert abs(got - want) <= 1e-5 + 1e-4 * abs(want), (names, got, want)
+        state = pm.full_state_dict()
+        assert set(state) == set(ref.state_dict()), sorted(set(ref.state_dict()) ^ set(state))
+        for name, value in ref.state_dict().items():
+            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=f"{names}: {name}")
+        done.append(strategy)
+    return done
+
+
+def test_parameters_forward_never_reaches_stay_as_plain_torch_leaves_them():
+    """Unreached parameters and buffers are held (by the first stage) and saved, and get no gradient: the
+    data-parallel buckets and tensor-parallel partial sums count which ranks had one, instead of reducing
+    zeros that weight decay would then apply."""
+    assert run_on_ranks(4, _unused_cases, timeout=300) == [["dp", "tp"]] * 4

@@ -134,11 +134,8 @@ def _decide(
     out_flat, out_spec = _flatten_out(func(*dargs, **dkwargs))
     out_metas = tuple(TensorMeta(tuple(o.shape), o.dtype) if isinstance(o, torch.Tensor) else o for o in out_flat)
     ins, outs = choose(call, mesh, [g.sbp for g in gts], fixed=mutated)
-    # the outputs' signatures, interned once per decision: the fast path keys calls by them
-    layouts = iter(outs)
-    sigs = tuple(
-        fast_path.sig(mesh, next(layouts), m.shape, m.dtype) if isinstance(m, TensorMeta) else None for m in out_metas
-    )
+    # the outputs' signatures, interned at the first wrap on a device: the fast path keys calls by them
+    sigs: list[Any] = [None] * len(out_metas)
     return call, ins, outs, out_metas, out_spec, sigs
 
 
@@ -175,9 +172,9 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if hit is not None:
             mesh, sbp, shape, sig = hit
             op = getattr(func, "_op", func)  # the C++ op behind an OpOverload: one Python frame less
-            out = GlobalTensor(
-                op(*[a._local if type(a) is GlobalTensor else a for a in args]), mesh, sbp, shape, sig=sig
-            )
+            r = op(*[a._local if type(a) is GlobalTensor else a for a in args])
+            # the key holds no device: the signature only where it is the result's (a meta copy has its own)
+            out = GlobalTensor(r, mesh, sbp, shape, sig=sig if sig is not None and sig.device == r.device else None)
             if rec is not None and not getattr(func, "is_view", True):
                 rec[2], rec[3] = out, args
             return out
@@ -259,7 +256,11 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                     f"layout rule bug: {func} with inputs {ins} gave a local of shape {tuple(r.shape)} for output "
                     f"{j} of global shape {shape} in layout {outs[j]}, expected {want}"
                 )
-            sig = sigs[i] if r.dtype == sigs[i].dtype else None
+            sig = sigs[i]
+            if sig is None or sig.dtype != r.dtype or sig.device != r.device:
+                sig = fast_path.sig(mesh, outs[j], tuple(shape), r.dtype, r.device)
+                if sigs[i] is None:
+                    sigs[i] = sig
             wrapped.append(wrap(r, mesh, outs[j], shape, sig))  # type: ignore[arg-type]
             j += 1
         else:

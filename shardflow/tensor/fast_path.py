@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 # (function, key of each argument) -> hit(); filled by the slow path (``tensor.dispatch``), read by
 # ``GlobalTensor.__torch_function__``. Bounded: floats in arguments make new keys.
 HITS: dict[Any, tuple[Any, ...]] = {}
@@ -25,24 +27,26 @@ LIMIT = 8192
 
 
 class Sig:
-    """One layout signature (mesh, sbp, global shape, dtype), interned: keys hash it by identity."""
+    """One layout signature (mesh, sbp, global shape, dtype, the local's device), interned: keys hash it
+    by identity. With the device in it, the inputs' signatures fix the output's device (calls that move
+    data between devices take keyword arguments or make no ATen op here: never remembered)."""
 
-    __slots__ = ("mesh", "sbp", "shape", "dtype")
+    __slots__ = ("mesh", "sbp", "shape", "dtype", "device")
 
-    def __init__(self, mesh: Any, sbp: Any, shape: tuple[int, ...], dtype: Any) -> None:
-        self.mesh, self.sbp, self.shape, self.dtype = mesh, sbp, shape, dtype
+    def __init__(self, mesh: Any, sbp: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> None:
+        self.mesh, self.sbp, self.shape, self.dtype, self.device = mesh, sbp, shape, dtype, device
 
 
 _SIGS: dict[Any, Sig] = {}
 
 
-def sig(mesh: Any, sbp: Any, shape: tuple[int, ...], dtype: Any) -> Sig:
-    key = (id(mesh), sbp, shape, dtype)
+def sig(mesh: Any, sbp: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> Sig:
+    key = (id(mesh), sbp, shape, dtype, device)
     s = _SIGS.get(key)
     if s is None:
         if len(_SIGS) > LIMIT:
             _SIGS.clear()  # tensors keep their Sig objects; new ones only miss once
-        s = _SIGS[key] = Sig(mesh, sbp, shape, dtype)  # holds the mesh: its id stays its own
+        s = _SIGS[key] = Sig(mesh, sbp, shape, dtype, device)  # holds the mesh: its id stays its own
     return s
 
 
@@ -52,25 +56,32 @@ def hit(out: Sig, local: Any) -> tuple[Any, ...]:
     return (out.shape, local.dtype, local.device, out)
 
 
-_SCALARS = (int, float, bool, str, type(None))
+_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
 def plain_arg(a: Any) -> bool:
-    """Arguments the key can hold by value: numbers, strings, None, dtypes, tuples of numbers."""
-    if isinstance(a, _SCALARS) or type(a).__module__ == "torch" and not hasattr(a, "shape"):
+    """Arguments a kept key may hold (by value, keeping nothing alive): numbers, strings, None, dtypes,
+    devices, layouts, memory formats, tuples of numbers."""
+    if isinstance(a, _SCALARS):
         return True
     return isinstance(a, tuple) and all(isinstance(v, (int, float, bool)) for v in a)
 
 
 def same_args(op_args: Any, args: Any) -> bool:
-    """Whether the ATen op was called with exactly the function's arguments (the same tensors, equal
-    numbers of the same types): not a composite that computed its op's arguments, perhaps from the
-    global shape (``sum_to_size``), which on the shards would compute them from the local one."""
+    """Whether the ATen op was called with exactly the function's arguments (the same tensors in the same
+    places, equal numbers of the same types): not a composite that computed its op's arguments, perhaps
+    from the global shape (``sum_to_size``), which on the shards would compute them from the local one."""
     return (
         op_args is not None
         and len(op_args) == len(args)
-        and all(x is y or type(x) is type(y) and x == y for x, y in zip(op_args, args))
+        and all(x is y or _same_value(x, y) for x, y in zip(op_args, args))
     )
+
+
+def _same_value(x: Any, y: Any) -> bool:
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return False  # tensors match by identity only (``==`` would compare them elementwise)
+    return type(x) is type(y) and bool(x == y)
 
 
 # Remembered for a call the fast path cannot stand for (in-place, boxing, several ops...): the next one

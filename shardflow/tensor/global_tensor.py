@@ -69,6 +69,8 @@ class GlobalTensor(torch.Tensor):
         requires_grad: bool = False,
         sig: fast_path.Sig | None = None,
     ) -> GlobalTensor:
+        if local.requires_grad:  # autograd follows the wrapper; a local tracking its own graph (a view made
+            local = local.detach()  # under no_grad of a leaf) would record the fast path's ops on it
         t = torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
             cls, tuple(shape), dtype=local.dtype, device=local.device, requires_grad=requires_grad
         )
@@ -217,7 +219,7 @@ def _slow(key: Any, hit: Any, func: Any, types: Any, args: Any) -> Any:
 def _sig_of(a: GlobalTensor) -> fast_path.Sig:
     with torch._C.DisableTorchFunctionSubclass():
         shape, dtype = tuple(a.shape), a.dtype
-    a._sig = fast_path.sig(a._mesh, a._sbp, shape, dtype)
+    a._sig = fast_path.sig(a._mesh, a._sbp, shape, dtype, a._local.device)
     return a._sig
 
 
@@ -232,6 +234,8 @@ def _record(key: Any, func: Any, types: Any, args: Any) -> Any:
         _LOCAL.pending = None
     if not all(fast_path.plain_arg(a) for a in args if type(a) is not GlobalTensor):
         return ret  # a key holding tensors (in a tuple) is never kept: it would keep them alive
+    if _dispatch_modes() or torch._C._is_any_autocast_enabled():
+        return ret  # what a mode or autocast made of the call says nothing of the call without them
     if rec[1] == 1 and rec[2] is ret and fast_path.same_args(rec[3], args):
         fast_path.remember(key, ret._sig or _sig_of(ret), ret._local)
     else:  # not for the fast path (in-place, boxed, no op or several...): remember that too

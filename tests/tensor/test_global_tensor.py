@@ -176,6 +176,20 @@ def _repeated_ops_take_the_fast_path_only_when_nothing_changes():
     with recording() as rec:
         a * b + 1
     assert len(rec.ops) == 2, rec.ops
+    for _ in range(3):  # the op takes the tensors in another order (where(c, a, b)): compared by identity
+        torch.testing.assert_close(a.where(a > 3, b).full(), x.where(x > 3, y))
+    for _ in range(2):
+        a * 2
+    meta = a.to("meta")  # the same layout, shape and dtype on another device: its own signature
+    for _ in range(2):
+        r = meta * 2
+        assert r.device.type == "meta" and r._local.device.type == "meta", (r.device, r._local.device)
+    with torch.no_grad():  # a local that requires grad is held detached: no graph on it behind the wrapper
+        held = sf.GlobalTensor.from_local(
+            x.tensor_split(4)[dist.get_rank()].clone().requires_grad_(), mesh, sf.S(0), (8,)
+        )
+    for _ in range(2):
+        assert not (held * 2)._local.requires_grad
     for _ in range(2):  # tensors inside a tuple: never kept in a key (they would stay alive with it)
         torch.testing.assert_close(torch.cat((a, b)).full(), torch.cat((x, y)))
     held = [v[1] for k in fast_path.HITS for v in k[1:] if isinstance(v, tuple) and isinstance(v[1], tuple)]

@@ -1,14 +1,16 @@
 """Data-pipeline benchmark: a training loop fed by ``sf.Loader`` (reader and collator actors, two
-registers) against the same loop fed by ``torch.utils.data.DataLoader`` (one worker process,
-``prefetch_factor=2``), with a reader slow enough to matter: every sample is its own ``.npy`` file on disk,
+registers, the reader on ``k`` threads) against the same loop fed by ``torch.utils.data.DataLoader``
+(``k`` worker processes, ``prefetch_factor=2``), with a reader slow enough to matter: every sample is its own ``.npy`` file on disk,
 and the files of each batch are evicted from the page cache (``posix_fadvise(DONTNEED)``) before the epoch,
 so each read goes to the device. The consumer is a plain PyTorch MLP step (forward, backward, AdamW).
 
-Reported per batch, medians over ``--repeats`` epochs run ABAB: reading alone (the loader without a
+Reported per batch, medians over ``--repeats`` epochs run ABAB: reading alone (each loader without a
 consumer), the step alone (on batches already in memory), each loop's time, and the loop over the slowest
-part (1.0: reading and compute fully overlap; 2.0: they alternate). The issue's target is <= 1.1.
+part (1.0: reading and compute fully overlap; 2.0: they alternate). The issue's target is <= 1.1. "filled"
+is the loop from the first batch's arrival on: the first read of an epoch has nothing to hide under, with
+either loader (1/``--batches`` of a read per batch).
 
-    .venv/bin/python benchmarks/loader.py [--repeats 7] [--batches 24] [--markdown]
+    .venv/bin/python benchmarks/loader.py [--repeats 7] [--batches 24] [--readers 1,4] [--markdown]
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ if _REPO_ROOT not in sys.path:
 
 from benchmarks.common import print_preamble, print_table  # noqa: E402
 
-HEADER = ["case", "read ms/batch", "step ms/batch", "loop ms/batch", "loop / slowest part", "peer loop / sf loop"]
+HEADER = [
+    "case",
+    "read ms/batch",
+    "step ms/batch",
+    "loop ms/batch",
+    "loop / slowest part",
+    "filled loop ms/batch",
+    "filled / slowest part",
+    "DataLoader loop / sf loop",
+]
 
 
 class NpyFiles(torch.utils.data.Dataset):
@@ -60,14 +71,25 @@ class NpyFiles(torch.utils.data.Dataset):
                 os.close(fd)
 
 
-def _epoch(batches: Any, step: Any) -> float:
-    """Seconds per batch of one pass over ``batches``, running ``step`` on each."""
+def _epoch(batches: Any, step: Any, steady: list[float] | None = None) -> float:
+    """Seconds per batch of one pass over ``batches``, running ``step`` on each; with ``steady``, also
+    appends the seconds per batch after the first batch arrived (the pipeline filled)."""
     start = time.perf_counter()
+    first = start
     n = 0
     for x, y in batches:
+        if n == 0:
+            first = time.perf_counter()
         step(x, y)
         n += 1
-    return (time.perf_counter() - start) / n
+    end = time.perf_counter()
+    if steady is not None:
+        steady.append((end - first) / n)
+    return (end - start) / n
+
+
+def _data_loader(data: Any, batch_size: int, workers: int) -> Any:
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, prefetch_factor=2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--features", type=int, default=16384, help="float32 values per sample file (64 KiB)")
     p.add_argument("--width", type=int, default=128, help="hidden width: 128 makes the step about as long as a read")
+    p.add_argument("--readers", default="1,4", help="reader threads (DataLoader workers), comma-separated")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one core computes, the other reads (both sides alike)
@@ -92,33 +115,42 @@ def main(argv: list[str] | None = None) -> None:
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
+    counts = sorted({int(k) for k in args.readers.split(",")})
+    if any(k < 1 for k in counts):
+        p.error(f"--readers {args.readers}: each count must be >= 1")
     with tempfile.TemporaryDirectory(dir=os.environ.get("SF_BENCH_DIR", "/var/tmp")) as root:
         data = NpyFiles(root, args.batches * args.batch_size, args.features)
-        peer = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=1, prefetch_factor=2)
-        ours = sf.Loader(data, batch_size=args.batch_size)
+        # per count k: shardflow's reader on k threads against DataLoader with k worker processes
+        cases: list[tuple[str, Any]] = []
+        for k in counts:
+            cases.append(
+                (f"sf.Loader (readers={k}, 2 registers)", sf.Loader(data, batch_size=args.batch_size, readers=k))
+            )
+            cases.append((f"DataLoader ({k} worker{'s' if k > 1 else ''})", _data_loader(data, args.batch_size, k)))
         in_memory = list(sf.Loader(data, batch_size=args.batch_size))
         _epoch(in_memory, step)  # warm-up
-        read, alone, loop_sf, loop_peer = [], [], [], []
+        alone: list[float] = []
+        read: dict[str, list[float]] = {name: [] for name, _ in cases}
+        loop: dict[str, list[float]] = {name: [] for name, _ in cases}
+        filled: dict[str, list[float]] = {name: [] for name, _ in cases}
         for i in range(args.repeats):
-            data.evict()
-            read.append(_epoch(ours, lambda x, y: None))
             alone.append(_epoch(in_memory, step))
-            sides = [(loop_sf, ours), (loop_peer, peer)]
-            for times, loader in sides if i % 2 == 0 else sides[::-1]:
+            for name, loader in cases if i % 2 == 0 else cases[::-1]:  # ABAB: every side early and late
                 data.evict()
-                times.append(_epoch(loader, step))
-    r, s, sf_ms, peer_ms = (statistics.median(v) * 1e3 for v in (read, alone, loop_sf, loop_peer))
-    rows = [
-        [
-            "sf.Loader (2 registers)",
-            f"{r:.1f}",
-            f"{s:.1f}",
-            f"{sf_ms:.1f}",
-            f"{sf_ms / max(r, s):.2f}",
-            f"{peer_ms / sf_ms:.2f}",
-        ],
-        ["DataLoader (1 worker)", f"{r:.1f}", f"{s:.1f}", f"{peer_ms:.1f}", f"{peer_ms / max(r, s):.2f}", "1.00"],
-    ]
+                read[name].append(_epoch(loader, lambda x, y: None))
+                data.evict()
+                loop[name].append(_epoch(loader, step, filled[name]))
+    s = statistics.median(alone) * 1e3
+    med = {name: [statistics.median(v[name]) * 1e3 for v in (read, loop, filled)] for name, _ in cases}
+    rows = []
+    for j, (name, _) in enumerate(cases):
+        r, ms, st = med[name]
+        slowest = max(r, s)
+        peer = med[cases[j + 1][0]][1] if j % 2 == 0 else ms
+        rows.append(
+            [name, f"{r:.1f}", f"{s:.1f}", f"{ms:.1f}", f"{ms / slowest:.2f}", f"{st:.1f}", f"{st / slowest:.2f}"]
+            + [f"{peer / ms:.2f}"]
+        )
     print_table(HEADER, rows, args.markdown)
 
 

@@ -146,10 +146,11 @@ class Actor:
 class Chain:
     """Actors in a line; iterating yields the last actor's items, freeing each one's register at the next."""
 
-    def __init__(self, actors: list[Actor]) -> None:
+    def __init__(self, actors: list[Actor], after_close: Callable[[], None] | None = None) -> None:
         self.actors = actors
         self.stop = actors[0].stop
         self._held = False
+        self._after_close = after_close  # releases what the actors used (a reader's thread pool)
 
     def __iter__(self) -> Iterator[Any]:
         last = self.actors[-1].out
@@ -174,3 +175,6 @@ class Chain:
         for actor in self.actors:
             if actor.thread.is_alive() and actor.thread is not threading.current_thread():
                 actor.thread.join(timeout=5)
+        if self._after_close is not None:
+            self._after_close()
+            self._after_close = None

@@ -7,12 +7,15 @@ is the target), and, for a CUDA device, a copier that moves the batch on its own
 actor has ``registers`` output registers: 2 (the default) overlaps reading batch ``i + 1`` with the step on
 batch ``i``; memory stays bounded by the counts. Threads instead of DataLoader's worker processes: no
 pickling of the dataset, no fork of a process that holds process groups, and reading releases the GIL.
+With ``readers=k`` the reader reads the samples of a batch on ``k`` threads at once (a thread pool, results
+in index order): reads that wait on the disk overlap, as DataLoader's workers' do (each on a whole batch).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -34,10 +37,18 @@ class Loader:
         device: str | torch.device | None = None,
         drop_last: bool = False,
         rank: int = 0,
+        readers: int = 1,
     ) -> None:
         if not isinstance(registers, int) or isinstance(registers, bool) or registers < 1:
             raise ValueError(
                 f"Loader registers must be a positive int (2 overlaps reading with compute), got {registers!r}"
+            )
+        if not isinstance(readers, int) or isinstance(readers, bool) or readers < 1:
+            raise ValueError(f"Loader readers must be a positive int (threads reading one batch), got {readers!r}")
+        if readers > 1 and batch_size is None:
+            raise ValueError(
+                f"Loader readers={readers} reads the samples of a batch in parallel, which needs a Dataset and "
+                "batch_size; an iterable yielding whole batches is read by one reader"
             )
         indexable = hasattr(data, "__getitem__") and hasattr(data, "__len__")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -58,6 +69,7 @@ class Loader:
             drop_last,
             rank,
         )
+        self.readers = readers
         self.device = torch.device(device) if device is not None else None
         if collate is None and batch_size is not None:
             from torch.utils.data import default_collate
@@ -73,7 +85,7 @@ class Loader:
         n = len(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _read_tasks(self) -> tuple[Iterable[Any], Callable[[Any], Any]]:
+    def _read_tasks(self, pool: ThreadPoolExecutor | None) -> tuple[Iterable[Any], Callable[[Any], Any]]:
         if self.batch_size is None:
             it = iter(self.data)
             return itertools.count(), lambda _: next(it)
@@ -81,6 +93,8 @@ class Loader:
         batches = [list(range(i, min(i + b, n))) for i in range(0, n, b)]
         if self.drop_last and batches and len(batches[-1]) < b:
             batches.pop()
+        if pool is not None:
+            return batches, lambda idx: list(pool.map(self.data.__getitem__, idx))
         return batches, lambda idx: [self.data[i] for i in idx]
 
     def __iter__(self) -> Iterator[Any]:
@@ -89,7 +103,8 @@ class Loader:
         if self.chain is not None:
             self.chain.close()
         stop = threading.Event()
-        tickets, read = self._read_tasks()
+        pool = ThreadPoolExecutor(self.readers, thread_name_prefix="sf-read") if self.readers > 1 else None
+        tickets, read = self._read_tasks(pool)
         cuda = self.device is not None and self.device.type == "cuda"
         actors = [Actor("read", read, self.registers, tickets, stop, self.events, self.rank).start()]
         if self.collate is not None or cuda:
@@ -105,7 +120,7 @@ class Loader:
             actors.append(
                 Actor("copy", self._copier(), self.registers, actors[-1], stop, self.events, self.rank).start()
             )
-        self.chain = Chain(actors)
+        self.chain = Chain(actors, (lambda: pool.shutdown(wait=True, cancel_futures=True)) if pool else None)
         for item in self.chain:
             if cuda:
                 batch, done = item

@@ -89,6 +89,47 @@ def test_breaking_out_stops_every_actor(tmp_path: Path):
     assert {e.track for e in loader.events} == {"read", "collate"}
 
 
+class _Meeting(Files):
+    """Reading samples 0 and 1 waits until both reads have begun: only readers working at once pass."""
+
+    def __init__(self, root: Path, n: int) -> None:
+        super().__init__(root, n)
+        self.meet = threading.Barrier(2, timeout=10)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if i in (0, 1):
+            self.meet.wait()
+        return super().__getitem__(i)
+
+
+def _read_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("sf-read")]
+
+
+def test_readers_read_the_samples_of_a_batch_at_once(tmp_path: Path):
+    data = _Meeting(tmp_path, 10)
+    got = list(sf.Loader(data, batch_size=4, readers=3))
+    want = torch.stack([torch.from_numpy(np.load(tmp_path / f"{i}.npy")) for i in range(10)])
+    torch.testing.assert_close(torch.cat([x for x, _ in got]), want, rtol=0, atol=0)  # in index order
+    assert [y.tolist() for _, y in got] == [[0, 1, 2, 0], [1, 2, 0, 1], [2, 0]]
+    assert _read_threads() == []  # the pool ends with its chain
+    one = _Meeting(tmp_path, 10)
+    with pytest.raises(ActorError, match="actor 'read' failed: BrokenBarrierError"):
+        one.meet = threading.Barrier(2, timeout=0.2)
+        list(sf.Loader(one, batch_size=4))  # one reader: sample 0 waits for a read that never starts
+    data = Files(tmp_path, 12)
+    data.fail_at = 6
+    with pytest.raises(ActorError, match="actor 'read' failed: OSError\\('sample 6 is unreadable'\\)"):
+        list(sf.Loader(data, batch_size=4, readers=2))
+    assert _read_threads() == []
+    loader = sf.Loader(Files(tmp_path, 40), batch_size=2, readers=2)
+    for j, _ in enumerate(loader):
+        if j == 1:
+            break
+    loader.close()
+    assert _read_threads() == [] and not any(a.thread.is_alive() for a in loader.chain.actors)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         sf.Loader([1], batch_size=0)
@@ -96,3 +137,7 @@ def test_bad_arguments_are_named():
         sf.Loader(iter([1, 2]), batch_size=2)
     with pytest.raises(ValueError, match="registers must be a positive int .*got 0"):
         sf.Loader([1], registers=0)
+    with pytest.raises(ValueError, match="readers must be a positive int .*got 0"):
+        sf.Loader([1], batch_size=1, readers=0)
+    with pytest.raises(ValueError, match="readers=2 reads the samples of a batch in parallel, which needs a Dataset"):
+        sf.Loader([[1, 2]], readers=2)

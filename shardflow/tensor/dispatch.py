@@ -272,9 +272,6 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         and res_spec is None
         and not getattr(func, "is_view", True)  # below ADInplaceOrView no local shows as a view: ask the schema
         and all(g.sbp == need and g.mesh is mesh for g, need in zip(gts, ins))
-    ):
-        rec[2], rec[3] = (
-            wrapped[0],
-            args,
-        )  # one output, no boxing, no local implementation: the fast path may stand for it
+    ):  # one output, no boxing, no local implementation, no view: the fast path may stand for this call
+        rec[2], rec[3] = wrapped[0], args
     return _unflatten_out(wrapped, res_spec)

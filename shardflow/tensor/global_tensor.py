@@ -148,8 +148,9 @@ class GlobalTensor(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
         """The fast path (``fast_path.py``): a C function called as before on the same layouts runs on the
-        shards; everything else goes to ``__torch_dispatch__`` as if this handler did not exist. Written
-        flat (two-argument calls unrolled): it is the whole overhead of a small eager op."""
+        shards; everything else goes to ``__torch_dispatch__`` as if this handler did not exist. Other
+        arguments enter the key with their types (1, 1.0 and True are equal by value). Written flat
+        (two-argument calls unrolled): it is the whole overhead of a small eager op."""
         if kwargs or type(func) not in _C_FUNCS:
             return _disabled_tf(func, types, args, kwargs) if kwargs else _disabled_tf(func, types, args)
         if _any_grad(*args):  # autograd must see it (under no_grad too: rare, and right on the slow path)
@@ -203,14 +204,12 @@ def _positional_wrapper() -> bool:
     return (tuple(t.shape), t.dtype, t.device.type, t.requires_grad) == ((3, 2), torch.float16, "meta", False)
 
 
-_POSITIONAL = False
 _POSITIONAL = _positional_wrapper()
 
 
 def _slow(key: Any, hit: Any, func: Any, types: Any, args: Any) -> Any:
-    """A call the fast path does not answer: the slow path, recorded when it is new. (Arguments other
-    than GlobalTensors enter keys with their types: 1, 1.0 and True are equal by value.) Under a dispatch
-    mode the mode must see the op on GlobalTensors, not on shards."""
+    """A call the fast path does not answer (new, refused before, or under a dispatch mode, which must see
+    the op on GlobalTensors, not on shards): the slow path, recorded when the call is new."""
     if hit is None:
         return _record(key, func, types, args)
     return _disabled_tf(func, types, args)
@@ -227,11 +226,12 @@ def _record(key: Any, func: Any, types: Any, args: Any) -> Any:
     """Run a call by the slow path, and remember it when it made exactly one ATen op that the fast path
     can stand for (``dispatch`` says so by leaving its output and arguments in the pending record) and
     that op took this call's own arguments: then the function on the shards is that op on the shards."""
-    rec = _LOCAL.pending = [key, 0, None, None]
+    outer, rec = pending(), [key, 0, None, None]
+    _LOCAL.pending = rec
     try:
         ret = _disabled_tf(func, types, args)
     finally:
-        _LOCAL.pending = None
+        _LOCAL.pending = outer
     if not all(fast_path.plain_arg(a) for a in args if type(a) is not GlobalTensor):
         return ret  # a key holding tensors (in a tuple) is never kept: it would keep them alive
     if _dispatch_modes() or torch._C._is_any_autocast_enabled():

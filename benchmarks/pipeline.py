@@ -6,8 +6,11 @@ The model is an MLP of equal layers (``--width`` wide, ``--layers`` Linear+ReLU 
 so equal stages are a fair test of the bubble. Both sides cut it before the same layers, start from the
 same weights, use AdamW(lr=1e-3, foreach=False) and the same micro-batches; torch computes the loss with
 ``loss_fn`` on the last stage, shardflow inside the last stage (the model's forward returns it). Before
-timing, the first step of both must give the same loss (rtol 1e-4). Steps are interleaved (A B, B A, ...);
-each timed step starts after a barrier and counts the slowest rank; the table gives medians. The bubble
+timing, the first step of both must give the same loss (rtol 1e-4). A third side is shardflow with every
+backward in one pass (``pm.split_backward = False``: the last backward's input gradients sent after its
+weights', as torch's GPipe and 1F1B do), so "one-pass/split" is what the split of the last backward
+(``runtime/split_backward.py``) gains. The sides take turns going first; each timed step starts after a
+barrier and counts the slowest rank; the table gives medians. The bubble
 column is the mean idle fraction of the compute track of shardflow's traced steps (message waits count
 as idle), the median over ``--traced`` steps; beside it, the idle fraction an ideal runtime would have
 with the same measured forward and backward times per stage (``schedule.simulate``: no message costs, no
@@ -53,6 +56,8 @@ HEADER = [
     "torch.pipelining ms",
     "torch/sf (>1: sf faster)",
     "noise sf/torch",
+    "sf one-pass backward ms",
+    "one-pass/split",
     "bubble measured",
     "ideal for measured F/B",
     "(p-1)/(m+p-1)",
@@ -133,18 +138,24 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
         return float(total)
 
     def sf_step() -> float:
+        pm.split_backward = True
+        return pm.step(x, y)
+
+    def sf_one_pass() -> float:  # the same runtime, every backward in one pass (its input gradients sent after)
+        pm.split_backward = False
         return pm.step(x, y)
 
     a, b = sf_step(), torch_step()
     if abs(a - b) > 1e-4 * abs(b) + 1e-6:
         raise SystemExit(f"{schedule} m={m} on {k} ranks: first losses differ: shardflow {a}, torch {b}")
     for _ in range(args.warmup):
-        sf_step(), torch_step()
-    ts_sf, ts_torch = [], []
+        sf_step(), sf_one_pass(), torch_step()
+    ts_sf, ts_one, ts_torch = [], [], []
     for i in range(args.repeats):
-        pair = [(ts_sf, sf_step), (ts_torch, torch_step)]
-        for times, fn in pair if i % 2 == 0 else pair[::-1]:
+        sides = [(ts_sf, sf_step), (ts_one, sf_one_pass), (ts_torch, torch_step)]
+        for times, fn in sides[i % 3 :] + sides[: i % 3]:  # each side first in turn
             times.append(timed_call(fn))
+    pm.split_backward = True
     idle, ideal = [], []
     with tempfile.TemporaryDirectory() as tmpdir:
         for i in range(args.traced):
@@ -156,6 +167,7 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
         "k": k,
         "sf": statistics.median(ts_sf),
         "torch": statistics.median(ts_torch),
+        "one_pass": statistics.median(ts_one),
         "noise": (spread(ts_sf), spread(ts_torch)),
         "bubble": statistics.median(idle),
         "ideal": statistics.median(ideal),
@@ -211,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{r['torch'] * 1e3:.1f}",
                     f"{r['torch'] / r['sf']:.2f}",
                     f"{r['noise'][0]:.2f}/{r['noise'][1]:.2f}",
+                    f"{r['one_pass'] * 1e3:.1f}",
+                    f"{r['one_pass'] / r['sf']:.2f}",
                     f"{r['bubble']:.3f}",
                     f"{r['ideal']:.3f}",
                     f"{r['theory']:.3f}",

@@ -102,11 +102,19 @@ def read(path: str | os.PathLike[str]) -> list[Event]:
     return events
 
 
-_COLOURS = {"F": "#4c78a8", "B": "#f58518", "all-reduce": "#54a24b", "optimizer": "#b279a2", "wait": "#bab0ac"}
+_COLOURS = {
+    "F": "#4c78a8",
+    "B": "#f58518",
+    "W": "#e45756",
+    "all-reduce": "#54a24b",
+    "optimizer": "#b279a2",
+    "wait": "#bab0ac",
+}
 
 
 def render(events: Sequence[Event], png: str | os.PathLike[str], title: str = "") -> None:
-    """Draw one row per (rank, track): forwards blue, backwards orange, all-reduce green, waits grey."""
+    """Draw one row per (rank, track): forwards blue, backwards orange (a split backward's weight
+    gradients, ``W``, red), all-reduce green, waits grey."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,16 +125,18 @@ def render(events: Sequence[Event], png: str | os.PathLike[str], title: str = ""
     fig, ax = plt.subplots(figsize=(12, 0.45 * len(rows) + 1.2))
     for y, key in enumerate(rows):
         for e in (e for e in events if (e.rank, e.track) == key):
-            kind = e.name.split()[0] if e.name[:1] not in "FB" else e.name[0]
+            kind = e.name.split()[0] if e.name[:1] not in "FBW" else e.name[0]
             colour = _COLOURS.get(kind, "#72b7b2")
             left, width = (e.start_ns - t0) / 1e6, (e.end_ns - e.start_ns) / 1e6
             ax.broken_barh([(left, width)], (y - 0.4, 0.8), facecolors=colour, edgecolors="white", linewidth=0.3)
-            if width > 0 and e.name[:1] in "FB" and e.name[1:].isdigit():
+            if width > 0 and e.name[:1] in "FBW" and e.name[1:].isdigit():
                 ax.text(left + width / 2, y, e.name[1:], ha="center", va="center", fontsize=6, color="white")
     ax.set_yticks(range(len(rows)), [f"rank {r} {t}" for r, t in rows])
     ax.invert_yaxis()
     ax.set_xlabel("ms")
-    ax.set_title(title or "shardflow step (blue: forward, orange: backward, numbers: micro-batch)")
+    ax.set_title(
+        title or "shardflow step (blue: forward, orange: backward, red: weights' gradients, numbers: micro-batch)"
+    )
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)

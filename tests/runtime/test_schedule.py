@@ -34,7 +34,7 @@ def test_memory_peak_walks_the_order():
     """Activations of 10 bytes per micro-batch, gradients of 5 (cleared each step, made by the first
     backward), 3 of temporaries while a backward runs: GPipe peaks as its first backward starts, before any
     gradient exists; 1F1B at its second backward, with the gradients; summing gradients out of place adds
-    to every backward after the first."""
+    to every backward after the first; a split last backward (``tail``) adds to that one alone."""
     gpipe = stage_order("gpipe", 0, 2, 4)
     peak, action, alive, grads = memory_peak(gpipe, 10, 5, 3)
     assert (peak, repr(action), alive, grads) == (43, "B0", 4, False)
@@ -44,6 +44,9 @@ def test_memory_peak_walks_the_order():
     assert (peak, repr(action), alive, grads) == (28, "B1", 2, True)
     assert memory_peak(one_f, 10, 5, 3, accumulate=5)[0] == 33
     assert memory_peak(stage_order("gpipe", 0, 1, 1), 10, 50, 3)[:3][0] == 50  # the first backward's end
+    # the last backward split in two passes holds 20 more: B3 (1 in flight) now beats B1 (2 in flight)
+    peak, action, alive, grads = memory_peak(one_f, 10, 5, 3, tail=20)
+    assert (peak, repr(action), alive, grads) == (10 + 3 + 20 + 5, "B3", 1, True)
 
 
 def test_backward_twice_as_long_keeps_the_formula():

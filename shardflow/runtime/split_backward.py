@@ -1,0 +1,205 @@
+"""A stage's backward in two passes: the gradients of its inputs first, then those of its parameters.
+
+Why: in a pipeline the stage before waits only for the gradients of what it sent; parameter gradients are
+needed at the optimizer step. Computing the input gradients first and sending them before the weight
+gradients (the B/W split of zero-bubble pipeline schedules, Qi et al. 2023) takes each boundary's
+weight-gradient time off the critical path, in the same 1F1B or GPipe order. torch.distributed.pipelining
+splits the backward only in its zero-bubble schedules; its GPipe and 1F1B send after the whole backward.
+
+How: the micro-batch's autograd graph is walked once. The nodes from which a stage input is reachable (the
+input side) run in pass 1, ``autograd.grad`` to the inputs, where each node computes only the gradients
+that lead there; a prehook on every input-side node with an edge leaving the input side (a "boundary":
+``addmm``'s node, whose weight edge leaves) records the gradient it received. Pass 2 resumes from those
+records, one ``autograd.backward`` per boundary from its ``GradientEdge`` with ``inputs=`` the parameters
+only it reaches, so no node runs twice except the boundaries themselves (for the other edges) and gradients
+accumulate into ``.grad``, post-accumulate hooks included, as in one backward. Where the split could compute
+or count something twice (a custom autograd Function at a boundary, a parameter reached from two
+boundaries) it is not made: ``plan`` returns None and the caller runs one ordinary backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.autograd.function import BackwardCFunction
+from torch.autograd.graph import GradientEdge, Node
+
+
+@dataclass
+class SplitBackward:
+    """One micro-batch's backward, planned: ``inputs_first`` then ``weights``."""
+
+    roots: list[torch.Tensor]
+    grads: list[torch.Tensor | None]
+    inputs: list[torch.Tensor]
+    boundaries: list[Node]  # input-side nodes with edges leaving the input side
+    reaches: list[list[torch.Tensor]]  # per boundary: the leaves only it reaches off the input side
+    outside: list[tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]]  # roots off the input side
+    recorded: dict[Node, tuple[Any, ...]] = field(default_factory=dict)
+
+    def inputs_first(self) -> list[torch.Tensor | None]:
+        """Pass 1: the inputs' gradients (None for an input the roots do not reach)."""
+        handles = [n.register_prehook(_recorder(self.recorded, n)) for n in self.boundaries]
+        try:
+            off = {id(r) for r, _, _ in self.outside}
+            on_side = [(r, g) for r, g in zip(self.roots, self.grads) if id(r) not in off]
+            return list(
+                torch.autograd.grad(
+                    [r for r, _ in on_side],
+                    self.inputs,
+                    [g for _, g in on_side],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+            )
+        finally:
+            for h in handles:
+                h.remove()
+
+    def weights(self) -> None:
+        """Pass 2: every parameter's gradient accumulated, from the gradients pass 1 left at the boundaries."""
+        for node, leaves in zip(self.boundaries, self.reaches):
+            got = self.recorded.pop(node, None)
+            if got is None or not leaves:
+                continue
+            kept = [(GradientEdge(node, i), g) for i, g in enumerate(got) if g is not None]
+            if kept:
+                torch.autograd.backward([e for e, _ in kept], [g for _, g in kept], inputs=leaves)
+        for root, grad, leaves in self.outside:
+            if leaves:
+                torch.autograd.backward([root], [grad] if grad is not None else None, inputs=leaves)
+        self.recorded.clear()
+
+
+def plan(
+    roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], inputs: Sequence[torch.Tensor]
+) -> SplitBackward | None:
+    """The two passes of ``backward(roots, grads)`` for ``inputs`` (leaves requiring grad), or None where a
+    split would compute or count something twice, or has nothing to gain (no input, no root)."""
+    start = [r.grad_fn for r in roots]
+    if not inputs or not roots or any(fn is None for fn in start):
+        return None
+    targets: set[Node] = set()
+    for x in inputs:
+        acc = _accumulator(x)
+        if acc is None:
+            return None
+        targets.add(acc)
+    # every node the roots reach, and who points at it
+    parents: dict[Node, list[Node]] = {}
+    order: list[Node] = []
+    stack: list[Node] = [fn for fn in start if fn is not None]
+    seen: set[Node] = set(stack)
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            parents.setdefault(child, []).append(node)
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    # the input side: nodes from which an input's accumulator is reachable
+    side: set[Node] = {t for t in targets if t in seen}
+    stack = list(side)
+    while stack:
+        for parent in parents.get(stack.pop(), ()):
+            if parent not in side:
+                side.add(parent)
+                stack.append(parent)
+    owner: dict[Node, int] = {}  # leaf accumulator -> the one group that reaches it
+
+    def leaves_below(first: list[Node], group: int) -> list[torch.Tensor] | None:
+        found: list[torch.Tensor] = []
+        todo, visited = list(first), set(first)
+        while todo:
+            node = todo.pop()
+            children = [c for c, _ in node.next_functions if c is not None]
+            if not children and hasattr(node, "variable"):
+                if owner.setdefault(node, group) != group:
+                    return None  # reached from two places: pass 2 would count it twice
+                found.append(node.variable)
+            for c in children:
+                if c not in visited:
+                    visited.add(c)
+                    todo.append(c)
+        return found
+
+    boundaries: list[Node] = []
+    reaches: list[list[torch.Tensor]] = []
+    for node in order:
+        if node not in side or node in targets:
+            continue
+        off = [c for c, _ in node.next_functions if c is not None and c not in side]
+        if not off:
+            continue
+        if isinstance(node, BackwardCFunction):
+            return None  # a custom Function's backward would run twice, and may not allow it
+        leaves = leaves_below(off, len(boundaries))
+        if leaves is None:
+            return None
+        boundaries.append(node)
+        reaches.append(leaves)
+    outside: list[tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]] = []
+    for root, grad in zip(roots, grads):
+        if root.grad_fn in side:
+            continue
+        assert root.grad_fn is not None
+        leaves = leaves_below([root.grad_fn], -1 - len(outside))
+        if leaves is None:
+            return None
+        outside.append((root, grad, leaves))
+    if len(outside) == len(roots):
+        return None  # no root reaches an input: one ordinary backward
+    return SplitBackward(list(roots), list(grads), list(inputs), boundaries, reaches, outside)
+
+
+def held_between_passes(joint: Any) -> int:
+    """Bytes a backward split in two passes holds between them beyond what one backward holds, counted on
+    the stage's traced forward and backward (``graph/lower.Joint``): the gradients the input pass makes
+    and the weight pass reads (``addmm``'s incoming gradient, per linear layer). Activations are not
+    counted: they are the forward's, held until the backward in either case."""
+    graph: fx.Graph = joint.graph.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    results = [r for r in output.args[0] if isinstance(r, fx.Node)]  # type: ignore[union-attr]
+    n_values, n_grads = joint.n_values, len(joint.grad_of)
+    values, weights = results[:n_values], results[n_values : n_values + n_grads]
+    inputs = results[n_values + n_grads :]
+
+    def ancestors(roots: list[fx.Node]) -> set[fx.Node]:
+        found, todo = set(roots), list(roots)
+        while todo:
+            for n in todo.pop().all_input_nodes:
+                if n not in found:
+                    found.add(n)
+                    todo.append(n)
+        return found
+
+    forward, input_side = ancestors(values), ancestors(inputs)
+    weight_side = ancestors(weights) - input_side
+    total = 0
+    for n in input_side - forward:
+        val = n.meta.get("val")
+        if n.op != "placeholder" and isinstance(val, torch.Tensor) and any(u in weight_side for u in n.users):
+            total += val.numel() * val.element_size()
+    return total
+
+
+def _recorder(into: dict[Node, tuple[Any, ...]], node: Node) -> Any:
+    def hook(grad_outputs: tuple[Any, ...]) -> None:
+        into[node] = tuple(grad_outputs)
+
+    return hook
+
+
+def _accumulator(t: torch.Tensor) -> Node | None:
+    """A leaf's gradient accumulator (made on demand by a throwaway view, as autograd makes it lazily)."""
+    if t.grad_fn is not None or not t.requires_grad:
+        return None
+    fn = t.view_as(t).grad_fn
+    return None if fn is None else fn.next_functions[0][0]

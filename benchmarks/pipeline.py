@@ -159,6 +159,7 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
     idle, ideal = [], []
     with tempfile.TemporaryDirectory() as tmpdir:
         for i in range(args.traced):
+            dist.barrier()  # as timed steps: rank 0 writing the last trace must not delay this one's start
             pm.step(x, y, trace=args.save_trace if args.save_trace and i == 0 else os.path.join(tmpdir, f"{i}.json"))
             idle.append(idle_fraction(pm.events))
             ideal.append(_ideal(pm.events, schedule, k, m))

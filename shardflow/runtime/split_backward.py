@@ -12,9 +12,10 @@ that lead there; a prehook on every input-side node with an edge leaving the inp
 ``addmm``'s node, whose weight edge leaves) records the gradient it received. Pass 2 resumes from those
 records, one ``autograd.backward`` per boundary from its ``GradientEdge`` with ``inputs=`` the parameters
 only it reaches, so no node runs twice except the boundaries themselves (for the other edges) and gradients
-accumulate into ``.grad``, post-accumulate hooks included, as in one backward. Where the split could compute
-or count something twice (a custom autograd Function at a boundary, a parameter reached from two
-boundaries) it is not made: ``plan`` returns None and the caller runs one ordinary backward.
+accumulate into ``.grad``, post-accumulate hooks included, as in one backward. Where the split could
+compute or count something twice, or fail (a custom autograd Function anywhere in the graph, a reentrant
+checkpoint among them; a parameter reached from two boundaries) it is not made: ``plan`` returns None and
+the caller runs one ordinary backward. A non-reentrant checkpoint splits like any other graph.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ def plan(
     seen: set[Node] = set(stack)
     while stack:
         node = stack.pop()
+        if isinstance(node, BackwardCFunction):
+            # a custom Function's backward could run in both passes, and may refuse ``autograd.grad`` (a
+            # reentrant checkpoint runs its own backward inside): one ordinary backward
+            return None
         order.append(node)
         for child, _ in node.next_functions:
             if child is None:
@@ -138,8 +143,6 @@ def plan(
         off = [c for c, _ in node.next_functions if c is not None and c not in side]
         if not off:
             continue
-        if isinstance(node, BackwardCFunction):
-            return None  # a custom Function's backward would run twice, and may not allow it
         leaves = leaves_below(off, len(boundaries))
         if leaves is None:
             return None

@@ -9,6 +9,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from shardflow.graph.stage_program import trace_stage
 from shardflow.models import GPTConfig
@@ -86,6 +87,28 @@ def test_a_transformer_block_splits_and_matches():
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+def test_a_non_reentrant_checkpoint_with_dropout_splits_and_matches():
+    """Its recomputation (same dropout mask, RNG state restored) serves both passes."""
+    torch.manual_seed(0)
+    inner, outer = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.5)), nn.Linear(8, 3)
+    ref_inner, ref_outer = copy.deepcopy(inner), copy.deepcopy(outer)
+    x = torch.randn(4, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    torch.manual_seed(5)
+    out = outer(checkpoint(inner, x, use_reentrant=False))
+    dy = torch.randn_like(out)
+    split = plan([out], [dy], [x])
+    assert split is not None
+    (dx,) = split.inputs_first()
+    split.weights()
+    torch.manual_seed(5)
+    ref_outer(ref_inner(x_ref)).backward(dy)
+    torch.testing.assert_close(dx, x_ref.grad)
+    got = [*inner.parameters(), *outer.parameters()]
+    for p, q in zip(got, [*ref_inner.parameters(), *ref_outer.parameters()]):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
 class _Double(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):  # type: ignore[no-untyped-def,override]
@@ -108,6 +131,9 @@ def test_no_split_where_something_would_run_or_count_twice():
     # a custom Function with a weight edge would run its backward in both passes
     w = nn.Parameter(torch.randn(4))
     out = _Double.apply(lin(x), w)
+    assert plan([out], [torch.ones_like(out)], [x]) is None
+    # a reentrant checkpoint runs its own backward, which refuses autograd.grad
+    out = checkpoint(lin, x, use_reentrant=True)
     assert plan([out], [torch.ones_like(out)], [x]) is None
     # nothing to gain: no input, or no root reaching one
     out = lin(x)

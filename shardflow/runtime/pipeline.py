@@ -326,7 +326,7 @@ class PipelineModule(Snapshots):
             self.bucket_bytes,
         )
         self._last_backward = False
-        # backward in two passes, input gradients sent first (runtime/split_backward.py); off: one backward
+        # the last backward in two passes, input gradients sent first (runtime/split_backward.py); False: one
         self.split_backward = True
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -546,11 +546,18 @@ class PipelineModule(Snapshots):
                 if split is not None:  # the weights' gradients, once the inputs' are on their way
                     with self.recorder.span("compute", f"W{j}"), self._naming(a):
                         split.weights()
+                    # the retained graph (activations only the first pass read) goes with its last reference
+                    split = out = outs = received = None  # type: ignore[assignment]
                 self._last_backward = False
         with self.recorder.span("recv", "wait sends"):
             for w in [*sends, *(w for ws in sent.values() for w in ws)]:
                 w.wait()
         return losses
+
+    @property
+    def _splits(self) -> bool:
+        """Whether this stage splits its last backward: data parallel, after the first, not turned off."""
+        return self.split_backward and self.stage > 0 and self.tp_mesh is None
 
     def _backward(
         self, received: list[torch.Tensor], outs: list[torch.Tensor], grads_in: list[torch.Tensor], weight: float
@@ -569,7 +576,7 @@ class PipelineModule(Snapshots):
             roots, grads = [o for o, _ in pairs], [g for _, g in pairs]
         inputs = [t for t in received if t.is_floating_point()]
         split = None
-        if inputs and self.tp_mesh is None and self.split_backward and self._last_backward:
+        if inputs and self._splits and self._last_backward:
             split = split_backward.plan(roots, grads, inputs)
         if split is not None:
             return inputs, split.inputs_first(), split
@@ -709,21 +716,24 @@ class PipelineModule(Snapshots):
             # a tp stage's gradients are GlobalTensors, which autograd accumulates out of place (old + new)
             summing = grads if self.tp_mesh is not None else 0
             # the last backward split in two passes holds the gradients its weights' pass reads between them
-            splits = self.stage > 0 and self.tp_mesh is None and self.split_backward
-            tail = split_backward.held_between_passes(self._program(first).traced.joint) if splits else 0
-            during, action, k, with_grads = memory_peak(self.order, act, grads, temps, summing, tail)
+            tail = split_backward.held_between_passes(self._program(first).traced.joint) if self._splits else 0
+            during, action, k, with_grads = memory_peak(self.order, act, grads, temps, summing, tail, self._splits)
             at_peak = [(k * act, f"activations kept for backward: {k} micro-batch(es) in flight x {fmt_bytes(act)}")]
             if with_grads:
                 at_peak.append((grads, "gradients (accumulated over micro-batches)"))
             if during > k * act + (grads if with_grads else 0):
                 at_peak.append((temps, "one backward's temporaries (its program's peak beyond what it saves)"))
-                if tail and action == self.order[-1]:
+                if tail and self._splits and action == self.order[-1]:
                     at_peak.append((tail, "the last backward's gradients held between its two passes"))
                 if with_grads and summing:
                     at_peak.append((summing, "gradients summed out of place (GlobalTensors)"))
             where = f"stage {self.stage}: {action!r} under {self.pipeline.schedule}, {k} micro-batch(es) in flight"
-            if grads + buckets > during:
-                at_peak, during = [(grads, "gradients"), (buckets, "gradient buckets")], grads + buckets
+            # a split last backward keeps its activations until its weights' pass ends, as the buckets launch
+            kept = act if self._splits and buckets else 0
+            if grads + buckets + kept > during:
+                at_peak, during = [(grads, "gradients"), (buckets, "gradient buckets")], grads + buckets + kept
+                if kept:
+                    at_peak.append((kept, "the last micro-batch's activations, until its weights' pass ends"))
                 where = f"stage {self.stage}: gradient all-reduce"
             program = ProgramMemory(during, sorted(at_peak, reverse=True), grads, where)
             persistent = {"parameters": params, "optimizer state": state}
@@ -867,6 +877,12 @@ class PipelineModule(Snapshots):
             )
         for name, stages in self.split.tied.items():
             lines.append(f"  {name} is held by stages {list(stages)}; their gradients are summed")
+        split = [s for s in range(1, p) if len(self.grids[s][0]) == 1] if self.split_backward else []
+        if split:  # the same test as _splits, for every stage: data parallel (tp rows of one), after the first
+            lines.append(
+                f"  stage(s) {split}: the last backward runs in two passes, its inputs' gradients sent before its "
+                "weights' are computed (W in traces)"
+            )
         if self.tp_mesh is not None and self.inside:  # this rank's stage program: what it communicates
             micro = self._micro_batches([_plain(x) for x in self.example_inputs])[0][0]
             counts: dict[tuple[str, str], int] = {}

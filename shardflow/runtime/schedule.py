@@ -65,14 +65,16 @@ def in_flight(order: list[Action]) -> int:
 
 
 def memory_peak(
-    order: list[Action], act: int, grads: int, temps: int, accumulate: int = 0, tail: int = 0
+    order: list[Action], act: int, grads: int, temps: int, accumulate: int = 0, tail: int = 0, split: bool = False
 ) -> tuple[int, Action, int, bool]:
     """The worst moment of one step's schedule for memory: ``(bytes, action, micro-batches in flight, whether
     the gradients exist)``, for activations of ``act`` bytes per micro-batch, gradients of ``grads`` bytes
     (made by the first backward: they are cleared at every step's start, then accumulated) and ``temps``
     bytes of temporaries while a backward runs (``accumulate`` more once gradients exist: adding a
-    backward's gradients to them out of place; ``tail`` more during the step's last backward, split in two
-    passes). The first backward ends with its own activations freed and every gradient made."""
+    backward's gradients to them out of place; with ``split``, ``tail`` more during the step's last
+    backward, run in two passes). The first backward ends with its own activations freed and every
+    gradient made, unless it is also the last and split: its second pass makes the gradients with its
+    activations still alive."""
     alive, made, best = 0, False, (0, order[0], 0, False)
     last = max(i for i, a in enumerate(order) if a.kind == "B") if any(a.kind == "B" for a in order) else -1
     for i, a in enumerate(order):
@@ -80,10 +82,12 @@ def memory_peak(
             alive += 1
             moments = [(alive * act + (grads if made else 0), alive, made)]
         else:
-            extra = tail if i == last else 0
+            splits = split and i == last
+            extra = tail if splits else 0
             moments = [(alive * act + temps + extra + (grads + accumulate if made else 0), alive, made)]
             if not made:
-                moments.append(((alive - 1) * act + grads, alive - 1, True))
+                after = alive if splits else alive - 1  # a split backward's activations outlive its gradients
+                moments.append((after * act + grads, after, True))
             alive, made = alive - 1, True
         for nbytes, n, with_grads in moments:
             if nbytes > best[0]:

@@ -15,7 +15,10 @@ only it reaches, so no node runs twice except the boundaries themselves (for the
 accumulate into ``.grad``, post-accumulate hooks included, as in one backward. Where the split could
 compute or count something twice, or fail (a custom autograd Function anywhere in the graph, a reentrant
 checkpoint among them; a parameter reached from two boundaries) it is not made: ``plan`` returns None and
-the caller runs one ordinary backward. A non-reentrant checkpoint splits like any other graph.
+the caller runs one ordinary backward. A non-reentrant checkpoint splits like any other graph. A tensor
+hook on a boundary's output would run in both passes (applied twice to what the weights' pass reads), and
+autograd cannot list them: callers split only graphs that hold none. Pipeline stages are torch.export
+graphs, which hold none (``stages.py`` refuses a model whose forward registers one: the cut would drop it).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from torch import fx
 from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node
+from torch.overrides import TorchFunctionMode
 
 
 @dataclass
@@ -73,7 +77,26 @@ class SplitBackward:
         for root, grad, leaves in self.outside:
             if leaves:
                 torch.autograd.backward([root], [grad] if grad is not None else None, inputs=leaves)
+        # pass 1 retained the graph: let it go (and the activations only pass 1 read) with the last reference
         self.recorded.clear()
+        self.roots, self.grads, self.inputs, self.boundaries, self.reaches, self.outside = [], [], [], [], [], []
+
+
+class HookWatch(TorchFunctionMode):
+    """Watches a forward for tensor hooks (``register_hook``, ``retain_grad``); ``seen`` is True if it
+    registered one (autograd offers no way to list a node's hooks afterwards)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in _HOOKS:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
+_HOOKS = (torch.Tensor.register_hook, torch.Tensor.retain_grad)
 
 
 def plan(
@@ -165,32 +188,52 @@ def plan(
 def held_between_passes(joint: Any) -> int:
     """Bytes a backward split in two passes holds between them beyond what one backward holds, counted on
     the stage's traced forward and backward (``graph/lower.Joint``): the gradients the input pass makes
-    and the weight pass reads (``addmm``'s incoming gradient, per linear layer). Activations are not
-    counted: they are the forward's, held until the backward in either case."""
+    and the weights' pass reads (``addmm``'s incoming gradient per linear layer, a layer norm's), each
+    storage once. Activations are not counted: the forward's, held until the backward in either case."""
     graph: fx.Graph = joint.graph.graph
     output = next(n for n in graph.nodes if n.op == "output")
     results = [r for r in output.args[0] if isinstance(r, fx.Node)]  # type: ignore[union-attr]
     n_values, n_grads = joint.n_values, len(joint.grad_of)
-    values, weights = results[:n_values], results[n_values : n_values + n_grads]
-    inputs = results[n_values + n_grads :]
+    weights, inputs = results[n_values : n_values + n_grads], results[n_values + n_grads :]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    arriving = placeholders[len(placeholders) - joint.n_grads_in :] if joint.n_grads_in else []
 
-    def ancestors(roots: list[fx.Node]) -> set[fx.Node]:
+    def closure(roots: list[fx.Node], step: Any) -> set[fx.Node]:
         found, todo = set(roots), list(roots)
         while todo:
-            for n in todo.pop().all_input_nodes:
+            for n in step(todo.pop()):
                 if n not in found:
                     found.add(n)
                     todo.append(n)
         return found
 
-    forward, input_side = ancestors(values), ancestors(inputs)
-    weight_side = ancestors(weights) - input_side
-    total = 0
-    for n in input_side - forward:
+    input_side = closure(inputs, lambda n: n.all_input_nodes)
+    weight_side = closure(weights, lambda n: n.all_input_nodes) - input_side
+    gradients = closure(arriving, lambda n: n.users) - set(arriving)  # the backward's values, not saved ones
+
+    def read_by_weights(n: fx.Node) -> bool:  # directly, or by a multi-output op (layer norm's backward)
+        # one of whose items (a getitem) the weights' pass reads
+        return any(
+            u in weight_side or (not isinstance(u.meta.get("val"), torch.Tensor) and weight_side & set(u.users))
+            for u in n.users
+        )
+
+    held: dict[fx.Node, int] = {}
+    for n in input_side & gradients:
         val = n.meta.get("val")
-        if n.op != "placeholder" and isinstance(val, torch.Tensor) and any(u in weight_side for u in n.users):
-            total += val.numel() * val.element_size()
-    return total
+        if not isinstance(val, torch.Tensor) or not read_by_weights(n):
+            continue
+        base = n
+        while getattr(base.target, "is_view", False) and base.args and isinstance(base.args[0], fx.Node):
+            base = base.args[0]  # a view holds its base's storage
+        if base in gradients:
+            held[base] = val.untyped_storage().nbytes() if base is n else _nbytes(base)
+    return sum(held.values())
+
+
+def _nbytes(n: fx.Node) -> int:
+    val = n.meta.get("val")
+    return val.untyped_storage().nbytes() if isinstance(val, torch.Tensor) else 0
 
 
 def _recorder(into: dict[Node, tuple[Any, ...]], node: Node) -> Any:

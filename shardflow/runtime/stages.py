@@ -66,6 +66,7 @@ def split_model(model: nn.Module, micro_batch: Sequence[Any], split_points: Sequ
     work = copy.deepcopy(model)
     if not split_points:
         return Split([work], [[("input", i) for i in range(len(micro_batch))]], [1], [_params(work, names)], {}, [])
+    _refuse_hooks(model, micro_batch)
     spec = {point: SplitPoint.BEGINNING for point in split_points}
     try:
         pipe = pipeline(work, mb_args=tuple(micro_batch), split_spec=spec)
@@ -124,6 +125,37 @@ def _refuse_batch_norm(model: nn.Module) -> None:
         raise ValueError(
             f"{type(model).__name__} has BatchNorm: under a pipeline it would normalise each micro-batch "
             "alone, which is not the serial model; use strategy='dp' without a pipeline"
+        )
+
+
+def _refuse_hooks(model: nn.Module, micro_batch: Sequence[Any]) -> None:
+    """Refuse hooks the cut would drop without a word: torch.export's stages run the traced ATen ops, so a
+    tensor hook registered in forward (``register_hook``, ``retain_grad``) or a module's backward hook
+    never runs in them, and the gradients would silently differ from the model's. Forward runs once on
+    fake tensors of the micro-batch to see its hooks."""
+    hooked = [name or "(the model)" for name, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]
+    if hooked:
+        raise ValueError(
+            f"{type(model).__name__}: modules {hooked[:4]} have backward hooks, which the stages of a pipeline "
+            "(cut by torch.export) would not run; remove them, or train without pipeline="
+        )
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415 (torch's fake tensors)
+
+    from shardflow.runtime.split_backward import HookWatch  # noqa: PLC0415 (one concept per module)
+
+    watch = HookWatch()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in micro_batch]
+        try:
+            with watch, torch.enable_grad():
+                model(*fake)
+        except Exception:  # noqa: BLE001 - forward needs real values here: torch.export will judge it
+            pass
+    if watch.seen:
+        raise ValueError(
+            f"{type(model).__name__} registers tensor hooks in forward (register_hook or retain_grad): the "
+            "stages of a pipeline (cut by torch.export) would not run them, and its gradients would differ; "
+            "remove them, or train without pipeline="
         )
 
 

@@ -81,6 +81,8 @@ def _cases(kind: str, cases, trace_dir: str) -> list[str]:  # type: ignore[no-un
         for b in range(stages - 1):
             line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"stage {b} -> {b + 1}:"))
             assert all(f"->{r} " in line for r in pm.stage_ranks[b + 1]), (case, line)
+        if strategy == "dp":
+            assert f"stage(s) {list(range(1, stages))}: the last backward runs in two passes" in text, text
         for rank in mesh.ranks:
             stage = next(s for s, r in enumerate(pm.stage_ranks) if rank in r)
             if not given:
@@ -162,6 +164,13 @@ def test_bad_pipelines_are_refused_with_the_fix():
             strategy="hybrid",
             pipeline=sf.Pipeline(),
         )
+    hooked = (torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="_Hooked registers tensor hooks in forward .register_hook or retain_grad"):
+        sf.compile(_Hooked(), mesh, example_inputs=hooked, pipeline=sf.Pipeline(split_points=["b"]))
+    backward_hooked = MLP(MLPConfig(in_features=6, hidden_sizes=(16, 16), num_classes=5))
+    backward_hooked.net[0].register_full_backward_hook(lambda *_: None)
+    with pytest.raises(ValueError, match=r"modules \['net.0'\] have backward hooks, which the stages"):
+        sf.compile(backward_hooked, mesh, example_inputs=hooked, pipeline=sf.Pipeline(split_points=["net.2"]))
     with pytest.raises(NotImplementedError, match="zero cannot be combined with pipeline="):
         sf.compile(
             mlp,
@@ -347,3 +356,26 @@ def test_parameters_forward_never_reaches_stay_as_plain_torch_leaves_them():
     data-parallel buckets and tensor-parallel partial sums count which ranks had one, instead of reducing
     zeros that weight decay would then apply."""
     assert run_on_ranks(4, _unused_cases, timeout=300) == [["dp", "tp"]] * 4
+
+
+class _HalvedGradient(torch.nn.Module):
+    """A linear layer whose output's gradient a tensor hook halves, registered in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if h.requires_grad:
+            h.register_hook(lambda g: g * 0.5)
+        return torch.relu(h)
+
+
+class _Hooked(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(6, 16), _HalvedGradient(), torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.head(self.b(torch.relu(self.a(x)))), y)

@@ -4,7 +4,7 @@ through the schedule's order; the profiler's measurement of a real step agrees, 
 (``p - s`` micro-batches) against GPipe's (``m``).
 
 Accuracy (the measurement matches each free to its allocation by address): GPipe and stages of different
-sizes within 1%, 1F1B 2% (first stage) and 11% (last stage, under: its last backward, split in two passes,
+sizes within 1%, 1F1B 2% (first stage) and 6% (last stage, under: its last backward, split in two passes,
 keeps every activation until the second; the plan counts the gradients held between them) over this
 model; bounds 5% and 15%."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardflow.runtime.schedule import bubble, in_flight, memory_peak, simulate, stage_order
+from shardflow.runtime.schedule import Action, bubble, in_flight, memory_peak, simulate, stage_order
 
 
 def test_orders_of_a_four_stage_pipeline():
@@ -45,8 +45,11 @@ def test_memory_peak_walks_the_order():
     assert memory_peak(one_f, 10, 5, 3, accumulate=5)[0] == 33
     assert memory_peak(stage_order("gpipe", 0, 1, 1), 10, 50, 3)[:3][0] == 50  # the first backward's end
     # the last backward split in two passes holds 20 more: B3 (1 in flight) now beats B1 (2 in flight)
-    peak, action, alive, grads = memory_peak(one_f, 10, 5, 3, tail=20)
+    peak, action, alive, grads = memory_peak(one_f, 10, 5, 3, tail=20, split=True)
     assert (peak, repr(action), alive, grads) == (10 + 3 + 20 + 5, "B3", 1, True)
+    assert memory_peak(one_f, 10, 5, 3, tail=20)[0] == 28  # not split: no tail
+    # one micro-batch split: its activations are alive while its second pass makes the gradients
+    assert memory_peak(stage_order("gpipe", 0, 1, 1), 10, 50, 3, tail=2, split=True)[:3] == (60, Action("B", 0), 1)
 
 
 def test_backward_twice_as_long_keeps_the_formula():

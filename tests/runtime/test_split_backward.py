@@ -148,3 +148,8 @@ def test_held_between_passes_is_the_gradient_the_weight_pass_reads():
     stage = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     joint = trace_stage(stage, [torch.randn(5, 8)], [True]).joint
     assert held_between_passes(joint) == 5 * 16 * 4
+    # a layer norm's backward makes its input's and its weights' gradients in one op: the gradient entering
+    # it counts too (and not the mean and rstd its forward saved), each storage once
+    stage = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 8))
+    joint = trace_stage(stage, [torch.randn(5, 8)], [True]).joint
+    assert held_between_passes(joint) == 2 * 5 * 8 * 4

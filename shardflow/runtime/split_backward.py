@@ -31,7 +31,6 @@ import torch
 from torch import fx
 from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node
-from torch.overrides import TorchFunctionMode
 
 
 @dataclass
@@ -80,23 +79,6 @@ class SplitBackward:
         # pass 1 retained the graph: let it go (and the activations only pass 1 read) with the last reference
         self.recorded.clear()
         self.roots, self.grads, self.inputs, self.boundaries, self.reaches, self.outside = [], [], [], [], [], []
-
-
-class HookWatch(TorchFunctionMode):
-    """Watches a forward for tensor hooks (``register_hook``, ``retain_grad``); ``seen`` is True if it
-    registered one (autograd offers no way to list a node's hooks afterwards)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = False
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in _HOOKS:
-            self.seen = True
-        return func(*args, **(kwargs or {}))
-
-
-_HOOKS = (torch.Tensor.register_hook, torch.Tensor.retain_grad)
 
 
 def plan(

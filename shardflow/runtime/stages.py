@@ -1,8 +1,11 @@
 """Cut a model into pipeline stages at module boundaries, and find balanced cut points when none are given.
 
 The cut is torch.distributed.pipelining's front end (``pipeline(model, mb_args, split_spec)``): it traces the
-forward with ``torch.export`` and outlines each stage as a module that keeps the original submodules and
-parameter names, so stage parameters map back to ``model.state_dict()`` names. Its wiring (which user
+forward with ``torch.export`` and outlines each stage as a module that keeps the original module tree and
+parameter names, so stage parameters map back to ``model.state_dict()`` names. The submodules run the
+traced ATen ops, not the model's Python: a tensor hook that forward registers, or a module's backward hook,
+would silently never run, so a model with either is refused (the hooks are watched for while export
+traces forward). Its wiring (which user
 inputs and which outputs of the stage before feed each stage) is read from the split graph here. A
 parameter used by several stages (GPT's tied ``wte``/``lm_head``) arrives as one copy per stage; the
 runtime sums those copies' gradients (``Split.tied``), which torch's own runtime leaves to the user.
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 Source = tuple[str, int]  # ("input", i): the step's i-th input; ("prev", j): output j of the stage before
 
@@ -66,15 +70,23 @@ def split_model(model: nn.Module, micro_batch: Sequence[Any], split_points: Sequ
     work = copy.deepcopy(model)
     if not split_points:
         return Split([work], [[("input", i) for i in range(len(micro_batch))]], [1], [_params(work, names)], {}, [])
-    _refuse_hooks(model, micro_batch)
+    _refuse_backward_hooks(model)
     spec = {point: SplitPoint.BEGINNING for point in split_points}
+    watch = _HookWatch()  # the traced stages would silently drop tensor hooks that forward registers
     try:
-        pipe = pipeline(work, mb_args=tuple(micro_batch), split_spec=spec)
+        with watch:
+            pipe = pipeline(work, mb_args=tuple(micro_batch), split_spec=spec)
     except Exception as exc:  # export failures come from deep inside torch: say what to change
         raise ValueError(
             f"cannot cut {type(model).__name__} at {list(split_points)}: torch.export failed ({exc}). "
             "Pick split points at module calls of forward (e.g. transformer blocks)"
         ) from exc
+    if watch.seen:
+        raise ValueError(
+            f"{type(model).__name__} registers tensor hooks in forward (register_hook or retain_grad): the "
+            "stages of a pipeline (cut by torch.export) would not run them, and its gradients would differ; "
+            "remove them, or train without pipeline="
+        )
     if pipe.num_stages != len(split_points) + 1:
         raise ValueError(
             f"cutting at {list(split_points)} gave {pipe.num_stages} stages, not {len(split_points) + 1}: "
@@ -128,34 +140,30 @@ def _refuse_batch_norm(model: nn.Module) -> None:
         )
 
 
-def _refuse_hooks(model: nn.Module, micro_batch: Sequence[Any]) -> None:
-    """Refuse hooks the cut would drop without a word: torch.export's stages run the traced ATen ops, so a
-    tensor hook registered in forward (``register_hook``, ``retain_grad``) or a module's backward hook
-    never runs in them, and the gradients would silently differ from the model's. Forward runs once on
-    fake tensors of the micro-batch to see its hooks."""
+class _HookWatch(TorchFunctionMode):
+    """Watches a forward for tensor hooks (``register_hook``, ``retain_grad``); ``seen`` is True if it
+    registered one (autograd offers no way to list a node's hooks afterwards)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in _HOOKS:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
+_HOOKS = (torch.Tensor.register_hook, torch.Tensor.retain_grad)
+
+
+def _refuse_backward_hooks(model: nn.Module) -> None:
+    """torch.export's stages run the traced ATen ops: a module's backward hook would never run in them."""
     hooked = [name or "(the model)" for name, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]
     if hooked:
         raise ValueError(
             f"{type(model).__name__}: modules {hooked[:4]} have backward hooks, which the stages of a pipeline "
             "(cut by torch.export) would not run; remove them, or train without pipeline="
-        )
-    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415 (torch's fake tensors)
-
-    from shardflow.runtime.split_backward import HookWatch  # noqa: PLC0415 (one concept per module)
-
-    watch = HookWatch()
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in micro_batch]
-        try:
-            with watch, torch.enable_grad():
-                model(*fake)
-        except Exception:  # noqa: BLE001 - forward needs real values here: torch.export will judge it
-            pass
-    if watch.seen:
-        raise ValueError(
-            f"{type(model).__name__} registers tensor hooks in forward (register_hook or retain_grad): the "
-            "stages of a pipeline (cut by torch.export) would not run them, and its gradients would differ; "
-            "remove them, or train without pipeline="
         )
 
 

@@ -7,7 +7,7 @@ so equal stages are a fair test of the bubble. Both sides cut it before the same
 same weights, use AdamW(lr=1e-3, foreach=False) and the same micro-batches; torch computes the loss with
 ``loss_fn`` on the last stage, shardflow inside the last stage (the model's forward returns it). Before
 timing, the first step of both must give the same loss (rtol 1e-4). A third side is shardflow with every
-backward in one pass (``pm.split_backward = False``: the last backward's input gradients sent after its
+backward in one pass (``pm.split_backward = False``, as ``sf.Pipeline(split_backward=False)``: the last backward's input gradients sent after its
 weights', as torch's GPipe and 1F1B do), so "one-pass/split" is what the split of the last backward
 (``runtime/split_backward.py``) gains. The sides take turns going first; each timed step starts after a
 barrier and counts the slowest rank; the table gives medians. The bubble

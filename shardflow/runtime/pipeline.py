@@ -96,6 +96,9 @@ class Pipeline:
     of ``stage_meshes[s]`` (tensor parallel over its ``tp`` axis under ``strategy="tp"``/``"hybrid"``), and
     activations cross between stages of different sizes by cross-mesh boxing. Their ranks must not overlap
     and together be the ranks of the mesh given to ``sf.compile``."""
+    split_backward: bool = True
+    """Run the step's last backward of each data-parallel stage after the first in two passes, its inputs'
+    gradients sent before its weights' are computed (``runtime/split_backward.py``); False: one pass."""
 
     def __post_init__(self) -> None:
         if self.stage_meshes is not None:
@@ -112,6 +115,8 @@ class Pipeline:
         m = self.micro_batches
         if not isinstance(m, int) or isinstance(m, bool) or m < 1:
             raise ValueError(f"Pipeline.micro_batches must be a positive int, got {m!r}")
+        if not isinstance(self.split_backward, bool):
+            raise ValueError(f"Pipeline.split_backward must be True or False, got {self.split_backward!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Pipeline.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
@@ -326,8 +331,7 @@ class PipelineModule(Snapshots):
             self.bucket_bytes,
         )
         self._last_backward = False
-        # the last backward in two passes, input gradients sent first (runtime/split_backward.py); False: one
-        self.split_backward = True
+        self.split_backward = pipeline.split_backward  # a benchmark may flip it between steps
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
         self.param_order = [n for n, _ in model.named_parameters()]  # the index of optimizer state in snapshots

@@ -560,8 +560,12 @@ class PipelineModule(Snapshots):
 
     @property
     def _splits(self) -> bool:
-        """Whether this stage splits its last backward: data parallel, after the first, not turned off."""
-        return self.split_backward and self.stage > 0 and self.tp_mesh is None
+        return self._splits_stage(self.stage)
+
+    def _splits_stage(self, s: int) -> bool:
+        """Whether stage ``s`` splits its last backward: after the first, data parallel (tp rows of one rank:
+        a tp stage's program is one autograd node), not turned off."""
+        return self.split_backward and s > 0 and len(self.grids[s][0]) == 1
 
     def _backward(
         self, received: list[torch.Tensor], outs: list[torch.Tensor], grads_in: list[torch.Tensor], weight: float
@@ -881,8 +885,8 @@ class PipelineModule(Snapshots):
             )
         for name, stages in self.split.tied.items():
             lines.append(f"  {name} is held by stages {list(stages)}; their gradients are summed")
-        split = [s for s in range(1, p) if len(self.grids[s][0]) == 1] if self.split_backward else []
-        if split:  # the same test as _splits, for every stage: data parallel (tp rows of one), after the first
+        split = [s for s in range(p) if self._splits_stage(s)]
+        if split:
             lines.append(
                 f"  stage(s) {split}: the last backward runs in two passes, its inputs' gradients sent before its "
                 "weights' are computed (W in traces)"

@@ -169,6 +169,8 @@ def test_bad_pipelines_are_refused_with_the_fix():
     hooked = (torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="_Hooked registers tensor hooks in forward .register_hook or retain_grad"):
         sf.compile(_Hooked(), mesh, example_inputs=hooked, pipeline=sf.Pipeline(split_points=["b"]))
+    with pytest.raises(ValueError, match="_Hooked registers tensor hooks in forward"):
+        sf.compile(_Hooked(retain=True), mesh, example_inputs=hooked, pipeline=sf.Pipeline(split_points=["b"]))
     backward_hooked = MLP(MLPConfig(in_features=6, hidden_sizes=(16, 16), num_classes=5))
     backward_hooked.net[0].register_full_backward_hook(lambda *_: None)
     with pytest.raises(ValueError, match=r"modules \['net.0'\] have backward hooks, which the stages"):
@@ -362,23 +364,26 @@ def test_parameters_forward_never_reaches_stay_as_plain_torch_leaves_them():
 
 
 class _HalvedGradient(torch.nn.Module):
-    """A linear layer whose output's gradient a tensor hook halves, registered in forward."""
+    """A linear layer whose output's gradient a tensor hook halves, registered in forward (or whose output
+    keeps its gradient, ``retain_grad``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, retain: bool) -> None:
         super().__init__()
-        self.lin = torch.nn.Linear(16, 16)
+        self.lin, self.retain = torch.nn.Linear(16, 16), retain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lin(x)
-        if h.requires_grad:
+        if h.requires_grad and self.retain:
+            h.retain_grad()
+        elif h.requires_grad:
             h.register_hook(lambda g: g * 0.5)
         return torch.relu(h)
 
 
 class _Hooked(torch.nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, retain: bool = False) -> None:
         super().__init__()
-        self.a, self.b, self.head = torch.nn.Linear(6, 16), _HalvedGradient(), torch.nn.Linear(16, 5)
+        self.a, self.b, self.head = torch.nn.Linear(6, 16), _HalvedGradient(retain), torch.nn.Linear(16, 5)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(self.head(self.b(torch.relu(self.a(x)))), y)

@@ -66,6 +66,9 @@ class TrainConfig:
     """Refuse a plan that would not fit, e.g. "4GiB" (empty: no limit)."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device, to report MFU (0: report FLOP/s only)."""
+    trace: str = ""
+    """Write the timeline of the run's last step here (Chrome/Perfetto JSON, every rank's tracks) and draw it
+    as a PNG beside it (empty: no trace)."""
 
 
 def _convert(value: Any, kind: Any, key: str) -> Any:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import shardflow as sf
 from shardflow.checkpoint.index import FORMAT, INDEX
 from shardflow.models import CHAR_VOCAB_SIZE, GPT, GPTConfig, batches, char_corpus
+from shardflow.runtime import trace as tracing
 from shardflow.train.config import TrainConfig, load_config
 
 _SNAPSHOT = re.compile(r"step(\d{8})")
@@ -119,9 +120,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
     # batches are made by the loader's reader actor one step ahead of the step that uses them
     made = (_batch(corpus, cfg, s) for s in range(pm.steps, cfg.steps))
     for step, (x, y) in enumerate(sf.Loader(made), start=pm.steps):
+        traced = cfg.trace if cfg.trace and step + 1 == cfg.steps else None
         started = time.perf_counter()
-        loss = pm.step(x, y)
+        loss = pm.step(x, y, trace=traced)
         seconds = time.perf_counter() - started
+        if traced and rank == 0:  # rank 0 wrote every rank's events
+            png = os.path.splitext(traced)[0] + ".png"
+            tracing.render(tracing.read(traced), png, f"shardflow train: step {step + 1}")
+            say(f"timeline of step {step + 1}: {traced} (ui.perfetto.dev) and {png}")
         losses.append(loss)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             flops = flops_per_token * tokens / seconds

@@ -1,5 +1,6 @@
 """``shardflow train``: configs with clear errors, resume bit-identical to an uninterrupted run, snapshots
-pruned to the last K (only shardflow's own), and the command itself on real launched ranks."""
+pruned to the last K (only shardflow's own), and the command itself on real launched ranks (with the
+last step's timeline, ``--trace``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from shardflow.runtime.trace import read
 from shardflow.testing import run_on_ranks
 from shardflow.train import load_config, train
 from shardflow.train.loop import snapshots
@@ -80,14 +82,18 @@ def test_shardflow_train_and_plan_commands(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 3/3: loss" in out.stdout and "tokens/s" in out.stdout, out.stdout
     assert [s for s, _ in snapshots(str(tmp_path / "run"))] == [3]
+    trace = tmp_path / "last.json"
     again = subprocess.run(
-        [*exe, "train", config, *flags, "--run_dir", str(tmp_path / "run"), "--steps", "4"],
+        [*exe, "train", config, *flags, "--run_dir", str(tmp_path / "run"), "--steps", "4", "--trace", str(trace)],
         capture_output=True,
         text=True,
         timeout=300,
         env=env,
     )
     assert again.returncode == 0 and "resumed from" in again.stdout and "step 4/4" in again.stdout, again.stdout
+    # the last step's timeline: every rank's events, and the PNG beside it
+    assert f"timeline of step 4: {trace}" in again.stdout, again.stdout
+    assert {e.rank for e in read(str(trace))} == {0, 1} and (tmp_path / "last.png").stat().st_size > 0
     plan = subprocess.run([*exe, "plan", config, *flags], capture_output=True, text=True, timeout=300, env=env)
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert "ParallelModule" in plan.stdout and "predicted peak on rank 0" in plan.stdout, plan.stdout

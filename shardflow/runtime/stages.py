@@ -5,8 +5,8 @@ forward with ``torch.export`` and outlines each stage as a module that keeps the
 parameter names, so stage parameters map back to ``model.state_dict()`` names. The submodules run the
 traced ATen ops, not the model's Python: a tensor hook that forward registers, or a module's backward hook,
 would silently never run, so a model with either is refused (the hooks are watched for while export
-traces forward). Its wiring (which user
-inputs and which outputs of the stage before feed each stage) is read from the split graph here. A
+traces forward). Its wiring (which user inputs and which outputs of the stage before feed each stage) is
+read from the split graph here. A
 parameter used by several stages (GPT's tied ``wte``/``lm_head``) arrives as one copy per stage; the
 runtime sums those copies' gradients (``Split.tied``), which torch's own runtime leaves to the user.
 

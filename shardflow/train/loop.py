@@ -124,9 +124,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
         started = time.perf_counter()
         loss = pm.step(x, y, trace=traced)
         seconds = time.perf_counter() - started
-        if traced and rank == 0:  # rank 0 wrote every rank's events
+        if traced and rank == 0:  # the step gathered every rank's events here too: no need to read the file back
             png = os.path.splitext(traced)[0] + ".png"
-            tracing.render(tracing.read(traced), png, f"shardflow train: step {step + 1}")
+            tracing.render(pm.events, png, f"shardflow train: step {step + 1}")
             say(f"timeline of step {step + 1}: {traced} (ui.perfetto.dev) and {png}")
         losses.append(loss)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:

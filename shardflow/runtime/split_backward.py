@@ -15,7 +15,8 @@ only it reaches, so no node runs twice except the boundaries themselves (for the
 accumulate into ``.grad``, post-accumulate hooks included, as in one backward. Where the split could
 compute or count something twice, or fail (a custom autograd Function anywhere in the graph, a reentrant
 checkpoint among them; a parameter reached from two boundaries) it is not made: ``plan`` returns None and
-the caller runs one ordinary backward. A non-reentrant checkpoint splits like any other graph. A tensor
+the caller runs one ordinary backward. ``torch.library`` custom ops (fused kernels registered with a
+backward formula, which must be free of side effects) are not custom Functions in that sense: they split. A non-reentrant checkpoint splits like any other graph. A tensor
 hook on a boundary's output would run in both passes (applied twice to what the weights' pass reads), and
 autograd cannot list them: callers split only graphs that hold none. Pipeline stages are torch.export
 graphs, which hold none (``stages.py`` refuses a model whose forward registers one: the cut would drop it).
@@ -102,9 +103,9 @@ def plan(
     seen: set[Node] = set(stack)
     while stack:
         node = stack.pop()
-        if isinstance(node, BackwardCFunction):
-            # a custom Function's backward could run in both passes, and may refuse ``autograd.grad`` (a
-            # reentrant checkpoint runs its own backward inside): one ordinary backward
+        if isinstance(node, BackwardCFunction) and not _library_op(node):
+            # a custom Function's backward may have effects that must happen once, and may refuse
+            # ``autograd.grad`` (a reentrant checkpoint runs its own backward inside): one ordinary backward
             return None
         order.append(node)
         for child, _ in node.next_functions:
@@ -165,6 +166,15 @@ def plan(
     if len(outside) == len(roots):
         return None  # no root reaches an input: one ordinary backward
     return SplitBackward(list(roots), list(grads), list(inputs), boundaries, reaches, outside)
+
+
+def _library_op(node: Node) -> bool:
+    """Whether ``node`` is the backward of a ``torch.library`` custom op (``register_autograd``): the op's
+    registered formula, a function of its saved values and incoming gradient that torch.library requires be
+    free of side effects, so running it in either pass, or in both at a boundary, gives one backward's
+    gradients. Recognised by the module torch generates its Function in; anything else counts as custom."""
+    cls = getattr(node, "_forward_cls", None)
+    return cls is not None and getattr(cls, "__module__", "") == "torch._library.autograd"
 
 
 def held_between_passes(joint: Any) -> int:

@@ -8,7 +8,9 @@ Reported per batch, medians over ``--repeats`` epochs run ABAB: reading alone (e
 consumer), the step alone (on batches already in memory), each loop's time, and the loop over the slowest
 part (1.0: reading and compute fully overlap; 2.0: they alternate). The issue's target is <= 1.1. "filled"
 is the loop from the first batch's arrival on: the first read of an epoch has nothing to hide under, with
-either loader (1/``--batches`` of a read per batch).
+either loader (1/``--batches`` of a read per batch). With ``--device-ms T`` the step is a stand-in for an
+accelerator's (``benchmarks/device_time.py``: T ms during which the host thread waits and its core is free),
+so the loop measures the overlap itself, without the step and the reads taking each other's CPU.
 
     .venv/bin/python benchmarks/loader.py [--repeats 7] [--batches 24] [--readers 1,4] [--markdown]
 """
@@ -33,6 +35,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from benchmarks.common import print_preamble, print_table  # noqa: E402
+from benchmarks.device_time import device_time  # noqa: E402
 
 HEADER = [
     "case",
@@ -102,6 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--features", type=int, default=16384, help="float32 values per sample file (64 KiB)")
     p.add_argument("--width", type=int, default=128, help="hidden width: 128 makes the step about as long as a read")
     p.add_argument("--readers", default="1,4", help="reader threads (DataLoader workers), comma-separated")
+    p.add_argument(
+        "--device-ms",
+        type=float,
+        default=0.0,
+        help="replace the MLP step by a stand-in accelerator step of this many ms that leaves the CPU free",
+    )
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one core computes, the other reads (both sides alike)
@@ -111,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        if args.device_ms > 0:  # the host launches the step and waits for the device, its core free meanwhile
+            device_time(x[:1], args.device_ms)
+            return
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()

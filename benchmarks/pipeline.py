@@ -7,14 +7,19 @@ so equal stages are a fair test of the bubble. Both sides cut it before the same
 same weights, use AdamW(lr=1e-3, foreach=False) and the same micro-batches; torch computes the loss with
 ``loss_fn`` on the last stage, shardflow inside the last stage (the model's forward returns it). Before
 timing, the first step of both must give the same loss (rtol 1e-4). A third side is shardflow with every
-backward in one pass (``pm.split_backward = False``, as ``sf.Pipeline(split_backward=False)``: the last backward's input gradients sent after its
+backward in one pass (``pm.split_backward = False``: the last backward's input gradients sent after its
 weights', as torch's GPipe and 1F1B do), so "one-pass/split" is what the split of the last backward
 (``runtime/split_backward.py``) gains. The sides take turns going first; each timed step starts after a
-barrier and counts the slowest rank; the table gives medians. The bubble
-column is the mean idle fraction of the compute track of shardflow's traced steps (message waits count
-as idle), the median over ``--traced`` steps; beside it, the idle fraction an ideal runtime would have
-with the same measured forward and backward times per stage (``schedule.simulate``: no message costs, no
+barrier and counts the slowest rank; the table gives medians. The bubble column is the mean idle fraction
+of the compute track of shardflow's traced steps (message waits count as idle), the median over
+``--traced`` steps; beside it, the idle fraction an ideal runtime would have with the same measured
+forward, backward and weights'-pass times per stage (``schedule.simulate``: no message costs, no
 overhead), and the formula for equal stages.
+
+With ``--device-ms T`` the equal layers are ``DeviceLinear``s (``benchmarks/device_time.py``): each takes T
+ms forward and 2T backward (T of it the weight gradient's) as a device's kernels would, the host thread
+waiting with its core free. CPU stages on this 2-core machine take each other's cores; these do not, so
+the bubble measured this way is the runtime's and the messages', as with one accelerator per stage.
 
     .venv/bin/python benchmarks/pipeline.py [--ranks 2,4] [--micro-batches 4,8] [--repeats 20] [--markdown]
 """
@@ -48,6 +53,7 @@ from benchmarks.common import (  # noqa: E402
     spread,
     timed_call,
 )
+from benchmarks.device_time import DeviceLinear  # noqa: E402
 
 HEADER = [
     "case",
@@ -59,19 +65,21 @@ HEADER = [
     "sf one-pass backward ms",
     "one-pass/split",
     "bubble measured",
-    "ideal for measured F/B",
+    "ideal for measured F/B/W",
     "(p-1)/(m+p-1)",
 ]
 
 
 class Body(nn.Module):
-    """Equal Linear+ReLU layers and a classifier: what torch's stages run (loss outside, in ``loss_fn``)."""
+    """Equal Linear+ReLU layers and a classifier: what torch's stages run (loss outside, in ``loss_fn``).
+    With ``device_ms``, the equal layers take their time as a device's kernels would (``DeviceLinear``)."""
 
-    def __init__(self, width: int, layers: int, classes: int) -> None:
+    def __init__(self, width: int, layers: int, classes: int, device_ms: float = 0.0) -> None:
         super().__init__()
         mods: list[nn.Module] = []
         for _ in range(layers):
-            mods += [nn.Linear(width, width), nn.ReLU()]
+            linear = nn.Linear(width, width) if device_ms <= 0 else DeviceLinear(width, width, device_ms)
+            mods += [linear, nn.ReLU()]
         self.layers = nn.Sequential(*mods, nn.Linear(width, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +110,7 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
 
     rank = dist.get_rank()
     torch.manual_seed(0)
-    body = Body(args.width, args.layers, 16)
+    body = Body(args.width, args.layers, 16, args.device_ms)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, args.width, generator=gen)
     y = torch.randint(0, 16, (args.batch,), generator=gen)
@@ -177,15 +185,18 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
 
 
 def _ideal(events: list[Any], schedule: str, k: int, m: int) -> float:
-    """The idle fraction the schedule would have with these ranks' measured forward and backward times."""
+    """The idle fraction the schedule would have with these ranks' measured forward and backward times and
+    the weights' pass of a split last backward (a B median over the micro-batches stands for a whole one)."""
     from shardflow.runtime.schedule import simulate
 
     def median_ms(rank: int, kind: str) -> float:
-        return statistics.median(
-            e.end_ns - e.start_ns for e in events if e.rank == rank and e.track == "compute" and e.name[0] == kind
-        )
+        times = [e.end_ns - e.start_ns for e in events if e.rank == rank and e.track == "compute" and e.name[0] == kind]
+        return statistics.median(times) if times else 0.0  # no "W": the stage did not split
 
-    return simulate(schedule, k, m, [median_ms(r, "F") for r in range(k)], [median_ms(r, "B") for r in range(k)])
+    def per_rank(kind: str) -> list[float]:
+        return [median_ms(r, kind) for r in range(k)]
+
+    return simulate(schedule, k, m, per_rank("F"), per_rank("B"), weights=per_rank("W"))
 
 
 def _rank_main(rank: int, k: int, port: int, args: argparse.Namespace, q: Any) -> None:
@@ -206,6 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--traced", type=int, default=5)
+    p.add_argument(
+        "--device-ms",
+        type=float,
+        default=0.0,
+        help="run each equal layer as a stand-in device would: this many ms forward, 2x backward, the CPU free",
+    )
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--save-trace", default=None, help="keep one traced step's trace here (last case wins)")
     args = p.parse_args(argv)

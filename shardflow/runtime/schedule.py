@@ -106,17 +106,24 @@ def simulate(
     micro_batches: int,
     forward: float | Sequence[float] = 1.0,
     backward: float | Sequence[float] = 1.0,
+    weights: float | Sequence[float] = 0.0,
 ) -> float:
     """Mean idle fraction of the stages when a forward takes ``forward`` and a backward ``backward`` (one
     time for all stages, or one per stage): the ideal for those times, with free messages and no overhead.
 
     Each stage runs its ``stage_order``; an action starts when the stage is free and its input exists (the
     activation from the stage before, the gradient from the stage after). With equal times this is
-    ``bubble(stages, micro_batches)`` for both schedules (tests/runtime checks it).
+    ``bubble(stages, micro_batches)`` for both schedules (tests/runtime checks it). ``weights`` is the part
+    of a stage's last backward that runs after its inputs' gradients are sent (the split of
+    ``split_backward.py``; 0 on a stage that does not split): the stage before may start that much earlier.
     """
-    fwd = [float(forward)] * stages if isinstance(forward, (int, float)) else [float(t) for t in forward]
-    bwd = [float(backward)] * stages if isinstance(backward, (int, float)) else [float(t) for t in backward]
+
+    def per_stage(t: float | Sequence[float]) -> list[float]:
+        return [float(t)] * stages if isinstance(t, (int, float)) else [float(v) for v in t]
+
+    fwd, bwd, tail = per_stage(forward), per_stage(backward), per_stage(weights)
     orders = [stage_order(schedule, s, stages, micro_batches) for s in range(stages)]
+    last_backward = [max(i for i, a in enumerate(order) if a.kind == "B") for order in orders]
     finish: dict[tuple[int, Action], float] = {}
     clock, pos = [0.0] * stages, [0] * stages
     while any(pos[s] < len(orders[s]) for s in range(stages)):
@@ -129,7 +136,8 @@ def simulate(
             if dep is not None and dep not in finish:
                 continue
             start = max(clock[s], finish[dep] if dep is not None else 0.0)
-            clock[s] = finish[(s, a)] = start + (fwd[s] if a.kind == "F" else bwd[s])
+            clock[s] = start + (fwd[s] if a.kind == "F" else bwd[s])
+            finish[(s, a)] = clock[s] - (tail[s] if pos[s] == last_backward[s] else 0.0)  # when it is handed on
             pos[s] += 1
             progressed = True
         if not progressed:

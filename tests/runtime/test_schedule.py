@@ -56,6 +56,19 @@ def test_backward_twice_as_long_keeps_the_formula():
     assert simulate("1f1b", 4, 8, forward=1.0, backward=2.0) == pytest.approx(bubble(4, 8))
 
 
+def test_a_split_last_backward_hands_its_gradient_on_earlier():
+    """One micro-batch, 2 stages, F=1, B=2 of which the weights' pass is 1 on stage 1: stage 0's backward
+    starts at 3 instead of 4; the step spans 5 instead of 6 (idle 1 - 3/5 on each stage)."""
+    assert simulate("1f1b", 2, 1, 1.0, 2.0) == pytest.approx(0.5)
+    assert simulate("1f1b", 2, 1, 1.0, 2.0, weights=[0.0, 1.0]) == pytest.approx(0.4)
+    # only the last backward splits: with 4 micro-batches 1F1B's tail shortens by the same 1; under GPipe
+    # stage 0 is still busy with its previous backward when the gradient comes, so nothing changes
+    for schedule, gain in (("1f1b", 1.0), ("gpipe", 0.0)):
+        span = 4 * 3 / (1 - simulate(schedule, 2, 4, 1.0, 2.0))
+        split = 4 * 3 / (1 - simulate(schedule, 2, 4, 1.0, 2.0, weights=[0.0, 1.0]))
+        assert span - split == pytest.approx(gain), schedule
+
+
 def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="'zigzag'"):
         stage_order("zigzag", 0, 2, 2)

@@ -19,6 +19,7 @@ from shardflow.runtime.schedule import stage_order
 from shardflow.runtime.trace import read
 from shardflow.testing import run_on_ranks
 from tests.graph.test_compile import reference_step, train_and_compare
+from tests.runtime.custom_ops import scaled
 
 STEPS = 5
 
@@ -361,6 +362,47 @@ def test_parameters_forward_never_reaches_stay_as_plain_torch_leaves_them():
     data-parallel buckets and tensor-parallel partial sums count which ranks had one, instead of reducing
     zeros that weight decay would then apply."""
     assert run_on_ranks(4, _unused_cases, timeout=300) == [["dp", "tp"]] * 4
+
+
+class _CustomOps(torch.nn.Module):
+    """Layers through a torch.library op with a registered backward (a fused kernel's stand-in), the second
+    stage's with a weight edge: a boundary its split last backward runs in both passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(6, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 5)
+        self.gain_a, self.gain_b = torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(16))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = scaled(torch.relu(self.a(x)), self.gain_a)
+        h = scaled(torch.relu(self.b(h)), self.gain_b)
+        return torch.nn.functional.cross_entropy(self.head(h), y)
+
+
+def _custom_op_case(trace: str) -> list[str]:
+    torch.manual_seed(0)
+    model = _CustomOps()
+    ref, gen = copy.deepcopy(model), torch.Generator().manual_seed(1)
+    opt = _adamw(ref.parameters())
+    data = [(torch.randn(8, 6, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(4)]
+    pipeline = sf.Pipeline(split_points=["b"], micro_batches=2, schedule="1f1b")
+    pm = sf.compile(
+        model,
+        sf.Mesh("cpu", (2, 2), names=("pp", "dp")),
+        example_inputs=data[0],
+        optimizer=_adamw,
+        max_grad_norm=0.5,  # as reference_step clips
+        pipeline=pipeline,
+    )
+    train_and_compare(pm, ref, opt, data[:3])
+    pm.step(*data[3], trace=trace)
+    return [e.name for e in pm.events if e.rank == torch.distributed.get_rank() and e.track == "compute"]
+
+
+def test_a_model_with_custom_ops_splits_its_last_backward_and_equals_plain_torch(tmp_path: Path):
+    ran = run_on_ranks(4, _custom_op_case, str(tmp_path / "t.json"), timeout=300)
+    assert ran[:2] == [["F0", "F1", "B0", "B1"]] * 2  # stage 0 (pp is the first axis)
+    assert ran[2:] == [["F0", "B0", "F1", "B1", "W1"]] * 2  # its input gradients went first
 
 
 class _HalvedGradient(torch.nn.Module):

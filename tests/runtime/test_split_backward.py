@@ -15,6 +15,7 @@ from shardflow.graph.stage_program import trace_stage
 from shardflow.models import GPTConfig
 from shardflow.models.gpt import Block
 from shardflow.runtime.split_backward import held_between_passes, plan
+from tests.runtime.custom_ops import scaled
 
 
 class Stage(nn.Module):
@@ -121,28 +122,6 @@ class _Double(torch.autograd.Function):
         return g * w * 2, (g * x * 2).sum(0)
 
 
-@torch.library.custom_op("shardflow_test::scaled", mutates_args=())
-def _scaled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x * w
-
-
-@_scaled.register_fake
-def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-def _scaled_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
-    ctx.save_for_backward(*inputs)
-
-
-def _scaled_backward(ctx, g):  # type: ignore[no-untyped-def]
-    x, w = ctx.saved_tensors
-    return _scaled(g, w), (g * x).sum(0)
-
-
-_scaled.register_autograd(_scaled_backward, setup_context=_scaled_setup)
-
-
 def test_custom_ops_split_and_match():
     """A torch.library op's registered backward is free of side effects: on the input side (its gradient
     flows to the input only) and at a boundary (with a weight edge, run in both passes), the split matches."""
@@ -156,7 +135,7 @@ def test_custom_ops_split_and_match():
     params = [*first.parameters(), gain, *second.parameters()]
     for k, p in enumerate(params):
         p.register_post_accumulate_grad_hook(lambda _p, k=k: fired.append(k))
-    out = second(_scaled(torch.relu(_scaled(first(x), shift)), gain))
+    out = second(scaled(torch.relu(scaled(first(x), shift)), gain))
     dy = torch.randn_like(out)
     split = plan([out], [dy], [x])
     assert split is not None
@@ -165,7 +144,7 @@ def test_custom_ops_split_and_match():
     assert gain.grad is None
     split.weights()
     r_first, r_second, r_gain = ref
-    r_second(_scaled(torch.relu(_scaled(r_first(x_ref), shift)), r_gain)).backward(dy)
+    r_second(scaled(torch.relu(scaled(r_first(x_ref), shift)), r_gain)).backward(dy)
     torch.testing.assert_close(dx, x_ref.grad)
     for p, q in zip(params, [*r_first.parameters(), r_gain, *r_second.parameters()]):
         torch.testing.assert_close(p.grad, q.grad)

@@ -1,0 +1,31 @@
+"""A ``torch.library`` custom op with a registered backward, as fused kernels are shipped: ``scaled(x, w)``
+is ``x * w`` (``w`` broadcast over rows), its backward ``(scaled(g, w), (g * x).sum(0))``. Shared by the
+tests so it is registered once per process (spawned ranks import it with the test module)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+@torch.library.custom_op("shardflow_test::scaled", mutates_args=())
+def scaled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x * w
+
+
+@scaled.register_fake
+def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x, w = ctx.saved_tensors
+    return scaled(g, w), (g * x).sum(0)
+
+
+scaled.register_autograd(_backward, setup_context=_setup)

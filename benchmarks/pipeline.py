@@ -3,7 +3,9 @@
 against the formula ``(p - 1) / (m + p - 1)``.
 
 The model is an MLP of equal layers (``--width`` wide, ``--layers`` Linear+ReLU pairs, then a classifier),
-so equal stages are a fair test of the bubble. Both sides cut it before the same layers, start from the
+so equal stages are a fair test of the bubble, or with ``--model gpt`` shardflow's GPT (``--layers`` blocks
+of ``--width``, ``--seq`` tokens; torch's stages run it returning logits), cut before equal numbers of
+blocks. Both sides cut it before the same layers, start from the
 same weights, use AdamW(lr=1e-3, foreach=False) and the same micro-batches; torch computes the loss with
 ``loss_fn`` on the last stage, shardflow inside the last stage (the model's forward returns it). Before
 timing, the first step of both must give the same loss (rtol 1e-4). A third side is shardflow with every
@@ -55,6 +57,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.device_time import DeviceLinear  # noqa: E402
 
+VOCAB = 256  # the GPT's
 HEADER = [
     "case",
     "ranks",
@@ -86,15 +89,37 @@ class Body(nn.Module):
         return self.layers(x)
 
 
+class GPTBody(nn.Module):
+    """shardflow's GPT returning its logits (torch's stages run this; the loss outside, in ``loss_fn``)."""
+
+    def __init__(self, width: int, layers: int, seq: int) -> None:
+        super().__init__()
+        from shardflow.models import GPT, GPTConfig
+
+        self.gpt = GPT(GPTConfig(vocab_size=VOCAB, block_size=seq, n_layer=layers, n_head=4, n_embd=width))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        trunk = self.gpt.transformer
+        x = trunk.drop(trunk.wte(idx) + trunk.wpe(torch.arange(idx.size(1), device=idx.device)))
+        for block in trunk.h:
+            x = block(x)
+        return self.gpt.lm_head(trunk.ln_f(x))
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross entropy over every position: (rows, classes) for the MLP, (rows, seq, vocab) for the GPT."""
+    return F.cross_entropy(out.flatten(0, -2), target.flatten())
+
+
 class WithLoss(nn.Module):
     """The same layers, returning the loss, as every model given to ``sf.compile`` does."""
 
-    def __init__(self, body: Body) -> None:
+    def __init__(self, body: nn.Module) -> None:
         super().__init__()
         self.body = body
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.body(x), y)
+        return _loss(self.body(x), y)
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
@@ -110,12 +135,19 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
 
     rank = dist.get_rank()
     torch.manual_seed(0)
-    body = Body(args.width, args.layers, 16, args.device_ms)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, args.width, generator=gen)
-    y = torch.randint(0, 16, (args.batch,), generator=gen)
-    per = args.layers // k  # equal stages: each starts with a Linear
-    points = [f"layers.{2 * per * s}" for s in range(1, k)]
+    per = args.layers // k  # equal stages: each starts with a Linear, or a block
+    body: nn.Module
+    if args.model == "gpt":
+        body = GPTBody(args.width, args.layers, args.seq)
+        x = torch.randint(0, VOCAB, (args.batch, args.seq), generator=gen)
+        y = torch.roll(x, -1, 1)
+        points = [f"gpt.transformer.h.{per * s}" for s in range(1, k)]
+    else:
+        body = Body(args.width, args.layers, 16, args.device_ms)
+        x = torch.randn(args.batch, args.width, generator=gen)
+        y = torch.randint(0, 16, (args.batch,), generator=gen)
+        points = [f"layers.{2 * per * s}" for s in range(1, k)]
     # shardflow
     pm = sf.compile(
         WithLoss(copy.deepcopy(body)),
@@ -129,7 +161,7 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
     stage = PipelineStage(pipe.get_stage_module(rank), rank, k, torch.device("cpu"))
     opt = _adamw(stage.submod.parameters())
     kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-    sched = kinds[schedule](stage, n_microbatches=m, loss_fn=lambda out, tgt: F.cross_entropy(out, tgt))
+    sched = kinds[schedule](stage, n_microbatches=m, loss_fn=_loss)
 
     def torch_step() -> float:
         opt.zero_grad()
@@ -172,7 +204,7 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
             idle.append(idle_fraction(pm.events))
             ideal.append(_ideal(pm.events, schedule, k, m))
     return {
-        "case": f"mlp-{schedule}-m{m}",
+        "case": f"{args.model}-{schedule}-m{m}",
         "k": k,
         "sf": statistics.median(ts_sf),
         "torch": statistics.median(ts_torch),
@@ -211,8 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ranks", default="2", help="comma-separated stage counts (one rank per stage)")
     p.add_argument("--micro-batches", default="4,8")
     p.add_argument("--schedules", default="gpipe,1f1b")
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8, help="Linear+ReLU pairs; a multiple of every stage count")
+    p.add_argument("--model", choices=("mlp", "gpt"), default="mlp")
+    p.add_argument("--width", type=int, default=512, help="the MLP's width, or the GPT's n_embd")
+    p.add_argument("--seq", type=int, default=64, help="the GPT's sequence length")
+    p.add_argument(
+        "--layers", type=int, default=8, help="Linear+ReLU pairs (GPT blocks); a multiple of every stage count"
+    )
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -226,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--save-trace", default=None, help="keep one traced step's trace here (last case wins)")
     args = p.parse_args(argv)
+    if args.model == "gpt" and args.device_ms:
+        p.error("--device-ms stands in for the MLP's layers; the GPT runs its own ops")
     args.micro_batches = [int(v) for v in args.micro_batches.split(",")]
     args.schedules = args.schedules.split(",")
     print_preamble()

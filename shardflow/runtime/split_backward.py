@@ -16,7 +16,9 @@ accumulate into ``.grad``, post-accumulate hooks included, as in one backward. W
 compute or count something twice, or fail (a custom autograd Function anywhere in the graph, a reentrant
 checkpoint among them; a parameter reached from two boundaries) it is not made: ``plan`` returns None and
 the caller runs one ordinary backward. ``torch.library`` custom ops (fused kernels registered with a
-backward formula, which must be free of side effects) are not custom Functions in that sense: they split. A non-reentrant checkpoint splits like any other graph. A tensor
+backward formula) split: each runs its backward once. One at a boundary (with a weight edge) computes its
+weight gradient in pass 1 (a custom op computes every gradient it was built to), so it gains nothing
+there; pass 2 resumes from the gradients it gave the weight side. A non-reentrant checkpoint splits like any other graph. A tensor
 hook on a boundary's output would run in both passes (applied twice to what the weights' pass reads), and
 autograd cannot list them: callers split only graphs that hold none. Pipeline stages are torch.export
 graphs, which hold none (``stages.py`` refuses a model whose forward registers one: the cut would drop it).
@@ -42,13 +44,17 @@ class SplitBackward:
     grads: list[torch.Tensor | None]
     inputs: list[torch.Tensor]
     boundaries: list[Node]  # input-side nodes with edges leaving the input side
+    leaving: list[list[int]]  # per boundary: which of its edges (``next_functions``) leave the input side
     reaches: list[list[torch.Tensor]]  # per boundary: the leaves only it reaches off the input side
     outside: list[tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]]  # roots off the input side
     recorded: dict[Node, tuple[Any, ...]] = field(default_factory=dict)
 
     def inputs_first(self) -> list[torch.Tensor | None]:
         """Pass 1: the inputs' gradients (None for an input the roots do not reach)."""
-        handles = [n.register_prehook(_recorder(self.recorded, n)) for n in self.boundaries]
+        handles = [
+            n.register_hook(_gave(self.recorded, n)) if _library_op(n) else n.register_prehook(_got(self.recorded, n))
+            for n in self.boundaries
+        ]
         try:
             off = {id(r) for r, _, _ in self.outside}
             on_side = [(r, g) for r, g in zip(self.roots, self.grads) if id(r) not in off]
@@ -67,11 +73,21 @@ class SplitBackward:
 
     def weights(self) -> None:
         """Pass 2: every parameter's gradient accumulated, from the gradients pass 1 left at the boundaries."""
-        for node, leaves in zip(self.boundaries, self.reaches):
+        for node, leaving, leaves in zip(self.boundaries, self.leaving, self.reaches):
             got = self.recorded.pop(node, None)
             if got is None or not leaves:
                 continue
-            kept = [(GradientEdge(node, i), g) for i, g in enumerate(got) if g is not None]
+            if _library_op(node):
+                # a custom op's backward computes all its gradients (its ``needs_input_grad`` was fixed in
+                # forward) and ran whole in pass 1: resume from what it gave the edges that leave the input
+                # side, rather than run it (and whatever its backward does) a second time
+                kept = []
+                for i in leaving:
+                    child, nr = node.next_functions[i]
+                    if child is not None and got[i] is not None:
+                        kept.append((GradientEdge(child, nr), got[i]))
+            else:  # a built-in node computed only its inputs' gradients in pass 1: run it from what it received
+                kept = [(GradientEdge(node, i), g) for i, g in enumerate(got) if g is not None]
             if kept:
                 torch.autograd.backward([e for e, _ in kept], [g for _, g in kept], inputs=leaves)
         for root, grad, leaves in self.outside:
@@ -79,7 +95,8 @@ class SplitBackward:
                 torch.autograd.backward([root], [grad] if grad is not None else None, inputs=leaves)
         # pass 1 retained the graph: let it go (and the activations only pass 1 read) with the last reference
         self.recorded.clear()
-        self.roots, self.grads, self.inputs, self.boundaries, self.reaches, self.outside = [], [], [], [], [], []
+        self.roots, self.grads, self.inputs, self.outside = [], [], [], []
+        self.boundaries, self.leaving, self.reaches = [], [], []
 
 
 def plan(
@@ -142,17 +159,20 @@ def plan(
         return found
 
     boundaries: list[Node] = []
+    leaving: list[list[int]] = []
     reaches: list[list[torch.Tensor]] = []
     for node in order:
         if node not in side or node in targets:
             continue
-        off = [c for c, _ in node.next_functions if c is not None and c not in side]
+        off = [(i, c) for i, (c, _) in enumerate(node.next_functions) if c is not None and c not in side]
         if not off:
             continue
-        leaves = leaves_below(off, len(boundaries))
+        leave = [i for i, _ in off]
+        leaves = leaves_below([c for _, c in off], len(boundaries))
         if leaves is None:
             return None
         boundaries.append(node)
+        leaving.append(leave)
         reaches.append(leaves)
     outside: list[tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]] = []
     for root, grad in zip(roots, grads):
@@ -165,14 +185,14 @@ def plan(
         outside.append((root, grad, leaves))
     if len(outside) == len(roots):
         return None  # no root reaches an input: one ordinary backward
-    return SplitBackward(list(roots), list(grads), list(inputs), boundaries, reaches, outside)
+    return SplitBackward(list(roots), list(grads), list(inputs), boundaries, leaving, reaches, outside)
 
 
 def _library_op(node: Node) -> bool:
     """Whether ``node`` is the backward of a ``torch.library`` custom op (``register_autograd``): the op's
-    registered formula, a function of its saved values and incoming gradient that torch.library requires be
-    free of side effects, so running it in either pass, or in both at a boundary, gives one backward's
-    gradients. Recognised by the module torch generates its Function in; anything else counts as custom."""
+    registered formula over its saved values and incoming gradient, which runs once in either pass (at a
+    boundary, in pass 1, and pass 2 resumes below it). Recognised by the module torch generates its Function
+    in; any other Function counts as custom (it may run its own backward, as a reentrant checkpoint does)."""
     cls = getattr(node, "_forward_cls", None)
     return cls is not None and getattr(cls, "__module__", "") == "torch._library.autograd"
 
@@ -228,9 +248,20 @@ def _nbytes(n: fx.Node) -> int:
     return val.untyped_storage().nbytes() if isinstance(val, torch.Tensor) else 0
 
 
-def _recorder(into: dict[Node, tuple[Any, ...]], node: Node) -> Any:
+def _got(into: dict[Node, tuple[Any, ...]], node: Node) -> Any:
+    """A prehook recording the gradients ``node`` receives."""
+
     def hook(grad_outputs: tuple[Any, ...]) -> None:
         into[node] = tuple(grad_outputs)
+
+    return hook
+
+
+def _gave(into: dict[Node, tuple[Any, ...]], node: Node) -> Any:
+    """A hook recording the gradients ``node`` computed for its edges."""
+
+    def hook(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> None:
+        into[node] = tuple(grad_inputs)
 
     return hook
 

@@ -15,7 +15,7 @@ from shardflow.graph.stage_program import trace_stage
 from shardflow.models import GPTConfig
 from shardflow.models.gpt import Block
 from shardflow.runtime.split_backward import held_between_passes, plan
-from tests.runtime.custom_ops import scaled
+from tests.runtime.custom_ops import BACKWARDS, scaled
 
 
 class Stage(nn.Module):
@@ -123,8 +123,8 @@ class _Double(torch.autograd.Function):
 
 
 def test_custom_ops_split_and_match():
-    """A torch.library op's registered backward is free of side effects: on the input side (its gradient
-    flows to the input only) and at a boundary (with a weight edge, run in both passes), the split matches."""
+    """A torch.library op splits: on the input side (its gradient flows to the input only) and at a
+    boundary (with a weight edge), each runs its backward once, and the gradients match one backward."""
     torch.manual_seed(0)
     first, second = nn.Linear(8, 8), nn.Linear(8, 3)
     gain, shift = nn.Parameter(torch.randn(8)), torch.randn(8)  # a weight edge, and a constant operand
@@ -140,9 +140,11 @@ def test_custom_ops_split_and_match():
     split = plan([out], [dy], [x])
     assert split is not None
     assert any("shardflow_test_scaled" in type(b).__name__ for b in split.boundaries)  # the gain's op
+    before = BACKWARDS[0]
     (dx,) = split.inputs_first()
     assert gain.grad is None
     split.weights()
+    assert BACKWARDS[0] - before == 2  # two ops, one backward each
     r_first, r_second, r_gain = ref
     r_second(scaled(torch.relu(scaled(r_first(x_ref), shift)), r_gain)).backward(dy)
     torch.testing.assert_close(dx, x_ref.grad)

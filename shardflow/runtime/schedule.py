@@ -118,10 +118,15 @@ def simulate(
     ``split_backward.py``; 0 on a stage that does not split): the stage before may start that much earlier.
     """
 
-    def per_stage(t: float | Sequence[float]) -> list[float]:
-        return [float(t)] * stages if isinstance(t, (int, float)) else [float(v) for v in t]
+    def per_stage(name: str, t: float | Sequence[float]) -> list[float]:
+        times = [float(t)] * stages if isinstance(t, (int, float)) else [float(v) for v in t]
+        if len(times) != stages or any(not v >= 0 for v in times):
+            raise ValueError(f"{name} must be one time >= 0, or one per stage ({stages}), got {t!r}")
+        return times
 
-    fwd, bwd, tail = per_stage(forward), per_stage(backward), per_stage(weights)
+    fwd, bwd, tail = per_stage("forward", forward), per_stage("backward", backward), per_stage("weights", weights)
+    if any(w > b for w, b in zip(tail, bwd)):
+        raise ValueError(f"weights {weights!r} must not exceed the backward they are part of ({backward!r})")
     orders = [stage_order(schedule, s, stages, micro_batches) for s in range(stages)]
     last_backward = [max(i for i, a in enumerate(order) if a.kind == "B") for order in orders]
     finish: dict[tuple[int, Action], float] = {}

@@ -8,9 +8,8 @@ would silently never run, so a model with either is refused (the hooks are watch
 traces forward). Its wiring (which user inputs and which outputs of the stage before feed each stage) is
 read from the split graph here. The outlined submodules would interpret their graphs node by node
 (``torch.fx.Interpreter``, torch's default for them); they are set to run the graph's generated Python code
-instead, the same ops at about half the host time on a small stage (a 2-block GPT stage's forward and
-backward: 2.2 -> 1.0 ms on CPU), which is what a launch-bound accelerator stage pays. A
-parameter used by several stages (GPT's tied ``wte``/``lm_head``) arrives as one copy per stage; the
+instead: the same ops for less host time per op, which is what a launch-bound accelerator stage pays
+(``benchmarks/stage_code.py``, BENCHMARKS.md). A parameter used by several stages (GPT's tied ``wte``/``lm_head``) arrives as one copy per stage; the
 runtime sums those copies' gradients (``Split.tied``), which torch's own runtime leaves to the user.
 
 Without cut points, the candidates are the children of the model's longest ``ModuleList``/``Sequential``
@@ -55,8 +54,11 @@ def canonical_names(model: nn.Module) -> dict[str, str]:
     return {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
 
 
-def _run_generated_code(module: nn.Module) -> None:
-    """Have torch.export's outlined submodules run their graph's generated code, not ``fx.Interpreter``."""
+def run_generated_code(module: nn.Module) -> None:
+    """Have torch.export's outlined submodules run their graph's generated code, not ``fx.Interpreter``.
+
+    NOTE: the code is generated when torch finalizes the module; a later edit of a stage's graph would need
+    ``finalize()`` again (nothing here edits them)."""
     from torch.export.unflatten import InterpreterModule
 
     for sub in module.modules():
@@ -106,7 +108,7 @@ def split_model(model: nn.Module, micro_batch: Sequence[Any], split_points: Sequ
         )
     modules = [pipe.get_stage_module(s) for s in range(pipe.num_stages)]
     for module in modules:
-        _run_generated_code(module)
+        run_generated_code(module)
     wiring, outputs = _wiring(pipe.split_gm.graph, pipe.num_stages)
     _adopt_unreached(work, modules, names)
     params = [_params(m, names) for m in modules]

@@ -235,6 +235,19 @@ def test_bad_stage_meshes_are_refused_on_every_rank():
     assert "the stage meshes hold ranks [0, 1] but the mesh" in said[0][2]
 
 
+def test_stages_run_their_generated_code():
+    """torch.export outlines each stage's submodules to interpret their graphs node by node; ``split_model``
+    sets every one to run the graph's generated code instead (the equality tests above run them so)."""
+    from torch.export.unflatten import InterpreterModule
+
+    from shardflow.runtime.stages import split_model
+
+    model, data = _model_and_batches("gpt", 4)
+    split = split_model(model, data[0], ["transformer.h.2"])
+    outlined = [m for stage in split.modules for m in stage.modules() if isinstance(m, InterpreterModule)]
+    assert len(outlined) > 10 and all(m._run_with_interpreter is False for m in outlined)
+
+
 def test_balanced_cut_weighs_stages_by_their_ranks():
     """Equal layers over a stage of one rank and a stage of three: the wide stage takes four of five."""
     from shardflow.runtime.stages import balanced_split_points

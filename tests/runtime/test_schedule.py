@@ -69,6 +69,15 @@ def test_a_split_last_backward_hands_its_gradient_on_earlier():
         assert span - split == pytest.approx(gain), schedule
 
 
+def test_bad_times_name_the_value():
+    with pytest.raises(ValueError, match=r"forward must be one time >= 0, or one per stage \(2\), got \[1.0\]"):
+        simulate("1f1b", 2, 4, forward=[1.0])
+    with pytest.raises(ValueError, match=r"backward must be one time >= 0.*got -1.0"):
+        simulate("1f1b", 2, 4, backward=-1.0)
+    with pytest.raises(ValueError, match=r"weights \[0.0, 3.0\] must not exceed the backward.*\(2.0\)"):
+        simulate("1f1b", 2, 4, 1.0, 2.0, weights=[0.0, 3.0])
+
+
 def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="'zigzag'"):
         stage_order("zigzag", 0, 2, 2)

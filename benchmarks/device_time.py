@@ -1,13 +1,14 @@
 """A stand-in for an accelerator's kernel: an op that takes a fixed time without holding a CPU core.
 
-On a GPU, a stage's compute runs on the device while the host thread that launched it is free to send,
-receive and read; on this machine's 2 cores, a CPU stage's compute takes the core its neighbour's messages
-and reads need. ``device_time(x, ms, backward_ms)`` returns a copy of ``x`` after sleeping ``ms`` milliseconds
-(the thread waits with the GIL released, as a host thread waits on a CUDA event); its backward sleeps
+On a GPU, a stage's compute runs on the device while the host thread that launched it is free to send, receive
+and read; on this machine's 2 cores, a CPU stage's compute takes the core its neighbour's messages and reads
+need. ``device_time(x, ms, backward_ms)`` returns a copy of ``x`` after sleeping ``ms`` milliseconds (the
+thread waits with the GIL released, as a host thread waits on a CUDA event); its backward sleeps
 ``backward_ms``. ``DeviceLinear`` spends a linear layer's three products that way. It is a ``torch.library``
 custom op with a fake kernel and a registered backward, so torch.export, shardflow's stage cut and
-torch.distributed.pipelining all keep it as one call. Benchmarks that use it say so in their tables: the figures measure the runtime's
-scheduling and overlap with compute that does not contend for the host, not this machine's arithmetic.
+torch.distributed.pipelining all keep it as one call. Benchmarks that use it say so in their tables: the
+figures measure the runtime's scheduling and overlap with compute that does not contend for the host, not this
+machine's arithmetic.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Data-pipeline benchmark: a training loop fed by ``sf.Loader`` (reader and collator actors, two
-registers, the reader on ``k`` threads) against the same loop fed by ``torch.utils.data.DataLoader``
-(``k`` worker processes, ``prefetch_factor=2``), with a reader slow enough to matter: every sample is its own ``.npy`` file on disk,
-and the files of each batch are evicted from the page cache (``posix_fadvise(DONTNEED)``) before the epoch,
-so each read goes to the device. The consumer is a plain PyTorch MLP step (forward, backward, AdamW).
+"""Data-pipeline benchmark: a training loop fed by ``sf.Loader`` (reader and collator actors, two registers, the
+reader on ``k`` threads) against the same loop fed by ``torch.utils.data.DataLoader`` (``k`` worker processes,
+``prefetch_factor=2``), with a reader slow enough to matter: every sample is its own ``.npy`` file on disk,
+and the files of each batch are evicted from the page cache (``posix_fadvise(DONTNEED)``) before the epoch, so
+each read goes to the device. The consumer is a plain PyTorch MLP step (forward, backward, AdamW).
 
 Reported per batch, medians over ``--repeats`` epochs run ABAB: reading alone (each loader without a
 consumer), the step alone (on batches already in memory), each loop's time, and the loop over the slowest

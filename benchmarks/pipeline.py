@@ -5,18 +5,22 @@ against the formula ``(p - 1) / (m + p - 1)``.
 The model is an MLP of equal layers (``--width`` wide, ``--layers`` Linear+ReLU pairs, then a classifier),
 so equal stages are a fair test of the bubble, or with ``--model gpt`` shardflow's GPT (``--layers`` blocks
 of ``--width``, ``--seq`` tokens; torch's stages run it returning logits), cut before equal numbers of
-blocks. Both sides cut it before the same layers, start from the
-same weights, use AdamW(lr=1e-3, foreach=False) and the same micro-batches; torch computes the loss with
-``loss_fn`` on the last stage, shardflow inside the last stage (the model's forward returns it). Before
-timing, the first step of both must give the same loss (rtol 1e-4). A third side is shardflow with every
-backward in one pass (``pm.split_backward = False``: the last backward's input gradients sent after its
-weights', as torch's GPipe and 1F1B do), so "one-pass/split" is what the split of the last backward
-(``runtime/split_backward.py``) gains. The sides take turns going first; each timed step starts after a
-barrier and counts the slowest rank; the table gives medians. The bubble column is the mean idle fraction
-of the compute track of shardflow's traced steps (message waits count as idle), the median over
-``--traced`` steps; beside it, the idle fraction an ideal runtime would have with the same measured
-forward, backward and weights'-pass times per stage (``schedule.simulate``: no message costs, no
-overhead), and the formula for equal stages.
+blocks. Both sides cut it before the same layers, start from the same weights, use AdamW(lr=1e-3,
+foreach=False) and the same micro-batches; torch computes the loss with ``loss_fn`` on the last stage,
+shardflow inside the last stage (the model's forward returns it). Before timing, the first two steps of
+both must give the same losses (rtol 1e-4; the GPT's tied embedding and head, which torch replicates into
+two stages and leaves to the user, get their gradients summed on torch's side as on shardflow's).
+
+Sides, interleaved (each first in turn; each timed step starts after a barrier and counts the slowest
+rank; medians): shardflow; torch as it runs its stages (torch.export's outlined modules interpret their
+graphs node by node, ``fx.Interpreter``); the same torch stages running their generated code, as
+shardflow's do (``runtime/stages.py``), so "torch gen./sf" compares the runtimes alone; and shardflow with
+every backward in one pass (``pm.split_backward = False``: the last backward's input gradients sent after
+its weights', as torch's GPipe and 1F1B do), so "one-pass/split" is what the split of the last backward
+(``runtime/split_backward.py``) gains. The bubble column is the mean idle fraction of the compute track of
+shardflow's traced steps (message waits count as idle), the median over ``--traced`` steps; beside it, the
+idle fraction an ideal runtime would have with the same measured forward, backward and weights'-pass
+times per stage (``schedule.simulate``: no message costs, no overhead), and the formula for equal stages.
 
 With ``--device-ms T`` the equal layers are ``DeviceLinear``s (``benchmarks/device_time.py``): each takes T
 ms forward and 2T backward (T of it the weight gradient's) as a device's kernels would, the host thread
@@ -65,6 +69,8 @@ HEADER = [
     "torch.pipelining ms",
     "torch/sf (>1: sf faster)",
     "noise sf/torch",
+    "torch, generated code ms",
+    "torch gen./sf",
     "sf one-pass backward ms",
     "one-pass/split",
     "bubble measured",
@@ -131,6 +137,7 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, SplitPoint, pipeline
 
     import shardflow as sf
+    from shardflow.runtime.stages import run_generated_code
     from shardflow.runtime.trace import idle_fraction
 
     rank = dist.get_rank()
@@ -156,26 +163,48 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
         optimizer=_adamw,
         pipeline=sf.Pipeline(split_points=tuple(f"body.{p}" for p in points), micro_batches=m, schedule=schedule),
     )
-    # torch.distributed.pipelining on the same cut
-    pipe = pipeline(copy.deepcopy(body), mb_args=(x.chunk(m)[0],), split_spec={p: SplitPoint.BEGINNING for p in points})
-    stage = PipelineStage(pipe.get_stage_module(rank), rank, k, torch.device("cpu"))
-    opt = _adamw(stage.submod.parameters())
+    # torch.distributed.pipelining on the same cut: its stages as it runs them (fx.Interpreter), and the same
+    # stages running their generated code as shardflow's do (runtime/stages.py)
     kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-    sched = kinds[schedule](stage, n_microbatches=m, loss_fn=_loss)
+    # torch REPLICATEs a weight two stages use (the GPT's tied embedding and head) and leaves summing their
+    # gradients to the user: sum them between the first and last stage, so both sides train the same model
+    tied_group = dist.new_group([0, k - 1]) if args.model == "gpt" else None
 
-    def torch_step() -> float:
-        opt.zero_grad()
-        losses: list[torch.Tensor] = []
-        if rank == 0:
-            sched.step(x)
-        elif rank == k - 1:
-            sched.step(target=y, losses=losses)
-        else:
-            sched.step()
-        opt.step()
-        total = torch.stack(losses).detach().mean() if losses else torch.zeros(())
-        dist.all_reduce(total)  # the loss on every rank, as pm.step gives it
-        return float(total)
+    def torch_side(generated: bool) -> Any:
+        pipe = pipeline(
+            copy.deepcopy(body), mb_args=(x.chunk(m)[0],), split_spec={p: SplitPoint.BEGINNING for p in points}
+        )
+        module = pipe.get_stage_module(rank)
+        if generated:
+            run_generated_code(module)
+        stage = PipelineStage(module, rank, k, torch.device("cpu"))
+        opt = _adamw(stage.submod.parameters())
+        sched = kinds[schedule](stage, n_microbatches=m, loss_fn=_loss)
+        tied = (
+            [p for n, p in stage.submod.named_parameters() if n.endswith(("wte.weight", "lm_head.weight"))]
+            if tied_group is not None and rank in (0, k - 1)
+            else []
+        )
+
+        def step() -> float:
+            opt.zero_grad()
+            losses: list[torch.Tensor] = []
+            if rank == 0:
+                sched.step(x)
+            elif rank == k - 1:
+                sched.step(target=y, losses=losses)
+            else:
+                sched.step()
+            for t in tied:
+                dist.all_reduce(t.grad, group=tied_group)
+            opt.step()
+            total = torch.stack(losses).detach().mean() if losses else torch.zeros(())
+            dist.all_reduce(total)  # the loss on every rank, as pm.step gives it
+            return float(total)
+
+        return step
+
+    torch_step, torch_generated = torch_side(False), torch_side(True)
 
     def sf_step() -> float:
         pm.split_backward = True
@@ -185,15 +214,16 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
         pm.split_backward = False
         return pm.step(x, y)
 
-    a, b = sf_step(), torch_step()
-    if abs(a - b) > 1e-4 * abs(b) + 1e-6:
-        raise SystemExit(f"{schedule} m={m} on {k} ranks: first losses differ: shardflow {a}, torch {b}")
+    for i in range(2):  # the first two steps' losses agree: the same model, the same update
+        a, b, c = sf_step(), torch_step(), torch_generated()
+        if max(abs(a - b), abs(a - c)) > 1e-4 * abs(b) + 1e-6:
+            raise SystemExit(f"{schedule} m={m} on {k} ranks: losses of step {i} differ: shardflow {a}, torch {b}, {c}")
     for _ in range(args.warmup):
-        sf_step(), sf_one_pass(), torch_step()
-    ts_sf, ts_one, ts_torch = [], [], []
+        sf_step(), sf_one_pass(), torch_step(), torch_generated()
+    ts_sf, ts_one, ts_torch, ts_gen = [], [], [], []
     for i in range(args.repeats):
-        sides = [(ts_sf, sf_step), (ts_one, sf_one_pass), (ts_torch, torch_step)]
-        for times, fn in sides[i % 3 :] + sides[: i % 3]:  # each side first in turn
+        sides = [(ts_sf, sf_step), (ts_one, sf_one_pass), (ts_torch, torch_step), (ts_gen, torch_generated)]
+        for times, fn in sides[i % 4 :] + sides[: i % 4]:  # each side first in turn
             times.append(timed_call(fn))
     pm.split_backward = True
     idle, ideal = [], []
@@ -208,6 +238,7 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
         "k": k,
         "sf": statistics.median(ts_sf),
         "torch": statistics.median(ts_torch),
+        "torch_generated": statistics.median(ts_gen),
         "one_pass": statistics.median(ts_one),
         "noise": (spread(ts_sf), spread(ts_torch)),
         "bubble": statistics.median(idle),
@@ -228,7 +259,8 @@ def _ideal(events: list[Any], schedule: str, k: int, m: int) -> float:
     def per_rank(kind: str) -> list[float]:
         return [median_ms(r, kind) for r in range(k)]
 
-    return simulate(schedule, k, m, per_rank("F"), per_rank("B"), weights=per_rank("W"))
+    backward = per_rank("B")
+    return simulate(schedule, k, m, per_rank("F"), backward, [min(w, b) for w, b in zip(per_rank("W"), backward)])
 
 
 def _rank_main(rank: int, k: int, port: int, args: argparse.Namespace, q: Any) -> None:
@@ -279,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{r['torch'] * 1e3:.1f}",
                     f"{r['torch'] / r['sf']:.2f}",
                     f"{r['noise'][0]:.2f}/{r['noise'][1]:.2f}",
+                    f"{r['torch_generated'] * 1e3:.1f}",
+                    f"{r['torch_generated'] / r['sf']:.2f}",
                     f"{r['one_pass'] * 1e3:.1f}",
                     f"{r['one_pass'] / r['sf']:.2f}",
                     f"{r['bubble']:.3f}",

@@ -7,21 +7,21 @@ weight-gradient time off the critical path, in the same 1F1B or GPipe order. tor
 splits the backward only in its zero-bubble schedules; its GPipe and 1F1B send after the whole backward.
 
 How: the micro-batch's autograd graph is walked once. The nodes from which a stage input is reachable (the
-input side) run in pass 1, ``autograd.grad`` to the inputs, where each node computes only the gradients
-that lead there; a prehook on every input-side node with an edge leaving the input side (a "boundary":
-``addmm``'s node, whose weight edge leaves) records the gradient it received. Pass 2 resumes from those
-records, one ``autograd.backward`` per boundary from its ``GradientEdge`` with ``inputs=`` the parameters
-only it reaches, so no node runs twice except the boundaries themselves (for the other edges) and gradients
-accumulate into ``.grad``, post-accumulate hooks included, as in one backward. Where the split could
-compute or count something twice, or fail (a custom autograd Function anywhere in the graph, a reentrant
-checkpoint among them; a parameter reached from two boundaries) it is not made: ``plan`` returns None and
-the caller runs one ordinary backward. ``torch.library`` custom ops (fused kernels registered with a
-backward formula) split: each runs its backward once. One at a boundary (with a weight edge) computes its
-weight gradient in pass 1 (a custom op computes every gradient it was built to), so it gains nothing
-there; pass 2 resumes from the gradients it gave the weight side. A non-reentrant checkpoint splits like any other graph. A tensor
-hook on a boundary's output would run in both passes (applied twice to what the weights' pass reads), and
-autograd cannot list them: callers split only graphs that hold none. Pipeline stages are torch.export
-graphs, which hold none (``stages.py`` refuses a model whose forward registers one: the cut would drop it).
+input side) run in pass 1, ``autograd.grad`` to the inputs, where each node computes only the gradients that
+lead there; a prehook on every input-side node with an edge leaving the input side (a "boundary": ``addmm``'s
+node, whose weight edge leaves) records the gradient it received. Pass 2 resumes from those records, one
+``autograd.backward`` per boundary from its ``GradientEdge`` with ``inputs=`` the parameters only it reaches,
+so no node runs twice except the boundaries themselves (for the other edges) and gradients accumulate into
+``.grad``, post-accumulate hooks included, as in one backward. Where the split could compute or count
+something twice, or fail (a custom autograd Function anywhere in the graph, a reentrant checkpoint among them;
+a parameter reached from two boundaries) it is not made: ``plan`` returns None and the caller runs one
+ordinary backward. ``torch.library`` custom ops (fused kernels registered with a backward formula) split: each
+runs its backward once. One at a boundary (with a weight edge) computes its weight gradient in pass 1 (a
+custom op computes every gradient it was built to), so it gains nothing there; pass 2 resumes from the
+gradients it gave the weight side. A non-reentrant checkpoint splits like any other graph. A tensor hook on a
+boundary's output would run in both passes (applied twice to what the weights' pass reads), and autograd
+cannot list them: callers split only graphs that hold none. Pipeline stages are torch.export graphs, which
+hold none (``stages.py`` refuses a model whose forward registers one: the cut would drop it).
 """
 
 from __future__ import annotations

@@ -2,15 +2,16 @@
 
 The cut is torch.distributed.pipelining's front end (``pipeline(model, mb_args, split_spec)``): it traces the
 forward with ``torch.export`` and outlines each stage as a module that keeps the original module tree and
-parameter names, so stage parameters map back to ``model.state_dict()`` names. The submodules run the
-traced ATen ops, not the model's Python: a tensor hook that forward registers, or a module's backward hook,
-would silently never run, so a model with either is refused (the hooks are watched for while export
-traces forward). Its wiring (which user inputs and which outputs of the stage before feed each stage) is
-read from the split graph here. The outlined submodules would interpret their graphs node by node
-(``torch.fx.Interpreter``, torch's default for them); they are set to run the graph's generated Python code
-instead: the same ops for less host time per op, which is what a launch-bound accelerator stage pays
-(``benchmarks/stage_code.py``, BENCHMARKS.md). A parameter used by several stages (GPT's tied ``wte``/``lm_head``) arrives as one copy per stage; the
-runtime sums those copies' gradients (``Split.tied``), which torch's own runtime leaves to the user.
+parameter names, so stage parameters map back to ``model.state_dict()`` names. The submodules run the traced
+ATen ops, not the model's Python: a tensor hook that forward registers, or a module's backward hook, would
+silently never run, so a model with either is refused (the hooks are watched for while export traces forward).
+Its wiring (which user inputs and which outputs of the stage before feed each stage) is read from the split
+graph here. The outlined submodules would interpret their graphs node by node (``torch.fx.Interpreter``,
+torch's default for them); they are set to run the graph's generated Python code instead: the same ops for
+less host time per op, which is what a launch-bound accelerator stage pays (``benchmarks/stage_code.py``,
+BENCHMARKS.md). A parameter used by several stages (GPT's tied ``wte``/``lm_head``) arrives as one copy per
+stage; the runtime sums those copies' gradients (``Split.tied``), which torch's own runtime leaves to the
+user.
 
 Without cut points, the candidates are the children of the model's longest ``ModuleList``/``Sequential``
 (a transformer's blocks, an MLP's layers); each leaf module's FLOPs are counted analytically by torch's

@@ -1,9 +1,9 @@
-"""Pipeline parallelism on real ranks equals plain PyTorch on one process: GPipe and 1F1B, 2 and 4 stages,
-1, 4 and 7 micro-batches, the GPT (tied embeddings held by the first and last stage) and the MLP, a
-pp x dp mesh, and batches that micro-batches cut unevenly (like ``tensor_split``). Losses of 5 AdamW steps with global-norm clipping and the parameters after them agree within
-rtol 1e-4 (micro-batches sum gradients in another order than one batch does). The traced last step shows
-each stage ran its schedule's order, and that every data-parallel stage after the first split its last
-backward (input gradients first, weights' after)."""
+"""Pipeline parallelism on real ranks equals plain PyTorch on one process: GPipe and 1F1B, 2 and 4 stages, 1, 4
+and 7 micro-batches, the GPT (tied embeddings held by the first and last stage) and the MLP, a pp x dp mesh,
+and batches that micro-batches cut unevenly (like ``tensor_split``). Losses of 5 AdamW steps with global-norm
+clipping and the parameters after them agree within rtol 1e-4 (micro-batches sum gradients in another order
+than one batch does). The traced last step shows each stage ran its schedule's order, and that every
+data-parallel stage after the first split its last backward (input gradients first, weights' after)."""
 
 from __future__ import annotations
 

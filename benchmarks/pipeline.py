@@ -180,11 +180,11 @@ def _bench(k: int, schedule: str, m: int, args: argparse.Namespace) -> dict[str,
         stage = PipelineStage(module, rank, k, torch.device("cpu"))
         opt = _adamw(stage.submod.parameters())
         sched = kinds[schedule](stage, n_microbatches=m, loss_fn=_loss)
-        tied = (
-            [p for n, p in stage.submod.named_parameters() if n.endswith(("wte.weight", "lm_head.weight"))]
-            if tied_group is not None and rank in (0, k - 1)
-            else []
-        )
+        # the copy each end uses: stage 0 also holds an unused copy of the head (torch's cut keeps it there)
+        used = "wte.weight" if rank == 0 else "lm_head.weight"
+        tied = [p for n, p in stage.submod.named_parameters() if n.endswith(used)]
+        if tied_group is None or rank not in (0, k - 1):
+            tied = []
 
         def step() -> float:
             opt.zero_grad()

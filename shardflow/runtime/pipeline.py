@@ -443,8 +443,7 @@ class PipelineModule(Snapshots):
             q.grad = None
         losses = self._run_schedule(micro, weights)
         with self.recorder.span("all-reduce", "all-reduce gradients"):
-            self.buckets.finish()
-            self.partial_buckets.finish()
+            tied = []  # launched first, so they travel while the buckets' last all-reduces finish
             for name, group in self.tied_groups.items():
                 p = self.named[name]
                 # every data-parallel rank of every holding stage has a part of the sum (tied copies stay out
@@ -452,8 +451,12 @@ class PipelineModule(Snapshots):
                 # counts the ranks that had one (none: no gradient, as in plain PyTorch)
                 g = local_grad(p).reshape(-1) if p.grad is not None else local(p).new_zeros(local(p).numel())
                 flat = torch.cat([g, g.new_ones(1) if p.grad is not None else g.new_zeros(1)])
-                dist.all_reduce(flat, group=group)
+                tied.append((p, flat, dist.all_reduce(flat, group=group, async_op=True)))
                 p.grad = None
+            self.buckets.finish()
+            self.partial_buckets.finish()
+            for p, flat, work in tied:
+                work.wait()
                 if flat[-1].item():
                     set_local_grad(p, flat[:-1])  # a tp stage's partial sum (P) is now the whole gradient
         with self.recorder.span("optimizer", "optimizer"):

@@ -52,7 +52,7 @@ class SplitBackward:
     def inputs_first(self) -> list[torch.Tensor | None]:
         """Pass 1: the inputs' gradients (None for an input the roots do not reach)."""
         handles = [
-            n.register_hook(_gave(self.recorded, n)) if _library_op(n) else n.register_prehook(_got(self.recorded, n))
+            n.register_hook(_gave(self.recorded, n)) if library_op(n) else n.register_prehook(_got(self.recorded, n))
             for n in self.boundaries
         ]
         try:
@@ -77,7 +77,7 @@ class SplitBackward:
             got = self.recorded.pop(node, None)
             if got is None or not leaves:
                 continue
-            if _library_op(node):
+            if library_op(node):
                 # a custom op's backward computes all its gradients (its ``needs_input_grad`` was fixed in
                 # forward) and ran whole in pass 1: resume from what it gave the edges that leave the input
                 # side, rather than run it (and whatever its backward does) a second time
@@ -120,7 +120,7 @@ def plan(
     seen: set[Node] = set(stack)
     while stack:
         node = stack.pop()
-        if isinstance(node, BackwardCFunction) and not _library_op(node):
+        if isinstance(node, BackwardCFunction) and not library_op(node):
             # a custom Function's backward may have effects that must happen once, and may refuse
             # ``autograd.grad`` (a reentrant checkpoint runs its own backward inside): one ordinary backward
             return None
@@ -188,7 +188,7 @@ def plan(
     return SplitBackward(list(roots), list(grads), list(inputs), boundaries, leaving, reaches, outside)
 
 
-def _library_op(node: Node) -> bool:
+def library_op(node: Node) -> bool:
     """Whether ``node`` is the backward of a ``torch.library`` custom op (``register_autograd``): the op's
     registered formula over its saved values and incoming gradient, which runs once in either pass (at a
     boundary, in pass 1, and pass 2 resumes below it). Recognised by the module torch generates its Function

@@ -176,6 +176,12 @@ def test_bad_pipelines_are_refused_with_the_fix():
     backward_hooked.net[0].register_full_backward_hook(lambda *_: None)
     with pytest.raises(ValueError, match=r"modules \['net.0'\] have backward hooks, which the stages"):
         sf.compile(backward_hooked, mesh, example_inputs=hooked, pipeline=sf.Pipeline(split_points=["net.2"]))
+    # a custom autograd.Function's backward would be dropped by the cut: a straight-through rounding would
+    # get rounding's derivative (zero) in the stage
+    with pytest.raises(
+        ValueError, match=r"_Quantized calls custom autograd.Functions \['tests.runtime.test_pipeline._"
+    ):
+        sf.compile(_Quantized(), mesh, example_inputs=hooked, pipeline=sf.Pipeline(split_points=["head"]))
     with pytest.raises(NotImplementedError, match="zero cannot be combined with pipeline="):
         sf.compile(
             mlp,
@@ -416,6 +422,27 @@ def test_a_model_with_custom_ops_splits_its_last_backward_and_equals_plain_torch
     ran = run_on_ranks(4, _custom_op_case, str(tmp_path / "t.json"), timeout=300)
     assert ran[:2] == [["F0", "F1", "B0", "B1"]] * 2  # stage 0 (pp is the first axis)
     assert ran[2:] == [["F0", "B0", "F1", "B1", "W1"]] * 2  # its input gradients went first
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Rounding in forward, the identity in backward (quantization-aware training's estimator)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def,override]
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
+        return g
+
+
+class _Quantized(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = torch.nn.Linear(6, 16), torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.head(_StraightThrough.apply(self.a(x))), y)
 
 
 class _HalvedGradient(torch.nn.Module):

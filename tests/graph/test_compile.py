@@ -1,6 +1,8 @@
 """sf.compile equals plain PyTorch: 5 AdamW steps with global-norm clipping on meshes (2,), (4,), (2, 2)
-as dp, tp and hybrid, for the GPT, the MLP and the CNN with BatchNorm; losses and full_state_dict()
-within rtol 1e-4 (CONTRACT.md's numerics policy), including a global batch that does not divide."""
+as dp, tp and hybrid, for the GPT, the MLP, the CNN with BatchNorm, and a model with a custom
+autograd.Function (a straight-through estimator: the step must run its backward, not rounding's zero
+derivative); losses and full_state_dict() within rtol 1e-4 (CONTRACT.md's numerics policy), including a
+global batch that does not divide."""
 
 from __future__ import annotations
 
@@ -16,6 +18,25 @@ from shardflow.testing import run_on_ranks
 STEPS = 5
 
 
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def,override]
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
+        return g
+
+
+class _Quantized(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = torch.nn.Linear(6, 16), torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.head(_StraightThrough.apply(self.a(x))), y)
+
+
 def _model_and_batches(kind: str, batch: int):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
@@ -23,8 +44,8 @@ def _model_and_batches(kind: str, batch: int):
         model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16))
         data = [(torch.randint(0, 32, (batch, 8), generator=gen),) * 2 for _ in range(STEPS)]
         data = [(x, torch.roll(x, -1, 1)) for x, _ in data]
-    elif kind == "mlp":
-        model = MLP(MLPConfig(in_features=6, hidden_sizes=(16, 12), num_classes=5))
+    elif kind in ("mlp", "ste"):
+        model = MLP(MLPConfig(in_features=6, hidden_sizes=(16, 12), num_classes=5)) if kind == "mlp" else _Quantized()
         data = [
             (torch.randn(batch, 6, generator=gen), torch.randint(0, 5, (batch,), generator=gen)) for _ in range(STEPS)
         ]
@@ -99,6 +120,8 @@ CASES = [
     ("cnn", (2,), ("dp",), "dp", 5),
     ("cnn", (4,), ("dp",), "dp", 8),
     ("cnn", (2, 2), ("dp", "tp"), "hybrid", 6),
+    ("ste", (2,), ("dp",), "dp", 6),
+    ("ste", (2, 2), ("dp", "tp"), "hybrid", 6),
 ]
 
 

@@ -47,6 +47,8 @@ NONLINEAR = [
     aten.addcdiv_.default, aten.sqrt_.default, aten.clamp_.default, aten.clamp_min.default, aten.clamp_max.default,
     aten.maximum.default, aten.copysign.Tensor, aten.isfinite.default, aten.isinf.default, aten.isnan.default,
     aten.logical_and.default, aten.logical_or.default, aten.sign_.default, aten.exp_.default,
+    aten.round.default, aten.round.decimals, aten.floor.default, aten.ceil.default, aten.trunc.default,
+    aten.frac.default,
 ]  # fmt: skip
 
 

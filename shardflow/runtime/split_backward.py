@@ -52,8 +52,10 @@ class SplitBackward:
     def inputs_first(self) -> list[torch.Tensor | None]:
         """Pass 1: the inputs' gradients (None for an input the roots do not reach)."""
         handles = [
-            n.register_hook(_gave(self.recorded, n)) if library_op(n) else n.register_prehook(_got(self.recorded, n))
-            for n in self.boundaries
+            n.register_hook(_gave(self.recorded, n, leave))
+            if library_op(n)
+            else n.register_prehook(_got(self.recorded, n))
+            for n, leave in zip(self.boundaries, self.leaving)
         ]
         try:
             off = {id(r) for r, _, _ in self.outside}
@@ -188,13 +190,19 @@ def plan(
     return SplitBackward(list(roots), list(grads), list(inputs), boundaries, leaving, reaches, outside)
 
 
+def library_function(cls: type) -> bool:
+    """Whether an ``autograd.Function`` class is the one torch.library generates for a custom op's
+    ``register_autograd`` (recognised by the module torch makes it in)."""
+    return getattr(cls, "__module__", "") == "torch._library.autograd"
+
+
 def library_op(node: Node) -> bool:
     """Whether ``node`` is the backward of a ``torch.library`` custom op (``register_autograd``): the op's
     registered formula over its saved values and incoming gradient, which runs once in either pass (at a
     boundary, in pass 1, and pass 2 resumes below it). Recognised by the module torch generates its Function
     in; any other Function counts as custom (it may run its own backward, as a reentrant checkpoint does)."""
     cls = getattr(node, "_forward_cls", None)
-    return cls is not None and getattr(cls, "__module__", "") == "torch._library.autograd"
+    return cls is not None and library_function(cls)
 
 
 def held_between_passes(joint: Any) -> int:
@@ -257,11 +265,13 @@ def _got(into: dict[Node, tuple[Any, ...]], node: Node) -> Any:
     return hook
 
 
-def _gave(into: dict[Node, tuple[Any, ...]], node: Node) -> Any:
-    """A hook recording the gradients ``node`` computed for its edges."""
+def _gave(into: dict[Node, tuple[Any, ...]], node: Node, leaving: list[int]) -> Any:
+    """A hook recording the gradients ``node`` computed for its edges in ``leaving`` (None for the others:
+    pass 1 has used them, and holding them to pass 2 would keep an activation-sized tensor alive)."""
+    keep = set(leaving)
 
     def hook(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> None:
-        into[node] = tuple(grad_inputs)
+        into[node] = tuple(g if i in keep else None for i, g in enumerate(grad_inputs))
 
     return hook
 

@@ -5,7 +5,8 @@ forward with ``torch.export`` and outlines each stage as a module that keeps the
 parameter names, so stage parameters map back to ``model.state_dict()`` names. The submodules run the traced
 ATen ops, not the model's Python: a tensor hook that forward registers, or a module's backward hook, would
 silently never run, so a model with either is refused (the hooks are watched for while export traces forward);
-so is one calling a custom ``autograd.Function``, whose backward the cut drops (``torch.library`` ops keep theirs).
+so is one calling a custom ``autograd.Function``, whose backward the cut drops (``torch.library`` ops keep
+theirs; ``Function.apply`` is watched during the cut).
 Its wiring (which user inputs and which outputs of the stage before feed each stage) is read from the split
 graph here. The outlined submodules would interpret their graphs node by node (``torch.fx.Interpreter``,
 torch's default for them); they are set to run the graph's generated Python code instead: the same ops for
@@ -87,11 +88,11 @@ def split_model(model: nn.Module, micro_batch: Sequence[Any], split_points: Sequ
     if not split_points:
         return Split([work], [[("input", i) for i in range(len(micro_batch))]], [1], [_params(work, names)], {}, [])
     _refuse_backward_hooks(model)
-    _refuse_custom_functions(work, micro_batch)
     spec = {point: SplitPoint.BEGINNING for point in split_points}
     watch = _HookWatch()  # the traced stages would silently drop tensor hooks that forward registers
+    functions = _FunctionWatch()  # and custom autograd Functions' backward
     try:
-        with watch:
+        with watch, functions:
             pipe = pipeline(work, mb_args=tuple(micro_batch), split_spec=spec)
     except Exception as exc:  # export failures come from deep inside torch: say what to change
         raise ValueError(
@@ -103,6 +104,14 @@ def split_model(model: nn.Module, micro_batch: Sequence[Any], split_points: Sequ
             f"{type(model).__name__} registers tensor hooks in forward (register_hook or retain_grad): the "
             "stages of a pipeline (cut by torch.export) would not run them, and its gradients would differ; "
             "remove them, or train without pipeline="
+        )
+    if functions.seen:
+        reentrant = any(c.endswith("CheckpointFunction") for c in functions.seen)
+        raise ValueError(
+            f"{type(model).__name__} calls custom autograd.Functions {sorted(set(functions.seen))[:4]}: the stages "
+            "of a pipeline (cut by torch.export) keep their forward's ops but not their backward, so gradients "
+            "would differ; register each as a torch.library custom op with register_autograd (which the cut "
+            "keeps)" + (", checkpoint with use_reentrant=False" if reentrant else "") + ", or train without pipeline="
         )
     if pipe.num_stages != len(split_points) + 1:
         raise ValueError(
@@ -176,6 +185,37 @@ class _HookWatch(TorchFunctionMode):
 _HOOKS = (torch.Tensor.register_hook, torch.Tensor.retain_grad)
 
 
+class _FunctionWatch:
+    """Records the custom ``autograd.Function``s a forward calls while torch.export traces it: its cut keeps
+    their forward's ops, not their backward (a straight-through estimator would train with rounding's zero
+    derivative, silently). No mode or hook sees ``Function.apply``, so it is wrapped for the duration of the
+    cut. torch.library ops' generated Functions are not recorded: the cut keeps those ops whole."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __enter__(self) -> _FunctionWatch:
+        from torch.autograd.function import Function
+
+        from shardflow.runtime.split_backward import library_function
+
+        self._original = Function.__dict__["apply"]
+        original, seen = self._original.__func__, self.seen
+
+        def apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
+            if not library_function(cls):
+                seen.append(f"{cls.__module__}.{cls.__qualname__}")
+            return original(cls, *args, **kwargs)
+
+        Function.apply = classmethod(apply)  # type: ignore[method-assign,assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from torch.autograd.function import Function
+
+        Function.apply = self._original  # type: ignore[method-assign]
+
+
 def _refuse_backward_hooks(model: nn.Module) -> None:
     """torch.export's stages run the traced ATen ops: a module's backward hook would never run in them."""
     hooked = [name or "(the model)" for name, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]
@@ -183,55 +223,6 @@ def _refuse_backward_hooks(model: nn.Module) -> None:
         raise ValueError(
             f"{type(model).__name__}: modules {hooked[:4]} have backward hooks, which the stages of a pipeline "
             "(cut by torch.export) would not run; remove them, or train without pipeline="
-        )
-
-
-def _refuse_custom_functions(model: nn.Module, micro_batch: Sequence[Any]) -> None:
-    """torch.export keeps the ops of a custom ``autograd.Function``'s forward, not its backward: in a stage
-    the gradient would be the forward ops' derivative (a straight-through estimator's: zero), silently.
-    Found on the autograd graph of one forward on fake tensors (parameters and buffers replaced, so nothing
-    of the model is touched); ``torch.library`` ops keep their registered backward and pass. A forward the
-    probe cannot run is left to the cut (which traces it the same way and says what failed)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.autograd.function import BackwardCFunction
-    from torch.func import functional_call
-    from torch.utils._pytree import tree_leaves
-
-    from shardflow.runtime.split_backward import library_op
-
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
-
-            def fake(t: torch.Tensor, grad: bool) -> torch.Tensor:
-                f = torch.empty(tuple(t.shape), dtype=t.dtype)
-                return f.requires_grad_(grad) if grad and f.is_floating_point() else f
-
-            state = {n: fake(p, p.requires_grad) for n, p in model.named_parameters()}
-            state.update({n: fake(b, False) for n, b in model.named_buffers()})
-            args = tuple(fake(x, False) if isinstance(x, torch.Tensor) else x for x in micro_batch)
-            out = functional_call(model, state, args)
-    except Exception:  # noqa: BLE001 - the cut below traces the same forward and reports its failure
-        return
-    stack = [t.grad_fn for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    seen = set(stack)
-    custom: list[str] = []
-    while stack:
-        node = stack.pop()
-        cls = getattr(node, "_forward_cls", type(node))
-        if isinstance(node, BackwardCFunction) and not library_op(node):
-            custom.append(f"{cls.__module__}.{cls.__qualname__}")
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
-                seen.add(child)
-                stack.append(child)
-    if custom:
-        reentrant = any(c.endswith("CheckpointFunction") for c in custom)
-        raise ValueError(
-            f"{type(model).__name__} calls custom autograd.Functions {sorted(set(custom))[:4]}: the stages of a "
-            "pipeline (cut by torch.export) keep their forward's ops but not their backward, so gradients would "
-            "differ; register each as a torch.library custom op with register_autograd (which the cut keeps)"
-            + (", checkpoint with use_reentrant=False" if reentrant else "")
-            + ", or train without pipeline="
         )
 
 

@@ -14,27 +14,9 @@ import torch
 import shardflow as sf
 from shardflow.models import GPT, MLP, CNNConfig, GPTConfig, MLPConfig, SmallCNN
 from shardflow.testing import run_on_ranks
+from tests.runtime.custom_ops import Quantized
 
 STEPS = 5
-
-
-class _StraightThrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[no-untyped-def,override]
-        return torch.round(x * 4) / 4
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
-        return g
-
-
-class _Quantized(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.head = torch.nn.Linear(6, 16), torch.nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(self.head(_StraightThrough.apply(self.a(x))), y)
 
 
 def _model_and_batches(kind: str, batch: int):
@@ -45,7 +27,7 @@ def _model_and_batches(kind: str, batch: int):
         data = [(torch.randint(0, 32, (batch, 8), generator=gen),) * 2 for _ in range(STEPS)]
         data = [(x, torch.roll(x, -1, 1)) for x, _ in data]
     elif kind in ("mlp", "ste"):
-        model = MLP(MLPConfig(in_features=6, hidden_sizes=(16, 12), num_classes=5)) if kind == "mlp" else _Quantized()
+        model = MLP(MLPConfig(in_features=6, hidden_sizes=(16, 12), num_classes=5)) if kind == "mlp" else Quantized()
         data = [
             (torch.randn(batch, 6, generator=gen), torch.randint(0, 5, (batch,), generator=gen)) for _ in range(STEPS)
         ]

@@ -19,7 +19,7 @@ from shardflow.runtime.schedule import stage_order
 from shardflow.runtime.trace import read
 from shardflow.testing import run_on_ranks
 from tests.graph.test_compile import reference_step, train_and_compare
-from tests.runtime.custom_ops import scaled
+from tests.runtime.custom_ops import Quantized, scaled
 
 STEPS = 5
 
@@ -179,8 +179,10 @@ def test_bad_pipelines_are_refused_with_the_fix():
     # a custom autograd.Function's backward would be dropped by the cut: a straight-through rounding would
     # get rounding's derivative (zero) in the stage
     apply = torch.autograd.Function.__dict__["apply"]  # watched during the cut, then put back
-    with pytest.raises(ValueError, match=r"_Quantized calls custom autograd.Functions \['tests.runtime.test_pipeline"):
-        sf.compile(_Quantized(), mesh, example_inputs=hooked, pipeline=sf.Pipeline(split_points=["head"]))
+    with pytest.raises(
+        ValueError, match=r"Quantized calls custom autograd.Functions \['tests.runtime.custom_ops.StraightThrough'\]"
+    ):
+        sf.compile(Quantized(), mesh, example_inputs=hooked, pipeline=sf.Pipeline(split_points=["head"]))
     assert torch.autograd.Function.__dict__["apply"] is apply
     with pytest.raises(NotImplementedError, match="zero cannot be combined with pipeline="):
         sf.compile(
@@ -422,27 +424,6 @@ def test_a_model_with_custom_ops_splits_its_last_backward_and_equals_plain_torch
     ran = run_on_ranks(4, _custom_op_case, str(tmp_path / "t.json"), timeout=300)
     assert ran[:2] == [["F0", "F1", "B0", "B1"]] * 2  # stage 0 (pp is the first axis)
     assert ran[2:] == [["F0", "B0", "F1", "B1", "W1"]] * 2  # its input gradients went first
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Rounding in forward, the identity in backward (quantization-aware training's estimator)."""
-
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[no-untyped-def,override]
-        return torch.round(x * 4) / 4
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
-        return g
-
-
-class _Quantized(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.head = torch.nn.Linear(6, 16), torch.nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(self.head(_StraightThrough.apply(self.a(x))), y)
 
 
 class _HalvedGradient(torch.nn.Module):

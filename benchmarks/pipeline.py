@@ -105,11 +105,7 @@ class GPTBody(nn.Module):
         self.gpt = GPT(GPTConfig(vocab_size=VOCAB, block_size=seq, n_layer=layers, n_head=4, n_embd=width))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        trunk = self.gpt.transformer
-        x = trunk.drop(trunk.wte(idx) + trunk.wpe(torch.arange(idx.size(1), device=idx.device)))
-        for block in trunk.h:
-            x = block(x)
-        return self.gpt.lm_head(trunk.ln_f(x))
+        return self.gpt.logits(idx)
 
 
 def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

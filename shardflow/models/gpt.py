@@ -152,6 +152,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Loss of predicting ``targets`` (batch, seq) from token ids ``idx`` (batch, seq); a 0-d tensor."""
+        logits = self.logits(idx)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (batch, seq, vocab) for token ids ``idx`` (batch, seq)."""
         seq = idx.size(1)
         if seq > self.config.block_size:
             raise ValueError(
@@ -162,8 +167,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return self.lm_head(self.transformer.ln_f(x))
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters counted by walking the module (tied weight once); equals ``config.num_params``."""

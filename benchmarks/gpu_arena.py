@@ -4,15 +4,18 @@ PyTorch; and each plan's predicted peak against ``torch.cuda.max_memory_allocate
 
 Single rank (NCCL cannot run two ranks on one GPU): the plan is data parallel over one device, so this
 measures the lowered program, the static placement and the input staging, not communication. fp32, AdamW.
-Memory: each plan alone on the device, two steps, then the third measured from reset peak statistics.
-Time: the four sides in rotating order, each call one step between ``synchronize()``s, medians of
+Memory: each plan alone on the device, two steps, then the third measured from reset peak statistics (with
+``cuda_graphs=True`` the third step is the capture: what it allocates is the graph's pool, which its replays
+reuse without allocating).
+Time: the sides in rotating order, each call one step between ``synchronize()``s, medians of
 ``--repeats`` after ``--warmup``. The first losses must agree (rtol 1e-4).
 
     python benchmarks/gpu_arena.py [--repeats 30] [--markdown]      (``--device cpu`` runs it anywhere)
 
-``--gpt2 --dtype bfloat16 --modes off --compile`` is the issue's anchor instead: GPT-2 small at batch
+``--gpt2 --dtype bfloat16 --modes off,graph --compile`` is the issue's anchor instead: GPT-2 small at batch
 16 x 1024 in bf16 (weights and AdamW state in bf16 on both sides), with ``torch.compile`` of the eager model
-as a fourth side; memory is not measured then.
+as another side; memory is not measured then. ``graph`` is ``sf.compile(..., cuda_graphs=True)``: the step
+replayed as one CUDA graph (runtime/cuda_graph.py).
 """
 
 from __future__ import annotations
@@ -52,12 +55,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--gpt2", action="store_true", help="GPT-2 small (12 x 768, vocab 50257) at 1024 tokens")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--modes", default="off,true,all", help="which of the compiled sides: off, true, all")
+    p.add_argument(
+        "--modes",
+        default=None,
+        help="compiled sides: off, true, all (arena), graph (default: all four; no graph on CPU)",
+    )
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the eager model")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
-    modes = [{"off": False, "true": True, "all": "all"}[m] for m in args.modes.split(",")]
+    names = args.modes or ("off,true,all,graph" if args.device == "cuda" else "off,true,all")
+    modes = [{"off": False, "true": True, "all": "all", "graph": "graph"}[m] for m in names.split(",")]
     print_preamble()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -78,8 +86,13 @@ def main() -> None:
 
     # memory: each plan alone on the device
     memory: dict[Any, tuple[int, int | None, int]] = {}
+
+    def compiled(mode: Any, dtype: torch.dtype = torch.float32) -> Any:
+        arena = False if mode == "graph" else mode
+        return sf.compile(_model(cfg, dtype), mesh, example_inputs=(x, y), arena=arena, cuda_graphs=mode == "graph")
+
     for mode in modes if dtype == torch.float32 else []:
-        pm = sf.compile(_model(cfg), mesh, example_inputs=(x, y), arena=mode)
+        pm = compiled(mode)
         pm.step(x, y)
         pm.step(x, y)
         sync()
@@ -96,7 +109,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     # time: all sides at once, rotating
-    pms = {mode: sf.compile(_model(cfg, dtype), mesh, example_inputs=(x, y), arena=mode) for mode in modes}
+    pms = {mode: compiled(mode, dtype) for mode in modes}
 
     def eager_step(compiled: bool) -> Any:
         ref = _model(cfg, dtype).to(args.device)
@@ -137,6 +150,7 @@ def main() -> None:
     for k in order:
         ms = statistics.median(times[k]) * 1e3
         name = {False: "sf.compile, allocator", True: "sf.compile, arena=True", "all": "sf.compile, arena='all'"}
+        name["graph"] = "sf.compile, cuda_graphs=True"
         name |= {"eager": "eager PyTorch", "compile": "torch.compile"}
         predicted, measured, blocks = memory.get(k, (None, None, 0))
         rows.append(

@@ -66,6 +66,7 @@ from shardflow.placement.sbp import (
 )
 from shardflow.placement.shard import relative_shard, take_local
 from shardflow.runtime import trace as tracing
+from shardflow.runtime.cuda_graph import GraphedStep, fingerprint, make_capturable
 from shardflow.runtime.host_memory import keep_host_memory
 from shardflow.runtime.memory import (
     MemoryReport,
@@ -171,6 +172,11 @@ class ParallelModule(Snapshots):
         # backward (measured on an H100: a 4x512 GPT step 20.2 ms with actors, 11.7 ms after; BENCHMARKS.md)
         self.updates = "after" if mesh.size == 1 else ("loop" if mesh.device_type == "cpu" else "actors")
         self.events: list[Event] = []  # every rank's events of the last traced step
+        # one device: each program's step (forward, backward, clipping, update) captured as a CUDA graph
+        # after warm-up and replayed (runtime/cuda_graph.py)
+        self.cuda_graphs = False
+        self.graphs: dict[Any, GraphedStep] = {}
+        self.graph_update = True  # whether the optimizer's update is captured too (else run after replay)
 
     def set_recompute(self, names: Sequence[str]) -> None:
         """Recompute the activations of the modules ``names`` in backward instead of keeping them (activation
@@ -182,6 +188,7 @@ class ParallelModule(Snapshots):
             module.forward = functools.partial(_checkpointed, type(module).forward.__get__(module))  # type: ignore[method-assign]
         self.recomputed = list(names)
         self.programs.clear()
+        self.graphs.clear()
 
     def _owner(self, name: str) -> tuple[nn.Module, str]:
         """The submodule holding the parameter or buffer ``name``, and its attribute name there."""
@@ -217,6 +224,8 @@ class ParallelModule(Snapshots):
             return self._static_step(self._inputs(inputs), trace)
         if trace is not None:
             raise ValueError("trace= needs the static program (pm.static = True); eager steps have no actors")
+        if self.cuda_graphs:
+            raise ValueError("cuda_graphs replay the static program; set pm.static = True or pm.cuda_graphs = False")
         with contextlib.ExitStack() as stack:
             if self.record is None:  # the first step is recorded for explain()
                 self.record = stack.enter_context(recording())
@@ -224,7 +233,7 @@ class ParallelModule(Snapshots):
 
     def program(self, inputs: Sequence[Any]) -> Program:
         """This rank's program for inputs laid out as ``inputs`` (GlobalTensors), lowered on first use."""
-        key = tuple((tuple(x.shape), x.dtype, x.sbp) if isinstance(x, GlobalTensor) else x for x in inputs)
+        key = _signature(inputs)
         if key not in self.programs:
             joint = trace_step(self.module, inputs, self.mesh.device_type)
             buffers = [b for _, b in self.module.named_buffers()]
@@ -280,6 +289,8 @@ class ParallelModule(Snapshots):
         program = self.program(inputs)
         if self.record is None:
             self.record = program.record
+        if self.cuda_graphs:
+            return self._graphed_step(program, inputs, trace)
         for lp in self.local_params:
             lp.grad = None  # last step's gradients go before this step's activations arrive
         args = [p._local for p in self.params]
@@ -325,6 +336,46 @@ class ParallelModule(Snapshots):
                 mine.append(Event(world()[0], "compute", "wait for all-reduce", end, compute_end))
             self._gather_trace(mine, trace)
         return float(loss.item())
+
+    def _graphed_step(self, program: Program, inputs: Sequence[Any], trace: str | None) -> float:
+        """The step replayed as this program's CUDA graph, captured after warm-up (runtime/cuda_graph.py)."""
+        check_graphable(self.mesh, self.zero)
+        start = time.time_ns()
+        key = _signature(inputs)
+        graphed = self.graphs.get(key)
+        if graphed is None:
+            graphed = self.graphs[key] = GraphedStep(functools.partial(self._graph_body, program))
+        fixed = [p._local for p in self.params]
+        fixed += [b._local for _, b in self.module.named_buffers() if isinstance(b, GlobalTensor)]
+        fed = [x._local if isinstance(x, GlobalTensor) else x for x in inputs]
+        state = fingerprint(fixed, self.optimizer)
+        if state != graphed.key:  # new or replaced optimizer state may need its step counts on the device
+            self.graph_update = make_capturable(self.optimizer)
+            state = fingerprint(fixed, self.optimizer)
+        with torch.no_grad():
+            loss = graphed(fixed, fed, state)
+        if not self.graph_update:  # an update the graph could not hold runs after it, on its gradients
+            self.optimizer.step()
+        self.steps += 1
+        value = float(loss.item())
+        if trace is not None:
+            what = "step (CUDA graph replay)" if graphed.graph is not None else "step (warm-up, op by op)"
+            self._gather_trace([Event(world()[0], "compute", what, start, time.time_ns())], trace)
+        return value
+
+    def _graph_body(self, program: Program, args: list[Any]) -> torch.Tensor:
+        """A step's device work, with no host reads, as the graph captures it: forward and backward,
+        gradients handed to the optimizer, clipping, and the update where the optimizer can be captured."""
+        run = program.run if program.ran else program.checked
+        loss, grads = run(args)
+        program.ran = True
+        for i, g in zip(program.grad_of, grads):
+            self.local_params[i].grad = g
+        if self.max_grad_norm is not None:  # one device: torch's own clipping, which reads nothing back
+            torch.nn.utils.clip_grad_norm_(self.local_params, self.max_grad_norm)
+        if self.graph_update:
+            self.optimizer.step()
+        return loss
 
     def _piece(self, i: int, grad: torch.Tensor) -> torch.Tensor:
         """Parameter ``i``'s gradient as its optimizer sees it: under ZeRO-1 this rank's piece of it (under
@@ -461,6 +512,22 @@ class ParallelModule(Snapshots):
         return "\n".join(lines)
 
 
+def _signature(inputs: Sequence[Any]) -> Any:
+    """What a program is lowered for: each input's shape, dtype and layout (non-tensors by value)."""
+    return tuple((tuple(x.shape), x.dtype, x.sbp) if isinstance(x, GlobalTensor) else x for x in inputs)
+
+
+def check_graphable(mesh: Mesh, zero: int) -> None:
+    """Raise unless a step on ``mesh`` can be replayed as one CUDA graph (one GPU, nothing to shard)."""
+    if mesh.device_type != "cuda" or mesh.size != 1:
+        raise ValueError(
+            f"cuda_graphs=True replays a step on one GPU; {mesh} is not a one-device CUDA mesh: compile for "
+            "sf.Mesh('cuda', (1,)) or leave cuda_graphs=False"
+        )
+    if zero:
+        raise ValueError(f"cuda_graphs=True with zero={zero}: one device has nothing to shard; leave zero=0")
+
+
 def _collective_done(program: Program, unit: int, payload: Any) -> bool:
     """Whether unit ``unit``'s gradients can be taken without waiting (its bucket's all-reduce completed)."""
     return not program.units[unit][1] or bucket_done(payload)
@@ -543,6 +610,7 @@ def compile(
     memory_limit: int | str | None = None,
     recompute: bool | str | Sequence[str] = False,
     arena: bool | str = False,
+    cuda_graphs: bool = False,
 ) -> Any:
     """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see CONTRACT.md.
 
@@ -550,6 +618,8 @@ def compile(
     the pipeline axis, data parallel over the others). ``arena=True`` places the step's temporaries at
     fixed offsets of one buffer, reused by lifetime, where that does not raise the predicted peak;
     ``arena="all"`` places every one it can, whatever the peak (static placement, graph/arena.py).
+    ``cuda_graphs=True`` (one GPU) captures each step, update included, as a CUDA graph after two warm-up
+    steps and replays it (runtime/cuda_graph.py).
     """
     if recompute == "auto" and memory_limit is None:
         raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")
@@ -562,7 +632,7 @@ def compile(
         if not isinstance(pipeline, Pipeline):
             raise TypeError(f"pipeline must be sf.Pipeline(...), got {type(pipeline).__name__}")
         unsupported = {"hints": bool(hints), "input_sbp": input_sbp is not None}
-        unsupported |= {"zero": zero != 0, "recompute": bool(recompute)}
+        unsupported |= {"zero": zero != 0, "recompute": bool(recompute), "cuda_graphs": cuda_graphs}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(
@@ -588,6 +658,8 @@ def compile(
         return pp
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero={zero!r}: choose a ZeRO stage 0 (off), 1, 2 or 3")
+    if cuda_graphs:
+        check_graphable(mesh, zero)
     limit = parse_bytes(memory_limit) if memory_limit is not None else None
     dp, _ = axes_for(mesh, strategy)
     if zero and dp is None:
@@ -616,6 +688,7 @@ def compile(
     pm = ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy, zero, dp)
     pm.zero_axis = dp if zero == 3 else None
     pm.arena = arena
+    pm.cuda_graphs = cuda_graphs
     pm.example_inputs = tuple(example_inputs)
     if recompute == "auto":
         assert limit is not None

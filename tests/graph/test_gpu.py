@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import shardflow as sf
+from shardflow.models import GPT, GPTConfig
 from tests.graph.test_compile import _model_and_batches
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -40,3 +41,76 @@ def test_compiled_gpt_on_one_gpu_equals_plain_torch(arena):
     state = pm.full_state_dict()
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(state[name].cpu(), value.cpu(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("batch", [6, 640])  # 640 x 8 = 5120 indices: CUDA's embedding backward then syncs
+def test_cuda_graph_replay_equals_plain_torch(batch):
+    """``cuda_graphs=True``: two warm-up steps, then the step (clipping and AdamW included) captured and
+    replayed; a new learning rate is captured anew. Losses every step and the final state equal plain
+    PyTorch's."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=32))
+    gen = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(8):
+        x = torch.randint(0, 64, (batch, 8), generator=gen)
+        data.append((x, torch.roll(x, -1, 1)))
+    ref = copy.deepcopy(model).cuda()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, eps=1e-6)
+    pm = sf.compile(
+        model,
+        sf.Mesh("cuda", (1,)),
+        example_inputs=data[0],
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-6),
+        max_grad_norm=0.5,
+        cuda_graphs=True,
+    )
+    for i, (x, y) in enumerate(data):
+        if i == 5:  # a float lr is baked into the captured update: the step is captured again
+            for o in (opt, pm.optimizer):
+                for group in o.param_groups:
+                    group["lr"] = 3e-3
+        loss = ref(x.cuda(), y.cuda())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt.step()
+        got, want = pm.step(x, y), float(loss.detach())
+        assert abs(got - want) <= 1e-5 + 1e-4 * abs(want), (i, got, want)
+    (graphed,) = pm.graphs.values()
+    assert (graphed.captures, graphed.replays) == (2, len(data) - 2)
+    assert all(g["capturable"] for g in pm.optimizer.param_groups)
+    state = pm.full_state_dict()
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(state[name].cpu(), value.cpu(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cuda_graph_recaptures_after_the_optimizer_state_is_replaced():
+    """A reloaded optimizer state (new tensors, host step counts) is moved and captured anew, not replayed
+    from stale addresses: training goes on as plain PyTorch's."""
+    model, data = _model_and_batches("mlp", 6)
+    ref = copy.deepcopy(model).cuda()
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    pm = sf.compile(
+        model,
+        sf.Mesh("cuda", (1,)),
+        example_inputs=data[0],
+        optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2),
+        cuda_graphs=True,
+    )
+    for i, (x, y) in enumerate(data + data):
+        if i == 6:
+            saved = pm.optimizer.state_dict()
+            saved["param_groups"] = [dict(g, capturable=False) for g in saved["param_groups"]]
+            for s in saved["state"].values():
+                s["step"] = s["step"].cpu()  # as an optimizer saved without capturable holds them
+            pm.optimizer.load_state_dict(saved)
+        loss = ref(x.cuda(), y.cuda())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        got, want = pm.step(x, y), float(loss.detach())
+        assert abs(got - want) <= 1e-5 + 1e-4 * abs(want), (i, got, want)
+    (graphed,) = pm.graphs.values()
+    assert graphed.captures == 2
+    assert all(s["step"].is_cuda for s in pm.optimizer.state.values())

@@ -15,7 +15,8 @@ Time: the sides in rotating order, each call one step between ``synchronize()``s
 ``--gpt2 --dtype bfloat16 --modes off,graph --compile`` is the issue's anchor instead: GPT-2 small at batch
 16 x 1024 in bf16 (weights and AdamW state in bf16 on both sides), with ``torch.compile`` of the eager model
 as another side; memory is not measured then. ``graph`` is ``sf.compile(..., cuda_graphs=True)``: the step
-replayed as one CUDA graph (runtime/cuda_graph.py).
+replayed as one CUDA graph (runtime/cuda_graph.py); ``inductor`` is ``inductor=True``, the program compiled by
+``torch.compile`` (runtime/inductor.py); ``both`` is the two together.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def main() -> None:
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     names = args.modes or ("off,true,all,graph" if args.device == "cuda" else "off,true,all")
-    modes = [{"off": False, "true": True, "all": "all", "graph": "graph"}[m] for m in names.split(",")]
+    known = {"off": False, "true": True, "all": "all", "graph": "graph", "inductor": "inductor", "both": "both"}
+    modes = [known[m] for m in names.split(",")]
     print_preamble()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -88,8 +90,10 @@ def main() -> None:
     memory: dict[Any, tuple[int, int | None, int]] = {}
 
     def compiled(mode: Any, dtype: torch.dtype = torch.float32) -> Any:
-        arena = False if mode == "graph" else mode
-        return sf.compile(_model(cfg, dtype), mesh, example_inputs=(x, y), arena=arena, cuda_graphs=mode == "graph")
+        arena = mode if mode in (False, True, "all") else False
+        graphs, inductor = mode in ("graph", "both"), mode in ("inductor", "both")
+        model = _model(cfg, dtype)
+        return sf.compile(model, mesh, example_inputs=(x, y), arena=arena, cuda_graphs=graphs, inductor=inductor)
 
     for mode in modes if dtype == torch.float32 else []:
         pm = compiled(mode)
@@ -151,6 +155,7 @@ def main() -> None:
         ms = statistics.median(times[k]) * 1e3
         name = {False: "sf.compile, allocator", True: "sf.compile, arena=True", "all": "sf.compile, arena='all'"}
         name["graph"] = "sf.compile, cuda_graphs=True"
+        name |= {"inductor": "sf.compile, inductor=True", "both": "sf.compile, inductor + cuda_graphs"}
         name |= {"eager": "eager PyTorch", "compile": "torch.compile"}
         predicted, measured, blocks = memory.get(k, (None, None, 0))
         rows.append(

@@ -2,7 +2,15 @@
 
 from shardflow.boxing.cost import DEFAULT_COST, CostModel
 from shardflow.boxing.plan import Plan, Step, Transfer, estimate_seconds, plan_boxing
-from shardflow.boxing.run import can_start, empty_local, finish_plan, reduce_scatter_args, run_plan, start_plan
+from shardflow.boxing.run import (
+    bound_plan,
+    can_start,
+    empty_local,
+    finish_plan,
+    reduce_scatter_args,
+    run_plan,
+    start_plan,
+)
 
 __all__ = [
     "DEFAULT_COST",
@@ -10,6 +18,7 @@ __all__ = [
     "Plan",
     "Step",
     "Transfer",
+    "bound_plan",
     "can_start",
     "empty_local",
     "finish_plan",

@@ -14,6 +14,8 @@ shape first; the result is reshaped to the target's local shape (both are views 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -209,7 +211,22 @@ def _run_send_recv(step: Step, a: _P2PArgs, dtype: torch.dtype, local: torch.Ten
 def run_plan(plan: Plan, local: torch.Tensor) -> torch.Tensor:
     """This rank's local of the target layout, given its local of the source layout."""
     rank, _ = world()
-    prepared, views = _prepared(plan, rank)
+    return _run_prepared(plan, rank, *_prepared(plan, rank), local)
+
+
+def bound_plan(plan: Plan, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``run_plan(plan, ·)`` for ``rank`` with its arguments worked out now: what a lowered program calls, so
+    a step does no lookups and ``torch.compile`` traces only tensor work."""
+    return functools.partial(_run_prepared, plan, rank, *_prepared(plan, rank))
+
+
+def _run_prepared(
+    plan: Plan,
+    rank: int,
+    prepared: tuple[_AxisArgs | _P2PArgs | None, ...],
+    views: tuple[tuple[tuple[int, ...] | None, ...], tuple[int, ...] | None] | None,
+    local: torch.Tensor,
+) -> torch.Tensor:
     for i, (step, args) in enumerate(zip(plan.steps, prepared)):
         want = None if views is None else views[0][i]
         if want is not None and local.shape != want:

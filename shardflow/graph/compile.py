@@ -68,6 +68,7 @@ from shardflow.placement.shard import relative_shard, take_local
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.cuda_graph import GraphedStep, fingerprint, make_capturable
 from shardflow.runtime.host_memory import keep_host_memory
+from shardflow.runtime.inductor import compile_program
 from shardflow.runtime.memory import (
     MemoryReport,
     ProgramMemory,
@@ -177,6 +178,7 @@ class ParallelModule(Snapshots):
         self.cuda_graphs = False
         self.graphs: dict[Any, GraphedStep] = {}
         self.graph_update = True  # whether the optimizer's update is captured too (else run after replay)
+        self.inductor = False  # one device: programs compiled by torch.compile (runtime/inductor.py)
 
     def set_recompute(self, names: Sequence[str]) -> None:
         """Recompute the activations of the modules ``names`` in backward instead of keeping them (activation
@@ -243,9 +245,13 @@ class ParallelModule(Snapshots):
             grads: list[NdSbp | None] = [
                 z if self.zero == 2 and sl is not None else None for z, sl in zip(self.opt_sbps, self.slices)
             ]
-            self.programs[key] = lower(
+            program = lower(
                 joint, self.mesh, world()[0], sbps, self.bucket_bytes, self.zero_axis, grads, arena=self.arena
             )
+            if self.inductor:
+                check_inductor(self.mesh, self.updates)
+                program.run = compile_program(program.run)
+            self.programs[key] = program
         return self.programs[key]
 
     def memory(self, *inputs: Any) -> MemoryReport:
@@ -289,6 +295,8 @@ class ParallelModule(Snapshots):
         program = self.program(inputs)
         if self.record is None:
             self.record = program.record
+        if self.inductor:
+            check_inductor(self.mesh, self.updates)
         if self.cuda_graphs:
             return self._graphed_step(program, inputs, trace)
         for lp in self.local_params:
@@ -344,7 +352,8 @@ class ParallelModule(Snapshots):
         key = _signature(inputs)
         graphed = self.graphs.get(key)
         if graphed is None:
-            graphed = self.graphs[key] = GraphedStep(functools.partial(self._graph_body, program))
+            body = functools.partial(self._graph_body, program)
+            graphed = self.graphs[key] = GraphedStep(body, safe=not self.inductor)
         fixed = [p._local for p in self.params]
         fixed += [b._local for _, b in self.module.named_buffers() if isinstance(b, GlobalTensor)]
         fed = [x._local if isinstance(x, GlobalTensor) else x for x in inputs]
@@ -528,6 +537,17 @@ def check_graphable(mesh: Mesh, zero: int) -> None:
         raise ValueError(f"cuda_graphs=True with zero={zero}: one device has nothing to shard; leave zero=0")
 
 
+def check_inductor(mesh: Mesh, updates: str) -> None:
+    """Raise unless programs on ``mesh`` can be compiled by Inductor (one device, updates after backward)."""
+    if mesh.size != 1:
+        raise ValueError(
+            f"inductor=True compiles one device's program; {mesh} has {mesh.size} devices, whose programs launch "
+            "collectives: leave inductor=False there"
+        )
+    if updates != "after":
+        raise ValueError(f"inductor=True runs the update after backward; pm.updates is {updates!r}: set it to 'after'")
+
+
 def _collective_done(program: Program, unit: int, payload: Any) -> bool:
     """Whether unit ``unit``'s gradients can be taken without waiting (its bucket's all-reduce completed)."""
     return not program.units[unit][1] or bucket_done(payload)
@@ -611,6 +631,7 @@ def compile(
     recompute: bool | str | Sequence[str] = False,
     arena: bool | str = False,
     cuda_graphs: bool = False,
+    inductor: bool = False,
 ) -> Any:
     """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see CONTRACT.md.
 
@@ -619,7 +640,8 @@ def compile(
     fixed offsets of one buffer, reused by lifetime, where that does not raise the predicted peak;
     ``arena="all"`` places every one it can, whatever the peak (static placement, graph/arena.py).
     ``cuda_graphs=True`` (one GPU) captures each step, update included, as a CUDA graph after two warm-up
-    steps and replays it (runtime/cuda_graph.py).
+    steps and replays it (runtime/cuda_graph.py). ``inductor=True`` (one device) compiles the step's program
+    with ``torch.compile`` (runtime/inductor.py).
     """
     if recompute == "auto" and memory_limit is None:
         raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")
@@ -633,6 +655,7 @@ def compile(
             raise TypeError(f"pipeline must be sf.Pipeline(...), got {type(pipeline).__name__}")
         unsupported = {"hints": bool(hints), "input_sbp": input_sbp is not None}
         unsupported |= {"zero": zero != 0, "recompute": bool(recompute), "cuda_graphs": cuda_graphs}
+        unsupported |= {"inductor": inductor}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(
@@ -660,6 +683,8 @@ def compile(
         raise ValueError(f"zero={zero!r}: choose a ZeRO stage 0 (off), 1, 2 or 3")
     if cuda_graphs:
         check_graphable(mesh, zero)
+    if inductor and mesh.size != 1:
+        check_inductor(mesh, "after")
     limit = parse_bytes(memory_limit) if memory_limit is not None else None
     dp, _ = axes_for(mesh, strategy)
     if zero and dp is None:
@@ -689,6 +714,7 @@ def compile(
     pm.zero_axis = dp if zero == 3 else None
     pm.arena = arena
     pm.cuda_graphs = cuda_graphs
+    pm.inductor = inductor
     pm.example_inputs = tuple(example_inputs)
     if recompute == "auto":
         assert limit is not None

@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from shardflow.boxing import (
     DEFAULT_COST,
+    bound_plan,
     can_start,
     estimate_seconds,
     finish_plan,
@@ -243,6 +244,8 @@ def _check(value: torch.Tensor, want: tuple[int, ...], what: str) -> None:
 
 def _boxer(mesh: Mesh) -> Callable[[torch.Tensor, NdSbp, tuple[int, ...], NdSbp], torch.Tensor]:
     def run(local: torch.Tensor, src: NdSbp, shape: tuple[int, ...], dst: NdSbp) -> torch.Tensor:
+        if mesh.size == 1:  # one device holds every layout whole: a copy, as a plan's steps there give
+            return local.clone(memory_format=torch.contiguous_format)
         return run_plan(plan_boxing(tuple(shape), local.dtype, mesh, src, mesh, dst), local)
 
     return run
@@ -421,7 +424,7 @@ class _Lowering:
         """Emit the boxing of variable ``src`` (layout ``sbp``) to ``need`` into a new variable."""
         plan = plan_boxing(meta.shape, meta.dtype, self.mesh, sbp, self.mesh, need)
         name = self.new_var()
-        fn = self.const(functools.partial(run_plan, plan), "box")
+        fn = self.const(bound_plan(plan, self.rank), "box")
         line = self.emit(f"{name} = {fn}({src})", [src], [name])
         self.store(name, self.local_bytes(meta, need), f"{where}: input boxed {plan.route}")
         if src in self.param_alias:
@@ -1041,7 +1044,7 @@ class _Lowering:
                 self.record.other.append(("loss", plan, None))
         for k, var, plan in self.later:
             name = self.new_var()
-            self.emit(f"{name} = {self.const(functools.partial(run_plan, plan), 'box')}({var})", [var], [name])
+            self.emit(f"{name} = {self.const(bound_plan(plan, self.rank), 'box')}({var})", [var], [name])
             meta = TensorMeta(plan.shape, plan.dtype)
             self.store(name, self.local_bytes(meta, plan.dst_sbp), f"gradient to its layout by {plan.route}")
             self.record.other.append(("gradient", plan, None))

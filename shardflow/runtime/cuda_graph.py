@@ -3,8 +3,8 @@
 A lowered program (graph/lower.py) launches the same kernels on the same shapes every step, so on one
 device its step, with clipping and the optimizer update, can be recorded once into a ``torch.cuda.CUDAGraph``
 and replayed: one launch instead of Python, ATen dispatch and a kernel launch per op. This is torch's
-whole-network capture recipe (``torch.cuda.graph``; CUDA graphs in torch.compile's "reduce-overhead" mode and
-Megatron's ``--enable-cuda-graph`` capture the same way), applied to the plan shardflow already holds:
+whole-network capture recipe (``torch.cuda.graph``: warm up, capture with static inputs, optimizer with
+``capturable``), applied to the plan shardflow already holds:
 
 - warm-up: the first ``warmup`` steps of a program run eagerly (its first run checks shapes; cuBLAS
   workspaces and the optimizer's state come into being), then the step is captured and replayed from then
@@ -14,13 +14,18 @@ Megatron's ``--enable-cuda-graph`` capture the same way), applied to the plan sh
   step capture anew, never replay stale addresses or a stale constant (a float ``lr`` is baked into the
   captured kernels; a tensor ``lr``, which torch's capturable optimizers read from device memory, is
   fingerprinted by identity and may change in place).
-- ops that synchronise with the host cannot be captured. ``embedding_dense_backward`` does on CUDA above
-  4096 indices (a sort whose segment count the host reads: pytorch/pytorch#82886); during capture it is
-  replaced by a scatter-add accumulated in float32, as the native kernel accumulates (``capture_safe``).
+- ops that synchronise with the host cannot be captured. CUDA's ``embedding_dense_backward`` did above
+  3072 indices (a sort whose segment count the host read: pytorch/pytorch#82886, still open); during
+  capture it is replaced by a scatter-add accumulated in float32, as the native kernel accumulates
+  (``capture_safe``). A probe on torch 2.11 and an H100 captured the native op at 5120 indices, so newer
+  torch needs no swap; it is kept for the versions that do (its Python dispatch is paid once, at capture).
+- a program compiled by Inductor (runtime/inductor.py) is captured with its compiled kernels; where dynamo
+  split it and the later part would recompile under capture, that part runs op by op inside the capture.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -91,10 +96,12 @@ def fingerprint(tensors: Sequence[Any], optimizer: torch.optim.Optimizer) -> Has
 
 class GraphedStep:
     """One program's step: ``body(args) -> loss`` (device work only, no host reads) run eagerly for
-    ``warmup`` steps, then captured and replayed while ``key`` stays the same."""
+    ``warmup`` steps, then captured and replayed while ``key`` stays the same. A compiled program
+    (runtime/inductor.py) compiles in the warm-up's second step, so capture records Inductor's kernels."""
 
-    def __init__(self, body: Callable[[list[Any]], torch.Tensor], warmup: int = 2) -> None:
+    def __init__(self, body: Callable[[list[Any]], torch.Tensor], warmup: int = 2, safe: bool = True) -> None:
         self.body, self.warmup = body, warmup
+        self.safe = safe  # capture under ``capture_safe`` (ATen ops; Inductor's kernels need no swap)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: Hashable = None
         self.eager = 0  # eager steps run so far (warm-up)
@@ -110,7 +117,13 @@ class GraphedStep:
             self.graph, self.key = None, key
         if self.graph is None and self.eager < self.warmup:
             self.eager += 1
-            return self.body([*fixed, *inputs])
+            # on a side stream, as capture runs (torch's recipe: state set up lazily per stream exists there)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self.body([*fixed, *inputs])
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
         if self.graph is None:
             self._capture(fixed, inputs)
         else:
@@ -127,8 +140,13 @@ class GraphedStep:
         self.inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
         torch.cuda.synchronize()  # the warm-up's work is done before capture begins
         graph = torch.cuda.CUDAGraph()
+        # NOTE: a compiled program that dynamo split at a graph break recompiles its later part under
+        # capture (seen on an H100: a tensor crossing the break, attention's RNG state, is on the host in
+        # warm-up and on the device under capture). Compiling cannot be captured, so that part runs op by op
+        # inside the capture (the stance keeps compiled code wherever its guards still hold).
+        stance = torch.compiler.set_stance("eager_on_recompile")
         try:
-            with torch.cuda.graph(graph), capture_safe():
+            with stance, torch.cuda.graph(graph), capture_safe() if self.safe else contextlib.nullcontext():
                 self.loss = self.body([*fixed, *self.inputs])
         except RuntimeError as e:
             raise RuntimeError(

@@ -114,3 +114,31 @@ def test_cuda_graph_recaptures_after_the_optimizer_state_is_replaced():
     (graphed,) = pm.graphs.values()
     assert graphed.captures == 2
     assert all(s["step"].is_cuda for s in pm.optimizer.state.values())
+
+
+def test_inductor_program_replayed_as_cuda_graph_equals_plain_torch():
+    """``inductor=True`` with ``cuda_graphs=True``: the program compiled in the second warm-up step, then
+    Inductor's kernels captured and replayed; losses and state as plain PyTorch's."""
+    model, data = _model_and_batches("gpt", 6)
+    ref = copy.deepcopy(model).cuda()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, eps=1e-6)
+    pm = sf.compile(
+        model,
+        sf.Mesh("cuda", (1,)),
+        example_inputs=data[0],
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-6),
+        cuda_graphs=True,
+        inductor=True,
+    )
+    for x, y in data:
+        loss = ref(x.cuda(), y.cuda())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        got, want = pm.step(x, y), float(loss.detach())
+        assert abs(got - want) <= 1e-5 + 1e-4 * abs(want), (got, want)
+    (graphed,) = pm.graphs.values()
+    assert (graphed.captures, graphed.replays) == (1, len(data) - 2)
+    state = pm.full_state_dict()
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(state[name].cpu(), value.cpu(), rtol=1e-4, atol=1e-5, msg=name)

@@ -351,40 +351,48 @@ class ParallelModule(Snapshots):
         start = time.time_ns()
         key = _signature(inputs)
         graphed = self.graphs.get(key)
-        if graphed is None:
+        if graphed is None or graphed.owner is not program:  # new, or the programs were lowered anew
             body = functools.partial(self._graph_body, program)
-            graphed = self.graphs[key] = GraphedStep(body, safe=not self.inductor)
+            graphed = self.graphs[key] = GraphedStep(body, safe=not self.inductor, owner=program)
         fixed = [p._local for p in self.params]
         fixed += [b._local for _, b in self.module.named_buffers() if isinstance(b, GlobalTensor)]
         fed = [x._local if isinstance(x, GlobalTensor) else x for x in inputs]
-        state = fingerprint(fixed, self.optimizer)
+        # what the graph reads by address or bakes in: tensors, optimizer state and settings, the clip norm
+        state = (fingerprint(fixed, self.optimizer), id(self.optimizer), self.max_grad_norm)
         if state != graphed.key:  # new or replaced optimizer state may need its step counts on the device
             self.graph_update = make_capturable(self.optimizer)
-            state = fingerprint(fixed, self.optimizer)
+            state = (fingerprint(fixed, self.optimizer), id(self.optimizer), self.max_grad_norm)
         with torch.no_grad():
-            loss = graphed(fixed, fed, state)
+            loss, grads = graphed(fixed, fed, state)
+        for i, g in grads:  # this graph's gradients (another graph, or zero_grad, may have set others)
+            self.local_params[i].grad = g
         if not self.graph_update:  # an update the graph could not hold runs after it, on its gradients
             self.optimizer.step()
         self.steps += 1
         value = float(loss.item())
         if trace is not None:
-            what = "step (CUDA graph replay)" if graphed.graph is not None else "step (warm-up, op by op)"
-            self._gather_trace([Event(world()[0], "compute", what, start, time.time_ns())], trace)
+            what = {"eager": "step (warm-up, op by op)", "capture": "step (captured, then replayed)"}
+            name = what.get(graphed.last, "step (CUDA graph replay)")
+            self._gather_trace([Event(world()[0], "compute", name, start, time.time_ns())], trace)
         return value
 
-    def _graph_body(self, program: Program, args: list[Any]) -> torch.Tensor:
+    def _graph_body(self, program: Program, args: list[Any]) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
         """A step's device work, with no host reads, as the graph captures it: forward and backward,
-        gradients handed to the optimizer, clipping, and the update where the optimizer can be captured."""
+        gradients handed to the optimizer, clipping, and the update where the optimizer can be captured;
+        returns the loss and each parameter's gradient (the graph's outputs)."""
+        for lp in self.local_params:
+            lp.grad = None  # the last step's gradients go before this step's activations arrive
         run = program.run if program.ran else program.checked
         loss, grads = run(args)
         program.ran = True
-        for i, g in zip(program.grad_of, grads):
+        out = list(zip(program.grad_of, grads))
+        for i, g in out:
             self.local_params[i].grad = g
         if self.max_grad_norm is not None:  # one device: torch's own clipping, which reads nothing back
             torch.nn.utils.clip_grad_norm_(self.local_params, self.max_grad_norm)
         if self.graph_update:
             self.optimizer.step()
-        return loss
+        return loss, out
 
     def _piece(self, i: int, grad: torch.Tensor) -> torch.Tensor:
         """Parameter ``i``'s gradient as its optimizer sees it: under ZeRO-1 this rank's piece of it (under
@@ -500,7 +508,11 @@ class ParallelModule(Snapshots):
         for ik, value in meta["optim_scalars"].items():
             i, key = ik.split(".", 1)
             state.setdefault(int(i), {})[key] = torch.tensor(value)
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        groups = meta["param_groups"]
+        for saved, mine in zip(groups, self.optimizer.param_groups):
+            if "capturable" in mine:  # how the update runs belongs to this module's device, not the snapshot's
+                saved["capturable"] = mine["capturable"]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.steps = int(meta["step"])
         restore_rng(meta.get("rng"))
 

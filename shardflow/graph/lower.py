@@ -244,8 +244,8 @@ def _check(value: torch.Tensor, want: tuple[int, ...], what: str) -> None:
 
 def _boxer(mesh: Mesh) -> Callable[[torch.Tensor, NdSbp, tuple[int, ...], NdSbp], torch.Tensor]:
     def run(local: torch.Tensor, src: NdSbp, shape: tuple[int, ...], dst: NdSbp) -> torch.Tensor:
-        if mesh.size == 1:  # one device holds every layout whole: a copy, as a plan's steps there give
-            return local.clone(memory_format=torch.contiguous_format)
+        if mesh.size == 1:  # one device holds every layout whole: the input, or a copy as a plan's steps give
+            return local if src == dst else local.clone(memory_format=torch.contiguous_format)
         return run_plan(plan_boxing(tuple(shape), local.dtype, mesh, src, mesh, dst), local)
 
     return run

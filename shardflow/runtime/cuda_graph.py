@@ -26,6 +26,7 @@ whole-network capture recipe (``torch.cuda.graph``: warm up, capture with static
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -38,17 +39,19 @@ aten = torch.ops.aten
 def embedding_backward(
     grad: torch.Tensor, indices: torch.Tensor, num_weights: int, padding_idx: int, scale_grad_by_freq: bool
 ) -> torch.Tensor:
-    """``aten.embedding_dense_backward`` without a host read: rows summed by ``index_add_`` in float32."""
+    """``aten.embedding_dense_backward`` without a host read: rows summed by ``index_add_`` in float32 (or
+    wider). On CUDA the sum's order is the atomics', not the native kernel's sorted one."""
     dim = grad.shape[-1]
     flat = indices.reshape(-1)
-    rows = grad.reshape(-1, dim).float()
+    acc = torch.promote_types(grad.dtype, torch.float32)  # as the native kernel accumulates
+    rows = grad.reshape(-1, dim).to(acc)
     if padding_idx >= 0:  # the padding row gets no gradient
         rows = rows * (flat != padding_idx).unsqueeze(-1).to(rows.dtype)
     if scale_grad_by_freq:  # each row divided by how often its index occurs in the batch
         counts = torch.zeros(num_weights, dtype=rows.dtype, device=rows.device)
         counts.index_add_(0, flat, torch.ones_like(flat, dtype=rows.dtype))
         rows = rows / counts.index_select(0, flat).unsqueeze(-1)
-    out = torch.zeros(num_weights, dim, dtype=torch.float32, device=grad.device)
+    out = torch.zeros(num_weights, dim, dtype=acc, device=grad.device)
     return out.index_add_(0, flat, rows).to(grad.dtype)
 
 
@@ -95,45 +98,49 @@ def fingerprint(tensors: Sequence[Any], optimizer: torch.optim.Optimizer) -> Has
 
 
 class GraphedStep:
-    """One program's step: ``body(args) -> loss`` (device work only, no host reads) run eagerly for
-    ``warmup`` steps, then captured and replayed while ``key`` stays the same. A compiled program
+    """One program's step: ``body(args)`` (device work only, no host reads; returns the step's outputs) run
+    eagerly for ``warmup`` steps, then captured and replayed while ``key`` stays the same. A compiled program
     (runtime/inductor.py) compiles in the warm-up's second step, so capture records Inductor's kernels."""
 
-    def __init__(self, body: Callable[[list[Any]], torch.Tensor], warmup: int = 2, safe: bool = True) -> None:
+    def __init__(self, body: Callable[[list[Any]], Any], warmup: int = 2, safe: bool = True, owner: Any = None) -> None:
         self.body, self.warmup = body, warmup
         self.safe = safe  # capture under ``capture_safe`` (ATen ops; Inductor's kernels need no swap)
+        self.owner = owner  # what the body was built for (a program): callers start anew when it changes
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: Hashable = None
         self.eager = 0  # eager steps run so far (warm-up)
         self.captures = 0
         self.replays = 0
-        self.inputs: list[torch.Tensor] = []  # the graph's own copies of the inputs, by position
-        self.fed: list[int] = []  # positions of args that are inputs, copied in before each replay
-        self.loss: torch.Tensor | None = None
+        self.last = ""  # what the last call did: "eager", "capture" (then replayed) or "replay"
+        self.in_a_row = 0  # captures on consecutive calls
+        self.inputs: list[Any] = []  # the graph's own copies of the inputs, by position
+        self.outputs: Any = None  # what the captured body returned: the graph writes them on each replay
 
-    def __call__(self, fixed: Sequence[Any], inputs: Sequence[Any], key: Hashable) -> torch.Tensor:
+    def __call__(self, fixed: Sequence[Any], inputs: Sequence[Any], key: Hashable) -> Any:
         """Step with ``fixed`` args (read in place: parameters, buffers) and ``inputs`` (copied in)."""
         if key != self.key:  # something the graph reads by address, or a baked-in value, changed
             self.graph, self.key = None, key
         if self.graph is None and self.eager < self.warmup:
             self.eager += 1
+            self.last = "eager"
             # on a side stream, as capture runs (torch's recipe: state set up lazily per stream exists there)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                loss = self.body([*fixed, *inputs])
+                out = self.body([*fixed, *inputs])
             torch.cuda.current_stream().wait_stream(side)
-            return loss
+            return out
         if self.graph is None:
             self._capture(fixed, inputs)
         else:
+            self.in_a_row, self.last = 0, "replay"
             for mine, x in zip(self.inputs, inputs):
                 if isinstance(mine, torch.Tensor):
                     mine.copy_(x, non_blocking=True)
-        assert self.graph is not None and self.loss is not None
+        assert self.graph is not None
         self.graph.replay()
         self.replays += 1
-        return self.loss
+        return self.outputs
 
     def _capture(self, fixed: Sequence[Any], inputs: Sequence[Any]) -> None:
         self.graph = None
@@ -143,15 +150,28 @@ class GraphedStep:
         # NOTE: a compiled program that dynamo split at a graph break recompiles its later part under
         # capture (seen on an H100: a tensor crossing the break, attention's RNG state, is on the host in
         # warm-up and on the device under capture). Compiling cannot be captured, so that part runs op by op
-        # inside the capture (the stance keeps compiled code wherever its guards still hold).
+        # inside the capture (the stance keeps compiled code wherever its guards still hold). Capture errors
+        # are this thread's only ("thread_local"): a loader thread copying the next batch goes on.
         stance = torch.compiler.set_stance("eager_on_recompile")
+        safe = capture_safe() if self.safe else contextlib.nullcontext()
         try:
-            with stance, torch.cuda.graph(graph), capture_safe() if self.safe else contextlib.nullcontext():
-                self.loss = self.body([*fixed, *self.inputs])
+            with stance, torch.cuda.graph(graph, capture_error_mode="thread_local"), safe:
+                self.outputs = self.body([*fixed, *self.inputs])
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as e:
             raise RuntimeError(
-                f"CUDA graph capture of the step failed ({e}); an op in the model or its optimizer reads back "
-                "to the host. Compile with cuda_graphs=False to run the step op by op."
+                f"CUDA graph capture of the step failed ({e}). The likely cause: an op in the model or its "
+                "optimizer reads back to the host. Compile with cuda_graphs=False to run the step op by op."
             ) from e
         self.graph = graph
         self.captures += 1
+        self.last = "capture"
+        self.in_a_row += 1
+        if self.in_a_row == 3:
+            warnings.warn(
+                "the step was captured anew on 3 steps in a row: something the CUDA graph bakes in changes every "
+                "step, likely a learning-rate schedule setting a float lr. Give the optimizer a tensor lr on the "
+                "device (schedulers update it in place) or compile with cuda_graphs=False.",
+                stacklevel=3,
+            )

@@ -18,7 +18,7 @@ aten = torch.ops.aten
 
 @pytest.mark.parametrize("padding_idx", [-1, 3])
 @pytest.mark.parametrize("by_freq", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_embedding_backward_equals_aten(padding_idx, by_freq, dtype):
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 11, (5, 7), generator=gen)  # repeats: rows are sums
@@ -27,7 +27,7 @@ def test_embedding_backward_equals_aten(padding_idx, by_freq, dtype):
     want = aten.embedding_dense_backward.default(grad, idx, 13, padding_idx, by_freq)
     got = embedding_backward(grad, idx, 13, padding_idx, by_freq)
     assert got.dtype == want.dtype and got.shape == want.shape
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     if padding_idx >= 0:
         assert not got[padding_idx].any()
@@ -60,8 +60,7 @@ def test_make_capturable():
     adam.step()  # state exists before the flag is set
     assert adam.param_groups[0]["capturable"] is False
     assert make_capturable(adam) is True
-    assert all(g["capturable"] for g in adam.param_groups)
-    assert adam.state[w]["step"].device == w.device  # (on a GPU a host step count moves there: test_gpu.py)
+    assert all(g["capturable"] for g in adam.param_groups)  # (a host step count moving: test_gpu.py)
     assert make_capturable(torch.optim.SGD([w], lr=0.1, momentum=0.9)) is True  # no step counts to move
     assert make_capturable(torch.optim.LBFGS([w])) is False  # its step reads the loss back: runs after replay
 
@@ -108,3 +107,21 @@ def test_cuda_graphs_refused_off_one_gpu():
     pm.static = False
     with pytest.raises(ValueError, match="cuda_graphs replay the static program"):
         pm.step(x, y)
+
+
+def test_a_snapshot_from_a_graphed_module_loads_anywhere(tmp_path):
+    """A module stepped under CUDA graphs saves ``capturable=True`` in its optimizer's groups; loading that
+    snapshot keeps the loading module's own setting (here a CPU mesh, where capturable updates cannot run)."""
+    model = MLP(MLPConfig(in_features=4, hidden_sizes=(8,), num_classes=3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    saved = sf.compile(model, sf.Mesh("cpu", (1,)), example_inputs=(x, y))
+    saved.step(x, y)
+    for group in saved.optimizer.param_groups:
+        group["capturable"] = True  # as make_capturable left it on a GPU
+    saved.save(str(tmp_path / "snap"))
+    loaded = sf.compile(model, sf.Mesh("cpu", (1,)), example_inputs=(x, y))
+    loaded.load(str(tmp_path / "snap"))
+    assert not any(g["capturable"] for g in loaded.optimizer.param_groups)
+    twin = sf.compile(model, sf.Mesh("cpu", (1,)), example_inputs=(x, y))  # the saved module's run, not graphed
+    twin.step(x, y)
+    assert loaded.step(x, y) == pytest.approx(twin.step(x, y), rel=1e-6)  # steps, from the state saved

@@ -367,7 +367,7 @@ class ParallelModule(Snapshots):
         state = (fingerprint(fixed, self.optimizer), id(self.optimizer), self.max_grad_norm)
         if state != graphed.key:  # new or replaced optimizer state may need its step counts on the device
             self.graph_update = make_capturable(self.optimizer)
-            state = (fingerprint(fixed, self.optimizer), id(self.optimizer), self.max_grad_norm)
+            state = (fingerprint(fixed, self.optimizer), *state[1:])
         with torch.no_grad():
             loss, grads = graphed(fixed, fed, state)
         for i, g in grads:  # this graph's gradients (another graph, or zero_grad, may have set others)
@@ -701,8 +701,8 @@ def compile(
         raise ValueError(f"zero={zero!r}: choose a ZeRO stage 0 (off), 1, 2 or 3")
     if cuda_graphs:
         check_graphable(mesh, zero)
-    if inductor and mesh.size != 1:
-        check_inductor(mesh, "after")
+    if inductor:
+        check_inductor(mesh, "after")  # one device's updates run after backward
     limit = parse_bytes(memory_limit) if memory_limit is not None else None
     dp, _ = axes_for(mesh, strategy)
     if zero and dp is None:

@@ -45,7 +45,6 @@ from shardflow.boxing import (
     finish_plan,
     plan_boxing,
     reduce_scatter_args,
-    run_plan,
     start_plan,
 )
 from shardflow.boxing.plan import COLLECTIVES, Plan
@@ -242,11 +241,19 @@ def _check(value: torch.Tensor, want: tuple[int, ...], what: str) -> None:
         raise AssertionError(f"layout rule bug: {what} gave a local of shape {tuple(value.shape)}, expected {want}")
 
 
-def _boxer(mesh: Mesh) -> Callable[[torch.Tensor, NdSbp, tuple[int, ...], NdSbp], torch.Tensor]:
+def _boxer(mesh: Mesh, rank: int) -> Callable[[torch.Tensor, NdSbp, tuple[int, ...], NdSbp], torch.Tensor]:
+    """A local function's conversions (``ctx.box``): each plan bound for ``rank`` at its first use, so later
+    steps (and a ``torch.compile`` trace of the program) only run it."""
+    bound: dict[Any, Callable[[torch.Tensor], torch.Tensor]] = {}
+
     def run(local: torch.Tensor, src: NdSbp, shape: tuple[int, ...], dst: NdSbp) -> torch.Tensor:
         if mesh.size == 1:  # one device holds every layout whole: the input, or a copy as a plan's steps give
             return local if src == dst else local.clone(memory_format=torch.contiguous_format)
-        return run_plan(plan_boxing(tuple(shape), local.dtype, mesh, src, mesh, dst), local)
+        key = (tuple(shape), local.dtype, src, dst)
+        fn = bound.get(key)
+        if fn is None:
+            fn = bound[key] = bound_plan(plan_boxing(tuple(shape), local.dtype, mesh, src, mesh, dst), rank)
+        return fn(local)
 
     return run
 
@@ -717,7 +724,7 @@ class _Lowering:
         fn = LOCALS.get(func)
         if fn is not None:
             shapes = tuple(m.shape if m is not None else None for m in out_metas)
-            ctx = LocalContext(call, self.mesh, self.coord, ins, outs, shapes, _boxer(self.mesh))
+            ctx = LocalContext(call, self.mesh, self.coord, ins, outs, shapes, _boxer(self.mesh, self.rank))
             kw = f"{{{', '.join(f'{k!r}: {self.render(v, used)}' for k, v in lkwargs.items())}}}"
             if func in PREPARED:  # what depends only on the context is worked out now, once
                 run = self.const(PREPARED[func](ctx), "local")

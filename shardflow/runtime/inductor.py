@@ -1,4 +1,4 @@
-"""One device: a lowered program's kernels fused by Inductor (``torch.compile``) instead of run op by op.
+"""A lowered program's kernels fused by Inductor (``torch.compile``) instead of run op by op.
 
 A program (graph/lower.py) is straight-line Python over ATen ops, forward and backward in one function, so
 ``torch.compile`` traces it as it is: Inductor fuses the pointwise and reduction chains around the matrix
@@ -7,10 +7,14 @@ of a model gains over eager on a GPU. Boxing on a one-device mesh moves no data 
 lowering (``bound_plan``), so the trace holds only tensor work: a GPT's program is one graph on CPU (on an
 H100 dynamo split a small fp32 GPT's once, around attention; runtime/cuda_graph.py copes with that).
 
-Only on one device: on several ranks the program launches collectives and hands gradient units to the
-update actors through ``ready``, which a trace would break around or replay wrongly. The program's first
-run stays op by op (it checks local shapes); the second compiles. The memory plan predicts the op-by-op
-program: Inductor's buffers usually take less.
+On several ranks the program also communicates: gradient buckets launched mid-backward, boxing between
+layouts, units handed to the update actors through ``ready``. Those calls stay out of the trace (graph
+breaks), so each stretch of compute between two messages is compiled on its own, as torch's DDPOptimizer
+splits a DDP model's graph at its buckets, and the communication overlaps as in the op-by-op program.
+``ready`` changes every step (the step's actors); the compiled code calls one fixed trampoline instead,
+which forwards to the current step's, so a new step does not recompile. Where the update runs after
+backward (one device), nothing is released and the program compiles without those breaks. The program's first run stays op
+by op (it checks local shapes); the second compiles. The memory plan predicts the op-by-op program.
 """
 
 from __future__ import annotations
@@ -23,14 +27,28 @@ import torch
 
 
 def _no_release(unit: int | None, payload: Any) -> None:
-    """One device releases nothing early: every update runs after backward."""
+    """Nothing to hand on: the update runs after backward."""
 
 
 def compile_program(run: Callable[..., Any]) -> Callable[..., Any]:
-    """``run(args, ready)`` compiled; ``ready`` is never called (one device: updates run after backward)."""
-    compiled = torch.compile(functools.partial(run, ready=_no_release), dynamic=False)
+    """``run(args, ready=None)`` compiled. With ``ready``, it is called as the program releases units, outside
+    the trace; without it, the program releases nothing and compiles to fewer, larger graphs."""
+    current: list[Callable[..., None]] = [_no_release]
+
+    @torch.compiler.disable
+    def release(unit: int | None, payload: Any) -> None:
+        current[0](unit, payload)
+
+    quiet = torch.compile(functools.partial(run, ready=_no_release), dynamic=False)
+    loud = torch.compile(functools.partial(run, ready=release), dynamic=False)
 
     def call(args: list[Any], ready: Callable[..., None] | None = None) -> Any:
-        return compiled(args)
+        if ready is None:
+            return quiet(args)
+        current[0] = ready
+        try:
+            return loud(args)
+        finally:
+            current[0] = _no_release
 
     return call

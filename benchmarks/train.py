@@ -14,6 +14,10 @@ the same batch, interleaved call by call (A B, B A, ...) so that drift on a busy
   GPT's ``mlp.c_fc``/``mlp.c_proj`` of every block (shardflow gets a hint keeping attention whole, since
   torch's styles cannot split the fused ``c_attn`` by head). No clipping (DTensor's ``clip_grad_norm_``
   refuses a mix of DTensor and plain gradients).
+- ``compiled``: the ``dp`` case with both sides compiled: ``sf.compile(..., inductor=True)`` (each rank's
+  program through Inductor, communication left out of the trace) against ``torch.compile`` of the DDP
+  model (DDPOptimizer splits its graph at the buckets). Not in the default ``--cases`` (compiling takes
+  a while); on 2 ranks only.
 - ``op``: one small eager op, ``x + y`` (both ``S(0)``) or ``x @ w`` (``S(0)`` by ``B``), on a 1-d mesh of
   two ranks, on GlobalTensors against DTensors of the same layouts; ``--op-iters`` ops per timed call. The
   table gives the overhead per op, i.e. minus the same op on the plain local shards (timed alongside).
@@ -25,6 +29,7 @@ over ranks (one MAX all-reduce after the call, outside the timed region); the ta
 
     .venv/bin/python benchmarks/train.py [--ranks 2,4] [--repeats 15] [--warmup 2] [--cases dp,tp,op]
     .venv/bin/python benchmarks/train.py --profile dp-gpt
+    .venv/bin/python benchmarks/train.py --ranks 2 --cases compiled
 """
 
 from __future__ import annotations
@@ -84,9 +89,14 @@ class Case:
 
 
 # what each family is compared with, and its target as peer/shardflow (the issue's targets, inverted)
-PEER = {"dp": "DDP", "tp": "parallelize_module", "op": "DTensor"}
-TARGET = {"dp": 1.0, "tp": 1 / 1.05, "op": 2.0}
-TARGET_TEXT = {"dp": "sf <= 1.0x DDP", "tp": "sf <= 1.05x torch TP", "op": "sf overhead <= 0.5x DTensor's"}
+PEER = {"dp": "DDP", "compiled": "compiled DDP", "tp": "parallelize_module", "op": "DTensor"}
+TARGET = {"dp": 1.0, "compiled": 1.0, "tp": 1 / 1.05, "op": 2.0}
+TARGET_TEXT = {
+    "dp": "sf <= 1.0x DDP",
+    "compiled": "sf <= 1.0x compiled DDP",
+    "tp": "sf <= 1.05x torch TP",
+    "op": "sf overhead <= 0.5x DTensor's",
+}
 
 Fn = Callable[[], Any]
 
@@ -114,7 +124,7 @@ def _adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=LR, foreach=False)
 
 
-def _dp_sides(what: str, k: int) -> tuple[Fn, Fn]:
+def _dp_sides(what: str, k: int, compiled: bool = False) -> tuple[Fn, Fn]:
     from torch.nn.parallel import DistributedDataParallel
 
     import shardflow as sf
@@ -122,7 +132,7 @@ def _dp_sides(what: str, k: int) -> tuple[Fn, Fn]:
     rank = dist.get_rank()
     model, (x, y) = _model_and_batch(what)
     mesh = sf.Mesh("cpu", (k,), names=("dp",))
-    pm = sf.compile(model, mesh, (x, y), strategy="dp", optimizer=_adamw, max_grad_norm=CLIP)
+    pm = sf.compile(model, mesh, (x, y), strategy="dp", optimizer=_adamw, max_grad_norm=CLIP, inductor=compiled)
     xs, ys = x.tensor_split(k)[rank], y.tensor_split(k)[rank]
 
     def shardflow_step() -> float:
@@ -132,9 +142,10 @@ def _dp_sides(what: str, k: int) -> tuple[Fn, Fn]:
 
     ddp = DistributedDataParallel(copy.deepcopy(model))
     opt = _adamw(ddp.parameters())
+    forward = torch.compile(ddp) if compiled else ddp
 
     def ddp_step() -> float:
-        loss = ddp(xs, ys)
+        loss = forward(xs, ys)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ddp.parameters(), CLIP, foreach=False)
@@ -242,7 +253,10 @@ def _bench(case: Case, warmup: int, repeats: int, op_iters: int) -> dict[str, An
         sf_fn, dt_fn, local_fn = _op_sides(case.what, k, op_iters)
         sides = {"sf": sf_fn, "peer": dt_fn, "local": local_fn}
     else:
-        sf_fn, peer_fn = (_dp_sides if case.family == "dp" else _tp_sides)(case.what, k)
+        if case.family == "tp":
+            sf_fn, peer_fn = _tp_sides(case.what, k)
+        else:
+            sf_fn, peer_fn = _dp_sides(case.what, k, compiled=case.family == "compiled")
         sides = {"sf": sf_fn, "peer": peer_fn}
     names = list(sides)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -271,7 +285,10 @@ def _bench(case: Case, warmup: int, repeats: int, op_iters: int) -> dict[str, An
 
 def _profile(case: Case, steps: int) -> str:
     """cProfile of ``steps`` shardflow steps (after two warm-up steps) on this rank."""
-    sf_fn, _ = (_dp_sides if case.family == "dp" else _tp_sides)(case.what, case.ranks)
+    if case.family == "tp":
+        sf_fn, _ = _tp_sides(case.what, case.ranks)
+    else:
+        sf_fn, _ = _dp_sides(case.what, case.ranks, compiled=case.family == "compiled")
     for _ in range(2):
         sf_fn()
     dist.barrier()
@@ -403,6 +420,7 @@ def _notes(results: list[dict[str, Any]]) -> list[str]:
 
 
 ALL_CASES = [("dp", "gpt"), ("dp", "mlp"), ("tp", "gpt"), ("tp", "mlp"), ("op", "add"), ("op", "matmul")]
+ALL_CASES += [("compiled", "gpt"), ("compiled", "mlp")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -427,7 +445,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         fam, _, what = args.profile.partition("-")
         if (fam, what) not in ALL_CASES or fam == "op":
-            p.error(f"--profile {args.profile!r}: pick one of dp-gpt, dp-mlp, tp-gpt, tp-mlp")
+            p.error(
+                f"--profile {args.profile!r}: pick one of dp-gpt, dp-mlp, tp-gpt, tp-mlp, compiled-gpt, compiled-mlp"
+            )
         k = rank_counts[0]
         q = ctx.SimpleQueue()
         spawn_args = (k, free_port(), [Case(fam, what, k)], 1, 10, 1, args.profile_steps, q)

@@ -79,7 +79,7 @@ OP_SHAPE = (8, 16)  # tiny: the op costs about a microsecond, so what is timed i
 
 @dataclass(frozen=True)
 class Case:
-    family: str  # "dp" | "tp" | "op"
+    family: str  # "dp" | "compiled" | "tp" | "op"
     what: str  # "gpt" | "mlp" for dp/tp; "add" | "matmul" for op
     ranks: int
 
@@ -440,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(k < 2 or GPT_BATCH % k or MLP_BATCH % k or OP_SHAPE[0] % k for k in rank_counts):
         p.error(f"--ranks {args.ranks}: each world size must be >= 2 and divide {GPT_BATCH} and {OP_SHAPE[0]}")
     wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
+    if any("compiled" in w for w in wanted) and args.warmup < 2:
+        p.error("--cases compiled needs --warmup >= 2: shardflow compiles on its second call")
     ctx = tmp.get_context("spawn")
 
     if args.profile:

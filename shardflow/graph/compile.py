@@ -178,7 +178,7 @@ class ParallelModule(Snapshots):
         self.cuda_graphs = False
         self.graphs: dict[Any, GraphedStep] = {}
         self.graph_update = True  # whether the optimizer's update is captured too (else run after replay)
-        self.inductor = False  # programs compiled by torch.compile, communication left out (runtime/inductor.py)
+        self.inductor = False  # programs compiled by torch.compile (runtime/inductor.py) (runtime/inductor.py)
 
     def set_recompute(self, names: Sequence[str]) -> None:
         """Recompute the activations of the modules ``names`` in backward instead of keeping them (activation
@@ -288,7 +288,7 @@ class ParallelModule(Snapshots):
                 note += (
                     "; not modelled: "
                     + ("the CUDA graph's private pool" if self.cuda_graphs else "Inductor's own buffers")
-                    + " (measured 17-32% above this on an H100, BENCHMARKS.md)"
+                    + " (on one H100 17-32% above this, BENCHMARKS.md; not measured on ranks)"
                 )
             report = MemoryReport(rank, persistent, program.memory, update, note)
         else:
@@ -328,7 +328,7 @@ class ParallelModule(Snapshots):
         start = time.time_ns()
         try:
             with torch.no_grad():
-                if actors is None and self.inductor:  # nothing released: compiled without breaks, no mark
+                if actors is None and self.inductor and trace is None:  # nothing to release: fewer breaks
                     loss, grads = run(args)
                 else:
                     loss, grads = run(args, actors.ready if actors is not None else mark)
@@ -658,7 +658,7 @@ def compile(
     ``arena="all"`` places every one it can, whatever the peak (static placement, graph/arena.py).
     ``cuda_graphs=True`` (one GPU) captures each step, update included, as a CUDA graph after two warm-up
     steps and replays it (runtime/cuda_graph.py). ``inductor=True`` compiles each rank's program with
-    ``torch.compile``, its communication left out of the trace (runtime/inductor.py).
+    ``torch.compile``, breaking the graph at asynchronous messages and update hand-offs (runtime/inductor.py).
     """
     if recompute == "auto" and memory_limit is None:
         raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")

@@ -8,13 +8,20 @@ lowering (``bound_plan``), so the trace holds only tensor work: a GPT's program 
 H100 dynamo split a small fp32 GPT's once, around attention; runtime/cuda_graph.py copes with that).
 
 On several ranks the program also communicates: gradient buckets launched mid-backward, boxing between
-layouts, units handed to the update actors through ``ready``. Those calls stay out of the trace (graph
-breaks), so each stretch of compute between two messages is compiled on its own, as torch's DDPOptimizer
-splits a DDP model's graph at its buckets, and the communication overlaps as in the op-by-op program.
-``ready`` changes every step (the step's actors); the compiled code calls one fixed trampoline instead,
+layouts, units handed to the update actors through ``ready``. The asynchronous messages (bucket launches
+and their waits, prefetching gathers, point-to-point sends) and the hand-offs break the graph, so the
+stretches between them compile on their own, as torch's DDPOptimizer splits a DDP model's graph at its
+buckets, and communication overlaps compute as in the op-by-op program. Blocking collectives inside
+boxing (a tp all-reduce) are traced by dynamo as functional collectives and stay in the graph. Every rank
+issues its collectives in program order either way: graph breaks keep it, and Inductor keeps collectives
+in graph order unless ``reorder_for_compute_comm_overlap`` is set, which is pinned off here.
+
+``ready`` changes every step (the step's actors). The compiled code calls one fixed trampoline instead,
 which forwards to the current step's, so a new step does not recompile. Where the update runs after
-backward (one device), nothing is released and the program compiles without those breaks. The program's first run stays op
-by op (it checks local shapes); the second compiles. The memory plan predicts the op-by-op program.
+backward (one device, or ``pm.updates = "after"``), nothing is released and the trampoline's breaks go.
+The program's first run stays op by op (it checks local shapes); the second compiles, and a rank that
+compiles longer holds its peers in their next collective meanwhile. The collective timeout bounds that
+wait (``sf.init(timeout=...)`` for large models). The memory plan predicts the op-by-op program.
 """
 
 from __future__ import annotations
@@ -39,8 +46,10 @@ def compile_program(run: Callable[..., Any]) -> Callable[..., Any]:
     def release(unit: int | None, payload: Any) -> None:
         current[0](unit, payload)
 
-    quiet = torch.compile(functools.partial(run, ready=_no_release), dynamic=False)
-    loud = torch.compile(functools.partial(run, ready=release), dynamic=False)
+    # collectives in program order on every rank
+    options: dict[str, str | int | bool | Callable[..., Any]] = {"reorder_for_compute_comm_overlap": False}
+    quiet = torch.compile(functools.partial(run, ready=_no_release), dynamic=False, options=options)
+    loud = torch.compile(functools.partial(run, ready=release), dynamic=False, options=options)
 
     def call(args: list[Any], ready: Callable[..., None] | None = None) -> Any:
         if ready is None:

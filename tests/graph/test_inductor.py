@@ -16,7 +16,7 @@ from shardflow.testing import run_on_ranks
 from tests.graph.test_compile import _model_and_batches, reference_step
 
 
-def _train(kind: str, mesh: sf.Mesh, strategy: str, batch: int) -> tuple[int, int]:
+def _train(kind: str, mesh: sf.Mesh, strategy: str, batch: int, zero: int = 0) -> tuple[int, int]:
     """Five steps against plain PyTorch; the number of compiled graphs after the second step (the first
     compiled one) and after the last."""
     model, data = _model_and_batches(kind, batch)
@@ -29,6 +29,7 @@ def _train(kind: str, mesh: sf.Mesh, strategy: str, batch: int) -> tuple[int, in
         strategy=strategy,
         optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-6),
         max_grad_norm=0.5,
+        zero=zero,
         inductor=True,
     )
     torch._dynamo.utils.counters.clear()
@@ -48,19 +49,26 @@ def test_compiled_program_equals_plain_torch():
     assert _train("gpt", sf.Mesh("cpu", (1,)), "dp", 4) == (1, 1)  # one graph, compiled once
 
 
-def _on_rank(kind: str, shape: tuple[int, ...], names: tuple[str, ...], strategy: str) -> tuple[int, int]:
-    return _train(kind, sf.Mesh("cpu", shape, names=names), strategy, 4)
+def _on_rank(kind: str, shape: tuple[int, ...], names: tuple[str, ...], strategy: str, batch: int, zero: int):
+    return _train(kind, sf.Mesh("cpu", shape, names=names), strategy, batch, zero)
 
 
 @pytest.mark.parametrize(
-    "kind, shape, names, strategy",
-    [("gpt", (2,), ("dp",), "dp"), ("gpt", (2,), ("tp",), "tp"), ("mlp", (2, 2), ("dp", "tp"), "hybrid")],
+    "kind, shape, names, strategy, batch, zero",
+    [
+        ("gpt", (2,), ("dp",), "dp", 4, 0),
+        ("gpt", (2,), ("dp",), "dp", 3, 2),  # uneven shards (ranks compile different graphs), ZeRO-2
+        ("gpt", (2,), ("tp",), "tp", 4, 0),
+        ("mlp", (2, 2), ("dp", "tp"), "hybrid", 4, 0),
+    ],
 )
-def test_compiled_programs_on_ranks_equal_plain_torch(kind, shape, names, strategy):
-    """The programs launch gradient buckets, box between layouts and release units to the update actors
-    mid-backward; those stay out of the trace, and the stretches between them compile once."""
+def test_compiled_programs_on_ranks_equal_plain_torch(kind, shape, names, strategy, batch, zero):
+    """The programs launch gradient buckets and release units to the update actors mid-backward (graph
+    breaks) and box between layouts (collectives traced in the graph); the pieces compile once."""
     ranks = math.prod(shape)
-    for after_first, after_last in run_on_ranks(ranks, _on_rank, kind, shape, names, strategy, timeout=300):
+    for after_first, after_last in run_on_ranks(
+        ranks, _on_rank, kind, shape, names, strategy, batch, zero, timeout=300
+    ):
         assert after_first > 1  # split at the messages
         assert after_last == after_first  # no step recompiles
 

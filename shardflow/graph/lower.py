@@ -247,8 +247,6 @@ def _boxer(mesh: Mesh, rank: int) -> Callable[[torch.Tensor, NdSbp, tuple[int, .
     bound: dict[Any, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def run(local: torch.Tensor, src: NdSbp, shape: tuple[int, ...], dst: NdSbp) -> torch.Tensor:
-        if mesh.size == 1:  # one device holds every layout whole: the input, or a copy as a plan's steps give
-            return local if src == dst else local.clone(memory_format=torch.contiguous_format)
         key = (tuple(shape), local.dtype, src, dst)
         fn = bound.get(key)
         if fn is None:

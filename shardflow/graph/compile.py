@@ -169,8 +169,8 @@ class ParallelModule(Snapshots):
         # at release points, once the unit's collective has completed: CPUs, where a rank has one core),
         # "inline" (right at the release point, waiting for the collective: deterministic), or "after" (one
         # update once backward and every all-reduce are over, as plain DDP). On one device there is no
-        # communication to hide, and each unit's optimizer call costs ~0.2 ms of launches: one update after
-        # backward (measured on an H100: a 4x512 GPT step 20.2 ms with actors, 11.7 ms after; BENCHMARKS.md)
+        # communication to hide, and each unit's optimizer call costs launches: one update after backward
+        # (what the actors cost there: BENCHMARKS.md, One GPU)
         self.updates = "after" if mesh.size == 1 else ("loop" if mesh.device_type == "cpu" else "actors")
         self.events: list[Event] = []  # every rank's events of the last traced step
         # one device: each program's step (forward, backward, clipping, update) captured as a CUDA graph
@@ -288,7 +288,7 @@ class ParallelModule(Snapshots):
                 note += (
                     "; not modelled: "
                     + ("the CUDA graph's private pool" if self.cuda_graphs else "Inductor's own buffers")
-                    + " (on one H100 17-32% above this, BENCHMARKS.md; not measured on ranks)"
+                    + " (how far above this on one H100: BENCHMARKS.md, One GPU; not measured on ranks)"
                 )
             report = MemoryReport(rank, persistent, program.memory, update, note)
         else:
@@ -561,7 +561,7 @@ def check_inductor(zero: int) -> None:
     if zero == 3:
         raise ValueError(
             "inductor=True with zero=3: the prefetched parameter gathers make torch.compile recompile at every "
-            "handle (measured: 83 graphs and 8x the time of 4 steps on a small GPT); use zero=1 or 2, or inductor=False"
+            "handle; use zero=1 or 2, or inductor=False"
         )
 
 

@@ -3,8 +3,8 @@
 A training step frees and allocates the same blocks every step (activations, gradients, buckets). glibc's
 malloc serves blocks over its mmap threshold (128 KiB, raised only as larger blocks are freed) with fresh
 ``mmap`` pages and returns the top of its heap to the system once more than the trim threshold is free, so
-a step's megabyte-sized tensors are page-faulted in again every step: measured on an MLP data-parallel
-step, 24 ms against 17 ms with both thresholds raised (2 ranks, 2 cores). ``keep_host_memory()`` raises
+a step's megabyte-sized tensors are page-faulted in again every step (what that cost a data-parallel MLP
+step: BENCHMARKS.md, Training). ``keep_host_memory()`` raises
 them once per process (``mallopt``), so freed blocks stay in the heap and the next step reuses them: the
 static plan's "allocate once, reuse by lifetime" without a hand-written arena. The process then holds its
 peak heap, which is what the memory plan predicts anyway. Linux/glibc only; ``SHARDFLOW_KEEP_HOST_MEMORY=0``

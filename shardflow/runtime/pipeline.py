@@ -24,8 +24,8 @@ Decisions:
 - **The tail.** The step's last backward on a data-parallel stage after the first computes its inputs'
   gradients, sends them, then its weights' (``split_backward.py``, the B/W split of zero-bubble schedules):
   every schedule ends waiting for that gradient to walk back stage by stage, and each stage now hands it on
-  a weight-gradient pass earlier. Earlier backwards stay whole: on CPU the split costs a stage about 0.4 ms
-  a micro-batch (measured), more than the stage before gains while the last stage is the busiest.
+  a weight-gradient pass earlier. Earlier backwards stay whole: on CPU the split costs a stage more per
+  micro-batch than the stage before gains while the last stage is the busiest (BENCHMARKS.md, Pipeline).
 - **The step's result** is the global-batch mean loss on every rank (one all-reduce over the mesh), and
   clipping uses the global norm over all stages, as ``clip_grad_norm_`` on the serial model.
 BatchNorm is refused (per-micro-batch statistics are not the serial model's).

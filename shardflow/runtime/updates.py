@@ -11,7 +11,7 @@ only the all-reduce. Three vehicles for the same graph:
   taken. Right where the compute thread only launches kernels (GPU) and cores are spare.
 - ``"loop"``: an event loop on the compute thread: at every release point, each unit whose collective has
   completed is updated, in order; once backward is over the rest are waited for. No thread competes with
-  compute for a core or the GIL (measured: on CPU with one core per rank, threads cost up to 16% of a step).
+  compute for a core or the GIL (on CPU, with one core per rank, threads slowed steps: BENCHMARKS.md, Overlap).
 - ``"inline"``: each unit reduced (waiting for its collective) and updated right at its release point:
   deterministic and the earliest an update can run, which is what tests use to prove the release points safe.
 """

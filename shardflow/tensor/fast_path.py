@@ -1,7 +1,7 @@
 """The eager fast path at ``__torch_function__``: a call seen before runs the same function on the shards.
 
 DTensor and the slow path here meet ops at ``__torch_dispatch__``, below autograd: the op goes from Python
-into the dispatcher and back to a Python handler (about 3 µs here before any work). A call that needs no
+into the dispatcher and back to a Python handler (what that costs: BENCHMARKS.md, Training). A call that needs no
 boxing, no gradient and no local implementation, and that the dispatcher turned into exactly one ATen op,
 is remembered by its ``__torch_function__`` key (function, each input's layout signature, the other
 arguments and their types). The next such call is answered one level up: the same public function on the

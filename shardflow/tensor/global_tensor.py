@@ -196,7 +196,8 @@ class GlobalTensor(torch.Tensor):
 
 def _positional_wrapper() -> bool:
     """Whether ``_make_wrapper_subclass`` takes (size, strides, offset, format, dtype, layout, device) by
-    position here, as torch 2.x does: 0.2 µs less per op than parsing keywords. Checked, not assumed."""
+    position here, as torch 2.x does: less per op than parsing keywords (BENCHMARKS.md, Training). Checked,
+    not assumed."""
     try:
         t = _make_wrapper(GlobalTensor, (3, 2), None, None, None, torch.float16, torch.strided, torch.device("meta"))
     except TypeError:

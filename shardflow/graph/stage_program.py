@@ -2,14 +2,14 @@
 compiled step, and run by the pipeline as one autograd node per micro-batch.
 
 Why: run eagerly, every op of a tp stage goes through GlobalTensor dispatch and waits on each collective as
-it comes; profiled, a GPT stage spent 55% of its time in those waits and ran 4x slower than the same stage
-data parallel. Here ``make_fx`` traces the stage's forward and ``autograd.grad`` of its outputs (against
-gradients arriving as inputs) on fake tensors, the compiler's lowering (``graph/lower.py``) picks every op's
-layout and writes plain per-rank code with its collectives, and the code is cut where the forward ends: the
-forward returns the stage's outputs (boxed to ``B``) and the variables the backward reads, the backward
-takes them back with the arriving gradients. Torch's pipelining runs its stages eagerly on DTensors when
-they are tensor parallel; a static program per stage is what the seed's compiler does (a stage is a
-sub-graph like any other).
+it comes; profiled, a GPT stage spent most of its time in those waits and ran several times slower than the
+same stage data parallel (BENCHMARKS.md, Tensor-parallel stages). Here ``make_fx`` traces the stage's
+forward and ``autograd.grad`` of its outputs (against gradients arriving as inputs) on fake tensors, the
+compiler's lowering (``graph/lower.py``) picks every op's layout and writes plain per-rank code with its
+collectives, and the code is cut where the forward ends: the forward returns the stage's outputs (boxed to
+``B``) and the variables the backward reads, the backward takes them back with the arriving gradients.
+Torch's pipelining runs its stages eagerly on DTensors when they are tensor parallel; a static program per
+stage is what the seed's compiler does (a stage is a sub-graph like any other).
 """
 
 from __future__ import annotations

@@ -79,3 +79,36 @@ def test_recompute_arguments_are_checked():
         sf.compile(model, mesh, batch, recompute="auto")
     with pytest.raises(ValueError, match=r"recompute globs \['blocks\.\*'\] match no module of GPT"):
         sf.compile(model, mesh, batch, recompute=["blocks.*"])
+
+
+def _leading_blocks_and_auto() -> tuple[list[int], dict[int, list[str]]]:
+    """The predicted peak with the first ``k`` blocks recomputed, each compiled with ``recompute=[their
+    names]``, for k = 0..4; then what ``"auto"`` picks at each of those peaks taken as the limit."""
+    model, batch = _deep_gpt()
+    mesh = sf.Mesh("cpu", (2,), names=("dp",))
+    every = [f"transformer.h.{i}" for i in range(4)]
+    peaks = []
+    for k in range(len(every) + 1):
+        # exact names as globs: a block's name does not match its children's
+        pm = sf.compile(model, mesh, batch, recompute=every[:k] or False, optimizer=_adamw)
+        assert pm.recomputed == every[:k], (pm.recomputed, k)
+        peaks.append(max(pm.memory().peaks))
+    chosen = {}
+    for limit in peaks[1:-1]:  # 0 and all 4 are the search's ends; the mutants of one block more or less show inside
+        # compiling with a limit refuses a choice over it (MemoryPlanError), so what returns fits
+        chosen[limit] = sf.compile(
+            model, mesh, batch, recompute="auto", memory_limit=limit, optimizer=_adamw
+        ).recomputed
+    return peaks, chosen
+
+
+def test_auto_recomputes_the_fewest_blocks_found_by_brute_force():
+    """``recompute="auto"`` promises the fewest leading blocks (earlier first) that fit the limit: every count
+    is priced by compiling it, and at each count's peak as the limit auto must pick exactly the smallest count
+    whose peak is under it (a search that stops one block early is refused by the limit; one late, by this)."""
+    peaks, chosen = run_on_ranks(2, _leading_blocks_and_auto, timeout=480)[0]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks), peaks  # each block saves
+    every = [f"transformer.h.{i}" for i in range(4)]
+    for limit, blocks in chosen.items():
+        fewest = min(k for k, p in enumerate(peaks) if p <= limit)
+        assert blocks == every[:fewest], (limit, blocks, fewest, peaks)

@@ -2,6 +2,15 @@
 
 import sys
 
+from hypothesis import settings
+
+# Every property test draws the same examples on every run (a failure reproduces, a pass is not luck of the
+# draw) and on every rank; no per-example time limit (a loaded machine is not a failure). A test's own
+# @settings overrides only what it names. Ranks of shardflow.testing do not read this file: a test run on the
+# ranks under @given names derandomize=True itself.
+settings.register_profile("shardflow", derandomize=True, print_blob=True, database=None, deadline=None)
+settings.load_profile("shardflow")
+
 
 def pytest_sessionfinish() -> None:
     """Stop pooled gloo ranks (shardflow.testing) so no worker outlives the session."""

@@ -84,13 +84,13 @@ def _case(draw, cross):
     return shape, src_mesh, src, dst_mesh, dst
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(case=_case(cross=False))
 def test_every_plan_on_one_mesh_keeps_the_logical_tensor(case):
     check_plan(*case)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(case=_case(cross=True))
 def test_every_cross_mesh_plan_keeps_the_logical_tensor(case):
     check_plan(*case)

@@ -23,7 +23,7 @@ def _layouts(ndim):
     return st.sampled_from([sf.B, sf.P] + [sf.S(d) for d in range(ndim)])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(data=st.data())
 def test_nested_boxes_match_tensor_split(data):
     shape = tuple(data.draw(st.lists(st.integers(0, 9), min_size=1, max_size=3)))

@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import runpy
 import signal
 import sys
@@ -161,11 +162,20 @@ def _check_target(target: str) -> None:
         raise ValueError(f"target {target!r} must be 'package.module:function' or a path to a .py script")
 
 
+# the line an exception's text starts with: its class name (dotted or not), a colon, the message
+_EXCEPTION_LINE = re.compile(r"(?:\w+\.)*[A-Z]\w*: \S")
+
+
 def _failure_reason(message: object) -> str:
-    """One line from an elastic ``ProcessFailure.message`` (a string, or a dict written by ``@record``)."""
+    """One line from an elastic ``ProcessFailure.message`` (a string, or a dict written by ``@record``): the
+    last exception's first line, else the last line. An exception's text may run on over several lines (a
+    MemoryPlanError's ends with the changes it priced), and its last line alone does not say what failed."""
     if isinstance(message, dict):
         message = message.get("message", message)
-    return str(message).strip().splitlines()[-1] if str(message).strip() else "unknown error"
+    lines = str(message).strip().splitlines()
+    if not lines:
+        return "unknown error"
+    return next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1])
 
 
 # A rank that fails because a peer died reports a communication error; the peer's own error is the cause.

@@ -1,0 +1,99 @@
+"""``shardflow train`` config keys no other test sets: ``resume`` given a snapshot path, ``zero`` (trained
+against plain PyTorch, and the snapshot's parameters really split over the dp ranks), ``memory_limit`` (a
+limit below the parameters' own bytes is refused before any step, exit code non-zero with the message) and
+``peak_tflops`` (the MFU logged is the logged FLOP/s over the job's peak)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+import shardflow as sf
+from shardflow.models import char_corpus
+from shardflow.testing import run_on_ranks
+from shardflow.train import load_config, train
+from shardflow.train.loop import _batch, _model, snapshots
+from tests.graph.test_compile import reference_step
+from tests.train.test_train import ROOT, SMALL, _train
+
+CONFIG = str(ROOT / "examples" / "gpt.toml")
+DP = ["--mesh", "2", "--axes", "dp", "--strategy", "dp"]
+
+
+def test_resume_from_a_given_snapshot_path_continues_bit_identical(tmp_path):
+    # step 3 of run a, resumed into an empty run_dir b: "auto" would find nothing there, and a's newest is step 6
+    flags = [*DP, "--snapshot_every", "3", "--keep_last", "2"]
+    whole = run_on_ranks(2, _train, str(tmp_path / "a"), 6, "never", flags)[0]
+    assert [s for s, _ in snapshots(str(tmp_path / "a"))] == [3, 6]
+    rest = run_on_ranks(2, _train, str(tmp_path / "b"), 6, str(tmp_path / "a" / "step00000003"), flags)[0]
+    assert rest == whole[3:]  # exactly: same plan, same reduction order (CPU)
+
+
+def test_zero_trains_like_plain_torch_with_parameters_split_over_dp(tmp_path):
+    flags = [*SMALL, *DP, "--zero", "3", "--steps", "3", "--run_dir", str(tmp_path / "run"), "--resume", "never"]
+    got = run_on_ranks(2, train, load_config(CONFIG, flags), timeout=300)[0]
+    cfg = load_config(CONFIG, flags)
+    ref, corpus = _model(cfg), char_corpus()
+    opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, eps=1e-6, foreach=False)
+    want = [reference_step(ref, opt, *_batch(corpus, cfg, step), clip=cfg.max_grad_norm) for step in range(3)]
+    for g, w in zip(got, want, strict=True):
+        assert abs(g - w) <= 1e-5 + 1e-4 * abs(w), (got, want)
+    saved = str(tmp_path / "run" / "step00000003")
+    sf.checkpoint.consolidate(saved, str(tmp_path / "model.safetensors"))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # ZeRO-3 splits the parameters themselves: each rank saved its own half of every matrix (replicated
+    # parameters are saved once, by the first replica)
+    with open(os.path.join(saved, "index.json")) as f:
+        tensors = json.load(f)["tensors"]
+    weights = [n for n, p in ref.named_parameters() if p.dim() == 2 and "model." + n in tensors]
+    assert weights and all(len(tensors["model." + n]["shards"]) == 2 for n in weights), tensors
+
+
+def test_a_memory_limit_too_small_is_refused_before_training(tmp_path):
+    # 64 KiB is under the bytes of the parameters alone (a lower bound on the one rank's memory); one rank: the
+    # launch is the test's cost
+    one = ["--mesh", "1", "--axes", "dp", "--strategy", "dp"]
+    assert sum(p.numel() * p.element_size() for p in _model(load_config(CONFIG, SMALL)).parameters()) > 64 * 1024
+    run_dir = tmp_path / "run"
+    flags = [*SMALL, *one, "--steps", "2", "--log_every", "1", "--run_dir", str(run_dir), "--memory_limit", "64KiB"]
+    out = subprocess.run(
+        [sys.executable, "-m", "shardflow.cli.main", "train", CONFIG, *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    said = out.stdout + out.stderr
+    assert out.returncode != 0, said[-3000:]
+    # the launcher's one line for the failed rank is the refusal itself, not the last change it priced
+    refusal = "MemoryPlanError: the plan does not fit memory_limit=64.00 KiB: rank 0 would peak at"
+    assert f"shardflow: rank 0 failed (exit code 1): {refusal}" in out.stderr, said[-3000:]
+    assert "step 1/2" not in said and not snapshots(str(run_dir)), said[-3000:]
+
+
+def _logged(flags: list[str]) -> list[str]:
+    lines: list[str] = []
+    train(load_config(CONFIG, flags), log=lines.append)
+    return lines
+
+
+def test_mfu_is_the_achieved_flops_over_the_peak_given(tmp_path):
+    peak = 1e-4  # TFLOP/s of one device: 0.1 GFLOP/s, so the MFU figure is large and precise on any CPU
+    flags = [*SMALL, *DP, "--steps", "2", "--log_every", "1", "--peak_tflops", str(peak), "--resume", "never"]
+    lines = run_on_ranks(2, _logged, [*flags, "--run_dir", str(tmp_path / "run")], timeout=300)[0]
+    figures = [re.search(r"([0-9.]+) GFLOP/s, MFU ([0-9.]+)%", line) for line in lines if line.startswith("step ")]
+    assert len(figures) == 2 and all(figures), lines
+    for found in figures:
+        assert found is not None
+        gflops, mfu = float(found.group(1)), float(found.group(2)) / 100
+        job_peak = peak * 1e12 * 2  # the peak of one device times the job's 2 ranks
+        # both figures are rounded in the log: MFU to 0.1%, GFLOP/s to 0.01
+        assert abs(mfu - gflops * 1e9 / job_peak) <= 0.0005 + 0.005e9 / job_peak, lines

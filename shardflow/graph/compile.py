@@ -763,6 +763,10 @@ def _recompute_targets(model: nn.Module, recompute: bool | str | Sequence[str]) 
     targets = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
     if not targets:
         raise ValueError(f"recompute globs {globs} match no module of {type(model).__name__} (e.g. {names[:4]})")
+    # each glob on its own, as hints are checked: a misspelt one beside others that match would go unnoticed
+    for g in globs:
+        if not any(fnmatch.fnmatchcase(n, g) for n in names):
+            raise ValueError(f"recompute glob {g!r} matches no module of {type(model).__name__} (e.g. {names[:4]})")
     return targets
 
 

@@ -1,10 +1,13 @@
 """Golden test: the printed plan of the GPT on a 2x2 (dp, tp) mesh is checked in, so a change to the
-rules, the strategy or boxing shows up as a readable diff. Regenerate after a deliberate change with
-SHARDFLOW_UPDATE_GOLDEN=1."""
+rules, the strategy or boxing shows up as a readable diff and fails the test; the test only reads the file.
+Regenerate after a deliberate change, then review the diff before committing it:
+
+    .venv/bin/python -m tests.graph.test_explain_golden --update
+"""
 
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 
 import torch
@@ -30,9 +33,18 @@ def _explain() -> str:
     return pm.explain()
 
 
-def test_gpt_plan_matches_golden():
+def _plan() -> str:
     texts = run_on_ranks(4, _explain, timeout=300)
     assert all(t == texts[0] for t in texts), "ranks printed different plans"
-    if os.environ.get("SHARDFLOW_UPDATE_GOLDEN"):
-        GOLDEN.write_text(texts[0] + "\n")
-    assert texts[0] + "\n" == GOLDEN.read_text(), "plan changed; diff against tests/graph/golden/ (see docstring)"
+    return texts[0] + "\n"
+
+
+def test_gpt_plan_matches_golden():
+    assert _plan() == GOLDEN.read_text(), "plan changed; diff against tests/graph/golden/ (see docstring)"
+
+
+if __name__ == "__main__":  # the one writer of the golden file, run by hand (see the docstring)
+    if sys.argv[1:] != ["--update"]:
+        sys.exit(f"usage: python -m tests.graph.test_explain_golden --update  (rewrites {GOLDEN})")
+    GOLDEN.write_text(_plan())
+    print(f"wrote {GOLDEN}; review `git diff {GOLDEN}` before committing it")

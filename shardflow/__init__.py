@@ -7,7 +7,7 @@ Public API (everything else may change): ``init``, ``Mesh``, ``S``, ``B``, ``P``
 from shardflow import checkpoint
 from shardflow.boxing import CostModel, Plan, plan_boxing
 from shardflow.comm import init
-from shardflow.graph import MemoryPlanError, MemoryReport, ParallelModule, compile
+from shardflow.graph import CaptureError, MemoryPlanError, MemoryReport, ParallelModule, compile
 from shardflow.placement import B, Blocked, Mesh, P, S
 from shardflow.runtime import Loader, Pipeline, PipelineModule
 from shardflow.tensor import GlobalTensor, distribute, from_local
@@ -16,6 +16,7 @@ __all__ = [
     "checkpoint",
     "ParallelModule",
     "compile",
+    "CaptureError",
     "MemoryPlanError",
     "MemoryReport",
     "Loader",

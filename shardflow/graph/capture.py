@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardflow.graph.capture_errors import explained
+
 
 @dataclass(frozen=True)
 class Captured:
@@ -26,13 +28,8 @@ class Captured:
 
 def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Captured:
     """Export ``model`` on plain example inputs; the forward must return a scalar loss."""
-    try:
+    with explained(model, f"capturing {type(model).__name__} with torch.export (to choose parameter layouts)"):
         program = torch.export.export(model, tuple(example_inputs), strict=False)
-    except Exception as e:  # noqa: BLE001 - re-raised with what to do
-        raise ValueError(
-            f"could not capture {type(model).__name__} with torch.export ({type(e).__name__}: {e}); the "
-            f"forward must be traceable with the example inputs' shapes"
-        ) from e
     outputs = [n for n in program.graph.nodes if n.op == "output"][0].args[0]
     vals = [o.meta.get("val") for o in outputs if hasattr(o, "meta")]
     if len(vals) != 1 or not isinstance(vals[0], torch.Tensor) or vals[0].dim() != 0:

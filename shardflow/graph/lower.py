@@ -51,6 +51,7 @@ from shardflow.boxing.plan import COLLECTIVES, Plan
 from shardflow.comm.collectives import ReduceScattering, reduce_scatter_finish, reduce_scatter_start
 from shardflow.comm.groups import group_for
 from shardflow.graph.arena import Arena, assign, check_outside, check_placed, out_overload, select
+from shardflow.graph.capture_errors import explained
 from shardflow.ops import LOCALS, PREPARED, WORKSPACE, LocalContext, OpCall, TensorMeta, choose, writes_arg
 from shardflow.ops.select import candidates, communicates, reduces_to_split
 from shardflow.placement.mesh import Mesh
@@ -123,7 +124,8 @@ def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu") -> 
         bs = [fake(b) for b in bnamed.values()]
         xs = [fake(x) if isinstance(x, torch.Tensor) else x for x in inputs]
     del mode
-    with _attention_kernels(device):
+    stage = f"tracing {type(model).__name__}'s forward and backward on fake tensors"
+    with _attention_kernels(device), explained(model, stage):
         graph = make_fx(step, tracing_mode="fake")(ps, bs, xs)
     return Joint(graph, len(ps), len(bs), tuple(grad_of))
 

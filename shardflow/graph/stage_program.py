@@ -25,6 +25,7 @@ from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from shardflow.comm.init import world
+from shardflow.graph.capture_errors import explained
 from shardflow.graph.lower import Joint, Program, lower
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, grad_sbp
@@ -45,7 +46,8 @@ def trace_stage(module: nn.Module, inputs: Sequence[Any], needs_grad: Sequence[b
     named = dict(module.named_parameters())
     bnamed = dict(module.named_buffers())
     names, bnames = list(named), list(bnamed)
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    stage = "tracing a pipeline stage's forward and backward on fake tensors"
+    with explained(module, stage), FakeTensorMode(allow_non_fake_inputs=True) as mode:
 
         def fake(t: torch.Tensor) -> torch.Tensor:
             return torch.empty(tuple(t.shape), dtype=t.dtype)
@@ -81,7 +83,8 @@ def trace_stage(module: nn.Module, inputs: Sequence[Any], needs_grad: Sequence[b
         xgrads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads[len(wanted) :], xleaves)]
         return [*values, *[g for g in pgrads if g is not None], *xgrads]
 
-    graph = make_fx(step, tracing_mode="fake")(ps, bs, xs, dys)
+    with explained(module, stage):
+        graph = make_fx(step, tracing_mode="fake")(ps, bs, xs, dys)
     joint = Joint(
         graph,
         len(ps),

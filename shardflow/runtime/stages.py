@@ -91,14 +91,12 @@ def split_model(model: nn.Module, micro_batch: Sequence[Any], split_points: Sequ
     spec = {point: SplitPoint.BEGINNING for point in split_points}
     watch = _HookWatch()  # the traced stages would silently drop tensor hooks that forward registers
     functions = _FunctionWatch()  # and custom autograd Functions' backward
-    try:
-        with watch, functions:
-            pipe = pipeline(work, mb_args=tuple(micro_batch), split_spec=spec)
-    except Exception as exc:  # export failures come from deep inside torch: say what to change
-        raise ValueError(
-            f"cannot cut {type(model).__name__} at {list(split_points)}: torch.export failed ({exc}). "
-            "Pick split points at module calls of forward (e.g. transformer blocks)"
-        ) from exc
+    from shardflow.graph.capture_errors import explained  # here: shardflow.graph imports the runtime
+
+    cut = f"cutting {type(model).__name__} at {list(split_points)} with torch.export"
+    hint = "pick split points at module calls of forward (e.g. transformer blocks)"
+    with explained(work, cut, hint), watch, functions:
+        pipe = pipeline(work, mb_args=tuple(micro_batch), split_spec=spec)
     if watch.seen:
         raise ValueError(
             f"{type(model).__name__} registers tensor hooks in forward (register_hook or retain_grad): the "

@@ -7,7 +7,9 @@ import torch.distributed as dist
 import shardflow as sf
 from shardflow.models import MLP, MLPConfig
 
-sf.init()
+# collectives time out after 300 s, longer than the test's deadline: the job ends because the launcher
+# stops rank 0 once rank 1 failed, not because rank 0's receive timed out
+sf.init(timeout=300)
 torch.manual_seed(0)
 model = MLP(MLPConfig(in_features=6, hidden_sizes=(16, 16), num_classes=5))
 x, y = torch.randn(8, 6), torch.randint(0, 5, (8,))

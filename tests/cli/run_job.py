@@ -7,7 +7,9 @@ import torch.distributed as dist
 
 import shardflow as sf
 
-sf.init()
+# collectives time out after 300 s, longer than any test's deadline: a job that ends after a rank failed was
+# stopped by the launcher, not by a peer's timeout
+sf.init(timeout=300)
 rank, world = dist.get_rank(), dist.get_world_size()
 if "--fail" in sys.argv and rank == 1:
     raise RuntimeError("rank 1 was told to fail")

@@ -149,8 +149,8 @@ def _fault(
 def test_a_killed_worker_stops_the_job_within_30_s(tmp_path):
     code, err, took, left = _fault(tmp_path, signal.SIGKILL)
     assert code != 0
-    # the documented bound, not a timing: the agent notices a dead worker within 0.1 s and stops the others,
-    # about 2 s on 2 loaded cores, so 30 s leaves a 15x margin
+    # the documented bound, kept as a check of it, not a timing: the agent sees the dead worker within 0.1 s
+    # and stops the others; measured 18 s with the 2 cores shared by ~25 busy processes, 12 s of margin there
     assert took <= 30, took
     assert "rank 2 failed (signal SIGKILL)" in err, err[-3000:]
     assert "most recent call first" in err and "shardflow/train/loop.py" in err  # the SIGUSR1 stack dump
@@ -160,8 +160,9 @@ def test_a_killed_worker_stops_the_job_within_30_s(tmp_path):
 def test_a_stopped_worker_stops_the_job_within_2_minutes(tmp_path):
     code, err, took, left = _fault(tmp_path, signal.SIGSTOP)
     assert code != 0
-    # the documented bound: the peers' collectives time out after the default 60 s, then the launcher kills
-    # the stopped rank at once (~62 s measured), so 120 s leaves about a minute of margin
+    # the documented bound, kept as a check of it: the peers' collectives time out after the default 60 s,
+    # then the launcher kills the stopped rank at once; measured 100 s with the 2 cores shared by ~25 busy
+    # processes (about 72 s unloaded, comm/init.py), 20 s of margin there
     assert took <= 120, took
     assert "shardflow: rank 2 never failed but stopped answering" in err, err[-3000:]
     assert left == [], left

@@ -3,7 +3,6 @@ through, a failing rank named, and multi-host flags checked."""
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 JOB = Path(__file__).with_name("run_job.py")
@@ -30,11 +29,10 @@ def test_run_names_the_failing_rank(tmp_path):
 
 def test_a_pipeline_stage_that_raises_stops_every_rank(tmp_path):
     """The last stage raises mid-schedule while the first waits for its gradients: the job ends, not hangs,
-    with the failing rank and the error named."""
-    started = time.monotonic()
+    with the failing rank and the error named. The job's collectives time out after 300 s: ending within
+    _shardflow's 180 s hang deadline means the launcher stopped rank 0."""
     p = _shardflow("run", "-n", "2", str(JOB.with_name("pipeline_job.py")))
     assert p.returncode != 0
-    assert time.monotonic() - started < 60
     assert "rank 1 failed" in p.stderr and "out of bounds" in p.stderr, p.stderr[-3000:]
     if sys.version_info >= (3, 11):  # exception notes
         assert "in pipeline stage 1 on rank 1, forward of micro-batch" in p.stderr, p.stderr[-3000:]

@@ -10,7 +10,10 @@ model; bounds 5% and 15%."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -18,6 +21,8 @@ import shardflow as sf
 from shardflow.models import GPT, GPTConfig
 from shardflow.testing import run_on_ranks
 from shardflow.testing.memory import measure_pipeline_peak
+from tests.graph.test_memory import named_fixes
+from tests.graph.test_memory_fixes import _measured
 
 
 def _setup():  # type: ignore[no-untyped-def]
@@ -83,20 +88,33 @@ def test_tensor_parallel_stages_are_priced_by_their_shards():
         assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
 
 
-def _refused() -> str:
-    model, batch, mesh = _setup()
+# The limit, as a share of GPipe's measured peak: 1F1B, with 2 and 1 micro-batches in flight against 8,
+# measured under 0.6 of it on each stage.
+_SHARE = 0.75
+
+
+def _refused() -> tuple[str, int, dict[str, int]]:
+    """GPipe refused under a limit set from its own measured peak (no prediction involved); each change the
+    message says fits is applied, compiled under the same limit, stepped and measured (largest rank)."""
+    model, (x, y), mesh = _setup()
     gpipe = sf.Pipeline(micro_batches=8, schedule="gpipe", split_points=["transformer.h.2"])
-    limit = max(sf.compile(model, mesh, batch, pipeline=dataclasses.replace(gpipe, schedule="1f1b")).memory().peaks)
+
+    def build(pipeline: sf.Pipeline, **limit: Any) -> Callable[[], Any]:
+        return lambda: sf.compile(copy.deepcopy(model), mesh, (x, y), pipeline=pipeline, **limit)
+
+    limit = int(_SHARE * _measured(build(gpipe), x, y)[0])
     try:
-        sf.compile(model, mesh, batch, pipeline=gpipe, memory_limit=limit)
+        build(gpipe, memory_limit=limit)()
     except sf.MemoryPlanError as e:
         message = str(e)
     else:
-        raise AssertionError("a GPipe plan over the limit was accepted")
-    sf.compile(
-        model, mesh, batch, pipeline=dataclasses.replace(gpipe, schedule="1f1b"), memory_limit=limit
-    )  # the fix fits
-    return message
+        raise AssertionError(f"a GPipe plan measured over {limit} B was accepted under it")
+    peaks = {}
+    for name, value in named_fixes(message).items():
+        peaks[f"{name}={value!r}"] = _measured(
+            build(dataclasses.replace(gpipe, **{name: value}), memory_limit=limit), x, y
+        )[0]
+    return message, limit, peaks
 
 
 def _refused_on_uneven_stages() -> str:
@@ -120,6 +138,8 @@ def test_uneven_stages_price_the_same_fixes_everywhere():
 
 
 def test_a_pipeline_over_its_limit_is_refused_with_the_fix():
-    message = run_on_ranks(2, _refused, timeout=300)[0]
-    assert "the plan does not fit memory_limit=" in message and "activations kept for backward: 8" in message
-    assert "schedule='1f1b': " in message and "(fits)" in message.split("schedule='1f1b'")[1].splitlines()[0]
+    for message, limit, peaks in run_on_ranks(2, _refused, timeout=300):
+        assert "the plan does not fit memory_limit=" in message and "activations kept for backward: 8" in message
+        assert "schedule='1f1b'" in peaks, message  # the fix of fewer micro-batches in flight is named as fitting
+        for fix, measured in peaks.items():
+            assert measured <= limit, (fix, measured, limit, message)

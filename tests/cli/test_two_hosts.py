@@ -3,7 +3,8 @@
 training demo over them equals serial PyTorch; a rank that raises, or a worker killed, on one host ends
 both agents (within 30 s for the kill), with the rank named, and leaves no process behind.
 
-Needs root (network namespaces); elsewhere the tests skip and say why."""
+Needs root (network namespaces); elsewhere the tests skip and say why, except under CI=true, where they fail:
+a CI machine that cannot run them must not pass quietly without them."""
 
 from __future__ import annotations
 
@@ -17,7 +18,15 @@ from pathlib import Path
 import pytest
 
 JOB = Path(__file__).with_name("run_job.py")
+TRAIN_JOB = Path(__file__).with_name("train_job.py")
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cannot_run(reason: str) -> None:
+    """Skip, saying why; under CI (CI=true) fail instead, so a CI job never passes without these tests."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but the two-host tests cannot run: {reason}")
+    pytest.skip(reason)
 
 
 def _ip(*args: str) -> None:
@@ -28,15 +37,15 @@ def _ip(*args: str) -> None:
 def hosts() -> Iterator[list[tuple[str, str, str]]]:
     """[(namespace, address, interface)] of two connected hosts; torn down after the test."""
     if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
+        _cannot_run("network namespaces need root")
     tag = f"{os.getpid() % 100000}"
     made = [(f"sfh{tag}a", "10.231.7.1", f"sfv{tag}a"), (f"sfh{tag}b", "10.231.7.2", f"sfv{tag}b")]
     try:
-        for ns, _, _ in made:
-            _ip("netns", "add", ns)
-    except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot create network namespaces here: {getattr(e, 'stderr', e)}")
-    try:
+        try:
+            for ns, _, _ in made:
+                _ip("netns", "add", ns)
+        except (OSError, subprocess.CalledProcessError) as e:
+            _cannot_run(f"cannot create network namespaces here: {getattr(e, 'stderr', e)}")
         _ip("link", "add", made[0][2], "type", "veth", "peer", "name", made[1][2])
         for ns, addr, dev in made:
             _ip("link", "set", dev, "netns", ns)
@@ -81,12 +90,11 @@ def test_a_job_spans_two_hosts(hosts, tmp_path):
 
 
 def test_a_failing_rank_on_one_host_stops_both(hosts, tmp_path):
-    started = time.monotonic()
+    # run_job.py's collectives time out only after 300 s, so ending within the 180 s hang deadline means the
+    # agents stopped the job, not a peer's timeout
     procs = _agents(hosts, str(tmp_path), "--fail")
     outs = [p.communicate(timeout=180) for p in procs]
-    took = time.monotonic() - started
     assert all(p.returncode != 0 for p in procs), [err[-2000:] for _, err in outs]
-    assert took < 60, took
     assert any("rank 1 failed" in err and "rank 1 was told to fail" in err for _, err in outs), outs
     assert _left(hosts) == []
 
@@ -101,33 +109,36 @@ def test_a_2x2_run_over_two_hosts_equals_serial(hosts):
     assert not any("✗" in out for out, _ in outs)
 
 
-def _workers(ns: str) -> list[int]:
-    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-    out = []
-    for pid in pids:
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().startswith("sf-rank"):
-                out.append(int(pid))
-        except OSError:
-            continue
-    return out
-
-
 def test_a_worker_killed_on_one_host_stops_the_other_within_30_s(hosts, tmp_path):
+    # train_job.py holds rank 2 once every rank has finished step 2 (training is under way, by construction),
+    # wherever the rendezvous put it; it is killed there
     config = str(ROOT / "examples" / "gpt.toml")
     flags = ["--mesh", "4", "--axes", "dp", "--strategy", "dp", "--model.n_layer", "1", "--model.n_embd", "32"]
     flags += ["--model.block_size", "16", "--steps", "100000", "--snapshot_every", "100000"]
-    procs = _agents(hosts, config, *flags, "--run_dir", str(tmp_path / "run"), job="shardflow.train.loop:main")
-    deadline = time.monotonic() + 120
-    while len(_workers(hosts[1][0])) < 2:  # both of host b's workers started
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "workers did not start"
-        time.sleep(0.2)
-    time.sleep(8)  # training is under way
-    victim = _workers(hosts[1][0])[0]
+    hold = ["step", "2", "2", str(tmp_path)]
+    procs = _agents(hosts, *hold, config, *flags, "--run_dir", str(tmp_path / "run"), job=str(TRAIN_JOB))
+    held = tmp_path / "held"
+    deadline = time.monotonic() + 180  # a hang deadline: starting and two steps take seconds
+    while not held.exists():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "rank 2 was never held"
+        time.sleep(0.05)
+    victim = int(held.read_text())
+    assert Path(f"/proc/{victim}/comm").read_text().strip() == "sf-rank2"
     os.kill(victim, 9)
     killed = time.monotonic()
     outs = [p.communicate(timeout=120) for p in procs]
+    # the documented bound, kept as a check of it, not a timing: measured 25 s with the 2 cores shared by ~28
+    # busy processes, so the margin is thin only on a machine that loaded
     assert time.monotonic() - killed <= 30, time.monotonic() - killed
     assert all(p.returncode != 0 for p in procs)
-    assert any("failed (signal SIGKILL)" in err for _, err in outs), [err[-2000:] for _, err in outs]
+    assert any("rank 2 failed (signal SIGKILL)" in err for _, err in outs), [err[-2000:] for _, err in outs]
     assert _left(hosts) == []
+
+
+def test_without_network_namespaces_ci_fails_and_a_user_is_told_why(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true but the two-host tests cannot run: need root"):
+        _cannot_run("need root")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="need root"):
+        _cannot_run("need root")

@@ -94,7 +94,8 @@ class _Meeting(Files):
 
     def __init__(self, root: Path, n: int) -> None:
         super().__init__(root, n)
-        self.meet = threading.Barrier(2, timeout=10)
+        # a hang deadline only: with several readers both reads begin within milliseconds, even on loaded cores
+        self.meet = threading.Barrier(2, timeout=60)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if i in (0, 1):

@@ -130,7 +130,8 @@ def _matrix(kind: str) -> list[tuple]:
 @pytest.mark.parametrize("kind", ["mlp", "gpt"])
 def test_pipeline_equals_plain_torch(kind, tmp_path: Path):
     cases = _matrix(kind)
-    checked = run_on_ranks(4, _cases, kind, cases, str(tmp_path), timeout=600)
+    # below pytest's 600 s timeout, so a hang is reported by the harness (which rank is silent), not by pytest
+    checked = run_on_ranks(4, _cases, kind, cases, str(tmp_path), timeout=480)
     assert len(checked[0]) == len(cases)  # rank 0 is in every mesh and checked every case
 
 

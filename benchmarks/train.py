@@ -5,8 +5,10 @@ Three families of cases, each with both sides in the same processes, started fro
 the same batch, interleaved call by call (A B, B A, ...) so that drift on a busy machine hits them alike:
 
 - ``dp``: ``sf.compile(model, mesh, strategy="dp")`` against ``DistributedDataParallel`` (gloo). Both use
-  AdamW(lr=1e-3, foreach=False) (shardflow steps it on the local shards; the loop version on both
-  sides keeps the updates identical) and clip to a global norm of 1.0. DDP gets this rank's
+  AdamW(lr=1e-3) with torch's defaults (``foreach=None``, which on CPU tensors is the for-loop
+  implementation; shardflow steps it on the local shards) and clip to a global norm of 1.0: DDP with
+  ``clip_grad_norm_``'s defaults (``foreach=None``: one ``_foreach_norm`` and one ``_foreach_mul_`` on CPU
+  as on GPU), shardflow with the same two foreach calls on its shards. DDP gets this rank's
   shard of the global batch; shardflow gets the same shard wrapped with ``sf.from_local`` (no
   communication). A shardflow step returns the logical loss, so the DDP step also all-reduces its loss.
 - ``tp``: ``sf.compile(model, mesh, strategy="tp")`` against ``parallelize_module`` with
@@ -121,7 +123,8 @@ def _model_and_batch(what: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Te
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=LR, foreach=False)
+    # torch's defaults, as its users write it: foreach=None picks the for-loop on CPU tensors
+    return torch.optim.AdamW(params, lr=LR)
 
 
 def _dp_sides(what: str, k: int, compiled: bool = False) -> tuple[Fn, Fn]:
@@ -148,7 +151,7 @@ def _dp_sides(what: str, k: int, compiled: bool = False) -> tuple[Fn, Fn]:
         loss = forward(xs, ys)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), CLIP, foreach=False)
+        torch.nn.utils.clip_grad_norm_(ddp.parameters(), CLIP)  # torch's default path, as DDP's users call it
         opt.step()
         total = loss.detach().clone()  # the logical (global-batch) loss, as pm.step returns it
         dist.all_reduce(total)

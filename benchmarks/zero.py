@@ -17,8 +17,8 @@ each, on the same model and ranks, every side labelled by what it actually shard
 FSDP2 shards each Linear and the root. Per side: the median step time (steps interleaved across all sides in
 rotating order), the memory a rank holds between steps (the storages of its parameters, gradients and
 optimizer state, counted from the tensors; DDP's own gradient buckets are not in it), and the peak during a
-step measured by torch's profiler (allocation and free events of one step on top of what is held; median of
-three); both the largest over ranks. All sides use AdamW(lr=1e-3) with torch's defaults (``foreach=None``: the
+step counted by the allocator's records of every thread (shardflow/testing/memory.py: tensor bytes above the
+step's start, on top of what is held; median of three); both the largest over ranks. All sides use AdamW(lr=1e-3) with torch's defaults (``foreach=None``: the
 for-loop on CPU tensors) and start from the same weights; their first losses must agree (rtol 1e-4).
 
     .venv/bin/python benchmarks/zero.py [--ranks 2,4] [--repeats 15] [--markdown]
@@ -31,7 +31,7 @@ import copy
 import os
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -72,7 +72,7 @@ HEADER = [
     "ranks",
     "step ms",
     "held MiB",
-    "peak MiB (profiler)",
+    "peak MiB (allocator)",
     "step / DDP + ZeroRedundancyOptimizer",
     "step / FSDP2 no reshard after forward",
     "step / FSDP2 defaults",
@@ -93,14 +93,25 @@ def _adamw(params: Any) -> torch.optim.Optimizer:
 
 
 def _peak(step: Callable[[], Any]) -> int:
-    """Bytes allocated above the start at the worst moment of one ``step()``, from profiler events."""
-    from torch.profiler import ProfilerActivity, profile
+    """Tensor bytes allocated above the start at the worst moment of one ``step()``, any thread, counted by
+    the allocator (shardflow.testing.memory), the same way for every side."""
+    from shardflow.testing.memory import peak_of
 
-    from shardflow.testing.memory import profiled_peak
+    return peak_of(step)
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    return profiled_peak(prof)
+
+def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the distinct CPU storages behind ``tensors``, counted from the objects."""
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(seen.values())
+
+
+def _sf_held(pm: Any) -> int:
+    """What a shardflow module holds between steps: parameters, gradients, optimizer state (local shards)."""
+    tensors = [p._local for p in pm.params] + [lp.grad for lp in pm.local_params]
+    for state in pm.optimizer.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return storage_bytes(tensors)
 
 
 def _sides(k: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[Callable[[], float], Callable[[], int]]]:
@@ -111,7 +122,6 @@ def _sides(k: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[Callable
     from torch.nn.parallel import DistributedDataParallel
 
     import shardflow as sf
-    from shardflow.testing.memory import alive_before_step, storage_bytes
 
     torch.manual_seed(0)
     model = Net()
@@ -119,7 +129,7 @@ def _sides(k: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[Callable
     mesh = sf.Mesh("cpu", (k,), names=("dp",))
     for zero in (1, 2, 3):
         pm = sf.compile(model, mesh, example_inputs=(x, y), zero=zero, optimizer=_adamw)
-        sides[SF[zero]] = ((lambda pm=pm: pm.step(x, y)), (lambda pm=pm: alive_before_step(pm)))
+        sides[SF[zero]] = ((lambda pm=pm: pm.step(x, y)), (lambda pm=pm: _sf_held(pm)))
     rank = dist.get_rank()
     shard = (x.chunk(k)[rank], y.chunk(k)[rank])
 

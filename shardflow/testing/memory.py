@@ -1,28 +1,37 @@
-"""Measure what a training step really allocates, without asking the planner: torch's profiler records
-every allocation and free of the step (``profile_memory=True``); the peak is the largest running sum of
-them on top of the bytes alive when the step starts (storages of the parameters, buffers, optimizer
-state and gradients, counted from the objects themselves). CPU only: on GPU use
-``torch.cuda.max_memory_allocated``."""
+"""Measure what a process really holds, trusting nothing of the planner: the independent side of every
+memory prediction test and of the memory benchmark.
+
+Decision: on CPU, memray records every call into the C allocator made by any thread of the process (gloo's
+and the actors' threads included), in one global order. torch's CPU allocator takes each tensor storage
+with ``posix_memalign``, so the live ``posix_memalign`` blocks are the tensor bytes the process holds: the
+CPU counterpart of ``torch.cuda.memory_allocated``. Tracking starts before the module is built, so
+everything shardflow keeps (parameters, optimizer state, caches, staging and bucket buffers) is in the
+count, and the measured step is the ``pm.step`` users call. On GPU the caching allocator's own counters are
+read instead (``torch.cuda.memory_allocated`` / ``max_memory_allocated``).
+
+    with track_allocations():
+        pm = sf.compile(model, mesh, batch)
+        pm.step(*batch)  # the optimizer's state exists from here on, as the prediction assumes
+        peak, loss, held = measure_step_peak(pm, *batch)
+
+or ``pm, measured = measure_built(lambda: sf.compile(model, mesh, batch), *batch)``.
+"""
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import types
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from shardflow.graph import lower
-from shardflow.runtime.tensor_stage import local
-
-_MARK = 777_781  # bytes
+_MARK = 777_781  # bytes: an odd size no tensor of this project's cases has; marks are _MARK + 2 * i
 
 
 def memory_case(kind: str) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
-    """(model, batch) of the memory test and benchmark: ``"gpt"`` (2 layers, 128 wide, 8 x 64 tokens),
+    """(model, batch) of the memory tests and benchmark: ``"gpt"`` (2 layers, 128 wide, 8 x 64 tokens),
     ``"cnn"`` (BatchNorm CNN, 32 x 3 x 32 x 32 images) or ``"mlp"`` (256 -> 1024 -> 1024 -> 16, batch 64), the
     same weights every call."""
     from shardflow.models import GPT, MLP, CNNConfig, GPTConfig, MLPConfig, SmallCNN
@@ -38,180 +47,175 @@ def memory_case(kind: str) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
     return model, (torch.randn(64, 256), torch.randint(0, 16, (64,)))
 
 
-def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct CPU storages behind ``tensors``, counted from the objects (not the planner)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
+class MeasuredStep(NamedTuple):
+    """One measured training step on this rank."""
+
+    peak: int  # most tensor bytes alive at once during the step, counted from before the module was built
+    loss: Any  # what ``pm.step`` returned
+    held: int  # tensor bytes alive when the step began
 
 
-def alive_before_step(pm: Any) -> int:
-    """Bytes of the distinct storages a ParallelModule holds between steps."""
-    return storage_bytes(_held(pm))
+class Window(NamedTuple):
+    """Tensor bytes between two marks of a trace."""
+
+    held: int  # alive at the first mark
+    peak: int  # most alive at once between the marks (at least ``held``)
 
 
-def _held(pm: Any) -> list[torch.Tensor]:
-    tensors: list[torch.Tensor] = [p._local for p in pm.params]
-    tensors += [b._local for b in pm.module.buffers() if hasattr(b, "_local")]
-    tensors += [lp.grad for lp in pm.local_params if lp.grad is not None]
-    for state in pm.optimizer.state.values():
-        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    # static placement's arenas (graph/arena.py), held from a program's first run on
-    tensors += [p.arena.buffer for p in pm.programs.values() if p.arena is not None and p.arena.buffer is not None]
-    return tensors
+class Record(NamedTuple):
+    """One allocator call: ``size > 0`` a tensor storage allocated at ``address``, ``size == 0`` a free."""
+
+    address: int
+    size: int
 
 
-def _waited(launch: Callable[..., Any], work: Callable[[Any], Any]) -> Callable[..., Any]:
-    def launch_and_wait(*args: Any) -> Any:
-        handle = launch(*args)
-        if work(handle) is not None:
-            work(handle).wait()
-        return handle
+class AllocationTrace:
+    """The tensor allocations of one tracked stretch of this process; ``mark()`` names moments in it, and
+    ``window(i, i + 1)`` reads the stretch between two marks once tracking has stopped."""
 
-    return launch_and_wait
+    def __init__(self, device_type: str, path: str) -> None:
+        self.device_type = device_type
+        self._path = path
+        self._marks = 0
+        self._windows: dict[tuple[int, int], Window] | None = None
+        self._tracker: Any = None
+        self._cuda_held: list[int] = []
+        self._cuda_peaks: list[int] = []
+        self._cuda_base = 0
+
+    def start(self) -> None:
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+            self._cuda_base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        import memray
+
+        # native stacks are not needed and cost most of memray's time
+        self._tracker = memray.Tracker(self._path, native_traces=False, trace_python_allocators=False)
+        self._tracker.__enter__()
+
+    def mark(self) -> int:
+        """Mark this moment (the calling thread's next allocation); returns the mark's index."""
+        if self._windows is not None:
+            raise RuntimeError("this allocation trace has stopped: marks go inside track_allocations()")
+        index = self._marks
+        self._marks += 1
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+            self._cuda_peaks.append(torch.cuda.max_memory_allocated() - self._cuda_base)
+            self._cuda_held.append(torch.cuda.memory_allocated() - self._cuda_base)
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            block = torch.empty(_MARK + 2 * index, dtype=torch.uint8)
+            del block
+        return index
+
+    def stop(self) -> None:
+        """Stop tracking and read the windows between marks (idempotent)."""
+        if self._windows is not None:
+            return
+        if self.device_type == "cuda":
+            held, peaks = self._cuda_held, self._cuda_peaks  # the peak before mark i + 1 is read at it
+            self._windows = {(i, i + 1): Window(held[i], max(held[i], peaks[i + 1])) for i in range(len(held) - 1)}
+            return
+        self._tracker.__exit__(None, None, None)
+        self._windows = windows(_records(self._path), self._marks)
+
+    def window(self, start: int, end: int) -> Window:
+        """Tensor bytes held at mark ``start`` and the most alive at once until mark ``start + 1``."""
+        if self._windows is None or (start, end) not in self._windows:
+            raise ValueError(f"no window ({start}, {end}): read consecutive marks' windows after tracking stops")
+        return self._windows[(start, end)]
+
+
+_ACTIVE: list[AllocationTrace] = []
 
 
 @contextlib.contextmanager
-def collectives_waited_at_launch() -> Iterator[None]:
-    """Programs lowered inside wait for every asynchronous collective where it is launched (gradient
-    buckets, reduce-scatter buckets, prefetched gathers): the same buffers and order, no overlap."""
-    saved = lower._launch, lower._launch_scatter, lower.start_plan
-    lower._launch = _waited(saved[0], lambda h: h[0])  # type: ignore[assignment]
-    lower._launch_scatter = _waited(saved[1], lambda h: h.work)  # type: ignore[assignment]
-    lower.start_plan = _waited(saved[2], lambda h: h.work)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        lower._launch, lower._launch_scatter, lower.start_plan = saved
+def track_allocations(device_type: str = "cpu") -> Iterator[AllocationTrace]:
+    """Count the tensor allocations of every thread from now until the block ends (or until
+    ``measure_step_peak`` stops it): the baseline, zero, is now, so build the module inside the block."""
+    if _ACTIVE:
+        raise RuntimeError("track_allocations() is already active in this process: tracking does not nest")
+    with tempfile.TemporaryDirectory(prefix="sf-alloc-") as tmp:
+        trace = AllocationTrace(device_type, os.path.join(tmp, "allocations.bin"))
+        trace.start()
+        _ACTIVE.append(trace)
+        try:
+            yield trace
+        finally:
+            _ACTIVE.clear()
+            trace.stop()
 
 
-def _allocations(prof: Any) -> list[tuple[int, int, int, int]]:
-    """Every allocation (size > 0) and free (size < 0) the profiler saw: ``(time ns, size, address, thread)``,
-    from its raw event tree (the allocator's own records), in time order."""
-    from torch._C._profiler import _EventType
+def _records(path: str) -> Iterator[Record]:
+    from memray import AllocatorType, FileReader
 
-    out: list[tuple[int, int, int, int]] = []
-    todo = list(prof.profiler.kineto_results.experimental_event_tree())
-    while todo:
-        node = todo.pop()
-        if node.tag == _EventType.Allocation:
-            f = node.extra_fields
-            out.append((node.start_time_ns, f.alloc_size, f.ptr, node.start_tid))
-        todo += node.children
-    return sorted(out)
+    for rec in FileReader(path).get_allocation_records():
+        if rec.allocator == AllocatorType.POSIX_MEMALIGN:
+            yield Record(rec.address, rec.size)
+        elif rec.allocator == AllocatorType.FREE:
+            yield Record(rec.address, 0)
 
 
-def profiled_peak(prof: Any, marked: bool = False, held: Iterable[int] = ()) -> int:
-    """The most bytes allocated above the start at any moment, from a profiler run's allocation records;
-    with ``marked``, counted from the marker block on (``_MARK`` bytes, allocated and freed by the step's
-    thread). ``held``: addresses of storages alive at the start and counted by the caller, whose frees then
-    count too (the frees of other blocks from before the start are not this figure's).
-
-    Each free is matched to its allocation by address. Two ways the records fall short are handled: gloo
-    allocates staging blocks on its own threads (an output-sized block per all-gather) and their frees are
-    never recorded, so an allocation on another thread than the step's counts for its moment only; and a
-    block freed by gloo's thread (its last reference dropped there) has no recorded free, which shows when
-    the allocator hands out its address again: the earlier block was freed by then. (Summing the
-    per-operator figures of ``prof.events()`` instead loses or folds frees that happen inside an open region:
-    the optimizer's, an asynchronous collective's or a pending send's.)"""
-    events = _allocations(prof)
-    if marked:
-        first = next(i for i, (_, size, _, _) in enumerate(events) if size == _MARK)
-        main = events[first][3]
-    else:  # the step's thread is the one that allocates most often
-        first = -1
-        main = collections.Counter(th for _, size, _, th in events if size > 0).most_common(1)[0][0]
-    before = set(held)
+def windows(records: Iterable[Record], marks: int) -> dict[tuple[int, int], Window]:
+    """Bytes held at each mark and the peak until the next, from allocator records in their global order.
+    A free of an address not allocated since tracking began is another block's (older) and not counted."""
+    mark_sizes = {_MARK + 2 * i for i in range(marks)}
     live: dict[int, int] = {}
-    run = peak = 0
-    for _, size, ptr, thread in events[first + 1 :]:
-        if abs(size) == _MARK:
-            continue
-        if size > 0:
-            if thread != main:
-                peak = max(peak, run + size)
-                continue
-            run -= live.pop(ptr, 0)  # an address handed out again: the block there was freed unrecorded
-            before.discard(ptr)
-            live[ptr] = size
-            run += size
-            peak = max(peak, run)
-        elif ptr in live:
-            run -= live.pop(ptr)
-        elif ptr in before:  # a block counted at the start (an old gradient, say) freed during the step
-            before.discard(ptr)
-            run += size
-    return peak
+    held: list[int] = []
+    out: dict[tuple[int, int], Window] = {}
+    running = peak = 0
+    for rec in records:
+        if rec.size in mark_sizes:
+            if held:
+                out[(len(held) - 1, len(held))] = Window(held[-1], peak)
+            held.append(running)
+            peak = running
+            continue  # the mark's own free matches nothing live
+        if rec.size > 0:
+            running += rec.size - live.pop(rec.address, 0)  # an address handed out again was freed by then
+            live[rec.address] = rec.size
+            peak = max(peak, running)
+        elif rec.address in live:
+            running -= live.pop(rec.address)
+    return out
 
 
-def storage_addresses(tensors: Iterable[torch.Tensor]) -> set[int]:
-    """Addresses of the CPU storages behind ``tensors`` (the blocks the allocator handed out for them)."""
-    return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
+def measure_step_peak(pm: Any, *inputs: Any) -> MeasuredStep:
+    """Run ``pm.step(*inputs)`` (any module kind) and measure it: its peak, and what was held when it began,
+    counted from the start of the active ``track_allocations()`` block, which must have begun before the
+    module was built. Stops the tracking (its records are read then)."""
+    if not _ACTIVE:
+        raise RuntimeError(
+            "measure_step_peak needs an active track_allocations() block begun before the module was built: "
+            "build the module and run its first step inside `with track_allocations():`"
+        )
+    trace = _ACTIVE[0]
+    start = trace.mark()
+    loss = pm.step(*inputs)
+    trace.mark()
+    trace.stop()
+    window = trace.window(start, start + 1)
+    return MeasuredStep(peak=window.peak, loss=loss, held=window.held)
 
 
-def measure_step_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
-    """(peak bytes during ``pm.step(*inputs)``, the step's loss), measured by the profiler.
-
-    Two steps run under the profiler and the second is measured: the profiler does not see frees of blocks
-    allocated before it started, and a step frees what the step before it made (gradients, input shards).
-    """
-    # ``profiled_peak`` takes what other threads allocate as momentary (gloo's staging), so the measured
-    # steps keep the step's own allocations on its thread: programs lowered with bucket all-reduces,
-    # reduce-scatters and prefetched gathers waited for at once (gloo's thread would otherwise drop the
-    # last reference to some blocks: frees it never records), and each unit's update run inline at its
-    # release point, not on the optimizer actor (the same allocations and frees in the same order; only
-    # the overlap goes). The optimizer runs without its record_function wrapper (harmless for the
-    # allocation records; summing per-operator figures instead folded the frees inside it).
-    step = type(pm.optimizer).step
-    unwrapped = getattr(step, "__wrapped__", step)
-    pm.optimizer.step = types.MethodType(unwrapped, pm.optimizer)
-    programs, updates = dict(pm.programs), pm.updates
-    pm.programs.clear()
-    pm.updates = "inline" if updates == "actors" else updates
-    try:
-        with collectives_waited_at_launch(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            pm.step(*inputs)
-            held = _held(pm)
-            base, addresses = storage_bytes(held), storage_addresses(held)
-            del held  # the step frees some of these (the last gradients): no reference may keep them
-            # a block of an odd size marks where the measured step begins (a record_function region would swallow
-            # the free events that happen between ops, which the profiler then reports as the region's own)
-            mark = torch.empty(_MARK, dtype=torch.uint8)
-            del mark
-            loss = pm.step(*inputs)
-    finally:
-        del pm.optimizer.step  # back to the class's method
-        pm.updates = updates
-        pm.programs.clear()
-        pm.programs.update(programs)
-    return base + profiled_peak(prof, marked=True, held=addresses), loss
+def measure_built(build: Callable[[], Any], *inputs: Any) -> tuple[Any, MeasuredStep]:
+    """``build()`` a module inside a fresh ``track_allocations()`` block, run its first step on ``inputs`` (the
+    optimizer's state exists from then on, as predictions assume) and measure the second: (module, figures)."""
+    with track_allocations():
+        pm = build()
+        pm.step(*inputs)
+        return pm, measure_step_peak(pm, *inputs)
 
 
-def measure_pipeline_peak(pm: Any, *inputs: Any) -> tuple[int, float]:
-    """(peak bytes during one pipelined ``pm.step(*inputs)`` on this rank, its loss), measured by the profiler
-    on top of the storages held before the step (parameters, gradients, optimizer state)."""
-    step = type(pm.optimizer).step if pm.optimizer is not None else None
-    if step is not None:  # see measure_step_peak: frees inside the optimizer's region would be folded
-        pm.optimizer.step = types.MethodType(getattr(step, "__wrapped__", step), pm.optimizer)
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            pm.step(*inputs)
-            # a tensor-parallel stage's parameters and gradients are GlobalTensors: their local shards count
-            tensors = [local(p).detach() for p in pm.params] + [local(p.grad) for p in pm.params if p.grad is not None]
-            if pm.optimizer is not None:
-                for state in pm.optimizer.state.values():
-                    tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-            arenas = [p.program.arena for p in pm.programs.values() if p.program.arena is not None]
-            tensors += [a.buffer for a in arenas if a.buffer is not None]  # held from the first step on
-            base, addresses = storage_bytes(tensors), storage_addresses(tensors)
-            del tensors  # the step frees some of these: no reference may keep them
-            mark = torch.empty(_MARK, dtype=torch.uint8)
-            del mark
-            loss = pm.step(*inputs)
-    finally:
-        if step is not None:
-            del pm.optimizer.step
-    return base + profiled_peak(prof, marked=True, held=addresses), loss
+def peak_of(step: Callable[[], Any], device_type: str = "cpu") -> int:
+    """Tensor bytes above those alive before ``step()`` at its worst moment (any thread): measures a peer
+    (FSDP2, DDP) the same way as shardflow."""
+    with track_allocations(device_type) as trace:
+        trace.mark()
+        step()
+        trace.mark()
+    window = trace.window(0, 1)
+    return window.peak - window.held

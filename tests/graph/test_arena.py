@@ -17,7 +17,7 @@ import torch
 import shardflow as sf
 from shardflow.graph.arena import ALIGN, assign, out_overload, select
 from shardflow.testing import run_on_ranks
-from shardflow.testing.memory import measure_step_peak, memory_case
+from shardflow.testing.memory import measure_built, measure_step_peak, memory_case, track_allocations
 from tests.graph.test_compile import _model_and_batches, reference_step, train_and_compare
 
 aten = torch.ops.aten
@@ -125,13 +125,13 @@ def _predict_and_measure(kind: str, strategy: str, clip: float | None, arena: bo
     model, data = memory_case(kind)
     mesh = sf.Mesh("cpu", (2,), names=(strategy,))
     plain = sf.compile(model, mesh, example_inputs=data, strategy=strategy, max_grad_norm=clip).memory().peak
-    pm = sf.compile(model, mesh, example_inputs=data, strategy=strategy, arena=arena, max_grad_norm=clip)
+    pm, measured = measure_built(
+        lambda: sf.compile(model, mesh, example_inputs=data, strategy=strategy, arena=arena, max_grad_norm=clip), *data
+    )
     report = pm.memory()
-    pm.step(*data)
-    measured, _ = measure_step_peak(pm, *data)
     arena = next(iter(pm.programs.values())).arena
     assert arena is not None
-    return report.peak, measured, plain, arena.nbytes, len(arena.views), str(report)
+    return report.peak, measured.peak, plain, arena.nbytes, len(arena.views), str(report)
 
 
 # with clipping, the update runs once backward is over, beside the arena held from the program
@@ -161,28 +161,27 @@ def test_select_places_only_what_lowers_the_peak():
 
 
 def _pipeline_placed() -> tuple[int, int, int, int]:
-    from shardflow.testing.memory import measure_pipeline_peak
-
     model, data = _model_and_batches("gpt", 8)
     ref = copy.deepcopy(model)
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, eps=1e-6, foreach=False)
     mesh = sf.Mesh("cpu", (2, 2), names=("pp", "tp"))
     pipeline = sf.Pipeline(micro_batches=4, schedule="1f1b", split_points=["transformer.h.1"])
-    pm = sf.compile(
-        model,
-        mesh,
-        example_inputs=data[0],
-        strategy="tp",
-        pipeline=pipeline,
-        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-6, foreach=False),
-        max_grad_norm=0.5,
-        arena="all",
-    )
-    train_and_compare(pm, ref, opt, data[:-1])
-    arena = next(iter(pm.programs.values())).program.arena
-    assert arena is not None and arena.buffer is not None
-    predicted = pm.memory(*data[-1]).peak
-    measured, _ = measure_pipeline_peak(pm, *data[-1])
+    with track_allocations():
+        pm = sf.compile(
+            model,
+            mesh,
+            example_inputs=data[0],
+            strategy="tp",
+            pipeline=pipeline,
+            optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-6, foreach=False),
+            max_grad_norm=0.5,
+            arena="all",
+        )
+        train_and_compare(pm, ref, opt, data[:-1])
+        arena = next(iter(pm.programs.values())).program.arena
+        assert arena is not None and arena.buffer is not None
+        predicted = pm.memory(*data[-1]).peak
+        measured = measure_step_peak(pm, *data[-1]).peak
     return len(arena.views), arena.nbytes, predicted, measured
 
 

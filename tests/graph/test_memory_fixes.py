@@ -8,7 +8,6 @@ PyTorch's."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import re
@@ -20,8 +19,8 @@ import torch.distributed as dist
 
 import shardflow as sf
 from shardflow.models import GPT, MLP, GPTConfig, MLPConfig
-from shardflow.testing import memory as measuring
 from shardflow.testing import run_on_ranks
+from shardflow.testing.memory import measure_built
 from tests.graph.test_compile import reference_step
 
 # The limit: this share of the plan's own measured peak. The changes tested here measured 0.55 of it (MLP and
@@ -41,19 +40,9 @@ def _largest(nbytes: int) -> int:
 
 
 def _measured(build: Callable[[], Any], x: torch.Tensor, y: torch.Tensor) -> tuple[int, float, int]:
-    """(the largest rank's measured peak of a step of ``build()``'s module, that step's loss, steps run).
-
-    The measurer is being rewritten: the new one counts from a ``track_allocations()`` block begun before the
-    module is built, the old one from the step itself; the module is built inside such a block when there is one.
-    """
-    tracking = getattr(measuring, "track_allocations", contextlib.nullcontext)
-    with tracking():
-        pm = build()
-        pm.step(x, y)  # the optimizer's state exists from here on, as in every memory test
-        pipelined = not isinstance(pm, sf.ParallelModule)
-        measure = getattr(measuring, "measure_pipeline_peak", None) if pipelined else None
-        measured = (measure or measuring.measure_step_peak)(pm, x, y)
-    return _largest(int(measured[0])), float(measured[1]), pm.steps
+    """(the largest rank's measured peak of the second step of ``build()``'s module, its loss, steps run)."""
+    pm, measured = measure_built(build, x, y)
+    return _largest(measured.peak), float(measured.loss), pm.steps
 
 
 def _plain_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:

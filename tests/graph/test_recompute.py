@@ -1,6 +1,6 @@
 """Activation recompute: blocks wrapped in non-reentrant checkpointing are traced with their forward run
 again inside backward, so the lowered program frees their activations after forward and recomputes them.
-Equal to serial PyTorch; predicted and measured (profiler) peaks fall; ``recompute="auto"`` recomputes the
+Equal to serial PyTorch; predicted and measured (allocator) peaks fall; ``recompute="auto"`` recomputes the
 fewest leading blocks that fit ``memory_limit``, and a plan that does not fit names recompute as a fix."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import shardflow as sf
 from shardflow.models import GPT, GPTConfig
 from shardflow.testing import run_on_ranks
-from shardflow.testing.memory import measure_step_peak
+from shardflow.testing.memory import measure_built
 from tests.graph.test_compile import _model_and_batches, train_and_compare
 
 
@@ -49,9 +49,10 @@ def _peaks() -> dict[str, tuple[int, int, list[str]]]:
     mesh = sf.Mesh("cpu", (2,), names=("dp",))
     out = {}
     for recompute in (False, True):
-        pm = sf.compile(model, mesh, batch, recompute=recompute, optimizer=_adamw)
-        pm.step(*batch)
-        out[str(recompute)] = (pm.memory().peak, measure_step_peak(pm, *batch)[0], pm.recomputed)
+        pm, measured = measure_built(
+            lambda r=recompute: sf.compile(model, mesh, batch, recompute=r, optimizer=_adamw), *batch
+        )
+        out[str(recompute)] = (pm.memory().peak, measured.peak, pm.recomputed)
     keep, redo = out["False"][0], out["True"][0]
     limit = (keep + redo) // 2  # between: some blocks, not necessarily all
     auto = sf.compile(model, mesh, batch, recompute="auto", memory_limit=limit, optimizer=_adamw)

@@ -20,7 +20,7 @@ import torch
 import shardflow as sf
 from shardflow.models import GPT, GPTConfig
 from shardflow.testing import run_on_ranks
-from shardflow.testing.memory import measure_pipeline_peak
+from shardflow.testing.memory import measure_built
 from tests.graph.test_memory import named_fixes
 from tests.graph.test_memory_fixes import _measured
 
@@ -35,10 +35,10 @@ def _setup():  # type: ignore[no-untyped-def]
 def _peaks(schedule: str) -> tuple[int, int]:
     model, (x, y), mesh = _setup()
     pipeline = sf.Pipeline(micro_batches=8, schedule=schedule, split_points=["transformer.h.2"])
-    pm = sf.compile(model, mesh, example_inputs=(x, y), pipeline=pipeline)
+    pm, measured = measure_built(lambda: sf.compile(model, mesh, example_inputs=(x, y), pipeline=pipeline), x, y)
     report = pm.memory()
     assert "in flight" in str(report), str(report)
-    return report.peak, measure_pipeline_peak(pm, x, y)[0]
+    return report.peak, measured.peak
 
 
 def test_predicted_pipeline_memory_follows_the_schedule():
@@ -56,10 +56,11 @@ def _uneven_peaks() -> tuple[int, int, int]:
     model, (x, y), _ = _setup()
     stages = [sf.Mesh("cpu", (len(r),), names=("dp",), ranks=r) for r in ([0], [1, 2])]
     pipeline = sf.Pipeline(micro_batches=8, schedule="gpipe", split_points=["transformer.h.2"], stage_meshes=stages)
-    pm = sf.compile(model, sf.Mesh("cpu", (3,), names=("pp",)), example_inputs=(x, y), pipeline=pipeline)
+    mesh = sf.Mesh("cpu", (3,), names=("pp",))
+    pm, measured = measure_built(lambda: sf.compile(model, mesh, example_inputs=(x, y), pipeline=pipeline), x, y)
     report = pm.memory()
     kept = next(n for n, what in report.program.at_peak if what.startswith("activations kept"))
-    return report.peak, measure_pipeline_peak(pm, x, y)[0], kept
+    return report.peak, measured.peak, kept
 
 
 def test_predicted_memory_of_stages_of_different_sizes():
@@ -74,8 +75,10 @@ def _tensor_parallel_peaks() -> tuple[int, int]:
     model, (x, y), _ = _setup()
     mesh = sf.Mesh("cpu", (2, 2), names=("pp", "tp"))
     pipeline = sf.Pipeline(micro_batches=8, schedule="gpipe", split_points=["transformer.h.2"])
-    pm = sf.compile(model, mesh, example_inputs=(x, y), pipeline=pipeline, strategy="tp")
-    return pm.memory().peak, measure_pipeline_peak(pm, x, y)[0]
+    pm, measured = measure_built(
+        lambda: sf.compile(model, mesh, example_inputs=(x, y), pipeline=pipeline, strategy="tp"), x, y
+    )
+    return pm.memory().peak, measured.peak
 
 
 def test_tensor_parallel_stages_are_priced_by_their_shards():

@@ -33,6 +33,7 @@ BatchNorm is refused (per-micro-batch statistics are not the serial model's).
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -299,6 +300,9 @@ class PipelineModule(Snapshots):
         self.params = list(self.named.values())
         self.split.modules = [m if s == self.stage else None for s, m in enumerate(self.split.modules)]  # type: ignore[misc]
         self.split.names = [n if s == self.stage else {} for s, n in enumerate(self.split.names)]
+        # the cut's copy of the model and torch.export's graphs form reference cycles that would keep the
+        # other stages' parameters alive until Python's next full collection
+        gc.collect()
         self.tied_groups = self._tied_groups()  # collective: every rank creates every group
         self.order: list[Action] = stage_order(pipeline.schedule, self.stage, self.stages, pipeline.micro_batches)
         # the optimizer steps plain tensors: a tensor-parallel stage's local shards (their .grad set per step)

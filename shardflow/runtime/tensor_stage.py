@@ -38,6 +38,9 @@ def shard_stage(
         new = nn.Parameter(wrap(piece, mesh, sbp, whole), requires_grad=p.requires_grad)
         new_of[id(p)] = new
         out[name] = new
+        # the whole value is no longer needed, but torch.export's cut keeps references to the original
+        # Parameter objects: drop their storage, or every rank would hold its stage's parameters twice
+        p.data = p.data.new_empty(0)
     for path, p in list(module.named_parameters(remove_duplicate=False)):
         if id(p) in new_of:
             owner, _, attr = path.rpartition(".")

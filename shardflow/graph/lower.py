@@ -1027,8 +1027,11 @@ class _Lowering:
             fn = self.const(functools.partial(_launch_scatter, bucket.ranks, dims, sizes, bucket.me), "launch")
             line = self.emit(f"{handle} = {fn}({', '.join(grads)})", grads, [handle])
             self.exact_lines.add(line)  # the gradients are packed (copied) into the collective's own buffer
-            self.store(handle, bucket.nbytes, f"gradient pieces of a reduce-scatter bucket of {len(grads)}")
-            self.transient[line] = bucket.nbytes * len(bucket.ranks)  # the packed pieces of every member
+            # the packed pieces of every member stay with the collective until it completes, and on CPU gloo
+            # reduce-scatters a copy of them: both live as long as this rank's pieces, until the wait
+            packed = bucket.nbytes * len(bucket.ranks) * (2 if self.mesh.device_type == "cpu" else 1)
+            label = f"gradient pieces of a reduce-scatter bucket of {len(grads)}, with its packed send buffers"
+            self.store(handle, bucket.nbytes + packed, label)
             where, route = f"gradient reduce-scatter bucket of {len(grads)}", "reduce_scatter"
         else:
             self.bucket_sizes.append((bucket.ranks, bucket.nbytes))

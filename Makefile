@@ -13,8 +13,8 @@ demo: $(STAMP)
 test: lint pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check shardflow tests benchmarks
-	$(BIN)/ruff format --check shardflow tests benchmarks
+	$(BIN)/ruff check shardflow tests benchmarks tools
+	$(BIN)/ruff format --check shardflow tests benchmarks tools
 	$(BIN)/mypy shardflow
 
 # pytest exits 5 when it collects no test; say so instead of failing on it.

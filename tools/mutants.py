@@ -1,0 +1,259 @@
+"""Mutation check of the test suite: each mutant plants one named defect in a copy of the repository and
+runs the tests that must catch it; a mutant whose tests still pass means a promise nobody checks.
+
+Each mutant replaces one exact snippet (it must occur once) in one file of the copy; the copy is imported
+by its tests and by every rank and job they start (``PYTHONPATH`` and pytest's ``pythonpath``). Exit status 1
+if a mutant survives or a snippet is missing, so a refactor that moves a snippet is noticed here.
+
+    .venv/bin/python tools/mutants.py [--only NAME,...] [--list]
+
+The mutants' snippets are checked in the default suite (tests/test_mutants.py), so they stay findable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("shardflow", "tests", "examples", "pyproject.toml")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # exact snippet, found once
+    new: str
+    tests: tuple[str, ...]  # pytest node ids; at least one must fail
+
+
+MEMORY = "tests/graph/test_memory.py::test_predicted_peak_matches_measured_on_every_rank"
+PROMISES = "tests/graph/test_promises.py"
+
+MUTANTS = [
+    Mutant(
+        "the planner forgets a ZeRO-2 bucket's packed send buffers",
+        "shardflow/graph/lower.py",
+        "self.store(handle, bucket.nbytes + packed, label)",
+        "self.store(handle, bucket.nbytes, label)",
+        (f"{MEMORY}[gpt-dp4-dp-zero2]",),
+    ),
+    Mutant(
+        "the planner forgets an all-reduce bucket's buffer",
+        "shardflow/graph/lower.py",
+        'self.store(handle, bucket.nbytes, f"gradient bucket of {len(grads)}")',
+        'self.store(handle, 0, f"gradient bucket of {len(grads)}")',
+        (f"{MEMORY}[mlp-dp2-dp]", f"{MEMORY}[mlp-dp4-dp]"),
+    ),
+    Mutant(
+        "the measurer skips allocations on other threads",
+        "shardflow/testing/memory.py",
+        "if rec.allocator == AllocatorType.POSIX_MEMALIGN:",
+        "if rec.allocator == AllocatorType.POSIX_MEMALIGN and rec.tid == 1:",
+        ("tests/testing/test_memory.py",),
+    ),
+    Mutant(
+        "ZeRO-2 leaves gradients whole",
+        "shardflow/graph/compile.py",
+        "z if self.zero == 2 and sl is not None else None for z, sl in zip(self.opt_sbps, self.slices)",
+        "None for z, sl in zip(self.opt_sbps, self.slices)",
+        ("tests/graph/test_zero.py::test_zero1_and_zero2_memory_follow_the_formulas",),
+    ),
+    Mutant(
+        "hints= ignored",
+        "shardflow/graph/compile.py",
+        "layouts = param_layouts(model, mesh, strategy, captured, hints)",
+        "layouts = param_layouts(model, mesh, strategy, captured, None)",
+        (f"{PROMISES}::test_hints_are_applied_and_train_equal_to_plain_torch",),
+    ),
+    Mutant(
+        "input_sbp ignored",
+        "shardflow/graph/compile.py",
+        "sbps = _input_layouts(input_sbp, mesh, len(example_inputs))",
+        "sbps = [(S(0),) + (B,) * (mesh.ndim - 1)] * len(example_inputs)",
+        (
+            f"{PROMISES}::test_replicated_inputs_under_dp_train_equal_to_plain_torch",
+            f"{PROMISES}::test_inputs_split_on_the_sequence_dim_train_equal_to_plain_torch",
+        ),
+    ),
+    Mutant(
+        "recompute='auto' picks one block too many",
+        "shardflow/graph/compile.py",
+        "pm.set_recompute(every[:lo])",
+        "pm.set_recompute(every[: lo + 1])",
+        ("tests/graph/test_recompute.py::test_auto_recomputes_the_fewest_blocks_found_by_brute_force",),
+    ),
+    Mutant(
+        "recompute globs ignored",
+        "shardflow/graph/compile.py",
+        "pm.set_recompute(_recompute_targets(model, recompute))",
+        "_recompute_targets(model, recompute)",
+        (f"{PROMISES}::test_recompute_module_globs_equal_plain_torch",),
+    ),
+    Mutant(
+        "eager mode (pm.static = False) ignored",
+        "shardflow/graph/compile.py",
+        "        if self.static:\n            return self._static_step(",
+        "        if True:\n            return self._static_step(",
+        (f"{PROMISES}::test_eager_adamw_steps_with_clipping_equal_plain_torch",),
+    ),
+    Mutant(
+        "a refusal calls a fix fitting that does not",
+        "shardflow/graph/compile.py",
+        "{'fits' if b <= limit else 'does not fit'}",
+        "{'fits' if b <= 2 * limit else 'does not fit'}",
+        ("tests/graph/test_memory.py::test_plan_over_limit_is_refused_before_running_and_the_named_fix_fits",),
+    ),
+    Mutant(
+        "the half-batch fix priced on the whole batch",
+        "shardflow/graph/compile.py",
+        'fixes.append((max(pm.memory(*half).peaks or [0]), f"a batch of',
+        'fixes.append((max(pm.memory(*plain).peaks or [0]), f"a batch of',
+        ("tests/graph/test_memory_fixes.py::test_half_the_batch_that_the_refusal_prices_fits_when_run",),
+    ),
+    Mutant(
+        "a pipeline's activations under-priced",
+        "shardflow/runtime/pipeline.py",
+        "act = lowered.saved_bytes + sum(",
+        "act = lowered.saved_bytes // 4 + sum(",
+        ("tests/runtime/test_pipeline_memory.py::test_a_pipeline_over_its_limit_is_refused_with_the_fix",),
+    ),
+    Mutant(
+        "a snapshot's optimizer state not restored",
+        "shardflow/graph/compile.py",
+        'self.optimizer.load_state_dict({"state": state, "param_groups": groups})',
+        'self.optimizer.load_state_dict({"state": {}, "param_groups": groups})',
+        ("tests/checkpoint/test_reshard_load.py",),
+    ),
+    Mutant(
+        "shardflow train ignores resume=<path>",
+        "shardflow/train/loop.py",
+        "pm.load(cfg.resume)",
+        "pm.load(snapshots(os.path.dirname(cfg.resume))[-1][1])",
+        ("tests/train/test_train_keys.py::test_resume_from_a_given_snapshot_path_continues_bit_identical",),
+    ),
+    Mutant(
+        "shardflow train ignores zero",
+        "shardflow/train/loop.py",
+        "zero=cfg.zero,",
+        "zero=0,",
+        ("tests/train/test_train_keys.py::test_zero_trains_like_plain_torch_with_parameters_split_over_dp",),
+    ),
+    Mutant(
+        "shardflow train ignores memory_limit",
+        "shardflow/train/loop.py",
+        "memory_limit=cfg.memory_limit or None,",
+        "memory_limit=None,",
+        ("tests/train/test_train_keys.py::test_a_memory_limit_too_small_is_refused_before_training",),
+    ),
+    Mutant(
+        "MFU over one device's peak, not the job's",
+        "shardflow/train/loop.py",
+        "(cfg.peak_tflops * 1e12 * dist.get_world_size())",
+        "(cfg.peak_tflops * 1e12)",
+        ("tests/train/test_train_keys.py::test_mfu_is_the_achieved_flops_over_the_peak_given",),
+    ),
+    Mutant(
+        "a capture error names the root module, not the failing one",
+        "shardflow/graph/capture_errors.py",
+        'at = max((i for i, f in enumerate(frames) if id(f.frame.f_locals.get("self")) in names), default=-1)',
+        'at = min((i for i, f in enumerate(frames) if id(f.frame.f_locals.get("self")) in names), default=-1)',
+        ("tests/graph/test_capture_errors.py::test_a_rejecting_fake_kernel_names_the_module_the_op_and_the_way_out",),
+    ),
+    Mutant(
+        "the restart test's fault lands after the last step",
+        "tests/cli/test_faults.py",
+        '_job_cmd(tmp_path, "step", 5, "--steps", "8"',
+        '_job_cmd(tmp_path, "step", 8, "--steps", "8"',
+        ("tests/cli/test_faults.py::test_with_restarts_a_killed_worker_rejoins_and_training_continues",),
+    ),
+    Mutant(
+        "a restarted job resumes from its first snapshot, not its last",
+        "shardflow/train/loop.py",
+        "pm.load(found[-1][1])",
+        "pm.load(found[0][1])",
+        ("tests/cli/test_faults.py::test_with_restarts_a_killed_worker_rejoins_and_training_continues",),
+    ),
+    Mutant(
+        "sf.init ignores its collective timeout",
+        "shardflow/comm/init.py",
+        "td = _timeout = _as_timedelta(timeout)",
+        "td = _timeout = DEFAULT_TIMEOUT",
+        ("tests/comm/test_timeout.py::test_a_stuck_peer_fails_the_job_by_the_configured_timeout",),
+    ),
+    Mutant(
+        "a ring all-reduce priced as moving half its bytes",
+        "shardflow/boxing/plan.py",
+        '"all_reduce": 2 * (k - 1) * inb // k,',
+        '"all_reduce": (k - 1) * inb // k,',
+        ("tests/boxing/test_plan.py::test_collective_bytes_and_seconds_follow_the_ring_formulas",),
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    mutant: Mutant
+    verdict: str  # "caught", "SURVIVED" or "MISSING" (the snippet is not in the file once)
+    seconds: float
+    tail: str
+
+
+def run(mutant: Mutant, python: str) -> Outcome:
+    source = (ROOT / mutant.path).read_text()
+    if source.count(mutant.old) != 1:
+        return Outcome(mutant, "MISSING", 0.0, f"{mutant.path}: snippet found {source.count(mutant.old)} times")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sf-mutant-") as tmp:
+        copy = Path(tmp)
+        for name in COPIED:
+            src = ROOT / name
+            if src.is_dir():
+                shutil.copytree(src, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            else:
+                shutil.copy2(src, copy / name)
+        (copy / mutant.path).write_text(source.replace(mutant.old, mutant.new))
+        env = {**os.environ, "PYTHONPATH": str(copy)}
+        cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:randomly", *mutant.tests]
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+    caught = proc.returncode not in (0, 5)  # 5: no test collected, a broken node id, not a catch
+    if proc.returncode == 5:
+        return Outcome(mutant, "MISSING", time.perf_counter() - started, tail)
+    return Outcome(mutant, "caught" if caught else "SURVIVED", time.perf_counter() - started, tail)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="", help="comma-separated substrings of mutant names")
+    p.add_argument("--list", action="store_true", help="list the mutants and check their snippets, run nothing")
+    args = p.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or any(s in m.name for s in args.only.split(","))]
+    if args.list:
+        missing = 0
+        for m in chosen:
+            found = (ROOT / m.path).read_text().count(m.old)
+            missing += found != 1
+            print(f"{'ok' if found == 1 else 'MISSING':8s} {m.name}: {m.path} -> {', '.join(m.tests)}")
+        sys.exit(1 if missing else 0)
+    bad = 0
+    for m in chosen:
+        outcome = run(m, sys.executable)
+        bad += outcome.verdict != "caught"
+        print(f"{outcome.verdict:8s} {outcome.seconds:6.0f} s  {m.name}", flush=True)
+        if outcome.verdict != "caught":
+            print("    " + outcome.tail.replace("\n", "\n    "), flush=True)
+    print(f"{len(chosen) - bad} of {len(chosen)} mutants caught")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -75,9 +76,34 @@ def _opt(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, foreach=False)
 
 
+def _waited(launch: Callable[..., Any], work: Callable[[Any], Any]) -> Callable[..., Any]:
+    def launch_and_wait(*args: Any) -> Any:
+        handle = launch(*args)
+        if work(handle) is not None:
+            work(handle).wait()
+        return handle
+
+    return launch_and_wait
+
+
+@contextlib.contextmanager
+def collectives_waited_at_launch() -> Iterator[None]:
+    """Programs lowered inside wait for every asynchronous collective where it is launched (gradient
+    buckets, reduce-scatter buckets, prefetched gathers): the same buffers and order, no overlap."""
+    from shardflow.graph import lower
+
+    saved = lower._launch, lower._launch_scatter, lower.start_plan
+    lower._launch = _waited(saved[0], lambda h: h[0])  # type: ignore[assignment]
+    lower._launch_scatter = _waited(saved[1], lambda h: h.work)  # type: ignore[assignment]
+    lower.start_plan = _waited(saved[2], lambda h: h.work)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        lower._launch, lower._launch_scatter, lower.start_plan = saved
+
+
 def _measure(kind: str, repeats: int, warmup: int) -> list[str]:
     import shardflow as sf
-    from shardflow.testing.memory import collectives_waited_at_launch
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model, (x, y) = _case(kind, world)

@@ -24,6 +24,7 @@ class MemoryCase:
     recompute: bool = False
     schedule: str | None = None  # a pipeline over the "pp" axis, cut in two stages
     micro_batches: int = 4
+    arena: bool | str = False
 
     @property
     def world(self) -> int:
@@ -39,6 +40,8 @@ class MemoryCase:
             parts.append(f"zero{self.zero}")
         if self.recompute:
             parts.append("recompute")
+        if self.arena:
+            parts.append(f"arena-{self.arena}")
         return "-".join(parts)
 
 
@@ -61,6 +64,8 @@ def predict_and_measure(case: MemoryCase, **compile_options: Any) -> RankMemory:
 
     model, data = memory_case(case.kind)
     options: dict[str, Any] = {"strategy": case.strategy, "zero": case.zero, "recompute": case.recompute}
+    if case.arena:
+        options["arena"] = case.arena
     if case.schedule:
         options["pipeline"] = sf.Pipeline(axis="pp", micro_batches=case.micro_batches, schedule=case.schedule)
     with track_allocations():
@@ -98,4 +103,5 @@ CASES = [
     MemoryCase("gpt", (2, 2), ("pp", "dp"), schedule="gpipe"),
     MemoryCase("gpt", (2, 2), ("pp", "dp"), schedule="1f1b"),
     MemoryCase("gpt", (2, 2), ("pp", "tp"), "tp", schedule="1f1b"),
+    MemoryCase("gpt", (2, 2), ("pp", "tp"), "tp", schedule="1f1b", arena="all"),
 ]

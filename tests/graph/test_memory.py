@@ -21,17 +21,25 @@ from shardflow.testing.memory import memory_case
 from shardflow.testing.memory_cases import CASES, predict_and_measure
 from tests.graph.test_memory_fixes import _measured
 
-# Cases predicted further from their measurement than the 10% every other case meets, and why (case name
-# -> (bound, reason)); each reason is a cost the planner does not model yet.
-LOOSER: dict[str, tuple[float, str]] = {}
+# Ranks predicted further from their measurement than the 10% every other rank of every case meets, and why
+# (case name -> (bound, those ranks, reason)); each reason is a cost the planner does not price yet.
+_LAST_TP_STAGE = (
+    "the last stage of a 1F1B pipeline over tensor-parallel stages peaks in its split last backward, where the "
+    "tp all-reduces' clones and the input gradient's send buffer outlive what the stage program prices"
+)
+LOOSER: dict[str, tuple[float, tuple[int, ...], str]] = {
+    "gpt-pp2xtp2-tp-1f1b-m4": (0.15, (2, 3), _LAST_TP_STAGE),  # measured 9% under
+    "gpt-pp2xtp2-tp-1f1b-m4-arena-all": (0.15, (2, 3), _LAST_TP_STAGE),  # measured 13% under
+}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_predicted_peak_matches_measured_on_every_rank(case):
     ranks = run_on_ranks(case.world, predict_and_measure, case, timeout=300)
     assert sorted(r.rank for r in ranks) == list(range(case.world))
-    bound = LOOSER.get(case.name, (0.10, ""))[0]
+    looser, which, _ = LOOSER.get(case.name, (0.10, (), ""))
     for r in ranks:
+        bound = looser if r.rank in which else 0.10
         assert abs(r.measured - r.predicted) <= bound * r.measured, (
             case.name,
             r.rank,

@@ -1,12 +1,8 @@
 """Pipeline memory: ``pm.memory()`` predicts each stage's peak from its parameters, gradients, optimizer
 state and its lowered program's count of a micro-batch's activations and backward temporaries, walked
-through the schedule's order; the profiler's measurement of a real step agrees, and both see 1F1B's bound
-(``p - s`` micro-batches) against GPipe's (``m``).
-
-Accuracy (the measurement matches each free to its allocation by address): GPipe and stages of different
-sizes within 1%, 1F1B 2% (first stage) and 6% (last stage, under: its last backward, split in two passes,
-keeps every activation until the second; the plan counts the gradients held between them) over this
-model; bounds 5% and 15%."""
+through the schedule's order; the allocator's count of a real step (shardflow/testing/memory.py) agrees
+within the promised 10% on every rank, and both see 1F1B's bound (``p - s`` micro-batches) against
+GPipe's (``m``). Every rank's figures: BENCHMARKS.md, Memory."""
 
 from __future__ import annotations
 
@@ -44,8 +40,8 @@ def _peaks(schedule: str) -> tuple[int, int]:
 def test_predicted_pipeline_memory_follows_the_schedule():
     gpipe = run_on_ranks(2, _peaks, "gpipe", timeout=300)
     one_f = run_on_ranks(2, _peaks, "1f1b", timeout=300)
-    for (predicted, measured), bound in [*((r, 0.05) for r in gpipe), *((r, 0.15) for r in one_f)]:
-        assert abs(predicted - measured) <= bound * measured, (predicted, measured)
+    for predicted, measured in gpipe + one_f:
+        assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
     for stage in (0, 1):  # 8 micro-batches in flight against 2 (stage 0) and 1 (stage 1)
         assert one_f[stage][0] < 0.6 * gpipe[stage][0] and one_f[stage][1] < 0.6 * gpipe[stage][1]
 
@@ -66,7 +62,7 @@ def _uneven_peaks() -> tuple[int, int, int]:
 def test_predicted_memory_of_stages_of_different_sizes():
     first, *wide = run_on_ranks(3, _uneven_peaks, timeout=300)
     for predicted, measured, _ in (first, *wide):
-        assert abs(predicted - measured) <= 0.12 * measured, (predicted, measured)
+        assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
     assert wide[0] == wide[1] or abs(wide[0][1] - wide[1][1]) < 0.05 * wide[0][1]
     assert wide[0][2] == wide[1][2]
 

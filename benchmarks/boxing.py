@@ -1,6 +1,6 @@
 """Boxing benchmark: shardflow's eager ``redistribute`` against the raw collective and against DTensor.
 
-For every 1-d route of DESIGN.md's boxing table (and one cross-mesh route) and every size, three sides move
+For every 1-d route of the boxing table (and one cross-mesh route) and every size, three sides move
 the same logical tensor, interleaved call by call (A B C, B C A, C A B, ...) so that drift on a busy
 machine hits them alike:
 

@@ -12,7 +12,7 @@ Time: the sides in rotating order, each call one step between ``synchronize()``s
 
     python benchmarks/gpu_arena.py [--repeats 30] [--markdown]      (``--device cpu`` runs it anywhere)
 
-``--gpt2 --dtype bfloat16 --modes off,graph --compile`` is the issue's anchor instead: GPT-2 small at batch
+``--gpt2 --dtype bfloat16 --modes off,graph --compile`` is the reference case instead: GPT-2 small at batch
 16 x 1024 in bf16 (weights and AdamW state in bf16 on both sides), with ``torch.compile`` of the eager model
 as another side; memory is not measured then. ``graph`` is ``sf.compile(..., cuda_graphs=True)``: the step
 replayed as one CUDA graph (runtime/cuda_graph.py); ``inductor`` is ``inductor=True``, the program compiled by

@@ -9,7 +9,7 @@ each read goes to the device. The consumer is a plain PyTorch MLP step (forward,
 
 Reported per batch, medians over ``--repeats`` epochs run ABAB: reading alone (each loader without a
 consumer), the step alone (on batches already in memory), each loop's time, and the loop over the slowest
-part (1.0: reading and compute fully overlap; 2.0: they alternate). The issue's target is <= 1.1. "filled"
+part (1.0: reading and compute fully overlap; 2.0: they alternate). The target is <= 1.1. "filled"
 is the loop from the first batch's arrival on: the first read of an epoch has nothing to hide under, with
 either loader (1/``--batches`` of a read per batch). With ``--device-ms T`` the step is a stand-in for an
 accelerator's (``benchmarks/device_time.py``: T ms during which the host thread waits and its core is free),

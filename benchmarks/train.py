@@ -90,7 +90,7 @@ class Case:
         return f"{self.family}-{self.what}"
 
 
-# what each family is compared with, and its target as peer/shardflow (the targets, inverted)
+# what each family is compared with, and its target as peer/shardflow (the project's targets, inverted)
 PEER = {"dp": "DDP", "compiled": "compiled DDP", "tp": "parallelize_module", "op": "DTensor"}
 TARGET = {"dp": 1.0, "compiled": 1.0, "tp": 1 / 1.05, "op": 2.0}
 TARGET_TEXT = {

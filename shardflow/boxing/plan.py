@@ -2,7 +2,7 @@
 
 Pure: it never touches a process group, so every rank computes the same plan and tests need no processes.
 On one mesh, routes are shortest paths (by ``CostModel``) over nd-SBPs, each edge changing one mesh axis
-with the 1-d conversion of DESIGN.md's table. An edge on axis ``a`` is legal only when no later axis splits
+with a 1-d conversion (all-gather, reduce-scatter, all-reduce, all-to-all, slice, …). An edge on axis ``a`` is legal only when no later axis splits
 a dim that the edge touches: later axes split the piece of earlier ones, so converting an outer split
 under an inner one would scramble rows (``(S(0), S(0))``). Between different meshes, the source first drops
 its ``P`` axes on its own mesh (cheapest way, usually reduce-scatter), then every target rank receives the

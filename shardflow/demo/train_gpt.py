@@ -35,7 +35,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 DEFAULT_STEPS = 30  # shardflow.cli.main.DEMO_STEPS says the same
 CHECK_STEPS = 3  # steps compared with plain PyTorch
-RTOL, ATOL = 1e-4, 1e-5  # CONTRACT.md's numerics policy, as in tests/graph/test_compile.py
+RTOL, ATOL = 1e-4, 1e-5  # the fp32 equality tolerances, as in tests/graph/test_compile.py
 BATCH = 8  # global batch (sequences per step), split over dp
 CONFIG = GPTConfig(vocab_size=CHAR_VOCAB_SIZE, block_size=32, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
 LR, EPS, MAX_GRAD_NORM = 3e-3, 1e-6, 1.0

@@ -650,7 +650,7 @@ def compile(
     cuda_graphs: bool = False,
     inductor: bool = False,
 ) -> Any:
-    """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see CONTRACT.md.
+    """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see the README's API sections.
 
     Returns a ``ParallelModule``, or with ``pipeline=sf.Pipeline(...)`` a ``PipelineModule`` (stages over
     the pipeline axis, data parallel over the others). ``arena=True`` places the step's temporaries at

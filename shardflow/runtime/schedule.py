@@ -4,7 +4,7 @@ A schedule is a per-stage list, fixed before the step: with it every stage knows
 so sends and receives between neighbours match without a coordinator. Both schedules run micro-batches in
 order in each direction, so activations (stage s to s+1) and gradients (s+1 to s) arrive in the order they
 are sent. They differ in how many forwards a stage may run ahead of its backwards, which is the number of
-activation sets it keeps alive (its registers in the actor picture of DESIGN.md):
+activation sets it keeps alive (its registers, in the actor runtime's terms):
 
 | schedule | order on stage ``s`` of ``p`` with ``m`` micro-batches          | activation sets alive |
 |----------|------------------------------------------------------------------|-----------------------|

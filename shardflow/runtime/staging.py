@@ -1,6 +1,6 @@
 """Host-to-device copies of a step's inputs: each rank copies only its own shard, through a pinned buffer.
 
-A compiled step takes the global batch as plain host tensors (the same on every rank, CONTRACT.md). Each
+A compiled step takes the global batch as plain host tensors (the same on every rank, as the API promises). Each
 rank slices its shard on the host first (a view; no bytes move), so on a GPU it copies 1/N of the batch, not
 all of it. The copy goes through a page-locked buffer kept per input (allocated once, reused every step),
 so ``non_blocking`` makes it asynchronous on the current stream, ordered before the step's kernels; an event

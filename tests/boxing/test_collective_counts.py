@@ -1,4 +1,4 @@
-"""Each 1-d route issues exactly the collective of DESIGN.md's table, counted by torch's CommDebugMode."""
+"""Each 1-d route issues exactly the collective the boxing table names, counted by torch's CommDebugMode."""
 
 from __future__ import annotations
 

@@ -143,7 +143,7 @@ def _named_cross_mesh(src_shape, src_ranks, dst_shape, dst_ranks) -> None:
 
 
 def test_named_cross_mesh_cases():
-    """The issue's cases: 2 ranks -> 4 ranks, 4 -> 3, and disjoint halves."""
+    """Meshes of different sizes: 2 ranks -> 4 ranks, 4 -> 3, and disjoint halves."""
     run_on_ranks(WORLD, _named_cross_mesh, (2,), [0, 1], (4,), [0, 1, 2, 3])
     run_on_ranks(WORLD, _named_cross_mesh, (4,), [0, 1, 2, 3], (3,), [1, 2, 3])
     run_on_ranks(WORLD, _named_cross_mesh, (2,), [0, 1], (2,), [2, 3])

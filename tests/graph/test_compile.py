@@ -1,7 +1,7 @@
 """sf.compile equals plain PyTorch: 5 AdamW steps with global-norm clipping on meshes (2,), (4,), (2, 2)
 as dp, tp and hybrid, for the GPT, the MLP, the CNN with BatchNorm, and a model with a custom
 autograd.Function (a straight-through estimator: the step must run its backward, not rounding's zero
-derivative); losses and full_state_dict() within rtol 1e-4 (CONTRACT.md's numerics policy), including a
+derivative); losses and full_state_dict() within rtol 1e-4 (the fp32 equality policy), including a
 global batch that does not divide."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """ZeRO-3 as a layout: parameters (and so gradients and optimizer state) split on the data-parallel axis,
 gathered right before each op that computes with them. Equal to serial PyTorch (5 AdamW steps with
-clipping, CONTRACT.md's tolerances), and per-rank memory falls as the ZeRO paper's stage-3 formula says
+clipping, the fp32 tolerances), and per-rank memory falls as the ZeRO paper's stage-3 formula says
 (parameters + optimizer state = 12 bytes per parameter / N with fp32 AdamW; the gradients add 4/N)."""
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def test_tensor_parallel_stages_are_priced_by_their_shards():
     """A tensor-parallel stage runs as a lowered program, which counts its own memory on this rank's
     shards: what its forward saves for its backward (times the micro-batches in flight) and its peak
     beyond that; its gradients are GlobalTensors, summed out of place. Predicted 0.96-0.98 of the measured
-    peaks over two runs (the eager stage it replaced was predicted 0.90-0.94); the issue's 10% is the
+    peaks over two runs (the eager stage it replaced was predicted 0.90-0.94); the promised 10% is the
     bound."""
     for predicted, measured in run_on_ranks(4, _tensor_parallel_peaks, timeout=300):
         assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)

@@ -3,7 +3,7 @@ and what updating each bucket's parameters during backward (the optimizer actor)
 
 Five sides in the same processes, from the same weights, on the same batch shard, interleaved call by call
 (the order rotates every repeat), AdamW(lr=1e-3, foreach=False), no clipping (with clipping the updates
-wait for the global norm, CONTRACT):
+wait for the global norm, as the API promises):
 
 - ``sync``: shardflow with every bucket's all-reduce waited for where it is launched (no overlap);
 - ``after``: buckets launched asynchronously, waited for after backward, then one optimizer step (DDP's way);

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("shardflow", "tests", "examples", "pyproject.toml")
+COPIED = ("shardflow", "tests", "examples", "benchmarks", "tools", "pyproject.toml", "README.md", "BENCHMARKS.md")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,27 @@ MUTANTS = [
         'self.store(handle, bucket.nbytes, f"gradient bucket of {len(grads)}")',
         'self.store(handle, 0, f"gradient bucket of {len(grads)}")',
         (f"{MEMORY}[mlp-dp2-dp]", f"{MEMORY}[mlp-dp4-dp]"),
+    ),
+    Mutant(
+        "ZeRO-2 buckets priced without gloo's copy of the packed buffers",
+        "shardflow/graph/lower.py",
+        'packed = bucket.nbytes * len(bucket.ranks) * (2 if self.mesh.device_type == "cpu" else 1)',
+        "packed = bucket.nbytes * len(bucket.ranks)",
+        (f"{MEMORY}[gpt-dp4-dp-zero2]",),
+    ),
+    Mutant(
+        "a pipeline stage keeps the other stages' parameters (the cut's cycles not collected)",
+        "shardflow/runtime/pipeline.py",
+        "        gc.collect()\n",
+        "",
+        (f"{MEMORY}[gpt-pp2-dp-gpipe-m4]", f"{MEMORY}[gpt-pp2-dp-1f1b-m4]"),
+    ),
+    Mutant(
+        "a tensor-parallel stage keeps the whole values of its shards",
+        "shardflow/runtime/tensor_stage.py",
+        "p.data = p.data.new_empty(0)",
+        "pass",
+        (f"{MEMORY}[gpt-pp2xtp2-tp-1f1b-m4]",),
     ),
     Mutant(
         "the measurer skips allocations on other threads",
@@ -202,7 +223,7 @@ MUTANTS = [
 @dataclass(frozen=True)
 class Outcome:
     mutant: Mutant
-    verdict: str  # "caught", "SURVIVED" or "MISSING" (the snippet is not in the file once)
+    verdict: str  # "caught", "SURVIVED", "MISSING" (the snippet is not in the file once) or "ERROR <pytest's code>"
     seconds: float
     tail: str
 
@@ -222,13 +243,17 @@ def run(mutant: Mutant, python: str) -> Outcome:
                 shutil.copy2(src, copy / name)
         (copy / mutant.path).write_text(source.replace(mutant.old, mutant.new))
         env = {**os.environ, "PYTHONPATH": str(copy)}
-        cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:randomly", *mutant.tests]
+        cmd = [python, "-m", "pytest", "-x", "-q", "--tb=no", "-rf", *mutant.tests]
         proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
-    caught = proc.returncode not in (0, 5)  # 5: no test collected, a broken node id, not a catch
-    if proc.returncode == 5:
-        return Outcome(mutant, "MISSING", time.perf_counter() - started, tail)
-    return Outcome(mutant, "caught" if caught else "SURVIVED", time.perf_counter() - started, tail)
+    out = proc.stdout + proc.stderr
+    tail = "\n".join(out.strip().splitlines()[-3:])
+    seconds = time.perf_counter() - started
+    # caught: pytest ran and one of the named tests failed; a collection error (2), a usage error or a node id
+    # that matches nothing (4) or no test at all (5) is not a catch but a broken mutant
+    failed = [line.split()[1] for line in out.splitlines() if line.startswith("FAILED ")]
+    if proc.returncode == 1 and any(f.startswith(t) for f in failed for t in mutant.tests):
+        return Outcome(mutant, "caught", seconds, tail)
+    return Outcome(mutant, "SURVIVED" if proc.returncode == 0 else f"ERROR {proc.returncode}", seconds, tail)
 
 
 def main() -> None:

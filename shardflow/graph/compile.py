@@ -9,7 +9,7 @@ parameter, its gradient and its optimizer state share one layout). The step is a
 program (compute) hands each bucket on once its gradients exist and nothing later reads its parameters,
 an all-reduce actor takes it once its collective is done and an optimizer actor updates just those
 parameters while backward goes on (runtime/updates.py: an event loop on the compute thread on CPU, threads
-on GPU); with ``max_grad_norm`` the updates wait for the global norm (CONTRACT). ``static = False`` runs the same
+on GPU); with ``max_grad_norm`` the updates wait for the global norm (as clip_grad_norm_). ``static = False`` runs the same
 layouts op by op on GlobalTensors (eager), with gradients synchronised from post-accumulate hooks.
 
 ZeRO is a choice of layouts, not a wrapper. ``zero=3``: every parameter gets ``S(0)`` on the
@@ -205,7 +205,7 @@ class ParallelModule(Snapshots):
             if isinstance(x, GlobalTensor):
                 out.append(x if x.mesh == self.mesh and x.sbp == sbp else x.redistribute(sbp, mesh=self.mesh))
             elif isinstance(x, torch.Tensor) and P not in sbp:
-                # the full batch, the same on every rank (CONTRACT): each rank slices its shard on the host, no
+                # the full batch, the same on every rank (the API's promise): each rank slices its shard on the host, no
                 # messages, and copies only that to its device (through a pinned buffer: runtime/staging.py)
                 piece = take_local(x.detach(), sbp, self.mesh.shape, self.mesh.coord_of(world()[0]))
                 out.append(wrap(self.staging.to_device(i, piece, self.mesh.device), self.mesh, sbp, x.shape))
@@ -421,7 +421,7 @@ class ParallelModule(Snapshots):
             lp.grad = self._piece(program.grad_of[k], g)
             mine.append(lp)
         if self.max_grad_norm is not None:
-            return  # updates wait for the global norm (CONTRACT); the all-reduces still overlapped backward
+            return  # updates wait for the global norm (as clip_grad_norm_); the all-reduces still overlapped backward
         self.optimizer.step()
         for lp in mine:
             lp.grad = None  # the next unit's step must not update these again

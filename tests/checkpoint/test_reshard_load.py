@@ -1,7 +1,7 @@
 """``pm.load`` into another plan than the one that saved: a ZeRO-3 snapshot (parameters and optimizer state
 split over dp) into dp without ZeRO and into hybrid, a dp snapshot into tp and into hybrid. After loading,
 3 more AdamW steps with clipping equal a plain PyTorch run of all 5 steps, so the parameters, the AdamW
-moments and step counts must all have come back in the new layouts (CONTRACT's tolerances)."""
+moments and step counts must all have come back in the new layouts (the fp32 tolerances)."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def reference_step(ref: torch.nn.Module, opt: torch.optim.Optimizer, x, y, clip:
 
 
 def train_and_compare(pm, ref: torch.nn.Module, opt: torch.optim.Optimizer, data) -> None:  # type: ignore[no-untyped-def]
-    """Step ``pm`` and the serial reference on every batch: losses, then parameters, within CONTRACT's tolerances."""
+    """Step ``pm`` and the serial reference on every batch: losses, then parameters, within the fp32 tolerances (rtol 1e-4, atol 1e-5)."""
     for x, y in data:
         want = reference_step(ref, opt, x, y)
         got = pm.step(x, y)

@@ -1,5 +1,5 @@
 """Promises of the API that other tests leave alone, each trained against plain PyTorch (5 AdamW steps with
-clipping, CONTRACT's tolerances): eager mode (``pm.static = False``) on dp, tp and hybrid meshes; ``hints=`` and
+clipping, the fp32 tolerances): eager mode (``pm.static = False``) on dp, tp and hybrid meshes; ``hints=`` and
 ``input_sbp=`` applied (the layouts and the program take them) and equal to serial; ``recompute=`` with
 module globs; ``updates="after"`` as the one-rank default; ``inductor=True`` refused with pipelines."""
 

@@ -32,6 +32,9 @@ def shard_stage(
     out: dict[str, nn.Parameter] = {}
     new_of: dict[int, nn.Parameter] = {}
     for name, p in named.items():
+        if id(p) in new_of:  # one parameter under two names: shard it once (its whole value is dropped below)
+            out[name] = new_of[id(p)]
+            continue
         sbp = (layouts.get(name, B),)
         whole = tuple(p.shape)
         piece = take_local(p.detach(), sbp, mesh.shape, mesh.coord_of(rank)).clone()

@@ -25,6 +25,7 @@ class MemoryCase:
     schedule: str | None = None  # a pipeline over the "pp" axis, cut in two stages
     micro_batches: int = 4
     arena: bool | str = False
+    max_grad_norm: float | None = None  # clipping: the updates wait for the global norm
 
     @property
     def world(self) -> int:
@@ -42,6 +43,8 @@ class MemoryCase:
             parts.append("recompute")
         if self.arena:
             parts.append(f"arena-{self.arena}")
+        if self.max_grad_norm is not None:
+            parts.append("clip")
         return "-".join(parts)
 
 
@@ -66,6 +69,8 @@ def predict_and_measure(case: MemoryCase, **compile_options: Any) -> RankMemory:
     options: dict[str, Any] = {"strategy": case.strategy, "zero": case.zero, "recompute": case.recompute}
     if case.arena:
         options["arena"] = case.arena
+    if case.max_grad_norm is not None:
+        options["max_grad_norm"] = case.max_grad_norm
     if case.schedule:
         options["pipeline"] = sf.Pipeline(axis="pp", micro_batches=case.micro_batches, schedule=case.schedule)
     with track_allocations():
@@ -92,6 +97,8 @@ CASES = [
     MemoryCase("gpt", (2,), ("dp",), zero=3),
     MemoryCase("gpt", (2,), ("pp",), schedule="gpipe"),
     MemoryCase("gpt", (2,), ("pp",), schedule="1f1b"),
+    MemoryCase("mlp", (2,), ("dp",), max_grad_norm=1.0),
+    MemoryCase("gpt", (2,), ("pp",), schedule="1f1b", max_grad_norm=1.0),
     MemoryCase("mlp", (4,), ("dp",)),
     MemoryCase("gpt", (4,), ("tp",), "tp"),
     MemoryCase("mlp", (2, 2), ("dp", "tp"), "hybrid"),

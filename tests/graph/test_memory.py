@@ -19,7 +19,7 @@ import shardflow as sf
 from shardflow.testing import run_on_ranks
 from shardflow.testing.memory import memory_case
 from shardflow.testing.memory_cases import CASES, predict_and_measure
-from tests.graph.test_memory_fixes import _measured
+from tests.graph.test_memory_fixes import measured_largest
 
 # Ranks predicted further from their measurement than the 10% every other rank of every case meets, and why
 # (case name -> (bound, those ranks, reason)); each reason is a cost the planner does not price yet.
@@ -78,7 +78,7 @@ def _refused_then_fixed() -> tuple[str, dict[str, int]]:
     for name, value in named_fixes(message).items():
         change: dict[str, Any] = {"strategy": "dp", name: value}
         build = functools.partial(_compile_copy, model, mesh, data, memory_limit="20MiB", **change)
-        peaks[f"{name}={value!r}"] = _measured(build, *data)[0]
+        peaks[f"{name}={value!r}"] = measured_largest(build, *data)[0]
     return message, peaks
 
 

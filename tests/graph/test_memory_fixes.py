@@ -39,10 +39,23 @@ def _largest(nbytes: int) -> int:
     return int(t.item())
 
 
-def _measured(build: Callable[[], Any], x: torch.Tensor, y: torch.Tensor) -> tuple[int, float, int]:
+def measured_largest(build: Callable[[], Any], x: torch.Tensor, y: torch.Tensor) -> tuple[int, float, int]:
     """(the largest rank's measured peak of the second step of ``build()``'s module, its loss, steps run)."""
     pm, measured = measure_built(build, x, y)
     return _largest(measured.peak), float(measured.loss), pm.steps
+
+
+def refused_under_its_measured_peak(
+    build: Callable[..., Callable[[], Any]], given: Any, x: Any, y: Any
+) -> tuple[int, str]:
+    """(limit, the refusal's message): the limit is ``_SHARE`` of the plan's own measured peak (largest rank),
+    no prediction involved, and the plan ``build(given)`` must be refused under it."""
+    limit = int(_SHARE * measured_largest(build(given), x, y)[0])
+    try:
+        build(given, memory_limit=limit)()
+    except sf.MemoryPlanError as e:
+        return limit, str(e)
+    raise AssertionError(f"a plan measured over {limit} B was accepted under it")
 
 
 def _plain_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
@@ -73,15 +86,9 @@ def _half_batch() -> tuple[int, int, int, str]:
         batch = (x[:rows], y[:rows])
         return lambda: sf.compile(copy.deepcopy(model), mesh, batch, optimizer=_adamw, max_grad_norm=0.5, **limit)
 
-    limit = int(_SHARE * _measured(build(1024), x, y)[0])
-    try:
-        build(1024, memory_limit=limit)()
-    except sf.MemoryPlanError as e:
-        message = str(e)
-    else:
-        raise AssertionError(f"a plan measured over {limit} B was accepted under it")
+    limit, message = refused_under_its_measured_peak(build, 1024, x, y)
     rows = int(_offered(message, r"a batch of (\d+) per step instead of 1024").group(1))
-    peak, loss, steps = _measured(build(rows, memory_limit=limit), x[:rows], y[:rows])  # accepted, then run
+    peak, loss, steps = measured_largest(build(rows, memory_limit=limit), x[:rows], y[:rows])  # accepted, then run
     want = _plain_loss(model, x[:rows], y[:rows], steps)
     assert abs(loss - want) <= 1e-5 + 1e-4 * abs(want), (loss, want)
     return peak, limit, rows, message
@@ -106,15 +113,9 @@ def _more_micro_batches() -> tuple[int, int, str]:
             copy.deepcopy(model), mesh, (x, y), pipeline=pipeline, optimizer=_adamw, max_grad_norm=0.5, **limit
         )
 
-    limit = int(_SHARE * _measured(build(given), x, y)[0])
-    try:
-        build(given, memory_limit=limit)()
-    except sf.MemoryPlanError as e:
-        message = str(e)
-    else:
-        raise AssertionError(f"a pipeline measured over {limit} B was accepted under it")
+    limit, message = refused_under_its_measured_peak(build, given, x, y)
     m = int(_offered(message, r"micro_batches=(\d+) \(micro-batches half as large\)").group(1))
-    peak, loss, steps = _measured(build(dataclasses.replace(given, micro_batches=m), memory_limit=limit), x, y)
+    peak, loss, steps = measured_largest(build(dataclasses.replace(given, micro_batches=m), memory_limit=limit), x, y)
     want = _plain_loss(model, x, y, steps)
     assert abs(loss - want) <= 1e-5 + 1e-4 * abs(want), (loss, want)
     return peak, limit, message

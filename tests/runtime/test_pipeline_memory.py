@@ -18,7 +18,7 @@ from shardflow.models import GPT, GPTConfig
 from shardflow.testing import run_on_ranks
 from shardflow.testing.memory import measure_built
 from tests.graph.test_memory import named_fixes
-from tests.graph.test_memory_fixes import _measured
+from tests.graph.test_memory_fixes import measured_largest, refused_under_its_measured_peak
 
 
 def _setup():  # type: ignore[no-untyped-def]
@@ -89,7 +89,6 @@ def test_tensor_parallel_stages_are_priced_by_their_shards():
 
 # The limit, as a share of GPipe's measured peak: 1F1B, with 2 and 1 micro-batches in flight against 8,
 # measured under 0.6 of it on each stage.
-_SHARE = 0.75
 
 
 def _refused() -> tuple[str, int, dict[str, int]]:
@@ -101,16 +100,10 @@ def _refused() -> tuple[str, int, dict[str, int]]:
     def build(pipeline: sf.Pipeline, **limit: Any) -> Callable[[], Any]:
         return lambda: sf.compile(copy.deepcopy(model), mesh, (x, y), pipeline=pipeline, **limit)
 
-    limit = int(_SHARE * _measured(build(gpipe), x, y)[0])
-    try:
-        build(gpipe, memory_limit=limit)()
-    except sf.MemoryPlanError as e:
-        message = str(e)
-    else:
-        raise AssertionError(f"a GPipe plan measured over {limit} B was accepted under it")
+    limit, message = refused_under_its_measured_peak(build, gpipe, x, y)
     peaks = {}
     for name, value in named_fixes(message).items():
-        peaks[f"{name}={value!r}"] = _measured(
+        peaks[f"{name}={value!r}"] = measured_largest(
             build(dataclasses.replace(gpipe, **{name: value}), memory_limit=limit), x, y
         )[0]
     return message, limit, peaks

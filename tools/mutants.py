@@ -184,7 +184,7 @@ MUTANTS = [
     ),
     Mutant(
         "a capture error names the root module, not the failing one",
-        "shardflow/graph/capture_errors.py",
+        "shardflow/runtime/capture_errors.py",
         'at = max((i for i, f in enumerate(frames) if id(f.frame.f_locals.get("self")) in names), default=-1)',
         'at = min((i for i, f in enumerate(frames) if id(f.frame.f_locals.get("self")) in names), default=-1)',
         ("tests/graph/test_capture_errors.py::test_a_rejecting_fake_kernel_names_the_module_the_op_and_the_way_out",),

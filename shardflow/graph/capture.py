@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardflow.graph.capture_errors import explained
+from shardflow.runtime.capture_errors import explained
 
 
 @dataclass(frozen=True)

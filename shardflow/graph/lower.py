@@ -51,12 +51,12 @@ from shardflow.boxing.plan import COLLECTIVES, Plan
 from shardflow.comm.collectives import ReduceScattering, reduce_scatter_finish, reduce_scatter_start
 from shardflow.comm.groups import group_for
 from shardflow.graph.arena import Arena, assign, check_outside, check_placed, out_overload, select
-from shardflow.graph.capture_errors import explained
 from shardflow.ops import LOCALS, PREPARED, WORKSPACE, LocalContext, OpCall, TensorMeta, choose, writes_arg
 from shardflow.ops.select import candidates, communicates, reduces_to_split
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, Blocked, NdSbp, P, Placement, S, grad_sbp, is_split
 from shardflow.placement.shard import local_shape
+from shardflow.runtime.capture_errors import explained
 from shardflow.runtime.memory import ProgramMemory
 from shardflow.tensor.trace import OpRecord, Record
 

@@ -25,10 +25,10 @@ from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from shardflow.comm.init import world
-from shardflow.graph.capture_errors import explained
 from shardflow.graph.lower import Joint, Program, lower
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, grad_sbp
+from shardflow.runtime.capture_errors import explained
 from shardflow.tensor.global_tensor import GlobalTensor, wrap
 
 

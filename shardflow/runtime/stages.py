@@ -34,6 +34,8 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
+from shardflow.runtime.capture_errors import explained
+
 Source = tuple[str, int]  # ("input", i): the step's i-th input; ("prev", j): output j of the stage before
 
 
@@ -91,7 +93,6 @@ def split_model(model: nn.Module, micro_batch: Sequence[Any], split_points: Sequ
     spec = {point: SplitPoint.BEGINNING for point in split_points}
     watch = _HookWatch()  # the traced stages would silently drop tensor hooks that forward registers
     functions = _FunctionWatch()  # and custom autograd Functions' backward
-    from shardflow.graph.capture_errors import explained  # here: shardflow.graph imports the runtime
 
     cut = f"cutting {type(model).__name__} at {list(split_points)} with torch.export"
     hint = "pick split points at module calls of forward (e.g. transformer blocks)"

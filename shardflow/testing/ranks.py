@@ -1,7 +1,7 @@
 """Multi-process test harness: run a module-level function on N gloo ranks and collect the results.
 
-Decision: ranks are long-lived "spawn" workers pooled per world size (a pool per size, kept alive until the
-session ends) and any failure kills the pool. Reason: starting N processes and a process group costs seconds on 2 cores, and a
+Decision: ranks are long-lived "spawn" workers pooled per world size (one pool alive at a time) and any
+failure kills the pool. Reason: starting N processes and a process group costs seconds on 2 cores, and a
 pool that saw an exception may hold half-finished collectives, so it is rebuilt rather than repaired.
 """
 
@@ -248,21 +248,22 @@ class _Pool:
             q.close()
 
 
-# idle pools sleep on their task queues, so keeping one per world size costs memory, not CPU, and spares
-# the seconds of spawning ranks and a process group each time a suite moves between world sizes
-_POOLS: dict[int, _Pool] = {}
+_POOL: _Pool | None = None
 _POOL_LOCK = threading.RLock()
 
 
 def _pool(world_size: int) -> _Pool:
-    if world_size not in _POOLS:
+    global _POOL
+    if _POOL is not None and _POOL.world_size != world_size:
+        shutdown_pools()  # one pool at a time: two would oversubscribe a small CI machine
+    if _POOL is None:
         try:
-            _POOLS[world_size] = _Pool(world_size)
+            _POOL = _Pool(world_size)
         except RankError:
             # NOTE: the port is picked free in the parent and bound by rank 0 later; another process may
             # take it in between. One retry on a fresh port makes that race harmless.
-            _POOLS[world_size] = _Pool(world_size)
-    return _POOLS[world_size]
+            _POOL = _Pool(world_size)
+    return _POOL
 
 
 def _address(fn: Callable[..., Any]) -> tuple[str, str]:
@@ -302,6 +303,7 @@ def run_on_ranks(n: int, fn: Callable[..., Any], /, *args: Any, timeout: float =
         payload = pickle.dumps((args, kwargs))
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
         raise TypeError(f"arguments for {module}.{qualname} must be picklable to reach the ranks: {exc}") from exc
+    global _POOL
     with _POOL_LOCK:
         pool = _pool(n)
         try:
@@ -310,7 +312,7 @@ def run_on_ranks(n: int, fn: Callable[..., Any], /, *args: Any, timeout: float =
             # NOTE: any failure (a rank error, a timeout, Ctrl-C in the parent) may leave collectives half
             # done, so the process group can no longer be trusted: kill it and start fresh next time.
             pool.kill()
-            del _POOLS[n]
+            _POOL = None
             raise
 
 
@@ -338,10 +340,11 @@ def with_ranks(n: int, timeout: float = 120.0) -> Callable[[F], F]:
 
 
 def shutdown_pools() -> None:
-    """Stop the live pools, if any: ranks destroy their process group and exit (killed if they do not)."""
+    """Stop the live pool, if any: ranks destroy their process group and exit (killed if they do not)."""
+    global _POOL
     with _POOL_LOCK:
-        while _POOLS:
-            _, pool = _POOLS.popitem()
+        if _POOL is not None:
+            pool, _POOL = _POOL, None
             pool.stop()
 
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardflow.testing import RankError, RankTimeoutError, run_on_ranks, shutdown_pools, with_ranks
+from shardflow.testing import RankError, RankTimeoutError, run_on_ranks, with_ranks
 from shardflow.testing import ranks as ranks_mod
 
 # ---------------------------------------------------------------------------- functions the ranks import
@@ -58,8 +58,8 @@ def _touch(directory: Path, tag: str) -> None:
     (directory / f"{tag}-{dist.get_rank()}-of-{dist.get_world_size()}").touch()
 
 
-def _live_pool(world_size: int = 4) -> ranks_mod._Pool:
-    pool = ranks_mod._POOLS.get(world_size)
+def _live_pool() -> ranks_mod._Pool:
+    pool = ranks_mod._POOL
     assert pool is not None
     return pool
 
@@ -149,7 +149,7 @@ def test_error_on_one_rank_names_it_and_the_pool_is_rebuilt(monkeypatch: pytest.
     assert "_raise_on_rank_2" in message  # the remote traceback, not just the exception text
     assert "ranks 0, 1, 3 did not answer within 1 s after the first failure" in message
     assert not isinstance(info.value, TimeoutError)
-    assert 4 not in ranks_mod._POOLS
+    assert ranks_mod._POOL is None
     _assert_all_dead(old)
 
     assert run_on_ranks(4, _rank_and_world) == [(r, 4) for r in range(4)]
@@ -167,25 +167,19 @@ def test_silent_rank_times_out_and_the_pool_is_killed() -> None:
     assert time.monotonic() - start < 60
     assert isinstance(info.value, TimeoutError)
     assert isinstance(info.value, RankError)
-    assert 4 not in ranks_mod._POOLS
+    assert ranks_mod._POOL is None
     _assert_all_dead(old)
 
 
 # ---------------------------------------------------------------------------- switching sizes
 
 
-def test_pools_of_two_sizes_live_side_by_side_and_are_reused() -> None:
+def test_pools_of_two_sizes_one_after_the_other() -> None:
     assert run_on_ranks(2, _rank_and_world) == [(0, 2), (1, 2)]
-    two = _live_pool(2)
+    two = _live_pool()
     out = run_on_ranks(4, _all_reduce_sum, torch.ones(2))
     for t in out:
         torch.testing.assert_close(t, torch.full((2,), 10.0), rtol=0, atol=0)
-    assert _live_pool(4).world_size == 4
-    assert run_on_ranks(2, _rank_and_world) == [(0, 2), (1, 2)]
-    assert _live_pool(2) is two and all(p.is_alive() for p in two.processes)  # the same ranks, not new ones
-    four = _live_pool(4)
-    shutdown_pools()  # what the session's end calls: every pool stops, cleanly
-    assert not ranks_mod._POOLS
-    for pool in (two, four):
-        _assert_all_dead(pool)
-        assert all(p.exitcode == 0 for p in pool.processes)  # stopped, not killed
+    assert _live_pool().world_size == 4
+    _assert_all_dead(two)  # one pool at a time
+    assert [p.exitcode for p in two.processes] == [0, 0]  # stopped cleanly, not killed

@@ -28,7 +28,7 @@ _LAST_TP_STAGE = (
     "tp all-reduces' clones and the input gradient's send buffer outlive what the stage program prices"
 )
 LOOSER: dict[str, tuple[float, tuple[int, ...], str]] = {
-    # the same stage without the arena measures 9% under: inside the 10%
+    "gpt-pp2xtp2-tp-1f1b-m4": (0.15, (2, 3), _LAST_TP_STAGE),  # measured 9.1-10.5% under (what is in flight varies)
     "gpt-pp2xtp2-tp-1f1b-m4-arena-all": (0.15, (2, 3), _LAST_TP_STAGE),  # measured 13% under
 }
 

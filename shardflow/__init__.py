@@ -1,14 +1,15 @@
 """shardflow: global tensors over device meshes, automatic boxing, static plans.
 
 Public API (everything else may change): ``init``, ``Mesh``, ``S``, ``B``, ``P``, ``Blocked``, ``GlobalTensor``,
-``distribute``, ``from_local``, ``plan_boxing``.
+``distribute``, ``from_local``, ``plan_boxing``, ``compile``, ``plan``, ``ParallelPlan``.
 """
 
 from shardflow import checkpoint
 from shardflow.boxing import CostModel, Plan, plan_boxing
 from shardflow.comm import init
-from shardflow.graph import CaptureError, MemoryPlanError, MemoryReport, ParallelModule, compile
+from shardflow.graph import CaptureError, MemoryPlanError, MemoryReport, ParallelModule, compile, plan
 from shardflow.placement import B, Blocked, Mesh, P, S
+from shardflow.plan import ParallelPlan, PlanError
 from shardflow.runtime import Loader, Pipeline, PipelineModule
 from shardflow.tensor import GlobalTensor, distribute, from_local
 
@@ -16,6 +17,9 @@ __all__ = [
     "checkpoint",
     "ParallelModule",
     "compile",
+    "plan",
+    "ParallelPlan",
+    "PlanError",
     "CaptureError",
     "MemoryPlanError",
     "MemoryReport",

@@ -5,6 +5,7 @@ from pathlib import Path
 
 ORDER = [
     "placement",
+    "plan",
     "comm",
     "boxing",
     "ops",

@@ -83,23 +83,23 @@ MUTANTS = [
     ),
     Mutant(
         "ZeRO-2 leaves gradients whole",
-        "shardflow/graph/compile.py",
-        "z if self.zero == 2 and sl is not None else None for z, sl in zip(self.opt_sbps, self.slices)",
-        "None for z, sl in zip(self.opt_sbps, self.slices)",
+        "shardflow/graph/parallel_module.py",
+        "self.grad_sbps.append(entry.grad if entry.grad != grad_sbp(entry.compute) else None)",
+        "self.grad_sbps.append(None)",
         ("tests/graph/test_zero.py::test_zero1_and_zero2_memory_follow_the_formulas",),
     ),
     Mutant(
         "hints= ignored",
-        "shardflow/graph/compile.py",
-        "layouts = param_layouts(model, mesh, strategy, captured, hints)",
-        "layouts = param_layouts(model, mesh, strategy, captured, None)",
+        "shardflow/graph/transforms/__init__.py",
+        "plan = apply_hints(plan, hints, shapes)",
+        "pass",
         (f"{PROMISES}::test_hints_are_applied_and_train_equal_to_plain_torch",),
     ),
     Mutant(
         "input_sbp ignored",
-        "shardflow/graph/compile.py",
-        "sbps = _input_layouts(input_sbp, mesh, len(example_inputs))",
-        "sbps = [(S(0),) + (B,) * (mesh.ndim - 1)] * len(example_inputs)",
+        "shardflow/graph/transforms/__init__.py",
+        "plan = apply_input_sbp(plan, input_sbp, len(example_inputs))",
+        "pass",
         (
             f"{PROMISES}::test_replicated_inputs_under_dp_train_equal_to_plain_torch",
             f"{PROMISES}::test_inputs_split_on_the_sequence_dim_train_equal_to_plain_torch",
@@ -114,14 +114,14 @@ MUTANTS = [
     ),
     Mutant(
         "recompute globs ignored",
-        "shardflow/graph/compile.py",
-        "pm.set_recompute(_recompute_targets(model, recompute))",
-        "_recompute_targets(model, recompute)",
+        "shardflow/graph/transforms/__init__.py",
+        "plan = apply_recompute(plan, model, recompute)",
+        "apply_recompute(plan, model, recompute)",
         (f"{PROMISES}::test_recompute_module_globs_equal_plain_torch",),
     ),
     Mutant(
         "eager mode (pm.static = False) ignored",
-        "shardflow/graph/compile.py",
+        "shardflow/graph/parallel_module.py",
         "        if self.static:\n            return self._static_step(",
         "        if True:\n            return self._static_step(",
         (f"{PROMISES}::test_eager_adamw_steps_with_clipping_equal_plain_torch",),
@@ -149,7 +149,7 @@ MUTANTS = [
     ),
     Mutant(
         "a snapshot's optimizer state not restored",
-        "shardflow/graph/compile.py",
+        "shardflow/graph/parallel_module.py",
         'self.optimizer.load_state_dict({"state": state, "param_groups": groups})',
         'self.optimizer.load_state_dict({"state": {}, "param_groups": groups})',
         ("tests/checkpoint/test_reshard_load.py",),
@@ -171,8 +171,8 @@ MUTANTS = [
     Mutant(
         "shardflow train ignores memory_limit",
         "shardflow/train/loop.py",
-        "memory_limit=cfg.memory_limit or None,",
-        "memory_limit=None,",
+        "limit = cfg.memory_limit or None",
+        "limit = None",
         ("tests/train/test_train_keys.py::test_a_memory_limit_too_small_is_refused_before_training",),
     ),
     Mutant(
@@ -216,6 +216,30 @@ MUTANTS = [
         '"all_reduce": 2 * (k - 1) * inb // k,',
         '"all_reduce": (k - 1) * inb // k,',
         ("tests/boxing/test_plan.py::test_collective_bytes_and_seconds_follow_the_ring_formulas",),
+    ),
+    Mutant(
+        "a plan's forced value layouts ignored",
+        "shardflow/graph/lower.py",
+        "if node in self.forced and outs[0] != self.forced[node]:",
+        "if False:",
+        ("tests/graph/test_plans.py::test_a_hand_edited_plan_trains_equal_to_serial",),
+    ),
+    Mutant(
+        "a changed option keeps the old programs",
+        "shardflow/graph/parallel_module.py",
+        "        self.plan = new\n        self.programs.clear()",
+        "        self.plan = new",
+        ("tests/graph/test_plans.py::test_every_option_changed_after_a_step_replans_or_raises",),
+    ),
+    Mutant(
+        "a plan's JSON loses the gradient layouts",
+        "shardflow/plan/schema.py",
+        '"grad": sbp(q.grad)',
+        '"grad": sbp(q.compute)',
+        (
+            "tests/plan/test_record.py::test_zero_is_read_from_the_layouts",
+            "tests/graph/test_plans.py::test_a_plan_read_back_from_json_trains_bit_identically",
+        ),
     ),
 ]
 

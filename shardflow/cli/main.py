@@ -52,18 +52,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import math
-
     from shardflow.cli.launch import launch
-    from shardflow.train.config import load_config
+    from shardflow.train.config import job_ranks, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)  # checked here, before any rank starts
     except (OSError, ValueError) as e:
         print(f"shardflow {args.command}: {e}", file=sys.stderr)
         return 2
+    overrides = list(args.overrides)
+    try:
+        ranks = job_ranks(cfg)  # the plan's mesh (--plan FILE), or the config's
+    except ValueError as e:
+        print(f"shardflow {args.command}: {e}", file=sys.stderr)
+        return 2
     target = TRAIN_MAIN if args.command == "train" else PLAN_MAIN
-    return launch(target, math.prod(cfg.mesh), [args.config, *args.overrides], max_restarts=args.max_restarts)
+    return launch(target, ranks, [args.config, *overrides], max_restarts=args.max_restarts)
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -183,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
             description=(
                 f"{text[0].upper()}{text[1:]}. The job gets as many local ranks as the config's mesh has. Keys of the "
                 "config can be set on the command line after it, e.g. --steps 100 --model.n_layer 4 --resume never "
-                "(see examples/gpt.toml and shardflow/train/config.py for every key)."
+                "(see examples/gpt.toml and shardflow/train/config.py for every key). shardflow plan CONFIG --save plan.json "
+                "writes the plan as JSON; shardflow train CONFIG --plan plan.json trains with it (it wins over the "
+                "config's mesh and strategy keys)."
             ),
         )
         _add_max_restarts(cmd, "training resumes from the newest snapshot")

@@ -1,7 +1,7 @@
-"""The compiler: capture a model, choose parameter layouts by strategy, run steps equal to serial."""
+"""The compiler: capture a model, build its plan by strategy transforms, run steps equal to serial."""
 
-from shardflow.graph.compile import MemoryPlanError, ParallelModule, compile
+from shardflow.graph.compile import MemoryPlanError, ParallelModule, compile, plan
 from shardflow.runtime.capture_errors import CaptureError
 from shardflow.runtime.memory import MemoryReport
 
-__all__ = ["CaptureError", "MemoryPlanError", "MemoryReport", "ParallelModule", "compile"]
+__all__ = ["CaptureError", "MemoryPlanError", "MemoryReport", "ParallelModule", "compile", "plan"]

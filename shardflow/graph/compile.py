@@ -1,625 +1,45 @@
-"""``sf.compile``: lay a model's parameters over a mesh by strategy and hints, and train it step by step.
+"""``sf.compile`` and ``sf.plan``: a model's parallel plan built by the strategy transforms, then compiled.
 
-The forward is captured once with ``torch.export`` to choose parameter layouts (Megatron pairs for
-``tp``) and validate the model. Each step then runs this rank's static program (``graph/lower.py``):
-forward and backward traced once per input signature, every op's signature chosen from the shared rule
-registry, boxing inserted, gradient buckets launched from the generated code as soon as their last
-gradient exists. Clipping and the optimizer run on the local shards (plain torch optimizers: a
-parameter, its gradient and its optimizer state share one layout). The step is an actor graph: the
-program (compute) hands each bucket on once its gradients exist and nothing later reads its parameters,
-an all-reduce actor takes it once its collective is done and an optimizer actor updates just those
-parameters while backward goes on (runtime/updates.py: an event loop on the compute thread on CPU, threads
-on GPU); with ``max_grad_norm`` the updates wait for the global norm (as clip_grad_norm_). ``static = False`` runs the same
-layouts op by op on GlobalTensors (eager), with gradients synchronised from post-accumulate hooks.
-
-ZeRO is a choice of layouts, not a wrapper. ``zero=3``: every parameter gets ``S(0)`` on the
-data-parallel axis, so its gradient and optimizer state are split too; the lowering gathers it before each
-op that computes with it (launched while the op before computes: a prefetch one op ahead) and lets the copy
-die after (backward gathers again), and gradients reach their split layout by reduce-scatter. ``zero=1|2``: parameters stay replicated; the optimizer steps a
-view of this rank's piece of each one (split over dp on a dim no other axis splits), with its state in
-that piece's layout; under stage 2 the lowering returns gradients in that layout (reduce-scatters packed
-into buckets launched during backward, like the all-reduce buckets); after the step the pieces are
-all-gathered by boxing. ``recompute`` checkpoints blocks (non-reentrant), and the
-joint trace then holds their forward twice: the program frees activations after forward and recomputes
-them in backward. ``pipeline=`` hands the model to the stage runtime (runtime/pipeline.py).
+``sf.plan(model, mesh, example_inputs, **keywords)`` composes the transforms of graph/transforms/ into a
+``ParallelPlan`` without compiling or training; ``sf.compile`` with the same keywords compiles exactly that
+plan (a ``ParallelModule``, or a ``PipelineModule`` with ``pipeline=``), and ``sf.compile(model,
+plan=plan, example_inputs=..., optimizer=...)`` compiles a plan made elsewhere (read from JSON, edited, or
+later chosen by a search). With ``memory_limit`` the compiled plan is refused before any step when some
+rank's predicted peak exceeds it, the error pricing the changes that would fit; ``recompute="auto"``
+searches the recompute set by that prediction.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import fnmatch
-import functools
-import math
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
-from shardflow.checkpoint.index import CheckpointError, read_index
-from shardflow.checkpoint.rng import restore_rng, rng_states
-from shardflow.checkpoint.snapshots import Snapshots
-from shardflow.checkpoint.store import load as load_checkpoint
-from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
-from shardflow.graph.capture import Captured, capture
-from shardflow.graph.lower import Program, bucket_done, lower, trace_step, wait_bucket
+from shardflow.graph.parallel_module import (
+    OptimizerFactory,
+    ParallelModule,
+    _default_optimizer,
+    check_graphable,
+    check_inductor,
+)
 from shardflow.graph.stage_program import StageProgram
-from shardflow.graph.strategy import STRATEGIES, axes_for, param_layouts
+from shardflow.graph.strategy import axes_for
+from shardflow.graph.transforms import apply_zero, build_plan
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import (
-    B,
-    Blocked,
-    NdSbp,
-    P,
-    Placement,
-    S,
-    format_sbp,
-    grad_sbp,
-    is_placement,
-    is_split,
-    normalize_sbp,
-)
-from shardflow.placement.shard import relative_shard, take_local
-from shardflow.runtime import trace as tracing
-from shardflow.runtime.cuda_graph import GraphedStep, fingerprint, make_capturable
+from shardflow.placement.sbp import Placement
+from shardflow.plan import MeshSpec, ParallelPlan, PlanError, check_model
 from shardflow.runtime.host_memory import keep_host_memory
-from shardflow.runtime.inductor import compile_program
-from shardflow.runtime.memory import (
-    MemoryReport,
-    ProgramMemory,
-    device_limit,
-    fmt_bytes,
-    optimizer_bytes,
-    parse_bytes,
-    unique_bytes,
-    update_temporaries,
-    with_every_peak,
-)
+from shardflow.runtime.memory import MemoryReport, device_limit, fmt_bytes, parse_bytes
 from shardflow.runtime.pipeline import Pipeline, PipelineModule
 from shardflow.runtime.stages import blocks
-from shardflow.runtime.staging import Staging
-from shardflow.runtime.trace import Event
-from shardflow.runtime.updates import UpdateActors
-from shardflow.tensor.api import distribute
-from shardflow.tensor.dispatch import implicit_broadcast
-from shardflow.tensor.global_tensor import GlobalTensor, box, wrap
-from shardflow.tensor.grad_sync import GradSync, bucketed
-from shardflow.tensor.trace import Record, recording
+from shardflow.tensor.global_tensor import GlobalTensor
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-
-def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    # foreach=None: torch's choice, the fused multi-tensor kernels on GPUs, a loop on CPUs
-    return torch.optim.AdamW(params, lr=1e-3, foreach=None)
-
-
-class ParallelModule(Snapshots):
-    """A model laid over a mesh: ``step(*inputs)`` trains one step, ``full_state_dict()`` reads it back."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        mesh: Mesh,
-        layouts: Mapping[str, NdSbp],
-        input_sbp: Sequence[NdSbp],
-        optimizer: OptimizerFactory,
-        max_grad_norm: float | None,
-        strategy: str,
-        zero: int = 0,
-        dp_axis: int | None = None,
-    ) -> None:
-        self.mesh, self.strategy, self.max_grad_norm = mesh, strategy, max_grad_norm
-        self.layouts, self.input_sbp = dict(layouts), tuple(input_sbp)
-        self.module = copy.deepcopy(model)  # the user's model stays as it was
-        laid: dict[int, nn.Parameter] = {}  # tied parameters (GPT's wte / lm_head) stay one parameter
-        for name, p in list(self.module.named_parameters(remove_duplicate=False)):
-            owner, attr = self._owner(name)
-            if id(p) not in laid:
-                sbp = self.layouts[name]
-                laid[id(p)] = nn.Parameter(distribute(p.detach(), mesh, sbp), requires_grad=p.requires_grad)
-            setattr(owner, attr, laid[id(p)])
-        for name, buf in list(self.module.named_buffers()):
-            owner, attr = self._owner(name)
-            owner.register_buffer(attr, distribute(buf, mesh, (B,) * mesh.ndim))
-        # NOTE: the optimizer steps on the shards. A parameter, its gradient (after synchronisation) and its
-        # optimizer state share one layout and updates are element-wise, so plain torch optimizers run on
-        # plain local tensors that share storage with the GlobalTensors: no per-op dispatch in the update.
-        self.params: list[GlobalTensor] = list(self.module.parameters())  # type: ignore[arg-type]
-        # ZeRO-1/2: the optimizer owns one piece of each replicated parameter (a view of this rank's rows,
-        # split over the data-parallel axis); its gradient and state have that piece's layout, and the
-        # updated pieces are all-gathered after each step.
-        self.zero = zero
-        self.opt_sbps: list[NdSbp] = []  # layout of each optimizer parameter, its gradient and its state
-        self.slices: list[tuple[slice, ...] | None] = []  # where it lies in the parameter's local tensor
-        rank = world()[0]
-        for gp in self.params:
-            z = _zero_layout(gp, mesh, dp_axis) if zero in (1, 2) and dp_axis is not None else None
-            if z is None or rank not in mesh:
-                self.opt_sbps.append(grad_sbp(gp.sbp))
-                self.slices.append(None)
-                continue
-            self.opt_sbps.append(z)
-            self.slices.append(relative_shard(tuple(gp.shape), gp.sbp, z, mesh.shape, mesh.coord_of(rank)))
-        self.local_params = [
-            nn.Parameter(p._local[sl] if sl is not None else p._local, requires_grad=p.requires_grad)
-            for p, sl in zip(self.params, self.slices)
-        ]
-        self.optimizer = optimizer(self.local_params)
-        self.steps = 0
-        self.bucket_bytes = 4 * 2**20  # gradient all-reduce buckets (DDP uses 25 MiB on GPUs)
-        self.record: Record | None = None
-        # NOTE: each step runs this rank's static program (graph/lower.py), lowered once per input
-        # signature. ``static = False`` runs the same plan op by op on GlobalTensors instead (eager mode:
-        # any input shape without re-lowering; the reference the lowering is tested against).
-        self.static = True
-        self.example_inputs: tuple[Any, ...] = ()
-        self.zero_axis: int | None = None  # ZeRO-3: the axis parameters are split on and gathered over
-        self.programs: dict[Any, Program] = {}
-        self.arena: bool | str = False  # static placement of each program's temporaries (graph/arena.py)
-        self.staging = Staging()  # pinned host buffers the inputs' shards are copied to the device through
-        self.recomputed: list[str] = []  # modules whose activations are recomputed in backward
-        # where the optimizer update of each gradient unit runs (runtime/updates.py): "actors" (threads of
-        # their own: GPUs, where the compute thread only launches kernels), "loop" (on the compute thread,
-        # at release points, once the unit's collective has completed: CPUs, where a rank has one core),
-        # "inline" (right at the release point, waiting for the collective: deterministic), or "after" (one
-        # update once backward and every all-reduce are over, as plain DDP). On one device there is no
-        # communication to hide, and each unit's optimizer call costs launches: one update after backward
-        # (what the actors cost there: BENCHMARKS.md, One GPU)
-        self.updates = "after" if mesh.size == 1 else ("loop" if mesh.device_type == "cpu" else "actors")
-        self.events: list[Event] = []  # every rank's events of the last traced step
-        # one device: each program's step (forward, backward, clipping, update) captured as a CUDA graph
-        # after warm-up and replayed (runtime/cuda_graph.py)
-        self.cuda_graphs = False
-        self.graphs: dict[Any, GraphedStep] = {}
-        self.graph_update = True  # whether the optimizer's update is captured too (else run after replay)
-        self.inductor = False  # programs compiled by torch.compile (runtime/inductor.py) (runtime/inductor.py)
-
-    def set_recompute(self, names: Sequence[str]) -> None:
-        """Recompute the activations of the modules ``names`` in backward instead of keeping them (activation
-        checkpointing): their forward runs again, inside the traced backward, so programs are lowered anew."""
-        for name in self.recomputed:
-            del self.module.get_submodule(name).forward  # back to the class's forward
-        for name in names:
-            module = self.module.get_submodule(name)
-            module.forward = functools.partial(_checkpointed, type(module).forward.__get__(module))  # type: ignore[method-assign]
-        self.recomputed = list(names)
-        self.programs.clear()
-        self.graphs.clear()
-
-    def _owner(self, name: str) -> tuple[nn.Module, str]:
-        """The submodule holding the parameter or buffer ``name``, and its attribute name there."""
-        mod_name, _, attr = name.rpartition(".")
-        return (self.module.get_submodule(mod_name) if mod_name else self.module), attr
-
-    def _inputs(self, inputs: Sequence[Any]) -> list[Any]:
-        if len(inputs) != len(self.input_sbp):
-            raise ValueError(f"step() got {len(inputs)} inputs; the model was compiled with {len(self.input_sbp)}")
-        out = []
-        for i, (x, sbp) in enumerate(zip(inputs, self.input_sbp)):
-            if isinstance(x, GlobalTensor):
-                out.append(x if x.mesh == self.mesh and x.sbp == sbp else x.redistribute(sbp, mesh=self.mesh))
-            elif isinstance(x, torch.Tensor) and P not in sbp:
-                # the full batch, the same on every rank (the API's promise): each rank slices its shard on the host, no
-                # messages, and copies only that to its device (through a pinned buffer: runtime/staging.py)
-                piece = take_local(x.detach(), sbp, self.mesh.shape, self.mesh.coord_of(world()[0]))
-                out.append(wrap(self.staging.to_device(i, piece, self.mesh.device), self.mesh, sbp, x.shape))
-            elif isinstance(x, torch.Tensor):
-                out.append(distribute(x, self.mesh, sbp))
-            else:
-                out.append(x)
-        return out
-
-    def step(self, *inputs: Any, trace: str | None = None) -> float:
-        """Forward, backward (gradients synchronised as they appear), clipping, optimizer update; with
-        ``trace`` (static programs), rank 0 writes the step's timeline there (compute, all-reduce and
-        optimizer actors per rank)."""
-        if world()[0] not in self.mesh:
-            return float("nan")  # no part of the model lives here and no data passes through
-        self.module.train()
-        if self.static:
-            return self._static_step(self._inputs(inputs), trace)
-        if trace is not None:
-            raise ValueError("trace= needs the static program (pm.static = True); eager steps have no actors")
-        if self.cuda_graphs:
-            raise ValueError("cuda_graphs replay the static program; set pm.static = True or pm.cuda_graphs = False")
-        with contextlib.ExitStack() as stack:
-            if self.record is None:  # the first step is recorded for explain()
-                self.record = stack.enter_context(recording())
-            return self._step(inputs)
-
-    def program(self, inputs: Sequence[Any]) -> Program:
-        """This rank's program for inputs laid out as ``inputs`` (GlobalTensors), lowered on first use."""
-        key = _signature(inputs)
-        if key not in self.programs:
-            joint = trace_step(self.module, inputs, self.mesh.device_type)
-            buffers = [b for _, b in self.module.named_buffers()]
-            sbps: list[NdSbp | None] = [p.sbp for p in self.params]
-            sbps += [b.sbp for b in buffers if isinstance(b, GlobalTensor)]
-            sbps += [x.sbp if isinstance(x, GlobalTensor) else None for x in inputs]
-            grads: list[NdSbp | None] = [
-                z if self.zero == 2 and sl is not None else None for z, sl in zip(self.opt_sbps, self.slices)
-            ]
-            program = lower(
-                joint, self.mesh, world()[0], sbps, self.bucket_bytes, self.zero_axis, grads, arena=self.arena
-            )
-            if self.inductor:
-                check_inductor(self.zero)
-                program.run = compile_program(program.run)
-            self.programs[key] = program
-        return self.programs[key]
-
-    def memory(self, *inputs: Any) -> MemoryReport:
-        """Predicted memory of a step on this rank, with every rank's peak (collective over the job).
-
-        ``inputs`` default to the example inputs the model was compiled with; nothing runs but lowering.
-        """
-        rank = world()[0]
-        if rank in self.mesh:
-            gins = self._inputs(inputs or self.example_inputs)
-            program = self.program(gins)
-            assert program.memory is not None
-            state, temp, note = optimizer_bytes(self.optimizer)
-            persistent = {
-                "parameters": unique_bytes(p._local for p in self.params),
-                "buffers": unique_bytes(b._local for b in self.module.buffers() if isinstance(b, GlobalTensor)),
-                "optimizer state": state,
-                "inputs": unique_bytes(x._local for x in gins if isinstance(x, GlobalTensor)),
-            }
-            update = program.memory.gradients + temp + program.memory.arena  # the arena stays allocated
-            if self.updates != "after" and self.max_grad_norm is None and program.release_lines:
-                # each unit is updated where the program releases it, on top of what is alive there
-                update = max(
-                    program.memory.live[line]
-                    + update_temporaries(self.optimizer, [self.local_params[program.grad_of[k]] for k in ks])
-                    for (ks, _), line in zip(program.units, program.release_lines)
-                )
-                note += "; each gradient unit updated during backward, where it is released"
-            if any(sl is not None for sl in self.slices):  # ZeRO-1/2: the updated pieces are all-gathered
-                largest = max(p._local.nbytes for p, sl in zip(self.params, self.slices) if sl is not None)
-                staging = largest if self.mesh.device_type == "cpu" else 0  # gloo stages the output too
-                update = max(update, program.memory.gradients + largest + staging + program.memory.arena)
-            if self.cuda_graphs or self.inductor:  # the plan is the op-by-op program's
-                note += (
-                    "; not modelled: "
-                    + ("the CUDA graph's private pool" if self.cuda_graphs else "Inductor's own buffers")
-                    + " (how far above this on one H100: BENCHMARKS.md, One GPU; not measured on ranks)"
-                )
-            report = MemoryReport(rank, persistent, program.memory, update, note)
-        else:
-            report = MemoryReport(rank, {}, ProgramMemory(0, [], 0, ""), 0, "no part of the model on this rank")
-        return with_every_peak(report)
-
-    def _static_step(self, inputs: Sequence[Any], trace: str | None = None) -> float:
-        if self.updates not in ("actors", "loop", "inline", "after"):
-            raise ValueError(f"pm.updates must be 'actors', 'loop', 'inline' or 'after', got {self.updates!r}")
-        program = self.program(inputs)
-        if self.record is None:
-            self.record = program.record
-        if self.cuda_graphs:
-            return self._graphed_step(program, inputs, trace)
-        for lp in self.local_params:
-            lp.grad = None  # last step's gradients go before this step's activations arrive
-        args = [p._local for p in self.params]
-        args += [b._local for _, b in self.module.named_buffers() if isinstance(b, GlobalTensor)]
-        args += [x._local if isinstance(x, GlobalTensor) else x for x in inputs]
-        run = program.run if program.ran else program.checked  # the first run checks local shapes
-        actors = None
-        if self.updates != "after":
-            actors = UpdateActors(
-                functools.partial(self._reduce_unit, program),
-                functools.partial(self._update_unit, program),
-                len(program.units),
-                world()[0],
-                "threads" if self.updates == "actors" else self.updates,
-                functools.partial(_collective_done, program),
-            )
-        marks: list[int] = []  # "after": when backward ended, for the trace
-
-        def mark(unit: int | None, payload: Any) -> None:
-            if unit is None:
-                marks.append(time.time_ns())
-
-        start = time.time_ns()
-        try:
-            with torch.no_grad():
-                if actors is None and self.inductor and trace is None:  # nothing to release: fewer breaks
-                    loss, grads = run(args)
-                else:
-                    loss, grads = run(args, actors.ready if actors is not None else mark)
-        except BaseException:
-            if actors is not None:
-                actors.close()
-            raise
-        compute_end = time.time_ns()
-        if actors is not None:
-            actors.finish()
-        program.ran = True
-        for i, g in zip(program.grad_of, grads):
-            self.local_params[i].grad = self._piece(i, g)
-        self._update(stepped=self.updates != "after" and self.max_grad_norm is None)
-        if trace is not None:
-            end = (actors.backward_end_ns if actors is not None else marks[0] if marks else None) or compute_end
-            mine = [Event(world()[0], "compute", "forward + backward", start, end)]
-            mine += actors.events if actors is not None else []
-            if compute_end > end:
-                mine.append(Event(world()[0], "compute", "wait for all-reduce", end, compute_end))
-            self._gather_trace(mine, trace)
-        return float(loss.item())
-
-    def _graphed_step(self, program: Program, inputs: Sequence[Any], trace: str | None) -> float:
-        """The step replayed as this program's CUDA graph, captured after warm-up (runtime/cuda_graph.py)."""
-        check_graphable(self.mesh, self.zero)
-        start = time.time_ns()
-        key = _signature(inputs)
-        graphed = self.graphs.get(key)
-        if graphed is None or graphed.owner is not program:  # new, or the programs were lowered anew
-            body = functools.partial(self._graph_body, program)
-            graphed = self.graphs[key] = GraphedStep(body, safe=not self.inductor, owner=program)
-        fixed = [p._local for p in self.params]
-        fixed += [b._local for _, b in self.module.named_buffers() if isinstance(b, GlobalTensor)]
-        fed = [x._local if isinstance(x, GlobalTensor) else x for x in inputs]
-        # what the graph reads by address or bakes in: tensors, optimizer state and settings, the clip norm
-        state = (fingerprint(fixed, self.optimizer), id(self.optimizer), self.max_grad_norm)
-        if state != graphed.key:  # new or replaced optimizer state may need its step counts on the device
-            self.graph_update = make_capturable(self.optimizer)
-            state = (fingerprint(fixed, self.optimizer), *state[1:])
-        with torch.no_grad():
-            loss, grads = graphed(fixed, fed, state)
-        for i, g in grads:  # this graph's gradients (another graph, or zero_grad, may have set others)
-            self.local_params[i].grad = g
-        if not self.graph_update:  # an update the graph could not hold runs after it, on its gradients
-            self.optimizer.step()
-        self.steps += 1
-        value = float(loss.item())
-        if trace is not None:
-            what = {"eager": "step (warm-up, op by op)", "capture": "step (captured, then replayed)"}
-            name = what.get(graphed.last, "step (CUDA graph replay)")
-            self._gather_trace([Event(world()[0], "compute", name, start, time.time_ns())], trace)
-        return value
-
-    def _graph_body(self, program: Program, args: list[Any]) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-        """A step's device work, with no host reads, as the graph captures it: forward and backward,
-        gradients handed to the optimizer, clipping, and the update where the optimizer can be captured;
-        returns the loss and each parameter's gradient (the graph's outputs)."""
-        for lp in self.local_params:
-            lp.grad = None  # the last step's gradients go before this step's activations arrive
-        run = program.run if program.ran else program.checked
-        loss, grads = run(args)
-        program.ran = True
-        out = list(zip(program.grad_of, grads))
-        for i, g in out:
-            self.local_params[i].grad = g
-        if self.max_grad_norm is not None:  # one device: torch's own clipping, which reads nothing back
-            torch.nn.utils.clip_grad_norm_(self.local_params, self.max_grad_norm)
-        if self.graph_update:
-            self.optimizer.step()
-        return loss, out
-
-    def _piece(self, i: int, grad: torch.Tensor) -> torch.Tensor:
-        """Parameter ``i``'s gradient as its optimizer sees it: under ZeRO-1 this rank's piece of it (under
-        ZeRO-2 the program returns the piece already)."""
-        sl = self.slices[i]
-        return grad[sl] if sl is not None and self.zero == 1 else grad
-
-    def _reduce_unit(self, program: Program, unit: int, payload: Any) -> list[torch.Tensor]:
-        """The all-reduce actor's task: unit ``unit``'s synchronised gradients."""
-        return wait_bucket(payload) if program.units[unit][1] else list(payload)
-
-    def _update_unit(self, program: Program, unit: int, grads: Sequence[torch.Tensor]) -> None:
-        """The optimizer actor's task: step just this unit's parameters (torch optimizers skip parameters
-        without a gradient, so one optimizer keeps all the state); with clipping, only hold the gradients."""
-        ks, _ = program.units[unit]
-        mine = []
-        for k, g in zip(ks, grads):
-            lp = self.local_params[program.grad_of[k]]
-            lp.grad = self._piece(program.grad_of[k], g)
-            mine.append(lp)
-        if self.max_grad_norm is not None:
-            return  # updates wait for the global norm (as clip_grad_norm_); the all-reduces still overlapped backward
-        self.optimizer.step()
-        for lp in mine:
-            lp.grad = None  # the next unit's step must not update these again
-
-    def _gather_trace(self, mine: list[Event], path: str) -> None:
-        everyone: list[Any] = [None] * self.mesh.size
-        torch.distributed.all_gather_object(everyone, mine, group=group_for(self.mesh.ranks).group)
-        self.events = [e for rank_events in everyone for e in rank_events]
-        if world()[0] == self.mesh.ranks[0]:
-            tracing.write(self.events, path)
-
-    def _update(self, stepped: bool = False) -> None:
-        """Clip and step the optimizer on the local pieces (unless the update actors ``stepped`` already)
-        and, under ZeRO-1/2, all-gather the updated pieces."""
-        if not stepped:
-            if self.max_grad_norm is not None:
-                clip_grad_norm(self.opt_sbps, self.local_params, self.mesh, self.max_grad_norm)
-            self.optimizer.step()
-        for p, lp, z, sl in zip(self.params, self.local_params, self.opt_sbps, self.slices):
-            if sl is not None:
-                with torch.no_grad():
-                    p._local.copy_(box(wrap(lp.detach(), self.mesh, z, p.shape), self.mesh, p.sbp)._local)
-        self.steps += 1
-
-    def _step(self, inputs: Sequence[Any]) -> float:
-        with implicit_broadcast():
-            loss = self.module(*self._inputs(inputs))
-        if not isinstance(loss, GlobalTensor) or loss.dim() != 0:
-            raise ValueError(f"the model's forward must return a scalar loss, got {type(loss).__name__}")
-        logical = loss.full()  # one logical loss: its gradient is B, never summed over ranks
-        for p, lp in zip(self.params, self.local_params):
-            p.grad = lp.grad = None
-        with implicit_broadcast(), bucketed(GradSync(self.bucket_bytes)) as sync:
-            logical.backward()
-            sync.finish()
-        for p, lp, sl in zip(self.params, self.local_params, self.slices):
-            g = p.grad._local if isinstance(p.grad, GlobalTensor) else None
-            lp.grad = g[sl] if g is not None and sl is not None else g
-        self._update()
-        return float(logical.item())
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain tensors named as in ``model.state_dict()``, equal on every rank of the mesh."""
-        return {
-            k: (v.full() if isinstance(v, GlobalTensor) else v).detach() for k, v in self.module.state_dict().items()
-        }
-
-    # -- checkpoints ------------------------------------------------------------------------------------
-    def _model_tensors(self) -> dict[str, GlobalTensor]:
-        """Parameters and buffers by checkpoint name, ``model.<name>``."""
-        return {"model." + n: t for n, t in [*self.module.named_parameters(), *self.module.named_buffers()]}  # type: ignore[misc]
-
-    def _named_state(self) -> tuple[dict[str, GlobalTensor], dict[str, Any]]:
-        """Model tensors as ``model.<name>``, optimizer tensors as ``optim.<param>.<key>``, the rest as meta."""
-        tensors = self._model_tensors()
-        names = [n for n, _ in self.module.named_parameters()]
-        sd = self.optimizer.state_dict()
-        scalars: dict[str, float] = {}
-        for i, (name, p) in enumerate(zip(names, self.params)):
-            for key, value in sd["state"].get(i, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    tensors[f"optim.{name}.{key}"] = wrap(value, self.mesh, self.opt_sbps[i], p.shape)
-                else:
-                    scalars[f"{i}.{key}"] = float(value)
-        tied = set(self.module.state_dict()) - {n[len("model.") :] for n in tensors if n.startswith("model.")}
-        owner = {id(t): n for n, t in self.module.named_parameters()}
-        all_params = dict(self.module.named_parameters(remove_duplicate=False))
-        aliases = {n: owner[id(all_params[n])] for n in tied if n in all_params}
-        meta = {"step": self.steps, "param_groups": sd["param_groups"], "optim_scalars": scalars, "aliases": aliases}
-        meta["rng"] = rng_states()
-        return tensors, meta
-
-    def load(self, directory: str) -> None:
-        """Load a snapshot saved on any mesh with any strategy into this module's layouts (collective)."""
-        self.wait_save()
-        targets = self._model_tensors()
-        # optimizer state: laid out like its parameter, read into fresh locals, then given to the optimizer
-        params = {n: (i, p) for i, ((n, _), p) in enumerate(zip(self.module.named_parameters(), self.params))}
-        state: dict[int, dict[str, Any]] = {}
-        for full in read_index(directory)["tensors"]:
-            if not full.startswith("optim."):
-                continue
-            pname, key = full[len("optim.") :].rsplit(".", 1)
-            if pname not in params:
-                raise CheckpointError(f"checkpoint {directory} holds optimizer state of {pname!r}, not in this model")
-            i, p = params[pname]
-            local = torch.empty_like(self.local_params[i].detach())
-            targets[full] = wrap(local, self.mesh, self.opt_sbps[i], p.shape)
-            state.setdefault(i, {})[key] = local
-        meta = load_checkpoint(directory, targets)  # one pass: each shard file is verified and opened once
-        for ik, value in meta["optim_scalars"].items():
-            i, key = ik.split(".", 1)
-            state.setdefault(int(i), {})[key] = torch.tensor(value)
-        groups = meta["param_groups"]
-        for saved, mine in zip(groups, self.optimizer.param_groups):
-            if "capturable" in mine:  # how the update runs belongs to this module's device, not the snapshot's
-                saved["capturable"] = mine["capturable"]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        self.steps = int(meta["step"])
-        restore_rng(meta.get("rng"))
-
-    def explain(self) -> str:
-        """Parameter layouts and inputs, for people."""
-        lines = [f"ParallelModule: strategy {self.strategy!r} on {self.mesh}, {self.steps} step(s) run"]
-        lines.append("inputs: " + ", ".join(format_sbp(s) for s in self.input_sbp))
-        width = max((len(n) for n in self.layouts), default=4)
-        for name, sbp in self.layouts.items():
-            p = self.module.get_parameter(name)
-            lines.append(f"  {name:<{width}}  {tuple(p.shape)!s:<14} {format_sbp(sbp)}")
-        if self.record is not None:
-            if self.programs:
-                lines.append("step program (forward and backward lowered to local ops and collectives):")
-            else:
-                lines.append("first eager step (forward, backward, gradient sync, clipping, update):")
-            lines.append(self.record.explain())
-        return "\n".join(lines)
-
-
-def _signature(inputs: Sequence[Any]) -> Any:
-    """What a program is lowered for: each input's shape, dtype and layout (non-tensors by value)."""
-    return tuple((tuple(x.shape), x.dtype, x.sbp) if isinstance(x, GlobalTensor) else x for x in inputs)
-
-
-def check_graphable(mesh: Mesh, zero: int) -> None:
-    """Raise unless a step on ``mesh`` can be replayed as one CUDA graph (one GPU, nothing to shard)."""
-    if mesh.device_type != "cuda" or mesh.size != 1:
-        raise ValueError(
-            f"cuda_graphs=True replays a step on one GPU; {mesh} is not a one-device CUDA mesh: compile for "
-            "sf.Mesh('cuda', (1,)) or leave cuda_graphs=False"
-        )
-    if zero:
-        raise ValueError(f"cuda_graphs=True with zero={zero}: one device has nothing to shard; leave zero=0")
-
-
-def check_inductor(zero: int) -> None:
-    """Raise unless the programs can be compiled by Inductor (runtime/inductor.py)."""
-    if zero == 3:
-        raise ValueError(
-            "inductor=True with zero=3: the prefetched parameter gathers make torch.compile recompile at every "
-            "handle; use zero=1 or 2, or inductor=False"
-        )
-
-
-def _collective_done(program: Program, unit: int, payload: Any) -> bool:
-    """Whether unit ``unit``'s gradients can be taken without waiting (its bucket's all-reduce completed)."""
-    return not program.units[unit][1] or bucket_done(payload)
-
-
-def clip_grad_norm(sbps: Sequence[NdSbp], local_params: Sequence[nn.Parameter], mesh: Mesh, max_norm: float) -> float:
-    """``torch.nn.utils.clip_grad_norm_`` over the logical gradients, computed on shards.
-
-    Each shard's squared norm (one ``_foreach_norm`` over all of them) is summed over the mesh axes on which
-    some gradient is split; a shard held by several ranks of those axes (``B`` there) counts once. Axes on
-    which every gradient is ``B`` need no communication: every rank already has the same sum there.
-    """
-    pairs = [(sbp, lp.grad) for sbp, lp in zip(sbps, local_params) if lp.grad is not None]
-    if not pairs:
-        return 0.0
-    sbps = [sbp for sbp, _ in pairs]
-    axes = [a for a in range(mesh.ndim) if mesh.shape[a] > 1 and any(s[a] != B for s in sbps)]
-    norms = torch.stack(torch._foreach_norm([g.detach() for _, g in pairs])).double()
-    weights = [1.0 / math.prod(mesh.shape[a] for a in axes if s[a] == B) for s in sbps]
-    total = (norms.square() * torch.tensor(weights, dtype=torch.float64, device=norms.device)).sum()
-    rank = world()[0]
-    for axis in axes:
-        torch.distributed.all_reduce(total, group=group_for(mesh.axis_slice(axis, rank)).group)
-    norm = float(total.sqrt())
-    coef = max_norm / (norm + 1e-6)
-    if coef < 1.0:
-        torch._foreach_mul_([g for _, g in pairs], coef)
-    return norm
-
-
-def _zero_layout(p: GlobalTensor, mesh: Mesh, dp: int) -> NdSbp | None:
-    """``p``'s layout with the data-parallel axis splitting its first dim of size > 1 that no other axis
-    splits (so the piece lies inside this rank's local tensor); None when it cannot be split there."""
-    if p.sbp[dp] != B or mesh.shape[dp] == 1:
-        return None
-    taken = {q.dim for q in p.sbp if is_split(q)}  # type: ignore[union-attr]
-    for d, n in enumerate(p.shape):
-        if n > 1 and d not in taken:
-            return p.sbp[:dp] + (S(d),) + p.sbp[dp + 1 :]
-    return None
-
-
-def _input_layouts(input_sbp: Any, mesh: Mesh, n: int) -> list[NdSbp]:
-    """One nd-SBP for every input (a placement or an nd-SBP), or a sequence with one per input."""
-    if is_placement(input_sbp) or (
-        isinstance(input_sbp, (tuple, list)) and len(input_sbp) == mesh.ndim and all(map(is_placement, input_sbp))
-    ):
-        return [normalize_sbp(input_sbp, mesh.ndim)] * n
-    if isinstance(input_sbp, (tuple, list)) and len(input_sbp) == n:
-        return [normalize_sbp(s, mesh.ndim) for s in input_sbp]
-    raise ValueError(
-        f"input_sbp {input_sbp!r} is neither one layout for every input nor one layout per input "
-        f"({n} inputs on a {mesh.ndim}-d mesh)"
-    )
-
+__all__ = ["MemoryPlanError", "ParallelModule", "check_graphable", "compile", "plan"]
 
 _PRICING: list[bool] = []  # non-empty while a refusal prices other plans: they get no default limit of their own
 
@@ -633,7 +53,7 @@ def _pricing() -> Iterator[None]:
         _PRICING.pop()
 
 
-def compile(
+def plan(
     model: nn.Module,
     mesh: Mesh,
     example_inputs: Sequence[Any],
@@ -649,24 +69,21 @@ def compile(
     arena: bool | str = False,
     cuda_graphs: bool = False,
     inductor: bool = False,
-) -> Any:
-    """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see the README's API sections.
+) -> ParallelPlan:
+    """The plan ``sf.compile`` builds with the same arguments, without compiling: no process group, no
+    step. ``recompute="auto"`` is the exception: it chooses by predicted memory, so it compiles (collective)."""
+    if recompute == "auto":
+        return compile(**{k: v for k, v in locals().items()}).plan  # type: ignore[no-any-return]
+    _check_options(pipeline, hints, input_sbp, zero, recompute, cuda_graphs, inductor)
+    return build_plan(
+        model, mesh, example_inputs, strategy, hints, input_sbp, max_grad_norm, pipeline, zero, recompute,
+        arena, cuda_graphs, inductor,
+    )  # fmt: skip
 
-    Returns a ``ParallelModule``, or with ``pipeline=sf.Pipeline(...)`` a ``PipelineModule`` (stages over
-    the pipeline axis, data parallel over the others). ``arena=True`` places the step's temporaries at
-    fixed offsets of one buffer, reused by lifetime, where that does not raise the predicted peak;
-    ``arena="all"`` places every one it can, whatever the peak (static placement, graph/arena.py).
-    ``cuda_graphs=True`` (one GPU) captures each step, update included, as a CUDA graph after two warm-up
-    steps and replays it (runtime/cuda_graph.py). ``inductor=True`` compiles each rank's program with
-    ``torch.compile``, breaking the graph at asynchronous messages and update hand-offs (runtime/inductor.py).
-    """
-    if recompute == "auto" and memory_limit is None:
-        raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")
-    if arena not in (False, True, "all"):
-        raise ValueError(f"arena={arena!r}: choose False, True (where it does not raise the peak) or 'all'")
-    if memory_limit is None and not _PRICING:  # on GPUs: what the devices can still give (least over ranks)
-        memory_limit = device_limit(mesh.device_type)
-    keep_host_memory()  # steps reuse freed host blocks instead of page-faulting fresh ones (host_memory.py)
+
+def _check_options(
+    pipeline: Any, hints: Any, input_sbp: Any, zero: int, recompute: Any, cuda_graphs: bool, inductor: bool
+) -> None:
     if pipeline is not None:
         if not isinstance(pipeline, Pipeline):
             raise TypeError(f"pipeline must be sf.Pipeline(...), got {type(pipeline).__name__}")
@@ -679,95 +96,122 @@ def compile(
                 f"with a pipeline, stages are data (and tensor) parallel over the other mesh axes; {', '.join(bad)} "
                 "cannot be combined with pipeline= yet: leave them at their defaults"
             )
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
-        pp = PipelineModule(
-            model,
-            mesh,
-            pipeline,
-            example_inputs,
-            optimizer or _default_optimizer,
-            max_grad_norm,
-            strategy,
-            _stage_layouts(model, example_inputs),
-            StageProgram,
-            arena,
-        )
-        if memory_limit is not None:
-            _check_pipeline_fits(pp, parse_bytes(memory_limit), model, optimizer, max_grad_norm)
-        return pp
-    if zero not in (0, 1, 2, 3):
-        raise ValueError(f"zero={zero!r}: choose a ZeRO stage 0 (off), 1, 2 or 3")
+
+
+def compile(
+    model: nn.Module,
+    mesh: Mesh | None = None,
+    example_inputs: Sequence[Any] | None = None,
+    strategy: str = "dp",
+    hints: Mapping[str, Placement | Sequence[Placement]] | None = None,
+    input_sbp: Placement | Sequence[Any] | None = None,
+    optimizer: OptimizerFactory | None = None,
+    max_grad_norm: float | None = None,
+    pipeline: Pipeline | None = None,
+    zero: int = 0,
+    memory_limit: int | str | None = None,
+    recompute: bool | str | Sequence[str] = False,
+    arena: bool | str = False,
+    cuda_graphs: bool = False,
+    inductor: bool = False,
+    plan: ParallelPlan | None = None,
+) -> Any:
+    """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see the README's API sections.
+
+    Returns a ``ParallelModule``, or with ``pipeline=sf.Pipeline(...)`` a ``PipelineModule`` (stages over
+    the pipeline axis, data parallel over the others). ``arena=True`` places the step's temporaries at
+    fixed offsets of one buffer, reused by lifetime, where that does not raise the predicted peak;
+    ``arena="all"`` places every one it can, whatever the peak (static placement, graph/arena.py).
+    ``cuda_graphs=True`` (one GPU) captures each step, update included, as a CUDA graph after two warm-up
+    steps and replays it (runtime/cuda_graph.py). ``inductor=True`` compiles each rank's program with
+    ``torch.compile``, breaking the graph at asynchronous messages and update hand-offs (runtime/inductor.py).
+    ``plan=``: compile this ``sf.ParallelPlan`` (its mesh is the job's mesh; the planning keywords are then
+    the plan's, and giving them too is an error); ``memory_limit`` still checks it.
+    """
+    if example_inputs is None:
+        raise TypeError("sf.compile needs example_inputs=(...): the inputs of one step, as pm.step will get them")
+    if plan is not None:
+        given = {
+            "strategy": strategy != "dp", "hints": hints is not None, "input_sbp": input_sbp is not None,
+            "max_grad_norm": max_grad_norm is not None, "pipeline": pipeline is not None, "zero": zero != 0,
+            "recompute": recompute is not False, "arena": arena is not False, "cuda_graphs": cuda_graphs,
+            "inductor": inductor,
+        }  # fmt: skip
+        both = [k for k, v in given.items() if v]
+        if both:
+            raise ValueError(
+                f"sf.compile(plan=...) takes {both} from the plan; leave them out, or change the plan first "
+                f"(plan.replace({both[0]}=...))"
+            )
+        return _compile_plan(model, mesh, plan, example_inputs, optimizer, memory_limit)
+    if mesh is None:
+        raise TypeError("sf.compile needs a mesh (or plan=, which names its mesh)")
+    if recompute == "auto" and memory_limit is None:
+        raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")
+    _check_options(pipeline, hints, input_sbp, zero, recompute, cuda_graphs, inductor)
     if cuda_graphs:
         check_graphable(mesh, zero)
     if inductor:
         check_inductor(zero)
-    limit = parse_bytes(memory_limit) if memory_limit is not None else None
-    dp, _ = axes_for(mesh, strategy)
-    if zero and dp is None:
-        raise ValueError(f"zero={zero} shards over the data-parallel axis; strategy {strategy!r} on {mesh} has none")
-    plain = [x.full() if isinstance(x, GlobalTensor) else x for x in example_inputs]
-    captured = capture(model, plain)
-    layouts = param_layouts(model, mesh, strategy, captured, hints)
-    if zero == 3:  # ZeRO-3 as a layout: parameters split on the data-parallel axis, gathered for each use
-        assert dp is not None
-        shapes = dict(model.named_parameters())
-        for name, sbp in layouts.items():
-            # dim 0, or the first dim of size > 1 that no Blocked layout splits (S(0) over Blocked(0, k) does
-            # not nest: a fused projection's weight is sharded by its other dim, its bias not at all)
-            blocked = {p.dim for p in sbp if isinstance(p, Blocked)}
-            shape = shapes[name].shape
-            d = next((d for d in range(len(shape)) if d not in blocked and (shape[d] > 1 or not blocked)), None)
-            if sbp[dp] == B and d is not None:
-                layouts[name] = sbp[:dp] + (S(d),) + sbp[dp + 1 :]
-    if input_sbp is None:
-        default: list[Placement] = [B] * mesh.ndim
-        if dp is not None:
-            default[dp] = S(0)
-        sbps = [tuple(default)] * len(example_inputs)
-    else:
-        sbps = _input_layouts(input_sbp, mesh, len(example_inputs))
-    pm = ParallelModule(model, mesh, layouts, sbps, optimizer or _default_optimizer, max_grad_norm, strategy, zero, dp)
-    pm.zero_axis = dp if zero == 3 else None
-    pm.arena = arena
-    pm.cuda_graphs = cuda_graphs
-    pm.inductor = inductor
-    pm.example_inputs = tuple(example_inputs)
+    built = build_plan(
+        model, mesh, example_inputs, strategy, hints, input_sbp, max_grad_norm, pipeline, zero,
+        False if recompute == "auto" else recompute, arena, cuda_graphs, inductor,
+    )  # fmt: skip
+    pm = _compile_plan(model, mesh, built, example_inputs, optimizer, None if recompute == "auto" else memory_limit)
     if recompute == "auto":
-        assert limit is not None
-        _fewest_recomputed(pm, limit)
-    elif recompute:
-        pm.set_recompute(_recompute_targets(model, recompute))
-    if limit is not None:
-        _check_fits(pm, limit, model, plain, hints, optimizer, max_grad_norm)
+        assert memory_limit is not None
+        _fewest_recomputed(pm, parse_bytes(memory_limit))
+        _check_fits(pm, parse_bytes(memory_limit), model, optimizer)
     return pm
 
 
-def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
-def _recompute_targets(model: nn.Module, recompute: bool | str | Sequence[str]) -> list[str]:
-    """``True``: every block (children of the longest ModuleList/Sequential); or module-name globs."""
-    names = [n for n, _ in model.named_modules() if n]
-    if recompute is True:
-        targets = blocks(model)
-        if not targets:
-            raise ValueError(
-                f"recompute=True found no ModuleList or Sequential in {type(model).__name__}: name modules"
-            )
-        return targets
-    if isinstance(recompute, (str, bool)) or not all(isinstance(g, str) for g in recompute):
-        raise ValueError(f"recompute must be True, 'auto' or a list of module-name globs, got {recompute!r}")
-    globs = list(recompute)
-    targets = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
-    if not targets:
-        raise ValueError(f"recompute globs {globs} match no module of {type(model).__name__} (e.g. {names[:4]})")
-    # each glob on its own, as hints are checked: a misspelt one beside others that match would go unnoticed
-    for g in globs:
-        if not any(fnmatch.fnmatchcase(n, g) for n in names):
-            raise ValueError(f"recompute glob {g!r} matches no module of {type(model).__name__} (e.g. {names[:4]})")
-    return targets
+def _compile_plan(
+    model: nn.Module,
+    mesh: Mesh | None,
+    plan: ParallelPlan,
+    example_inputs: Sequence[Any],
+    optimizer: OptimizerFactory | None,
+    memory_limit: int | str | None,
+) -> Any:
+    """Build the module ``plan`` describes and check it fits ``memory_limit`` (default on GPUs: free memory)."""
+    if not isinstance(plan, ParallelPlan):
+        raise TypeError(f"plan= takes an sf.ParallelPlan (sf.plan(...) or ParallelPlan.from_json), got {plan!r}")
+    if mesh is None:
+        mesh = plan.mesh.build()  # collective, as making any mesh is
+    elif MeshSpec.of(mesh) != plan.mesh:
+        raise PlanError(f"the plan is for a {plan.mesh}, but the mesh given is {mesh}: give the plan's mesh")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    check_model(plan, shapes, len(example_inputs))
+    if memory_limit is None and not _PRICING:  # on GPUs: what the devices can still give (least over ranks)
+        memory_limit = device_limit(mesh.device_type)
+    keep_host_memory()  # steps reuse freed host blocks instead of page-faulting fresh ones (host_memory.py)
+    if plan.pipeline is not None:
+        p = plan.pipeline
+        stage_meshes = None if p.stage_meshes is None else tuple(m.build() for m in p.stage_meshes)
+        pipeline = Pipeline(
+            axis=p.axis,
+            split_points=p.split_points,
+            micro_batches=p.micro_batches,
+            schedule=p.schedule,
+            stage_meshes=stage_meshes,
+            split_backward=p.split_backward,
+        )
+        pp = PipelineModule(model, mesh, pipeline, example_inputs, optimizer or _default_optimizer, plan, StageProgram)
+        if memory_limit is not None:
+            _check_pipeline_fits(pp, parse_bytes(memory_limit), model, optimizer)
+        return pp
+    e = plan.execution
+    if e.cuda_graphs:
+        check_graphable(mesh, plan.zero)
+    if e.inductor:
+        check_inductor(plan.zero)
+    pm = ParallelModule(model, mesh, plan, optimizer or _default_optimizer)
+    pm.example_inputs = tuple(example_inputs)
+    if plan.values and world()[0] in mesh:  # forced value layouts name values only the traced step has
+        pm.program(pm._inputs(example_inputs))  # lowered now (as the first step would): a bad key fails here
+    if memory_limit is not None:
+        _check_fits(pm, parse_bytes(memory_limit), model, optimizer)
+    return pm
 
 
 def _fewest_recomputed(pm: ParallelModule, limit: int) -> None:
@@ -805,52 +249,24 @@ def _refusal(limit: int, report: MemoryReport, fixes: list[tuple[int, str]]) -> 
     return MemoryPlanError("\n".join(lines))
 
 
-def _stage_layouts(model: nn.Module, example_inputs: Sequence[Any]) -> Callable[[Mesh], dict[str, NdSbp]]:
-    """Megatron layouts of the whole model's parameters on a stage's 1-d tensor-parallel mesh (the model is
-    captured once, on the first call: data-parallel pipelines never capture it)."""
-    captured: list[Captured] = []
-
-    def layouts(tp_mesh: Mesh) -> dict[str, NdSbp]:
-        if not captured:
-            captured.append(capture(model, [x.full() if isinstance(x, GlobalTensor) else x for x in example_inputs]))
-        return param_layouts(model, tp_mesh, "tp", captured[0], None)
-
-    return layouts
-
-
-def _check_pipeline_fits(
-    pm: PipelineModule,
-    limit: int,
-    model: nn.Module,
-    optimizer: OptimizerFactory | None,
-    max_grad_norm: float | None,
-) -> None:
+def _check_pipeline_fits(pm: PipelineModule, limit: int, model: nn.Module, optimizer: OptimizerFactory | None) -> None:
     """Refuse a pipeline over ``limit`` before any step, pricing fewer activations in flight (1F1B instead of
     GPipe) and smaller micro-batches (twice as many), each by compiling it (collective)."""
     report = pm.memory()
     if max(report.peaks or [report.peak]) <= limit:
         return
     fixes: list[tuple[int, str]] = []
-    p = pm.pipeline
+    p = pm.plan.pipeline
+    assert p is not None
     options = [] if p.schedule == "1f1b" else [(dataclasses.replace(p, schedule="1f1b"), "schedule='1f1b'")]
     batch = pm.example_shapes[0][0] if pm.example_shapes and pm.example_shapes[0] else 0
     widest = max(len(g) for g in pm.grids)  # the same on every rank: each compiles the same options (collective)
     if batch % (2 * p.micro_batches * widest) == 0:
-        more = dataclasses.replace(p, micro_batches=2 * p.micro_batches, split_points=tuple(pm.split.split_points))
+        more = dataclasses.replace(p, micro_batches=2 * p.micro_batches)
         options.append((more, f"micro_batches={2 * p.micro_batches} (micro-batches half as large)"))
     for option, what in options:
-        alt = PipelineModule(
-            model,
-            pm.mesh,
-            option,
-            pm.example_inputs,
-            optimizer or _default_optimizer,
-            max_grad_norm,
-            pm.strategy,
-            pm.tp_layouts,
-            pm.stage_program,
-            pm.arena,
-        )
+        with _pricing():
+            alt = _compile_plan(model, pm.mesh, pm.plan.replace(pipeline=option), pm.example_inputs, optimizer, None)
         fixes.append((max(alt.memory().peaks or [0]), what))
     raise _refusal(limit, report, fixes)
 
@@ -859,16 +275,16 @@ def _check_fits(
     pm: ParallelModule,
     limit: int,
     model: nn.Module,
-    plain: Sequence[Any],
-    hints: Mapping[str, Placement | Sequence[Placement]] | None,
     optimizer: OptimizerFactory | None,
-    max_grad_norm: float | None,
+    hints: Mapping[str, Placement | Sequence[Placement]] | None = None,
 ) -> None:
     """Refuse, before any step, a plan whose predicted peak exceeds ``limit`` on some rank (collective: every
-    rank predicts its own peak, the peaks are gathered, and every rank raises the same error)."""
+    rank predicts its own peak, the peaks are gathered, and every rank raises the same error). The changes
+    priced: half the batch, every block recomputed, the other strategies (with ``hints``), ZeRO 2 and 3."""
     report = pm.memory()
     if max(report.peaks or [report.peak]) <= limit:
         return
+    plain = [x.full() if isinstance(x, GlobalTensor) else x for x in pm.example_inputs]
     fixes: list[tuple[int, str]] = []
     batch = plain[0].shape[0] if plain and isinstance(plain[0], torch.Tensor) and plain[0].dim() else 0
     if batch > 1:
@@ -883,31 +299,26 @@ def _check_fits(
             (max(pm.memory().peaks or [0]), "recompute=True (every block's activations recomputed in backward)")
         )
         pm.set_recompute(chosen)
+    e = pm.plan.execution
+    alternatives: list[tuple[str, Any]] = []
     for strategy in ("dp", "tp", "hybrid"):
-        if strategy == pm.strategy:
-            continue
-        try:
-            with _pricing():
-                alt = compile(model, pm.mesh, plain, strategy, hints, None, optimizer, max_grad_norm, arena=pm.arena)
-        except ValueError:
-            continue  # the mesh has no axis for it, or the hints do not apply
-        fixes.append((max(alt.memory().peaks or [0]), f"strategy={strategy!r}"))
+        if strategy != pm.strategy:
+            alternatives.append((f"strategy={strategy!r}", lambda s=strategy: build_plan(
+                model, pm.mesh, plain, s, hints, None, pm.max_grad_norm, arena=e.arena
+            )))  # fmt: skip
     dp, _ = axes_for(pm.mesh, pm.strategy)
     if dp is not None and pm.mesh.shape[dp] > 1:
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         for stage in (2, 3):
             if stage > pm.zero:
-                with _pricing():
-                    alt = compile(
-                        model,
-                        pm.mesh,
-                        plain,
-                        pm.strategy,
-                        hints,
-                        None,
-                        optimizer,
-                        max_grad_norm,
-                        zero=stage,
-                        arena=pm.arena,
-                    )
-                fixes.append((max(alt.memory().peaks or [0]), f"zero={stage} (ZeRO stage {stage} on the dp axis)"))
+                what = f"zero={stage} (ZeRO stage {stage} on the dp axis)"
+                alternatives.append((what, lambda k=stage: apply_zero(pm.plan, k, pm.mesh.names[dp], shapes)))
+    for what, make in alternatives:
+        try:
+            other = make()
+        except ValueError:
+            continue  # the mesh has no axis for it, or the hints do not apply
+        with _pricing():
+            alt = _compile_plan(model, pm.mesh, other, plain, optimizer, None)
+        fixes.append((max(alt.memory().peaks or [0]), what))
     raise _refusal(limit, report, fixes)

@@ -25,7 +25,7 @@ import functools
 import itertools
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ from shardflow.boxing.plan import COLLECTIVES, Plan
 from shardflow.comm.collectives import ReduceScattering, reduce_scatter_finish, reduce_scatter_start
 from shardflow.comm.groups import group_for
 from shardflow.graph.arena import Arena, assign, check_outside, check_placed, out_overload, select
+from shardflow.graph.values import forced_nodes, module_paths, value_keys
 from shardflow.ops import LOCALS, PREPARED, WORKSPACE, LocalContext, OpCall, TensorMeta, choose, writes_arg
 from shardflow.ops.select import candidates, communicates, reduces_to_split
 from shardflow.placement.mesh import Mesh
@@ -125,8 +126,9 @@ def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu") -> 
         xs = [fake(x) if isinstance(x, torch.Tensor) else x for x in inputs]
     del mode
     stage = f"tracing {type(model).__name__}'s forward and backward on fake tensors"
-    with _attention_kernels(device), explained(model, stage):
+    with _attention_kernels(device), explained(model, stage), module_paths(model):
         graph = make_fx(step, tracing_mode="fake")(ps, bs, xs)
+    value_keys(graph.graph)
     return Joint(graph, len(ps), len(bs), tuple(grad_of))
 
 
@@ -282,8 +284,10 @@ class _Lowering:
         zero_axis: int | None = None,
         grad_sbps: Sequence[NdSbp | None] = (),
         arena: bool | str = False,
+        values: Mapping[str, NdSbp] | None = None,
     ):
         self.joint, self.mesh, self.rank, self.bucket_bytes = joint, mesh, rank, bucket_bytes
+        self.forced = forced_nodes(joint.graph.graph, values or {}, mesh)  # the plan's layouts of values
         # static placement (graph/arena.py): ops with an out= overload write into blocks of one arena
         self.arena = arena
         # line -> (variable, out= overload constant, its out arguments, rendered arguments, storage keys, op)
@@ -644,8 +648,10 @@ class _Lowering:
         flat, spec = tree_flatten((node.args, node.kwargs))
         where = [i for i, a in enumerate(flat) if isinstance(a, fx.Node) and isinstance(self.info.get(a), _Value)]
         val = node.meta.get("val")
-        wanted = None
-        if node in self.want and isinstance(val, torch.Tensor):
+        wanted: tuple[TensorMeta, Sequence[Placement | None]] | None = None
+        if node in self.forced and isinstance(val, torch.Tensor):
+            wanted = (TensorMeta(tuple(val.shape), val.dtype), self.forced[node])
+        elif node in self.want and isinstance(val, torch.Tensor):
             wanted = (TensorMeta(tuple(val.shape), val.dtype), self.want[node])
         out_flat = [val] if isinstance(val, torch.Tensor) else tree_flatten(val)[0]
         out_metas = [TensorMeta(tuple(o.shape), o.dtype) if isinstance(o, torch.Tensor) else None for o in out_flat]
@@ -743,6 +749,11 @@ class _Lowering:
         self.outputs(node, list(outs), out_metas)
         first = local_flat[where[0]]
         self.op_storage(node, name, first.name if isinstance(first, _Var) else None, list(outs), out_metas)
+        if node in self.forced and outs[0] != self.forced[node]:  # the plan fixes this value's layout
+            forced, meta = self.forced[node], self.info[node].meta
+            var, plan = self.box_from(name, meta, outs[0], forced, f"{op_name} (forced by the plan)")
+            record.boxing.append(plan)
+            self.var[node], self.info[node] = var, _Value(forced, meta)
         wants = [
             local_shape(m.shape, s, self.mesh.shape, self.coord) for m, s in zip([m for m in out_metas if m], outs)
         ]
@@ -1289,6 +1300,7 @@ def lower(
     zero_axis: int | None = None,
     grad_sbps: Sequence[NdSbp | None] = (),
     arena: bool | str = False,
+    values: Mapping[str, NdSbp] | None = None,
 ) -> Program:
     """This rank's program for ``joint`` with one layout per placeholder (params, buffers, inputs).
 
@@ -1300,10 +1312,11 @@ def lower(
     costs come from layouts and shapes only. ``grad_sbps`` (per parameter, None: the default) asks for
     gradients in another layout than their parameter's (ZeRO-2: split on the data-parallel axis).
     ``arena``: static placement of the program's temporaries (graph/arena.py): True where it does not
-    raise the peak, ``"all"`` every one that can be placed.
+    raise the peak, ``"all"`` every one that can be placed. ``values``: layouts the plan fixes for forward
+    values by key (``value_keys``); each is boxed there right after the op that makes it.
     """
     programs = [
-        _Lowering(joint, mesh, rank, sbps, bucket_bytes, policy, zero_axis, grad_sbps, arena).run()
+        _Lowering(joint, mesh, rank, sbps, bucket_bytes, policy, zero_axis, grad_sbps, arena, values).run()
         for policy in (True, False)
     ]
     return min(programs, key=lambda p: p.cost)

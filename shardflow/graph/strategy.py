@@ -7,21 +7,20 @@ shape ops, element-wise activations, dropout and attention is column-parallel (w
 pair. A fused column linear whose output is split into ``k`` equal parts (attention's ``c_attn`` into q, k
 and v) is split by block, ``Blocked(0, k)``: each rank holds its heads of every part, as Megatron's own
 fused QKV does by storing the weight interleaved per head; here the user's weight keeps its layout.
-``hybrid`` does both on axes ``dp`` and ``tp``. Hints (``{glob: sbp}``) override any of it.
+``hybrid`` does both on axes ``dp`` and ``tp``. The plan transforms (graph/transforms/) apply these layouts;
+hints (``{glob: sbp}``) override any of it there.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from shardflow.graph.capture import Captured
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, Blocked, NdSbp, P, Placement, S, format_sbp, is_split, normalize_sbp
+from shardflow.placement.sbp import Blocked, Placement, S
 
 aten = torch.ops.aten
 
@@ -150,57 +149,17 @@ def megatron_pairs(captured: Captured) -> list[tuple[str, str]]:
     return [(c, r) for c, r in pairs if c not in rows and cols.count(c) == 1]
 
 
-def param_layouts(
-    model: nn.Module,
-    mesh: Mesh,
-    strategy: str,
-    captured: Captured,
-    hints: Mapping[str, Placement | Sequence[Placement]] | None = None,
-) -> dict[str, NdSbp]:
-    """An nd-SBP for every parameter of ``model`` (names as in ``model.named_parameters()``)."""
-    _, tp = axes_for(mesh, strategy)
-    params = dict(model.named_parameters())
-    out: dict[str, NdSbp] = {name: (B,) * mesh.ndim for name in params}
-
-    def put(name: str, axis: int, p: Placement) -> None:
-        sbp = list(out[name])
-        sbp[axis] = p
-        out[name] = tuple(sbp)
-
-    if tp is not None:
-        flipped, fused = _transposed(captured), fused_blocks(captured)
-        for col, row in megatron_pairs(captured):
-            k = fused.get(col)
-            dim = 1 if col in flipped else 0
-            put(col, tp, S(dim) if k is None else Blocked(dim, k))
-            bias = col.rsplit(".", 1)[0] + ".bias"
-            if bias in params:
-                put(bias, tp, S(0) if k is None else Blocked(0, k))
-            put(row, tp, S(0) if row in flipped else S(1))
-    for glob, sbp in (hints or {}).items():
-        matched = [n for n in params if fnmatch.fnmatch(n, glob)]
-        if not matched:
-            raise ValueError(
-                f"hint {glob!r} matches no parameter; parameters are named like {list(params)[:4]} "
-                f"(model.named_parameters())"
-            )
-        for name in matched:
-            nd = normalize_sbp(sbp, mesh.ndim)
-            p = params[name]
-            if any(q == P for q in nd):
-                raise ValueError(
-                    f"hint {glob!r}: a parameter cannot be partial ({format_sbp(nd)} for {name!r}); use B or S(i)"
-                )
-            for q in nd:
-                if is_split(q) and q.dim >= p.dim():  # type: ignore[union-attr]
-                    raise ValueError(
-                        f"hint {glob!r}: sbp {format_sbp(nd)} does not fit parameter {name!r} of shape "
-                        f"{tuple(p.shape)}: split dim must be < {p.dim()}"
-                    )
-                if isinstance(q, Blocked) and p.shape[q.dim] % q.blocks:
-                    raise ValueError(
-                        f"hint {glob!r}: {q} does not fit parameter {name!r} of shape {tuple(p.shape)}: dim "
-                        f"{q.dim} does not hold {q.blocks} equal blocks"
-                    )
-            out[name] = nd
+def megatron_placements(captured: Captured, params: Collection[str]) -> dict[str, Placement]:
+    """The tensor-parallel axis's placement of every parameter in a Megatron pair (others: not listed);
+    ``params``: the model's parameter names."""
+    out: dict[str, Placement] = {}
+    flipped, fused = _transposed(captured), fused_blocks(captured)
+    for col, row in megatron_pairs(captured):
+        k = fused.get(col)
+        dim = 1 if col in flipped else 0
+        out[col] = S(dim) if k is None else Blocked(dim, k)
+        bias = col.rsplit(".", 1)[0] + ".bias"
+        if bias in params:
+            out[bias] = S(0) if k is None else Blocked(0, k)
+        out[row] = S(0) if row in flipped else S(1)
     return out

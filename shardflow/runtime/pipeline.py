@@ -33,6 +33,7 @@ BatchNorm is refused (per-micro-batch statistics are not the serial model's).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -51,8 +52,10 @@ from shardflow.checkpoint.store import load as load_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import collective_timeout, world
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, Placement, is_split
-from shardflow.runtime import split_backward
+from shardflow.placement.sbp import B, Placement, is_split
+from shardflow.plan import ParallelPlan
+from shardflow.plan.knobs import Fixed, Knob, Unsupported, logged
+from shardflow.runtime import split_backward as split_passes
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.crossing import Piece, crossing
 from shardflow.runtime.memory import (
@@ -200,6 +203,27 @@ class Crossings:
 class PipelineModule(Snapshots):
     """A model cut into stages over a mesh axis; ``step(*inputs)`` trains one step on the global batch."""
 
+    # options of the plan that may change after compiling (plan/knobs.py): each re-plans
+    bucket_bytes = Knob()
+    max_grad_norm = Knob()
+    arena = Knob()
+
+    @property
+    def split_backward(self) -> bool:
+        """Whether the last backward of a data-parallel stage after the first runs in two passes (a
+        benchmark flips it between steps)."""
+        return self.plan.pipeline.split_backward if self.plan.pipeline is not None else True
+
+    @split_backward.setter
+    def split_backward(self, value: bool) -> None:
+        self.replan(split_backward=value)
+
+    strategy = Fixed("the strategy the plan was built from")
+    static = Unsupported("pipeline stages always run their lowered programs")
+    updates = Unsupported("a stage updates once its last backward is over")
+    inductor = Unsupported("inductor cannot be combined with pipeline= yet")
+    cuda_graphs = Unsupported("cuda_graphs cannot be combined with pipeline= yet")
+
     def __init__(
         self,
         model: nn.Module,
@@ -207,18 +231,14 @@ class PipelineModule(Snapshots):
         pipeline: Pipeline,
         example_inputs: Sequence[Any],
         optimizer: OptimizerFactory,
-        max_grad_norm: float | None,
-        strategy: str = "dp",
-        tp_layouts: Callable[[Mesh], dict[str, NdSbp]] | None = None,
+        plan: ParallelPlan,
         stage_program: StageProgramFactory | None = None,
-        arena: bool | str = False,
     ) -> None:
-        self.mesh, self.pipeline, self.max_grad_norm, self.strategy = mesh, pipeline, max_grad_norm, strategy
-        self.tp_layouts = tp_layouts  # kept for the plans memory_limit prices (they share its one capture)
+        self.mesh, self.pipeline, self.plan = mesh, pipeline, plan
+        strategy = self.strategy = plan.strategy
         # makes a stage's lowered program (the compiler's, graph/stage_program.py: handed in, as the
         # compiler sits above the runtime): a tensor-parallel stage runs it; any stage counts memory by it
         self.stage_program = stage_program
-        self.arena = arena  # static placement of a tensor-parallel stage program's temporaries (graph/arena.py)
         # each stage's ranks as grid[dp][tp]: data parallel over its rows, tensor parallel along them
         self.grids = [_grid(m, s, strategy) for s, m in enumerate(_stages(mesh, pipeline))]
         self.stage_ranks = [tuple(r for row in g for r in row) for g in self.grids]
@@ -270,10 +290,8 @@ class PipelineModule(Snapshots):
         self.layouts: list[dict[str, Placement]] = [{} for _ in self.grids]
         for s, g in enumerate(self.grids):
             if len(g[0]) > 1:
-                if tp_layouts is None:
-                    raise ValueError(f"stage {s} is tensor parallel over {len(g[0])} ranks but no layouts were given")
-                found = tp_layouts(rows[s][0])
-                self.layouts[s] = {n: found[n][0] for n in self.split.names[s] if n in found}
+                # the plan's layouts are over each stage's (dp, tp) grid: its tp entries
+                self.layouts[s] = {n: plan.params[n].sbp[1] for n in self.split.names[s] if n in plan.params}
                 self.layouts[s].update({n: B for n in self.split.tied if n in self.split.names[s]})
         if self.tp_mesh is not None:
             self.split.names[self.stage] = shard_stage(
@@ -308,7 +326,6 @@ class PipelineModule(Snapshots):
         # the optimizer steps plain tensors: a tensor-parallel stage's local shards (their .grad set per step)
         self.opt_params = [local(p) for p in self.params]
         self.optimizer = optimizer(self.opt_params) if self.params else None  # type: ignore[arg-type]  # a stage of activations only
-        self.bucket_bytes = 4 * 2**20
         # a tensor-parallel stage leaves the gradients of its replicated parameters (layer norms, row-parallel
         # biases, tied copies) as partial sums over its tp ranks: summed over the micro-batches as they are,
         # then one all-reduce over the stage's ranks (tp and dp at once) per step, instead of an all-reduce
@@ -321,6 +338,43 @@ class PipelineModule(Snapshots):
         for p in self.params:
             if id(p) in self.partial:  # the eager gradient-layout hook (global_tensor.py) must leave them partial
                 p._sf_partial_grad = True  # type: ignore[attr-defined]
+        self._make_buckets()
+        self._last_backward = False
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._grad_ready)
+        self.param_order = [n for n, _ in model.named_parameters()]  # the index of optimizer state in snapshots
+        self.recorder = tracing.Recorder(rank)
+        self.events: list[tracing.Event] = []  # every rank's events of the last traced step
+        self.steps = 0
+
+    def replan(self, **changes: Any) -> None:
+        """Change options of the plan (``plan.replace`` keywords): checked and logged; what was built from
+        the old options (buckets, stage programs) is built anew. The cut, meshes and layouts cannot change."""
+        allowed = {"bucket_bytes", "max_grad_norm", "arena", "split_backward"}
+        refused = sorted(set(changes) - allowed)
+        if refused:
+            raise AttributeError(
+                f"{refused} cannot change on a pipelined module (only {sorted(allowed)} can); compile another "
+                "plan: sf.compile(model, plan=pm.plan.replace(...), example_inputs=..., optimizer=...)"
+            )
+        cut = changes.pop("split_backward", self.split_backward)
+        if not isinstance(cut, bool):
+            raise ValueError(f"split_backward must be True or False, got {cut!r}")
+        new = self.plan.replace(**changes)
+        if new.pipeline is not None and new.pipeline.split_backward != cut:
+            new = new.replace(pipeline=dataclasses.replace(new.pipeline, split_backward=cut))
+        if new == self.plan:
+            return
+        logged(self.plan, new)
+        old, self.plan = self.plan, new
+        if new.bucket_bytes != old.bucket_bytes:
+            self._make_buckets()
+        if new.execution.arena != old.execution.arena:
+            self.programs.clear()
+
+    def _make_buckets(self) -> None:
+        """Gradient buckets over the stage's data-parallel group, and over all its ranks for the partial
+        gradients of a tensor-parallel stage, sized by the plan."""
         self.buckets = _Buckets(
             [p for n, p in self.named.items() if n not in self.split.tied and id(p) not in self.partial],
             group_for(self.dp_ranks).group if self.dp > 1 else None,
@@ -334,14 +388,6 @@ class PipelineModule(Snapshots):
             len(stage_ranks) if self.partial else 1,
             self.bucket_bytes,
         )
-        self._last_backward = False
-        self.split_backward = pipeline.split_backward  # a benchmark may flip it between steps
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._grad_ready)
-        self.param_order = [n for n, _ in model.named_parameters()]  # the index of optimizer state in snapshots
-        self.recorder = tracing.Recorder(rank)
-        self.events: list[tracing.Event] = []  # every rank's events of the last traced step
-        self.steps = 0
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _micro_batches(self, inputs: Sequence[Any]) -> tuple[list[list[Any]], list[float]]:
@@ -576,7 +622,7 @@ class PipelineModule(Snapshots):
 
     def _backward(
         self, received: list[torch.Tensor], outs: list[torch.Tensor], grads_in: list[torch.Tensor], weight: float
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], split_backward.SplitBackward | None]:
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], split_passes.SplitBackward | None]:
         """One micro-batch's backward: the received inputs, their gradients, and the weights' pass still to
         run (None: done). The step's last backward on a data-parallel stage after the first computes only the
         inputs' gradients here (``runtime/split_backward.py``): the tail of every schedule waits for them, and
@@ -592,7 +638,7 @@ class PipelineModule(Snapshots):
         inputs = [t for t in received if t.is_floating_point()]
         split = None
         if inputs and self._splits and self._last_backward:
-            split = split_backward.plan(roots, grads, inputs)
+            split = split_passes.plan(roots, grads, inputs)
         if split is not None:
             return inputs, split.inputs_first(), split
         torch.autograd.backward(roots, grads)
@@ -731,7 +777,7 @@ class PipelineModule(Snapshots):
             # a tp stage's gradients are GlobalTensors, which autograd accumulates out of place (old + new)
             summing = grads if self.tp_mesh is not None else 0
             # the last backward split in two passes holds the gradients its weights' pass reads between them
-            tail = split_backward.held_between_passes(self._program(first).traced.joint) if self._splits else 0
+            tail = split_passes.held_between_passes(self._program(first).traced.joint) if self._splits else 0
             during, action, k, with_grads = memory_peak(self.order, act, grads, temps, summing, tail, self._splits)
             at_peak = [(k * act, f"activations kept for backward: {k} micro-batch(es) in flight x {fmt_bytes(act)}")]
             if with_grads:

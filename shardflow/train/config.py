@@ -9,11 +9,14 @@ flag names a nested key with a dot (``--model.n_layer 4``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from shardflow.plan import ParallelPlan, PlanError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,6 +69,12 @@ class TrainConfig:
     """Refuse a plan that would not fit, e.g. "4GiB" (empty: no limit)."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device, to report MFU (0: report FLOP/s only)."""
+    plan: str = ""
+    """A plan written by ``shardflow plan CONFIG --save FILE`` (JSON) to train with: it wins over mesh, axes,
+    strategy, zero, micro_batches, schedule and max_grad_norm, and its mesh sets the job's ranks (empty: the
+    plan is built from those keys)."""
+    save: str = ""
+    """``shardflow plan`` only: write the plan there as JSON (whole, then moved into place)."""
     trace: str = ""
     """Write the timeline of the run's last step here (Chrome/Perfetto JSON, every rank's tracks) and draw it
     as a PNG beside it (empty: no trace)."""
@@ -103,6 +112,26 @@ def _fill(cls: Any, table: dict[str, Any], prefix: str = "") -> Any:
     if unknown:
         raise ValueError(f"unknown config key {prefix + unknown[0]!r}; known keys: {sorted(prefix + n for n in names)}")
     return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in table.items()})
+
+
+def read_plan(path: str) -> ParallelPlan:
+    """The plan saved at ``path``; a missing or malformed file is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(
+            f"plan {path!r} cannot be read ({e.strerror}); write one with: shardflow plan CONFIG --save {path}"
+        ) from None
+    try:
+        return ParallelPlan.from_json(text)
+    except PlanError as e:
+        raise PlanError(f"plan {path!r}: {e}") from None
+
+
+def job_ranks(cfg: TrainConfig) -> int:
+    """How many ranks the job needs: the plan's mesh, or the config's."""
+    return read_plan(cfg.plan).mesh.size if cfg.plan else math.prod(cfg.mesh)
 
 
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -11,12 +11,14 @@ complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +30,7 @@ import shardflow as sf
 from shardflow.checkpoint.index import FORMAT, INDEX
 from shardflow.models import CHAR_VOCAB_SIZE, GPT, GPTConfig, batches, char_corpus
 from shardflow.runtime import trace as tracing
-from shardflow.train.config import TrainConfig, load_config
+from shardflow.train.config import TrainConfig, load_config, read_plan
 
 _SNAPSHOT = re.compile(r"step(\d{8})")
 
@@ -79,25 +81,31 @@ def _model(cfg: TrainConfig) -> GPT:
 def compile_run(cfg: TrainConfig) -> tuple[Any, torch.Tensor, int]:
     """(the compiled model, the corpus, FLOPs per token) for ``cfg``, on the job's ranks."""
     world = dist.get_world_size()
-    if math.prod(cfg.mesh) != world:
-        raise ValueError(f"mesh {cfg.mesh} needs {math.prod(cfg.mesh)} ranks; the job has {world}")
-    mesh = sf.Mesh("cpu", tuple(cfg.mesh), names=tuple(cfg.axes))
     model = _model(cfg)
     corpus = char_corpus()
     n_params = sum(p.numel() for p in model.parameters())
     # 6 FLOPs per parameter per token (forward + backward), plus attention (PaLM, appendix B)
     flops_per_token = 6 * n_params + 12 * cfg.model.n_layer * cfg.model.block_size * cfg.model.n_embd
-    pm = sf.compile(
-        model,
-        mesh,
-        example_inputs=_batch(corpus, cfg, 0),
-        strategy=cfg.strategy,
-        zero=cfg.zero,
-        optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, eps=1e-6, foreach=False),
-        max_grad_norm=cfg.max_grad_norm,
-        memory_limit=cfg.memory_limit or None,
-        pipeline=sf.Pipeline(micro_batches=cfg.micro_batches, schedule=cfg.schedule) if "pp" in cfg.axes else None,
-    )
+    optimizer = functools.partial(torch.optim.AdamW, lr=cfg.lr, eps=1e-6, foreach=False)
+    example = _batch(corpus, cfg, 0)
+    if cfg.plan:  # the plan wins over the config's mesh and strategy keys
+        plan = read_plan(cfg.plan)
+        if plan.mesh.size != world:
+            raise ValueError(f"plan {cfg.plan!r} is for a {plan.mesh} ({plan.mesh.size} ranks); the job has {world}")
+    else:
+        if math.prod(cfg.mesh) != world:
+            raise ValueError(f"mesh {cfg.mesh} needs {math.prod(cfg.mesh)} ranks; the job has {world}")
+        plan = sf.plan(
+            model,
+            sf.Mesh("cpu", tuple(cfg.mesh), names=tuple(cfg.axes)),
+            example,
+            strategy=cfg.strategy,
+            zero=cfg.zero,
+            max_grad_norm=cfg.max_grad_norm,
+            pipeline=sf.Pipeline(micro_batches=cfg.micro_batches, schedule=cfg.schedule) if "pp" in cfg.axes else None,
+        )
+    limit = cfg.memory_limit or None
+    pm = sf.compile(model, plan=plan, example_inputs=example, optimizer=optimizer, memory_limit=limit)
     return pm, corpus, flops_per_token
 
 
@@ -152,8 +160,23 @@ def plan(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
     pm, _, _ = compile_run(cfg)
     report = pm.memory()
     if dist.get_rank() == 0:
+        log(pm.plan.explain())
         log(pm.explain())
         log(str(report))
+        if cfg.save:
+            _write_whole(cfg.save, pm.plan.to_json())
+            log(f"plan written to {cfg.save}; train with it: shardflow train CONFIG --plan {cfg.save}")
+
+
+def _write_whole(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half of it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".partial", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
 
 
 def main() -> int:

@@ -5,7 +5,8 @@ import torch
 
 import shardflow as sf
 from shardflow.graph.capture import capture
-from shardflow.graph.strategy import megatron_pairs, param_layouts
+from shardflow.graph.strategy import megatron_pairs
+from shardflow.graph.transforms import param_layouts
 from shardflow.models import GPT, MLP, GPTConfig, MLPConfig
 
 
@@ -83,7 +84,10 @@ def test_mlp_has_one_pair():
 
 
 def test_input_sbp_forms():
-    from shardflow.graph.compile import _input_layouts
+    from shardflow.graph.transforms import input_layouts
+
+    def _input_layouts(sbp, mesh, n):  # type: ignore[no-untyped-def]
+        return input_layouts(sbp, mesh.ndim, n)
 
     m1, m2 = sf.Mesh("cpu", (2,)), sf.Mesh("cpu", (2, 2))
     assert _input_layouts(sf.S(0), m1, 2) == [(sf.S(0),), (sf.S(0),)]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import shardflow as sf
 from shardflow.runtime.trace import read
 from shardflow.testing import run_on_ranks
 from shardflow.train import load_config, train
@@ -94,8 +95,21 @@ def test_shardflow_train_and_plan_commands(tmp_path):
     # the last step's timeline: every rank's events, and the PNG beside it
     assert f"timeline of step 4: {trace}" in again.stdout, again.stdout
     assert {e.rank for e in read(str(trace))} == {0, 1} and (tmp_path / "last.png").stat().st_size > 0
-    plan = subprocess.run([*exe, "plan", config, *flags], capture_output=True, text=True, timeout=300, env=env)
+    saved = tmp_path / "plans" / "plan.json"
+    plan = subprocess.run(
+        [*exe, "plan", config, *flags, "--save", str(saved)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert "ParallelModule" in plan.stdout and "predicted peak on rank 0" in plan.stdout, plan.stdout
+    assert f"plan written to {saved}" in plan.stdout and "ParallelPlan: strategy 'dp'" in plan.stdout
+    assert sf.ParallelPlan.from_json(saved.read_text()).mesh.shape == (2,)
+    missing = subprocess.run(
+        [*exe, "train", config, "--plan", str(tmp_path / "none.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert missing.returncode == 2 and "none.json' cannot be read" in missing.stderr, missing.stderr
     bad = subprocess.run([*exe, "train", config, "--stepz", "3"], capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "unknown config key 'stepz'" in bad.stderr

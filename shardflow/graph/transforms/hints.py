@@ -1,0 +1,67 @@
+"""Layouts given by hand: ``hints={glob: sbp}`` for parameters and ``input_sbp`` for inputs; they win over
+what the strategy chose, and a glob that matches nothing is an error (a misspelt one must not pass)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from shardflow.placement.sbp import Blocked, P, Placement, format_sbp, is_placement, is_split, normalize_sbp
+from shardflow.plan import ParallelPlan, ParamPlan, PlanError
+
+
+def apply_hints(
+    plan: ParallelPlan,
+    hints: Mapping[str, Placement | Sequence[Placement]],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> ParallelPlan:
+    """``plan`` with each parameter matched by a glob (``fnmatch`` on its name) laid out as the hint says."""
+    params = dict(plan.params)
+    for glob, sbp in hints.items():
+        matched = [n for n in shapes if fnmatch.fnmatch(n, glob)]
+        if not matched:
+            raise PlanError(
+                f"hint {glob!r} matches no parameter; parameters are named like {list(shapes)[:4]} "
+                f"(model.named_parameters())"
+            )
+        nd = normalize_sbp(sbp, plan.mesh.ndim)
+        for name in matched:
+            if P in nd:
+                raise PlanError(
+                    f"hint {glob!r}: a parameter cannot be partial ({format_sbp(nd)} for {name!r}); use B or S(i)"
+                )
+            shape = shapes[name]
+            for q in nd:
+                if is_split(q) and q.dim >= len(shape):  # type: ignore[union-attr]
+                    raise PlanError(
+                        f"hint {glob!r}: sbp {format_sbp(nd)} does not fit parameter {name!r} of shape "
+                        f"{tuple(shape)}: split dim must be < {len(shape)}"
+                    )
+                if isinstance(q, Blocked) and shape[q.dim] % q.blocks:
+                    raise PlanError(
+                        f"hint {glob!r}: {q} does not fit parameter {name!r} of shape {tuple(shape)}: dim "
+                        f"{q.dim} does not hold {q.blocks} equal blocks"
+                    )
+            params[name] = ParamPlan.plain(nd)
+    return plan.replace(params=type(plan.params)(params))
+
+
+def apply_input_sbp(plan: ParallelPlan, input_sbp: Any, n: int) -> ParallelPlan:
+    """``plan`` with its ``n`` inputs laid out by ``input_sbp``: one layout (a placement or an nd-SBP) for
+    every input, or a sequence with one per input."""
+    return plan.replace(inputs=tuple(input_layouts(input_sbp, plan.mesh.ndim, n)))
+
+
+def input_layouts(input_sbp: Any, ndim: int, n: int) -> list[tuple[Placement, ...]]:
+    """One nd-SBP per input from ``input_sbp`` (see ``apply_input_sbp``) on a mesh of ``ndim`` axes."""
+    if is_placement(input_sbp) or (
+        isinstance(input_sbp, (tuple, list)) and len(input_sbp) == ndim and all(map(is_placement, input_sbp))
+    ):
+        return [normalize_sbp(input_sbp, ndim)] * n
+    if isinstance(input_sbp, (tuple, list)) and len(input_sbp) == n:
+        return [normalize_sbp(s, ndim) for s in input_sbp]
+    raise PlanError(
+        f"input_sbp {input_sbp!r} is neither one layout for every input nor one layout per input "
+        f"({n} inputs on a {ndim}-d mesh)"
+    )

@@ -1,0 +1,105 @@
+"""Stable names for the forward's intermediate values, and the layouts a plan forces on them.
+
+A plan (``ParallelPlan.values``) may fix the layout of a value inside the model, as an automatic search
+will. FX node names (``addmm_3``) shift whenever any module gains an op, so a value is named by the module
+that made it and the op's place in that module's own forward: ``module.path/op.k``, the k-th ATen ``op``
+the module ran itself (``net.0/addmm.0``; the root module's path is empty). While the step is traced,
+module hooks write the running module into the node metadata torch copies onto each node it records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.fx.traceback as fx_traceback
+from torch import fx, nn
+
+from shardflow.placement.mesh import Mesh
+from shardflow.placement.sbp import NdSbp, is_split
+from shardflow.plan import PlanError
+
+
+@contextlib.contextmanager
+def module_paths(model: nn.Module) -> Iterator[None]:
+    """While tracing, tag each node the forward makes with the innermost module running it (its path in
+    ``model.named_modules()``); nothing after the model's forward returns (backward, recomputation)."""
+    paths = {id(m): n for n, m in model.named_modules()}
+    stack: list[str] = []
+    done = [False]
+
+    def tag() -> None:
+        if stack:
+            fx_traceback.current_meta["custom"] = {"sf_module": stack[-1]}
+        else:
+            fx_traceback.current_meta.pop("custom", None)
+
+    def pre(module: nn.Module, args: Any) -> None:
+        if id(module) in paths and not done[0]:
+            stack.append(paths[id(module)])
+            tag()
+
+    def post(module: nn.Module, args: Any, out: Any) -> None:
+        if id(module) in paths and not done[0] and stack:
+            stack.pop()
+            done[0] = not stack
+            tag()
+
+    hooks = [
+        torch.nn.modules.module.register_module_forward_pre_hook(pre),
+        torch.nn.modules.module.register_module_forward_hook(post),
+    ]
+    try:
+        with fx_traceback.preserve_node_meta():
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
+        fx_traceback.current_meta.pop("custom", None)
+
+
+def value_keys(graph: fx.Graph) -> dict[str, fx.Node]:
+    """Stable names of the forward's values, ``module.path/op.k`` (the k-th ATen ``op`` the module ran itself,
+    e.g. ``net.0/addmm.0``; the root module's path is empty), set as ``node.meta["sf_key"]``. Plans force
+    layouts of intermediate values by them (``ParallelPlan.values``): unlike FX node names, they do not
+    shift when another module gains an op."""
+    counts: dict[tuple[str, str], int] = {}
+    out = {}
+    for node in graph.nodes:
+        module = (node.meta.get("custom") or {}).get("sf_module")
+        if module is None or node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        op = node.target.overloadpacket.__name__
+        k = counts.get((module, op), 0)
+        counts[(module, op)] = k + 1
+        key = node.meta["sf_key"] = f"{module}/{op}.{k}"
+        out[key] = node
+    return out
+
+
+def forced_nodes(graph: fx.Graph, values: Mapping[str, NdSbp], mesh: Mesh) -> dict[fx.Node, NdSbp]:
+    """The nodes whose layouts ``values`` fixes; a key naming no value, or a layout that does not fit the
+    value, is an error naming the keys there are."""
+    if not values:
+        return {}
+    nodes = {n.meta["sf_key"]: n for n in graph.nodes if "sf_key" in n.meta}
+    out = {}
+    for key, sbp in values.items():
+        node = nodes.get(key)
+        if node is None:
+            raise PlanError(
+                f"the plan forces the layout of value {key!r}, but the forward has no such value; its values "
+                f"are named like {list(nodes)[:6]} (module path / op . index within that module's forward)"
+            )
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise PlanError(f"value {key!r} is not one tensor ({type(val).__name__}): it cannot be given a layout")
+        if len(sbp) != mesh.ndim or any(is_split(p) and p.dim >= val.dim() for p in sbp):  # type: ignore[union-attr]
+            raise PlanError(
+                f"value {key!r} of shape {tuple(val.shape)} cannot be laid out {sbp}: one placement per mesh "
+                f"axis ({mesh.ndim}), splits of dims < {val.dim()}"
+            )
+        out[node] = tuple(sbp)
+    return out

@@ -9,7 +9,7 @@ from shardflow.boxing import CostModel, Plan, plan_boxing
 from shardflow.comm import init
 from shardflow.graph import CaptureError, MemoryPlanError, MemoryReport, ParallelModule, compile, plan
 from shardflow.placement import B, Blocked, Mesh, P, S
-from shardflow.plan import ParallelPlan, PlanError
+from shardflow.plan import MeshSpec, ParallelPlan, PlanError
 from shardflow.runtime import Loader, Pipeline, PipelineModule
 from shardflow.tensor import GlobalTensor, distribute, from_local
 
@@ -19,6 +19,7 @@ __all__ = [
     "compile",
     "plan",
     "ParallelPlan",
+    "MeshSpec",
     "PlanError",
     "CaptureError",
     "MemoryPlanError",

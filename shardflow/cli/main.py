@@ -60,14 +60,18 @@ def _train(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"shardflow {args.command}: {e}", file=sys.stderr)
         return 2
-    overrides = list(args.overrides)
+    if args.command == "train" and cfg.save:
+        print(
+            "shardflow train: --save writes a plan from shardflow plan; to train with one, --plan FILE", file=sys.stderr
+        )
+        return 2
     try:
         ranks = job_ranks(cfg)  # the plan's mesh (--plan FILE), or the config's
     except ValueError as e:
         print(f"shardflow {args.command}: {e}", file=sys.stderr)
         return 2
     target = TRAIN_MAIN if args.command == "train" else PLAN_MAIN
-    return launch(target, ranks, [args.config, *overrides], max_restarts=args.max_restarts)
+    return launch(target, ranks, [args.config, *args.overrides], max_restarts=args.max_restarts)
 
 
 def _trace(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardflow.comm.init import world
+from shardflow.graph.lower import trace_step
 from shardflow.graph.parallel_module import (
     OptimizerFactory,
     ParallelModule,
@@ -30,6 +30,7 @@ from shardflow.graph.parallel_module import (
 from shardflow.graph.stage_program import StageProgram
 from shardflow.graph.strategy import axes_for
 from shardflow.graph.transforms import apply_zero, build_plan
+from shardflow.graph.values import forced_nodes
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import Placement
 from shardflow.plan import MeshSpec, ParallelPlan, PlanError, check_model
@@ -55,7 +56,7 @@ def _pricing() -> Iterator[None]:
 
 def plan(
     model: nn.Module,
-    mesh: Mesh,
+    mesh: Mesh | MeshSpec,
     example_inputs: Sequence[Any],
     strategy: str = "dp",
     hints: Mapping[str, Placement | Sequence[Placement]] | None = None,
@@ -71,7 +72,10 @@ def plan(
     inductor: bool = False,
 ) -> ParallelPlan:
     """The plan ``sf.compile`` builds with the same arguments, without compiling: no process group, no
-    step. ``recompute="auto"`` is the exception: it chooses by predicted memory, so it compiles (collective)."""
+    step; ``mesh`` may be an ``sf.Mesh`` or its description, a ``MeshSpec`` (no groups made at all).
+    ``recompute="auto"`` is the exception: it chooses by predicted memory, so it compiles (collective)."""
+    if recompute == "auto" and isinstance(mesh, MeshSpec):
+        mesh = mesh.build()
     if recompute == "auto":
         return compile(**{k: v for k, v in locals().items()}).plan  # type: ignore[no-any-return]
     _check_options(pipeline, hints, input_sbp, zero, recompute, cuda_graphs, inductor)
@@ -181,7 +185,10 @@ def _compile_plan(
     elif MeshSpec.of(mesh) != plan.mesh:
         raise PlanError(f"the plan is for a {plan.mesh}, but the mesh given is {mesh}: give the plan's mesh")
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    check_model(plan, shapes, len(example_inputs))
+    check_model(plan, shapes, len(example_inputs), {n for n, _ in model.named_modules()})
+    if plan.values:  # keys name values of the traced step: checked on every rank alike, before anything is built
+        plain = [x.full() if isinstance(x, GlobalTensor) else x for x in example_inputs]
+        forced_nodes(trace_step(model, plain, mesh.device_type).graph.graph, plan.values, mesh)
     if memory_limit is None and not _PRICING:  # on GPUs: what the devices can still give (least over ranks)
         memory_limit = device_limit(mesh.device_type)
     keep_host_memory()  # steps reuse freed host blocks instead of page-faulting fresh ones (host_memory.py)
@@ -207,8 +214,6 @@ def _compile_plan(
         check_inductor(plan.zero)
     pm = ParallelModule(model, mesh, plan, optimizer or _default_optimizer)
     pm.example_inputs = tuple(example_inputs)
-    if plan.values and world()[0] in mesh:  # forced value layouts name values only the traced step has
-        pm.program(pm._inputs(example_inputs))  # lowered now (as the first step would): a bad key fails here
     if memory_limit is not None:
         _check_fits(pm, parse_bytes(memory_limit), model, optimizer)
     return pm

@@ -25,7 +25,7 @@ import functools
 import itertools
 import math
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,8 +285,10 @@ class _Lowering:
         grad_sbps: Sequence[NdSbp | None] = (),
         arena: bool | str = False,
         values: Mapping[str, NdSbp] | None = None,
+        gathered: Collection[int] | None = None,
     ):
         self.joint, self.mesh, self.rank, self.bucket_bytes = joint, mesh, rank, bucket_bytes
+        self.gathered = gathered  # ZeRO-3: which parameters to gather (None: every one split on zero_axis)
         self.forced = forced_nodes(joint.graph.graph, values or {}, mesh)  # the plan's layouts of values
         # static placement (graph/arena.py): ops with an out= overload write into blocks of one arena
         self.arena = arena
@@ -611,8 +613,9 @@ class _Lowering:
     def var_of_placeholders(self, placeholders: list[fx.Node]) -> list[str]:
         self.params.update(placeholders[: self.joint.n_params])
         if self.zero_axis is not None:
-            for node, sbp in zip(placeholders[: self.joint.n_params], self.sbps):
-                if sbp is not None and isinstance(sbp[self.zero_axis], S):
+            for i, (node, sbp) in enumerate(zip(placeholders[: self.joint.n_params], self.sbps)):
+                split = sbp is not None and isinstance(sbp[self.zero_axis], S)
+                if (i in self.gathered) if self.gathered is not None else split:
                     self.sharded.add(node)
         names = []
         for i, (node, sbp) in enumerate(zip(placeholders, self.sbps)):
@@ -1301,6 +1304,7 @@ def lower(
     grad_sbps: Sequence[NdSbp | None] = (),
     arena: bool | str = False,
     values: Mapping[str, NdSbp] | None = None,
+    gathered: Collection[int] | None = None,
 ) -> Program:
     """This rank's program for ``joint`` with one layout per placeholder (params, buffers, inputs).
 
@@ -1313,10 +1317,11 @@ def lower(
     gradients in another layout than their parameter's (ZeRO-2: split on the data-parallel axis).
     ``arena``: static placement of the program's temporaries (graph/arena.py): True where it does not
     raise the peak, ``"all"`` every one that can be placed. ``values``: layouts the plan fixes for forward
-    values by key (``value_keys``); each is boxed there right after the op that makes it.
+    values by key (``value_keys``); each is boxed there right after the op that makes it. ``gathered``: the
+    parameters (by index) stored split on ``zero_axis`` and gathered for each use (default: every one split there).
     """
     programs = [
-        _Lowering(joint, mesh, rank, sbps, bucket_bytes, policy, zero_axis, grad_sbps, arena, values).run()
+        _Lowering(joint, mesh, rank, sbps, bucket_bytes, policy, zero_axis, grad_sbps, arena, values, gathered).run()
         for policy in (True, False)
     ]
     return min(programs, key=lambda p: p.cost)

@@ -31,6 +31,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ from shardflow.placement.sbp import (
     grad_sbp,
 )
 from shardflow.placement.shard import relative_shard, take_local
-from shardflow.plan import MeshSpec, ParallelPlan, PlanError
+from shardflow.plan import MeshSpec, ParallelPlan, PlanError, check_model
 from shardflow.plan.knobs import Fixed, Knob, logged
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.cuda_graph import GraphedStep, fingerprint, make_capturable
@@ -101,6 +102,7 @@ class ParallelModule(Snapshots):
     cuda_graphs = Knob()
     bucket_bytes = Knob()
     max_grad_norm = Knob()
+    recompute = Knob()
     # baked into the parameters and optimizer when the module was built
     zero = Fixed("the ZeRO stage its parameter layouts amount to")
     zero_axis = Fixed("the axis ZeRO-3 parameters are split on")
@@ -111,10 +113,10 @@ class ParallelModule(Snapshots):
     def __init__(self, model: nn.Module, mesh: Mesh, plan: ParallelPlan, optimizer: OptimizerFactory) -> None:
         if MeshSpec.of(mesh) != plan.mesh:
             raise PlanError(f"the plan is for a {plan.mesh}, not for {mesh}")
-        self.plan = plan
+        self._plan = plan
         self.mesh = mesh
         self.strategy, self.zero, self.zero_axis = plan.strategy, plan.zero, plan.zero_axis
-        self.layouts, self.input_sbp = plan.layouts(), tuple(plan.inputs)
+        self.layouts, self.input_sbp = MappingProxyType(plan.layouts()), tuple(plan.inputs)
         self.module = copy.deepcopy(model)  # the user's model stays as it was
         laid: dict[int, nn.Parameter] = {}  # tied parameters (GPT's wte / lm_head) stay one parameter
         for name, p in list(self.module.named_parameters(remove_duplicate=False)):
@@ -137,6 +139,8 @@ class ParallelModule(Snapshots):
         self.opt_sbps: list[NdSbp] = []  # layout of each optimizer parameter, its gradient and its state
         self.slices: list[tuple[slice, ...] | None] = []  # where it lies in the parameter's local tensor
         self.grad_sbps: list[NdSbp | None] = []  # ZeRO-2: the program returns the piece's gradient
+        # ZeRO-3: stored split, computed gathered (the lowering gathers them for each use)
+        self.gathered = frozenset(i for i, e in enumerate(entries) if e.compute != e.sbp)
         rank = world()[0]
         for gp, entry in zip(self.params, entries):
             if entry.optim == grad_sbp(entry.sbp) or rank not in mesh:  # it steps its whole local
@@ -157,13 +161,23 @@ class ParallelModule(Snapshots):
         self.example_inputs: tuple[Any, ...] = ()
         self.programs: dict[Any, Program] = {}  # this rank's programs per input signature, lowered on first use
         self.staging = Staging()  # pinned host buffers the inputs' shards are copied to the device through
-        self.recomputed: list[str] = []  # modules whose activations are recomputed in backward
+        self._recomputed: tuple[str, ...] = ()  # modules whose forward is patched to recompute in backward
         self.events: list[Event] = []  # every rank's events of the last traced step
         # one device: each program's step (forward, backward, clipping, update) captured as a CUDA graph
         # after warm-up and replayed (runtime/cuda_graph.py)
         self.graphs: dict[Any, GraphedStep] = {}
         self.graph_update = True  # whether the optimizer's update is captured too (else run after replay)
         self._patch_recompute(plan.recompute)
+
+    @property
+    def plan(self) -> ParallelPlan:
+        """The plan this module runs (change its options with ``pm.<option> = ...`` or ``replan``)."""
+        return self._plan
+
+    @property
+    def recomputed(self) -> tuple[str, ...]:
+        """Modules whose activations are recomputed in backward."""
+        return self._recomputed
 
     def replan(self, **changes: Any) -> None:
         """Change options of the plan (``plan.replace`` keywords): checked, logged, and the programs built
@@ -174,18 +188,19 @@ class ParallelModule(Snapshots):
                 f"{sorted(fixed)} are fixed once the module is built; compile another plan: "
                 "sf.compile(model, plan=pm.plan.replace(...), example_inputs=..., optimizer=...)"
             )
-        new = self.plan.replace(**changes)
+        new = self._plan.replace(**changes)
         e = new.execution
         if e.cuda_graphs:
             check_graphable(self.mesh, self.zero)
         if e.inductor:
             check_inductor(self.zero)
-        if new == self.plan:
+        modules = {n for n, _ in self.module.named_modules()}
+        check_model(new, {n: tuple(p.shape) for n, p in self.module.named_parameters()}, len(new.inputs), modules)
+        if new == self._plan:
             return
-        logged(self.plan, new)
-        if new.recompute != self.plan.recompute:
-            self._patch_recompute(new.recompute)
-        self.plan = new
+        logged(self._plan, new)
+        self._patch_recompute(new.recompute)
+        self._plan = new
         self.programs.clear()
         self.graphs.clear()
 
@@ -195,12 +210,15 @@ class ParallelModule(Snapshots):
         self.replan(recompute=tuple(names))
 
     def _patch_recompute(self, names: Sequence[str]) -> None:
-        for name in self.recomputed:
-            del self.module.get_submodule(name).forward  # back to the class's forward
+        """Checkpoint exactly the modules ``names`` (their forward wrapped; the others' restored)."""
+        for name in self._recomputed:
+            module = self.module.get_submodule(name)
+            if "forward" in module.__dict__:
+                del module.forward  # back to the class's forward
         for name in names:
             module = self.module.get_submodule(name)
             module.forward = functools.partial(_checkpointed, type(module).forward.__get__(module))  # type: ignore[method-assign]
-        self.recomputed = list(names)
+        self._recomputed = tuple(names)
 
     def _owner(self, name: str) -> tuple[nn.Module, str]:
         """The submodule holding the parameter or buffer ``name``, and its attribute name there."""
@@ -260,8 +278,9 @@ class ParallelModule(Snapshots):
                 self.bucket_bytes,
                 self.zero_axis,
                 self.grad_sbps,
+                gathered=self.gathered,
                 arena=self.arena,
-                values=self.plan.values,
+                values=self._plan.values,
             )
             if self.inductor:
                 check_inductor(self.zero)

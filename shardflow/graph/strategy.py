@@ -21,10 +21,10 @@ import torch
 from shardflow.graph.capture import Captured
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import Blocked, Placement, S
+from shardflow.plan import STRATEGIES, MeshSpec
 
 aten = torch.ops.aten
 
-STRATEGIES = ("dp", "tp", "hybrid")
 # ops a Megatron pair may have between its two linears: they keep the column split on the feature dims
 _THROUGH = {
     aten.split.Tensor, aten.split_with_sizes.default, aten.view.default, aten.reshape.default,
@@ -38,7 +38,7 @@ _THROUGH = {
 # pair (a residual add feeding the next block) reaches a non-pass-through op and disqualifies the pair.
 
 
-def axes_for(mesh: Mesh, strategy: str, pipeline_axis: str | None = None) -> tuple[int | None, int | None]:
+def axes_for(mesh: Mesh | MeshSpec, strategy: str, pipeline_axis: str | None = None) -> tuple[int | None, int | None]:
     """(data-parallel axis, tensor-parallel axis) of ``mesh`` under ``strategy``."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

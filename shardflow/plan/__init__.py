@@ -1,19 +1,22 @@
-"""Plans as values: ``ParallelPlan`` (record.py) and its JSON (schema.py); no process groups, no model."""
+"""Plans as values: ``ParallelPlan`` (record.py), what makes one runnable (check.py), its JSON (schema.py) and
+its options as attributes of a compiled module (knobs.py); no process groups, no model."""
 
+from shardflow.plan.check import PlanError, check, check_model
 from shardflow.plan.record import (
+    SCHEDULES,
+    STRATEGIES,
     Execution,
     Frozen,
     MeshSpec,
     ParallelPlan,
     ParamPlan,
     PipelinePlan,
-    PlanError,
-    check,
-    check_model,
     default_updates,
 )
 
 __all__ = [
+    "SCHEDULES",
+    "STRATEGIES",
     "Execution",
     "Frozen",
     "MeshSpec",

@@ -15,17 +15,18 @@ its state's layout (ZeRO-1: split there).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, Blocked, NdSbp, P, format_sbp, grad_sbp, is_split
+from shardflow.placement.sbp import NdSbp, format_sbp, grad_sbp, is_placement
+from shardflow.plan.check import PlanError, check
 
-
-class PlanError(ValueError):
-    """A plan that cannot be compiled as written: the message names the entry and what to change."""
+STRATEGIES = ("dp", "tp", "hybrid")
+SCHEDULES = ("gpipe", "1f1b")
 
 
 class Frozen(Mapping[str, Any]):
@@ -64,6 +65,22 @@ class MeshSpec:
     names: tuple[str, ...]
     ranks: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        if self.device_type not in ("cpu", "cuda"):
+            raise PlanError(f"mesh device_type {self.device_type!r}: 'cpu' or 'cuda'")
+        shape = _ints(self.shape, "mesh shape", positive=True)
+        names = _strs(self.names, "mesh names")
+        ranks = _ints(self.ranks, "mesh ranks")
+        if not shape or len(names) != len(shape) or len(set(names)) != len(names):
+            raise PlanError(f"mesh names {list(names)} must be {len(shape)} distinct strings, one per axis of {shape}")
+        if len(ranks) != math.prod(shape) or len(set(ranks)) != len(ranks) or min(ranks) < 0:
+            raise PlanError(
+                f"mesh ranks {list(ranks)}: {math.prod(shape)} distinct non-negative ranks for shape {shape}"
+            )
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "ranks", ranks)
+
     @classmethod
     def of(cls, mesh: Mesh) -> MeshSpec:
         return cls(mesh.device_type, tuple(mesh.shape), tuple(mesh.names), tuple(mesh.ranks))
@@ -97,6 +114,10 @@ class ParamPlan:
     grad: NdSbp
     optim: NdSbp
 
+    def __post_init__(self) -> None:
+        for kind in ("sbp", "compute", "grad", "optim"):
+            object.__setattr__(self, kind, _sbp(getattr(self, kind), kind))
+
     @classmethod
     def plain(cls, sbp: NdSbp) -> ParamPlan:
         """Stored and computed as ``sbp``; gradient and optimizer state in its gradient layout."""
@@ -127,6 +148,20 @@ class PipelinePlan:
     split_backward: bool = True
     stage_meshes: tuple[MeshSpec, ...] | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.axis, str):
+            raise PlanError(f"pipeline.axis {self.axis!r}: the name of a mesh axis")
+        object.__setattr__(self, "split_points", _strs(self.split_points, "pipeline.split_points"))
+        _ints((self.micro_batches,), "pipeline.micro_batches", positive=True)
+        if self.schedule not in SCHEDULES:
+            raise PlanError(f"pipeline.schedule {self.schedule!r}: one of {SCHEDULES}")
+        _bool(self.split_backward, "pipeline.split_backward")
+        if self.stage_meshes is not None:
+            meshes = tuple(self.stage_meshes) if isinstance(self.stage_meshes, (list, tuple)) else ()
+            if not meshes or not all(isinstance(x, MeshSpec) for x in meshes):
+                raise PlanError(f"pipeline.stage_meshes {self.stage_meshes!r}: one mesh description per stage")
+            object.__setattr__(self, "stage_meshes", meshes)
+
 
 UPDATES = ("actors", "loop", "inline", "after")
 
@@ -146,6 +181,16 @@ class Execution:
     cuda_graphs: bool = False
     """One GPU: each step captured as a CUDA graph and replayed."""
 
+    def __post_init__(self) -> None:
+        for name in ("static", "inductor", "cuda_graphs"):
+            _bool(getattr(self, name), f"execution.{name}")
+        if self.updates not in UPDATES:
+            raise PlanError(f"execution.updates {self.updates!r}: choose one of {UPDATES}")
+        if not (isinstance(self.arena, bool) or self.arena == "all"):
+            raise PlanError(
+                f"execution.arena {self.arena!r}: choose False, True (where it does not raise the peak) or 'all'"
+            )
+
 
 def default_updates(mesh: MeshSpec) -> str:
     """One device: one update after backward; CPUs: on the compute thread; GPUs: actor threads."""
@@ -159,12 +204,12 @@ class ParallelPlan:
     mesh: MeshSpec
     strategy: str
     """The strategy it was built from (``"dp"``, ``"tp"``, ``"hybrid"``): which axis is which."""
-    params: Frozen
+    params: Mapping[str, ParamPlan]
     """Parameter name (as ``model.named_parameters()``) -> ``ParamPlan``; under a pipeline the layouts are
     over each stage's ``(dp, tp)`` grid."""
     inputs: tuple[NdSbp, ...]
     """One layout per input of the step (none under a pipeline: it cuts inputs by rows)."""
-    values: Frozen = field(default_factory=Frozen)
+    values: Mapping[str, NdSbp] = field(default_factory=Frozen)
     """Forced layouts of intermediate forward values, keyed ``module.path/op.k`` (the k-th ``op`` in that
     module's own forward, e.g. ``net.0/addmm.0``); the layout pass boxes the value to it."""
     pipeline: PipelinePlan | None = None
@@ -174,6 +219,28 @@ class ParallelPlan:
     """Gradient all-reduce bucket size (DDP uses 25 MiB on GPUs)."""
     max_grad_norm: float | None = None
     execution: Execution = field(default_factory=Execution)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise PlanError(f"strategy {self.strategy!r}: one of {STRATEGIES}")
+        if not isinstance(self.params, Mapping) or not all(isinstance(p, ParamPlan) for p in self.params.values()):
+            raise PlanError("params: a mapping from parameter names to ParamPlan")
+        if not isinstance(self.values, Mapping):
+            raise PlanError("values: a mapping from value keys (module.path/op.k) to layouts")
+        object.__setattr__(self, "params", Frozen(self.params))
+        object.__setattr__(self, "values", Frozen({str(k): _sbp(v, f"values[{k!r}]") for k, v in self.values.items()}))
+        if isinstance(self.inputs, (str, bytes)) or not isinstance(self.inputs, (list, tuple)):
+            raise PlanError(f"inputs {self.inputs!r}: a list with one layout per input")
+        object.__setattr__(self, "inputs", tuple(_sbp(s, f"inputs[{i}]") for i, s in enumerate(self.inputs)))
+        object.__setattr__(self, "recompute", _strs(self.recompute, "recompute"))
+        _ints((self.bucket_bytes,), "bucket_bytes", positive=True)
+        norm = self.max_grad_norm
+        if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm > 0):
+            raise PlanError(f"max_grad_norm {norm!r}: give a positive norm or None")
+        object.__setattr__(self, "max_grad_norm", None if norm is None else float(norm))
+        if not isinstance(self.execution, Execution) or not isinstance(self.mesh, MeshSpec):
+            raise PlanError("execution and mesh must be an Execution and a MeshSpec")
+        check(self)
 
     # -- derived --------------------------------------------------------------------------------------
     @property
@@ -209,14 +276,18 @@ class ParallelPlan:
 
     def replace(self, **changes: Any) -> ParallelPlan:
         """A copy with ``changes`` (fields of the plan or of its ``execution``), checked."""
-        import dataclasses
-
-        run = {k: changes.pop(k) for k in list(changes) if k in {f.name for f in dataclasses.fields(Execution)}}
-        plan = dataclasses.replace(self, **changes)
+        mine = {f.name for f in dataclasses.fields(self)}
+        run_fields = {f.name for f in dataclasses.fields(Execution)}
+        unknown = sorted(set(changes) - mine - run_fields)
+        if unknown:
+            hint = (
+                " (ZeRO is the parameters' layouts: graph/transforms/zero.py's apply_zero)" if "zero" in unknown else ""
+            )
+            raise PlanError(f"a plan has no entry {unknown}; its entries: {sorted(mine | run_fields)}{hint}")
+        run = {k: changes.pop(k) for k in list(changes) if k in run_fields}
         if run:
-            plan = dataclasses.replace(plan, execution=dataclasses.replace(plan.execution, **run))
-        check(plan)
-        return plan
+            changes["execution"] = dataclasses.replace(changes.get("execution", self.execution), **run)
+        return dataclasses.replace(self, **changes)
 
     def explain(self) -> str:
         """The plan for people: mesh, strategy, ZeRO, pipeline, options, then every layout."""
@@ -239,10 +310,12 @@ class ParallelPlan:
         if self.max_grad_norm is not None:
             options.append(f"gradients clipped to norm {self.max_grad_norm}")
         lines.append("execution: " + ", ".join(options))
-        lines.append("inputs: " + ", ".join(format_sbp(s) for s in self.inputs))
+        if self.inputs:
+            lines.append("inputs: " + ", ".join(format_sbp(s) for s in self.inputs))
         width = max((len(n) for n in [*self.params, *self.values]), default=4)
         if self.params:
-            lines.append("parameters:")
+            grid = " (over each stage's (dp, tp) grid)" if self.pipeline is not None else ""
+            lines.append(f"parameters{grid}:")
             lines += [f"  {n:<{width}}  {p}" for n, p in self.params.items()]
         if self.values:
             lines.append("values (forced):")
@@ -250,113 +323,25 @@ class ParallelPlan:
         return "\n".join(lines)
 
 
-def check(plan: ParallelPlan) -> None:
-    """Raise ``PlanError`` for entries no compiler could run, whatever the model: layouts of the wrong
-    length, partial parameters, unknown options. Checks against the model's shapes: ``check_model``."""
-    mesh = plan.mesh
-    grid = 2 if plan.pipeline is not None else mesh.ndim  # a pipeline's layouts are over (dp, tp) per stage
-    where = "each stage's (dp, tp) grid" if plan.pipeline is not None else f"the mesh {mesh.names}"
-    for name, p in plan.params.items():
-        for kind in ("sbp", "compute", "grad", "optim"):
-            sbp = getattr(p, kind)
-            if len(sbp) != grid:
-                raise PlanError(
-                    f"parameter {name!r}: {kind} {format_sbp(sbp)} has {len(sbp)} entries; {where} has {grid} axes"
-                )
-            if P in sbp:
-                raise PlanError(f"parameter {name!r}: {kind} {format_sbp(sbp)} is partial; use B or S(i)")
-        _check_entry(name, p)
-    for i, sbp in enumerate(plan.inputs):
-        if len(sbp) != mesh.ndim:
-            raise PlanError(f"input {i}: {format_sbp(sbp)} has {len(sbp)} entries; the mesh has {mesh.ndim} axes")
-    for key, sbp in plan.values.items():
-        if len(sbp) != mesh.ndim:
-            raise PlanError(f"value {key!r}: {format_sbp(sbp)} has {len(sbp)} entries; the mesh has {mesh.ndim} axes")
-    e = plan.execution
-    if e.updates not in UPDATES:
-        raise PlanError(f"execution.updates {e.updates!r}: choose one of {UPDATES}")
-    if e.arena not in (False, True, "all"):
-        raise PlanError(f"execution.arena {e.arena!r}: choose False, True (where it does not raise the peak) or 'all'")
-    if e.cuda_graphs and not e.static:
-        raise PlanError("cuda_graphs replay the static program; set static=True or cuda_graphs=False")
-    if not isinstance(plan.bucket_bytes, int) or isinstance(plan.bucket_bytes, bool) or plan.bucket_bytes < 1:
-        raise PlanError(f"bucket_bytes {plan.bucket_bytes!r}: give a positive number of bytes")
-    if plan.max_grad_norm is not None and not plan.max_grad_norm > 0:
-        raise PlanError(f"max_grad_norm {plan.max_grad_norm!r}: give a positive norm or None")
-    if plan.zero == 3 and plan.zero_axis is None:
-        raise PlanError("parameters are gathered for compute over more than one axis; ZeRO-3 gathers over one")
-    if plan.pipeline is not None:
-        p = plan.pipeline
-        if p.stage_meshes is None and p.axis not in mesh.names:
-            raise PlanError(f"pipeline axis {p.axis!r} is not an axis of the mesh {mesh.names}")
-        unsupported = {
-            "values": bool(plan.values), "recompute": bool(plan.recompute), "execution.static": not e.static,
-            "execution.inductor": e.inductor, "execution.cuda_graphs": e.cuda_graphs,
-            "execution.updates": e.updates != "after",
-        }  # fmt: skip
-        bad = [k for k, v in unsupported.items() if v]
-        if bad:
-            raise PlanError(
-                f"{', '.join(bad)} cannot be combined with a pipeline yet (its stages run lowered programs and "
-                "update once their last backward is over): leave them at values=(), recompute=(), static=True, "
-                "inductor=False, cuda_graphs=False, updates='after'"
-            )
-        dp_split = [n for n, q in plan.params.items() if q.sbp[0] != B or q != ParamPlan.plain(q.sbp)]
-        if dp_split:
-            raise PlanError(
-                f"parameter {dp_split[0]!r}: a pipeline stage keeps its parameters whole over its data-parallel "
-                "ranks (no ZeRO with a pipeline yet): give it B on the stage's dp axis"
-            )
+def _sbp(value: Any, where: str) -> NdSbp:
+    if isinstance(value, (list, tuple)) and all(is_placement(p) for p in value):
+        return tuple(value)
+    raise PlanError(f"{where} {value!r}: a tuple of placements (sf.S(i), sf.B, sf.P, sf.Blocked), one per mesh axis")
 
 
-def _check_entry(name: str, p: ParamPlan) -> None:
-    """The four layouts of one parameter must be one of the combinations the runtime runs: computed as
-    stored or gathered from splits (ZeRO-3); gradient reduced to the computed layout, or to the stored split
-    (ZeRO-3), or to the optimizer's piece (ZeRO-2); optimizer on the whole local or on a piece split where
-    the parameter is replicated (ZeRO-1/2)."""
-
-    def fail(what: str) -> PlanError:
-        return PlanError(f"parameter {name!r} ({p}): {what}")
-
-    if any(s != c and not (is_split(s) and c == B) for s, c in zip(p.sbp, p.compute)):
-        raise fail("compute may differ from sbp only where sbp splits and compute is B (ZeRO-3's gather)")
-    gathered = p.compute != p.sbp
-    whole = grad_sbp(p.sbp)
-    if gathered:
-        if (p.grad, p.optim) != (whole, whole):
-            raise fail("a parameter stored split and gathered for compute keeps grad and optim in its stored layout")
-        return
-    if p.optim != whole and any(o != s and not (s == B and is_split(o)) for s, o in zip(p.sbp, p.optim)):
-        raise fail("optim may differ from sbp only by splitting an axis where sbp is B (ZeRO-1/2's piece)")
-    if p.grad not in (whole, p.optim):
-        raise fail("grad must be sbp's gradient layout, or the optimizer's piece (ZeRO-2)")
+def _ints(value: Any, where: str, positive: bool = False) -> tuple[int, ...]:
+    items = tuple(value) if isinstance(value, (list, tuple)) else None
+    if items is None or any(isinstance(v, bool) or not isinstance(v, int) or (positive and v < 1) for v in items):
+        raise PlanError(f"{where} {value!r}: {'positive ' if positive else ''}integers")
+    return items
 
 
-def check_model(plan: ParallelPlan, shapes: Mapping[str, tuple[int, ...]], n_inputs: int) -> None:
-    """Raise ``PlanError`` unless the plan names exactly the model's parameters (``shapes``) and inputs, and
-    every split fits its tensor."""
-    missing = [n for n in shapes if n not in plan.params]
-    extra = [n for n in plan.params if n not in shapes]
-    if missing or extra:
-        raise PlanError(
-            f"the plan's parameters do not match the model's: missing {missing[:4]}, unknown {extra[:4]} "
-            "(names as in model.named_parameters())"
-        )
-    if plan.pipeline is not None and plan.inputs:
-        raise PlanError("a pipeline cuts its inputs into micro-batches by rows: its plan lays out no inputs ([])")
-    if plan.pipeline is None and len(plan.inputs) != n_inputs:
-        raise PlanError(f"the plan lays out {len(plan.inputs)} inputs; the model was given {n_inputs}")
-    for name, p in plan.params.items():
-        shape = shapes[name]
-        for kind in ("sbp", "compute", "grad", "optim"):
-            for q in getattr(p, kind):
-                if is_split(q) and q.dim >= len(shape):  # type: ignore[union-attr]
-                    raise PlanError(
-                        f"parameter {name!r} of shape {tuple(shape)}: {kind} {format_sbp(getattr(p, kind))} splits "
-                        f"dim {q.dim}, but it has {len(shape)} dims: split a dim < {len(shape)}"  # type: ignore[union-attr]
-                    )
-                if isinstance(q, Blocked) and shape[q.dim] % q.blocks:
-                    raise PlanError(
-                        f"parameter {name!r} of shape {tuple(shape)}: {q} needs dim {q.dim} to hold {q.blocks} "
-                        "equal blocks"
-                    )
+def _strs(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise PlanError(f"{where} {value!r}: a list of strings")
+
+
+def _bool(value: Any, where: str) -> None:
+    if not isinstance(value, bool):
+        raise PlanError(f"{where} {value!r}: true or false")

@@ -209,6 +209,16 @@ class PipelineModule(Snapshots):
     arena = Knob()
 
     @property
+    def plan(self) -> ParallelPlan:
+        """The plan this module runs (change its options with ``pm.<option> = ...`` or ``replan``)."""
+        return self._plan
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The cut and schedule, as ``sf.Pipeline`` (read from the plan: change ``split_backward`` on the module)."""
+        return dataclasses.replace(self._pipeline, split_backward=self.split_backward)
+
+    @property
     def split_backward(self) -> bool:
         """Whether the last backward of a data-parallel stage after the first runs in two passes (a
         benchmark flips it between steps)."""
@@ -234,7 +244,7 @@ class PipelineModule(Snapshots):
         plan: ParallelPlan,
         stage_program: StageProgramFactory | None = None,
     ) -> None:
-        self.mesh, self.pipeline, self.plan = mesh, pipeline, plan
+        self.mesh, self._pipeline, self._plan = mesh, pipeline, plan
         strategy = self.strategy = plan.strategy
         # makes a stage's lowered program (the compiler's, graph/stage_program.py: handed in, as the
         # compiler sits above the runtime): a tensor-parallel stage runs it; any stage counts memory by it
@@ -366,7 +376,7 @@ class PipelineModule(Snapshots):
         if new == self.plan:
             return
         logged(self.plan, new)
-        old, self.plan = self.plan, new
+        old, self._plan = self._plan, new
         if new.bucket_bytes != old.bucket_bytes:
             self._make_buckets()
         if new.execution.arena != old.execution.arena:
@@ -393,7 +403,7 @@ class PipelineModule(Snapshots):
     def _micro_batches(self, inputs: Sequence[Any]) -> tuple[list[list[Any]], list[float]]:
         """This rank's shard of each micro-batch (the batch cut into ``m`` micro-batches, each cut over dp,
         both like ``tensor_split``) and each shard's share of the batch's rows: the weight of its loss."""
-        m = self.pipeline.micro_batches
+        m = self._pipeline.micro_batches
         rows = {x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0}
         if len(rows) != 1:
             raise ValueError(f"pipeline inputs must share one batch dim (dim 0); got batch sizes {sorted(rows)}")
@@ -788,7 +798,7 @@ class PipelineModule(Snapshots):
                     at_peak.append((tail, "the last backward's gradients held between its two passes"))
                 if with_grads and summing:
                     at_peak.append((summing, "gradients summed out of place (GlobalTensors)"))
-            where = f"stage {self.stage}: {action!r} under {self.pipeline.schedule}, {k} micro-batch(es) in flight"
+            where = f"stage {self.stage}: {action!r} under {self._pipeline.schedule}, {k} micro-batch(es) in flight"
             # a split last backward keeps its activations until its weights' pass ends, as the buckets launch
             kept = act if self._splits and buckets else 0
             if grads + buckets + kept > during:
@@ -912,17 +922,17 @@ class PipelineModule(Snapshots):
 
     def explain(self) -> str:
         """Stages, their parameters, the schedule of each stage and the expected bubble, for people."""
-        p, m = self.stages, self.pipeline.micro_batches
-        over = "own meshes" if self.pipeline.stage_meshes else f"mesh axis {self.pipeline.axis!r}"
+        p, m = self.stages, self._pipeline.micro_batches
+        over = "own meshes" if self._pipeline.stage_meshes else f"mesh axis {self._pipeline.axis!r}"
         lines = [
             f"PipelineModule: {p} stage(s) over {over} of {self.mesh}, each data parallel over its rows of ranks "
             f"(and tensor parallel along them under a tp axis), "
-            f"{m} micro-batch(es), schedule {self.pipeline.schedule!r}",
+            f"{m} micro-batch(es), schedule {self._pipeline.schedule!r}",
             f"split before: {self.split.split_points or '(one stage)'}; idle fraction with equal stages "
             f"(p-1)/(m+p-1) = {bubble(p, m):.3f}",
         ]
         for s in range(p):
-            order = stage_order(self.pipeline.schedule, s, p, m)
+            order = stage_order(self._pipeline.schedule, s, p, m)
             count, n = self.sizes[s]
             lines.append(
                 f"  stage {s} on ranks {list(self.stage_ranks[s])} ({len(self.grids[s])} dp x {len(self.grids[s][0])} tp"

@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from shardflow.plan import SCHEDULES
+
 Kind = Literal["F", "B"]
-SCHEDULES = ("gpipe", "1f1b")
 
 
 @dataclass(frozen=True)

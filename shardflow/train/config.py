@@ -130,8 +130,8 @@ def read_plan(path: str) -> ParallelPlan:
 
 
 def job_ranks(cfg: TrainConfig) -> int:
-    """How many ranks the job needs: the plan's mesh, or the config's."""
-    return read_plan(cfg.plan).mesh.size if cfg.plan else math.prod(cfg.mesh)
+    """How many ranks the job needs: enough for the plan's mesh (its highest rank + 1), or the config's."""
+    return max(read_plan(cfg.plan).mesh.ranks) + 1 if cfg.plan else math.prod(cfg.mesh)
 
 
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -154,7 +154,7 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
     cfg = _fill(TrainConfig, table)
     if len(cfg.mesh) != len(cfg.axes):
         raise ValueError(f"mesh {cfg.mesh} and axes {cfg.axes} must have the same length")
-    if "pp" in cfg.axes and (cfg.strategy != "dp" or cfg.zero or "tp" in cfg.axes):
+    if not cfg.plan and "pp" in cfg.axes and (cfg.strategy != "dp" or cfg.zero or "tp" in cfg.axes):
         raise ValueError(
             f"a 'pp' axis pipelines the model with data parallel stages: use strategy 'dp', zero 0 and no 'tp' "
             f"axis (got strategy {cfg.strategy!r}, zero {cfg.zero}, axes {cfg.axes})"

@@ -90,8 +90,10 @@ def compile_run(cfg: TrainConfig) -> tuple[Any, torch.Tensor, int]:
     example = _batch(corpus, cfg, 0)
     if cfg.plan:  # the plan wins over the config's mesh and strategy keys
         plan = read_plan(cfg.plan)
-        if plan.mesh.size != world:
-            raise ValueError(f"plan {cfg.plan!r} is for a {plan.mesh} ({plan.mesh.size} ranks); the job has {world}")
+        if max(plan.mesh.ranks) + 1 != world:
+            raise ValueError(
+                f"plan {cfg.plan!r} is for a {plan.mesh} (ranks up to {max(plan.mesh.ranks)}); the job has {world} ranks"
+            )
     else:
         if math.prod(cfg.mesh) != world:
             raise ValueError(f"mesh {cfg.mesh} needs {math.prod(cfg.mesh)} ranks; the job has {world}")

@@ -7,9 +7,11 @@ with that layout, and a bad edit is a clear error; every option changed after th
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import math
+import operator
 
 import pytest
 import torch
@@ -51,7 +53,16 @@ def _round_trip(names: list[str]) -> dict[str, tuple[list[float], list[float]]]:
         # the mesh comes from the plan (made here, collectively): a plan is all a job needs beside the model
         again = sf.compile(model, plan=read, example_inputs=data[0], optimizer=_adamw)
         assert again.plan == pm.plan
-        out[name] = ([pm.step(*b) for b in data[:3]], [again.step(*b) for b in data[:3]])
+        first = [pm.step(*b) for b in data[:3]]
+        # and the plan read back is not just equal to itself: it trains equal to plain PyTorch
+        ref = copy.deepcopy(model)
+        opt = _adamw(ref.parameters())
+        second = []
+        for x, y in data[:3]:
+            want, got = reference_step(ref, opt, x, y), again.step(x, y)
+            assert abs(got - want) <= 1e-5 + 1e-4 * abs(want), (name, got, want)
+            second.append(got)
+        out[name] = (first, second)
     return out
 
 
@@ -153,6 +164,15 @@ def _knobs() -> list[str]:
     def program():  # type: ignore[no-untyped-def]
         return next(iter(pm.programs.values()))
 
+    vehicles: list[str] = []
+    module = importlib.import_module("shardflow.graph.parallel_module")
+    actors = module.UpdateActors
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        vehicles.append(args[4])  # the vehicle the step runs its updates on
+        return actors(*args, **kwargs)
+
+    module.UpdateActors = spy
     step()
     first = program()
     pm.bucket_bytes = 1  # one bucket per gradient
@@ -160,15 +180,16 @@ def _knobs() -> list[str]:
     assert program() is not first and len(program().units) > len(first.units), (program().units, first.units)
     pm.updates = "inline"
     step()
-    assert pm.plan.execution.updates == "inline"
+    assert vehicles == ["loop", "loop", "inline"], vehicles  # the step ran the new vehicle
     pm.arena = "all"
     step()
     assert program().memory.arena > 0 and first.memory.arena == 0
     pm.max_grad_norm = clip[0] = 0.05
     step()
-    pm.set_recompute(["transformer.h.0"])
+    pm.recompute = ["transformer.h.0"]
     step()
-    assert pm.plan.recompute == ("transformer.h.0",) and "transformer.h.0" in pm.recomputed
+    assert pm.recomputed == ("transformer.h.0",) and "forward" in pm.module.transformer.h[0].__dict__
+    pm.arena = False  # the arena places the lowered program's temporaries: eager steps refuse it
     pm.static = False
     step()
     assert not pm.programs  # op by op on GlobalTensors
@@ -183,11 +204,15 @@ def _knobs() -> list[str]:
         lambda: setattr(pm, "input_sbp", ()),
         lambda: pm.replan(params=pm.plan.params),
         lambda: setattr(pm, "cuda_graphs", True),
+        lambda: setattr(pm, "plan", pm.plan.replace(bucket_bytes=7)),
+        lambda: operator.setitem(pm.layouts, "transformer.wte.weight", (sf.S(0),)),
+        lambda: setattr(pm, "recompute", ["transformer.h.9"]),
     ):
         try:
             attempt()
-        except (AttributeError, ValueError) as e:
+        except (AttributeError, ValueError, TypeError) as e:
             errors.append(str(e))
+    module.UpdateActors = actors
     state = pm.full_state_dict()
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
@@ -200,6 +225,7 @@ def test_every_option_changed_after_a_step_replans_or_raises():
         "bucket_bytes: 4194304 -> 1",
         "updates: 'loop' -> 'inline'",
         "arena: False -> 'all'",
+        "arena: 'all' -> False",
         "max_grad_norm: 0.5 -> 0.05",
         "recompute: () -> ('transformer.h.0',)",
         "static: True -> False",
@@ -209,6 +235,9 @@ def test_every_option_changed_after_a_step_replans_or_raises():
     assert sum("is fixed by the plan" in s for s in said) == 3, said
     assert any("['params'] are fixed once the module is built" in s for s in said), said
     assert any("cuda_graphs=True replays a step on one GPU" in s for s in said), said
+    assert any("property 'plan'" in s and "has no setter" in s for s in said), said  # pm.plan is what runs
+    assert any("does not support item assignment" in s for s in said), said  # layouts are read-only
+    assert any("recompute names ['transformer.h.9'], not modules of the model" in s for s in said), said
 
 
 def _pipeline_knobs() -> list[str]:
@@ -219,8 +248,10 @@ def _pipeline_knobs() -> list[str]:
     before = len(pm.buckets.members)
     pm.bucket_bytes = 1
     assert len(pm.buckets.members) > before or not pm.params
+    assert any(pm._splits_stage(s) for s in range(pm.stages))  # the last stage's last backward runs in two passes
     pm.split_backward = False
-    assert pm.plan.pipeline.split_backward is False and pm.split_backward is False
+    assert pm.plan.pipeline.split_backward is False and pm.pipeline.split_backward is False
+    assert not any(pm._splits_stage(s) for s in range(pm.stages))
     pm.step(*data[1])
     errors = []
     for name in ("static", "updates", "inductor", "cuda_graphs", "strategy"):

@@ -91,27 +91,43 @@ def _edited(plan: sf.ParallelPlan, edit) -> str:  # type: ignore[no-untyped-def]
     return json.dumps(raw)
 
 
+def _param(name: str, **layouts: list[str]):  # type: ignore[no-untyped-def]
+    return lambda r: r["params"].__setitem__(name, layouts)
+
+
+LN = "transformer.ln_f.weight"
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
         (lambda r: r.update(version=9), "plan schema version 9; this shardflow reads version 1"),
-        (lambda r: r.update(stratgey="dp"), "unknown plan keys \\['stratgey'\\]"),
+        (lambda r: r.update(version=True), "plan schema version True"),
+        (lambda r: r.update(stratgey="dp"), "plan: unknown keys \\['stratgey'\\]"),
+        (lambda r: r.pop("params"), "plan: missing \\['params'\\]"),
+        (lambda r: r["execution"].update(static="false"), "execution.static: a boolean .*'false'"),
+        (lambda r: r["execution"].update(updates="sometimes"), "execution.updates 'sometimes'"),
+        (lambda r: r["execution"].update(arena=1), "execution.arena 1"),
+        (lambda r: r["execution"].update(threads=2), "execution: unknown keys \\['threads'\\]"),
+        (lambda r: r.update(recompute="transformer.h.0"), "recompute: a list, got 'transformer.h.0'"),
+        (lambda r: r.update(bucket_bytes=0), "bucket_bytes \\(0,\\): positive integers"),
+        (lambda r: r.update(max_grad_norm="1.0"), "max_grad_norm '1.0': a number or null"),
+        (lambda r: r["mesh"].update(ranks=[0, 1, 2]), "mesh ranks \\[0, 1, 2\\]: 4 distinct non-negative ranks"),
+        (lambda r: r["mesh"].update(names="dp"), "mesh.names: a list, got 'dp'"),
         (lambda r: r["inputs"][0].__setitem__(0, "S(x)"), "inputs\\[0\\]\\[0\\]: 'S\\(x\\)' is not a placement"),
         (
-            lambda r: r["params"]["transformer.wte.weight"].update(sbp=["B"]),
-            "'transformer.wte.weight'.*has 1 entries; the mesh \\('dp', 'tp'\\) has 2 axes",
+            lambda r: r["inputs"][0].__setitem__(0, "Blocked(0, 1)"),
+            "inputs\\[0\\]\\[0\\]: Blocked\\(dim, blocks\\) needs",
         ),
+        (_param("transformer.wte.weight", sbp=["B"]), "'transformer.wte.weight'.*has 1 entries; the mesh"),
+        (_param(LN, sbp=["P", "B"]), f"'{LN}'.*is partial"),
+        (_param(LN, sbp=["B", "B"], optimizer=["S(0)", "B"]), f"params\\['{LN}'\\]: unknown keys \\['optimizer'\\]"),
         (
-            lambda r: r["params"]["transformer.ln_f.weight"].update(sbp=["P", "B"]),
-            "'transformer.ln_f.weight'.*is partial",
-        ),
-        (
-            lambda r: r["params"]["transformer.ln_f.weight"].update(grad=["B", "S(0)"]),
+            _param(LN, sbp=["B", "B"], grad=["B", "S(0)"]),
             "grad must be sbp's gradient layout, or the optimizer's piece",
         ),
-        (lambda r: r["execution"].update(updates="sometimes"), "execution.updates 'sometimes'"),
-        (lambda r: r.update(bucket_bytes=0), "bucket_bytes 0: give a positive number of bytes"),
-        (lambda r: r.pop("params"), "missing or mistypes an entry: KeyError\\('params'\\)"),
+        (_param(LN, sbp=["S(0)", "Blocked(0, 3)"]), "splits one dim plainly and in blocks"),
+        (_param(LN, sbp=["B", "B"], compute=["S(0)", "B"]), "compute may differ from sbp only where sbp is S\\(i\\)"),
     ],
 )
 def test_a_bad_edit_is_named(hybrid, edit, message):
@@ -124,6 +140,13 @@ def test_not_json_and_replace_checks(hybrid):
         sf.ParallelPlan.from_json("strategy = 'dp'")
     with pytest.raises(sf.PlanError, match="execution.arena 'some'"):
         hybrid.replace(arena="some")
+    with pytest.raises(sf.PlanError, match="a plan has no entry \\['zero'\\].*apply_zero"):
+        hybrid.replace(zero=2)
+    with pytest.raises(sf.PlanError, match="static=False does not run"):
+        hybrid.replace(static=False, arena=True)
+    unhashable = hybrid.replace(values={"net.0/addmm.0": [sf.B, sf.B]}, recompute=["transformer.h.0"])
+    assert hash(unhashable) and unhashable.values["net.0/addmm.0"] == (sf.B, sf.B)  # lists and dicts normalised
+    assert hybrid.replace(max_grad_norm=1) == hybrid and hybrid.replace(max_grad_norm=1).to_json() == hybrid.to_json()
     assert hybrid.replace(bucket_bytes=1024).bucket_bytes == 1024
     assert hybrid.replace(updates="inline").execution.updates == "inline"
 
@@ -146,7 +169,63 @@ def test_a_plan_checked_against_the_model(hybrid):
         check_model(hybrid, shapes, 3)
 
 
-def test_mesh_spec_is_a_description():
+def test_mesh_spec_is_a_description(hybrid):
     spec = MeshSpec.of(MESH)
     assert spec == MeshSpec("cpu", (2, 2), ("dp", "tp"), (0, 1, 2, 3)) and spec.size == 4
     assert str(spec) == "cpu mesh (dp=2, tp=2)"
+    model, data = _gpt()  # planning from the description alone: the plan a real mesh gets
+    assert sf.plan(model, spec, data, strategy="hybrid", zero=1, recompute=True, max_grad_norm=1.0) == hybrid
+
+
+def test_every_entry_survives_json():
+    model, data = _gpt()
+    a = sf.plan(model, MESH, data, strategy="hybrid", zero=3, recompute=["transformer.h.1"], max_grad_norm=0.3)
+    a = a.replace(
+        values={"transformer.h.0.mlp.c_fc/addmm.0": (sf.B, sf.S(2))},
+        bucket_bytes=1234,
+        updates="inline",
+        arena="all",
+        inductor=True,
+    )
+    stages = [sf.Mesh("cpu", (1,), names=("dp",), ranks=[0]), sf.Mesh("cpu", (3,), names=("dp",), ranks=[1, 2, 3])]
+    piped = sf.Pipeline(stage_meshes=stages, micro_batches=3, schedule="gpipe", split_backward=False)
+    b = sf.plan(model, sf.Mesh("cpu", (4,), names=("dp",)), data, pipeline=piped)
+    c = sf.plan(model, MESH, data).replace(static=False)
+    for plan in (a, b, c):
+        assert sf.ParallelPlan.from_json(plan.to_json()) == plan, plan.explain()
+    assert b.pipeline is not None and b.pipeline.stage_meshes is not None and b.pipeline.stage_meshes[1].size == 3
+    assert "over each stage's (dp, tp) grid" in b.explain() and "inputs:" not in b.explain()
+
+
+def test_one_layout_is_one_edit():
+    """A parameter's compute, grad and optim layouts follow its sbp unless written: changing sbp alone is a
+    valid plan (here c_fc split on its other dim over tp, ZeRO-1's piece left as it was written)."""
+    model, data = _gpt()
+    raw = json.loads(sf.plan(model, MESH, data, strategy="hybrid").to_json())
+    assert raw["params"]["transformer.h.0.mlp.c_fc.weight"] == {"sbp": ["B", "S(0)"]}
+    raw["params"]["transformer.h.0.mlp.c_fc.weight"]["sbp"] = ["B", "S(1)"]
+    edited = sf.ParallelPlan.from_json(json.dumps(raw))
+    assert edited.params["transformer.h.0.mlp.c_fc.weight"] == ParamPlan.plain((sf.B, sf.S(1)))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"micro_batches": 0}, "pipeline.micro_batches \\(0,\\): positive integers"),
+        ({"schedule": "zigzag"}, "pipeline.schedule 'zigzag'"),
+        ({"split_points": ()}, "make 1 stages; the pipeline has 2: give 1 module names"),
+        ({"split_points": "transformer.h.1"}, "pipeline.split_points 'transformer.h.1': a list of strings"),
+    ],
+)
+def test_a_pipeline_entry_that_cannot_run_is_named(change, message):
+    import dataclasses
+
+    model, data = _gpt()
+    plan = sf.plan(model, sf.Mesh("cpu", (2, 2), names=("pp", "dp")), data, pipeline=sf.Pipeline(micro_batches=2))
+    assert plan.pipeline is not None
+    with pytest.raises(sf.PlanError, match=message):
+        plan.replace(pipeline=dataclasses.replace(plan.pipeline, **change))
+    with pytest.raises(sf.PlanError, match="execution.arena cannot be combined with this pipeline"):
+        plan.replace(arena=True)  # a data-parallel stage places no temporaries: refused, not ignored
+    with pytest.raises(sf.PlanError, match="strategy 'dp' gives the stages no tp axis"):
+        plan.replace(params={n: ParamPlan.plain((sf.B, sf.S(0))) for n in plan.params})

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from shardflow.graph.capture import Captured, capture
-from shardflow.graph.strategy import STRATEGIES, axes_for
+from shardflow.graph.strategy import axes_for
 from shardflow.graph.transforms.data_parallel import apply_dp
 from shardflow.graph.transforms.hints import apply_hints, apply_input_sbp, input_layouts
 from shardflow.graph.transforms.pipeline import apply_pipeline
@@ -21,7 +21,7 @@ from shardflow.graph.transforms.tensor_parallel import apply_tp
 from shardflow.graph.transforms.zero import apply_zero
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, Placement
-from shardflow.plan import Execution, Frozen, MeshSpec, ParallelPlan, ParamPlan, PlanError, default_updates
+from shardflow.plan import STRATEGIES, Execution, MeshSpec, ParallelPlan, ParamPlan, default_updates
 from shardflow.runtime.pipeline import Pipeline
 
 __all__ = [
@@ -47,7 +47,7 @@ def base_plan(mesh: Mesh | MeshSpec, strategy: str, model: nn.Module, n_inputs: 
     return ParallelPlan(
         mesh=spec,
         strategy=strategy,
-        params=Frozen({n: ParamPlan.plain(replicated) for n, _ in model.named_parameters()}),
+        params={n: ParamPlan.plain(replicated) for n, _ in model.named_parameters()},
         inputs=(replicated,) * n_inputs,
         execution=Execution(updates=default_updates(spec)),
     )
@@ -55,7 +55,7 @@ def base_plan(mesh: Mesh | MeshSpec, strategy: str, model: nn.Module, n_inputs: 
 
 def build_plan(
     model: nn.Module,
-    mesh: Mesh,
+    mesh: Mesh | MeshSpec,
     example_inputs: Sequence[Any],
     strategy: str = "dp",
     hints: Mapping[str, Placement | Sequence[Placement]] | None = None,
@@ -112,6 +112,3 @@ def param_layouts(
 
 def _plain(inputs: Sequence[Any]) -> list[Any]:
     return [x.full() if hasattr(x, "full") and hasattr(x, "sbp") else x for x in inputs]
-
-
-__all__ += ["PlanError"]

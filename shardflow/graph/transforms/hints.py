@@ -43,8 +43,10 @@ def apply_hints(
                         f"hint {glob!r}: {q} does not fit parameter {name!r} of shape {tuple(shape)}: dim "
                         f"{q.dim} does not hold {q.blocks} equal blocks"
                     )
+            if params[name] != ParamPlan.plain(params[name].sbp):
+                raise PlanError(f"hint {glob!r}: parameter {name!r} already has ZeRO layouts: apply hints first")
             params[name] = ParamPlan.plain(nd)
-    return plan.replace(params=type(plan.params)(params))
+    return plan.replace(params=params)
 
 
 def apply_input_sbp(plan: ParallelPlan, input_sbp: Any, n: int) -> ParallelPlan:

@@ -15,7 +15,7 @@ from torch import nn
 from shardflow.graph.capture import capture
 from shardflow.graph.transforms.tensor_parallel import apply_tp
 from shardflow.placement.sbp import B
-from shardflow.plan import Frozen, MeshSpec, ParallelPlan, ParamPlan, PipelinePlan
+from shardflow.plan import MeshSpec, ParallelPlan, ParamPlan, PipelinePlan
 from shardflow.runtime.pipeline import Pipeline
 from shardflow.runtime.stages import balanced_split_points
 
@@ -42,9 +42,9 @@ def apply_pipeline(
     staged = PipelinePlan(
         pipeline.axis, tuple(points), pipeline.micro_batches, pipeline.schedule, pipeline.split_backward, meshes
     )
-    params = Frozen({n: ParamPlan.plain((B, B)) for n in plan.params})
+    params = {n: ParamPlan.plain((B, B)) for n in plan.params}
     # a stage updates once its last backward is over: the only update vehicle pipelines have
     out = plan.replace(pipeline=staged, params=params, inputs=(), updates="after")
     if plan.strategy in ("tp", "hybrid"):
-        out = apply_tp(out, capture(model, plain), "", grid_axis=1)
+        out = apply_tp(out, capture(model, plain), 1)  # the tp entry of each stage's (dp, tp) layouts
     return out

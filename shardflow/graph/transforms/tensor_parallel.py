@@ -2,22 +2,25 @@
 
 A column-parallel linear (weight ``S(0)``, bias ``S(0)``; a fused one ``Blocked(0, k)``) feeds its row-
 parallel partner (weight ``S(1)``) only through shape ops and element-wise activations, so each pair costs
-one all-reduce (graph/strategy.py finds them). Parameters outside pairs stay replicated on the axis.
+one all-reduce (graph/strategy.py finds them). Parameters outside pairs stay replicated on the axis. It
+sets stored layouts, so it comes before ZeRO, which derives the other three from them.
 """
 
 from __future__ import annotations
 
 from shardflow.graph.capture import Captured
 from shardflow.graph.strategy import megatron_placements
-from shardflow.plan import ParallelPlan, ParamPlan
+from shardflow.plan import ParallelPlan, ParamPlan, PlanError
 
 
-def apply_tp(plan: ParallelPlan, captured: Captured, axis: str, grid_axis: int | None = None) -> ParallelPlan:
-    """``plan`` with Megatron layouts on mesh axis ``axis`` (``grid_axis``: the index in the layouts, when
-    they are not over the plan's mesh, as a pipeline stage's ``(dp, tp)`` grid)."""
-    a = plan.mesh.names.index(axis) if grid_axis is None else grid_axis
+def apply_tp(plan: ParallelPlan, captured: Captured, axis: str | int) -> ParallelPlan:
+    """``plan`` with Megatron layouts on mesh axis ``axis`` (a name), or at index ``axis`` of the layouts
+    (an int: layouts that are not over the plan's mesh, as a pipeline stage's ``(dp, tp)`` grid)."""
+    a = plan.mesh.names.index(axis) if isinstance(axis, str) else axis
     params = dict(plan.params)
     for name, placement in megatron_placements(captured, list(params)).items():
-        sbp = params[name].sbp
-        params[name] = ParamPlan.plain(sbp[:a] + (placement,) + sbp[a + 1 :])
-    return plan.replace(params=type(plan.params)(params))
+        entry = params[name]
+        if entry != ParamPlan.plain(entry.sbp):
+            raise PlanError(f"tensor parallel: parameter {name!r} already has ZeRO layouts ({entry}): apply tp first")
+        params[name] = ParamPlan.plain(entry.sbp[:a] + (placement,) + entry.sbp[a + 1 :])
+    return plan.replace(params=params)

@@ -25,6 +25,8 @@ def apply_zero(plan: ParallelPlan, stage: int, axis: str, shapes: Mapping[str, t
     params = {}
     for name, p in plan.params.items():
         shape, sbp = shapes[name], p.sbp
+        if p != ParamPlan.plain(sbp):
+            raise PlanError(f"zero={stage}: parameter {name!r} already has ZeRO layouts ({p}); apply one stage")
         if stage == 3:
             blocked = {q.dim for q in sbp if isinstance(q, Blocked)}
             d = next((d for d in range(len(shape)) if d not in blocked and (shape[d] > 1 or not blocked)), None)
@@ -38,4 +40,4 @@ def apply_zero(plan: ParallelPlan, stage: int, axis: str, shapes: Mapping[str, t
                 piece = sbp[:a] + (S(d),) + sbp[a + 1 :]
                 p = ParamPlan(sbp, sbp, piece if stage == 2 else grad_sbp(sbp), piece)
         params[name] = p
-    return plan.replace(params=type(plan.params)(params))
+    return plan.replace(params=params)

@@ -73,6 +73,8 @@ def plan(
 ) -> ParallelPlan:
     """The plan ``sf.compile`` builds with the same arguments, without compiling: no process group, no
     step; ``mesh`` may be an ``sf.Mesh`` or its description, a ``MeshSpec`` (no groups made at all).
+    ``optimizer`` and ``memory_limit`` are taken so that any ``sf.compile`` call can become an ``sf.plan`` call;
+    the plan does not hold them (the optimizer is given beside a plan, the limit checks a compiled one).
     ``recompute="auto"`` is the exception: it chooses by predicted memory, so it compiles (collective)."""
     if recompute == "auto" and isinstance(mesh, MeshSpec):
         mesh = mesh.build()
@@ -161,11 +163,12 @@ def compile(
         model, mesh, example_inputs, strategy, hints, input_sbp, max_grad_norm, pipeline, zero,
         False if recompute == "auto" else recompute, arena, cuda_graphs, inductor,
     )  # fmt: skip
-    pm = _compile_plan(model, mesh, built, example_inputs, optimizer, None if recompute == "auto" else memory_limit)
+    limit = None if recompute == "auto" else memory_limit
+    pm = _compile_plan(model, mesh, built, example_inputs, optimizer, limit, hints)
     if recompute == "auto":
         assert memory_limit is not None
         _fewest_recomputed(pm, parse_bytes(memory_limit))
-        _check_fits(pm, parse_bytes(memory_limit), model, optimizer)
+        _check_fits(pm, parse_bytes(memory_limit), model, optimizer, hints)
     return pm
 
 
@@ -176,8 +179,10 @@ def _compile_plan(
     example_inputs: Sequence[Any],
     optimizer: OptimizerFactory | None,
     memory_limit: int | str | None,
+    hints: Mapping[str, Placement | Sequence[Placement]] | None = None,
 ) -> Any:
-    """Build the module ``plan`` describes and check it fits ``memory_limit`` (default on GPUs: free memory)."""
+    """Build the module ``plan`` describes and check it fits ``memory_limit`` (default on GPUs: free memory;
+    a refusal prices other strategies with ``hints``, the user's, when the plan was built from them)."""
     if not isinstance(plan, ParallelPlan):
         raise TypeError(f"plan= takes an sf.ParallelPlan (sf.plan(...) or ParallelPlan.from_json), got {plan!r}")
     if mesh is None:
@@ -215,7 +220,7 @@ def _compile_plan(
     pm = ParallelModule(model, mesh, plan, optimizer or _default_optimizer)
     pm.example_inputs = tuple(example_inputs)
     if memory_limit is not None:
-        _check_fits(pm, parse_bytes(memory_limit), model, optimizer)
+        _check_fits(pm, parse_bytes(memory_limit), model, optimizer, hints)
     return pm
 
 

@@ -175,9 +175,9 @@ class ParallelModule(Snapshots):
         return self._plan
 
     @property
-    def recomputed(self) -> tuple[str, ...]:
-        """Modules whose activations are recomputed in backward."""
-        return self._recomputed
+    def recomputed(self) -> list[str]:
+        """Modules whose activations are recomputed in backward (a copy: change them with ``pm.recompute``)."""
+        return list(self._recomputed)
 
     def replan(self, **changes: Any) -> None:
         """Change options of the plan (``plan.replace`` keywords): checked, logged, and the programs built

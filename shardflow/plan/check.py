@@ -64,12 +64,15 @@ def _check_pipeline(plan: ParallelPlan) -> None:
         if pipe.axis not in mesh.names:
             raise PlanError(f"pipeline axis {pipe.axis!r} is not an axis of the mesh {mesh.names}")
         stages = mesh.shape[mesh.names.index(pipe.axis)]
+        where = f"mesh axis {pipe.axis!r} has {stages} ranks"
     else:
         stages = len(pipe.stage_meshes)
-    if len(pipe.split_points) != stages - 1:
+        where = f"{stages} stage meshes were given"
+    points = list(pipe.split_points)
+    if len(points) != stages - 1:
         raise PlanError(
-            f"pipeline.split_points {list(pipe.split_points)} make {len(pipe.split_points) + 1} stages; the "
-            f"pipeline has {stages}: give {stages - 1} module names"
+            f"{len(points)} split points {points} make {len(points) + 1} stages, but {where}: "
+            f"give {stages - 1} split points"
         )
     unsupported = {
         "values": bool(plan.values), "recompute": bool(plan.recompute), "execution.static": not e.static,

@@ -188,7 +188,7 @@ def _knobs() -> list[str]:
     step()
     pm.recompute = ["transformer.h.0"]
     step()
-    assert pm.recomputed == ("transformer.h.0",) and "forward" in pm.module.transformer.h[0].__dict__
+    assert pm.recomputed == ["transformer.h.0"] and "forward" in pm.module.transformer.h[0].__dict__
     pm.arena = False  # the arena places the lowered program's temporaries: eager steps refuse it
     pm.static = False
     step()

@@ -213,7 +213,7 @@ def test_one_layout_is_one_edit():
     [
         ({"micro_batches": 0}, "pipeline.micro_batches \\(0,\\): positive integers"),
         ({"schedule": "zigzag"}, "pipeline.schedule 'zigzag'"),
-        ({"split_points": ()}, "make 1 stages; the pipeline has 2: give 1 module names"),
+        ({"split_points": ()}, "0 split points \\[\\] make 1 stages, but mesh axis 'pp' has 2 ranks: give 1 split"),
         ({"split_points": "transformer.h.1"}, "pipeline.split_points 'transformer.h.1': a list of strings"),
     ],
 )

@@ -80,9 +80,9 @@ def build_plan(
     if zero and dp is None:
         raise ValueError(f"zero={zero} shards over the data-parallel axis; strategy {strategy!r} on {mesh} has none")
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if captured is None:  # also for dp: a model torch.export cannot capture is refused here, naming why
+        captured = capture(model, _plain(example_inputs))
     if tp is not None:
-        if captured is None:
-            captured = capture(model, _plain(example_inputs))
         plan = apply_tp(plan, captured, mesh.names[tp])
     if dp is not None:
         plan = apply_dp(plan, mesh.names[dp])

@@ -148,7 +148,26 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", "-C", _REPO_ROOT, *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
+RETRIED: list[str] = []  # jobs that failed and ran again, with why: printed under the table
+
+
 def _job(side: str, tree: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``_attempt``, run once more if it fails (a rank crashing as its process exits would otherwise end a
+    run of many jobs); every retry is listed under the table."""
+    try:
+        return _attempt(side, tree, case, args)
+    except SystemExit as e:
+        RETRIED.append(f"{case} ({side}): {str(e).splitlines()[0]}; {_last_error(str(e))}")
+        print(f"retrying {case} ({side}) once: {str(e).splitlines()[0]}", flush=True)
+        return _attempt(side, tree, case, args)
+
+
+def _last_error(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if "terminate" in ln or "Error" in ln or "signal" in ln]
+    return lines[-1].strip() if lines else "no error line"
+
+
+def _attempt(side: str, tree: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     """One measurement: ``case`` in a fresh process importing ``tree``'s shardflow."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (tree, os.environ.get("PYTHONPATH")) if p))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", case]
@@ -241,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(tmpdir, ignore_errors=True)
     common.print_table(HEADER, rows, args.markdown)
     print("(medians over rounds of each job's median step, slowest rank; after/before > 1: the change is slower)")
+    for line in RETRIED:
+        print(f"retried once: {line}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -163,6 +164,9 @@ def compile(
         model, mesh, example_inputs, strategy, hints, input_sbp, max_grad_norm, pipeline, zero,
         False if recompute == "auto" else recompute, arena, cuda_graphs, inductor,
     )  # fmt: skip
+    # torch.export's program (the capture the strategy read) holds the user's parameters in reference cycles:
+    # collected now, not at some later step where they would count against its peak
+    gc.collect()
     limit = None if recompute == "auto" else memory_limit
     pm = _compile_plan(model, mesh, built, example_inputs, optimizer, limit, hints)
     if recompute == "auto":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -77,10 +76,9 @@ def plan(
     ``optimizer`` and ``memory_limit`` are taken so that any ``sf.compile`` call can become an ``sf.plan`` call;
     the plan does not hold them (the optimizer is given beside a plan, the limit checks a compiled one).
     ``recompute="auto"`` is the exception: it chooses by predicted memory, so it compiles (collective)."""
-    if recompute == "auto" and isinstance(mesh, MeshSpec):
-        mesh = mesh.build()
     if recompute == "auto":
-        return compile(**{k: v for k, v in locals().items()}).plan  # type: ignore[no-any-return]
+        mesh = mesh.build() if isinstance(mesh, MeshSpec) else mesh
+        return compile(**locals()).plan  # type: ignore[no-any-return]
     _check_options(pipeline, hints, input_sbp, zero, recompute, cuda_graphs, inductor)
     return build_plan(
         model, mesh, example_inputs, strategy, hints, input_sbp, max_grad_norm, pipeline, zero, recompute,
@@ -156,7 +154,7 @@ def compile(
     if recompute == "auto" and memory_limit is None:
         raise ValueError("recompute='auto' recomputes the fewest blocks that fit memory_limit: give memory_limit too")
     _check_options(pipeline, hints, input_sbp, zero, recompute, cuda_graphs, inductor)
-    if cuda_graphs:
+    if cuda_graphs:  # by the zero asked for: on one device zero=1|2 leaves no layout to show it in the plan
         check_graphable(mesh, zero)
     if inductor:
         check_inductor(zero)
@@ -164,9 +162,6 @@ def compile(
         model, mesh, example_inputs, strategy, hints, input_sbp, max_grad_norm, pipeline, zero,
         False if recompute == "auto" else recompute, arena, cuda_graphs, inductor,
     )  # fmt: skip
-    # torch.export's program (the capture the strategy read) holds the user's parameters in reference cycles:
-    # collected now, not at some later step where they would count against its peak
-    gc.collect()
     limit = None if recompute == "auto" else memory_limit
     pm = _compile_plan(model, mesh, built, example_inputs, optimizer, limit, hints)
     if recompute == "auto":

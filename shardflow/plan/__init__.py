@@ -1,7 +1,7 @@
 """Plans as values: ``ParallelPlan`` (record.py), what makes one runnable (check.py), its JSON (schema.py) and
 its options as attributes of a compiled module (knobs.py); no process groups, no model."""
 
-from shardflow.plan.check import PlanError, check, check_model
+from shardflow.plan.check import PlanError, check, check_model, layout_misfit
 from shardflow.plan.record import (
     SCHEDULES,
     STRATEGIES,
@@ -27,4 +27,5 @@ __all__ = [
     "check",
     "check_model",
     "default_updates",
+    "layout_misfit",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
-from shardflow.placement.sbp import B, Blocked, P, S, format_sbp, grad_sbp, is_split
+from shardflow.placement.sbp import B, Blocked, NdSbp, P, S, format_sbp, grad_sbp, is_split
 from shardflow.placement.shard import unflatten
 
 if TYPE_CHECKING:
@@ -142,16 +142,24 @@ def check_model(
     if unknown:
         raise PlanError(f"recompute names {unknown}, not modules of the model (model.named_modules())")
     for name, p in plan.params.items():
-        shape = shapes[name]
         for kind in ("sbp", "compute", "grad", "optim"):
-            for q in getattr(p, kind):
-                if is_split(q) and q.dim >= len(shape):  # type: ignore[union-attr]
-                    raise PlanError(
-                        f"parameter {name!r} of shape {tuple(shape)}: {kind} {format_sbp(getattr(p, kind))} splits "
-                        f"dim {q.dim}, but it has {len(shape)} dims: split a dim < {len(shape)}"  # type: ignore[union-attr]
-                    )
-                if isinstance(q, Blocked) and shape[q.dim] % q.blocks:
-                    raise PlanError(
-                        f"parameter {name!r} of shape {tuple(shape)}: {q} needs dim {q.dim} to hold {q.blocks} "
-                        "equal blocks"
-                    )
+            misfit = layout_misfit(name, shapes[name], getattr(p, kind))
+            if misfit is not None:
+                raise PlanError(f"{kind} {misfit}")
+
+
+def layout_misfit(name: str, shape: tuple[int, ...], sbp: NdSbp) -> str | None:
+    """Why layout ``sbp`` cannot lay out parameter ``name`` of ``shape`` (a split dim it does not have, blocks
+    that do not divide its dim), or None when it fits."""
+    for q in sbp:
+        if is_split(q) and q.dim >= len(shape):  # type: ignore[union-attr]
+            return (
+                f"{format_sbp(sbp)} does not fit parameter {name!r} of shape {tuple(shape)}: it splits dim "
+                f"{q.dim}, but a split dim must be < {len(shape)}"  # type: ignore[union-attr]
+            )
+        if isinstance(q, Blocked) and shape[q.dim] % q.blocks:
+            return (
+                f"{q} does not fit parameter {name!r} of shape {tuple(shape)}: dim {q.dim} does not hold "
+                f"{q.blocks} equal blocks"
+            )
+    return None

@@ -21,6 +21,7 @@ from shardflow.plan.record import Execution, MeshSpec, ParallelPlan, ParamPlan, 
 VERSION = 1
 _PLACEMENT = re.compile(r"^\s*(?:(B|P)|S\((\d+)\)|Blocked\((\d+),\s*(\d+)\))\s*$")
 _PARAM_KEYS = ("sbp", "compute", "grad", "optim")
+_OPTIONAL = ("values", "pipeline", "recompute", "bucket_bytes", "max_grad_norm", "execution")  # top-level keys
 
 
 def dump(plan: ParallelPlan) -> str:
@@ -119,9 +120,6 @@ def load(text: str) -> ParallelPlan:
         max_grad_norm=norm,
         execution=Execution(**run),
     )
-
-
-_OPTIONAL = ("values", "pipeline", "recompute", "bucket_bytes", "max_grad_norm", "execution")
 
 
 def placement(text: str, where: str) -> Placement:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,8 +82,14 @@ def build_plan(
         raise ValueError(f"zero={zero} shards over the data-parallel axis; strategy {strategy!r} on {mesh} has none")
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     if captured is None:  # also for dp: a model torch.export cannot capture is refused here, naming why
-        captured = capture(model, _plain(example_inputs))
-    if tp is not None:
+        ours = capture(model, _plain(example_inputs))
+        if tp is not None:
+            plan = apply_tp(plan, ours, mesh.names[tp])
+        # torch.export's program holds the model's parameters in reference cycles: collected now, not at
+        # some later step, where a copy of the model given to sf.compile would count against its peak
+        del ours
+        gc.collect()
+    elif tp is not None:
         plan = apply_tp(plan, captured, mesh.names[tp])
     if dp is not None:
         plan = apply_dp(plan, mesh.names[dp])

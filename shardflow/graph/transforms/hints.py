@@ -7,8 +7,8 @@ import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from shardflow.placement.sbp import Blocked, P, Placement, format_sbp, is_placement, is_split, normalize_sbp
-from shardflow.plan import ParallelPlan, ParamPlan, PlanError
+from shardflow.placement.sbp import P, Placement, format_sbp, is_placement, normalize_sbp
+from shardflow.plan import ParallelPlan, ParamPlan, PlanError, layout_misfit
 
 
 def apply_hints(
@@ -31,18 +31,9 @@ def apply_hints(
                 raise PlanError(
                     f"hint {glob!r}: a parameter cannot be partial ({format_sbp(nd)} for {name!r}); use B or S(i)"
                 )
-            shape = shapes[name]
-            for q in nd:
-                if is_split(q) and q.dim >= len(shape):  # type: ignore[union-attr]
-                    raise PlanError(
-                        f"hint {glob!r}: sbp {format_sbp(nd)} does not fit parameter {name!r} of shape "
-                        f"{tuple(shape)}: split dim must be < {len(shape)}"
-                    )
-                if isinstance(q, Blocked) and shape[q.dim] % q.blocks:
-                    raise PlanError(
-                        f"hint {glob!r}: {q} does not fit parameter {name!r} of shape {tuple(shape)}: dim "
-                        f"{q.dim} does not hold {q.blocks} equal blocks"
-                    )
+            misfit = layout_misfit(name, shapes[name], nd)
+            if misfit is not None:
+                raise PlanError(f"hint {glob!r}: sbp {misfit}")
             if params[name] != ParamPlan.plain(params[name].sbp):
                 raise PlanError(f"hint {glob!r}: parameter {name!r} already has ZeRO layouts: apply hints first")
             params[name] = ParamPlan.plain(nd)

@@ -92,14 +92,14 @@ def collectives_waited_at_launch() -> Iterator[None]:
     buckets, reduce-scatter buckets, prefetched gathers): the same buffers and order, no overlap."""
     from shardflow.graph import lower
 
-    saved = lower._launch, lower._launch_scatter, lower.start_plan
-    lower._launch = _waited(saved[0], lambda h: h[0])  # type: ignore[assignment]
-    lower._launch_scatter = _waited(saved[1], lambda h: h.work)  # type: ignore[assignment]
+    saved = lower.launch_all_reduce, lower.launch_reduce_scatter, lower.start_plan
+    lower.launch_all_reduce = _waited(saved[0], lambda h: h.work)  # type: ignore[assignment]
+    lower.launch_reduce_scatter = _waited(saved[1], lambda h: h.work)  # type: ignore[assignment]
     lower.start_plan = _waited(saved[2], lambda h: h.work)  # type: ignore[assignment]
     try:
         yield
     finally:
-        lower._launch, lower._launch_scatter, lower.start_plan = saved
+        lower.launch_all_reduce, lower.launch_reduce_scatter, lower.start_plan = saved
 
 
 def _measure(kind: str, repeats: int, warmup: int) -> list[str]:

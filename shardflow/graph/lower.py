@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
@@ -48,8 +47,7 @@ from shardflow.boxing import (
     start_plan,
 )
 from shardflow.boxing.plan import COLLECTIVES, Plan
-from shardflow.comm.collectives import ReduceScattering, reduce_scatter_finish, reduce_scatter_start
-from shardflow.comm.groups import group_for
+from shardflow.comm.buckets import launch_all_reduce, launch_reduce_scatter, wait_bucket
 from shardflow.graph.arena import Arena, assign, check_outside, check_placed, out_overload, select
 from shardflow.graph.values import forced_nodes, module_paths, value_keys
 from shardflow.ops import LOCALS, PREPARED, WORKSPACE, LocalContext, OpCall, TensorMeta, choose, writes_arg
@@ -168,6 +166,14 @@ class Comm:
     plan: Plan | None
 
 
+@dataclass(frozen=True)
+class Unit:
+    """Gradients handed to the update together: a bucket (as its collective's handle) or a group needing none."""
+
+    grads: tuple[int, ...]  # gradient output indices
+    bucket: bool
+
+
 @dataclass
 class Program:
     """This rank's step: ``run(args) -> (loss local in B, [synchronised gradient locals])``. A stage's:
@@ -186,44 +192,12 @@ class Program:
     # update units in the order the program releases them through ``run(args, ready)``: ``ready(u, handle)``
     # for a gradient bucket (``wait_bucket`` gives its gradients), ``ready(u, (grads...))`` otherwise, and
     # ``ready(None, None)`` once backward is over (the rest is waiting for communication)
-    units: list[tuple[tuple[int, ...], bool]] = field(default_factory=list)
+    units: list[Unit] = field(default_factory=list)
     release_lines: list[int] = field(default_factory=list)  # per unit: the line it is released after
     backward: Callable[..., Any] | None = None  # a stage's backward (``checked_backward``: asserting shapes)
     checked_backward: Callable[..., Any] | None = None
     saved_bytes: int = 0  # a stage: bytes its forward keeps for its backward (parameters not counted)
     arena: Arena | None = None  # static placement's blocks (graph/arena.py), allocated at the first run
-
-
-def _launch(ranks: tuple[int, ...], *grads: torch.Tensor) -> tuple[Any, torch.Tensor, list[torch.Size]]:
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    work = dist.all_reduce(flat, group=group_for(ranks).group, async_op=True)
-    return work, flat, [g.shape for g in grads]
-
-
-def _launch_scatter(
-    ranks: tuple[int, ...], dims: list[int], sizes: list[tuple[int, ...]], me: int, *grads: torch.Tensor
-) -> ReduceScattering:
-    return reduce_scatter_start(grads, dims, sizes, me, group_for(ranks))
-
-
-def bucket_done(handle: Any) -> bool:
-    """Whether a gradient bucket's collective has completed (``wait_bucket`` would not block)."""
-    work = handle.work if isinstance(handle, ReduceScattering) else handle[0]
-    return bool(work.is_completed())
-
-
-def wait_bucket(handle: Any) -> list[torch.Tensor]:
-    """A gradient bucket's synchronised gradients (all-reduced, or this rank's reduce-scattered pieces)."""
-    if isinstance(handle, ReduceScattering):
-        return reduce_scatter_finish(handle)
-    work, flat, shapes = handle
-    work.wait()
-    out, offset = [], 0
-    for shape in shapes:
-        n = math.prod(shape)
-        out.append(flat[offset : offset + n].view(shape))
-        offset += n
-    return out
 
 
 _aten = torch.ops.aten
@@ -334,7 +308,7 @@ class _Lowering:
         # an update of that parameter waits for their last use
         self.param_alias: dict[str, frozenset[int]] = {}
         self.readies: dict[int, list[tuple[str, list[str], list[str]]]] = {}  # line -> ready() calls after it
-        self.units: list[tuple[tuple[int, ...], bool]] = []  # (gradient output indices, a bucket handle?)
+        self.units: list[Unit] = []
         self.release_lines: list[int] = []  # the line after which each unit is released
         # ZeRO-3 prefetch: the ops that gather sharded parameters, in graph order, with the inputs they gather;
         # (op, input) -> the variable holding that input's gathering, launched while the op before computed
@@ -1038,7 +1012,7 @@ class _Lowering:
         grads = [self.pending[k] for k in bucket.grads]
         if bucket.scatter is not None:
             dims, sizes = [d for d, _ in bucket.scatter], [n for _, n in bucket.scatter]
-            fn = self.const(functools.partial(_launch_scatter, bucket.ranks, dims, sizes, bucket.me), "launch")
+            fn = self.const(functools.partial(launch_reduce_scatter, bucket.ranks, dims, sizes, bucket.me), "launch")
             line = self.emit(f"{handle} = {fn}({', '.join(grads)})", grads, [handle])
             self.exact_lines.add(line)  # the gradients are packed (copied) into the collective's own buffer
             # the packed pieces of every member stay with the collective until it completes, and on CPU gloo
@@ -1049,7 +1023,7 @@ class _Lowering:
             where, route = f"gradient reduce-scatter bucket of {len(grads)}", "reduce_scatter"
         else:
             self.bucket_sizes.append((bucket.ranks, bucket.nbytes))
-            fn = self.const(functools.partial(_launch, bucket.ranks), "launch")
+            fn = self.const(functools.partial(launch_all_reduce, bucket.ranks), "launch")
             self.exact_lines.add(self.emit(f"{handle} = {fn}({', '.join(grads)})", grads, [handle]))  # copied in
             self.store(handle, bucket.nbytes, f"gradient bucket of {len(grads)}")
             where, route = f"gradient bucket of {len(grads)}", "all_reduce"
@@ -1157,7 +1131,7 @@ class _Lowering:
         for line, unit, payload, bucket in sorted(entries, key=lambda e: e[0]):
             arg = payload[0] if bucket else f"({', '.join(payload)},)"
             self.readies.setdefault(line, []).append((f"ready({len(self.units)}, {arg})", payload, []))
-            self.units.append((unit, bucket))
+            self.units.append(Unit(unit, bucket))
             self.release_lines.append(line)
 
     def cost(self) -> float:

@@ -42,9 +42,10 @@ from shardflow.checkpoint.index import CheckpointError, read_index
 from shardflow.checkpoint.rng import restore_rng, rng_states
 from shardflow.checkpoint.snapshots import Snapshots
 from shardflow.checkpoint.store import load as load_checkpoint
+from shardflow.comm.buckets import bucket_done, wait_bucket
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
-from shardflow.graph.lower import Program, bucket_done, lower, trace_step, wait_bucket
+from shardflow.graph.lower import Program, lower, trace_step
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import (
     B,
@@ -310,8 +311,8 @@ class ParallelModule(Snapshots):
                 # each unit is updated where the program releases it, on top of what is alive there
                 update = max(
                     program.memory.live[line]
-                    + update_temporaries(self.optimizer, [self.local_params[program.grad_of[k]] for k in ks])
-                    for (ks, _), line in zip(program.units, program.release_lines)
+                    + update_temporaries(self.optimizer, [self.local_params[program.grad_of[k]] for k in unit.grads])
+                    for unit, line in zip(program.units, program.release_lines)
                 )
                 note += "; each gradient unit updated during backward, where it is released"
             if any(sl is not None for sl in self.slices):  # ZeRO-1/2: the updated pieces are all-gathered
@@ -441,14 +442,13 @@ class ParallelModule(Snapshots):
 
     def _reduce_unit(self, program: Program, unit: int, payload: Any) -> list[torch.Tensor]:
         """The all-reduce actor's task: unit ``unit``'s synchronised gradients."""
-        return wait_bucket(payload) if program.units[unit][1] else list(payload)
+        return wait_bucket(payload) if program.units[unit].bucket else list(payload)
 
     def _update_unit(self, program: Program, unit: int, grads: Sequence[torch.Tensor]) -> None:
         """The optimizer actor's task: step just this unit's parameters (torch optimizers skip parameters
         without a gradient, so one optimizer keeps all the state); with clipping, only hold the gradients."""
-        ks, _ = program.units[unit]
         mine = []
-        for k, g in zip(ks, grads):
+        for k, g in zip(program.units[unit].grads, grads):
             lp = self.local_params[program.grad_of[k]]
             lp.grad = self._piece(program.grad_of[k], g)
             mine.append(lp)
@@ -599,7 +599,7 @@ def check_inductor(zero: int) -> None:
 
 def _collective_done(program: Program, unit: int, payload: Any) -> bool:
     """Whether unit ``unit``'s gradients can be taken without waiting (its bucket's all-reduce completed)."""
-    return not program.units[unit][1] or bucket_done(payload)
+    return not program.units[unit].bucket or bucket_done(payload)
 
 
 def clip_grad_norm(sbps: Sequence[NdSbp], local_params: Sequence[nn.Parameter], mesh: Mesh, max_norm: float) -> float:

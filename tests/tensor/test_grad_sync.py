@@ -75,7 +75,7 @@ class _Log(TorchDispatchMode):
 def _run_static() -> tuple[int, int, int]:
     model, ref, x, y, make, pm = _setup()
     events: list[str] = []
-    launch, wait = lower._launch, lower.wait_bucket
+    launch, wait = lower.launch_all_reduce, lower.wait_bucket
 
     def spy_launch(*args):  # type: ignore[no-untyped-def]
         events.append("launch")
@@ -85,11 +85,11 @@ def _run_static() -> tuple[int, int, int]:
         events.append("wait")
         return wait(handle)
 
-    lower._launch, lower.wait_bucket = spy_launch, spy_wait  # bound into the program when it is lowered
+    lower.launch_all_reduce, lower.wait_bucket = spy_launch, spy_wait  # bound into the program when it is lowered
     try:
         pm.program(pm._inputs((x, y)))
     finally:
-        lower._launch, lower.wait_bucket = launch, wait
+        lower.launch_all_reduce, lower.wait_bucket = launch, wait
     with _Log(events):
         loss = pm.step(x, y)
     _check_equal(ref, make, x, y, loss, pm)

@@ -90,16 +90,16 @@ def _waited(launch: Callable[..., Any], work: Callable[[Any], Any]) -> Callable[
 def collectives_waited_at_launch() -> Iterator[None]:
     """Programs lowered inside wait for every asynchronous collective where it is launched (gradient
     buckets, reduce-scatter buckets, prefetched gathers): the same buffers and order, no overlap."""
-    from shardflow.graph import lower
+    from shardflow.graph.ir import buckets, gathers
 
-    saved = lower.launch_all_reduce, lower.launch_reduce_scatter, lower.start_plan
-    lower.launch_all_reduce = _waited(saved[0], lambda h: h.work)  # type: ignore[assignment]
-    lower.launch_reduce_scatter = _waited(saved[1], lambda h: h.work)  # type: ignore[assignment]
-    lower.start_plan = _waited(saved[2], lambda h: h.work)  # type: ignore[assignment]
+    saved = buckets.launch_all_reduce, buckets.launch_reduce_scatter, gathers.start_plan
+    buckets.launch_all_reduce = _waited(saved[0], lambda h: h.work)  # type: ignore[assignment]
+    buckets.launch_reduce_scatter = _waited(saved[1], lambda h: h.work)  # type: ignore[assignment]
+    gathers.start_plan = _waited(saved[2], lambda h: h.work)  # type: ignore[assignment]
     try:
         yield
     finally:
-        lower.launch_all_reduce, lower.launch_reduce_scatter, lower.start_plan = saved
+        buckets.launch_all_reduce, buckets.launch_reduce_scatter, gathers.start_plan = saved
 
 
 def _measure(kind: str, repeats: int, warmup: int) -> list[str]:

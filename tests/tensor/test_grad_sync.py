@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import shardflow as sf
-from shardflow.graph import lower
+from shardflow.graph.ir import buckets, codegen
 from shardflow.models import MLP, MLPConfig
 from shardflow.tensor import grad_sync
 from shardflow.testing import run_on_ranks
@@ -75,7 +75,7 @@ class _Log(TorchDispatchMode):
 def _run_static() -> tuple[int, int, int]:
     model, ref, x, y, make, pm = _setup()
     events: list[str] = []
-    launch, wait = lower.launch_all_reduce, lower.wait_bucket
+    launch, wait = buckets.launch_all_reduce, codegen.wait_bucket
 
     def spy_launch(*args):  # type: ignore[no-untyped-def]
         events.append("launch")
@@ -85,11 +85,11 @@ def _run_static() -> tuple[int, int, int]:
         events.append("wait")
         return wait(handle)
 
-    lower.launch_all_reduce, lower.wait_bucket = spy_launch, spy_wait  # bound into the program when it is lowered
+    buckets.launch_all_reduce, codegen.wait_bucket = spy_launch, spy_wait  # bound into the program when it is lowered
     try:
         pm.program(pm._inputs((x, y)))
     finally:
-        lower.launch_all_reduce, lower.wait_bucket = launch, wait
+        buckets.launch_all_reduce, codegen.wait_bucket = launch, wait
     with _Log(events):
         loss = pm.step(x, y)
     _check_equal(ref, make, x, y, loss, pm)

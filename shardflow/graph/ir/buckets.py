@@ -1,0 +1,154 @@
+"""Gradient buckets: pack the gradients' collectives and launch each bucket as its last gradient is made.
+
+Gradients needing one all-reduce over one slice of the mesh (partial sums wanted replicated) go into
+all-reduce buckets; partial sums wanted split (ZeRO-2) into reduce-scatter buckets (FSDP's packing). A
+bucket's launch is inserted right after the instruction making the gradient that fills it, so its
+communication overlaps the rest of backward (DDP's reducer, decided at compile time); what is left open is
+launched where backward ends. The waits come after backward (``wait_buckets``). Any other conversion is
+left to the caller (``Bucketing.later``), to run once backward ends.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from shardflow.boxing import plan_boxing, reduce_scatter_args
+from shardflow.boxing.plan import Plan
+from shardflow.comm.buckets import Bucket, Bucketer, launch_all_reduce, launch_reduce_scatter
+from shardflow.graph.ir.instr import Comm, Instr, Launch, Wait
+from shardflow.graph.ir.release import Waiting
+from shardflow.graph.ir.step import StepIR
+from shardflow.ops import TensorMeta
+from shardflow.placement.mesh import Mesh
+from shardflow.placement.sbp import B, NdSbp, P
+from shardflow.placement.shard import local_shape
+from shardflow.tensor.trace import Record
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """A gradient output as the layout pass left it: index ``k``, its variable and layout, the layout it is
+    returned in, and the instruction after which it exists."""
+
+    k: int
+    var: str
+    sbp: NdSbp
+    meta: TensorMeta
+    want: NdSbp
+    after: int
+
+
+@dataclass(frozen=True)
+class _Packing:
+    """How one bucket's collective runs: all-reduce over ``ranks``, or (``dims`` set) a reduce-scatter
+    keeping member ``me``'s piece (per gradient its split dim and every member's extent)."""
+
+    ranks: tuple[int, ...]
+    dims: tuple[int, ...] = ()
+    sizes: tuple[tuple[int, ...], ...] = ()
+    me: int = 0
+
+
+@dataclass
+class Bucketing:
+    """What the pass decided: launched buckets (waited after backward), gradients final where they are
+    made, conversions left for after backward, and the communication it priced."""
+
+    waits: list[Waiting] = field(default_factory=list)
+    final: dict[int, str] = field(default_factory=dict)  # gradient index -> variable, no communication
+    later: list[tuple[int, str, Plan]] = field(default_factory=list)
+    scatter_seconds: float = 0.0  # reduce-scatters packed into buckets, priced as the planner prices them
+    all_reduces: list[tuple[tuple[int, ...], int]] = field(default_factory=list)  # (ranks, bytes) per bucket
+
+
+def bucket_gradients(
+    ir: StepIR, grads: Sequence[Gradient], mesh: Mesh, rank: int, bucket_bytes: int, record: Record
+) -> Bucketing:
+    """Insert the buckets' launches into ``ir.body`` (see the module docstring); launches of buckets still
+    open go at the end."""
+    out = Bucketing()
+    bucketer: Bucketer[Gradient] = Bucketer(bucket_bytes)
+    packing: dict[object, _Packing] = {}
+    launches: dict[int, list[Instr]] = {}
+    coord = mesh.coord_of(rank)
+
+    def launch(bucket: Bucket[Gradient], phase: str) -> Instr:
+        pack = packing[bucket.key]
+        names = tuple(g.var for g in bucket.items)
+        handle = ir.new_var()
+        if pack.dims:
+            fn = ir.const(
+                functools.partial(launch_reduce_scatter, pack.ranks, list(pack.dims), list(pack.sizes), pack.me),
+                "launch",
+            )
+            # the packed pieces of every member stay with the collective until it completes, and on CPU gloo
+            # reduce-scatters a copy of them: both live as long as this rank's pieces, until the wait
+            packed = bucket.nbytes * len(pack.ranks) * (2 if mesh.device_type == "cpu" else 1)
+            label = f"gradient pieces of a reduce-scatter bucket of {len(names)}, with its packed send buffers"
+            ir.store(handle, bucket.nbytes + packed, f"{label} ({phase})")
+            where, route = f"gradient reduce-scatter bucket of {len(names)}", "reduce_scatter"
+        else:
+            fn = ir.const(functools.partial(launch_all_reduce, pack.ranks), "launch")
+            ir.store(handle, bucket.nbytes, f"gradient bucket of {len(names)} ({phase})")
+            where, route = f"gradient bucket of {len(names)}", "all_reduce"
+            out.all_reduces.append((pack.ranks, bucket.nbytes))
+        out.waits.append(Waiting(handle, tuple(g.k for g in bucket.items)))
+        return Launch(out=handle, grads=names, fn=fn, comm=Comm(phase, where, route, None))
+
+    for g in grads:
+        if g.sbp == g.want:
+            out.final[g.k] = g.var
+            continue
+        plan = plan_boxing(g.meta.shape, g.meta.dtype, mesh, g.sbp, mesh, g.want)
+        # partial sums over some axes, wanted replicated there and unchanged elsewhere: one all-reduce over
+        # the slice spanning those axes, whatever route the planner would take for the tensor alone
+        axes = tuple(a for a, (src, dst) in enumerate(zip(g.sbp, g.want)) if src != dst)
+        summed = all(g.sbp[a] == P and g.want[a] == B for a in axes)
+        scatter = None if summed else reduce_scatter_args(plan, rank)
+        if scatter is not None:  # partial sums wanted split (ZeRO-2): reduce-scattered in buckets
+            members, dim, sizes, me = scatter
+            record.other.append(("gradient bucket", plan, "reduce_scatter, packed with others"))
+            out.scatter_seconds += plan.seconds
+            key: object = (members, g.meta.dtype, "scatter")
+            old = packing.get(key, _Packing(members, me=me))
+            packing[key] = _Packing(members, (*old.dims, dim), (*old.sizes, tuple(sizes)), me)
+            shape = local_shape(g.meta.shape, g.want, mesh.shape, coord)
+            nbytes = math.prod(shape[:dim]) * max(sizes) * math.prod(shape[dim + 1 :]) * g.meta.dtype.itemsize
+            full = bucketer.add(key, g, nbytes, weight=len(members))
+        elif not summed or math.prod(mesh.shape[a] for a in axes) == 1:
+            out.later.append((g.k, g.var, plan))
+            continue
+        else:
+            names = ", ".join(mesh.names[a] for a in axes)
+            record.other.append(("gradient bucket", plan, f"one all_reduce over ({names})"))
+            ranks = mesh.slice_over(axes, rank)
+            key = (ranks, g.meta.dtype, "sum")
+            packing.setdefault(key, _Packing(ranks))
+            shape = local_shape(g.meta.shape, g.sbp, mesh.shape, coord)
+            full = bucketer.add(key, g, math.prod(shape) * g.meta.dtype.itemsize)
+        if full is not None:
+            launches.setdefault(g.after, []).append(launch(full, "backward"))
+            packing.pop(full.key)
+    body: list[Instr] = []
+    for i, ins in enumerate(ir.body):
+        body.append(ins)
+        body += launches.get(i, [])
+    ir.body[:] = body
+    for bucket in bucketer.flush():
+        ir.emit(launch(bucket, "after"))
+    return out
+
+
+def wait_buckets(ir: StepIR, waits: Sequence[Waiting]) -> dict[int, str]:
+    """Wait for every bucket, in launch order; each bucketed gradient's variable after its wait."""
+    done: dict[int, str] = {}
+    for w in waits:
+        names = tuple(ir.new_var() for _ in w.grads)
+        ir.emit(Wait(outs=names, handle=w.handle))
+        for n in names:
+            ir.refs[n] = [w.handle]
+        done.update(zip(w.grads, names))
+    return done

@@ -1,0 +1,250 @@
+"""The instructions of a per-rank step program: typed records with explicit defs and uses.
+
+Passes read and rewrite these records, never source text; only code generation (``ir/codegen.py``) turns
+them into Python lines. Facts about variables (the storages they hold, the parameters they may alias) live
+beside the instructions in ``StepIR`` (``ir/step.py``), so that inserting an instruction moves nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from shardflow.boxing.plan import Plan
+
+
+@dataclass(frozen=True)
+class Comm:
+    """One communication of the program: where it happens, its route and plan (None: a gradient bucket)."""
+
+    phase: str  # "forward" (up to the loss), "backward", or "after" (loss, gradients once backward ends)
+    where: str  # the op needing it, "gradient bucket of N", "loss" or "gradient"
+    route: str
+    plan: Plan | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Instr:
+    """One line of the program. ``exact``: its results hold only the storages ``StepIR.refs`` records for
+    them (a view's source, a new buffer); otherwise (boxing) they may hold any storage of their inputs.
+    ``asynchronous``: it starts work that may still read its inputs after it returns."""
+
+    temp: int = 0  # bytes alive only while it runs: a collective's staging, a local function's workspace
+    comm: Comm | None = None  # the communication it performs, if any
+
+    exact: ClassVar[bool] = False
+    asynchronous: ClassVar[bool] = False
+
+    @property
+    def defs(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def code(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unpack(Instr):
+    """The function's arguments (``args``, a stage's arriving ``grads_in``) bound to variables."""
+
+    names: tuple[str, ...]
+    source: str
+
+    @property
+    def defs(self) -> tuple[str, ...]:
+        return self.names
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        return ()
+
+    def code(self) -> str:
+        return f"{', '.join(self.names)}{',' if len(self.names) == 1 else ''} = {self.source}"
+
+
+@dataclass(frozen=True)
+class OutForm:
+    """How an op may write its results into given buffers: its ``out=`` overload (a constant), the names of
+    its out arguments, and per result its storage key, local shape and dtype."""
+
+    overload: str
+    out_names: tuple[str, ...]
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[tuple[int, ...], Any], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Op(Instr):
+    """``out = fn(args)``: an ATen op or a local function (``ops/``) on local tensors. ``args`` is the
+    rendered argument text; ``uses`` the variables in it. ``checks``: per result (index, or None for the
+    single result) the local shape the checked program asserts. ``blocks``: arena blocks it writes into."""
+
+    out: str
+    fn: str
+    args: str
+    used: tuple[str, ...]
+    op: str = ""
+    checks: tuple[tuple[int | None, tuple[int, ...]], ...] = ()
+    local_new: bool = False  # a local function whose results are new storages, as its op's schema says
+    out_form: OutForm | None = None  # set where arena placement may give it blocks
+    blocks: tuple[int, ...] = ()
+
+    exact: ClassVar[bool] = True
+
+    @property
+    def defs(self) -> tuple[str, ...]:
+        return (self.out,)
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        return self.used
+
+    def code(self) -> str:
+        if not self.blocks:
+            return f"{self.out} = {self.fn}({self.args})"
+        assert self.out_form is not None
+        outs = ", ".join(f"{o}=_A[{b}]" for o, b in zip(self.out_form.out_names, self.blocks))
+        return f"{self.out} = {self.out_form.overload}({self.args}{', ' if self.args else ''}{outs})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Item(Instr):
+    """``out = src[index]``: one result of a multi-result op."""
+
+    out: str
+    src: str
+    index: int
+
+    exact: ClassVar[bool] = True
+
+    @property
+    def defs(self) -> tuple[str, ...]:
+        return (self.out,)
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        return (self.src,)
+
+    def code(self) -> str:
+        return f"{self.out} = {self.src}[{self.index}]"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Box(Instr):
+    """``out = fn(src)``: a layout conversion bound for this rank (boxing), or finishing a started one."""
+
+    out: str
+    src: str
+    fn: str
+
+    @property
+    def defs(self) -> tuple[str, ...]:
+        return (self.out,)
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        return (self.src,)
+
+    def code(self) -> str:
+        return f"{self.out} = {self.fn}({self.src})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatherStart(Box):
+    """Start a ZeRO-3 gather of ``src`` now; ``out`` is its handle, finished by a ``Box`` at the use."""
+
+    asynchronous: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Launch(Instr):
+    """``out = fn(*grads)``: a gradient bucket's collective started; the gradients are copied in."""
+
+    out: str
+    grads: tuple[str, ...]
+    fn: str
+
+    exact: ClassVar[bool] = True
+
+    @property
+    def defs(self) -> tuple[str, ...]:
+        return (self.out,)
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        return self.grads
+
+    def code(self) -> str:
+        return f"{self.out} = {self.fn}({', '.join(self.grads)})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Wait(Instr):
+    """``outs = _wait(handle)``: a bucket's synchronised gradients (views of its buffer)."""
+
+    outs: tuple[str, ...]
+    handle: str
+
+    exact: ClassVar[bool] = True
+
+    @property
+    def defs(self) -> tuple[str, ...]:
+        return self.outs
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        return (self.handle,)
+
+    def code(self) -> str:
+        return f"{', '.join(self.outs)}, = _wait({self.handle})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Release(Instr):
+    """Hand update unit ``unit`` on (``ready``): a bucket's handle, or gradients needing no communication.
+    ``unit=None`` says backward is over (what follows waits for communication)."""
+
+    unit: int | None
+    payload: tuple[str, ...] = ()
+    bucket: bool = False
+
+    @property
+    def defs(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        return self.payload
+
+    def code(self) -> str:
+        if self.unit is None:
+            return "ready(None, None)"
+        arg = self.payload[0] if self.bucket else f"({', '.join(self.payload)},)"
+        return f"ready({self.unit}, {arg})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Return(Instr):
+    """The step's results: ``loss, [grads]``; a stage's backward: ``[grads], [input grads]``."""
+
+    loss: str | None
+    grads: tuple[str, ...]
+    input_grads: tuple[str, ...] = ()
+
+    @property
+    def defs(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        return (*(() if self.loss is None else (self.loss,)), *self.grads, *self.input_grads)
+
+    def code(self) -> str:
+        if self.loss is None:
+            return f"return [{', '.join(self.grads)}], [{', '.join(self.input_grads)}]"
+        return f"return {self.loss}, [{', '.join(self.grads)}]"

@@ -2,9 +2,9 @@
 
 Pure: it never touches a process group, so every rank computes the same plan and tests need no processes.
 On one mesh, routes are shortest paths (by ``CostModel``) over nd-SBPs, each edge changing one mesh axis
-with a 1-d conversion (all-gather, reduce-scatter, all-reduce, all-to-all, slice, …). An edge on axis ``a`` is legal only when no later axis splits
-a dim that the edge touches: later axes split the piece of earlier ones, so converting an outer split
-under an inner one would scramble rows (``(S(0), S(0))``). Between different meshes, the source first drops
+with a 1-d conversion (all-gather, reduce-scatter, all-reduce, all-to-all, slice, …). An edge on axis
+``a`` is legal only when no later axis splits a dim that the edge touches: later axes split the piece of
+earlier ones, so converting an outer split under an inner one would scramble rows (``(S(0), S(0))``). Between different meshes, the source first drops
 its ``P`` axes on its own mesh (cheapest way, usually reduce-scatter), then every target rank receives the
 boxes it needs point-to-point from the holders (a rank in both meshes copies locally); target ``P`` axes
 receive on their first coordinate and fill zeros elsewhere. A ``Blocked`` layout is planned on the view

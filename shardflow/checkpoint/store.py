@@ -6,9 +6,9 @@ renames, so a crash at any point leaves the previous snapshot whole. ``AsyncSave
 background: the collective start (summing partials, copying this rank's boxes to host memory) runs at the
 call, then a thread writes, fsyncs and hashes, and meets the other ranks' threads on a process group of
 its own (so its barriers never interleave with training's collectives) before rank 0 swaps the folder
-in. Loading is collective too: each rank
-reads only the parts of the saved boxes that intersect its own box in the target layout (safetensors
-slices), which is what makes a checkpoint saved on 4 ranks as dp x tp loadable on 2 ranks as dp or on 1.
+in. Loading is collective too: each rank reads only the parts of the saved boxes that intersect its own
+box in the target layout (safetensors slices), which is what makes a checkpoint saved on 4 ranks as
+dp x tp loadable on 2 ranks as dp or on 1.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from shardflow.comm.groups import GroupHandle
 
-# torch 2.13 renamed the single-tensor collectives; 2.11 (the GPU image) has only the old names.
+# torch 2.13 renamed the single-tensor collectives; older versions have only the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 

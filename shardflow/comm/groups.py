@@ -1,4 +1,5 @@
-"""Process groups for mesh slices (over one axis or several), created once, when a mesh is created, and cached by rank set.
+"""Process groups for mesh slices (over one axis or several), created once, when a mesh is created, and
+cached by rank set.
 
 Every rank of the job creates every slice's group in the same order (``new_group`` is collective over the
 job), which is why creating a mesh is collective. torch orders a group's ranks by global rank;

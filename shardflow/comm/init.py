@@ -2,10 +2,9 @@
 
 Every collective carries a timeout; gloo's own default (30 minutes) hides a dead peer for far too long,
 so shardflow's default is 60 s: a stuck peer (SIGSTOP, a hung kernel) makes its peers' next collective
-time out after 60 s, they end, and the launcher SIGKILLs the stopped process at once instead of waiting out
-torchrun's 30 s grace, so the whole job ends within two minutes (tests/cli/test_faults.py measures ~72 s). Pass
-``sf.init(timeout=...)`` when a rank legitimately works alone for longer between collectives (huge
-checkpoints on slow disks).
+time out, they end, and the launcher SIGKILLs the stopped process at once instead of waiting out
+torchrun's 30 s grace, so the whole job ends within two minutes. Pass ``sf.init(timeout=...)`` when a
+rank legitimately works alone for longer between collectives (huge checkpoints on slow disks).
 """
 
 from __future__ import annotations

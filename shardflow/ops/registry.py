@@ -1,4 +1,4 @@
-"""One registry of per-op layout rules, shared by eager GlobalTensor ops and (later) the compiler.
+"""One registry of per-op layout rules, shared by eager GlobalTensor ops and the compiler (graph/lower.py).
 
 A rule sees an op call with tensor metadata (global shape, dtype) in place of tensors and the size of one
 mesh axis, and lists the 1-d signatures valid on that axis: the placement each tensor input must have and

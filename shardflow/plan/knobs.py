@@ -2,7 +2,7 @@
 
 Programs are lowered from the plan once; an option changed afterwards must reach them. A ``Knob`` reads its
 entry from ``owner.plan`` and setting it calls ``owner.replan(entry=value)``, which checks the new plan,
-logs the change and drops what was built from the old one. A ``Fixed`` entry (layouts, the ZeRO axis) was
+logs the change and drops what was built from the old one. A ``Fixed`` entry (layouts, the ZeRO axis) is
 baked into the module's tensors: setting it raises, naming the way to another plan.
 """
 

@@ -3,7 +3,8 @@
 It holds this rank's local shard, the mesh and the nd-SBP; its ``shape`` is the global shape. Being a
 real ``torch.Tensor`` (like DTensor) lets ``nn.Parameter``, autograd and optimizers take it. Autograd
 follows the logical tensor: every conversion is an ``autograd.Function`` whose backward converts the
-arriving gradient to the source's gradient layout with the same boxing engine (the gradient rule: a gradient has its value's layout with P replaced by B).
+arriving gradient to the source's gradient layout with the same boxing engine (the gradient rule: a
+gradient has its value's layout with P replaced by B).
 """
 
 from __future__ import annotations

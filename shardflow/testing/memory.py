@@ -6,9 +6,9 @@ and the actors' threads included), in one global order. torch's CPU allocator ta
 with ``posix_memalign``, so the live ``posix_memalign`` blocks are the tensor bytes the process holds (plus
 any other library's ``posix_memalign`` blocks, e.g. a kernel's scratch space, which count too): the CPU
 counterpart of ``torch.cuda.memory_allocated``. Storages from elsewhere (shared memory, pinned memory,
-numpy arrays, memory-mapped files) are not counted; none of shardflow's steps on CPU makes them. Tracking starts before the module is built, so
-everything shardflow keeps (parameters, optimizer state, caches, staging and bucket buffers) is in the
-count, and the measured step is the ``pm.step`` users call. On GPU the caching allocator's own counters are
+numpy arrays, memory-mapped files) are not counted; none of shardflow's steps on CPU makes them.
+Tracking starts before the module is built, so everything shardflow keeps (parameters, optimizer state,
+caches, staging and bucket buffers) is in the count, and the measured step is the ``pm.step`` users call. On GPU the caching allocator's own counters are
 read instead (``torch.cuda.memory_allocated`` / ``max_memory_allocated``).
 
     with track_allocations():

@@ -1,7 +1,7 @@
 """Multi-process test harness: run a module-level function on N gloo ranks and collect the results.
 
 Decision: ranks are long-lived "spawn" workers pooled per world size (one pool alive at a time) and any
-failure kills the pool. Reason: starting N processes and a process group costs seconds on 2 cores, and a
+failure kills the pool. Reason: starting N processes and a process group costs seconds, and a
 pool that saw an exception may hold half-finished collectives, so it is rebuilt rather than repaired.
 """
 
@@ -39,7 +39,7 @@ _IN_WORKER = False
 _RANK: int | None = None
 
 _PG_TIMEOUT = timedelta(seconds=60)  # every gloo collective fails after this, so a stuck rank never hangs forever
-_START_TIMEOUT_S = 120.0  # spawning N ranks that each import torch is slow on 2 cores
+_START_TIMEOUT_S = 120.0  # spawning N ranks that each import torch is slow on a small machine
 _GRACE_S = 3.0  # after the first rank error, how long the others get before the pool is killed
 _POLL_S = 1.0  # workers poll their task queue (and their parent) this often
 _STOP_JOIN_S = 10.0  # clean shutdown: how long to wait for destroy_process_group() and exit

@@ -2,8 +2,8 @@
 
 Why dataclasses and ``tomllib``: both are standard library (before Python 3.11, ``tomli``, the same
 parser); the dataclass is the schema (field names, types, defaults, docs), and an unknown key or a value
-of the wrong type is an error that names the key, instead of a silent default. Nested tables map to nested dataclasses (``[model]``), and a
-flag names a nested key with a dot (``--model.n_layer 4``).
+of the wrong type is an error that names the key, instead of a silent default. Nested tables map to
+nested dataclasses (``[model]``), and a flag names a nested key with a dot (``--model.n_layer 4``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ The passes, in order, each a module of its own:
 
 ============================  ======================================================================
 ``ir/layouts.py``             layouts and boxing: every op's signature, a ``Box`` where layouts differ
-``ir/gathers.py``             ZeRO-3: parameters gathered at each use, the next op's gathers started early
+``ir/gathers.py``             (in the layout pass) ZeRO-3: a ``Gather`` of each split parameter at each use
+``ir/prefetch.py``            ZeRO-3: each gather started while the op before it computes
 ``ir/buckets.py``             gradient buckets launched as their last gradient is made; waits after backward
 ``ir/release.py``             where each update unit may be handed to the update actors
 ``ir/placement.py``           arena placement of temporaries by lifetime (``arena=True`` or ``"all"``)
@@ -25,6 +26,7 @@ from shardflow.graph.ir.instr import Release, Return
 from shardflow.graph.ir.layouts import LayoutPass
 from shardflow.graph.ir.liveness import saved, saved_bytes, timeline
 from shardflow.graph.ir.placement import place
+from shardflow.graph.ir.prefetch import prefetch
 from shardflow.graph.ir.release import release_units
 from shardflow.graph.joint import Joint, trace_step
 from shardflow.graph.program import Program
@@ -51,6 +53,8 @@ def lower_ir(
     lp = LayoutPass(joint, mesh, rank, sbps, reduce_to_split, zero_axis, grad_sbps, values, gathered, bool(arena))
     traversed = lp.run()
     ir = lp.ir
+    if zero_axis is not None:
+        prefetch(ir, mesh, rank, zero_axis)
     buckets = bucket_gradients(ir, lp.gradients, mesh, rank, bucket_bytes, lp.record)
     loss, input_grads, converted = lp.finish(traversed, buckets.later)
     grad_vars = {**buckets.final, **converted}

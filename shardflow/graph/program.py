@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from shardflow.graph.arena import Arena
+from shardflow.graph.ir.explain import explain
 from shardflow.graph.ir.instr import Comm
 from shardflow.graph.ir.step import StepIR, Unit
 from shardflow.runtime.memory import ProgramMemory
@@ -43,4 +44,9 @@ class Program:
     checked_backward: Callable[..., Any] | None = None
     saved_bytes: int = 0  # a stage: bytes its forward keeps for its backward (parameters not counted)
     arena: Arena | None = None  # static placement's blocks (graph/arena.py), allocated at the first run
-    ir: StepIR | None = None  # the instructions it was generated from (``ir/explain.py`` prints them)
+    ir: StepIR | None = None  # the instructions it was generated from
+
+    def explain(self) -> str:
+        """This rank's program, one instruction a line (``ir/explain.py``)."""
+        assert self.ir is not None, "a program made without its IR"
+        return explain(self.ir)

@@ -30,15 +30,14 @@ from shardflow.tensor.trace import Record
 
 @dataclass(frozen=True)
 class Gradient:
-    """A gradient output as the layout pass left it: index ``k``, its variable and layout, the layout it is
-    returned in, and the instruction after which it exists."""
+    """A gradient output as the layout pass left it: index ``k``, its variable and layout, and the layout
+    it is returned in."""
 
     k: int
     var: str
     sbp: NdSbp
     meta: TensorMeta
     want: NdSbp
-    after: int
 
 
 @dataclass(frozen=True)
@@ -74,6 +73,7 @@ def bucket_gradients(
     packing: dict[object, _Packing] = {}
     launches: dict[int, list[Instr]] = {}
     coord = mesh.coord_of(rank)
+    made = {name: i for i, ins in reversed(list(enumerate(ir.body))) for name in ins.defs}  # first definition
 
     def launch(bucket: Bucket[Gradient], phase: str) -> Instr:
         pack = packing[bucket.key]
@@ -130,7 +130,7 @@ def bucket_gradients(
             shape = local_shape(g.meta.shape, g.sbp, mesh.shape, coord)
             full = bucketer.add(key, g, math.prod(shape) * g.meta.dtype.itemsize)
         if full is not None:
-            launches.setdefault(g.after, []).append(launch(full, "backward"))
+            launches.setdefault(made[g.var], []).append(launch(full, "backward"))
             packing.pop(full.key)
     body: list[Instr] = []
     for i, ins in enumerate(ir.body):

@@ -1,40 +1,66 @@
-"""ZeRO-3 gathers: a parameter stored split on the data-parallel axis is gathered right before each op
-computing with it (views of it stay split) and freed after; backward gathers it again.
+"""ZeRO-3 gathers in the layout pass: a parameter stored split on the data-parallel axis is gathered
+right before each op computing with it (views of it stay split) and freed after; backward gathers it again.
 
-Prefetch: the gathers of the next gathering op are started while the op before computes (one op ahead),
-where the plan is a single all-gather that can start and its input exists already. A view made later
-(``make_fx`` puts ``t(weight)`` right before its matmul) is handled by gathering its parameter early and
-replaying the views on the gathered copy at the use: they commute with the gather.
+Each gather is a ``Gather`` instruction carrying what the prefetch pass (``ir/prefetch.py``) needs to start
+it earlier: the gathering op's index and the chain of variables it could start from.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
-from shardflow.boxing import can_start, finish_plan, plan_boxing, start_plan
-from shardflow.graph.ir.instr import Box, Comm, GatherStart, Op
+from shardflow.boxing.plan import Plan
+from shardflow.graph.ir.instr import Box, Gather, Link
 from shardflow.graph.ir.lookahead import Value, is_tensor
 from shardflow.ops import TensorMeta
-from shardflow.placement.sbp import B, NdSbp
+from shardflow.placement.mesh import Mesh
+from shardflow.placement.sbp import B, NdSbp, S
+from shardflow.placement.shard import local_shape
 
 if TYPE_CHECKING:
     from shardflow.graph.ir.layouts import LayoutPass
 
 _aten = torch.ops.aten
 VIEWS = {_aten.t.default, _aten.transpose.int, _aten.view.default, _aten._unsafe_view.default, _aten.detach.default}
-_REPLAYED = {_aten.t.default, _aten.transpose.int, _aten.detach.default}  # views without shape arguments
+# views without shape arguments: replayed on a gathered copy, they commute with the gather
+_REPLAYED = {_aten.t.default, _aten.transpose.int, _aten.detach.default}
 
 
-def gathering_ops(graph: fx.Graph, params: list[fx.Node], sharded: set[fx.Node]) -> list[tuple[fx.Node, list[fx.Node]]]:
-    """The ops that will gather sharded parameters (or views of them), in graph order, with what they gather."""
+def unsharded(sbp: NdSbp, zero_axis: int) -> NdSbp:
+    """``sbp`` replicated on the ZeRO axis: what a gathered parameter looks like."""
+    return tuple(B if a == zero_axis else q for a, q in enumerate(sbp))
+
+
+def gather_staging(mesh: Mesh, coord: tuple[int, ...], plan: Plan, meta: TensorMeta, need: NdSbp) -> int:
+    """Bytes an all-gather in ``plan`` holds for a moment beyond its result: gloo (CPU) stages the whole
+    output. A gather along a dim that is not outermost receives into a buffer of blocks, sending a
+    contiguous copy of this rank's strided piece, and is assembled by one ``cat``: the larger moment."""
+    gathers = [s for s in plan.steps if s.kind == "all_gather"]
+    if not gathers:
+        return 0
+
+    def nbytes(sbp: NdSbp) -> int:
+        return math.prod(local_shape(meta.shape, sbp, mesh.shape, coord)) * meta.dtype.itemsize
+
+    out = nbytes(need)
+    staging = out if mesh.device_type == "cpu" else 0
+    shape = local_shape(meta.shape, need, mesh.shape, coord)
+    split = gathers[-1].src[gathers[-1].axis]
+    if isinstance(split, S) and math.prod(shape[: split.dim]) != 1:
+        return max(staging + nbytes(plan.src_sbp), out)
+    return staging
+
+
+def gathering_ops(graph: fx.Graph, params: list[fx.Node], sharded: set[fx.Node]) -> dict[fx.Node, int]:
+    """The ops that will gather sharded parameters (or views of them), numbered in graph order."""
     sharded = {n for n in params if n in sharded}
     known = set(params)
-    out: list[tuple[fx.Node, list[fx.Node]]] = []
+    out: dict[fx.Node, int] = {}
     for node in graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
@@ -46,70 +72,31 @@ def gathering_ops(graph: fx.Graph, params: list[fx.Node], sharded: set[fx.Node])
                 if tensors[0] in sharded:
                     sharded.add(node)
             continue
-        ins = list(dict.fromkeys(a for a in tensors if a in sharded))
-        if ins:
-            out.append((node, ins))
+        if any(a in sharded for a in tensors):
+            out[node] = len(out)
     return out
 
 
-class Gathers:
-    """The gathering ops of one program and the gathers started ahead of them."""
-
-    def __init__(self, lp: LayoutPass, graph: fx.Graph, params: list[fx.Node]) -> None:
-        self.lp = lp
-        self.ops = gathering_ops(graph, params, lp.sharded)
-        self.index = {node: i for i, (node, _) in enumerate(self.ops)}
-        self.started: dict[tuple[fx.Node, fx.Node], tuple[str, list[fx.Node]]] = {}  # -> (handle, views)
-
-    def gather(self, node: fx.Node, src: fx.Node, meta: TensorMeta, sbp: NdSbp, full: NdSbp) -> str:
-        """The variable holding ``src`` gathered for ``node``: the prefetched gathering picked up, or one now."""
-        lp, ir = self.lp, self.lp.ir
-        found = self.started.pop((node, src), None)
-        if found is None:
-            return lp.box_from(lp.var[src], meta, sbp, full, "ZeRO-3 gather")[0]
-        handle, views = found
-        name = ir.new_var()
-        ir.emit(Box(out=name, src=handle, fn=ir.const(finish_plan, "finish")))
-        for view in reversed(views):  # the views between the parameter and what the op reads
-            prev, name = name, ir.new_var()
-            args = ", ".join([prev, *(repr(a) for a in view.args[1:])])
-            ir.emit(Op(out=name, fn=ir.const(view.target, "op"), args=args, used=(prev,)))
-        ir.alias(name, handle)  # the gathered buffer (or its copy: counted once, as a view)
-        return name
-
-    def prefetch_after(self, node: fx.Node) -> None:
-        """Start the next gathering op's gathers now, if ``node`` is a gathering op."""
-        if node in self.index:
-            self.prefetch(self.index[node] + 1)
-
-    def prefetch(self, index: int) -> None:
-        if index >= len(self.ops):
-            return
-        lp, ir = self.lp, self.lp.ir
-        node, ins = self.ops[index]
-        for src in ins:
-            base, views = src, []
-            while base not in lp.var and base.target in _REPLAYED and isinstance(base.args[0], fx.Node):
-                views.append(base)
-                base = base.args[0]
-            value = lp.info.get(base)
-            if base not in lp.var or not isinstance(value, Value) or (node, src) in self.started:
-                continue
-            full = lp.unsharded(value.sbp)
-            plan = plan_boxing(value.meta.shape, value.meta.dtype, lp.mesh, value.sbp, lp.mesh, full)
-            if not can_start(plan, lp.rank):
-                continue
-            handle = ir.new_var()
-            fn = ir.const(functools.partial(start_plan, plan), "start")
-            comm = Comm(lp.phase, "ZeRO-3 gather (prefetched)", plan.route, plan)
-            staging = lp.gather_staging(plan, value.meta, full)
-            ir.emit(GatherStart(out=handle, src=lp.var[base], fn=fn, temp=staging, comm=comm))
-            lp.store(handle, lp.local_bytes(value.meta, full), "ZeRO-3 gather, prefetched")
-            if lp.var[base] in ir.param_alias:
-                ir.param_alias[handle] = ir.param_alias[lp.var[base]]
-            self.started[(node, src)] = (handle, views)
+def gather(lp: LayoutPass, node: fx.Node, src: fx.Node, meta: TensorMeta, sbp: NdSbp, full: NdSbp) -> str:
+    """Emit the gather of ``src`` for op ``node`` (a ``Gather``); its variable."""
+    name, _ = lp.box_from(lp.var[src], meta, sbp, full, "ZeRO-3 gather")
+    box = lp.ir.body[-1]
+    assert isinstance(box, Box)
+    fields = {k: getattr(box, k) for k in ("out", "src", "fn", "route", "temp", "comm")}
+    lp.ir.body[-1] = Gather(**fields, group=lp.gathering[node], phase=lp.phase, chain=_chain(lp, src))
+    return name
 
 
-def unsharded(sbp: NdSbp, zero_axis: int) -> NdSbp:
-    """``sbp`` replicated on the ZeRO axis: what a gathered parameter looks like."""
-    return tuple(B if a == zero_axis else q for a, q in enumerate(sbp))
+def _chain(lp: LayoutPass, src: fx.Node) -> tuple[Link, ...]:
+    """``src`` and what it is a view of, through views that commute with a gather."""
+    links: list[Link] = []
+    views: list[tuple[object, str]] = []
+    node = src
+    while True:
+        value = lp.info.get(node)
+        if node in lp.var and isinstance(value, Value):
+            links.append(Link(lp.var[node], value.sbp, value.meta, tuple(reversed(views))))
+        if node.target not in _REPLAYED or not isinstance(node.args[0], fx.Node):
+            return tuple(links)
+        views.append((node.target, ", ".join(repr(a) for a in node.args[1:])))
+        node = node.args[0]

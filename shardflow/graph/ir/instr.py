@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from shardflow.boxing.plan import Plan
+    from shardflow.ops import TensorMeta
+    from shardflow.placement.sbp import NdSbp
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class Box(Instr):
     out: str
     src: str
     fn: str
+    route: str = ""  # the boxing plan's route, as ``explain`` prints it
 
     @property
     def defs(self) -> tuple[str, ...]:
@@ -152,6 +155,28 @@ class Box(Instr):
 
     def code(self) -> str:
         return f"{self.out} = {self.fn}({self.src})"
+
+
+@dataclass(frozen=True)
+class Link:
+    """A variable a ZeRO-3 gather could start from: the gathered value itself or a parameter it is a view
+    of, with the views (op, extra argument text) that turn its gathered copy into the gathered value."""
+
+    var: str
+    sbp: NdSbp
+    meta: TensorMeta
+    views: tuple[tuple[Any, str], ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gather(Box):
+    """A ZeRO-3 gather of a parameter (or a view of one) right before gathering op ``group`` computes with
+    it, run where it stands unless the prefetch pass (``ir/prefetch.py``) starts it one op earlier from
+    one of ``chain`` (the value first, then what it is a view of)."""
+
+    group: int
+    phase: str
+    chain: tuple[Link, ...]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,7 +24,7 @@ from shardflow.boxing import bound_plan, plan_boxing
 from shardflow.boxing.plan import COLLECTIVES, Plan
 from shardflow.graph.arena import out_overload
 from shardflow.graph.ir.buckets import Gradient
-from shardflow.graph.ir.gathers import VIEWS, Gathers, unsharded
+from shardflow.graph.ir.gathers import VIEWS, gather, gather_staging, gathering_ops, unsharded
 from shardflow.graph.ir.instr import Box, Comm, Item, Op, OutForm, Unpack
 from shardflow.graph.ir.lookahead import Lookahead, Value, demands
 from shardflow.graph.ir.step import StepIR, Storage
@@ -98,7 +98,7 @@ class LayoutPass:
         self.lookahead = Lookahead(mesh, blocks, reduce_to_split, self.info, self.params)
         self.blocks = blocks
         self.gradients: list[Gradient] = []
-        self.gathers: Gathers | None = None
+        self.gathering: dict[fx.Node, int] = {}  # ZeRO-3: the ops gathering parameters, numbered
 
     # -- helpers ------------------------------------------------------------------------------------------
     def render(self, a: Any, used: list[str]) -> str:
@@ -182,30 +182,15 @@ class LayoutPass:
         fn = self.ir.const(bound_plan(plan, self.rank), "box")
         staging = 0
         if any(step.kind in COLLECTIVES for step in plan.steps):  # padded or packed copies of the input
-            staging = self.local_bytes(meta, sbp) + self.gather_staging(plan, meta, need)
+            staging = self.local_bytes(meta, sbp) + gather_staging(self.mesh, self.coord, plan, meta, need)
         comm = None
         if any(step.kind in COLLECTIVES or step.kind == "send_recv" for step in plan.steps):  # not local-only
             comm = Comm(self.phase, where, plan.route, plan)
-        self.ir.emit(Box(out=name, src=src, fn=fn, temp=staging, comm=comm))
+        self.ir.emit(Box(out=name, src=src, fn=fn, route=plan.route, temp=staging, comm=comm))
         self.store(name, self.local_bytes(meta, need), f"{where}: input boxed {plan.route}")
         if src in self.ir.param_alias:
             self.ir.param_alias[name] = self.ir.param_alias[src]
         return name, plan
-
-    def gather_staging(self, plan: Plan, meta: TensorMeta, need: NdSbp) -> int:
-        """Bytes an all-gather in ``plan`` holds for a moment beyond its result: gloo (CPU) stages the whole
-        output. A gather along a dim that is not outermost receives into a buffer of blocks, sending a
-        contiguous copy of this rank's strided piece, and is assembled by one ``cat``: the larger moment."""
-        gathers = [s for s in plan.steps if s.kind == "all_gather"]
-        if not gathers:
-            return 0
-        out = self.local_bytes(meta, need)
-        staging = out if self.mesh.device_type == "cpu" else 0
-        shape = local_shape(meta.shape, need, self.mesh.shape, self.coord)
-        split = gathers[-1].src[gathers[-1].axis]
-        if isinstance(split, S) and math.prod(shape[: split.dim]) != 1:
-            return max(staging + self.local_bytes(meta, plan.src_sbp), out)
-        return staging
 
     # -- the pass -----------------------------------------------------------------------------------------
     def run(self) -> LayoutResult:
@@ -229,7 +214,7 @@ class LayoutPass:
         arriving = names[len(names) - self.joint.n_grads_in :] if self.joint.n_grads_in else []
         names = names[: len(names) - len(arriving)]
         if self.zero_axis is not None:
-            self.gathers = Gathers(self, graph, placeholders[: self.joint.n_params])
+            self.gathering = gathering_ops(graph, placeholders[: self.joint.n_params], self.sharded)
         self.ir.emit(Unpack(names=tuple(names), source="args"))
         for node in graph.nodes:
             if node.op == "call_function":
@@ -241,7 +226,7 @@ class LayoutPass:
                 k = self.grad_nodes[node]
                 value: Value = self.info[node]
                 want = self.grad_target(self.joint.grad_of[k])
-                self.gradients.append(Gradient(k, self.var[node], value.sbp, value.meta, want, len(self.ir.body) - 1))
+                self.gradients.append(Gradient(k, self.var[node], value.sbp, value.meta, want))
             if node is last:
                 if self.joint.n_grads_in:  # a stage's forward ends here: its outputs leave it replicated
                     outs = [self.box(v, (B,) * self.mesh.ndim, "stage output")[0] for v in values]
@@ -271,7 +256,8 @@ class LayoutPass:
             comm = None
             if any(step.kind in COLLECTIVES or step.kind == "send_recv" for step in plan.steps):
                 comm = Comm(self.phase, "gradient", plan.route, plan)
-            self.ir.emit(Box(out=name, src=var, fn=self.ir.const(bound_plan(plan, self.rank), "box"), comm=comm))
+            fn = self.ir.const(bound_plan(plan, self.rank), "box")
+            self.ir.emit(Box(out=name, src=var, fn=fn, route=plan.route, comm=comm))
             meta = TensorMeta(plan.shape, plan.dtype)
             self.store(name, self.local_bytes(meta, plan.dst_sbp), f"gradient to its layout by {plan.route}")
             self.record.other.append(("gradient", plan, None))
@@ -353,13 +339,12 @@ class LayoutPass:
         mutated = (0,) if where[0] == 0 and writes_arg(func, 0) else ()
         current = [v.sbp for v in values]
         gathered: dict[int, str] = {}
-        if self.gathers is not None and func not in VIEWS:
+        if self.zero_axis is not None and func not in VIEWS:
             for t, i in enumerate(where):
                 if flat[i] in self.sharded:
                     full = self.unsharded(current[t])
-                    gathered[i] = self.gathers.gather(node, flat[i], metas[t], current[t], full)
+                    gathered[i] = gather(self, node, flat[i], metas[t], current[t], full)
                     current[t] = full
-            self.gathers.prefetch_after(node)
         for t, i in enumerate(where):  # a partial sum transposed from one already reduced: take that instead
             if P in current[t] and t not in mutated and i not in gathered:
                 whole = tuple(B if p == P else p for p in current[t])

@@ -41,23 +41,23 @@ PROMISES = "tests/graph/test_promises.py"
 MUTANTS = [
     Mutant(
         "the planner forgets a ZeRO-2 bucket's packed send buffers",
-        "shardflow/graph/lower.py",
-        "self.store(handle, bucket.nbytes + packed, label)",
-        "self.store(handle, bucket.nbytes, label)",
+        "shardflow/graph/ir/buckets.py",
+        'ir.store(handle, bucket.nbytes + packed, f"{label} ({phase})")',
+        'ir.store(handle, bucket.nbytes, f"{label} ({phase})")',
         (f"{MEMORY}[gpt-dp4-dp-zero2]",),
     ),
     Mutant(
         "the planner forgets an all-reduce bucket's buffer",
-        "shardflow/graph/lower.py",
-        'self.store(handle, bucket.nbytes, f"gradient bucket of {len(grads)}")',
-        'self.store(handle, 0, f"gradient bucket of {len(grads)}")',
+        "shardflow/graph/ir/buckets.py",
+        'ir.store(handle, bucket.nbytes, f"gradient bucket of {len(names)} ({phase})")',
+        'ir.store(handle, 0, f"gradient bucket of {len(names)} ({phase})")',
         (f"{MEMORY}[mlp-dp2-dp]", f"{MEMORY}[mlp-dp4-dp]"),
     ),
     Mutant(
         "ZeRO-2 buckets priced without gloo's copy of the packed buffers",
-        "shardflow/graph/lower.py",
-        'packed = bucket.nbytes * len(bucket.ranks) * (2 if self.mesh.device_type == "cpu" else 1)',
-        "packed = bucket.nbytes * len(bucket.ranks)",
+        "shardflow/graph/ir/buckets.py",
+        'packed = bucket.nbytes * len(pack.ranks) * (2 if mesh.device_type == "cpu" else 1)',
+        "packed = bucket.nbytes * len(pack.ranks)",
         (f"{MEMORY}[gpt-dp4-dp-zero2]",),
     ),
     Mutant(
@@ -219,7 +219,7 @@ MUTANTS = [
     ),
     Mutant(
         "a plan's forced value layouts ignored",
-        "shardflow/graph/lower.py",
+        "shardflow/graph/ir/layouts.py",
         "if node in self.forced and outs[0] != self.forced[node]:",
         "if False:",
         ("tests/graph/test_plans.py::test_a_hand_edited_plan_trains_equal_to_serial",),

@@ -9,57 +9,32 @@ hands the gradients over, unsynchronised, to the bucket pass (``ir/buckets.py``)
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import operator
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from shardflow.boxing import bound_plan, plan_boxing
 from shardflow.boxing.plan import COLLECTIVES, Plan
-from shardflow.graph.arena import out_overload
 from shardflow.graph.ir.buckets import Gradient
-from shardflow.graph.ir.gathers import VIEWS, gather, gather_staging, gathering_ops, unsharded
-from shardflow.graph.ir.instr import Box, Comm, Item, Op, OutForm, Unpack
+from shardflow.graph.ir.gathers import gather_staging, gathering_ops, unsharded
+from shardflow.graph.ir.instr import Box, Comm, Op, Unpack
 from shardflow.graph.ir.lookahead import Lookahead, Value, demands
-from shardflow.graph.ir.step import StepIR, Storage
+from shardflow.graph.ir.op_call import Var, lower_call
+from shardflow.graph.ir.step import StepIR
 from shardflow.graph.joint import Joint
 from shardflow.graph.values import forced_nodes
-from shardflow.ops import LOCALS, PREPARED, WORKSPACE, LocalContext, OpCall, TensorMeta, choose, writes_arg
+from shardflow.ops import TensorMeta
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, Blocked, NdSbp, P, Placement, S, grad_sbp
+from shardflow.placement.sbp import B, Blocked, NdSbp, Placement, S, grad_sbp
 from shardflow.placement.shard import local_shape
-from shardflow.tensor.trace import OpRecord, Record
+from shardflow.tensor.trace import Record
 
 _aten = torch.ops.aten
 _ALIASING = {_aten._unsafe_view.default, _aten.view.default, _aten.reshape.default, _aten.expand.default}
-
-
-class _Var:
-    """A variable of the generated code standing in for a tensor argument while rendering."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-def boxer(mesh: Mesh, rank: int) -> Any:
-    """A local function's conversions (``ctx.box``): each plan bound for ``rank`` at its first use, so later
-    steps (and a ``torch.compile`` trace of the program) only run it."""
-    bound: dict[Any, Any] = {}
-
-    def run(local: torch.Tensor, src: NdSbp, shape: tuple[int, ...], dst: NdSbp) -> torch.Tensor:
-        key = (tuple(shape), local.dtype, src, dst)
-        fn = bound.get(key)
-        if fn is None:
-            fn = bound[key] = bound_plan(plan_boxing(tuple(shape), local.dtype, mesh, src, mesh, dst), rank)
-        return fn(local)
-
-    return run
 
 
 class LayoutPass:
@@ -102,7 +77,7 @@ class LayoutPass:
 
     # -- helpers ------------------------------------------------------------------------------------------
     def render(self, a: Any, used: list[str]) -> str:
-        if isinstance(a, _Var):
+        if isinstance(a, Var):
             used.append(a.name)
             return a.name
         if isinstance(a, fx.Node):
@@ -218,7 +193,7 @@ class LayoutPass:
         self.ir.emit(Unpack(names=tuple(names), source="args"))
         for node in graph.nodes:
             if node.op == "call_function":
-                self.call(node)
+                lower_call(self, node)
             elif node.op == "get_attr":
                 self.var[node] = self.ir.const(getattr(self.joint.graph, str(node.target)), "attr")
                 self.tensor_value(node, node.meta.get("val"), None)
@@ -291,202 +266,6 @@ class LayoutPass:
         if param < len(self.grad_sbps) and self.grad_sbps[param] is not None:
             return self.grad_sbps[param]  # type: ignore[return-value]
         return grad_sbp(self.sbps[param])  # type: ignore[arg-type]
-
-    # -- one op ---------------------------------------------------------------------------------------------
-    def call(self, node: fx.Node) -> None:
-        func = node.target
-        if func is operator.getitem:
-            src, index = node.args
-            assert isinstance(src, fx.Node) and isinstance(index, int)
-            name = self.var[node] = self.ir.new_var()
-            self.ir.emit(Item(out=name, src=self.var[src], index=index))
-            part = f"{self.var[src]}#{index}"
-            self.ir.alias(name, self.var[src], [part] if part in self.ir.storages else None)
-            parts = self.info.get(src)
-            if isinstance(parts, list) and parts[index] is not None:
-                self.info[node] = parts[index]
-            return
-        if not isinstance(func, torch._ops.OpOverload):
-            raise ValueError(f"cannot lower {node.format_node()}: only ATen ops are supported in a training step")
-        flat, spec = tree_flatten((node.args, node.kwargs))
-        where = [i for i, a in enumerate(flat) if isinstance(a, fx.Node) and isinstance(self.info.get(a), Value)]
-        val = node.meta.get("val")
-        wanted: tuple[TensorMeta, Sequence[Placement | None]] | None = None
-        if node in self.forced and isinstance(val, torch.Tensor):
-            wanted = (TensorMeta(tuple(val.shape), val.dtype), self.forced[node])
-        elif node in self.want and isinstance(val, torch.Tensor):
-            wanted = (TensorMeta(tuple(val.shape), val.dtype), self.want[node])
-        out_flat = [val] if isinstance(val, torch.Tensor) else tree_flatten(val)[0]
-        out_metas = [TensorMeta(tuple(o.shape), o.dtype) if isinstance(o, torch.Tensor) else None for o in out_flat]
-        name = self.var[node] = self.ir.new_var()
-        replicated = (B,) * self.mesh.ndim
-        if not where:  # a factory (arange, a mask): computed the same on every rank, so B
-            used: list[str] = []
-            args = [self.render(a, used) for a in node.args] + [
-                f"{k}={self.render(v, used)}" for k, v in node.kwargs.items()
-            ]
-            self.ir.emit(Op(out=name, fn=self.ir.const(func, "op"), args=", ".join(args), used=tuple(used)))
-            self.outputs(node, [replicated] * sum(m is not None for m in out_metas), out_metas)
-            self.op_storage(node, name, None, [replicated] * len(out_metas), out_metas)
-            return
-        values: list[Value] = [self.info[flat[i]] for i in where]
-        metas = tuple(v.meta for v in values)
-        meta_flat = list(flat)
-        for i, m in zip(where, metas):
-            meta_flat[i] = m
-        margs, mkwargs = tree_unflatten(meta_flat, spec)
-        call = OpCall(func, tuple(margs), dict(mkwargs), metas)
-        mutated = (0,) if where[0] == 0 and writes_arg(func, 0) else ()
-        current = [v.sbp for v in values]
-        gathered: dict[int, str] = {}
-        if self.zero_axis is not None and func not in VIEWS:
-            for t, i in enumerate(where):
-                if flat[i] in self.sharded:
-                    full = self.unsharded(current[t])
-                    gathered[i] = gather(self, node, flat[i], metas[t], current[t], full)
-                    current[t] = full
-        for t, i in enumerate(where):  # a partial sum transposed from one already reduced: take that instead
-            if P in current[t] and t not in mutated and i not in gathered:
-                whole = tuple(B if p == P else p for p in current[t])
-                reused = self.transposed_box(flat[i], whole)
-                if reused is not None:
-                    self.info[flat[i]], self.var[flat[i]], current[t] = Value(whole, metas[t]), reused, whole
-        pinned = [t for t, i in enumerate(where) if flat[i] in self.params]
-        ins, outs = choose(
-            call,
-            self.mesh,
-            current,
-            fixed=mutated,
-            wanted=wanted,
-            after=self.lookahead.pricer(node, out_metas),
-            reduce_to_split=self.reduce_to_split,
-            pinned=pinned,
-        )
-        if len(where) == 1 and flat[where[0]] in self.params and func in VIEWS:
-            self.params.add(node)  # a view of a parameter is pinned like the parameter
-            if flat[where[0]] in self.sharded:
-                self.sharded.add(node)
-        op_name = str(func)
-        record = OpRecord(op_name, tuple(current), ins, outs)
-        self.record.ops.append(record)
-        local_flat = list(flat)
-        for t, (i, need) in enumerate(zip(where, ins)):
-            if self.info[flat[i]].sbp != need and i < len(node.args) and writes_arg(func, i):
-                raise ValueError(f"{op_name} updates an input in place that would first need boxing to {need}")
-            if i in gathered:
-                var, plan = gathered[i], None
-                if current[t] != need:  # pinned: a local conversion of the gathered copy
-                    var, plan = self.box_from(var, metas[t], current[t], need, op_name)
-            else:
-                var, plan = self.box(flat[i], need, op_name)
-            if plan is not None:
-                record.boxing.append(plan)
-            local_flat[i] = _Var(var)
-        if mutated:  # later readers of the mutated value must not reuse copies boxed before the update
-            self.boxed = {k: v for k, v in self.boxed.items() if k[0] is not flat[where[0]]}
-        largs, lkwargs = tree_unflatten(local_flat, spec)
-        used = []
-        fn = LOCALS.get(func)
-        workspace = 0
-        if fn is not None:
-            shapes = tuple(m.shape if m is not None else None for m in out_metas)
-            ctx = LocalContext(call, self.mesh, self.coord, ins, outs, shapes, boxer(self.mesh, self.rank))
-            kw = f"{{{', '.join(f'{k!r}: {self.render(v, used)}' for k, v in lkwargs.items())}}}"
-            if func in PREPARED:  # what depends only on the context is worked out now, once
-                callee, text = self.ir.const(PREPARED[func](ctx), "local"), f"{self.render(tuple(largs), used)}, {kw}"
-            else:
-                callee = self.ir.const(fn, "local")
-                text = f"{self.ir.const(ctx, 'ctx')}, {self.render(tuple(largs), used)}, {kw}"
-            if func in WORKSPACE:  # the local function's own temporaries, alive while it runs
-                workspace = WORKSPACE[func](ctx)
-        else:
-            text = ", ".join(
-                [self.render(a, used) for a in largs] + [f"{k}={self.render(v, used)}" for k, v in lkwargs.items()]
-            )
-            callee = self.ir.const(func, "op")
-        wants = [
-            local_shape(m.shape, s, self.mesh.shape, self.coord) for m, s in zip([m for m in out_metas if m], outs)
-        ]
-        if isinstance(val, torch.Tensor):
-            checks: tuple[tuple[int | None, tuple[int, ...]], ...] = ((None, tuple(wants[0])),)
-        else:
-            tensor_at = [i for i, m in enumerate(out_metas) if m is not None]
-            checks = tuple((i, tuple(w)) for i, w in zip(tensor_at, wants))
-        # a local function's result is new unless its op's schema says it aliases (checked at the first run)
-        local_new = fn is not None and func not in _ALIASING and not any(r.alias_info for r in func._schema.returns)
-        at = self.ir.emit(
-            Op(
-                out=name,
-                fn=callee,
-                args=text,
-                used=tuple(used),
-                op=op_name,
-                checks=checks,
-                local_new=local_new,
-                temp=workspace,
-            )
-        )
-        self.outputs(node, list(outs), out_metas)
-        first = local_flat[where[0]]
-        self.op_storage(node, name, first.name if isinstance(first, _Var) else None, list(outs), out_metas)
-        if node in self.forced and outs[0] != self.forced[node]:  # the plan fixes this value's layout
-            forced, meta = self.forced[node], self.info[node].meta
-            var, plan = self.box_from(name, meta, outs[0], forced, f"{op_name} (forced by the plan)")
-            record.boxing.append(plan)
-            self.var[node], self.info[node] = var, Value(forced, meta)
-        if fn is None and self.arena:
-            form = self.out_form(func, name, out_metas, wants)
-            op = self.ir.body[at]
-            if form is not None and isinstance(op, Op):
-                self.ir.body[at] = dataclasses.replace(op, out_form=form)
-
-    def outputs(self, node: fx.Node, outs: list[NdSbp], out_metas: list[TensorMeta | None]) -> None:
-        if len(outs) != sum(m is not None for m in out_metas):
-            raise AssertionError(f"layout rule of {node.target} gave {len(outs)} output layouts")
-        it = iter(outs)
-        values = [Value(next(it), m) if m is not None else None for m in out_metas]
-        self.info[node] = values[0] if isinstance(node.meta.get("val"), torch.Tensor) else values
-
-    def op_storage(
-        self, node: fx.Node, name: str, first: str | None, outs: list[NdSbp], out_metas: list[TensorMeta | None]
-    ) -> None:
-        """Record what the op's output holds: its first input's storage for views and in-place ops (their
-        schema says the result aliases an argument; ``_unsafe_view`` and the shape-op locals too), else a
-        new storage per tensor output, sized by its local shape."""
-        func = node.target
-        returns = func._schema.returns  # type: ignore[union-attr]
-        aliases = func in _ALIASING or any(r.alias_info is not None for r in returns)
-        if aliases and first is not None:
-            self.ir.alias(name, first)
-            return
-        tensor_outs = iter(outs)
-        label = str(func).replace("aten.", "")
-        if isinstance(node.meta.get("val"), torch.Tensor):
-            self.store(name, self.local_bytes(out_metas[0], next(tensor_outs)), label)  # type: ignore[arg-type]
-            return
-        self.ir.refs[name] = []
-        for i, m in enumerate(out_metas):
-            if m is not None:
-                key = f"{name}#{i}"
-                nbytes = self.local_bytes(m, next(tensor_outs))
-                self.ir.storages[key] = Storage(nbytes, f"{label} output {i} ({self.phase})")
-                self.ir.refs[name].append(key)
-
-    def out_form(
-        self, func: Any, name: str, out_metas: list[TensorMeta | None], shapes: list[tuple[int, ...]]
-    ) -> OutForm | None:
-        """How the op may write its new storages into arena blocks: when it has an out= overload."""
-        found = out_overload(func)
-        if found is None or func in _ALIASING or any(m is None for m in out_metas):
-            return None
-        keys = self.ir.refs.get(name, [])
-        if keys != [name] and keys != [f"{name}#{i}" for i in range(len(out_metas))]:
-            return None
-        overload, out_names = found
-        if len(out_names) != len(keys):
-            return None
-        shaped = tuple((tuple(shape), meta.dtype) for shape, meta in zip(shapes, out_metas))  # type: ignore[union-attr]
-        return OutForm(self.ir.const(overload, "out"), tuple(out_names), tuple(keys), shaped)
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,8 @@ def bucket_gradients(
             shape = local_shape(g.meta.shape, g.sbp, mesh.shape, coord)
             full = bucketer.add(key, g, math.prod(shape) * g.meta.dtype.itemsize)
         if full is not None:
-            launches.setdefault(made[g.var], []).append(launch(full, "backward"))
+            after = max(made[item.var] for item in full.items)  # the last of its gradients to be made
+            launches.setdefault(after, []).append(launch(full, "backward"))
             packing.pop(full.key)
     body: list[Instr] = []
     for i, ins in enumerate(ir.body):

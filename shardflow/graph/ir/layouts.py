@@ -173,8 +173,11 @@ class LayoutPass:
         output = next(n for n in graph.nodes if n.op == "output")
         results: list[fx.Node] = list(output.args[0])  # type: ignore[arg-type]
         n_values, n_grads = self.joint.n_values, len(self.joint.grad_of)
-        self.grad_nodes = {n: i for i, n in enumerate(results[n_values : n_values + n_grads])}
-        wanted = {node: self.grad_target(self.joint.grad_of[k]) for node, k in self.grad_nodes.items()}
+        # one node may be several parameters' gradient (autograd hands ``a + b``'s terms the same tensor)
+        self.grad_nodes: dict[fx.Node, list[int]] = {}
+        for k, n in enumerate(results[n_values : n_values + n_grads]):
+            self.grad_nodes.setdefault(n, []).append(k)
+        wanted = {node: self.grad_target(self.joint.grad_of[ks[0]]) for node, ks in self.grad_nodes.items()}
         self.want = demands(graph, wanted, self.mesh, self.blocks)
         values, input_grads = results[:n_values], results[n_values + n_grads :]
         # make_fx records the forward up to the loss, then autograd's backward (a stage's trace detaches its
@@ -197,8 +200,7 @@ class LayoutPass:
             elif node.op == "get_attr":
                 self.var[node] = self.ir.const(getattr(self.joint.graph, str(node.target)), "attr")
                 self.tensor_value(node, node.meta.get("val"), None)
-            if node in self.grad_nodes:
-                k = self.grad_nodes[node]
+            for k in self.grad_nodes.get(node, []):
                 value: Value = self.info[node]
                 want = self.grad_target(self.joint.grad_of[k])
                 self.gradients.append(Gradient(k, self.var[node], value.sbp, value.meta, want))

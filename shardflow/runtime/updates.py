@@ -1,7 +1,7 @@
 """The actors beside a compiled step's compute: each gradient bucket's all-reduce, then its optimizer update.
 
 The step's program (compute, on the calling thread) hands on each update unit the moment its gradients
-exist and nothing later reads its parameters (``ready(unit, payload)``; graph/lower.py decides where).
+exist and nothing later reads its parameters (``ready(unit, payload)``; graph/ir/release.py decides where).
 An ``all-reduce`` actor waits for that unit's collective and an ``optimizer`` actor updates the unit's
 parameters, so layer 3's update runs while layer 2's backward still computes, as DDP's reducer overlaps
 only the all-reduce. Three vehicles for the same graph:
@@ -52,6 +52,7 @@ class UpdateActors:
         self._handed = 0
         self._pending: deque[tuple[int, Any]] = deque()  # the loop's units waiting for their collective
         self._chain: Chain | None = None
+        self._failure: ActorError | None = None  # the loop's or inline vehicle's first failure, raised by finish
         if vehicle == "threads" and units:
             self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
             stop = threading.Event()
@@ -91,17 +92,27 @@ class UpdateActors:
                 self._run(*self._pending.popleft())
 
     def _run(self, unit: int, payload: Any) -> None:
-        """Both actors' tasks for one unit, on this thread; a failure names the actor, as threads do."""
+        """Both actors' tasks for one unit, on this thread; a failure names the actor, as threads do.
+
+        NOTE: a failure is kept and raised by ``finish``, not here: raising in the middle of the program
+        would leave the peers waiting in its next collective (each rank's update may fail at another release
+        point), so the program runs to its end and every rank raises once its collectives are matched."""
+        if self._failure is not None:
+            return  # the step has failed: no further unit is updated
         start = time.time_ns()
         try:
             grads = self.reduce(unit, payload)
         except Exception as exc:
-            raise ActorError(f"actor 'all-reduce' failed on unit {unit}: {exc!r}") from exc
+            self._failure = ActorError(f"actor 'all-reduce' failed on unit {unit}: {exc!r}")
+            self._failure.__cause__ = exc
+            return
         middle = time.time_ns()
         try:
             self.update(unit, grads)
         except Exception as exc:
-            raise ActorError(f"actor 'optimizer' failed on unit {unit}: {exc!r}") from exc
+            self._failure = ActorError(f"actor 'optimizer' failed on unit {unit}: {exc!r}")
+            self._failure.__cause__ = exc
+            return
         self.events.append(Event(self.rank, "all-reduce", f"all-reduce {unit}", start, middle))
         self.events.append(Event(self.rank, "optimizer", f"optimizer {unit}", middle, time.time_ns()))
 
@@ -112,6 +123,8 @@ class UpdateActors:
             raise AssertionError(f"the step released {self._handed} of {self.units} update units")
         while self._pending:  # a program that ended without saying backward is over
             self._run(*self._pending.popleft())
+        if self._failure is not None:
+            raise self._failure
         if self._chain is None:
             return
         self._inbox.put(_DONE)

@@ -2,7 +2,7 @@
 to do.
 
 Decision: every capture stage (``torch.export`` in graph/capture.py and in the pipeline cut, runtime/stages.py;
-``make_fx`` of forward and backward in graph/lower.py and graph/stage_program.py) runs under
+``make_fx`` of forward and backward in graph/joint.py and graph/stage_program.py) runs under
 ``explained(model, stage)``. The module and op are read from the failing exception's traceback frames (the
 innermost ``forward`` of a module of ``model``, the op being dispatched below it), because the op that failed
 never became a graph node whose ``nn_module_stack`` could say where it was. The original exception stays

@@ -3,7 +3,7 @@
 What a rank holds is known once the program is lowered: its shards of parameters, buffers and inputs,
 the optimizer's state (from the optimizer's kind and the shards it steps), and, line by line of the
 generated program, every storage alive — activations kept for backward, boxed copies, gradients, bucket
-buffers — with views and in-place results counted once (``ProgramMemory``, filled by graph/lower.py). The peak is
+buffers — with views and in-place results counted once (``ProgramMemory``, filled by graph/ir/liveness.py). The peak is
 the larger of the program's peak and the optimizer step (gradients plus the update's temporaries), on
 top of what persists. ``sf.compile(memory_limit=...)`` compares every rank's peak with the limit and
 refuses a plan that cannot fit, naming what would (see graph/compile.py). Pipelines fill the same report

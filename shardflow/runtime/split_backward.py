@@ -207,7 +207,7 @@ def library_op(node: Node) -> bool:
 
 def held_between_passes(joint: Any) -> int:
     """Bytes a backward split in two passes holds between them beyond what one backward holds, counted on
-    the stage's traced forward and backward (``graph/lower.Joint``): the gradients the input pass makes
+    the stage's traced forward and backward (``graph/joint.Joint``): the gradients the input pass makes
     and the weights' pass reads (``addmm``'s incoming gradient per linear layer, a layer norm's), each
     storage once. Activations are not counted: the forward's, held until the backward in either case."""
     graph: fx.Graph = joint.graph.graph

@@ -1,10 +1,11 @@
-"""Lower a training step to a static per-rank program: the plan's layouts and the captured joint graph
-(graph/capture.py) through the IR passes (graph/ir/) to generated code.
+"""Lower a training step to a static per-rank program: the plan's layouts and the traced joint graph
+(graph/joint.py) through the IR passes (graph/ir/) to generated code.
 
 The passes, in order, each a module of its own:
 
 ============================  ======================================================================
-``ir/layouts.py``             layouts and boxing: every op's signature, a ``Box`` where layouts differ
+``ir/layouts.py``             layouts and boxing: every op's signature (``ir/op_call.py``), a ``Box`` where
+                              layouts differ, priced one step ahead (``ir/lookahead.py``)
 ``ir/gathers.py``             (in the layout pass) ZeRO-3: a ``Gather`` of each split parameter at each use
 ``ir/prefetch.py``            ZeRO-3: each gather started while the op before it computes
 ``ir/buckets.py``             gradient buckets launched as their last gradient is made; waits after backward

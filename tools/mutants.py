@@ -142,7 +142,7 @@ MUTANTS = [
     ),
     Mutant(
         "a pipeline's activations under-priced",
-        "shardflow/runtime/pipeline.py",
+        "shardflow/runtime/pipeline_memory.py",
         "act = lowered.saved_bytes + sum(",
         "act = lowered.saved_bytes // 4 + sum(",
         ("tests/runtime/test_pipeline_memory.py::test_a_pipeline_over_its_limit_is_refused_with_the_fix",),

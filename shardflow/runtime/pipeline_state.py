@@ -7,6 +7,7 @@ the same model and the other way round.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -115,7 +116,7 @@ class StageSnapshots(Runner):
         name = self.param_order[saved]
         return list(self.named).index(name) if name in self.named else None
 
-    def _targets_here(self, targets: Any) -> Any:
+    def _targets_here(self, targets: Mapping[str, GlobalTensor]) -> Mapping[str, GlobalTensor]:
         return targets if self.inside else {}
 
     def _load_optimizer(self, state: dict[int, dict[str, Any]], groups: list[dict[str, Any]], directory: str) -> None:

@@ -38,6 +38,15 @@ class _Saved(NamedTuple):
     outs: list[torch.Tensor]
 
 
+class Backward(NamedTuple):
+    """What one micro-batch's backward leaves: the received inputs, their gradients, and the weights' pass
+    still to run (None: done)."""
+
+    inputs: list[torch.Tensor]
+    grads: list[torch.Tensor | None]
+    split: split_passes.SplitBackward | None
+
+
 def run_schedule(pm: PipelineModule, micro: list[list[Any]], weights: list[float]) -> list[torch.Tensor]:
     """Run this stage's actions on this rank's shards of the micro-batches ``micro``; the last stage returns
     each micro-batch's loss weighted by its share ``weights`` of the batch (the others nothing)."""
@@ -129,9 +138,8 @@ def backward(
     outs: list[torch.Tensor],
     grads_in: list[torch.Tensor],
     weight: float,
-) -> tuple[list[torch.Tensor], list[torch.Tensor | None], split_passes.SplitBackward | None]:
-    """One micro-batch's backward: the received inputs, their gradients, and the weights' pass still to
-    run (None: done). The step's last backward on a data-parallel stage after the first computes only the
+) -> Backward:
+    """One micro-batch's backward. The step's last backward on a data-parallel stage after the first computes only the
     inputs' gradients here (``runtime/split_backward.py``): the tail of every schedule waits for them, and
     on earlier micro-batches the split costs this stage more than the stage before gains. A tp stage's
     program computes both in one autograd node: nothing to split."""
@@ -147,9 +155,9 @@ def backward(
     if inputs and pm._splits and pm._last_backward:
         split = split_passes.plan(roots, grads, inputs)
     if split is not None:
-        return inputs, split.inputs_first(), split
+        return Backward(inputs, split.inputs_first(), split)
     torch.autograd.backward(roots, grads)
-    return inputs, [t.grad for t in inputs], None
+    return Backward(inputs, [t.grad for t in inputs], None)
 
 
 @contextmanager

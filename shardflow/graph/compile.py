@@ -20,13 +20,7 @@ import torch
 from torch import nn
 
 from shardflow.graph.lower import trace_step
-from shardflow.graph.parallel_module import (
-    OptimizerFactory,
-    ParallelModule,
-    _default_optimizer,
-    check_graphable,
-    check_inductor,
-)
+from shardflow.graph.parallel_module import ParallelModule
 from shardflow.graph.stage_program import StageProgram
 from shardflow.graph.strategy import axes_for
 from shardflow.graph.transforms import apply_zero, build_plan
@@ -34,9 +28,12 @@ from shardflow.graph.values import forced_nodes
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import Placement
 from shardflow.plan import MeshSpec, ParallelPlan, PlanError, check_model
+from shardflow.runtime.cuda_graph import check_graphable
 from shardflow.runtime.host_memory import keep_host_memory
+from shardflow.runtime.inductor import check_inductor
 from shardflow.runtime.memory import MemoryReport, device_limit, fmt_bytes, parse_bytes
 from shardflow.runtime.pipeline import Pipeline, PipelineModule
+from shardflow.runtime.runner import OptimizerFactory, default_optimizer
 from shardflow.runtime.stages import blocks
 from shardflow.tensor.global_tensor import GlobalTensor
 
@@ -207,7 +204,7 @@ def _compile_plan(
             stage_meshes=stage_meshes,
             split_backward=p.split_backward,
         )
-        pp = PipelineModule(model, mesh, pipeline, example_inputs, optimizer or _default_optimizer, plan, StageProgram)
+        pp = PipelineModule(model, mesh, pipeline, example_inputs, optimizer or default_optimizer, plan, StageProgram)
         if memory_limit is not None:
             _check_pipeline_fits(pp, parse_bytes(memory_limit), model, optimizer)
         return pp
@@ -216,7 +213,7 @@ def _compile_plan(
         check_graphable(mesh, plan.zero)
     if e.inductor:
         check_inductor(plan.zero)
-    pm = ParallelModule(model, mesh, plan, optimizer or _default_optimizer)
+    pm = ParallelModule(model, mesh, plan, optimizer or default_optimizer)
     pm.example_inputs = tuple(example_inputs)
     if memory_limit is not None:
         _check_fits(pm, parse_bytes(memory_limit), model, optimizer, hints)

@@ -16,14 +16,19 @@ counts alone, the same on every rank.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from shardflow.boxing.plan import plan_boxing
+from shardflow.comm.init import world
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, S
 from shardflow.placement.shard import relative, shard_box, split_range
+from shardflow.runtime.stage_grid import StageGrid
 
 
 @dataclass(frozen=True)
@@ -83,3 +88,68 @@ def _pieces(shape: tuple[int, ...], dtype: torch.dtype, src: Mesh, dst: Mesh) ->
         out.setdefault(t.src, []).append(Piece(t.dst, sent.start, sent.stop))
         out.setdefault(t.dst, []).append(Piece(t.src, got.start, got.stop))
     return out
+
+
+@dataclass
+class Crossings:
+    """What one rank exchanges at its stage's boundaries for one micro-batch, per boundary tensor."""
+
+    recv: list[list[Piece]]  # activations from the stage before
+    send: list[list[Piece]]  # activations to the stage after
+    grads_in: list[list[Piece]]  # gradients of what it sent, from the stage after
+    grads_out: list[list[Piece]]  # gradients of what it received, to the stage before
+
+
+class Move(NamedTuple):
+    """Rows one rank sends another across a boundary (for ``explain``)."""
+
+    src: int
+    dst: int
+    rows: int
+
+
+class BoundaryNote(NamedTuple):
+    """A boundary's tensors per micro-batch and who sends which rows of the first to whom."""
+
+    tensors: int
+    moves: list[Move]
+
+
+def stage_crossings(
+    metas: Sequence[Sequence[Sequence[tuple[Any, torch.dtype]]]], grid: StageGrid
+) -> tuple[list[Crossings], dict[int, BoundaryNote]]:
+    """Per micro-batch, what this rank exchanges with the stages beside it: the pieces of each tensor it
+    receives from the stage before and of each tensor it sends to the stage after, and those of their
+    gradients; and per boundary a note for ``explain``. ``metas``: per micro-batch, the shape and dtype of
+    every tensor each stage returns on this rank's shard. Collective over the job (every rank shares its
+    boundary row counts)."""
+    # dim 0 (1 for a 0-d tensor) and the other dims of every boundary tensor on this rank's shard
+    mine = [[[(tuple(shape) or (1,), dtype) for shape, dtype in meta] for meta in m] for m in metas]
+    every: list[Any] = [mine]
+    if dist.is_initialized() and world()[1] > 1:
+        every = [None] * world()[1]
+        dist.all_gather_object(every, mine)
+    grids, flat, stage = grid.grids, grid.flat, grid.stage
+    me = grids[stage][grid.dp_index][grid.tp_index]
+    notes: dict[int, BoundaryNote] = {}
+    out: list[Crossings] = []
+    for j in range(len(metas)):
+        c = Crossings([], [], [], [])
+        for b in range(len(grids) - 1):
+            src, dst = [row[0] for row in grids[b]], [row[0] for row in grids[b + 1]]
+            for k, (shape, dtype) in enumerate(every[src[0]][j][b]):  # every rank checks every boundary
+                what = f"tensor {k} from stage {b} to stage {b + 1} (micro-batch {j})"
+                rows = tuple(every[r][j][b][k][0][0] for r in src)
+                expect = tuple(every[r][j][b][k][0][0] for r in dst)
+                ahead, back = crossing(rows, expect, shape[1:], dtype, flat[b], flat[b + 1], what)
+                if j == 0 and k == 0:
+                    moves = [Move(r, p.peer, p.stop - p.start) for r in flat[b].ranks for p in ahead.get(r, [])]
+                    notes[b] = BoundaryNote(len(every[src[0]][j][b]), moves)
+                if stage == b:
+                    c.send.append(ahead.get(me, []))
+                    c.grads_in.append(back.get(me, []))
+                elif stage == b + 1:
+                    c.recv.append(ahead.get(me, []))
+                    c.grads_out.append(back.get(me, []))
+        out.append(c)
+    return out, notes

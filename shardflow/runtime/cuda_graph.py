@@ -14,11 +14,9 @@ whole-network capture recipe (``torch.cuda.graph``: warm up, capture with static
   step capture anew, never replay stale addresses or a stale constant (a float ``lr`` is baked into the
   captured kernels; a tensor ``lr``, which torch's capturable optimizers read from device memory, is
   fingerprinted by identity and may change in place).
-- ops that synchronise with the host cannot be captured. CUDA's ``embedding_dense_backward`` did above
-  3072 indices (a sort whose segment count the host read: pytorch/pytorch#82886, still open); during
-  capture it is replaced by a scatter-add accumulated in float32, as the native kernel accumulates
-  (``capture_safe``). A probe on torch 2.11 and an H100 captured the native op at 5120 indices, so newer
-  torch needs no swap; it is kept for the versions that do (its Python dispatch is paid once, at capture).
+- ops that synchronise with the host cannot be captured. CUDA's ``embedding_dense_backward`` does on some
+  torch versions (the host reads its sort's segment count); during capture it is replaced by a scatter-add
+  accumulated in float32, as the native kernel accumulates (``capture_safe``).
 - a program compiled by Inductor (runtime/inductor.py) is captured with its compiled kernels; where dynamo
   split it and the later part would recompile under capture, that part runs op by op inside the capture.
 """
@@ -33,7 +31,20 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from shardflow.placement.mesh import Mesh
+
 aten = torch.ops.aten
+
+
+def check_graphable(mesh: Mesh, zero: int) -> None:
+    """Raise unless a step on ``mesh`` can be replayed as one CUDA graph (one GPU, nothing to shard)."""
+    if mesh.device_type != "cuda" or mesh.size != 1:
+        raise ValueError(
+            f"cuda_graphs=True replays a step on one GPU; {mesh} is not a one-device CUDA mesh: compile for "
+            "sf.Mesh('cuda', (1,)) or leave cuda_graphs=False"
+        )
+    if zero:
+        raise ValueError(f"cuda_graphs=True with zero={zero}: one device has nothing to shard; leave zero=0")
 
 
 def embedding_backward(
@@ -148,7 +159,7 @@ class GraphedStep:
         torch.cuda.synchronize()  # the warm-up's work is done before capture begins
         graph = torch.cuda.CUDAGraph()
         # NOTE: a compiled program that dynamo split at a graph break recompiles its later part under
-        # capture (seen on an H100: a tensor crossing the break, attention's RNG state, is on the host in
+        # capture (a tensor crossing the break, such as attention's RNG state, may sit on the host in
         # warm-up and on the device under capture). Compiling cannot be captured, so that part runs op by op
         # inside the capture (the stance keeps compiled code wherever its guards still hold). Capture errors
         # are this thread's only ("thread_local"): a loader thread copying the next batch goes on.

@@ -4,8 +4,8 @@ A program (graph/lower.py) is straight-line Python over ATen ops, forward and ba
 ``torch.compile`` traces it as it is: Inductor fuses the pointwise and reduction chains around the matrix
 products (layer norms, GELU, the loss's softmax) and plans its own buffers, which is where ``torch.compile``
 of a model gains over eager on a GPU. Boxing on a one-device mesh moves no data and its plans are bound at
-lowering (``bound_plan``), so the trace holds only tensor work: a GPT's program is one graph on CPU (on an
-H100 dynamo split a small fp32 GPT's once, around attention; runtime/cuda_graph.py copes with that).
+lowering (``bound_plan``), so the trace holds only tensor work (where dynamo still splits it,
+runtime/cuda_graph.py copes).
 
 On several ranks the program also communicates: gradient buckets launched mid-backward, boxing between
 layouts, units handed to the update actors through ``ready``. The asynchronous messages (bucket launches
@@ -31,6 +31,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+
+def check_inductor(zero: int) -> None:
+    """Raise unless the programs can be compiled by Inductor."""
+    if zero == 3:
+        raise ValueError(
+            "inductor=True with zero=3: the prefetched parameter gathers make torch.compile recompile at every "
+            "handle; use zero=1 or 2, or inductor=False"
+        )
 
 
 def _no_release(unit: int | None, payload: Any) -> None:

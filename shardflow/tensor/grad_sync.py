@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import cast
 
 import torch
-import torch.distributed as dist
 
 from shardflow.boxing import plan_boxing
-from shardflow.comm.groups import group_for
+from shardflow.comm.buckets import AllReduceFlight, Bucket, Bucketer, launch_all_reduce, wait_bucket
 from shardflow.comm.init import world
 from shardflow.placement.sbp import grad_sbp
 from shardflow.tensor.global_tensor import GlobalTensor, box, wrap
@@ -26,10 +25,11 @@ from shardflow.tensor.trace import note_boxing
 
 
 @dataclass
-class _Bucket:
-    ranks: tuple[int, ...]
-    params: list[GlobalTensor] = field(default_factory=list)
-    nbytes: int = 0
+class _Flight:
+    """One bucket's all-reduce on its way, and the parameters whose gradients it carries."""
+
+    flight: AllReduceFlight
+    params: list[GlobalTensor]
 
 
 class GradSync:
@@ -37,8 +37,9 @@ class GradSync:
 
     def __init__(self, bucket_bytes: int = 4 * 2**20) -> None:
         self.bucket_bytes = bucket_bytes
-        self.open: dict[tuple[tuple[int, ...], torch.dtype], _Bucket] = {}
-        self.flying: list[tuple[Any, torch.Tensor, list[GlobalTensor]]] = []
+        # keyed by (the all-reduce's ranks, dtype): one packed buffer per bucket
+        self.bucketer: Bucketer[GlobalTensor] = Bucketer(bucket_bytes)
+        self.flying: list[_Flight] = []
 
     def add(self, p: GlobalTensor) -> None:
         g = p.grad
@@ -52,31 +53,23 @@ class GradSync:
             return
         note_boxing(plan, "gradient bucket")
         ranks = p.mesh.axis_slice(plan.steps[0].axis, rank)
-        key = (ranks, g.dtype)
-        bucket = self.open.setdefault(key, _Bucket(ranks))
-        bucket.params.append(p)
-        bucket.nbytes += g._local.numel() * g._local.element_size()
-        if bucket.nbytes >= self.bucket_bytes:
-            self._launch(self.open.pop(key))
+        full = self.bucketer.add((ranks, g.dtype), p, g._local.numel() * g._local.element_size())
+        if full is not None:
+            self._launch(full)
 
-    def _launch(self, bucket: _Bucket) -> None:
-        flat = torch.cat([p.grad._local.reshape(-1) for p in bucket.params])  # type: ignore[union-attr]
-        work = dist.all_reduce(flat, group=group_for(bucket.ranks).group, async_op=True)
-        self.flying.append((work, flat, bucket.params))
+    def _launch(self, bucket: Bucket[GlobalTensor]) -> None:
+        ranks, _ = cast(tuple[tuple[int, ...], torch.dtype], bucket.key)
+        grads = [p.grad._local for p in bucket.items]  # type: ignore[union-attr]
+        self.flying.append(_Flight(launch_all_reduce(ranks, *grads), bucket.items))
 
     def finish(self) -> None:
         """Start what is left, wait for every bucket and give each parameter its synchronised gradient."""
-        for key in list(self.open):
-            self._launch(self.open.pop(key))
-        for work, flat, params in self.flying:
-            work.wait()
-            offset = 0
-            for p in params:
+        for bucket in self.bucketer.flush():
+            self._launch(bucket)
+        for f in self.flying:
+            for p, local in zip(f.params, wait_bucket(f.flight)):
                 g = p.grad
                 assert isinstance(g, GlobalTensor)
-                n = g._local.numel()
-                local = flat[offset : offset + n].view_as(g._local)
-                offset += n
                 p.grad = wrap(local, p.mesh, grad_sbp(p.sbp), g.shape)
         self.flying.clear()
 

@@ -165,7 +165,7 @@ def _knobs() -> list[str]:
         return next(iter(pm.programs.values()))
 
     vehicles: list[str] = []
-    module = importlib.import_module("shardflow.graph.parallel_module")
+    module = importlib.import_module("shardflow.graph.static_step")
     actors = module.UpdateActors
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]

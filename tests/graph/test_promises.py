@@ -155,7 +155,7 @@ def test_updates_after_backward_is_the_one_rank_default(monkeypatch):
     def no_actors(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("update actors started for updates='after'")
 
-    monkeypatch.setattr(importlib.import_module("shardflow.graph.parallel_module"), "UpdateActors", no_actors)
+    monkeypatch.setattr(importlib.import_module("shardflow.graph.static_step"), "UpdateActors", no_actors)
     train_and_compare(pm, ref, opt, data)
 
 

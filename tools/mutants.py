@@ -219,8 +219,8 @@ MUTANTS = [
     ),
     Mutant(
         "a plan's forced value layouts ignored",
-        "shardflow/graph/ir/layouts.py",
-        "if node in self.forced and outs[0] != self.forced[node]:",
+        "shardflow/graph/ir/op_call.py",
+        "if node in lp.forced and outs[0] != lp.forced[node]:",
         "if False:",
         ("tests/graph/test_plans.py::test_a_hand_edited_plan_trains_equal_to_serial",),
     ),

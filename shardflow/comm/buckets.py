@@ -19,26 +19,27 @@ import torch.distributed as dist
 from shardflow.comm.collectives import ReduceScattering, reduce_scatter_finish, reduce_scatter_start
 from shardflow.comm.groups import group_for
 
+K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
 @dataclass
-class Bucket(Generic[T]):
-    """Items (gradients, parameters or their indices) that one collective will move."""
+class Bucket(Generic[K, T]):
+    """Items (gradients, parameters or their indices) that one collective will move; ``key`` says how."""
 
-    key: Hashable
+    key: K
     items: list[T] = field(default_factory=list)
     nbytes: int = 0
 
 
-class Bucketer(Generic[T]):
+class Bucketer(Generic[K, T]):
     """Buckets per key, filled in arrival order; ``add`` returns a bucket the moment it is full."""
 
     def __init__(self, bucket_bytes: int) -> None:
         self.bucket_bytes = bucket_bytes
-        self.open: dict[Hashable, Bucket[T]] = {}
+        self.open: dict[K, Bucket[K, T]] = {}
 
-    def add(self, key: Hashable, item: T, nbytes: int, weight: int = 1) -> Bucket[T] | None:
+    def add(self, key: K, item: T, nbytes: int, weight: int = 1) -> Bucket[K, T] | None:
         """Put ``item`` (``nbytes`` on this rank) in the bucket of ``key``; the bucket if that filled it.
         ``weight``: how many times its bytes count towards the limit (a reduce-scatter moves every
         member's piece)."""
@@ -49,7 +50,7 @@ class Bucketer(Generic[T]):
             return self.open.pop(key)
         return None
 
-    def flush(self) -> list[Bucket[T]]:
+    def flush(self) -> list[Bucket[K, T]]:
         """The buckets not yet full, in the order they were opened; the bucketer is empty afterwards."""
         out = list(self.open.values())
         self.open.clear()

@@ -9,11 +9,15 @@ The passes, in order, each a module of its own:
 ``ir/gathers.py``             (in the layout pass) ZeRO-3: a ``Gather`` of each split parameter at each use
 ``ir/prefetch.py``            ZeRO-3: each gather started while the op before it computes
 ``ir/buckets.py``             gradient buckets launched as their last gradient is made; waits after backward
+``LayoutPass.finish``         (the layout pass's epilogue) the loss replicated, a stage's input gradients,
+                              gradients converted once backward ends
 ``ir/release.py``             where each update unit may be handed to the update actors
 ``ir/placement.py``           arena placement of temporaries by lifetime (``arena=True`` or ``"all"``)
 ``ir/liveness.py``            the memory timeline: bytes alive at every instruction, the peak
 ``ir/codegen.py``             one Python function (a stage: two), ``exec``-ed once
 ============================  ======================================================================
+
+``ir/verify.py`` checks the IR's invariants after each pass.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from shardflow.graph.ir.liveness import saved, saved_bytes, timeline
 from shardflow.graph.ir.placement import place
 from shardflow.graph.ir.prefetch import prefetch
 from shardflow.graph.ir.release import release_units
+from shardflow.graph.ir.verify import verify
 from shardflow.graph.joint import Joint, trace_step
 from shardflow.graph.program import Program
 from shardflow.placement.mesh import Mesh
@@ -50,25 +55,31 @@ def lower_ir(
     values: Mapping[str, NdSbp] | None = None,
     gathered: Collection[int] | None = None,
 ) -> Program:
-    """One policy's program: the passes of the module docstring, in order."""
+    """One policy's program: the passes of the module docstring, in order, the IR verified after each."""
+    if zero_axis is not None and joint.n_grads_in:
+        raise AssertionError("ZeRO-3 gathers in a pipeline stage: prefetch would carry a handle across the cut")
     lp = LayoutPass(joint, mesh, rank, sbps, reduce_to_split, zero_axis, grad_sbps, values, gathered, bool(arena))
     traversed = lp.run()
     ir = lp.ir
+    verify(ir, "the layout pass")
     if zero_axis is not None:
         prefetch(ir, mesh, rank, zero_axis)
+        verify(ir, "prefetch")
     buckets = bucket_gradients(ir, lp.gradients, mesh, rank, bucket_bytes, lp.record)
-    loss, input_grads, converted = lp.finish(traversed, buckets.later)
-    grad_vars = {**buckets.final, **converted}
+    verify(ir, "gradient buckets")
+    ends = lp.finish(traversed, buckets.later)
+    grad_vars = {**buckets.final, **ends.converted}
     release_units(ir, buckets.waits, grad_vars, joint.grad_of)
     ir.emit(Release(unit=None))  # backward is over: what follows waits for communication
     grad_vars |= wait_buckets(ir, buckets.waits)
     grads = tuple(grad_vars[k] for k in range(len(joint.grad_of)))
-    ir.emit(Return(loss=loss, grads=grads, input_grads=tuple(input_grads)))
+    ir.emit(Return(loss=ends.loss, grads=grads, input_grads=ends.input_grads))
+    verify(ir, "release points and waits")
     if joint.n_grads_in:
-        kept = [*grads, *input_grads, *ir.stage_outputs, *saved(ir)]
+        kept = [*grads, *ends.input_grads, *ir.stage_outputs, *saved(ir)]
         returned = ["", *grads]
     else:
-        kept = returned = [loss or "", *grads]
+        kept = returned = [ends.loss or "", *grads]
     placed = None
     if arena:
         plain, body = timeline(ir, returned).peak, list(ir.body)
@@ -77,16 +88,17 @@ def lower_ir(
         # line): placement that still raises the peak is undone for ``arena=True``
         if arena is True and placed is not None and timeline(ir, returned, placed.nbytes).peak > plain:
             ir.body[:], ir.placed, placed = body, {}, None
+        verify(ir, "arena placement")
     memory = timeline(ir, returned, placed.nbytes if placed is not None else 0)
-    source, fast, checked = build(ir, placed)
+    code = build(ir, placed)
     collectives = [ins.comm for ins in ir.body if ins.comm is not None]
     cost = sum(c.plan.seconds for c in collectives if c.plan is not None) + buckets.scatter_seconds
-    for ranks, nbytes in buckets.all_reduces:
-        cost += DEFAULT_COST.collective("all_reduce", len(ranks), nbytes)
+    for bucket in buckets.all_reduces:
+        cost += DEFAULT_COST.collective("all_reduce", len(bucket.ranks), bucket.nbytes)
     return Program(
-        source,
-        fast["step"],
-        checked["step"],
+        code.source,
+        code.fast["step"],
+        code.checked["step"],
         lp.record,
         joint.grad_of,
         collectives,
@@ -94,8 +106,8 @@ def lower_ir(
         memory,
         units=list(ir.units),
         release_lines=list(ir.release_lines),
-        backward=fast.get("backward"),
-        checked_backward=checked.get("backward"),
+        backward=code.fast.get("backward"),
+        checked_backward=code.checked.get("backward"),
         saved_bytes=saved_bytes(ir),
         arena=placed,
         ir=ir,

@@ -32,7 +32,7 @@ from shardflow.runtime.micro_batches import MicroBatches, micro_batches
 from shardflow.runtime.pipeline_config import Pipeline
 from shardflow.runtime.pipeline_explain import explain_pipeline
 from shardflow.runtime.pipeline_memory import pipeline_memory
-from shardflow.runtime.pipeline_state import StageSnapshots
+from shardflow.runtime.pipeline_state import PipelineState
 from shardflow.runtime.runner import OptimizerFactory
 from shardflow.runtime.schedule import Action, stage_order
 from shardflow.runtime.schedule_run import run_schedule
@@ -59,7 +59,7 @@ class StageSize(NamedTuple):
     elements: int
 
 
-class PipelineModule(StageSnapshots):
+class PipelineModule(PipelineState):
     """A model cut into stages over a mesh axis; ``step(*inputs)`` trains one step on the global batch."""
 
     # options of the plan that may change after compiling (plan/knobs.py): each re-plans

@@ -23,7 +23,7 @@ from shardflow.runtime.tensor_stage import local
 from shardflow.tensor.global_tensor import GlobalTensor, wrap
 
 
-class StageSnapshots(Runner):
+class PipelineState(Runner):
     """``save``/``load``/``full_state_dict`` for a pipeline stage (a base of ``PipelineModule``)."""
 
     module: nn.Module  # this rank's stage

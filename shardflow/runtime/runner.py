@@ -8,6 +8,7 @@ report's collective and the optimizer factory exist once. It sits in the runtime
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, foreach=None)
 
 
-class Runner(Snapshots):
+class Runner(Snapshots, abc.ABC):
     """A model compiled over a mesh: ``step(*inputs)`` trains one step on the global batch.
 
     Subclasses give the step, their explanation, their memory on a rank that holds part of the model
@@ -59,12 +60,15 @@ class Runner(Snapshots):
         """Whether this rank holds part of the model (ranks outside the mesh only join collectives)."""
         return world()[0] in self.mesh
 
+    @abc.abstractmethod
     def step(self, *inputs: Any, trace: str | None = None) -> float:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def explain(self) -> str:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -80,6 +84,7 @@ class Runner(Snapshots):
             report = MemoryReport(world()[0], {}, ProgramMemory(0, [], 0, ""), 0, self.absent)
         return with_every_peak(report)
 
+    @abc.abstractmethod
     def _memory(self, inputs: Sequence[Any]) -> MemoryReport:
         raise NotImplementedError
 
@@ -130,10 +135,12 @@ class Runner(Snapshots):
         self.steps = int(meta["step"])
         restore_rng(meta.get("rng"))
 
+    @abc.abstractmethod
     def _model_targets(self) -> dict[str, GlobalTensor]:
         """This rank's parameters and buffers, by snapshot name, to be filled in place."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def _optim_target(self, name: str, directory: str) -> tuple[int, torch.Tensor, GlobalTensor] | None:
         """For the optimizer state of parameter ``name``: its index in this rank's optimizer, a fresh local
         piece and that piece as the GlobalTensor the snapshot fills; None if this rank does not hold it."""
@@ -147,5 +154,6 @@ class Runner(Snapshots):
         """The targets this rank reads (all of them: ranks outside a target's mesh only check its shape)."""
         return targets
 
+    @abc.abstractmethod
     def _load_optimizer(self, state: dict[int, dict[str, Any]], groups: list[dict[str, Any]], directory: str) -> None:
         raise NotImplementedError

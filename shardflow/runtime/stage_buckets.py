@@ -34,8 +34,8 @@ class StageBuckets:
 
     def __init__(self, params: list[nn.Parameter], ranks: tuple[int, ...], bucket_bytes: int) -> None:
         self.params, self.ranks = params, ranks
-        bucketer: Bucketer[nn.Parameter] = Bucketer(bucket_bytes)
-        self.members: list[Bucket[nn.Parameter]] = []
+        bucketer: Bucketer[None, nn.Parameter] = Bucketer(bucket_bytes)  # one group: one key
+        self.members: list[Bucket[None, nn.Parameter]] = []
         for p in reversed(params):
             full = bucketer.add(None, p, p.numel() * p.element_size())
             if full is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 
@@ -38,7 +37,7 @@ class GradSync:
     def __init__(self, bucket_bytes: int = 4 * 2**20) -> None:
         self.bucket_bytes = bucket_bytes
         # keyed by (the all-reduce's ranks, dtype): one packed buffer per bucket
-        self.bucketer: Bucketer[GlobalTensor] = Bucketer(bucket_bytes)
+        self.bucketer: Bucketer[tuple[tuple[int, ...], torch.dtype], GlobalTensor] = Bucketer(bucket_bytes)
         self.flying: list[_Flight] = []
 
     def add(self, p: GlobalTensor) -> None:
@@ -57,8 +56,8 @@ class GradSync:
         if full is not None:
             self._launch(full)
 
-    def _launch(self, bucket: Bucket[GlobalTensor]) -> None:
-        ranks, _ = cast(tuple[tuple[int, ...], torch.dtype], bucket.key)
+    def _launch(self, bucket: Bucket[tuple[tuple[int, ...], torch.dtype], GlobalTensor]) -> None:
+        ranks, _ = bucket.key
         grads = [p.grad._local for p in bucket.items]  # type: ignore[union-attr]
         self.flying.append(_Flight(launch_all_reduce(ranks, *grads), bucket.items))
 

@@ -481,7 +481,7 @@ def test_rules_end_with_all_b():
 
 
 def test_cuda_attention_rules_give_every_output_a_layout():
-    """CUDA traces attention to the flash or memory-efficient kernels (graph/lower.py); their rules must name a
+    """CUDA traces attention to the flash or memory-efficient kernels (graph/joint.py); their rules must name a
     layout for each tensor they return, counted here by running the ops on meta tensors (no GPU needed)."""
     aten = torch.ops.aten
     q = torch.empty(2, 4, 16, 8, device="meta")

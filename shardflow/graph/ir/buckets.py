@@ -2,7 +2,7 @@
 
 Gradients needing one all-reduce over one slice of the mesh (partial sums wanted replicated) go into
 all-reduce buckets; partial sums wanted split (ZeRO-2) into reduce-scatter buckets (FSDP's packing). A
-bucket's launch is inserted right after the instruction making the gradient that fills it, so its
+bucket's launch is inserted right after the instruction making the last of its gradients, so its
 communication overlaps the rest of backward (DDP's reducer, decided at compile time); what is left open is
 launched where backward ends. The waits come after backward (``wait_buckets``). Any other conversion is
 left to the caller (``Bucketing.later``), to run once backward ends.
@@ -15,40 +15,44 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from shardflow.boxing import plan_boxing, reduce_scatter_args
-from shardflow.boxing.plan import Plan
 from shardflow.comm.buckets import Bucket, Bucketer, launch_all_reduce, launch_reduce_scatter
 from shardflow.graph.ir.instr import Comm, Instr, Launch, Wait
-from shardflow.graph.ir.release import Waiting
-from shardflow.graph.ir.step import StepIR
-from shardflow.ops import TensorMeta
+from shardflow.graph.ir.step import Conversion, Gradient, StepIR, Waiting
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, P
+from shardflow.placement.sbp import B, P
 from shardflow.placement.shard import local_shape
 from shardflow.tensor.trace import Record
 
 
 @dataclass(frozen=True)
-class Gradient:
-    """A gradient output as the layout pass left it: index ``k``, its variable and layout, and the layout
-    it is returned in."""
+class _Key:
+    """A bucket's collective: an all-reduce over ``ranks``, or a reduce-scatter (ZeRO-2) keeping member
+    ``me``'s piece; one bucket per collective and dtype."""
 
-    k: int
-    var: str
-    sbp: NdSbp
-    meta: TensorMeta
-    want: NdSbp
+    ranks: tuple[int, ...]
+    dtype: torch.dtype
+    scatter: bool
+    me: int = 0
 
 
 @dataclass(frozen=True)
-class _Packing:
-    """How one bucket's collective runs: all-reduce over ``ranks``, or (``dims`` set) a reduce-scatter
-    keeping member ``me``'s piece (per gradient its split dim and every member's extent)."""
+class _Piece:
+    """A gradient in a bucket; in a reduce-scatter bucket with its split dim and every member's extent."""
+
+    grad: Gradient
+    dim: int = 0
+    sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class AllReduced:
+    """An all-reduce bucket as the cost model prices it: its ranks and this rank's bytes."""
 
     ranks: tuple[int, ...]
-    dims: tuple[int, ...] = ()
-    sizes: tuple[tuple[int, ...], ...] = ()
-    me: int = 0
+    nbytes: int
 
 
 @dataclass
@@ -58,44 +62,41 @@ class Bucketing:
 
     waits: list[Waiting] = field(default_factory=list)
     final: dict[int, str] = field(default_factory=dict)  # gradient index -> variable, no communication
-    later: list[tuple[int, str, Plan]] = field(default_factory=list)
+    later: list[Conversion] = field(default_factory=list)
     scatter_seconds: float = 0.0  # reduce-scatters packed into buckets, priced as the planner prices them
-    all_reduces: list[tuple[tuple[int, ...], int]] = field(default_factory=list)  # (ranks, bytes) per bucket
+    all_reduces: list[AllReduced] = field(default_factory=list)
 
 
 def bucket_gradients(
     ir: StepIR, grads: Sequence[Gradient], mesh: Mesh, rank: int, bucket_bytes: int, record: Record
 ) -> Bucketing:
     """Insert the buckets' launches into ``ir.body`` (see the module docstring); launches of buckets still
-    open go at the end."""
+    open go at the end. Runs before release points are set: it moves instructions."""
+    assert not ir.releases, "gradient buckets go in before release points are set"
     out = Bucketing()
-    bucketer: Bucketer[Gradient] = Bucketer(bucket_bytes)
-    packing: dict[object, _Packing] = {}
+    bucketer: Bucketer[_Key, _Piece] = Bucketer(bucket_bytes)
     launches: dict[int, list[Instr]] = {}
     coord = mesh.coord_of(rank)
     made = {name: i for i, ins in reversed(list(enumerate(ir.body))) for name in ins.defs}  # first definition
 
-    def launch(bucket: Bucket[Gradient], phase: str) -> Instr:
-        pack = packing[bucket.key]
-        names = tuple(g.var for g in bucket.items)
+    def launch(bucket: Bucket[_Key, _Piece], phase: str) -> Instr:
+        key, names = bucket.key, tuple(p.grad.var for p in bucket.items)
         handle = ir.new_var()
-        if pack.dims:
-            fn = ir.const(
-                functools.partial(launch_reduce_scatter, pack.ranks, list(pack.dims), list(pack.sizes), pack.me),
-                "launch",
-            )
+        if key.scatter:
+            dims, sizes = [p.dim for p in bucket.items], [p.sizes for p in bucket.items]
+            fn = ir.const(functools.partial(launch_reduce_scatter, key.ranks, dims, sizes, key.me), "launch")
             # the packed pieces of every member stay with the collective until it completes, and on CPU gloo
             # reduce-scatters a copy of them: both live as long as this rank's pieces, until the wait
-            packed = bucket.nbytes * len(pack.ranks) * (2 if mesh.device_type == "cpu" else 1)
+            packed = bucket.nbytes * len(key.ranks) * (2 if mesh.device_type == "cpu" else 1)
             label = f"gradient pieces of a reduce-scatter bucket of {len(names)}, with its packed send buffers"
             ir.store(handle, bucket.nbytes + packed, f"{label} ({phase})")
             where, route = f"gradient reduce-scatter bucket of {len(names)}", "reduce_scatter"
         else:
-            fn = ir.const(functools.partial(launch_all_reduce, pack.ranks), "launch")
+            fn = ir.const(functools.partial(launch_all_reduce, key.ranks), "launch")
             ir.store(handle, bucket.nbytes, f"gradient bucket of {len(names)} ({phase})")
             where, route = f"gradient bucket of {len(names)}", "all_reduce"
-            out.all_reduces.append((pack.ranks, bucket.nbytes))
-        out.waits.append(Waiting(handle, tuple(g.k for g in bucket.items)))
+            out.all_reduces.append(AllReduced(key.ranks, bucket.nbytes))
+        out.waits.append(Waiting(handle, tuple(p.grad.k for p in bucket.items)))
         return Launch(out=handle, grads=names, fn=fn, comm=Comm(phase, where, route, None))
 
     for g in grads:
@@ -112,27 +113,22 @@ def bucket_gradients(
             members, dim, sizes, me = scatter
             record.other.append(("gradient bucket", plan, "reduce_scatter, packed with others"))
             out.scatter_seconds += plan.seconds
-            key: object = (members, g.meta.dtype, "scatter")
-            old = packing.get(key, _Packing(members, me=me))
-            packing[key] = _Packing(members, (*old.dims, dim), (*old.sizes, tuple(sizes)), me)
             shape = local_shape(g.meta.shape, g.want, mesh.shape, coord)
             nbytes = math.prod(shape[:dim]) * max(sizes) * math.prod(shape[dim + 1 :]) * g.meta.dtype.itemsize
-            full = bucketer.add(key, g, nbytes, weight=len(members))
+            piece = _Piece(g, dim, tuple(sizes))
+            full = bucketer.add(_Key(members, g.meta.dtype, True, me), piece, nbytes, weight=len(members))
         elif not summed or math.prod(mesh.shape[a] for a in axes) == 1:
-            out.later.append((g.k, g.var, plan))
+            out.later.append(Conversion(g.k, g.var, plan))
             continue
         else:
             names = ", ".join(mesh.names[a] for a in axes)
             record.other.append(("gradient bucket", plan, f"one all_reduce over ({names})"))
-            ranks = mesh.slice_over(axes, rank)
-            key = (ranks, g.meta.dtype, "sum")
-            packing.setdefault(key, _Packing(ranks))
             shape = local_shape(g.meta.shape, g.sbp, mesh.shape, coord)
-            full = bucketer.add(key, g, math.prod(shape) * g.meta.dtype.itemsize)
+            key = _Key(mesh.slice_over(axes, rank), g.meta.dtype, False)
+            full = bucketer.add(key, _Piece(g), math.prod(shape) * g.meta.dtype.itemsize)
         if full is not None:
-            after = max(made[item.var] for item in full.items)  # the last of its gradients to be made
+            after = max(made[p.grad.var] for p in full.items)  # the last of its gradients to be made
             launches.setdefault(after, []).append(launch(full, "backward"))
-            packing.pop(full.key)
     body: list[Instr] = []
     for i, ins in enumerate(ir.body):
         body.append(ins)

@@ -94,8 +94,17 @@ def source(ir: StepIR, arena: Arena | None, checked: bool) -> str:
     )
 
 
-def build(ir: StepIR, arena: Arena | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """The fast source and the namespaces of the fast and checked functions (``step``, ``backward``)."""
+@dataclass(frozen=True)
+class Built:
+    """The fast source, and the namespaces holding the fast and the checked functions (``step``, ``backward``)."""
+
+    source: str
+    fast: dict[str, Any]
+    checked: dict[str, Any]
+
+
+def build(ir: StepIR, arena: Arena | None) -> Built:
+    """Generate, ``exec`` and return both variants of the program."""
     fast, checked = source(ir, arena, False), source(ir, arena, True)
     env = {"_wait": wait_bucket, "_check": _check, "_skip": _skip, "_placed": check_placed, **ir.consts}
     if arena is not None:
@@ -103,4 +112,4 @@ def build(ir: StepIR, arena: Arena | None) -> tuple[str, dict[str, Any], dict[st
     fast_env, checked_env = dict(env), dict(env)
     exec(compile(fast, "<shardflow step>", "exec"), fast_env)  # noqa: S102 - our own generated code
     exec(compile(checked, "<shardflow checked step>", "exec"), checked_env)  # noqa: S102
-    return fast, fast_env, checked_env
+    return Built(fast, fast_env, checked_env)

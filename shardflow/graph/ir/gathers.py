@@ -16,7 +16,8 @@ from torch.utils._pytree import tree_flatten
 
 from shardflow.boxing.plan import Plan
 from shardflow.graph.ir.instr import Box, Gather, Link
-from shardflow.graph.ir.lookahead import Value, is_tensor
+from shardflow.graph.ir.lookahead import is_tensor
+from shardflow.graph.ir.step import Value
 from shardflow.ops import TensorMeta
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, S

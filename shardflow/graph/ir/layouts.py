@@ -19,12 +19,11 @@ from torch import fx
 
 from shardflow.boxing import bound_plan, plan_boxing
 from shardflow.boxing.plan import COLLECTIVES, Plan
-from shardflow.graph.ir.buckets import Gradient
 from shardflow.graph.ir.gathers import gather_staging, gathering_ops, unsharded
 from shardflow.graph.ir.instr import Box, Comm, Op, Unpack
-from shardflow.graph.ir.lookahead import Lookahead, Value, demands
+from shardflow.graph.ir.lookahead import Lookahead, demands
 from shardflow.graph.ir.op_call import Var, lower_call
-from shardflow.graph.ir.step import StepIR
+from shardflow.graph.ir.step import Conversion, Gradient, StepIR, Value
 from shardflow.graph.joint import Joint
 from shardflow.graph.values import forced_nodes
 from shardflow.ops import TensorMeta
@@ -34,7 +33,6 @@ from shardflow.placement.shard import local_shape
 from shardflow.tensor.trace import Record
 
 _aten = torch.ops.aten
-_ALIASING = {_aten._unsafe_view.default, _aten.view.default, _aten.reshape.default, _aten.expand.default}
 
 
 class LayoutPass:
@@ -213,12 +211,9 @@ class LayoutPass:
         self.phase = "after"
         return LayoutResult(results[0], input_grads)
 
-    def finish(
-        self, result: LayoutResult, later: Sequence[tuple[int, str, Plan]]
-    ) -> tuple[str | None, list[str], dict[int, str]]:
+    def finish(self, result: LayoutResult, later: Sequence[Conversion]) -> Epilogue:
         """Once backward's buckets are launched: the loss replicated (a stage: its inputs' gradients, as its
-        inputs came), then the gradients converted after backward. Returns the loss variable (None for a
-        stage), the input gradients' variables and the converted gradients by index."""
+        inputs came), then the gradients converted after backward."""
         if self.joint.n_grads_in:
             loss = None
             input_grads = [self.box(g, (B,) * self.mesh.ndim, "input gradient")[0] for g in result.input_grads]
@@ -228,7 +223,7 @@ class LayoutPass:
             if plan is not None:
                 self.record.other.append(("loss", plan, None))
         converted: dict[int, str] = {}
-        for k, var, plan in later:
+        for k, var, plan in ((c.k, c.var, c.plan) for c in later):
             name = self.ir.new_var()
             comm = None
             if any(step.kind in COLLECTIVES or step.kind == "send_recv" for step in plan.steps):
@@ -239,7 +234,7 @@ class LayoutPass:
             self.store(name, self.local_bytes(meta, plan.dst_sbp), f"gradient to its layout by {plan.route}")
             self.record.other.append(("gradient", plan, None))
             converted[k] = name
-        return loss, input_grads, converted
+        return Epilogue(loss, tuple(input_grads), converted)
 
     def var_of_placeholders(self, placeholders: list[fx.Node]) -> list[str]:
         self.params.update(placeholders[: self.joint.n_params])
@@ -268,6 +263,15 @@ class LayoutPass:
         if param < len(self.grad_sbps) and self.grad_sbps[param] is not None:
             return self.grad_sbps[param]  # type: ignore[return-value]
         return grad_sbp(self.sbps[param])  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """The loss variable (None for a stage), a stage's input gradients, and gradients converted by index."""
+
+    loss: str | None
+    input_grads: tuple[str, ...]
+    converted: dict[int, str]
 
 
 @dataclass(frozen=True)

@@ -84,8 +84,8 @@ def saved(ir: StepIR) -> list[str]:
     """A stage's variables made by its forward and used by its backward (what the forward returns)."""
     lines = ir.merged()
     k = next(j for j, (_, i) in enumerate(lines) if i == ir.split_at())
-    made = {n for ins, _ in lines[:k] for n in ins.defs}
-    return sorted({n for ins, _ in lines[k:] for n in ins.uses if n in made}, key=lambda n: int(n[1:]))
+    order = {n: j for j, (ins, _) in enumerate(lines[:k]) for n in ins.defs}  # made by the forward, in order
+    return sorted({n for ins, _ in lines[k:] for n in ins.uses if n in order}, key=order.__getitem__)
 
 
 def saved_bytes(ir: StepIR) -> int:

@@ -20,18 +20,11 @@ from torch import fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from shardflow.boxing import estimate_seconds
+from shardflow.graph.ir.step import Value
 from shardflow.ops import OpCall, TensorMeta
 from shardflow.ops.select import candidates, communicates, reduces_to_split
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import NdSbp, Placement, is_split
-
-
-@dataclass(frozen=True)
-class Value:
-    """A tensor value of the graph on this rank: its layout and global metadata."""
-
-    sbp: NdSbp
-    meta: TensorMeta
 
 
 def is_tensor(node: fx.Node) -> bool:

@@ -18,8 +18,7 @@ from shardflow.boxing import bound_plan, plan_boxing
 from shardflow.graph.arena import out_overload
 from shardflow.graph.ir.gathers import VIEWS, gather
 from shardflow.graph.ir.instr import Item, Op, OutForm
-from shardflow.graph.ir.lookahead import Value
-from shardflow.graph.ir.step import Storage
+from shardflow.graph.ir.step import Storage, Value
 from shardflow.ops import LOCALS, PREPARED, WORKSPACE, LocalContext, OpCall, TensorMeta, choose, writes_arg
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement

@@ -74,7 +74,7 @@ def _finish(ir: StepIR, gather: Gather, handle: str, link: Link) -> list[Instr]:
         prev, name = name, gather.out if n == len(link.views) - 1 else ir.new_var()
         args = ", ".join([prev, *([extra] if extra else [])])
         out.append(Op(out=name, fn=ir.const(target, "op"), args=args, used=(prev,)))
-    # the gathered buffer (or its view): counted once, as the handle's
-    del ir.storages[gather.out]
-    ir.alias(gather.out, handle)
+    # the gathered buffer is the started gather's: every variable holding it (views the layout pass made
+    # of the gathered value too) now holds the handle's storage, counted once
+    ir.move_storage(gather.out, handle)
     return out

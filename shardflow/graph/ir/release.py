@@ -9,18 +9,9 @@ on an actor may update those parameters in place while the rest of backward runs
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from shardflow.graph.ir.instr import Release
-from shardflow.graph.ir.step import StepIR, Unit
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """A launched bucket: its handle's variable and the gradient indices it carries."""
-
-    handle: str
-    grads: tuple[int, ...]
+from shardflow.graph.ir.step import StepIR, Unit, Waiting
 
 
 def release_units(ir: StepIR, waits: Sequence[Waiting], grad_vars: Mapping[int, str], grad_of: Sequence[int]) -> None:

@@ -9,9 +9,14 @@ contexts) are named ``_<hint><n>`` and handed to the generated code as globals.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardflow.graph.ir.instr import Instr, Release, Unpack
+
+if TYPE_CHECKING:
+    from shardflow.boxing.plan import Plan
+    from shardflow.ops import TensorMeta
+    from shardflow.placement.sbp import NdSbp
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,43 @@ class Storage:
 
     nbytes: int
     label: str
+
+
+@dataclass(frozen=True)
+class Value:
+    """A tensor value of the graph on this rank: its layout and global metadata."""
+
+    sbp: NdSbp
+    meta: TensorMeta
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """A gradient output as the layout pass leaves it (to the bucket pass): index ``k``, its variable and
+    layout, and the layout it is returned in."""
+
+    k: int
+    var: str
+    sbp: NdSbp
+    meta: TensorMeta
+    want: NdSbp
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A gradient the bucket pass leaves for after backward: converted by its boxing ``plan``."""
+
+    k: int
+    var: str
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A launched bucket (from the bucket pass to release points and waits): its handle, its gradients."""
+
+    handle: str
+    grads: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -33,8 +75,9 @@ class Unit:
 @dataclass
 class StepIR:
     """See the module docstring. ``releases[i]``: the update units handed on right after instruction ``i``
-    (they run no computation, so they are not instructions of their own and take no line of the memory
-    timeline)."""
+    (set by the release pass, the last to insert instructions before placement: they compute nothing, so
+    they take no line of the memory timeline). The end of backward is an instruction of its own
+    (``Release(unit=None)``): the waits for communication come after it."""
 
     body: list[Instr] = field(default_factory=list)
     consts: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +115,13 @@ class StepIR:
         self.refs[name] = list(self.refs.get(like, [])) if refs is None else refs
         if like in self.param_alias:
             self.param_alias[name] = self.param_alias[like]
+
+    def move_storage(self, key: str, into: str) -> None:
+        """Storage ``key`` is ``into``'s after all: every variable holding it holds ``into``'s instead."""
+        del self.storages[key]
+        for var, keys in self.refs.items():
+            if key in keys:
+                self.refs[var] = list(dict.fromkeys(into if k == key else k for k in keys))
 
     def split_at(self) -> int | None:
         """A stage: the instruction where its backward starts (the arriving gradients bound), else None."""

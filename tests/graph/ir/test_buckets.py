@@ -10,7 +10,6 @@ only: no process group is started (``placement/mesh.py``), and launches are neve
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
@@ -18,21 +17,14 @@ import torch
 import shardflow as sf
 from shardflow.boxing.plan import Plan
 from shardflow.comm.buckets import launch_all_reduce, launch_reduce_scatter
-from shardflow.graph.ir.buckets import Gradient, bucket_gradients, wait_buckets
+from shardflow.graph.ir.buckets import bucket_gradients, wait_buckets
 from shardflow.graph.ir.instr import Instr, Launch, Op, Unpack, Wait
-from shardflow.graph.ir.release import Waiting
-from shardflow.graph.ir.step import StepIR
+from shardflow.graph.ir.step import Gradient, StepIR, Waiting
 from shardflow.ops import TensorMeta
 from shardflow.placement.sbp import B, P, S
 from shardflow.tensor.trace import Record
 
 F32 = torch.float32
-
-
-def _gradient(**fields: object) -> Gradient:
-    """A ``Gradient`` from keyword fields; ``after`` (the defining instruction) only where the record has it."""
-    names = {f.name for f in dataclasses.fields(Gradient)}
-    return Gradient(**{k: v for k, v in fields.items() if k in names})  # type: ignore[arg-type]
 
 
 class _Backward:
@@ -46,10 +38,10 @@ class _Backward:
 
     def grad(self, sbp: tuple, want: tuple, shape: tuple[int, ...] = (4, 4), dtype: torch.dtype = F32) -> str:
         var = self.ir.new_var()
-        at = self.ir.emit(Op(out=var, fn="_grad", args=self.arg, used=(self.arg,)))
+        self.ir.emit(Op(out=var, fn="_grad", args=self.arg, used=(self.arg,)))
         self.ir.store(var, 1, f"gradient {len(self.grads)}")
         k = len(self.grads)
-        self.grads.append(_gradient(k=k, var=var, sbp=sbp, meta=TensorMeta(shape, dtype), want=want, after=at))
+        self.grads.append(Gradient(k=k, var=var, sbp=sbp, meta=TensorMeta(shape, dtype), want=want))
         return var
 
     def filler(self) -> str:
@@ -75,7 +67,7 @@ def _shape(body: list[Instr]) -> list[str]:
     return out
 
 
-def test_all_reduce_buckets_launch_after_the_gradient_that_fills_them() -> None:
+def test_all_reduce_buckets_launch_after_the_last_of_their_gradients() -> None:
     bw = _Backward()
     g0 = bw.grad((P,), (B,))  # 4*4*4 = 64 B
     f1 = bw.filler()
@@ -121,7 +113,7 @@ def test_all_reduce_buckets_launch_after_the_gradient_that_fills_them() -> None:
     for ins in launches:
         fn = bw.ir.consts[ins.fn]
         assert isinstance(fn, functools.partial) and fn.func is launch_all_reduce and fn.args == ((0, 1),)
-    assert out.all_reduces == [((0, 1), 128), ((0, 1), 128), ((0, 1), 96)]
+    assert [(a.ranks, a.nbytes) for a in out.all_reduces] == [((0, 1), 128), ((0, 1), 128), ((0, 1), 96)]
     assert out.final == {} and out.later == [] and out.scatter_seconds == 0
     assert [(what, how) for what, _, how in record.other] == [("gradient bucket", "one all_reduce over (dp)")] * 5
 
@@ -222,8 +214,8 @@ def test_other_conversions_and_size_one_axes_are_left_for_later() -> None:
     g1 = bw.grad((P,), (S(0),))
     body, n_storages = list(bw.ir.body), len(bw.ir.storages)
     out = bucket_gradients(bw.ir, bw.grads, _dp(1), 0, 1, Record())
-    assert [(k, v) for k, v, _ in out.later] == [(0, g0), (1, g1)]
-    assert all(isinstance(plan, Plan) for _, _, plan in out.later)
+    assert [(c.k, c.var) for c in out.later] == [(0, g0), (1, g1)]
+    assert all(isinstance(c.plan, Plan) for c in out.later)
     assert out.waits == [] and out.final == {} and bw.ir.body == body and len(bw.ir.storages) == n_storages
 
     # a split wanted replicated (an all-gather) is no bucket's business either
@@ -231,7 +223,7 @@ def test_other_conversions_and_size_one_axes_are_left_for_later() -> None:
     g0 = bw.grad((S(0),), (B,))
     g1 = bw.grad((P,), (B,))
     out = bucket_gradients(bw.ir, bw.grads, _dp(), 0, 1, Record())
-    assert [(k, v) for k, v, _ in out.later] == [(0, g0)]
+    assert [(c.k, c.var) for c in out.later] == [(0, g0)]
     assert [w.grads for w in out.waits] == [(1,)]
 
 
@@ -246,7 +238,7 @@ def test_partial_sums_over_two_axes_are_one_all_reduce_over_their_slice() -> Non
     launches = {ins.out: ins for ins in bw.ir.body if isinstance(ins, Launch)}
     by_grads = {w.grads: bw.ir.consts[launches[w.handle].fn].args for w in out.waits}
     assert by_grads == {(0,): ((0, 1, 2, 3),), (1, 2): ((1, 3),)}
-    assert sorted(out.all_reduces) == [((0, 1, 2, 3), 64), ((1, 3), 64 + 32)]
+    assert sorted((a.ranks, a.nbytes) for a in out.all_reduces) == [((0, 1, 2, 3), 64), ((1, 3), 64 + 32)]
     assert sorted(str(how) for _, _, how in record.other) == [
         "one all_reduce over (dp)",
         "one all_reduce over (dp)",
@@ -264,3 +256,14 @@ def test_wait_buckets_waits_in_launch_order() -> None:
     (a, b), (c,) = waits[0].outs, waits[1].outs  # type: ignore[attr-defined]
     assert done == {3: a, 0: b, 1: c}
     assert ir.refs[a] == ir.refs[b] == ["v2"] and ir.refs[c] == ["v1"]  # views of the bucket's buffer
+
+
+def test_a_bucket_launches_after_its_last_made_gradient_even_when_an_earlier_one_fills_it() -> None:
+    # the pass gets gradients in graph order of their nodes, not always of their definitions: here g1 is
+    # listed first but made after g0, and g0's bytes close the bucket
+    bw = _Backward()
+    g0 = bw.grad((P,), (B,))  # made first
+    g1 = bw.grad((P,), (B,))  # made second
+    bw.grads.reverse()  # handed over as g1, then g0 (which fills the 128 B bucket)
+    bucket_gradients(bw.ir, bw.grads, _dp(), 0, 128, Record())
+    assert _shape(bw.ir.body) == ["Unpack", f"Op:{g0}", f"Op:{g1}", f"Launch:{g1},{g0}"]

@@ -80,7 +80,8 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_build_gives_a_runnable_step_equal_to_torch() -> None:
     ir = _program()
-    fast_source, fast, checked = build(ir, None)
+    code = build(ir, None)
+    fast_source, fast, checked = code.source, code.fast, code.checked
     assert fast_source == FAST
     a, b = _inputs()
     calls: list[tuple[object, object]] = []
@@ -98,7 +99,8 @@ def test_build_gives_a_runnable_step_equal_to_torch() -> None:
 
 
 def test_checked_step_catches_a_wrong_local_shape() -> None:
-    _, fast, checked = build(_program(mm_shape=(3, 3)), None)
+    code = build(_program(mm_shape=(3, 3)), None)
+    fast, checked = code.fast, code.checked
     a, b = _inputs()
     fast["step"]([a, b])  # the fast program asserts nothing
     with pytest.raises(
@@ -111,7 +113,8 @@ def test_placed_op_writes_into_its_arena_block() -> None:
     ir = _program(placeable=True)
     arena = place(ir, ["v5", "v4"], everything=True)
     assert arena is not None and ir.placed == {"v3": 0}
-    fast_source, fast, checked = build(ir, arena)
+    code = build(ir, arena)
+    fast_source, fast, checked = code.source, code.fast, code.checked
     lines = fast_source.splitlines()
     assert lines[1] == "    if not _A: _fill(args)"
     assert "    v3 = _out1(v1, v2, out=_A[0])" in lines
@@ -136,7 +139,8 @@ def test_a_stage_is_a_forward_and_a_backward() -> None:
     ir.emit(Unpack(names=(v5,), source="grads_in"))
     ir.emit(Op(out=v6, fn=ir.const(aten.mul.Tensor, "op"), args=f"{v5}, {v3}", used=(v5, v3)))
     ir.emit(Return(loss=None, grads=(v6,)))
-    text, fast, _ = build(ir, None)
+    code = build(ir, None)
+    text, fast = code.source, code.fast
     assert text == (
         "def step(args, ready=_skip):\n"
         "    v1, v2 = args\n"

@@ -4,7 +4,7 @@ Pins its docstring: the gathers of gathering op ``j + 1`` start right after op `
 nearest variable of their chain that exists by then (a parameter, when the gathered value is a view made
 later, whose views are then replayed on the gathered copy), and are finished where they stood; the first
 gathering op's gathers, and gathers that cannot start early (a mesh axis of one rank), stay where they are.
-The finished value holds the started gather's buffer, counted once.
+The finished value, and any view made of it, holds the started gather's buffer, counted once.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import torch
 import shardflow as sf
 from shardflow.boxing import finish_plan
 from shardflow.graph.ir.instr import Box, Comm, Gather, GatherStart, Link, Op, Unpack
+from shardflow.graph.ir.liveness import timeline
 from shardflow.graph.ir.prefetch import prefetch
 from shardflow.graph.ir.step import StepIR
+from shardflow.graph.ir.verify import verify
+from shardflow.graph.lower import lower, trace_step
 from shardflow.ops import TensorMeta
-from shardflow.placement.sbp import S
+from shardflow.placement.sbp import B, S
 
 aten = torch.ops.aten
 META = TensorMeta((4, 8), torch.float32)  # a (4, 8) float32 parameter: 128 B whole, 64 B per half
@@ -98,3 +101,38 @@ def test_no_gathers_no_change() -> None:
     before = list(ir.body)
     prefetch(ir, sf.Mesh("cpu", (2,), names=("dp",)), 0, 0)
     assert ir.body == before
+
+
+def test_views_of_a_prefetched_gather_hold_the_started_gathers_buffer() -> None:
+    # the layout pass may make a view of the gathered value (expand, slice, ...) before prefetch runs; once
+    # the gather is started early, that view holds the handle's buffer, not a storage that no longer exists
+    ir, mesh = _body(2)
+    view = ir.new_var()
+    ir.emit(Op(out=view, fn="_op5", args="v7", used=("v7",), op="aten.expand.default"))
+    ir.alias(view, "v7")
+    prefetch(ir, mesh, 0, 0)
+    start = next(ins for ins in ir.body if isinstance(ins, GatherStart))
+    assert ir.refs[view] == [start.out] == ir.refs["v7"]
+    verify(ir, "prefetch")
+    assert timeline(ir, [""]).peak > 0
+
+
+class _SlicedPosition(torch.nn.Module):
+    """``x @ w + pos[:4]``: the slice of a ZeRO-3 parameter is a view of its gathered copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, 8))
+        self.pos = torch.nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.w + self.pos[:4]).sum()
+
+
+def test_lowering_a_slice_of_a_prefetched_parameter() -> None:
+    model, x = _SlicedPosition(), torch.randn(4, 8)
+    joint = trace_step(model, (x,), "cpu")
+    mesh = sf.Mesh("cpu", (2,), names=("dp",))
+    for rank in (0, 1):
+        program = lower(joint, mesh, rank, [(S(0),), (S(0),), (B,)], zero_axis=0)
+        assert program.ir is not None and any(isinstance(ins, GatherStart) for ins in program.ir.body)

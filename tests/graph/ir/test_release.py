@@ -9,8 +9,8 @@ units come in release order, and ``ir.units``, ``ir.release_lines`` and ``ir.rel
 from __future__ import annotations
 
 from shardflow.graph.ir.instr import Launch, Op, Release, Unpack
-from shardflow.graph.ir.release import Waiting, release_units
-from shardflow.graph.ir.step import StepIR, Unit
+from shardflow.graph.ir.release import release_units
+from shardflow.graph.ir.step import StepIR, Unit, Waiting
 
 
 def _op(ir: StepIR, *used: str) -> str:

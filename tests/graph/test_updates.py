@@ -160,10 +160,12 @@ class _Fails(torch.optim.SGD):
         raise RuntimeError("optimizer exploded")
 
 
-def _failing_update(updates: str) -> str:
+def _failing_update(updates: str, failing: tuple[int, ...] = (0, 1)) -> str:
+    """One dp step whose optimizer raises on the ranks ``failing``: the error text, or "no error"."""
     model, data = _model_and_batches("mlp", 8)
     mesh = sf.Mesh("cpu", (2,), names=("dp",))
-    pm = sf.compile(model, mesh, example_inputs=data[0], strategy="dp", optimizer=lambda ps: _Fails(ps, lr=0.1))
+    kind = _Fails if torch.distributed.get_rank() in failing else torch.optim.SGD
+    pm = sf.compile(model, mesh, example_inputs=data[0], strategy="dp", optimizer=lambda ps: kind(ps, lr=0.1))
     pm.updates = updates
     try:
         pm.step(*data[0])
@@ -178,24 +180,10 @@ def test_an_update_that_raises_is_raised_naming_the_actor(updates):
         assert "'optimizer'" in message and "optimizer exploded" in message, message
 
 
-def _update_failing_on_rank_1(updates: str) -> str:
-    model, data = _model_and_batches("mlp", 8)
-    mesh = sf.Mesh("cpu", (2,), names=("dp",))
-    rank = torch.distributed.get_rank()
-    fails = _Fails if rank == 1 else torch.optim.SGD
-    pm = sf.compile(model, mesh, example_inputs=data[0], strategy="dp", optimizer=lambda ps: fails(ps, lr=0.1))
-    pm.updates = updates
-    try:
-        pm.step(*data[0])
-    except ActorError as exc:
-        return str(exc)
-    return "no error"
-
-
 @pytest.mark.parametrize("updates", ["loop", "inline"])
 def test_an_update_failing_on_one_rank_does_not_leave_the_other_in_a_collective(updates):
     # the failing rank finishes its program (every collective matched) before raising, so its peer
     # completes the step instead of waiting in the loss's all-reduce until the collective timeout
-    messages = run_on_ranks(2, _update_failing_on_rank_1, updates, timeout=50)
+    messages = run_on_ranks(2, _failing_update, updates, (1,), timeout=50)
     assert messages[0] == "no error", messages
     assert "'optimizer'" in messages[1] and "optimizer exploded" in messages[1], messages

@@ -7,7 +7,7 @@ that placed ops wrote into their arena blocks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +53,9 @@ class _Line:
     check: str | None = None
 
 
-def _function(head: str, lines: Sequence[_Line], prologue: Sequence[str] = ()) -> str:
-    """One generated function: its lines, each variable deleted after its last use."""
+def _function(head: str, lines: Sequence[_Line], variables: Collection[str], prologue: Sequence[str] = ()) -> str:
+    """One generated function: its lines, each variable deleted after its last use (constants, which an
+    instruction may read as it reads a variable, are globals: never deleted)."""
     last: dict[str, int] = {}
     for i, line in enumerate(lines):
         for name in [*line.defs, *line.uses]:
@@ -64,7 +65,7 @@ def _function(head: str, lines: Sequence[_Line], prologue: Sequence[str] = ()) -
         out.append("    " + line.code)
         if line.check:
             out.append("    " + line.check)
-        dead = sorted({n for n in [*line.defs, *line.uses] if last[n] == i})
+        dead = sorted({n for n in [*line.defs, *line.uses] if last[n] == i and n in variables})
         if dead and not line.code.startswith("return"):
             out.append(f"    del {', '.join(dead)}")
     return "\n".join(out) + "\n"
@@ -82,15 +83,18 @@ def source(ir: StepIR, arena: Arena | None, checked: bool) -> str:
         lines.append(_Line(ins.code(), ins.defs, ins.uses, check))
     fill = ["if not _A: _fill(args)"] if arena is not None else []
     if split is None:
-        return _function("def step(args, ready=_skip):", lines, fill)
+        return _function("def step(args, ready=_skip):", lines, ir.variables, fill)
     # a stage: the forward returns its outputs and what the backward needs, which takes them back
     kept = tuple(saved(ir))
     keep = f"({', '.join(kept)}{',' if len(kept) == 1 else ''})"
     outs = _Line(f"return [{', '.join(ir.stage_outputs)}], {keep}", uses=(*ir.stage_outputs, *kept))
     forward = [*lines[:k], outs]
     backward = [_Line(f"{keep} = saved", defs=kept), *lines[k:]]
-    return _function("def step(args, ready=_skip):", forward, fill) + _function(
-        "def backward(saved, grads_in, ready=_skip):", backward, [f.replace("args", "grads_in") for f in fill]
+    return _function("def step(args, ready=_skip):", forward, ir.variables, fill) + _function(
+        "def backward(saved, grads_in, ready=_skip):",
+        backward,
+        ir.variables,
+        [f.replace("args", "grads_in") for f in fill],
     )
 
 

@@ -103,19 +103,7 @@ def lower_call(lp: LayoutPass, node: fx.Node) -> None:
     call = OpCall(func, tuple(margs), dict(mkwargs), metas)
     mutated = (0,) if where[0] == 0 and writes_arg(func, 0) else ()
     current = [v.sbp for v in values]
-    gathered: dict[int, str] = {}
-    if lp.zero_axis is not None and func not in VIEWS:
-        for t, i in enumerate(where):
-            if flat[i] in lp.sharded:
-                full = lp.unsharded(current[t])
-                gathered[i] = gather(lp, node, flat[i], metas[t], current[t], full)
-                current[t] = full
-    for t, i in enumerate(where):  # a partial sum transposed from one already reduced: take that instead
-        if P in current[t] and t not in mutated and i not in gathered:
-            whole = tuple(B if p == P else p for p in current[t])
-            reused = lp.transposed_box(flat[i], whole)
-            if reused is not None:
-                lp.info[flat[i]], lp.var[flat[i]], current[t] = Value(whole, metas[t]), reused, whole
+    gathered = _gathered_or_reused(lp, node, [flat[i] for i in where], metas, current, mutated)
     pinned = [t for t, i in enumerate(where) if flat[i] in lp.params]
     ins, outs = choose(
         call,
@@ -138,8 +126,8 @@ def lower_call(lp: LayoutPass, node: fx.Node) -> None:
     for t, (i, need) in enumerate(zip(where, ins)):
         if lp.info[flat[i]].sbp != need and i < len(node.args) and writes_arg(func, i):
             raise ValueError(f"{op_name} updates an input in place that would first need boxing to {need}")
-        if i in gathered:
-            var, plan = gathered[i], None
+        if t in gathered:
+            var, plan = gathered[t], None
             if current[t] != need:  # pinned: a local conversion of the gathered copy
                 var, plan = lp.box_from(var, metas[t], current[t], need, op_name)
         else:
@@ -186,6 +174,32 @@ def lower_call(lp: LayoutPass, node: fx.Node) -> None:
         op = lp.ir.body[at]
         if form is not None and isinstance(op, Op):
             lp.ir.body[at] = dataclasses.replace(op, out_form=form)
+
+
+def _gathered_or_reused(
+    lp: LayoutPass,
+    node: fx.Node,
+    inputs: list[fx.Node],
+    metas: tuple[TensorMeta, ...],
+    current: list[NdSbp],
+    mutated: tuple[int, ...],
+) -> dict[int, str]:
+    """Before the signature is chosen: ZeRO-3 inputs gathered (by input position, their variable), and a
+    partial sum transposed from one already reduced taken reduced instead. Updates ``current`` in place."""
+    gathered: dict[int, str] = {}
+    if lp.zero_axis is not None and node.target not in VIEWS:
+        for t, src in enumerate(inputs):
+            if src in lp.sharded:
+                full = lp.unsharded(current[t])
+                gathered[t] = gather(lp, node, src, metas[t], current[t], full)
+                current[t] = full
+    for t, src in enumerate(inputs):
+        if P in current[t] and t not in mutated and t not in gathered:
+            whole = tuple(B if p == P else p for p in current[t])
+            reused = lp.transposed_box(src, whole)
+            if reused is not None:
+                lp.info[src], lp.var[src], current[t] = Value(whole, metas[t]), reused, whole
+    return gathered
 
 
 def _callee(

@@ -3,7 +3,8 @@
 A variable (``v1``, ``v2``, ...) holds storages: ``refs`` names them, ``storages`` gives each one's bytes
 on this rank and what made it; ``param_alias`` says which parameters a variable may share storage with
 (views, boxed copies), so an update waits for its last use. Constants (ops, bound boxing plans, local
-contexts) are named ``_<hint><n>`` and handed to the generated code as globals.
+contexts, tensors the trace holds as attributes) are named ``_<hint><n>`` and handed to the generated code
+as globals; an instruction may read one where it reads a variable (``uses``), and nothing deletes it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The IR's invariants, checked after every pass (as ``torch.fx``'s ``Graph.lint``): a pass that leaves a
 fact stale fails here, naming the pass, instead of as a wrong memory figure or a NameError in generated code.
 
-- every variable is defined once, and every use comes after its definition;
+- every variable is defined once, and every use of a variable (not a constant) comes after its definition;
 - every storage a variable holds (``refs``) exists in ``storages``;
 - releases follow instructions of the body, units and their release lines agree, and a stage has one cut.
 """
@@ -22,7 +22,7 @@ def verify(ir: StepIR, after: str) -> None:
     defined: set[str] = set()
     for i, ins in enumerate(ir.body):
         for name in ins.uses:
-            if name not in defined:
+            if name not in defined and name not in ir.consts:  # a constant (a traced buffer) is a global
                 problems.append(f"instruction {i} ({ins.code()}) uses {name} before it is defined")
         for name in ins.defs:
             if name in defined:

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from shardflow.graph.ir.codegen import build, source
-from shardflow.graph.ir.instr import Op, OutForm, Release, Return, Unpack
+from shardflow.graph.ir.instr import Box, Op, OutForm, Release, Return, Unpack
 from shardflow.graph.ir.placement import place
 from shardflow.graph.ir.step import StepIR
+from shardflow.graph.ir.verify import verify
 
 aten = torch.ops.aten
 F32 = torch.float32
@@ -162,3 +163,27 @@ def test_a_stage_is_a_forward_and_a_backward() -> None:
     grads, input_grads = fast["backward"](saved, [g])
     torch.testing.assert_close(grads[0], g * (a @ b), rtol=1e-6, atol=1e-6)
     assert input_grads == []
+
+
+def test_a_constant_read_like_a_variable_is_never_deleted() -> None:
+    # a tensor the trace holds as an attribute (a causal mask buffer) is a constant: a Box may read it as its
+    # source, and the generated code must keep it a global (a ``del`` would make it a local, unbound)
+    ir = StepIR()
+    x = ir.new_var()
+    ir.emit(Unpack(names=(x,), source="args"))
+    mask = ir.const(torch.ones(2), "attr")
+    boxed = ir.new_var()
+    ir.emit(Box(out=boxed, src=mask, fn=ir.const(lambda t: t * 2, "box")))
+    ir.store(boxed, 8, "boxed mask")
+    total = ir.new_var()
+    ir.emit(Op(out=total, fn=ir.const(torch.add, "op"), args=f"{x}, {boxed}", used=(x, boxed)))
+    ir.store(total, 8, "sum")
+    ir.emit(Return(loss=total, grads=()))
+    verify(ir, "a hand-built program")
+    code = build(ir, None)
+    assert f"del {mask}" not in code.source and mask not in " ".join(
+        line for line in code.source.splitlines() if line.strip().startswith("del")
+    )
+    loss, grads = code.fast["step"]([torch.zeros(2)])
+    torch.testing.assert_close(loss, torch.full((2,), 2.0))
+    assert grads == []

@@ -56,8 +56,8 @@ MUTANTS = [
     Mutant(
         "ZeRO-2 buckets priced without gloo's copy of the packed buffers",
         "shardflow/graph/ir/buckets.py",
-        'packed = bucket.nbytes * len(pack.ranks) * (2 if mesh.device_type == "cpu" else 1)',
-        "packed = bucket.nbytes * len(pack.ranks)",
+        'packed = bucket.nbytes * len(key.ranks) * (2 if mesh.device_type == "cpu" else 1)',
+        "packed = bucket.nbytes * len(key.ranks)",
         (f"{MEMORY}[gpt-dp4-dp-zero2]",),
     ),
     Mutant(

@@ -80,16 +80,19 @@ def lower_ir(
         returned = ["", *grads]
     else:
         kept = returned = [ends.loss or "", *grads]
-    placed = None
+    placed, memory = None, timeline(ir, returned)
     if arena:
-        plain, body = timeline(ir, returned).peak, list(ir.body)
+        body = list(ir.body)
         placed = place(ir, kept, everything=arena == "all")
-        # ``select`` judges by an estimate (lifetimes through boxing counted long, the arena as its densest
-        # line): placement that still raises the peak is undone for ``arena=True``
-        if arena is True and placed is not None and timeline(ir, returned, placed.nbytes).peak > plain:
-            ir.body[:], ir.placed, placed = body, {}, None
+        if placed is not None:
+            with_arena = timeline(ir, returned, placed.nbytes)
+            # ``select`` judges by an estimate (lifetimes through boxing counted long, the arena as its densest
+            # line): placement that still raises the peak is undone for ``arena=True``
+            if arena is True and with_arena.peak > memory.peak:
+                ir.body[:], ir.placed, placed = body, {}, None
+            else:
+                memory = with_arena
         verify(ir, "arena placement")
-    memory = timeline(ir, returned, placed.nbytes if placed is not None else 0)
     code = build(ir, placed)
     collectives = [ins.comm for ins in ir.body if ins.comm is not None]
     cost = sum(c.plan.seconds for c in collectives if c.plan is not None) + buckets.scatter_seconds

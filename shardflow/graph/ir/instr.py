@@ -51,6 +51,17 @@ class Instr:
 
 
 @dataclass(frozen=True, kw_only=True)
+class _Defines(Instr):
+    """An instruction whose one result is variable ``out``."""
+
+    out: str
+
+    @property
+    def defs(self) -> tuple[str, ...]:
+        return (self.out,)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Unpack(Instr):
     """The function's arguments (``args``, a stage's arriving ``grads_in``) bound to variables."""
 
@@ -81,12 +92,11 @@ class OutForm:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Op(Instr):
+class Op(_Defines):
     """``out = fn(args)``: an ATen op or a local function (``ops/``) on local tensors. ``args`` is the
     rendered argument text; ``uses`` the variables in it. ``checks``: per result (index, or None for the
     single result) the local shape the checked program asserts. ``blocks``: arena blocks it writes into."""
 
-    out: str
     fn: str
     args: str
     used: tuple[str, ...]
@@ -97,10 +107,6 @@ class Op(Instr):
     blocks: tuple[int, ...] = ()
 
     exact: ClassVar[bool] = True
-
-    @property
-    def defs(self) -> tuple[str, ...]:
-        return (self.out,)
 
     @property
     def uses(self) -> tuple[str, ...]:
@@ -115,18 +121,13 @@ class Op(Instr):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Item(Instr):
+class Item(_Defines):
     """``out = src[index]``: one result of a multi-result op."""
 
-    out: str
     src: str
     index: int
 
     exact: ClassVar[bool] = True
-
-    @property
-    def defs(self) -> tuple[str, ...]:
-        return (self.out,)
 
     @property
     def uses(self) -> tuple[str, ...]:
@@ -137,17 +138,12 @@ class Item(Instr):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Box(Instr):
+class Box(_Defines):
     """``out = fn(src)``: a layout conversion bound for this rank (boxing), or finishing a started one."""
 
-    out: str
     src: str
     fn: str
     route: str = ""  # the boxing plan's route, as ``explain`` prints it
-
-    @property
-    def defs(self) -> tuple[str, ...]:
-        return (self.out,)
 
     @property
     def uses(self) -> tuple[str, ...]:
@@ -187,18 +183,13 @@ class GatherStart(Box):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Launch(Instr):
+class Launch(_Defines):
     """``out = fn(*grads)``: a gradient bucket's collective started; the gradients are copied in."""
 
-    out: str
     grads: tuple[str, ...]
     fn: str
 
     exact: ClassVar[bool] = True
-
-    @property
-    def defs(self) -> tuple[str, ...]:
-        return (self.out,)
 
     @property
     def uses(self) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ class Joint:
     n_values: int = 1  # forward results first: the loss, or a stage's outputs
     n_grads_in: int = 0  # a stage: the gradients arriving for its outputs, its last placeholders
     n_input_grads: int = 0  # a stage: gradients of its inputs, last in the results
+    forward_only: bool = False  # an evaluation: ``graph(params, buffers, inputs) -> [*outputs]``, no backward
 
 
 class _Joint(nn.Module):
@@ -87,13 +88,13 @@ def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu") -> 
         xs = [fake(x) if isinstance(x, torch.Tensor) else x for x in inputs]
     del mode
     stage = f"tracing {type(model).__name__}'s forward and backward on fake tensors"
-    with _attention_kernels(device), explained(model, stage), module_paths(model):
+    with attention_kernels(device), explained(model, stage), module_paths(model):
         graph = make_fx(step, tracing_mode="fake")(ps, bs, xs)
     value_keys(graph.graph)
     return Joint(graph, len(ps), len(bs), tuple(grad_of))
 
 
-def _attention_kernels(device: str) -> Any:
+def attention_kernels(device: str) -> Any:
     """On CUDA, attention traces to the flash kernel (half precision), the memory-efficient one (any float
     dtype) or plain matmuls and softmax, in torch's order of preference: kernels ops/rules/nn.py has layout
     rules for; not to cuDNN's (its outputs differ by version)."""

@@ -19,14 +19,16 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from shardflow.checkpoint.index import CheckpointError
 from shardflow.comm.init import world
+from shardflow.graph.evaluate import EvalProgram, lower_eval, trace_method
 from shardflow.graph.graphed_step import graphed_step
 from shardflow.graph.lower import Program, lower, trace_step
 from shardflow.graph.optimizer_pieces import optimizer_pieces
 from shardflow.graph.parallel_memory import parallel_memory
-from shardflow.graph.static_step import signature, static_step
+from shardflow.graph.static_step import program_args, signature, static_step
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, format_sbp
 from shardflow.placement.shard import take_local
@@ -101,6 +103,7 @@ class ParallelModule(Runner):
         self.record: Record | None = None
         self.example_inputs: tuple[Any, ...] = ()
         self.programs: dict[Any, Program] = {}  # this rank's programs per input signature, lowered on first use
+        self.eval_programs: dict[Any, EvalProgram] = {}  # per method and input signature (graph/evaluate.py)
         self.staging = Staging()  # pinned host buffers the inputs' shards are copied to the device through
         self._recomputed: tuple[str, ...] = ()  # modules whose forward is patched to recompute in backward
         self.events: list[Event] = []  # every rank's events of the last traced step
@@ -138,6 +141,7 @@ class ParallelModule(Runner):
         self._patch_recompute(new.recompute)
         self._plan = new
         self.programs.clear()
+        self.eval_programs.clear()
         self.graphs.clear()
 
     def set_recompute(self, names: Sequence[str]) -> None:
@@ -156,11 +160,11 @@ class ParallelModule(Runner):
             module.forward = functools.partial(_checkpointed, type(module).forward.__get__(module))  # type: ignore[method-assign]
         self._recomputed = tuple(names)
 
-    def _inputs(self, inputs: Sequence[Any]) -> list[Any]:
-        if len(inputs) != len(self.input_sbp):
+    def _inputs(self, inputs: Sequence[Any], sbps: Sequence[NdSbp] | None = None) -> list[Any]:
+        if sbps is None and len(inputs) != len(self.input_sbp):
             raise ValueError(f"step() got {len(inputs)} inputs; the model was compiled with {len(self.input_sbp)}")
         out = []
-        for i, (x, sbp) in enumerate(zip(inputs, self.input_sbp)):
+        for i, (x, sbp) in enumerate(zip(inputs, self.input_sbp if sbps is None else sbps)):
             if isinstance(x, GlobalTensor):
                 out.append(x if x.mesh == self.mesh and x.sbp == sbp else x.redistribute(sbp, mesh=self.mesh))
             elif isinstance(x, torch.Tensor) and P not in sbp:
@@ -198,20 +202,58 @@ class ParallelModule(Runner):
                 self.record = stack.enter_context(recording())
             return self._step(inputs)
 
+    def evaluate(self, *inputs: Any, method: str = "forward") -> Any:
+        """The model's ``method`` on the global batch ``inputs``, forward only (no gradient, no update, the
+        model in eval mode), its tensors the full values on every rank of the mesh (None outside it)."""
+        if not self.inside:
+            return None
+        if not callable(getattr(self.module, method, None)):
+            raise ValueError(f"evaluate(method={method!r}): {type(self.module).__name__} has no such method")
+        gins = self._inputs(inputs, self._eval_layouts(inputs))
+        was = self.module.training
+        self.module.eval()
+        try:
+            if not self.static:  # op by op on GlobalTensors
+                with torch.no_grad(), implicit_broadcast():
+                    out = getattr(self.module, method)(*gins)
+                return pytree.tree_map(lambda t: t.full() if isinstance(t, GlobalTensor) else t, out)
+            key = (method, signature(gins))
+            if key not in self.eval_programs:
+                traced = trace_method(self.module, method, gins, self.mesh.device_type)
+                sbps = self._sbps(gins)
+                self.eval_programs[key] = lower_eval(
+                    traced, self.mesh, world()[0], sbps, self.zero_axis, self._plan.values, self.gathered
+                )
+            fixed, fed = program_args(self, gins)
+            return self.eval_programs[key](fixed + fed)
+        finally:
+            self.module.train(was)
+
+    def _eval_layouts(self, inputs: Sequence[Any]) -> tuple[NdSbp, ...]:
+        """The step's input layouts for the step's inputs; for another method's, the layout the plan's inputs
+        share (each split by samples) for every tensor with a batch dim (replicated where they differ)."""
+        if len(inputs) == len(self.input_sbp):
+            return self.input_sbp
+        replicated = (B,) * self.mesh.ndim
+        batch = self.input_sbp[0] if len(set(self.input_sbp)) == 1 else replicated
+        return tuple(batch if isinstance(x, torch.Tensor) and x.dim() else replicated for x in inputs)
+
+    def _sbps(self, inputs: Sequence[Any]) -> list[NdSbp | None]:
+        """One layout per placeholder of a traced program: parameters, buffers, inputs (None: not a tensor)."""
+        sbps: list[NdSbp | None] = [p.sbp for p in self.params]
+        sbps += [b.sbp for _, b in self.module.named_buffers() if isinstance(b, GlobalTensor)]
+        return sbps + [x.sbp if isinstance(x, GlobalTensor) else None for x in inputs]
+
     def program(self, inputs: Sequence[Any]) -> Program:
         """This rank's program for inputs laid out as ``inputs`` (GlobalTensors), lowered on first use."""
         key = signature(inputs)
         if key not in self.programs:
             joint = trace_step(self.module, inputs, self.mesh.device_type)
-            buffers = [b for _, b in self.module.named_buffers()]
-            sbps: list[NdSbp | None] = [p.sbp for p in self.params]
-            sbps += [b.sbp for b in buffers if isinstance(b, GlobalTensor)]
-            sbps += [x.sbp if isinstance(x, GlobalTensor) else None for x in inputs]
             program = lower(
                 joint,
                 self.mesh,
                 world()[0],
-                sbps,
+                self._sbps(inputs),
                 self.bucket_bytes,
                 self.zero_axis,
                 self.grad_sbps,

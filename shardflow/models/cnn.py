@@ -56,6 +56,10 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(c2 * (cfg.image_size // 4) ** 2, cfg.num_classes)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.predict(x), y)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (batch, num_classes) for images ``x``: what accuracy is measured on."""
         x = self.pool(F.relu(self.bn1(self.conv1(x))))
         x = self.pool(F.relu(self.bn2(self.conv2(x))))
-        return F.cross_entropy(self.head(torch.flatten(x, 1)), y)
+        return self.head(torch.flatten(x, 1))

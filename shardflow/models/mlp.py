@@ -59,3 +59,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.net(x), y)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (batch, num_classes) for rows of ``x``: what accuracy is measured on."""
+        return self.net(x)

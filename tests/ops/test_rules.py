@@ -240,6 +240,15 @@ def _softmax_ops() -> None:
             for f in (F.softmax, F.log_softmax):
                 for sbp in _layouts(mesh, 3, linear=True):
                     _check(f"{f.__name__}(dim={dim})", lambda t, f=f, dim=dim: f(t, dim=dim), mesh, [x], [sbp])
+        for sbp in _layouts(mesh, 3):  # extrema: a split reduced dim is gathered first
+            for name, fn in [
+                ("argmax", lambda t: t.argmax(-1)),
+                ("argmin keepdim", lambda t: t.argmin(1, keepdim=True)),
+                ("argmax whole", lambda t: t.argmax()),
+                ("amax", lambda t: t.amax(dim=(0, 2))),
+                ("amin keepdim", lambda t: t.amin(dim=1, keepdim=True)),
+            ]:
+                _check(name, fn, mesh, [x], [sbp], grad=False)
 
 
 def _losses() -> None:

@@ -58,6 +58,8 @@ def _describe(ir: StepIR, ins: Instr) -> tuple[str, str]:
         grads = ", ".join(str(k) for k in ir.units[ins.unit].grads)
         what = f"bucket {ins.payload[0]}" if ins.bucket else ", ".join(ins.payload)
         return "release", f"unit {ins.unit} (gradients {grads}): {what}"
+    if isinstance(ins, Return) and ins.outputs is not None:
+        return "return", f"outputs [{', '.join(ins.outputs)}]"
     if isinstance(ins, Return):
         loss = f"loss {ins.loss}, " if ins.loss is not None else ""
         extra = f", input gradients [{', '.join(ins.input_grads)}]" if ins.input_grads else ""

@@ -246,11 +246,13 @@ class Release(Instr):
 
 @dataclass(frozen=True, kw_only=True)
 class Return(Instr):
-    """The step's results: ``loss, [grads]``; a stage's backward: ``[grads], [input grads]``."""
+    """The step's results: ``loss, [grads]``; a stage's backward: ``[grads], [input grads]``; an
+    evaluation's (forward only): ``[outputs]``."""
 
     loss: str | None
     grads: tuple[str, ...]
     input_grads: tuple[str, ...] = ()
+    outputs: tuple[str, ...] | None = None
 
     @property
     def defs(self) -> tuple[str, ...]:
@@ -258,9 +260,11 @@ class Return(Instr):
 
     @property
     def uses(self) -> tuple[str, ...]:
-        return (*(() if self.loss is None else (self.loss,)), *self.grads, *self.input_grads)
+        return (*(() if self.loss is None else (self.loss,)), *self.grads, *self.input_grads, *(self.outputs or ()))
 
     def code(self) -> str:
+        if self.outputs is not None:
+            return f"return [{', '.join(self.outputs)}]"
         if self.loss is None:
             return f"return [{', '.join(self.grads)}], [{', '.join(self.input_grads)}]"
         return f"return {self.loss}, [{', '.join(self.grads)}]"

@@ -180,8 +180,8 @@ class LayoutPass:
         values, input_grads = results[:n_values], results[n_values + n_grads :]
         # make_fx records the forward up to the loss, then autograd's backward (a stage's trace detaches its
         # outputs as its forward ends)
-        last = values[-1]
-        if self.joint.n_grads_in == 0 and last.target == torch.ops.aten.detach.default:
+        last: fx.Node | None = values[-1] if values and not self.joint.forward_only else None
+        if last is not None and self.joint.n_grads_in == 0 and last.target == torch.ops.aten.detach.default:
             last = last.args[0]  # type: ignore[assignment]
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(self.sbps):
@@ -208,8 +208,9 @@ class LayoutPass:
                     self.ir.stage_outputs = tuple(outs)
                     self.ir.emit(Unpack(names=tuple(arriving), source="grads_in"))
                 self.phase = "backward"
-        self.phase = "after"
-        return LayoutResult(results[0], input_grads)
+        if not self.joint.forward_only:
+            self.phase = "after"
+        return LayoutResult(results[0] if results else None, input_grads)
 
     def finish(self, result: LayoutResult, later: Sequence[Conversion]) -> Epilogue:
         """Once backward's buckets are launched: the loss replicated (a stage: its inputs' gradients, as its
@@ -218,6 +219,7 @@ class LayoutPass:
             loss = None
             input_grads = [self.box(g, (B,) * self.mesh.ndim, "input gradient")[0] for g in result.input_grads]
         else:
+            assert result.loss is not None, "a training step returns its loss"
             loss, plan = self.box(result.loss, (B,) * self.mesh.ndim, "loss")
             input_grads = []
             if plan is not None:
@@ -278,5 +280,5 @@ class Epilogue:
 class LayoutResult:
     """What the traversal leaves for the epilogue: the loss node, and a stage's input-gradient nodes."""
 
-    loss: fx.Node
+    loss: fx.Node | None  # None: an evaluation that returns no tensor
     input_grads: list[fx.Node]

@@ -76,3 +76,16 @@ def _norm_local(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any]
     partial = tuple(P if is_split(p) else p for p in sbp)
     total = ctx.box(powered, partial, (), (B,) * ctx.mesh.ndim)
     return total ** (1.0 / ord_)
+
+
+@rule(aten.argmax.default, aten.argmin.default, aten.amax.default, aten.amin.default)
+def _extremum(call: OpCall, k: int) -> list[Sig]:
+    """Arg/max/min over dims that are whole on each rank: a shard's extremum is not a partial of the
+    global one, so a split reduced dim is gathered first (argmax with no dim reads the whole tensor)."""
+    nd = call.tensors[0].ndim
+    dims, keep = _dims(call)
+    if call.func in (aten.argmax.default, aten.argmin.default) and (len(call.args) < 2 or call.args[1] is None):
+        if call.kwargs.get("dim") is None:
+            return [Sig((B,), (B,))]
+    kept = [d for d in range(nd) if d not in dims]
+    return [Sig((S(d),), (S(d if keep else d - sum(1 for r in dims if r < d)),)) for d in kept] + [Sig((B,), (B,))]

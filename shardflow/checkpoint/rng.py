@@ -7,6 +7,7 @@ import base64
 
 import torch
 
+from shardflow.comm.collectives import all_gather_single
 from shardflow.comm.init import world
 
 
@@ -16,7 +17,7 @@ def rng_states() -> list[str]:
     if not torch.distributed.is_initialized() or world()[1] == 1:
         return [base64.b64encode(mine.numpy().tobytes()).decode()]
     every = torch.zeros(world()[1] * mine.numel(), dtype=torch.uint8)
-    torch.distributed.all_gather_into_tensor(every, mine)
+    all_gather_single(every, mine)
     return [base64.b64encode(row.numpy().tobytes()).decode() for row in every.view(world()[1], -1)]
 
 

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=text,
             description=(
                 f"{text[0].upper()}{text[1:]}. The job gets as many local ranks as the config's mesh has. Keys of the "
-                "config can be set on the command line after it, e.g. --steps 100 --model.n_layer 4 --resume never "
+                "config can be set on the command line after it, e.g. --steps 100 --model.args.n_layer 4 --resume never "
                 "(see examples/gpt.toml and shardflow/train/config.py for every key). shardflow plan CONFIG --save plan.json "
                 "writes the plan as JSON; shardflow train CONFIG --plan plan.json trains with it (it wins over the "
                 "config's mesh and strategy keys)."

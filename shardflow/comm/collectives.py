@@ -28,7 +28,7 @@ import torch.distributed as dist
 from shardflow.comm.groups import GroupHandle
 
 # torch 2.13 renamed the single-tensor collectives; older versions have only the old names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
@@ -90,7 +90,7 @@ def all_gather_start(local: torch.Tensor, dim: int, sizes: Sequence[int], g: Gro
         return Gathering(None, local.new_empty(out_shape), out_shape, (), dim, tuple(sizes), g)
     piece = _padded(local, dim, m)
     buf = local.new_empty((g.size * piece.shape[0], *piece.shape[1:]))  # gloo wants the blocks on dim 0
-    work = _all_gather_single(buf, piece, group=g.group, async_op=True)
+    work = all_gather_single(buf, piece, group=g.group, async_op=True)
     return Gathering(work, buf, out_shape, tuple(piece.shape), dim, tuple(sizes), g)
 
 
@@ -178,7 +178,7 @@ def all_gather_rows(row: torch.Tensor) -> torch.Tensor:
         return row[None]
     flat = row.reshape(-1).contiguous()  # gloo wants a flat output of world * numel
     out = torch.empty(dist.get_world_size() * flat.numel(), dtype=row.dtype, device=row.device)
-    _all_gather_single(out, flat)
+    all_gather_single(out, flat)
     return out.view(dist.get_world_size(), *row.shape)
 
 

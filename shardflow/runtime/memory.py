@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from shardflow.comm.collectives import all_gather_single
+
 
 @dataclass(frozen=True)
 class ProgramMemory:
@@ -52,7 +54,7 @@ def with_every_peak(report: MemoryReport) -> MemoryReport:
         return report
     mine = torch.tensor([report.peak], dtype=torch.int64, device=_collective_device())
     every = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=mine.device)
-    dist.all_gather_into_tensor(every, mine)
+    all_gather_single(every, mine)
     return dataclasses.replace(report, peaks=tuple(int(v) for v in every.cpu()))
 
 

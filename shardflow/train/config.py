@@ -3,7 +3,9 @@
 Why dataclasses and ``tomllib``: both are standard library (before Python 3.11, ``tomli``, the same
 parser); the dataclass is the schema (field names, types, defaults, docs), and an unknown key or a value
 of the wrong type is an error that names the key, instead of a silent default. Nested tables map to
-nested dataclasses (``[model]``), and a flag names a nested key with a dot (``--model.n_layer 4``).
+nested dataclasses (``[model]``), and a flag names a nested key with a dot (``--model.args.n_layer 4``). The
+``args`` tables are free (their keys belong to the model or data they build): those are checked where they are
+used, against the built-in's dataclass, the Hugging Face config class or the function's signature.
 """
 
 from __future__ import annotations
@@ -26,12 +28,54 @@ else:  # pragma: no cover - Python 3.10
 
 @dataclass
 class ModelConfig:
-    """The GPT trained on Python's own standard-library source, one token per byte."""
+    """What to train: one of ``builtin``, ``hf`` or ``function`` (none given: the built-in GPT), built with
+    ``args`` after seeding torch with the run's seed. The module's ``forward(*batch)`` returns the loss."""
+
+    builtin: str = ""
+    """A model shardflow ships: "gpt" (``args``: the keys of ``GPTArgs``)."""
+    hf: str = ""
+    """A Hugging Face ``transformers`` class, e.g. "LlamaForCausalLM" (a ``*ForCausalLM`` / ``*LMHeadModel``
+    trains on next tokens, a ``*ForSequenceClassification`` on labels), built from its config class with
+    ``args`` (random weights, nothing downloaded), or loaded from ``weights``."""
+    function: str = ""
+    """``package.module:function`` (imported like ``python -m`` does: the working directory first) called with
+    ``args``, returning an ``nn.Module`` whose forward returns the loss."""
+    weights: str = ""
+    """``hf`` only: a local directory of weights (``save_pretrained``'s) to start from; ``args`` override its
+    config. Empty: random weights from the seed."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Arguments of the model: ``GPTArgs``' keys, the ``hf`` config class's, or the function's keywords."""
+
+
+@dataclass
+class GPTArgs:
+    """``[model.args]`` of the built-in GPT, which reads bytes of Python's own standard-library source."""
 
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 64
     block_size: int = 32
+    """Context length: the built-in text's sequences are this long unless ``data.args.seq_len`` says."""
+    dropout: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    """The batches: one of ``builtin`` or ``function`` (none given: the built-in text). Batch ``i`` of the
+    training split is a function of the seed and ``i`` only, so a resumed run sees the same batches."""
+
+    builtin: str = ""
+    """Data shardflow ships: "text" (next-byte windows of Python's standard-library source; ``args``:
+    ``seq_len``, default the model's context length; the last tenth is the validation split)."""
+    function: str = ""
+    """``package.module:function`` called as ``function(split, **args)`` with split "train" or "validation",
+    returning a map-style dataset (``__len__``, ``__getitem__``: shuffled per epoch from the seed) or an
+    iterable one (read in order, skipped ahead on resume)."""
+    collate: str = ""
+    """``package.module:function`` turning a list of samples into the model's inputs (a tuple, or one tensor);
+    empty: torch's ``default_collate``."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the data function (of "text": ``seq_len``)."""
 
 
 @dataclass
@@ -50,7 +94,7 @@ class TrainConfig:
     schedule: str = "1f1b"
     """Pipeline schedule when the mesh has a "pp" axis: "1f1b" or "gpipe"."""
     batch_size: int = 8
-    """Sequences per step (the global batch)."""
+    """Samples (sequences, rows) per step: the global batch, split over the data-parallel ranks."""
     steps: int = 20
     """Train until this many steps are done (a resumed run counts the steps before it)."""
     lr: float = 3e-3
@@ -78,14 +122,30 @@ class TrainConfig:
     trace: str = ""
     """Write the timeline of the run's last step here (Chrome/Perfetto JSON, every rank's tracks) and draw it
     as a PNG beside it (empty: no trace)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    eval_every: int = 0
+    """Evaluate on the validation split every this many steps and after the last (0: never)."""
+    eval_batches: int = 4
+    """Validation batches per evaluation, the first ones of the split in order (0: every full batch of it)."""
+    metric: str = ""
+    """Also measure this on the validation batches: "accuracy" (of the largest output against the batch's
+    last element, the labels), or ``package.module:function(outputs, batches) -> float`` (empty: the loss
+    only)."""
+    metric_method: str = "predict"
+    """The model method whose outputs the metric reads: ``pm.evaluate(*batch[:-1], method=...)``, the batch
+    less its labels (its last element); "forward" reads the loss of the whole batch."""
 
 
 def _convert(value: Any, kind: Any, key: str) -> Any:
     origin = typing.get_origin(kind)
+    if origin is dict:  # free arguments: checked by what they are passed to (train/models.py, train/data.py)
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} must be a table, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise ValueError(f"config key {key!r} must be a table, got {value!r}")
-        return _fill(kind, value, key + ".")
+        return fill(kind, value, key + ".")
     if origin is list:
         (item,) = typing.get_args(kind)
         if isinstance(value, str):
@@ -105,13 +165,31 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
         raise ValueError(f"config key {key!r} must be {kind.__name__}, got {value!r}") from None
 
 
-def _fill(cls: Any, table: dict[str, Any], prefix: str = "") -> Any:
+def fill(cls: Any, table: dict[str, Any], prefix: str = "") -> Any:
+    """``cls`` filled from ``table``; an unknown key or a value of the wrong type is an error naming it."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - names)
     if unknown:
         raise ValueError(f"unknown config key {prefix + unknown[0]!r}; known keys: {sorted(prefix + n for n in names)}")
     return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in table.items()})
+
+
+def _literal(text: str) -> Any:
+    """``--model.args.n_layer 4`` is the int 4, ``true`` a bool, ``[1, 2]`` a list; anything else the text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _one_of(table: Any, keys: tuple[str, ...], default: str, section: str) -> None:
+    """Exactly one of ``keys`` may be set in ``[section]``; none set means ``builtin = default``."""
+    given = [k for k in keys if getattr(table, k)]
+    if len(given) > 1:
+        raise ValueError(f"[{section}] names {' and '.join(f'{k} = {getattr(table, k)!r}' for k in given)}: give one")
+    if not given:
+        table.builtin = default
 
 
 def read_plan(path: str) -> ParallelPlan:
@@ -150,8 +228,9 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
         node = table
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value
-    cfg = _fill(TrainConfig, table)
+        # an argument has no declared type to convert a flag's text to: read it as a TOML value
+        node[leaf] = _literal(value) if "args" in (*parents, leaf) else value
+    cfg = fill(TrainConfig, table)
     if len(cfg.mesh) != len(cfg.axes):
         raise ValueError(f"mesh {cfg.mesh} and axes {cfg.axes} must have the same length")
     if not cfg.plan and "pp" in cfg.axes and (cfg.strategy != "dp" or cfg.zero or "tp" in cfg.axes):
@@ -161,4 +240,16 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
         )
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.snapshot_every < 1 or cfg.keep_last < 1:
         raise ValueError("steps, batch_size, snapshot_every and keep_last must be positive")
+    if cfg.eval_every < 0 or cfg.eval_batches < 0:
+        raise ValueError("eval_every and eval_batches must be 0 or positive")
+    _one_of(cfg.model, ("builtin", "hf", "function"), "gpt", "model")
+    _one_of(cfg.data, ("builtin", "function"), "text", "data")
+    if cfg.model.weights and not cfg.model.hf:
+        raise ValueError("model.weights loads a Hugging Face model's weights: set model.hf too")
+    pipelined = "pp" in cfg.axes or (cfg.plan and read_plan(cfg.plan).pipeline is not None)
+    if cfg.metric and cfg.metric_method != "forward" and pipelined:
+        raise ValueError(
+            f"metric_method {cfg.metric_method!r}: a pipelined model evaluates its forward (the loss) only; "
+            "set metric_method = 'forward' or train without a 'pp' axis"
+        )
     return cfg

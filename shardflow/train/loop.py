@@ -1,10 +1,11 @@
-"""The training loop behind ``shardflow train``: compile, resume, step, log, snapshot, prune.
+"""The training loop behind ``shardflow train``: build the model and data the config names
+(``train/models.py``, ``train/data.py``), compile, resume, step, log, evaluate, snapshot, prune.
 
 Snapshots are background saves (``pm.save(..., blocking=False)``) into ``run_dir/stepNNNNNNNN``; a run
 resumed with ``resume = "auto"`` continues from the newest *complete* one (its ``index.json`` exists: a
-save that crashed leaves only a ``.partial`` folder). The data position is the step: batch ``i`` is drawn
-from a generator seeded by ``(seed, i)``, so a resumed run sees exactly the batches an uninterrupted one
-would, and on CPU its losses are bit-identical (same plan, same reduction order). Pruning deletes only
+save that crashed leaves only a ``.partial`` folder). The data position is the step: batch ``i`` is a
+function of the seed and ``i``, so a resumed run sees exactly the batches an uninterrupted one would, and on
+CPU its losses are bit-identical (same plan, same reduction order; evaluation changes no state). Pruning deletes only
 folders named like shardflow's snapshots that hold a shardflow index, and only once a newer snapshot is
 complete.
 """
@@ -12,6 +13,7 @@ complete.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,9 +31,12 @@ import torch.distributed as dist
 
 import shardflow as sf
 from shardflow.checkpoint.index import FORMAT, INDEX
-from shardflow.models import CHAR_VOCAB_SIZE, GPT, GPTConfig, batches, char_corpus
 from shardflow.runtime import trace as tracing
+from shardflow.runtime.runner import Runner
 from shardflow.train.config import TrainConfig, load_config, read_plan
+from shardflow.train.data import Batches, make_batches
+from shardflow.train.evaluation import described, evaluate, metric_of
+from shardflow.train.models import TrainModel, build_model
 
 _SNAPSHOT = re.compile(r"step(\d{8})")
 
@@ -59,35 +65,22 @@ def _prune(run_dir: str, keep: int) -> None:
         shutil.rmtree(path)
 
 
-def _batch(corpus: torch.Tensor, cfg: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return next(batches(corpus, cfg.batch_size, cfg.model.block_size, seed=cfg.seed * 1_000_003 + step))
+@dataclass(frozen=True)
+class Run:
+    """A compiled run: the module, the model it was built from, and its batches."""
+
+    pm: Runner
+    model: TrainModel
+    batches: Batches
 
 
-def _model(cfg: TrainConfig) -> GPT:
-    torch.manual_seed(cfg.seed)
-    m = cfg.model
-    return GPT(
-        GPTConfig(
-            vocab_size=CHAR_VOCAB_SIZE,
-            block_size=m.block_size,
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            n_embd=m.n_embd,
-            dropout=0.0,
-        )
-    )
-
-
-def compile_run(cfg: TrainConfig) -> tuple[Any, torch.Tensor, int]:
-    """(the compiled model, the corpus, FLOPs per token) for ``cfg``, on the job's ranks."""
+def compile_run(cfg: TrainConfig) -> Run:
+    """The model, its batches and the compiled module for ``cfg``, on the job's ranks."""
     world = dist.get_world_size()
-    model = _model(cfg)
-    corpus = char_corpus()
-    n_params = sum(p.numel() for p in model.parameters())
-    # 6 FLOPs per parameter per token (forward + backward), plus attention (PaLM, appendix B)
-    flops_per_token = 6 * n_params + 12 * cfg.model.n_layer * cfg.model.block_size * cfg.model.n_embd
+    model = build_model(cfg.model, cfg.seed)
+    data = make_batches(cfg.data, cfg.batch_size, cfg.seed, model.context)
     optimizer = functools.partial(torch.optim.AdamW, lr=cfg.lr, eps=1e-6, foreach=False)
-    example = _batch(corpus, cfg, 0)
+    example = next(data.train(0))
     if cfg.plan:  # the plan wins over the config's mesh and strategy keys
         plan = read_plan(cfg.plan)
         if max(plan.mesh.ranks) + 1 != world:
@@ -98,7 +91,7 @@ def compile_run(cfg: TrainConfig) -> tuple[Any, torch.Tensor, int]:
         if math.prod(cfg.mesh) != world:
             raise ValueError(f"mesh {cfg.mesh} needs {math.prod(cfg.mesh)} ranks; the job has {world}")
         plan = sf.plan(
-            model,
+            model.module,
             sf.Mesh("cpu", tuple(cfg.mesh), names=tuple(cfg.axes)),
             example,
             strategy=cfg.strategy,
@@ -107,8 +100,22 @@ def compile_run(cfg: TrainConfig) -> tuple[Any, torch.Tensor, int]:
             pipeline=sf.Pipeline(micro_batches=cfg.micro_batches, schedule=cfg.schedule) if "pp" in cfg.axes else None,
         )
     limit = cfg.memory_limit or None
-    pm = sf.compile(model, plan=plan, example_inputs=example, optimizer=optimizer, memory_limit=limit)
-    return pm, corpus, flops_per_token
+    pm = sf.compile(model.module, plan=plan, example_inputs=example, optimizer=optimizer, memory_limit=limit)
+    return Run(pm, model, data)
+
+
+def _speed(batch: tuple[Any, ...], seconds: float, model: TrainModel, cfg: TrainConfig) -> str:
+    """Samples/s; tokens/s where the first input is token ids (batch, seq); FLOP/s and MFU where counted."""
+    x = batch[0]
+    out = f"{len(x) / seconds:,.0f} samples/s" if isinstance(x, torch.Tensor) and x.dim() else ""
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point():
+        out = f"{x.numel() / seconds:,.0f} tokens/s"
+        if model.flops_per_token is not None:
+            flops = model.flops_per_token * x.numel() / seconds
+            out += f", {flops / 1e9:.2f} GFLOP/s"
+            if cfg.peak_tflops:
+                out += f", MFU {flops / (cfg.peak_tflops * 1e12 * dist.get_world_size()):.1%}"
+    return out
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
@@ -116,7 +123,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
     sf.init()
     rank = dist.get_rank()
     say = log if rank == 0 else (lambda _: None)
-    pm, corpus, flops_per_token = compile_run(cfg)
+    metric = metric_of(cfg)
+    run = compile_run(cfg)
+    pm = run.pm
     if cfg.resume == "auto":
         found = snapshots(cfg.run_dir)
         if found:
@@ -125,14 +134,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
     elif cfg.resume != "never":
         pm.load(cfg.resume)
         say(f"resumed from {cfg.resume} (step {pm.steps})")
+    held_out = run.batches.validation(cfg.eval_batches) if cfg.eval_every else []
     losses: list[float] = []
-    tokens = cfg.batch_size * cfg.model.block_size
     # batches are made by the loader's reader actor one step ahead of the step that uses them
-    made = (_batch(corpus, cfg, s) for s in range(pm.steps, cfg.steps))
-    for step, (x, y) in enumerate(sf.Loader(made), start=pm.steps):
+    made = itertools.islice(run.batches.train(pm.steps), max(cfg.steps - pm.steps, 0))
+    for step, batch in enumerate(sf.Loader(made), start=pm.steps):
         traced = cfg.trace if cfg.trace and step + 1 == cfg.steps else None
         started = time.perf_counter()
-        loss = pm.step(x, y, trace=traced)
+        loss = pm.step(*batch, trace=traced)
         seconds = time.perf_counter() - started
         if traced and rank == 0:  # the step gathered every rank's events here too: no need to read the file back
             png = os.path.splitext(traced)[0] + ".png"
@@ -140,11 +149,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
             say(f"timeline of step {step + 1}: {traced} (ui.perfetto.dev) and {png}")
         losses.append(loss)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            flops = flops_per_token * tokens / seconds
-            mfu = f", MFU {flops / (cfg.peak_tflops * 1e12 * dist.get_world_size()):.1%}" if cfg.peak_tflops else ""
-            say(
-                f"step {step + 1}/{cfg.steps}: loss {loss:.4f}, {tokens / seconds:,.0f} tokens/s, {flops / 1e9:.2f} GFLOP/s{mfu}"
-            )
+            say(f"step {step + 1}/{cfg.steps}: loss {loss:.4f}, {_speed(batch, seconds, run.model, cfg)}")
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            result = evaluate(pm, held_out, metric, cfg.metric_method)
+            say(f"eval at step {step + 1}: {described(result, cfg.metric)} ({len(held_out)} validation batches)")
         if (step + 1) % cfg.snapshot_every == 0 or step + 1 == cfg.steps:
             pm.wait_save()  # the previous snapshot is complete: older ones may go
             if rank == 0:
@@ -159,7 +167,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
 def plan(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
     """Compile only: print the plan and every rank's predicted memory, run no step (collective)."""
     sf.init()
-    pm, _, _ = compile_run(cfg)
+    pm = compile_run(cfg).pm
     report = pm.memory()
     if dist.get_rank() == 0:
         log(pm.plan.explain())

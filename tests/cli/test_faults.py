@@ -21,8 +21,8 @@ from shardflow.train.loop import snapshots
 ROOT = Path(__file__).resolve().parents[2]
 JOB = Path(__file__).with_name("train_job.py")
 HANG_S = 240  # a deadline that only catches hangs: every wait below takes seconds (a minute for a stopped rank)
-FLAGS = ["--mesh", "4", "--axes", "dp", "--strategy", "dp", "--model.n_layer", "1", "--model.n_embd", "32"]
-FLAGS += ["--model.block_size", "16", "--steps", "100000", "--log_every", "1", "--snapshot_every", "100000"]
+FLAGS = ["--mesh", "4", "--axes", "dp", "--strategy", "dp", "--model.args.n_layer", "1", "--model.args.n_embd", "32"]
+FLAGS += ["--model.args.block_size", "16", "--steps", "100000", "--log_every", "1", "--snapshot_every", "100000"]
 
 
 def _children() -> dict[int, list[int]]:

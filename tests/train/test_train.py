@@ -16,9 +16,10 @@ from shardflow.runtime.trace import read
 from shardflow.testing import run_on_ranks
 from shardflow.train import load_config, train
 from shardflow.train.loop import snapshots
+from shardflow.train.models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--model.n_layer", "1", "--model.n_embd", "32", "--model.block_size", "16", "--log_every", "100"]
+SMALL = ["--model.args.n_layer", "1", "--model.args.n_embd", "32", "--model.args.block_size", "16", "--log_every", "100"]
 
 
 def _train(run_dir: str, steps: int, resume: str, extra: list[str]) -> list[float]:
@@ -30,7 +31,7 @@ def _train(run_dir: str, steps: int, resume: str, extra: list[str]) -> list[floa
     "ranks, mesh",
     [
         (2, ["--mesh", "2", "--axes", "dp", "--strategy", "dp"]),
-        (4, ["--mesh", "2,2", "--axes", "pp,dp", "--strategy", "dp", "--model.n_layer", "2", "--micro_batches", "2"]),
+        (4, ["--mesh", "2,2", "--axes", "pp,dp", "--strategy", "dp", "--model.args.n_layer", "2", "--micro_batches", "2"]),
     ],
     ids=["dp", "pipeline"],
 )
@@ -58,14 +59,16 @@ def test_keeps_the_last_k_snapshots_and_nothing_else(tmp_path):
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="unknown config key 'model.layers'"):
         load_config(None, ["--model.layers", "3"])
+    with pytest.raises(ValueError, match="unknown config key 'model.args.layers'"):
+        build_model(load_config(None, ["--model.args.layers", "3"]).model, 0)
     with pytest.raises(ValueError, match="'steps' must be int"):
         load_config(None, ["--steps", "many"])
     with pytest.raises(ValueError, match="same length"):
         load_config(None, ["--mesh", "2,2"])
     with pytest.raises(ValueError, match="a 'pp' axis pipelines the model with data parallel stages"):
         load_config(str(ROOT / "examples" / "gpt.toml"), ["--axes", "pp,tp"])
-    cfg = load_config(str(ROOT / "examples" / "gpt.toml"), ["--model.n_layer", "3", "--lr", "0.01"])
-    assert cfg.model.n_layer == 3 and cfg.lr == 0.01 and cfg.mesh == [2, 2]
+    cfg = load_config(str(ROOT / "examples" / "gpt.toml"), ["--model.args.n_layer", "3", "--lr", "0.01"])
+    assert cfg.model.args["n_layer"] == 3 and cfg.lr == 0.01 and cfg.mesh == [2, 2]
 
 
 def test_shardflow_train_and_plan_commands(tmp_path):

@@ -15,10 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 import shardflow as sf
-from shardflow.models import char_corpus
+from shardflow.models import GPT, GPTConfig
 from shardflow.testing import run_on_ranks
 from shardflow.train import load_config, train
-from shardflow.train.loop import _batch, _model, snapshots
+from shardflow.train.data import make_batches
+from shardflow.train.loop import snapshots
+from shardflow.train.models import build_model
 from tests.graph.test_compile import reference_step
 from tests.train.test_train import ROOT, SMALL, _train
 
@@ -39,9 +41,11 @@ def test_zero_trains_like_plain_torch_with_parameters_split_over_dp(tmp_path):
     flags = [*SMALL, *DP, "--zero", "3", "--steps", "3", "--run_dir", str(tmp_path / "run"), "--resume", "never"]
     got = run_on_ranks(2, train, load_config(CONFIG, flags), timeout=300)[0]
     cfg = load_config(CONFIG, flags)
-    ref, corpus = _model(cfg), char_corpus()
+    torch.manual_seed(cfg.seed)
+    ref = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=4, n_embd=32))  # SMALL's GPT
+    batches = make_batches(cfg.data, cfg.batch_size, cfg.seed, 16).train(0)
     opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, eps=1e-6, foreach=False)
-    want = [reference_step(ref, opt, *_batch(corpus, cfg, step), clip=cfg.max_grad_norm) for step in range(3)]
+    want = [reference_step(ref, opt, *next(batches), clip=cfg.max_grad_norm) for step in range(3)]
     for g, w in zip(got, want, strict=True):
         assert abs(g - w) <= 1e-5 + 1e-4 * abs(w), (got, want)
     saved = str(tmp_path / "run" / "step00000003")
@@ -61,7 +65,8 @@ def test_a_memory_limit_too_small_is_refused_before_training(tmp_path):
     # 64 KiB is under the bytes of the parameters alone (a lower bound on the one rank's memory); one rank: the
     # launch is the test's cost
     one = ["--mesh", "1", "--axes", "dp", "--strategy", "dp"]
-    assert sum(p.numel() * p.element_size() for p in _model(load_config(CONFIG, SMALL)).parameters()) > 64 * 1024
+    small = build_model(load_config(CONFIG, SMALL).model, 0).module
+    assert sum(p.numel() * p.element_size() for p in small.parameters()) > 64 * 1024
     run_dir = tmp_path / "run"
     flags = [*SMALL, *one, "--steps", "2", "--log_every", "1", "--run_dir", str(run_dir), "--memory_limit", "64KiB"]
     out = subprocess.run(

@@ -23,14 +23,14 @@ def _plan(path: str) -> None:
     from shardflow.train.config import load_config
     from shardflow.train.loop import compile_run
 
-    pm, _, _ = compile_run(load_config(str(ROOT / "examples" / "gpt.toml"), [*DP_ZERO1, "--model.n_layer", "1"]))
+    pm = compile_run(load_config(str(ROOT / "examples" / "gpt.toml"), [*DP_ZERO1, "--model.args.n_layer", "1"])).pm
     if dist.get_rank() == 0:
         Path(path).write_text(pm.plan.to_json())
 
 
 def test_a_saved_plan_wins_over_the_config(tmp_path):
     saved = str(tmp_path / "plan.json")
-    small = ["--model.n_layer", "1"]
+    small = ["--model.args.n_layer", "1"]
     run_on_ranks(2, _plan, saved)
     written = json.loads(Path(saved).read_text())
     assert written["params"]["transformer.h.0.mlp.c_fc.weight"]["optim"] == ["S(0)"]  # ZeRO-1's piece
@@ -50,4 +50,4 @@ def test_a_plan_for_another_job_size_is_refused(tmp_path):
     raw["mesh"].update(shape=[4], ranks=[0, 1, 2, 3])
     saved.write_text(json.dumps(raw))
     with pytest.raises(Exception, match="is for a cpu mesh \\(dp=4\\) \\(ranks up to 3\\); the job has 2 ranks"):
-        run_on_ranks(2, _train, str(tmp_path / "c"), 1, "never", ["--model.n_layer", "1", "--plan", str(saved)])
+        run_on_ranks(2, _train, str(tmp_path / "c"), 1, "never", ["--model.args.n_layer", "1", "--plan", str(saved)])

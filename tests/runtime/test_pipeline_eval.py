@@ -91,6 +91,7 @@ def _equals_plain(shape, names, schedule: str, m: int, rows: int, kind: str, str
 def _changes_nothing() -> str:
     """2 steps, evaluate, 1 step against 3 steps of a twin pipeline, bit-exactly (dropout draws from the RNG)."""
     data = _batches("gpt", 10, 3)
+    ref = _model("gpt")  # built now: it seeds the RNG; it checks the 1F1B loss against plain PyTorch in eval mode
     runs = []
     for evaluate in (True, False):
         pm = _compile(_model("gpt"), (2, 2), ("pp", "dp"), "1f1b", 3, data[0], "dp")
@@ -99,11 +100,14 @@ def _changes_nothing() -> str:
         if evaluate:
             rng = torch.get_rng_state()
             grads = [None if p.grad is None else local(p.grad).clone() for p in pm.params]
-            pm.evaluate(*data[2])
+            got = pm.evaluate(*data[2])
             assert torch.equal(rng, torch.get_rng_state())
             after = [None if p.grad is None else local(p.grad) for p in pm.params]
             assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(grads, after))
             assert all(module.training for module in pm.modules.values())
+            ref.load_state_dict(pm.full_state_dict())
+            with torch.no_grad():
+                torch.testing.assert_close(got, ref.eval()(*data[2]), rtol=1e-5, atol=1e-6)
         losses.append(pm.step(*data[2]))
         runs.append((losses, pm.full_state_dict()))
     (with_eval, state), (without, plain_state) = runs

@@ -83,7 +83,8 @@ def trace_stage(module: nn.Module, inputs: Sequence[Any], needs_grad: Sequence[b
         xgrads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads[len(wanted) :], xleaves)]
         return [*values, *[g for g in pgrads if g is not None], *xgrads]
 
-    with explained(module, stage):
+    # the backward is traced whatever the caller's grad mode (an evaluation lowers its program under no_grad)
+    with explained(module, stage), torch.enable_grad():
         graph = make_fx(step, tracing_mode="fake")(ps, bs, xs, dys)
     joint = Joint(
         graph,

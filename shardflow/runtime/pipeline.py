@@ -30,6 +30,7 @@ from shardflow.runtime.crossing import stage_crossings
 from shardflow.runtime.memory import MemoryReport
 from shardflow.runtime.micro_batches import MicroBatches, micro_batches
 from shardflow.runtime.pipeline_config import Pipeline
+from shardflow.runtime.pipeline_eval import eval_copy, evaluate_loss, refuse_method
 from shardflow.runtime.pipeline_explain import explain_pipeline
 from shardflow.runtime.pipeline_memory import pipeline_memory
 from shardflow.runtime.pipeline_state import PipelineState
@@ -37,7 +38,7 @@ from shardflow.runtime.runner import OptimizerFactory
 from shardflow.runtime.schedule import Action, stage_order
 from shardflow.runtime.schedule_run import run_schedule
 from shardflow.runtime.stage_buckets import StageBuckets, TiedGrads, tied_groups
-from shardflow.runtime.stage_cut import Meta, cut, cut_other_shapes, plain, shape_key
+from shardflow.runtime.stage_cut import Meta, cut, cut_other_shapes, plain, shape_key, whole_batch
 from shardflow.runtime.stage_grid import stage_grid
 from shardflow.runtime.stages import canonical_names
 from shardflow.runtime.tensor_stage import local, local_grad, shard_stage
@@ -145,7 +146,8 @@ class PipelineModule(PipelineState):
             names = self.split.names[self.stage]
             self.split.names[self.stage] = shard_stage(self.module, names, self.layouts[self.stage], self.tp_mesh)
         cut_other_shapes(model, c, micros, self.stage)  # sharing this stage's (sharded) parameters
-        self.programs: dict[Any, Any] = {}  # this stage's lowered programs, per input signature
+        self.programs: dict[Any, Any] = {}  # this stage's lowered programs, per input signature and mode
+        self.eval_modules: dict[Any, nn.Module] = {}  # this stage's eval copies, per micro-batch shape
         self.pieces, self.crossing_notes = stage_crossings([self._meta(m) for m in micros], self.grid)
 
     def _tp_layouts(self) -> list[dict[str, Placement]]:
@@ -238,14 +240,7 @@ class PipelineModule(PipelineState):
         """One training step on the global batch ``inputs``; with ``trace``, rank 0 writes its timeline there."""
         if not self.inside:
             return float("nan")
-        whole = [plain(x) for x in inputs]
-        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in whole]
-        if shapes != self.example_shapes:
-            raise ValueError(
-                f"pipeline inputs of shapes {shapes}, but the stages were cut for {self.example_shapes}: "
-                "compile again with example inputs of the new shape"
-            )
-        micro, weights = self._micro_batches(whole)
+        micro, weights = self._micro_batches(whole_batch(inputs, self.example_shapes))
         self.recorder.enabled = trace is not None
         self.recorder.events = []
         for module in self.modules.values():
@@ -278,6 +273,15 @@ class PipelineModule(PipelineState):
             self.gather_trace(self.recorder.events, trace)
         return float(total)
 
+    def evaluate(self, *inputs: Any, method: str = "forward") -> Any:
+        """The loss of the global batch ``inputs`` by the forward alone, in eval mode (``Runner.evaluate``,
+        ``pipeline_eval.py``): a 0-d tensor equal on every rank of the mesh, None on ranks outside it."""
+        refuse_method(method)
+        if not self.inside:
+            return None
+        micro, weights = self._micro_batches(whole_batch(inputs, self.example_shapes))
+        return evaluate_loss(self, micro, weights)
+
     @property
     def _splits(self) -> bool:
         return self._splits_stage(self.stage)
@@ -291,12 +295,21 @@ class PipelineModule(PipelineState):
         """The stage's forward on one micro-batch: the module itself, or on a tensor-parallel stage its
         lowered program (``graph/stage_program.py``) for this input signature, made at its first use."""
         if self.tp_mesh is None:
-            return self.modules[key](*args)
+            return self._stage_module(key)(*args)
         out = self._stage_program(key, args)(args)
         return out if len(out) > 1 else out[0]
 
+    def _stage_module(self, key: Any) -> nn.Module:
+        """The stage module for ``key``; in eval mode its eval copy, made once (``pipeline_eval.py``)."""
+        module = self.modules[key]
+        if not module.training and key not in self.eval_modules:
+            self.eval_modules[key] = eval_copy(module)
+        return module if module.training else self.eval_modules[key]
+
     def _stage_program(self, key: Any, args: Sequence[Any]) -> Any:
-        signature = (key, tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+        # an eval-mode forward gets a program of its own, traced from the eval copy (dropout off)
+        needs = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        signature = (key, needs, self.modules[key].training)
         program = self.programs.get(signature)
         if program is None:
             if self.stage_program is None:
@@ -305,7 +318,7 @@ class PipelineModule(PipelineState):
             by_id = {id(p): layouts.get(name, B) for name, p in self.named.items()}
             arena = self.arena if self.tp_mesh is not None else False  # a dp stage's program only counts
             program = self.programs[signature] = self.stage_program(
-                self.modules[key], by_id, self.row_mesh, args, self.partial, arena
+                self._stage_module(key), by_id, self.row_mesh, args, self.partial, arena
             )
         return program
 

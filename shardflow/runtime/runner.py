@@ -37,7 +37,8 @@ def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 class Runner(Snapshots, abc.ABC):
-    """A model compiled over a mesh: ``step(*inputs)`` trains one step on the global batch.
+    """A model compiled over a mesh: ``step(*inputs)`` trains one step on the global batch, ``evaluate(*inputs)``
+    runs its forward on it without training.
 
     Subclasses give the step, their explanation, their memory on a rank that holds part of the model
     (``_memory``) and where each snapshot tensor lives on this rank (``_named_state`` for writing; for
@@ -62,6 +63,15 @@ class Runner(Snapshots, abc.ABC):
 
     @abc.abstractmethod
     def step(self, *inputs: Any, trace: str | None = None) -> float:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def evaluate(self, *inputs: Any, method: str = "forward") -> Any:
+        """Run ``method`` of the model forward only on the global batch ``inputs`` under the plan: no
+        gradient, no update, modules in eval mode (dropout off). Returns its result as plain tensors holding
+        the full value on every rank of the mesh (None on ranks outside it). Parameters, optimizer state,
+        gradients and RNG state are left as they were (a step after it equals a step without it), and the
+        modules in training mode. Collective over the mesh."""
         raise NotImplementedError
 
     @abc.abstractmethod

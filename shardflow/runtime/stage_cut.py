@@ -93,6 +93,18 @@ def plain(x: Any) -> Any:
     return x.full() if isinstance(x, GlobalTensor) else x
 
 
+def whole_batch(inputs: Sequence[Any], shapes: Sequence[tuple[int, ...] | None]) -> list[Any]:
+    """The batch ``inputs`` as full tensors (``plain``), checked against the ``shapes`` the stages were cut for."""
+    whole = [plain(x) for x in inputs]
+    got = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in whole]
+    if got != list(shapes):
+        raise ValueError(
+            f"pipeline inputs of shapes {got}, but the stages were cut for {list(shapes)}: "
+            "compile again with example inputs of the new shape"
+        )
+    return whole
+
+
 def _boundaries(split: Split, micro: Sequence[Any]) -> list[Meta]:
     """Shape and dtype of every tensor each stage returns, by running all stages on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode

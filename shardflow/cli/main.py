@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         (
             "train",
-            "train a GPT on Python's own source from a TOML config: snapshots, --resume auto, loss, tokens/s, MFU",
+            "train a model on its data from a TOML config (the built-in GPT, a Hugging Face class or your own module "
+            "and dataset): snapshots, --resume auto, evaluation, loss, throughput",
         ),
         ("plan", "compile a TOML config only: print the plan and every rank's predicted memory, run no step"),
     ):
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=(
                 f"{text[0].upper()}{text[1:]}. The job gets as many local ranks as the config's mesh has. Keys of the "
                 "config can be set on the command line after it, e.g. --steps 100 --model.args.n_layer 4 --resume never "
-                "(see examples/gpt.toml and shardflow/train/config.py for every key). shardflow plan CONFIG --save plan.json "
+                "(see examples/*.toml and shardflow/train/config.py for every key). shardflow plan CONFIG --save plan.json "
                 "writes the plan as JSON; shardflow train CONFIG --plan plan.json trains with it (it wins over the "
                 "config's mesh and strategy keys)."
             ),

@@ -349,11 +349,6 @@ class ParallelModule(Runner):
                 saved["capturable"] = mine["capturable"]
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
-    def evaluate(self, *inputs: Any, method: str = "forward") -> Any:
-        # NOTE: a placeholder so that ParallelModule stays concrete now that Runner.evaluate is abstract; the
-        # branch adding ParallelModule.evaluate replaces it (on merge, keep that one)
-        raise NotImplementedError("evaluate is not implemented yet for a plan without a pp axis")
-
     def explain(self) -> str:
         """Parameter layouts and inputs, for people."""
         lines = [f"ParallelModule: strategy {self.strategy!r} on {self.mesh}, {self.steps} step(s) run"]

@@ -55,7 +55,8 @@ _compile_run = loop.compile_run
 
 
 def _compile_run_with_hook(cfg: Any) -> Any:
-    pm, corpus, flops = _compile_run(cfg)
+    run = _compile_run(cfg)
+    pm = run.pm
     step = pm.step
 
     def stepped(*args: Any, **kwargs: Any) -> Any:
@@ -68,7 +69,7 @@ def _compile_run_with_hook(cfg: Any) -> Any:
 
     pm.step = stepped
     compiled.append(pm)
-    return pm, corpus, flops
+    return run
 
 
 _write = store._write

@@ -21,7 +21,7 @@ from tests.train.test_train import ROOT
 
 SPIRALS = str(ROOT / "examples" / "spirals.toml")
 sys.path.insert(0, str(ROOT))  # the examples are found from the repository's root, as in a run from there
-from examples.spirals import SpiralNet, points  # noqa: E402
+from examples.spirals import SpiralNet  # noqa: E402
 
 
 def _run(flags: list[str]) -> tuple[list[float], list[str]]:

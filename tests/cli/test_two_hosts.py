@@ -113,7 +113,7 @@ def test_a_worker_killed_on_one_host_stops_the_other_within_30_s(hosts, tmp_path
     # train_job.py holds rank 2 once every rank has finished step 2 (training is under way, by construction),
     # wherever the rendezvous put it; it is killed there
     config = str(ROOT / "examples" / "gpt.toml")
-    flags = ["--mesh", "4", "--axes", "dp", "--strategy", "dp", "--model.args.n_layer", "1", "--model.args.n_embd", "32"]
+    flags = "--mesh 4 --axes dp --strategy dp --model.args.n_layer 1 --model.args.n_embd 32".split()
     flags += ["--model.args.block_size", "16", "--steps", "100000", "--snapshot_every", "100000"]
     hold = ["step", "2", "2", str(tmp_path)]
     procs = _agents(hosts, *hold, config, *flags, "--run_dir", str(tmp_path / "run"), job=str(TRAIN_JOB))

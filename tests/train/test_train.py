@@ -19,7 +19,7 @@ from shardflow.train.loop import snapshots
 from shardflow.train.models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--model.args.n_layer", "1", "--model.args.n_embd", "32", "--model.args.block_size", "16", "--log_every", "100"]
+SMALL = "--model.args.n_layer 1 --model.args.n_embd 32 --model.args.block_size 16 --log_every 100".split()
 
 
 def _train(run_dir: str, steps: int, resume: str, extra: list[str]) -> list[float]:
@@ -31,7 +31,7 @@ def _train(run_dir: str, steps: int, resume: str, extra: list[str]) -> list[floa
     "ranks, mesh",
     [
         (2, ["--mesh", "2", "--axes", "dp", "--strategy", "dp"]),
-        (4, ["--mesh", "2,2", "--axes", "pp,dp", "--strategy", "dp", "--model.args.n_layer", "2", "--micro_batches", "2"]),
+        (4, "--mesh 2,2 --axes pp,dp --strategy dp --model.args.n_layer 2 --micro_batches 2".split()),
     ],
     ids=["dp", "pipeline"],
 )

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
@@ -26,7 +25,7 @@ from shardflow.graph.ir.layouts import LayoutPass
 from shardflow.graph.ir.liveness import timeline
 from shardflow.graph.ir.prefetch import prefetch
 from shardflow.graph.ir.verify import verify
-from shardflow.graph.joint import Joint, attention_kernels
+from shardflow.graph.joint import Joint, attention_kernels, fake_arguments
 from shardflow.graph.program import Program
 from shardflow.graph.values import module_paths, value_keys
 from shardflow.placement.mesh import Mesh
@@ -87,15 +86,7 @@ def trace_method(model: nn.Module, method: str, inputs: Sequence[Any], device: s
         structure[:] = [tree, tuple(_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves)]
         return [x for x in leaves if isinstance(x, torch.Tensor)]
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-
-        def fake(t: torch.Tensor) -> torch.Tensor:
-            return torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
-
-        ps = [fake(p) for p in named.values()]
-        bs = [fake(b) for b in bnamed.values()]
-        xs = [fake(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-    del mode
+    ps, bs, xs = fake_arguments(model, inputs, device)
     stage = f"tracing {type(model).__name__}.{method} (evaluation, forward only) on fake tensors"
     with torch.no_grad(), attention_kernels(device), explained(model, stage), module_paths(model):
         graph = make_fx(forward, tracing_mode="fake")(ps, bs, xs)

@@ -11,7 +11,7 @@ import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -78,20 +78,34 @@ def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu") -> 
         grad_of[:] = [i for i, g in zip(wanted, grads) if g is not None]
         return [loss.detach(), *[g for g in grads if g is not None]]
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-
-        def fake(t: torch.Tensor) -> torch.Tensor:
-            return torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
-
-        ps = [fake(p) for p in named.values()]
-        bs = [fake(b) for b in bnamed.values()]
-        xs = [fake(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-    del mode
+    ps, bs, xs = fake_arguments(model, inputs, device)
     stage = f"tracing {type(model).__name__}'s forward and backward on fake tensors"
     with attention_kernels(device), explained(model, stage), module_paths(model):
         graph = make_fx(step, tracing_mode="fake")(ps, bs, xs)
     value_keys(graph.graph)
     return Joint(graph, len(ps), len(bs), tuple(grad_of))
+
+
+class FakeArguments(NamedTuple):
+    """A traced function's arguments: fake tensors of the global shapes of the parameters, buffers, inputs."""
+
+    params: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+    inputs: list[Any]
+
+
+def fake_arguments(model: nn.Module, inputs: Sequence[Any], device: str) -> FakeArguments:
+    """Fake tensors (no memory) of ``model``'s parameters and buffers and of the tensor ``inputs``."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+
+        def fake(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
+
+        return FakeArguments(
+            [fake(p) for p in model.parameters()],
+            [fake(b) for b in model.buffers()],
+            [fake(x) if isinstance(x, torch.Tensor) else x for x in inputs],
+        )
 
 
 def attention_kernels(device: str) -> Any:

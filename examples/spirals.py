@@ -2,7 +2,7 @@
 repository's root: the config names them by import path, ``examples.spirals:...``).
 
 Points on three interleaved spiral arms, labelled by arm: a small classification problem that a linear model
-cannot solve and a two-layer network learns in a few hundred steps. Nothing here knows about shardflow.
+cannot solve and a small network learns in a few hundred steps. Nothing here knows about shardflow.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ class SpiralNet(nn.Module):
 
     def __init__(self, hidden: int = 64, arms: int = 3) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, hidden))
+        self.body = nn.Sequential(
+            nn.Linear(2, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU()
+        )
         self.head = nn.Linear(hidden, arms)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.predict(x), y)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.gelu(self.body(x)))
+        return self.head(self.body(x))
 
 
 class Spirals(Dataset):

@@ -54,9 +54,11 @@ def _run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from shardflow.cli.launch import launch
     from shardflow.train.config import job_ranks, load_config
+    from shardflow.train.loop import check
 
     try:
         cfg = load_config(args.config, args.overrides)  # checked here, before any rank starts
+        check(cfg)  # and what it names: modules, functions, classes, their arguments
     except (OSError, ValueError) as e:
         print(f"shardflow {args.command}: {e}", file=sys.stderr)
         return 2

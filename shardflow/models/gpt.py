@@ -169,6 +169,8 @@ class GPT(nn.Module):
             x = block(x)
         return self.lm_head(self.transformer.ln_f(x))
 
+    predict = logits  # what evaluation metrics (accuracy) read, by the name every built-in model gives it
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters counted by walking the module (tied weight once); equals ``config.num_params``."""
         n = sum(p.numel() for p in self.parameters())

@@ -246,10 +246,12 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
     _one_of(cfg.data, ("builtin", "function"), "text", "data")
     if cfg.model.weights and not cfg.model.hf:
         raise ValueError("model.weights loads a Hugging Face model's weights: set model.hf too")
+    if cfg.metric == "accuracy" and cfg.metric_method == "forward":
+        raise ValueError("metric = 'accuracy' reads a method's scores per class, not the loss forward returns")
     pipelined = "pp" in cfg.axes or (cfg.plan and read_plan(cfg.plan).pipeline is not None)
     if cfg.metric and cfg.metric_method != "forward" and pipelined:
         raise ValueError(
             f"metric_method {cfg.metric_method!r}: a pipelined model evaluates its forward (the loss) only; "
-            "set metric_method = 'forward' or train without a 'pp' axis"
+            "evaluate the loss alone (metric = '') or train without a 'pp' axis"
         )
     return cfg

@@ -6,12 +6,17 @@ windows from a generator seeded by ``(seed, i)``; a map-style dataset is shuffle
 ``(seed, epoch)`` and batch ``i`` takes samples ``i * batch_size ...`` of that order (every sample once per
 epoch, as ``DataLoader(shuffle=True, drop_last=False)`` across epochs); an iterable dataset is read in its
 own order and skipped ahead on resume. Validation batches are the split's first ones, in order, the same at
-every evaluation.
+every evaluation. This holds while a dataset's ``__getitem__`` / ``__iter__`` are functions of their index or
+position (an augmentation drawing from torch's global RNG is not: it runs in the loader's thread) and while a
+resumed run keeps the batch size. Every rank reads the whole global batch and keeps its share (the step splits
+it by samples): simple and exact; a dataset on a slow disk would want each rank to read only its rows.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
+import hashlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -21,7 +26,7 @@ from torch.utils.data import default_collate
 
 from shardflow.models import batches, char_corpus
 from shardflow.train.config import DataConfig
-from shardflow.train.imports import call_with, resolve
+from shardflow.train.imports import bind, call_with, resolve
 
 Batch = tuple[Any, ...]
 BUILTIN = ("text",)
@@ -29,7 +34,8 @@ HELD_OUT = 0.1  # the built-in text's validation share: its last tenth
 
 
 def _seeded(seed: int, i: int) -> int:
-    return seed * 1_000_003 + i
+    """A generator seed for the pair ``(seed, i)``: distinct pairs, unrelated seeds (``seed * K + i`` collides)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=8).digest(), "little")
 
 
 class Batches(abc.ABC):
@@ -74,17 +80,20 @@ class TextBatches(Batches):
 class DatasetBatches(Batches):
     """A user's dataset and its validation split (map-style: read by index in order; iterable: in its order)."""
 
-    def __init__(self, train: Any, held_out: Any, batch_size: int, seed: int, collate: Callable[..., Any]) -> None:
-        self.dataset, self.held_out = train, held_out
+    def __init__(
+        self, train: Any, held_out: Callable[[], Any], batch_size: int, seed: int, collate: Callable[..., Any]
+    ) -> None:
+        self.dataset, self.held_out = train, held_out  # the validation split is made only if evaluation asks
         self.batch_size, self.seed, self.collate = batch_size, seed, collate
 
     def validation(self, n: int) -> list[Batch]:
-        if self.held_out is None:
+        held_out = self.held_out()
+        if held_out is None:
             raise ValueError("evaluation needs a validation split: data.function returned None for 'validation'")
-        if isinstance(self.held_out, torch.utils.data.IterableDataset):
-            samples: Iterator[Any] = iter(self.held_out)
+        if isinstance(held_out, torch.utils.data.IterableDataset):
+            samples: Iterator[Any] = iter(held_out)
         else:
-            samples = (self.held_out[k] for k in range(len(self.held_out)))
+            samples = (held_out[k] for k in range(len(held_out)))
         out: list[Batch] = []
         while not n or len(out) < n:
             group = list(itertools.islice(samples, self.batch_size))
@@ -97,7 +106,9 @@ class DatasetBatches(Batches):
 class MapBatches(DatasetBatches):
     """A map-style dataset, shuffled per epoch from ``(seed, epoch)``."""
 
-    def __init__(self, train: Any, held_out: Any, batch_size: int, seed: int, collate: Callable[..., Any]) -> None:
+    def __init__(
+        self, train: Any, held_out: Callable[[], Any], batch_size: int, seed: int, collate: Callable[..., Any]
+    ) -> None:
         if len(train) == 0:
             raise ValueError("data.function returned an empty training split")
         super().__init__(train, held_out, batch_size, seed, collate)
@@ -151,14 +162,25 @@ def _inputs(collated: Any) -> Batch:
     )
 
 
-def make_batches(cfg: DataConfig, batch_size: int, seed: int, context: int | None) -> Batches:
-    """The batches ``cfg`` names, for the global batch ``batch_size``."""
+def check_data(cfg: DataConfig) -> None:
+    """Everything about ``cfg`` that can be wrong without reading data (the launcher checks it before any
+    rank starts): the built-in's name and arguments, the function's and the collate's paths and signatures."""
     if cfg.builtin:
         if cfg.builtin not in BUILTIN:
             raise ValueError(f"data.builtin = {cfg.builtin!r}: shardflow ships {list(BUILTIN)}")
         unknown = sorted(set(cfg.args) - {"seq_len"})
         if unknown:
             raise ValueError(f"unknown key 'data.args.{unknown[0]}': the built-in text takes seq_len only")
+        return
+    bind(resolve(cfg.function, "data.function"), cfg.args, "data.args", "train")
+    if cfg.collate:
+        bind(resolve(cfg.collate, "data.collate"), {}, "data.collate", [])
+
+
+def make_batches(cfg: DataConfig, batch_size: int, seed: int, context: int | None) -> Batches:
+    """The batches ``cfg`` names, for the global batch ``batch_size``."""
+    check_data(cfg)
+    if cfg.builtin:
         seq_len = cfg.args.get("seq_len", context)
         if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
             raise ValueError(
@@ -168,7 +190,7 @@ def make_batches(cfg: DataConfig, batch_size: int, seed: int, context: int | Non
     fn = resolve(cfg.function, "data.function")
     collate = resolve(cfg.collate, "data.collate") if cfg.collate else default_collate
     train = call_with(fn, cfg.args, "data.args", "train")
-    held_out = call_with(fn, cfg.args, "data.args", "validation")
+    held_out = functools.partial(call_with, fn, cfg.args, "data.args", "validation")
     if isinstance(train, torch.utils.data.IterableDataset):
         return StreamBatches(train, held_out, batch_size, seed, collate)
     if not (hasattr(train, "__len__") and hasattr(train, "__getitem__")):

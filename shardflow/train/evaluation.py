@@ -1,12 +1,14 @@
 """Evaluation during ``shardflow train``: the loss of the validation batches by ``pm.evaluate`` (forward only,
 eval mode, every rank the same value) and, where the config names one, a metric of a model method's outputs.
 
-A metric sees every validation batch's outputs at once, as AUC needs (a mean of per-batch AUCs is not the
-AUC); accuracy is built in, any other is a function ``metric(outputs, batches) -> float`` named by import path.
+A metric named by import path, ``metric(outputs, batches) -> float``, sees every validation batch's outputs at
+once, as AUC needs (a mean of per-batch AUCs is not the AUC). The built-in accuracy needs only counts, so it
+keeps counts, not the outputs (an LM's logits over many batches would be batch x seq x vocab each).
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,20 +17,67 @@ from shardflow.runtime.runner import Runner
 from shardflow.train.config import TrainConfig
 from shardflow.train.imports import resolve
 
-Metric = Callable[[list[Any], list[tuple[Any, ...]]], float]
+Batch = tuple[Any, ...]
 
 
-def accuracy(outputs: list[Any], batches: list[tuple[Any, ...]]) -> float:
+class Metric(abc.ABC):
+    """Fed each validation batch's outputs in turn, then asked for its value."""
+
+    @abc.abstractmethod
+    def update(self, output: Any, batch: Batch) -> None: ...
+
+    @abc.abstractmethod
+    def compute(self) -> float: ...
+
+
+class Accuracy(Metric):
     """The share of samples (or tokens) whose largest output is the label, each batch's last element."""
-    right = total = 0
-    for out, batch in zip(outputs, batches):
+
+    def __init__(self) -> None:
+        self.right = self.total = 0
+
+    def update(self, output: Any, batch: Batch) -> None:
         labels = batch[-1]
-        right += int((out.argmax(-1) == labels).sum())
-        total += labels.numel()
-    return right / total
+        if output.shape[:-1] != labels.shape:
+            raise ValueError(
+                f"accuracy compares the argmax of outputs {tuple(output.shape)} over their last dim with labels "
+                f"{tuple(labels.shape)} (the batch's last element): metric_method must return scores per class"
+            )
+        self.right += int((output.argmax(-1) == labels).sum())
+        self.total += labels.numel()
+
+    def compute(self) -> float:
+        return self.right / self.total
 
 
-BUILTIN: dict[str, Metric] = {"accuracy": accuracy}
+class AllOutputs(Metric):
+    """A user's ``metric(outputs, batches)``, called once with everything."""
+
+    def __init__(self, fn: Callable[[list[Any], list[Batch]], float]) -> None:
+        self.fn = fn
+        self.outputs: list[Any] = []
+        self.batches: list[Batch] = []
+
+    def update(self, output: Any, batch: Batch) -> None:
+        self.outputs.append(output)
+        self.batches.append(batch)
+
+    def compute(self) -> float:
+        return float(self.fn(self.outputs, self.batches))
+
+
+def metric_of(cfg: TrainConfig) -> Callable[[], Metric] | None:
+    """A maker of the metric the config names, a fresh one per evaluation (None: no metric)."""
+    if not cfg.metric:
+        return None
+    if cfg.metric == "accuracy":
+        return Accuracy
+    if ":" not in cfg.metric:
+        raise ValueError(f"metric = {cfg.metric!r}: 'accuracy' is built in, or name 'package.module:function'")
+    fn = resolve(cfg.metric, "metric")
+    if not callable(fn):
+        raise ValueError(f"metric = {cfg.metric!r} is not a function")
+    return lambda: AllOutputs(fn)
 
 
 @dataclass(frozen=True)
@@ -38,33 +87,22 @@ class Evaluation:
     loss: float
     metric: float | None
 
-
-def metric_of(cfg: TrainConfig) -> Metric | None:
-    """The metric the config names (None: none)."""
-    if not cfg.metric:
-        return None
-    if cfg.metric in BUILTIN:
-        return BUILTIN[cfg.metric]
-    if ":" not in cfg.metric:
-        raise ValueError(f"metric = {cfg.metric!r}: built in are {sorted(BUILTIN)}, or name 'package.module:function'")
-    fn = resolve(cfg.metric, "metric")
-    if not callable(fn):
-        raise ValueError(f"metric = {cfg.metric!r} is not a function")
-    return fn  # type: ignore[no-any-return]
+    def summary(self, name: str) -> str:
+        """``loss 1.2345, accuracy 0.8125``."""
+        named = f", {name.rpartition(':')[2]} {self.metric:.4f}" if self.metric is not None else ""
+        return f"loss {self.loss:.4f}{named}"
 
 
-def evaluate(pm: Runner, batches: Sequence[tuple[Any, ...]], metric: Metric | None, method: str) -> Evaluation:
-    """The validation loss over ``batches`` (their mean: the batches are the same size) and ``metric`` of
+def validate(pm: Runner, batches: Sequence[Batch], metric: Callable[[], Metric] | None, method: str) -> Evaluation:
+    """The validation loss over ``batches`` (their mean: the batches are the same size) and the metric of
     ``method``'s outputs (collective: every rank of the job calls it)."""
-    losses = [float(pm.evaluate(*batch)) for batch in batches]
-    value = None
-    if metric is not None:
-        # a method other than forward predicts: it takes the batch less its labels (its last element)
-        outputs = [pm.evaluate(*(batch if method == "forward" else batch[:-1]), method=method) for batch in batches]
-        value = float(metric(outputs, list(batches)))
-    return Evaluation(sum(losses) / len(losses), value)
-
-
-def described(e: Evaluation, name: str) -> str:
-    """``loss 1.2345, accuracy 0.8125``."""
-    return f"loss {e.loss:.4f}" + (f", {name.rpartition(':')[2]} {e.metric:.4f}" if e.metric is not None else "")
+    measured = metric() if metric is not None else None
+    losses = []
+    for batch in batches:
+        loss = pm.evaluate(*batch)
+        losses.append(float(loss))
+        if measured is not None:
+            # a method other than forward predicts: it takes the batch less its labels (its last element)
+            out = loss if method == "forward" else pm.evaluate(*batch[:-1], method=method)
+            measured.update(out, batch)
+    return Evaluation(sum(losses) / len(losses), measured.compute() if measured is not None else None)

@@ -24,7 +24,7 @@ def resolve(path: str, key: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name is not None and module_name.startswith(e.name):
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise ValueError(
                 f"{key} = {path!r}: no module named {e.name!r} (looked in {here} and the installed packages)"
             ) from None
@@ -37,12 +37,20 @@ def resolve(path: str, key: str) -> Any:
     return target
 
 
-def call_with(fn: Callable[..., Any], args: Mapping[str, Any], key: str, *positional: Any) -> Any:
-    """``fn(*positional, **args)``, an argument ``fn`` does not take (or a required one missing) named first."""
+def bind(fn: Callable[..., Any], args: Mapping[str, Any], key: str, *positional: Any) -> None:
+    """Check that ``fn(*positional, **args)`` can be called: an argument ``fn`` does not take, or a required one
+    missing, is an error naming ``key``."""
+    if not callable(fn):
+        raise ValueError(f"{key}: {fn!r} is not a function")
     try:
         inspect.signature(fn).bind(*positional, **args)
     except TypeError as e:
         raise ValueError(f"{key}: {getattr(fn, '__name__', fn)} cannot take these arguments ({e})") from None
     except ValueError:
         pass  # no signature to read (a builtin): let the call say
+
+
+def call_with(fn: Callable[..., Any], args: Mapping[str, Any], key: str, *positional: Any) -> Any:
+    """``fn(*positional, **args)``, checked by ``bind`` first."""
+    bind(fn, args, key, *positional)
     return fn(*positional, **args)

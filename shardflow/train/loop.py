@@ -34,9 +34,9 @@ from shardflow.checkpoint.index import FORMAT, INDEX
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.runner import Runner
 from shardflow.train.config import TrainConfig, load_config, read_plan
-from shardflow.train.data import Batches, make_batches
-from shardflow.train.evaluation import described, evaluate, metric_of
-from shardflow.train.models import TrainModel, build_model
+from shardflow.train.data import Batches, check_data, make_batches
+from shardflow.train.evaluation import metric_of, validate
+from shardflow.train.models import CausalLM, TrainModel, build_model, check_model
 
 _SNAPSHOT = re.compile(r"step(\d{8})")
 
@@ -74,13 +74,30 @@ class Run:
     batches: Batches
 
 
+def check(cfg: TrainConfig) -> None:
+    """What the config names, checked without building or reading anything: the launcher runs this before
+    any rank starts, so a misspelt path or argument is one clear line, not a traceback from every rank."""
+    check_model(cfg.model)
+    check_data(cfg.data)
+    metric_of(cfg)
+
+
 def compile_run(cfg: TrainConfig) -> Run:
     """The model, its batches and the compiled module for ``cfg``, on the job's ranks."""
     world = dist.get_world_size()
     model = build_model(cfg.model, cfg.seed)
+    if cfg.metric and cfg.metric_method != "forward" and not callable(getattr(model.module, cfg.metric_method, None)):
+        raise ValueError(
+            f"metric_method = {cfg.metric_method!r}: {type(model.module).__name__} has no such method for the metric"
+        )
     data = make_batches(cfg.data, cfg.batch_size, cfg.seed, model.context)
     optimizer = functools.partial(torch.optim.AdamW, lr=cfg.lr, eps=1e-6, foreach=False)
     example = next(data.train(0))
+    if isinstance(model.module, CausalLM) and len(example) == 2 and torch.equal(example[0], example[1]):
+        raise ValueError(
+            "a causal LM's batch is (input ids, next-token targets), the targets shifted one token ahead; this "
+            "batch's targets equal its inputs (Hugging Face's labels = input_ids), which would teach it to copy"
+        )
     if cfg.plan:  # the plan wins over the config's mesh and strategy keys
         plan = read_plan(cfg.plan)
         if max(plan.mesh.ranks) + 1 != world:
@@ -135,6 +152,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
         pm.load(cfg.resume)
         say(f"resumed from {cfg.resume} (step {pm.steps})")
     held_out = run.batches.validation(cfg.eval_batches) if cfg.eval_every else []
+    if cfg.eval_every and not held_out:  # found now, not after eval_every steps of training
+        raise ValueError(
+            f"the validation split has no full batch of {cfg.batch_size} samples: evaluation needs one "
+            "(a smaller batch_size, a larger split, or eval_every = 0)"
+        )
     losses: list[float] = []
     # batches are made by the loader's reader actor one step ahead of the step that uses them
     made = itertools.islice(run.batches.train(pm.steps), max(cfg.steps - pm.steps, 0))
@@ -151,8 +173,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             say(f"step {step + 1}/{cfg.steps}: loss {loss:.4f}, {_speed(batch, seconds, run.model, cfg)}")
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            result = evaluate(pm, held_out, metric, cfg.metric_method)
-            say(f"eval at step {step + 1}: {described(result, cfg.metric)} ({len(held_out)} validation batches)")
+            result = validate(pm, held_out, metric, cfg.metric_method)
+            say(f"eval at step {step + 1}: {result.summary(cfg.metric)} ({len(held_out)} validation batches)")
         if (step + 1) % cfg.snapshot_every == 0 or step + 1 == cfg.steps:
             pm.wait_save()  # the previous snapshot is complete: older ones may go
             if rank == 0:

@@ -21,7 +21,7 @@ from torch import nn
 
 from shardflow.models import CHAR_VOCAB_SIZE, GPT, GPTConfig
 from shardflow.train.config import GPTArgs, ModelConfig, fill
-from shardflow.train.imports import call_with, resolve
+from shardflow.train.imports import bind, call_with, resolve
 
 BUILTIN = ("gpt",)
 
@@ -38,14 +38,15 @@ class TrainModel:
 
 class CausalLM(nn.Module):
     """A ``transformers`` causal language model trained on next tokens: ``forward(x, y)`` is the mean
-    cross-entropy of its logits at ``x`` against ``y`` (the built-in text's targets, already shifted)."""
+    cross-entropy of its logits at ``x`` against ``y``, the targets already shifted (``y[:, t] = x[:, t + 1]``,
+    as the built-in text makes them; Hugging Face's own ``labels = input_ids`` would teach it to copy)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(x)
+        logits = self.logits(x).float()  # the loss in float32 even for half-precision logits, as HF computes it
         return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,15 +68,28 @@ class SequenceClassifier(nn.Module):
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (batch, classes)."""
-        return self.model(input_ids=x).logits
+        return self.model(input_ids=x, use_cache=False).logits
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Everything about ``cfg`` that can be wrong without building it (the launcher checks it before any
+    rank starts): the built-in's name and arguments, the Hugging Face class and its settings, the function's
+    path and signature."""
+    if cfg.builtin:
+        if cfg.builtin not in BUILTIN:
+            raise ValueError(f"model.builtin = {cfg.builtin!r}: shardflow ships {list(BUILTIN)}")
+        fill(GPTArgs, cfg.args, "model.args.")
+    elif cfg.hf:
+        _hf_class(cfg)
+    else:
+        bind(resolve(cfg.function, "model.function"), cfg.args, "model.args")
 
 
 def build_model(cfg: ModelConfig, seed: int) -> TrainModel:
     """The model ``cfg`` names, its weights drawn after ``torch.manual_seed(seed)``."""
+    check_model(cfg)
     torch.manual_seed(seed)
     if cfg.builtin:
-        if cfg.builtin not in BUILTIN:
-            raise ValueError(f"model.builtin = {cfg.builtin!r}: shardflow ships {list(BUILTIN)}")
         return _gpt(fill(GPTArgs, cfg.args, "model.args."))
     if cfg.hf:
         return _hugging_face(cfg)
@@ -93,7 +107,8 @@ def _gpt(args: GPTArgs) -> TrainModel:
     return TrainModel(gpt, args.block_size, flops)
 
 
-def _hugging_face(cfg: ModelConfig) -> TrainModel:
+def _hf_class(cfg: ModelConfig) -> Any:
+    """The ``transformers`` class ``cfg.hf`` names, its ``args`` checked against its config class."""
     try:
         import transformers
     except ImportError:
@@ -102,25 +117,37 @@ def _hugging_face(cfg: ModelConfig) -> TrainModel:
     cls = getattr(transformers, cfg.hf, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ValueError(f"model.hf = {cfg.hf!r}: transformers has no model class of that name")
-    if cfg.hf.endswith(("ForCausalLM", "LMHeadModel")):
-        wrap: type[nn.Module] = CausalLM
-    elif cfg.hf.endswith("ForSequenceClassification"):
-        wrap = SequenceClassifier
-    else:
+    if not cfg.hf.endswith(("ForCausalLM", "LMHeadModel", "ForSequenceClassification")):
         raise ValueError(
             f"model.hf = {cfg.hf!r}: shardflow trains *ForCausalLM, *LMHeadModel and *ForSequenceClassification "
             "classes from a config; for another head, write a function returning a module whose forward returns "
             "the loss and name it with model.function"
         )
     config_cls: Any = cls.config_class
-    known = set(config_cls().to_dict()) | set(inspect.signature(config_cls.__init__).parameters)
+    # the config class's own settings, and those every config has (num_labels, pad_token_id, ...)
+    known = set(config_cls().to_dict())
+    for klass in config_cls.__mro__:
+        if "__init__" in vars(klass):
+            known |= set(inspect.signature(klass.__init__).parameters)
+        known |= {n for n, v in vars(klass).items() if isinstance(v, property) and v.fset is not None}
+    known.add("attn_implementation")  # read from the keywords by PreTrainedConfig, in no signature
     unknown = sorted(set(cfg.args) - known)
     if unknown:  # a config class takes any keyword silently: a typo would train another model
         raise ValueError(f"unknown key 'model.args.{unknown[0]}': {config_cls.__name__} has no such setting")
+    if cfg.hf.endswith("ForSequenceClassification") and "pad_token_id" not in cfg.args and not cfg.weights:
+        # it pools each sequence's last token that is not padding: without a padding id it cannot find it
+        raise ValueError(f"model.hf = {cfg.hf!r} pools the last non-padding token: set model.args.pad_token_id")
+    return cls
+
+
+def _hugging_face(cfg: ModelConfig) -> TrainModel:
+    cls = _hf_class(cfg)
+    config_cls: Any = cls.config_class
     if cfg.weights:
         model = cls.from_pretrained(cfg.weights, local_files_only=True, **cfg.args)
     else:
         model = cls(config_cls(**cfg.args))
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    wrap = SequenceClassifier if cfg.hf.endswith("ForSequenceClassification") else CausalLM
     return TrainModel(wrap(model), context)

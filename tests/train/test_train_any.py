@@ -86,7 +86,7 @@ def test_batch_i_is_a_function_of_the_seed_and_i():
     # an iterable dataset is read in order and skipped ahead on resume, across its passes
     from shardflow.train.data import StreamBatches
 
-    stream = StreamBatches(_Stream(5), _Stream(7), 2, 0, torch.utils.data.default_collate)
+    stream = StreamBatches(_Stream(5), lambda: _Stream(7), 2, 0, torch.utils.data.default_collate)
     assert next(stream.train(3))[0].flatten().tolist() == [1.0, 2.0]  # samples 6, 7 of a 5-sample stream
     assert [x.flatten().tolist() for x, _ in stream.validation(0)] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
 
@@ -127,16 +127,53 @@ def test_a_config_naming_what_is_not_there_says_so(flags, message):
         (["--data.args.size", "3"], "data.args: points cannot take these arguments"),
         (["--data.collate", "builtins:dict"], "a collated batch is the model's inputs"),
         (["--data.function", "", "--data.args", "{seq_len = 0}"], "data.args.seq_len must be a positive int"),
-        (["--metric", "auroc"], "metric = 'auroc': built in are ['accuracy']"),
+        (["--metric", "auroc"], "metric = 'auroc': 'accuracy' is built in"),
+        (["--metric_method", "forward"], "metric = 'accuracy' reads a method's scores per class, not the loss"),
         (["--metric", "examples.spirals:auc"], "has no attribute 'auc'"),
         (["--mesh", "2,1", "--axes", "pp,dp"], "a pipelined model evaluates its forward (the loss) only"),
+        (["--data.args", "{n = 200}", "--eval_every", "1"], "the validation split has no full batch of 64 samples"),
     ],
 )
 def test_data_and_metric_errors_name_the_key(flags, message):
+    from shardflow.testing.ranks import RankError
     from shardflow.train.evaluation import metric_of
 
-    with pytest.raises(ValueError) as e:
+    with pytest.raises((ValueError, RankError)) as e:
         cfg = load_config(SPIRALS, flags)
         metric_of(cfg)
-        next(make_batches(cfg.data, 4, 0, None).train(0))
+        data = make_batches(cfg.data, 64, 0, None)
+        next(data.train(0))
+        if not data.validation(cfg.eval_batches):  # what the loop says before its first step
+            run_on_ranks(1, _run, [*flags, "--mesh", "1"], timeout=120)
     assert message in str(e.value)
+
+
+def test_hugging_face_classifiers_and_causal_lms_build_from_their_config():
+    import transformers
+
+    small = {"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    small |= {"num_attention_heads": 2, "max_position_embeddings": 12}
+    x = torch.randint(1, 40, (3, 12))
+    with pytest.raises(ValueError, match="pools the last non-padding token: set model.args.pad_token_id"):
+        build_model(load_config(None, ["--model.hf", "LlamaForSequenceClassification"]).model, 0)
+    args = str(small | {"num_labels": 3, "pad_token_id": 0}).replace(":", " =").replace("'", "")
+    built = build_model(
+        load_config(None, ["--model.hf", "LlamaForSequenceClassification", "--model.args", args]).model, 0
+    )
+    torch.manual_seed(0)
+    plain = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**small, num_labels=3, pad_token_id=0))
+    labels = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        assert torch.equal(built.module.predict(x), plain(input_ids=x).logits)
+        torch.testing.assert_close(built.module(x, labels), F.cross_entropy(plain(input_ids=x).logits, labels))
+    args = str(small).replace(":", " =").replace("'", "")
+    lm = build_model(load_config(None, ["--model.hf", "LlamaForCausalLM", "--model.args", args]).model, 0)
+    assert lm.context == 12
+    torch.manual_seed(0)
+    plain_lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
+    y = torch.roll(x, -1, 1)
+    with torch.no_grad():  # the wrapper's loss is the next-token cross-entropy HF computes from labels = x
+        want = plain_lm(input_ids=x, labels=x).loss
+        logits = plain_lm(input_ids=x).logits
+        torch.testing.assert_close(lm.module(x, y), F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+        torch.testing.assert_close(lm.module(x[:, :-1], x[:, 1:]), want)

@@ -56,7 +56,6 @@ class GPTArgs:
     n_embd: int = 64
     block_size: int = 32
     """Context length: the built-in text's sequences are this long unless ``data.args.seq_len`` says."""
-    dropout: float = 0.0
 
 
 @dataclass

@@ -110,7 +110,7 @@ def fake_arguments(model: nn.Module, inputs: Sequence[Any], device: str) -> Fake
 
 def attention_kernels(device: str) -> Any:
     """On CUDA, attention traces to the flash kernel (half precision), the memory-efficient one (any float
-    dtype) or plain matmuls and softmax, in torch's order of preference: kernels ops/rules/nn.py has layout
+    dtype) or plain matmuls and softmax, in torch's order of preference: kernels ops/rules/attention.py has layout
     rules for; not to cuDNN's (its outputs differ by version)."""
     if device != "cuda":
         return contextlib.nullcontext()

@@ -128,8 +128,9 @@ def _decide(
         meta_flat[i] = m
     margs, mkwargs = _unflatten(meta_flat, spec)
     call = OpCall(func, tuple(margs), dict(mkwargs), metas)
-    # global shapes of the outputs, from the op on meta tensors
-    dev_flat = [torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, torch.Tensor) else a for a in flat]
+    # global shapes of the outputs, from the op on meta tensors; a device argument (``x.to("cpu")``) is meta
+    # too, as a copy out of a meta tensor has no data to copy
+    dev_flat = [_on_meta(a) for a in flat]
     dargs, dkwargs = _unflatten(dev_flat, spec)
     out_flat, out_spec = _flatten_out(func(*dargs, **dkwargs))
     out_metas = tuple(TensorMeta(tuple(o.shape), o.dtype) if isinstance(o, torch.Tensor) else o for o in out_flat)
@@ -137,6 +138,12 @@ def _decide(
     # the outputs' signatures, interned at the first wrap on a device: the fast path keys calls by them
     sigs: list[Any] = [None] * len(out_metas)
     return call, ins, outs, out_metas, out_spec, sigs
+
+
+def _on_meta(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return torch.empty(a.shape, dtype=a.dtype, device="meta")
+    return torch.device("meta") if isinstance(a, torch.device) else a
 
 
 # The fast path: a call already decided whose inputs need no boxing, whose op has no local implementation,

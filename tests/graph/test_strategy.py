@@ -1,11 +1,12 @@
-"""Strategy and hints, in one process: Megatron pairs found on an unmodified GPT, clear errors."""
+"""Strategy and hints, in one process: Megatron pairs found on an unmodified GPT and only where the column
+split survives the ops between the pair, clear errors."""
 
 import pytest
 import torch
 
 import shardflow as sf
 from shardflow.graph.capture import capture
-from shardflow.graph.strategy import megatron_pairs
+from shardflow.graph.strategy import megatron_pairs, megatron_placements
 from shardflow.graph.transforms import param_layouts
 from shardflow.models import GPT, MLP, GPTConfig, MLPConfig
 
@@ -96,3 +97,30 @@ def test_input_sbp_forms():
     assert _input_layouts([sf.S(0), sf.B], m1, 2) == [(sf.S(0),), (sf.B,)]  # one per input on a 1-d mesh
     with pytest.raises(ValueError, match="neither one layout for every input nor one layout per input"):
         _input_layouts([sf.S(0), sf.B, sf.B], m1, 2)
+
+
+class _Pair(torch.nn.Module):
+    def __init__(self, body, width: int) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.fc1, self.fc2, self.body = torch.nn.Linear(6, 8), torch.nn.Linear(width, 3), body
+
+    def forward(self, x, y):  # type: ignore[no-untyped-def]
+        return torch.nn.functional.cross_entropy(self.fc2(self.body(self.fc1(x))), y)
+
+
+@pytest.mark.parametrize(
+    "body, width, want",
+    [
+        (lambda h: torch.nn.functional.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1], 4, sf.Blocked(0, 2)),  # fused GLU
+        (lambda h: h.view(5, 2, 4).transpose(0, 1).softmax(-1).transpose(0, 1).reshape(5, 8), 8, sf.S(0)),  # heads
+        (lambda h: h[:, :4] * h[:, 4:].sigmoid(), 4, None),  # slices of the split dim
+        (lambda h: h.softmax(-1), 8, None),  # a softmax over it
+        (lambda h: h.view(5, 4, 2).transpose(1, 2).reshape(5, 8), 8, None),  # features reordered across it
+    ],
+)
+def test_pairs_follow_the_split_dim(body, width, want):
+    """fc1 is column-parallel only where its feature split reaches fc2's input features intact (2 ways)."""
+    model = _Pair(body, width)
+    x = torch.randn(5, 6)
+    got = megatron_placements(capture(model, (x, torch.zeros(5, dtype=torch.long))), [], 2)
+    assert got == ({} if want is None else {"fc1.weight": want, "fc2.weight": sf.S(1)}), got

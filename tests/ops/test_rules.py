@@ -5,6 +5,7 @@ tensor parallelism and data parallelism, and pure checks of the view rule's dim 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -136,6 +137,7 @@ SHAPE_CASES = [  # (name, fn, input shape): every layout of the input, P include
     ("new_empty", lambda x: x.new_empty(x.shape).copy_(x), (5, 3)),
     ("new_empty_strided", lambda x: x.new_empty_strided((5, 3), (3, 1)).copy_(x), (5, 3)),
     ("new_ones", lambda x: x.new_ones(x.shape) * x, (5, 3)),
+    ("cat after legacy empty", lambda x: torch.cat([x.new_zeros(0), x], dim=1), (5, 3)),  # a kv cache's start
 ]
 
 MULTI_CASES = [  # two operands
@@ -186,6 +188,7 @@ def _rules_are_used() -> None:
     w8 = lay(torch.randn(4, generator=gen), B)
     logits, target = lay(torch.randn(7, 5, generator=gen), S(0)), lay(torch.randint(0, 5, (7,), generator=gen), S(0))
     q = lay(torch.randn(2, 5, 3, 4, generator=gen), S(1))
+    gq, gk = lay(torch.randn(2, 8, 3, 4, generator=gen), S(1)), lay(torch.randn(2, 4, 3, 4, generator=gen), S(1))
     img = lay(torch.randn(5, 3, 4, 4, generator=gen), S(0))
     emb_w, emb_w_rows = lay(torch.randn(11, 6, generator=gen), B), lay(torch.randn(11, 6, generator=gen), S(0))
     idx = lay(torch.randint(0, 11, (5, 3), generator=gen), S(0))
@@ -204,6 +207,7 @@ def _rules_are_used() -> None:
         ("select", lambda: x[:, 1], (S(0),)),
         ("slice", lambda: x[:, 1:], (S(0),)),
         ("cat", lambda: torch.cat([x, x], dim=2), (S(0),)),
+        ("cat after legacy empty", lambda: torch.cat([lay(torch.empty(0), B), x], dim=1), (S(0),)),
         ("stack", lambda: torch.stack([x, x]), (S(1),)),
         ("new_zeros", lambda: x.new_zeros(x.shape), (S(0),)),
         ("softmax", lambda: x.softmax(-1), (S(0),)),
@@ -212,6 +216,7 @@ def _rules_are_used() -> None:
         ("embedding", lambda: F.embedding(idx, emb_w), (S(0),)),
         ("embedding vocab-parallel", lambda: F.embedding(idx_b, emb_w_rows), (P,)),
         ("sdpa heads", lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), (S(1),)),
+        ("sdpa grouped-query heads", lambda: F.scaled_dot_product_attention(gq, gk, gk, enable_gqa=True), (S(1),)),
         ("conv2d", lambda: F.conv2d(img, lay(torch.randn(2, 3, 3, 3, generator=gen), B)), (S(0),)),
         ("max_pool2d", lambda: F.max_pool2d(img, 2), (S(0),)),
         ("batch_norm", lambda: F.batch_norm(img, None, None, training=True), (S(0),)),
@@ -325,6 +330,16 @@ def _attention() -> None:
                     a, b, c, is_causal=causal), mesh, [q, k, v], [sbp] * 3)  # fmt: skip
         mixed = [(S(0),) * mesh.ndim, (B,) * mesh.ndim, (S(1),) * mesh.ndim]
         _check("sdpa mixed layouts", F.scaled_dot_product_attention, mesh, [q, k, v], mixed)
+    # grouped-query attention: query heads share key/value heads in groups (8 over 4, 4 over 2)
+    gqa = functools.partial(F.scaled_dot_product_attention, is_causal=True, enable_gqa=True)
+    for hq, hkv in [(8, 4), (4, 2)]:
+        qkv = [_randn(3, hq, 4, 8, seed=4), _randn(3, hkv, 6, 8, seed=5), _randn(3, hkv, 6, 8, seed=6)]
+        for mesh in _meshes():
+            for sbp in _layouts(mesh, 4, only=(0, 1)):
+                _check(f"sdpa gqa {hq}/{hkv}", gqa, mesh, qkv, [sbp] * 3)
+        # both axes split the heads: the nested pieces line up for 8/4, not for 4/2 (two ranks get no key/value
+        # head): the kernel then runs on whole tensors
+        _check(f"sdpa gqa {hq}/{hkv} nested", gqa, _meshes()[1], qkv, [(S(1), S(1))] * 3)
 
 
 def _conv_pool() -> None:

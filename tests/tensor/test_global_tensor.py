@@ -117,6 +117,14 @@ def _eager_arithmetic_boxes_and_refuses_what_is_wrong():
     _expect_error(lambda: torch.matmul(a, a), NotImplementedError, "no layout rule for aten.")
     p = sf.distribute(torch.ones(8), mesh, sf.P)
     torch.testing.assert_close((p + 1).full(), torch.full((8,), 2.0))  # P is summed before adding the number
+    ones = torch.ones(8)
+    for got, want in [(a <= b, torch.arange(8.0) <= ones), (a >= b, torch.arange(8.0) >= ones)]:  # masks
+        assert got.sbp == (sf.S(0),)
+        torch.testing.assert_close(got.full(), want)
+    # a cast naming the device too (HF's RoPE: inv_freq.to(device=x.device, dtype=torch.float))
+    cast = a.double().to(device=a.device, dtype=torch.float32)
+    assert cast.dtype == torch.float32 and cast.sbp == (sf.S(0),)
+    torch.testing.assert_close(cast.full(), torch.arange(8.0))
 
 
 def _repeated_ops_take_the_fast_path_only_when_nothing_changes():

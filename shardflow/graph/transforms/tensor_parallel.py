@@ -17,8 +17,10 @@ def apply_tp(plan: ParallelPlan, captured: Captured, axis: str | int) -> Paralle
     """``plan`` with Megatron layouts on mesh axis ``axis`` (a name), or at index ``axis`` of the layouts
     (an int: layouts that are not over the plan's mesh, as a pipeline stage's ``(dp, tp)`` grid)."""
     a = plan.mesh.names.index(axis) if isinstance(axis, str) else axis
+    # a pipeline's stages may differ in tp size: their views are then checked by shape alone
+    ways = plan.mesh.shape[a] if isinstance(axis, str) else None
     params = dict(plan.params)
-    for name, placement in megatron_placements(captured, list(params)).items():
+    for name, placement in megatron_placements(captured, list(params), ways).items():
         entry = params[name]
         if entry != ParamPlan.plain(entry.sbp):
             raise PlanError(f"tensor parallel: parameter {name!r} already has ZeRO layouts ({entry}): apply tp first")

@@ -1,3 +1,3 @@
 """Rule modules, one family of ops each; importing this package registers them all."""
 
-from shardflow.ops.rules import basic, linalg, nn, pad, pointwise, reduce, shape  # noqa: F401
+from shardflow.ops.rules import attention, basic, linalg, nn, pad, pointwise, reduce, shape  # noqa: F401

@@ -1,4 +1,4 @@
-"""Neural-network ops: softmax, losses, normalisation, embedding, attention, convolution, pooling.
+"""Neural-network ops: softmax, losses, normalisation, embedding, convolution, pooling (attention: attention.py).
 
 The usual pattern: a split of a dim the op works along independently (batch, heads, a normalised row's
 leading dims) passes through; gradients of weights shared by every row come out ``P`` where the rows are
@@ -198,98 +198,6 @@ def _embedding_backward(call: OpCall, k: int) -> list[Sig]:
     sigs = [] if by_freq else [Sig((S(d), S(d)), (P,)) for d in range(idx.ndim)]  # counts must be global
     sigs += [Sig((S(g.ndim - 1), B), (S(1),)), Sig((P, B), (P,))]
     return sigs + [Sig((B, B), (B,))]
-
-
-# -- scaled dot-product attention (CPU flash kernel) ------------------------------------------------------
-
-
-def _mask_place(call: OpCall, slot: int, d: int) -> Placement:
-    """The placement of an attention mask broadcast against (batch, heads, L, S) when dim ``d`` is split."""
-    m = _meta(call, slot)
-    if m is None:
-        return B
-    i = d - (4 - m.ndim)
-    return S(i) if i >= 0 and m.shape[i] > 1 else B
-
-
-def _qkv_split(call: OpCall, first: int, d: int) -> bool:
-    """Whether query, key and value (from schema position ``first``) are 4-d and agree along dim ``d``."""
-    qkv = [_meta(call, i) for i in range(first, first + 3)]
-    return all(t is not None and t.ndim == 4 for t in qkv) and len({t.shape[d] for t in qkv if t}) == 1
-
-
-@rule(aten._scaled_dot_product_flash_attention_for_cpu.default)
-def _sdpa(call: OpCall, k: int) -> list[Sig]:
-    # (query, key, value, dropout_p, is_causal, *, attn_mask, scale) -> (output, logsumexp); (B, H, L, E)
-    sigs = []
-    for d in (0, 1):
-        if _qkv_split(call, 0, d):
-            sigs.append(sig(call, {0: S(d), 1: S(d), 2: S(d), 5: _mask_place(call, 5, d)}, (S(d), S(d))))
-    return sigs + [_all_b(call, 2)]
-
-
-@rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
-def _sdpa_backward(call: OpCall, k: int) -> list[Sig]:
-    # (grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale)
-    sigs = []
-    for d in (0, 1):
-        if _qkv_split(call, 1, d):
-            place: dict[int, Placement] = {i: S(d) for i in range(6)}
-            place[8] = _mask_place(call, 8, d)
-            sigs.append(sig(call, place, (S(d),) * 3))
-    sigs.append(sig(call, {0: P}, (P,) * 3))  # linear in the gradient
-    return sigs + [_all_b(call, 3)]
-
-
-@rule(aten._scaled_dot_product_efficient_attention.default)
-def _sdpa_efficient(call: OpCall, k: int) -> list[Sig]:
-    # CUDA: (query, key, value, attn_bias?, compute_log_sumexp, dropout_p, is_causal, *, scale)
-    #   -> (output, logsumexp (B, H, L rounded up), philox_seed, philox_offset (0-d))
-    sigs = []
-    for d in (0, 1):
-        if _qkv_split(call, 0, d):
-            sigs.append(sig(call, {0: S(d), 1: S(d), 2: S(d), 3: _mask_place(call, 3, d)}, (S(d), S(d), B, B)))
-    return sigs + [_all_b(call, 4)]
-
-
-@rule(aten._scaled_dot_product_efficient_attention_backward.default)
-def _sdpa_efficient_backward(call: OpCall, k: int) -> list[Sig]:
-    # CUDA: (grad_out, query, key, value, attn_bias, out, logsumexp, philox_seed, philox_offset, dropout_p,
-    #   grad_input_mask, is_causal, *, scale) -> (grad_q, grad_k, grad_v, grad_bias), None where not asked
-    mask = [bool(m) for m in _arg(call, 10, (True, True, True, False))]
-    sigs = []
-    for d in (0, 1):
-        if _qkv_split(call, 1, d):
-            bias = _mask_place(call, 4, d)
-            place: dict[int, Placement] = {i: S(d) for i in (0, 1, 2, 3, 5, 6)}
-            place[4] = bias
-            # a bias broadcast along the split dim gets a gradient summed over it: partial sums
-            sigs.append(sig(call, place, _masked((S(d), S(d), S(d), bias if bias != B else P), mask)))
-    sigs.append(sig(call, {0: P}, _masked((P,) * 4, mask)))  # linear in the gradient
-    return sigs + [_all_b(call, sum(mask))]
-
-
-@rule(aten._scaled_dot_product_flash_attention.default)
-def _sdpa_flash(call: OpCall, k: int) -> list[Sig]:
-    # CUDA, half precision: (query, key, value, dropout_p, is_causal, return_debug_mask, *, scale) -> (output,
-    #   logsumexp (B, H, L), cum_seq_q, cum_seq_k (None), max_q, max_k (ints), rng_state, unused, debug_mask)
-    sigs = []
-    for d in (0, 1):
-        if _qkv_split(call, 0, d):
-            sigs.append(sig(call, {0: S(d), 1: S(d), 2: S(d)}, (S(d), S(d), B, B, B)))
-    return sigs + [_all_b(call, 5)]
-
-
-@rule(aten._scaled_dot_product_flash_attention_backward.default)
-def _sdpa_flash_backward(call: OpCall, k: int) -> list[Sig]:
-    # CUDA: (grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
-    #   is_causal, philox_seed, philox_offset, *, scale) -> (grad_query, grad_key, grad_value)
-    sigs = []
-    for d in (0, 1):
-        if _qkv_split(call, 1, d):
-            sigs.append(sig(call, {i: S(d) for i in range(6)}, (S(d),) * 3))
-    sigs.append(sig(call, {0: P}, (P,) * 3))  # linear in the gradient
-    return sigs + [_all_b(call, 3)]
 
 
 # -- batch norm ---------------------------------------------------------------------------------------------

@@ -290,17 +290,27 @@ def _unbind(call: OpCall, k: int) -> list[Sig]:
 
 @rule(aten.cat.default)
 def _cat(call: OpCall, k: int) -> list[Sig]:
-    n = len(call.tensors)
-    ndims = {t.ndim for t in call.tensors}
-    if len(ndims) != 1:  # legacy 1-d empty operands: keep it simple
-        return [Sig((B,) * n, (B,))]
+    # cat skips 1-d empty operands beside others of more dims (legacy; a key/value cache starts as one):
+    # they stay B, the same empty tensor on every rank, and the others are laid out as if alone
+    ndims = {t.ndim for t in call.tensors if t.shape != (0,)} or {1}
     nd = ndims.pop()
+    if ndims:
+        return [Sig((B,) * len(call.tensors), (B,))]
+    skipped = [nd != 1 and t.shape == (0,) for t in call.tensors]
+    rest = [t for t, s in zip(call.tensors, skipped) if not s]
+    n = len(rest)
     along = _dim(_arg(call, 1, "dim", 0), nd)
     sigs = moved(n, nd, {d: d for d in range(nd) if d != along})
-    if n >= 2 and nd and len({t.shape[along] for t in call.tensors}) == 1:
+    if n >= 2 and nd and len({t.shape[along] for t in rest}) == 1:
         # blocks split alike, joined: each rank's pieces of them, in order (split's inverse)
         sigs.insert(len(sigs) - 2, Sig((S(along),) * n, (Blocked(along, n),)))
-    return sigs
+    return [_with_skipped(sig, skipped) for sig in sigs] if any(skipped) else sigs
+
+
+def _with_skipped(sig: Sig, skipped: Sequence[bool]) -> Sig:
+    """``sig`` (over the operands not skipped) with ``B`` for the skipped ones, in the operands' order."""
+    ins = iter(sig.ins)
+    return Sig(tuple(B if s else next(ins) for s in skipped), sig.outs)
 
 
 @rule(aten.stack.default)

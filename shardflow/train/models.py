@@ -50,8 +50,10 @@ class CausalLM(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (batch, seq, vocab); the key-value cache is off (training never decodes)."""
-        return self.model(input_ids=x, use_cache=False).logits
+        """Next-token logits (batch, seq, vocab)."""
+        # NOTE: the model's default key/value cache stays on: without a cache or a mask, transformers looks for
+        # packed sequences in the position ids (data-dependent indexing); a cache started empty costs a copy
+        return self.model(input_ids=x).logits
 
     predict = logits
 
@@ -68,7 +70,7 @@ class SequenceClassifier(nn.Module):
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (batch, classes)."""
-        return self.model(input_ids=x, use_cache=False).logits
+        return self.model(input_ids=x).logits  # the cache on, as for CausalLM.logits
 
 
 def check_model(cfg: ModelConfig) -> None:

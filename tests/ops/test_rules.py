@@ -138,6 +138,8 @@ SHAPE_CASES = [  # (name, fn, input shape): every layout of the input, P include
     ("new_empty_strided", lambda x: x.new_empty_strided((5, 3), (3, 1)).copy_(x), (5, 3)),
     ("new_ones", lambda x: x.new_ones(x.shape) * x, (5, 3)),
     ("cat after legacy empty", lambda x: torch.cat([x.new_zeros(0), x], dim=1), (5, 3)),  # a kv cache's start
+    ("cumsum", lambda x: x.cumsum(1), (5, 3, 6)),
+    ("flip", lambda x: x.flip((0, 2)), (5, 3, 6)),
 ]
 
 MULTI_CASES = [  # two operands

@@ -177,3 +177,33 @@ def test_hugging_face_classifiers_and_causal_lms_build_from_their_config():
         logits = plain_lm(input_ids=x).logits
         torch.testing.assert_close(lm.module(x, y), F.cross_entropy(logits.flatten(0, 1), y.flatten()))
         torch.testing.assert_close(lm.module(x[:, :-1], x[:, 1:]), want)
+
+
+def _llama_losses(flags: list[str]) -> list[float]:
+    return train(load_config(str(ROOT / "examples" / "hf_llama.toml"), flags), log=lambda _: None)
+
+
+def test_the_hugging_face_llama_example_trains_like_plain_pytorch(tmp_path):
+    """examples/hf_llama.toml on its 2x2 (dp, tp) mesh: the first steps' losses equal those of the same
+    LlamaForCausalLM, built from transformers directly, trained in plain PyTorch on the same batches."""
+    import transformers
+
+    steps = 3
+    flags = ["--steps", str(steps), "--run_dir", str(tmp_path / "run"), "--resume", "never", "--eval_every", "0"]
+    got = run_on_ranks(4, _llama_losses, flags, timeout=300)[0]
+    cfg = load_config(str(ROOT / "examples" / "hf_llama.toml"), flags)
+    torch.manual_seed(cfg.seed)
+    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.model.args))
+    opt = torch.optim.AdamW(plain.parameters(), lr=cfg.lr, eps=1e-6, foreach=False)
+    batches = make_batches(cfg.data, cfg.batch_size, cfg.seed, cfg.model.args["max_position_embeddings"]).train(0)
+    want = []
+    for _ in range(steps):
+        x, y = next(batches)
+        loss = F.cross_entropy(plain(input_ids=x).logits.flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.max_grad_norm, foreach=False)
+        opt.step()
+        want.append(loss.item())
+    for g, w in zip(got, want, strict=True):
+        assert abs(g - w) <= 1e-5 + 1e-4 * abs(w), (got, want)

@@ -89,3 +89,14 @@ def _extremum(call: OpCall, k: int) -> list[Sig]:
             return [Sig((B,), (B,))]
     kept = [d for d in range(nd) if d not in dims]
     return [Sig((S(d),), (S(d if keep else d - sum(1 for r in dims if r < d)),)) for d in kept] + [Sig((B,), (B,))]
+
+
+@rule(aten.cumsum.default, aten.flip.default)
+def _along(call: OpCall, k: int) -> list[Sig]:
+    """A running sum (or a reversal) along dims that are whole on each rank; splits elsewhere pass through.
+    Both are linear, so partial sums stay partial (HF's masks take a cumsum of position ids; cumsum's
+    gradient is a flipped cumsum)."""
+    nd = call.tensors[0].ndim
+    along = call.args[1]
+    dims = {d % max(nd, 1) for d in (along if isinstance(along, (list, tuple)) else [along])}
+    return [Sig((S(d),), (S(d),)) for d in range(nd) if d not in dims] + [Sig((P,), (P,)), Sig((B,), (B,))]

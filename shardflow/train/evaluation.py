@@ -9,6 +9,7 @@ keeps counts, not the outputs (an LM's logits over many batches would be batch x
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,8 @@ class Evaluation:
 def validate(pm: Runner, batches: Sequence[Batch], metric: Callable[[], Metric] | None, method: str) -> Evaluation:
     """The validation loss over ``batches`` (their mean: the batches are the same size) and the metric of
     ``method``'s outputs (collective: every rank of the job calls it)."""
+    if not pm.inside:  # no part of the model here: nothing to evaluate (as a step returns nan)
+        return Evaluation(math.nan, None)
     measured = metric() if metric is not None else None
     losses = []
     for batch in batches:

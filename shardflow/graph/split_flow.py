@@ -124,6 +124,8 @@ def moved(node: Any, value: Any, dim: int, ways: int | None) -> int | None:
         if value in node.args[:3] and value not in node.args[3:] + tuple(node.kwargs.values()):
             return dim if dim < nd - 2 else None
         return None
+    if t is aten.type_as.default and node.args[0] is not value:
+        return None  # its second argument gives only a dtype: the split does not flow through it
     if t in _SAME or (isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags):
         e = dim + len(out) - nd  # broadcasting aligns dims from the right
         return e if out[e] == src[dim] else None

@@ -21,7 +21,7 @@ from torch import nn
 
 from shardflow.models import CHAR_VOCAB_SIZE, GPT, GPTConfig
 from shardflow.train.config import GPTArgs, ModelConfig, fill
-from shardflow.train.imports import bind, call_with, resolve
+from shardflow.train.imports import bind, resolve
 
 BUILTIN = ("gpt",)
 
@@ -78,9 +78,7 @@ def check_model(cfg: ModelConfig) -> None:
     rank starts): the built-in's name and arguments, the Hugging Face class and its settings, the function's
     path and signature."""
     if cfg.builtin:
-        if cfg.builtin not in BUILTIN:
-            raise ValueError(f"model.builtin = {cfg.builtin!r}: shardflow ships {list(BUILTIN)}")
-        fill(GPTArgs, cfg.args, "model.args.")
+        _gpt_args(cfg)
     elif cfg.hf:
         _hf_class(cfg)
     else:
@@ -89,16 +87,29 @@ def check_model(cfg: ModelConfig) -> None:
 
 def build_model(cfg: ModelConfig, seed: int) -> TrainModel:
     """The model ``cfg`` names, its weights drawn after ``torch.manual_seed(seed)``."""
-    check_model(cfg)
-    torch.manual_seed(seed)
+    # each branch checks what it builds as it builds it (check_model's work, not done twice)
     if cfg.builtin:
-        return _gpt(fill(GPTArgs, cfg.args, "model.args."))
+        args = _gpt_args(cfg)
+        torch.manual_seed(seed)
+        return _gpt(args)
     if cfg.hf:
-        return _hugging_face(cfg)
-    made = call_with(resolve(cfg.function, "model.function"), cfg.args, "model.args")
+        cls = _hf_class(cfg)
+        torch.manual_seed(seed)
+        return _hugging_face(cfg, cls)
+    fn = resolve(cfg.function, "model.function")
+    bind(fn, cfg.args, "model.args")
+    torch.manual_seed(seed)
+    made = fn(**cfg.args)
     if not isinstance(made, nn.Module):
         raise ValueError(f"model.function = {cfg.function!r} returned {type(made).__name__}, not an nn.Module")
     return TrainModel(made)
+
+
+def _gpt_args(cfg: ModelConfig) -> GPTArgs:
+    """The built-in's arguments, its name and their keys checked."""
+    if cfg.builtin not in BUILTIN:
+        raise ValueError(f"model.builtin = {cfg.builtin!r}: shardflow ships {list(BUILTIN)}")
+    return fill(GPTArgs, cfg.args, "model.args.")  # type: ignore[no-any-return]
 
 
 def _gpt(args: GPTArgs) -> TrainModel:
@@ -143,8 +154,7 @@ def _hf_class(cfg: ModelConfig) -> Any:
     return cls
 
 
-def _hugging_face(cfg: ModelConfig) -> TrainModel:
-    cls = _hf_class(cfg)
+def _hugging_face(cfg: ModelConfig, cls: Any) -> TrainModel:
     config_cls: Any = cls.config_class
     if cfg.weights:
         model = cls.from_pretrained(cfg.weights, local_files_only=True, **cfg.args)

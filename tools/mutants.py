@@ -178,8 +178,8 @@ MUTANTS = [
     Mutant(
         "MFU over one device's peak, not the job's",
         "shardflow/train/loop.py",
-        "(cfg.peak_tflops * 1e12 * dist.get_world_size())",
-        "(cfg.peak_tflops * 1e12)",
+        "meter.devices = dist.get_world_size()",
+        "meter.devices = 1",
         ("tests/train/test_train_keys.py::test_mfu_is_the_achieved_flops_over_the_peak_given",),
     ),
     Mutant(

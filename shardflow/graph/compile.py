@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from shardflow.graph.flops import model_flops, skeleton
 from shardflow.graph.lower import trace_step
 from shardflow.graph.parallel_module import ParallelModule
 from shardflow.graph.stage_program import StageProgram
@@ -204,7 +206,10 @@ def _compile_plan(
             stage_meshes=stage_meshes,
             split_backward=p.split_backward,
         )
-        pp = PipelineModule(model, mesh, pipeline, example_inputs, optimizer or default_optimizer, plan, StageProgram)
+        counter = functools.partial(model_flops, skeleton(model), device=mesh.device_type)
+        pp = PipelineModule(
+            model, mesh, pipeline, example_inputs, optimizer or default_optimizer, plan, StageProgram, counter
+        )
         if memory_limit is not None:
             _check_pipeline_fits(pp, parse_bytes(memory_limit), model, optimizer)
         return pp

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 
 from shardflow.boxing import DEFAULT_COST
+from shardflow.graph.flops import joint_flops, program_flops
 from shardflow.graph.ir.buckets import bucket_gradients, wait_buckets
 from shardflow.graph.ir.codegen import build
 from shardflow.graph.ir.instr import Release, Return
@@ -114,6 +115,7 @@ def lower_ir(
         saved_bytes=saved_bytes(ir),
         arena=placed,
         ir=ir,
+        flops=joint_flops(joint).with_rank(program_flops(ir)),
     )
 
 

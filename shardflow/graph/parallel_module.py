@@ -24,11 +24,14 @@ from torch.utils import _pytree as pytree
 from shardflow.checkpoint.index import CheckpointError
 from shardflow.comm.init import world
 from shardflow.graph.evaluate import EvalProgram, lower_eval, trace_method
+from shardflow.graph.flops import model_flops
 from shardflow.graph.graphed_step import graphed_step
 from shardflow.graph.lower import Program, lower, trace_step
 from shardflow.graph.optimizer_pieces import optimizer_pieces
 from shardflow.graph.parallel_memory import parallel_memory
 from shardflow.graph.static_step import program_args, signature, static_step
+from shardflow.graph.values import recomputing
+from shardflow.ops.flop_count import Flops
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, format_sbp
 from shardflow.placement.shard import take_local
@@ -267,6 +270,14 @@ class ParallelModule(Runner):
             self.programs[key] = program
         return self.programs[key]
 
+    def flops(self, *inputs: Any) -> Flops:
+        inputs = inputs or self.example_inputs
+        if not self.inside:
+            return model_flops(self.module, inputs, self.mesh.device_type).with_rank(Flops())
+        flops = self.program(self._inputs(inputs)).flops
+        assert flops is not None
+        return flops
+
     def _memory(self, inputs: Sequence[Any]) -> MemoryReport:
         """This rank's predicted memory (``graph/parallel_memory.py``)."""
         return parallel_memory(self, inputs)
@@ -367,7 +378,14 @@ class ParallelModule(Runner):
 
 
 def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    runs = [0]
+
+    def run(*a: Any, **k: Any) -> Any:
+        runs[0] += 1  # the first run is the forward; later ones recompute it in backward: tagged as such
+        with recomputing() if runs[0] > 1 else contextlib.nullcontext():
+            return forward(*a, **k)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 def _laid_out(module: nn.Module, mesh: Mesh, layouts: Mapping[str, NdSbp]) -> nn.Module:

@@ -16,6 +16,7 @@ from shardflow.graph.arena import Arena
 from shardflow.graph.ir.explain import explain
 from shardflow.graph.ir.instr import Comm
 from shardflow.graph.ir.step import StepIR, Unit
+from shardflow.ops.flop_count import Flops
 from shardflow.runtime.memory import ProgramMemory
 from shardflow.tensor.trace import Record
 
@@ -45,6 +46,7 @@ class Program:
     saved_bytes: int = 0  # a stage: bytes its forward keeps for its backward (parameters not counted)
     arena: Arena | None = None  # static placement's blocks (graph/arena.py), allocated at the first run
     ir: StepIR | None = None  # the instructions it was generated from
+    flops: Flops | None = None  # the traced step's FLOPs, with this rank's share (graph/flops.py)
 
     def explain(self) -> str:
         """This rank's program, one instruction a line (``ir/explain.py``)."""

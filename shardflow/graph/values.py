@@ -17,6 +17,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch import fx, nn
 
+from shardflow.ops.flop_count import RECOMPUTED
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import NdSbp, is_split
 from shardflow.plan import PlanError
@@ -58,6 +59,21 @@ def module_paths(model: nn.Module) -> Iterator[None]:
         for h in hooks:
             h.remove()
         fx_traceback.current_meta.pop("custom", None)
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """While tracing, tag each node made inside as a recomputed forward (``ops/flop_count.py`` counts it as
+    hardware work, not model work); ``module_paths`` tags nothing then, as the model's forward has returned."""
+    before = fx_traceback.current_meta.get("custom")
+    fx_traceback.current_meta["custom"] = {RECOMPUTED: True}
+    try:
+        yield
+    finally:
+        if before is None:
+            fx_traceback.current_meta.pop("custom", None)
+        else:
+            fx_traceback.current_meta["custom"] = before
 
 
 def value_keys(graph: fx.Graph) -> dict[str, fx.Node]:

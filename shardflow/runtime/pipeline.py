@@ -20,6 +20,7 @@ from torch import nn
 
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
+from shardflow.ops.flop_count import Flops
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, Placement, is_split
 from shardflow.plan import ParallelPlan
@@ -99,8 +100,11 @@ class PipelineModule(PipelineState):
         optimizer: OptimizerFactory,
         plan: ParallelPlan,
         stage_program: StageProgramFactory | None = None,
+        count_flops: Callable[[Sequence[Any]], Flops] | None = None,
     ) -> None:
         self.mesh, self._pipeline, self._plan = mesh, pipeline, plan
+        # the logical step's FLOPs on a global batch (the compiler's trace of the whole model, handed in)
+        self.count_flops = count_flops
         self.strategy = plan.strategy
         # makes a stage's lowered program (the compiler's, graph/stage_program.py: handed in, as the
         # compiler sits above the runtime): a tensor-parallel stage runs it; any stage counts memory by it
@@ -354,6 +358,22 @@ class PipelineModule(PipelineState):
     def explain(self) -> str:
         """Stages, their parameters, the schedule of each stage and the expected bubble, for people."""
         return explain_pipeline(self)
+
+    def flops(self, *inputs: Any) -> Flops:
+        """See ``Runner.flops``: the whole model's step, and in ``rank`` this rank's stage program over
+        its shard of every micro-batch."""
+        whole = whole_batch(inputs, self.example_shapes) if inputs else [plain(x) for x in self.example_inputs]
+        if self.count_flops is None:
+            raise ValueError(
+                "this pipeline was built without a FLOP counter: build it with sf.compile(..., pipeline=...)"
+            )
+        logical = self.count_flops(whole)
+        rank = Flops()
+        if self.inside:
+            for micro in self._micro_batches(whole)[0]:
+                counted = self._program(micro).flops
+                rank = rank + counted.rank
+        return logical.with_rank(rank)
 
     def _memory(self, inputs: Sequence[Any]) -> MemoryReport:
         """This rank's predicted memory (``pipeline_memory.py``)."""

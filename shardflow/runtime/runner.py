@@ -21,6 +21,7 @@ from shardflow.checkpoint.snapshots import Snapshots
 from shardflow.checkpoint.store import load as load_checkpoint
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
+from shardflow.ops.flop_count import Flops
 from shardflow.placement.mesh import Mesh
 from shardflow.plan import ParallelPlan
 from shardflow.runtime import trace as tracing
@@ -76,6 +77,14 @@ class Runner(Snapshots, abc.ABC):
 
     @abc.abstractmethod
     def explain(self) -> str:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def flops(self, *inputs: Any) -> Flops:
+        """FLOPs of one step on the global batch ``inputs`` (default: the example inputs), counted from the
+        plan's ops (``ops/flops.py``): the logical step, each op once whatever the plan, and in ``rank``
+        what this rank computes (replicated work included; zero on a rank outside the mesh). Lowers, runs
+        nothing, and needs no other rank."""
         raise NotImplementedError
 
     @abc.abstractmethod

@@ -111,7 +111,8 @@ class TrainConfig:
     memory_limit: str = ""
     """Refuse a plan that would not fit, e.g. "4GiB" (empty: no limit)."""
     peak_tflops: float = 0.0
-    """Peak dense TFLOP/s of one device, to report MFU (0: report FLOP/s only)."""
+    """Peak dense TFLOP/s of one device, for MFU (0: a GPU's datasheet figure, or a CPU's measured by a matmul
+    probe once and cached)."""
     plan: str = ""
     """A plan written by ``shardflow plan CONFIG --save FILE`` (JSON) to train with: it wins over mesh, axes,
     strategy, zero, micro_batches, schedule and max_grad_norm, and its mesh sets the job's ranks (empty: the

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import shardflow as sf
 from shardflow.checkpoint.index import FORMAT, INDEX
 from shardflow.runtime import trace as tracing
+from shardflow.runtime.meter import Meter
 from shardflow.runtime.runner import Runner
 from shardflow.train.config import TrainConfig, load_config, read_plan
 from shardflow.train.data import Batches, check_data, make_batches
@@ -121,18 +122,20 @@ def compile_run(cfg: TrainConfig) -> Run:
     return Run(pm, model, data)
 
 
-def _speed(batch: tuple[Any, ...], seconds: float, model: TrainModel, cfg: TrainConfig) -> str:
-    """Samples/s; tokens/s where the first input is token ids (batch, seq); FLOP/s and MFU where counted."""
+def _speed(meter: Meter, batch: tuple[Any, ...], seconds: float) -> str:
+    """Samples/s (tokens/s where the first input is token ids, (batch, seq)), FLOP/s and MFU."""
     x = batch[0]
-    out = f"{len(x) / seconds:,.0f} samples/s" if isinstance(x, torch.Tensor) and x.dim() else ""
-    if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point():
-        out = f"{x.numel() / seconds:,.0f} tokens/s"
-        if model.flops_per_token is not None:
-            flops = model.flops_per_token * x.numel() / seconds
-            out += f", {flops / 1e9:.2f} GFLOP/s"
-            if cfg.peak_tflops:
-                out += f", MFU {flops / (cfg.peak_tflops * 1e12 * dist.get_world_size()):.1%}"
-    return out
+    batched = isinstance(x, torch.Tensor) and x.dim() > 0
+    tokens = x.numel() if batched and x.dim() == 2 and not x.is_floating_point() else None
+    return str(meter.measure(seconds, samples=len(x) if batched else None, tokens=tokens))
+
+
+def _meter(pm: Runner, cfg: TrainConfig) -> Meter:
+    """The run's meter: the step's counted FLOPs over every device's peak (``peak_tflops``, or the device's)."""
+    meter = Meter.of(pm, peak=cfg.peak_tflops * 1e12 or None)
+    # the job's devices are the world's, whatever part of them the mesh uses
+    meter.devices = dist.get_world_size()
+    return meter
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
@@ -157,6 +160,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
             f"the validation split has no full batch of {cfg.batch_size} samples: evaluation needs one "
             "(a smaller batch_size, a larger split, or eval_every = 0)"
         )
+    meter = _meter(pm, cfg) if rank == 0 else None
+    if meter is not None:
+        say(
+            f"{meter.flops.explain(top=3)}\npeak of one device: {meter.peak.flops_per_s / 1e12:.4g} TFLOP/s ({meter.peak.source})"
+        )
     losses: list[float] = []
     # batches are made by the loader's reader actor one step ahead of the step that uses them
     made = itertools.islice(run.batches.train(pm.steps), max(cfg.steps - pm.steps, 0))
@@ -171,7 +179,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
             say(f"timeline of step {step + 1}: {traced} (ui.perfetto.dev) and {png}")
         losses.append(loss)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            say(f"step {step + 1}/{cfg.steps}: loss {loss:.4f}, {_speed(batch, seconds, run.model, cfg)}")
+            speed = f", {_speed(meter, batch, seconds)}" if meter is not None else ""
+            say(f"step {step + 1}/{cfg.steps}: loss {loss:.4f}{speed}")
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             result = validate(pm, held_out, metric, cfg.metric_method)
             say(f"eval at step {step + 1}: {result.summary(cfg.metric)} ({len(held_out)} validation batches)")

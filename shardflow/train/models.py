@@ -28,12 +28,11 @@ BUILTIN = ("gpt",)
 
 @dataclass(frozen=True)
 class TrainModel:
-    """The module to compile, its context length where it reads sequences (the built-in text's default
-    window), and FLOPs per token where a formula is known (the GPT's)."""
+    """The module to compile, and its context length where it reads sequences (the built-in text's default
+    window)."""
 
     module: nn.Module
     context: int | None = None
-    flops_per_token: float | None = None
 
 
 class CausalLM(nn.Module):
@@ -115,10 +114,7 @@ def _gpt_args(cfg: ModelConfig) -> GPTArgs:
 def _gpt(args: GPTArgs) -> TrainModel:
     # dropout 0: compiled steps cannot train with it yet (no layout rule for random ops)
     gpt = GPT(GPTConfig(vocab_size=CHAR_VOCAB_SIZE, dropout=0.0, **dataclasses.asdict(args)))
-    n_params = sum(p.numel() for p in gpt.parameters())
-    # 6 FLOPs per parameter per token (forward + backward), plus attention (PaLM, appendix B)
-    flops = 6 * n_params + 12 * args.n_layer * args.block_size * args.n_embd
-    return TrainModel(gpt, args.block_size, flops)
+    return TrainModel(gpt, args.block_size)
 
 
 def _hf_class(cfg: ModelConfig) -> Any:

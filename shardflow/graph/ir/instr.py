@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from shardflow.boxing.plan import Plan
     from shardflow.ops import TensorMeta
+    from shardflow.ops.flops import OpFlops
     from shardflow.placement.sbp import NdSbp
 
 
@@ -91,6 +92,16 @@ class OutForm:
     shapes: tuple[tuple[tuple[int, ...], Any], ...]
 
 
+@dataclass(frozen=True)
+class Work:
+    """An op's FLOPs on this rank's local shapes (``ops/flops.py``; None: no formula), by ``by_op`` name, in
+    its phase: ``"forward"``, ``"backward"``, or ``"recompute"`` (a checkpointed forward run again)."""
+
+    op: str
+    phase: str
+    flops: OpFlops | None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Op(_Defines):
     """``out = fn(args)``: an ATen op or a local function (``ops/``) on local tensors. ``args`` is the
@@ -105,6 +116,7 @@ class Op(_Defines):
     local_new: bool = False  # a local function whose results are new storages, as its op's schema says
     out_form: OutForm | None = None  # set where arena placement may give it blocks
     blocks: tuple[int, ...] = ()
+    work: Work | None = None  # its FLOPs on this rank (graph/flops.py adds them up)
 
     exact: ClassVar[bool] = True
 

@@ -17,9 +17,12 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from shardflow.boxing import bound_plan, plan_boxing
 from shardflow.graph.arena import out_overload
 from shardflow.graph.ir.gathers import VIEWS, gather
-from shardflow.graph.ir.instr import Item, Op, OutForm
+from shardflow.graph.ir.instr import Item, Op, OutForm, Work
 from shardflow.graph.ir.step import Storage, Value
 from shardflow.ops import LOCALS, PREPARED, WORKSPACE, LocalContext, OpCall, TensorMeta, choose, writes_arg
+from shardflow.ops.flop_count import op_name as flops_key
+from shardflow.ops.flop_count import recomputed
+from shardflow.ops.flops import op_flops
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement
 from shardflow.placement.shard import local_shape
@@ -90,7 +93,8 @@ def lower_call(lp: LayoutPass, node: fx.Node) -> None:
     if not where:  # a factory (arange, a mask): computed the same on every rank, so B
         read: list[str] = []
         args = [lp.render(a, read) for a in node.args] + [f"{k}={lp.render(v, read)}" for k, v in node.kwargs.items()]
-        lp.ir.emit(Op(out=name, fn=lp.ir.const(func, "op"), args=", ".join(args), used=tuple(read)))
+        work = Work(flops_key(func), _phase(lp, node), op_flops(func, node.args, node.kwargs, out_metas))
+        lp.ir.emit(Op(out=name, fn=lp.ir.const(func, "op"), args=", ".join(args), used=tuple(read), work=work))
         outputs(lp, node, [replicated] * sum(m is not None for m in out_metas), out_metas)
         op_storage(lp, node, name, None, [replicated] * len(out_metas), out_metas)
         return
@@ -159,6 +163,7 @@ def lower_call(lp: LayoutPass, node: fx.Node) -> None:
             checks=checks,
             local_new=local_new,
             temp=workspace,
+            work=_local_work(lp, node, meta_flat, spec, where, ins, out_metas, wants),
         )
     )
     outputs(lp, node, list(outs), out_metas)
@@ -174,6 +179,33 @@ def lower_call(lp: LayoutPass, node: fx.Node) -> None:
         op = lp.ir.body[at]
         if form is not None and isinstance(op, Op):
             lp.ir.body[at] = dataclasses.replace(op, out_form=form)
+
+
+def _phase(lp: LayoutPass, node: fx.Node) -> str:
+    return "recompute" if recomputed(node) else "backward" if lp.phase != "forward" else "forward"
+
+
+def _local_work(
+    lp: LayoutPass,
+    node: fx.Node,
+    meta_flat: list[Any],
+    spec: Any,
+    where: list[int],
+    ins: Sequence[NdSbp],
+    out_metas: list[TensorMeta | None],
+    wants: list[Any],
+) -> Work:
+    """The op's FLOPs on this rank: its formula on the local shapes of the layouts chosen for it (a partial
+    sum's local is whole-sized: each rank computes its share of every element)."""
+    flat = list(meta_flat)
+    for i, need in zip(where, ins):
+        m = flat[i]
+        flat[i] = TensorMeta(tuple(local_shape(m.shape, need, lp.mesh.shape, lp.coord)), m.dtype)
+    args, kwargs = tree_unflatten(flat, spec)
+    shapes = iter(wants)
+    outs = [TensorMeta(tuple(next(shapes)), m.dtype) if m is not None else None for m in out_metas]
+    func = node.target
+    return Work(flops_key(func), _phase(lp, node), op_flops(func, args, kwargs, outs))
 
 
 def _gathered_or_reused(

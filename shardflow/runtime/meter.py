@@ -1,0 +1,199 @@
+"""Throughput of a run: samples or tokens per second, FLOP/s and MFU, from a step's counted FLOPs.
+
+MFU (model FLOPs utilisation, PaLM's definition) is the step's model FLOPs (``Flops.total``: each logical op
+once, no recomputation) per second over the peak of every device of the job; ``hfu`` is this rank's own
+work (replicated and recomputed work included) over its device's peak. Peaks come from a table of datasheet
+figures (dense, no sparsity) for GPUs, and on a CPU from a matmul probe, measured once per machine, thread
+count and dtype and cached in a JSON file: a CPU has no datasheet figure a run could reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from shardflow.ops.flop_count import Flops
+
+# dense datasheet peaks of one device, FLOP/s: (bf16 and fp16, tf32, fp32 without tensor cores)
+DEVICE_PEAKS: dict[str, tuple[float, float, float]] = {
+    "H200": (989.4e12, 494.7e12, 66.9e12),  # H200 SXM
+    "H100 PCIe": (756.5e12, 378.0e12, 51.2e12),
+    "H100": (989.4e12, 494.7e12, 66.9e12),  # H100 SXM
+    "A100": (312.0e12, 156.0e12, 19.5e12),
+}
+
+
+@dataclass(frozen=True)
+class Peak:
+    """One device's peak FLOP/s for a dtype, and where the figure comes from."""
+
+    flops_per_s: float
+    source: str
+
+
+def device_peak(device: torch.device | str, dtype: torch.dtype = torch.float32, cache: Path | None = None) -> Peak:
+    """The peak of one ``device`` computing in ``dtype``: a GPU's datasheet figure (tf32's where torch lets
+    float32 matmuls use it), else the matmul probe's (``probe``; a CPU's cached in ``cache``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32, fp32) in DEVICE_PEAKS.items():
+            if key in name:
+                if dtype in (torch.bfloat16, torch.float16):
+                    return Peak(half, f"{name} datasheet, {dtype} dense")
+                if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+                    return Peak(tf32, f"{name} datasheet, tf32 dense")
+                return Peak(fp32, f"{name} datasheet, {dtype}")
+        return Peak(probe(device, dtype), f"{name}: no datasheet figure, a matmul probe on it")
+    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{dtype}"
+    path = cache or Path.home() / ".cache" / "shardflow" / "peaks.json"
+    known = _read(path)
+    if key not in known:
+        known[key] = probe(device, dtype)
+        _write(path, known)
+    return Peak(known[key], f"a {dtype} matmul probe on this CPU ({torch.get_num_threads()} threads), cached in {path}")
+
+
+def probe(device: torch.device | str, dtype: torch.dtype = torch.float32, n: int = 512, seconds: float = 0.3) -> float:
+    """FLOP/s of the best of repeated ``n x n`` matmuls on ``device`` for about ``seconds``."""
+    device = torch.device(device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    a @ b  # warm-up
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _read(path: Path) -> dict[str, float]:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def _write(path: Path, peaks: dict[str, float]) -> None:
+    """Whole or not at all (several ranks may probe at once: the last complete file wins)."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(peaks, indent=1))
+        os.replace(partial, path)
+
+
+class Throughput(NamedTuple):
+    """What a measured step (or steps) achieved."""
+
+    seconds: float
+    samples_per_s: float | None
+    tokens_per_s: float | None
+    flops_per_s: float  # model FLOPs of the job per second
+    mfu: float  # flops_per_s over every device's peak
+    hfu: float  # this rank's work (replicated and recomputed included) per second over its device's peak
+
+    def __str__(self) -> str:
+        parts = []
+        if self.tokens_per_s is not None:
+            parts.append(f"{self.tokens_per_s:,.0f} tokens/s")
+        elif self.samples_per_s is not None:
+            parts.append(f"{self.samples_per_s:,.0f} samples/s")
+        parts.append(f"{_per_second(self.flops_per_s)}, MFU {self.mfu:.1%}")
+        return ", ".join(parts)
+
+
+def _per_second(flops: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}FLOP/s"
+    return f"{flops:.3g} FLOP/s"
+
+
+class Meter:
+    """Samples or tokens per second, FLOP/s and MFU of steps whose FLOPs are ``flops``, on ``devices``
+    devices each of ``peak``. ``Meter.of(pm)`` reads all three from a compiled model::
+
+        meter = sf.Meter.of(pm)
+        with meter.timing() as timed:
+            pm.step(x, y)
+        print(meter.measure(timed.seconds, samples=len(x)))   # "... samples/s, 1.2 GFLOP/s, MFU 3.4%"
+    """
+
+    def __init__(self, flops: Flops, devices: int, peak: Peak) -> None:
+        if devices < 1 or peak.flops_per_s <= 0:
+            raise ValueError(f"a meter needs at least one device and a positive peak (got {devices}, {peak})")
+        self.flops, self.devices, self.peak = flops, devices, peak
+
+    @classmethod
+    def of(cls, pm: Any, *inputs: Any, peak: float | None = None, dtype: torch.dtype | None = None) -> Meter:
+        """A meter of ``pm``'s steps on ``inputs`` (default: its example inputs) over its mesh's devices;
+        ``peak`` (FLOP/s of one device) overrides ``device_peak``'s; ``dtype`` (default: the parameters')
+        picks the table's column."""
+        flops = pm.flops(*inputs)
+        if dtype is None:
+            dtype = next((p.dtype for p in pm.params if p.dtype.is_floating_point), torch.float32)
+        found = Peak(peak, "given") if peak else device_peak(pm.mesh.device, dtype)
+        return cls(flops, pm.mesh.size, found)
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[_Timed]:
+        """Time the block (waiting for the device's queued work at both ends)."""
+        timed = _Timed()
+        device = torch.device("cuda") if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        if device is not None:
+            _sync(device)
+        start = time.perf_counter()
+        yield timed
+        if device is not None:
+            _sync(device)
+        timed.seconds = time.perf_counter() - start
+
+    def measure(
+        self, seconds: float, steps: int = 1, samples: int | None = None, tokens: int | None = None
+    ) -> Throughput:
+        """What ``steps`` steps in ``seconds`` achieved; ``samples`` and ``tokens`` are per step."""
+        if seconds <= 0:
+            raise ValueError(f"seconds must be positive, got {seconds}")
+        flops = self.flops.total * steps / seconds
+        mine = self.flops.rank
+        hfu = (mine.total + mine.recompute) * steps / seconds / self.peak.flops_per_s if mine is not None else 0.0
+        return Throughput(
+            seconds,
+            samples * steps / seconds if samples is not None else None,
+            tokens * steps / seconds if tokens is not None else None,
+            flops,
+            flops / (self.devices * self.peak.flops_per_s),
+            hfu,
+        )
+
+
+@dataclass
+class _Timed:
+    seconds: float = 0.0

@@ -1,0 +1,136 @@
+"""shardflow's FLOP formulas (``ops/flops.py``), on one process: the element-wise convention against counts
+written out by hand for small ops, and the matmul, convolution and attention FLOPs of whole models within 1%
+of ``torch.utils.flop_counter.FlopCounterMode`` measuring the plain model (its attention run by the math
+kernel, which it counts as matmuls: it has no formula for the CPU attention kernel the trace holds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from shardflow.graph.flops import model_flops
+from shardflow.models import GPT, MLP, CNNConfig, GPTConfig, MLPConfig, SmallCNN
+from shardflow.ops.flop_count import graph_flops
+from shardflow.ops.flops import op_flops
+
+# the convention's costs, spelt out here rather than imported, so that the test states them itself
+ADD = MUL = CMP = 1
+DIV = SQRT = 4
+EXP = ERF = LOG = 8
+
+
+def _by_op(fn, *inputs) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    return dict(graph_flops(make_fx(fn)(*inputs).graph, None).by_op)
+
+
+def test_layer_norm_counts_its_statistics_normalisation_and_affine_map() -> None:
+    x = torch.randn(2, 4)
+    ln = nn.LayerNorm(4)
+    elements, rows = 8, 2
+    per_element = ADD + (ADD + MUL + ADD) + (ADD + MUL) + (MUL + ADD)  # mean, variance, normalise, affine
+    per_row = DIV + DIV + ADD + SQRT  # the mean's and variance's divides, + eps, rsqrt
+    got = _by_op(lambda x: F.layer_norm(x, (4,), ln.weight.detach(), ln.bias.detach()), x)
+    assert got == {"aten.native_layer_norm": elements * per_element + rows * per_row}
+
+
+def test_gelu_softmax_and_cross_entropy_forward() -> None:
+    x = torch.randn(3, 5)
+    assert _by_op(F.gelu, x) == {"aten.gelu": 15 * (MUL + ERF + ADD + MUL + MUL)}  # x * 0.5 * (1 + erf(x / sqrt 2))
+    assert _by_op(lambda x: F.softmax(x, -1), x) == {"aten._softmax": 15 * (CMP + ADD + EXP + ADD + DIV)}
+    target = torch.tensor([0, 4, 2])
+    got = _by_op(lambda x, t: F.cross_entropy(x, t), x, target)
+    # log-softmax: per element max, subtract, exp, sum, subtract; per row a log; nll: pick and add 3, one divide
+    assert got == {"aten._log_softmax": 15 * (CMP + ADD + EXP + ADD + ADD) + 3 * LOG, "aten.nll_loss_forward": 3 * ADD + DIV}
+
+
+def test_cross_entropy_backward() -> None:
+    x, target = torch.randn(3, 5, requires_grad=True), torch.tensor([0, 4, 2])
+
+    def grad(x, target):  # type: ignore[no-untyped-def]
+        return torch.autograd.grad(F.cross_entropy(x, target), x)
+
+    got = _by_op(grad, x, target)
+    assert got["aten.nll_loss_backward"] == DIV + 3 * MUL  # -g / total: one divide, a multiply per target
+    assert got["aten._log_softmax_backward_data"] == 15 * (ADD + EXP + MUL + ADD)  # g - exp(y) * sum(g)
+
+
+def test_in_place_ops_count_as_their_functional_form_and_unknown_ops_count_as_none() -> None:
+    class T:
+        shape = (3, 4)
+
+    assert op_flops(torch.ops.aten.add_.Tensor, (T(), T()), {}, [T()]) == op_flops(torch.ops.aten.add.Tensor, (T(), T()), {}, [T()])
+    assert op_flops(torch.ops.aten.view.default, (T(), [12]), {}, [T()]).total == 0  # type: ignore[union-attr]
+    assert op_flops("some_op_nobody_wrote_a_formula_for", (), {}, []) is None
+
+
+class Convs(nn.Module):
+    """Convolutions of the kinds a formula must get right: strided, dilated, transposed, no bias, 1-d."""
+
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, dilation=2, padding=2, groups=groups, bias=False)
+        self.c = nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1)
+        self.d = nn.Conv1d(6, 3, 5)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.c(self.b(self.a(x)))
+        return F.mse_loss(self.d(h.flatten(2)[..., :40]), y)
+
+
+def test_a_grouped_convolution_counts_each_group_s_channels_only() -> None:
+    """Written out: each output channel of ``Convs.b`` (4 groups) sees 2 of the 8 input channels. (torch's
+    counter ignores groups in the weight's gradient: 4x too many there.)"""
+    model, x = Convs(groups=4), torch.randn(2, 4, 12, 12)
+    counted = model_flops(model, (x, torch.randn(2, 3, 36)))
+    plain = model_flops(Convs(groups=1), (x, torch.randn(2, 3, 36)))
+    positions = 6 * 6  # a's output: 12 / stride 2; b keeps it (dilation 2, padding 2)
+    one_group = 2 * (2 * 8 * 2 * 3 * 3 * positions)  # batch 2, 8 outputs x 2 inputs a group x 3x3, multiply-add 2
+    assert plain.matmul["aten.convolution"] - counted.matmul["aten.convolution"] == 4 * one_group - one_group
+    # input and weight gradients of b: each one forward's worth
+    assert plain.matmul["aten.convolution_backward"] - counted.matmul["aten.convolution_backward"] == 2 * (4 * one_group - one_group)
+
+
+def _llama() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shardflow.train.models import CausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    x = torch.randint(0, 64, (2, 12))
+    return CausalLM(LlamaForCausalLM(config)), (x, torch.roll(x, -1, 1))
+
+
+def _models() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
+    torch.manual_seed(0)
+    x = torch.randint(0, 32, (4, 16))
+    return {
+        "gpt": (GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=24)), (x, torch.roll(x, -1, 1))),
+        "mlp": (MLP(MLPConfig(in_features=8, hidden_sizes=(40, 24), num_classes=3)), (torch.randn(6, 8), torch.randint(0, 3, (6,)))),
+        "cnn": (SmallCNN(CNNConfig()), (torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))),
+        "convs": (Convs(), (torch.randn(2, 4, 12, 12), torch.randn(2, 3, 36))),
+        "llama": _llama(),
+    }
+
+
+@pytest.mark.parametrize("name", ["gpt", "mlp", "cnn", "convs", "llama"])
+def test_matmul_convolution_and_attention_flops_agree_with_torch_flop_counter(name: str) -> None:
+    model, inputs = _models()[name]
+    counted = model_flops(model, inputs)
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as torch_count:
+        model(*inputs).backward()
+    theirs = {str(op): n for op, n in torch_count.get_flop_counts()["Global"].items()}
+    assert counted.uncounted == ()
+    assert counted.matmul_total == pytest.approx(torch_count.get_total_flops(), rel=0.01)
+    for op in ("aten.mm", "aten.addmm", "aten.convolution", "aten.convolution_backward"):
+        assert counted.matmul.get(op, 0) == pytest.approx(theirs.get(op, 0), rel=0.01), op
+    assert counted.total == counted.forward + counted.backward == sum(counted.by_op.values())
+    assert counted.backward > counted.forward > 0

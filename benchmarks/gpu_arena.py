@@ -17,6 +17,10 @@ Time: the sides in rotating order, each call one step between ``synchronize()``s
 as another side; memory is not measured then. ``graph`` is ``sf.compile(..., cuda_graphs=True)``: the step
 replayed as one CUDA graph (runtime/cuda_graph.py); ``inductor`` is ``inductor=True``, the program compiled by
 ``torch.compile`` (runtime/inductor.py); ``both`` is the two together.
+
+Every side's FLOP/s and MFU come from one count, shardflow's (``pm.flops().total``: the model's step, the
+same work for every side), over the device's peak (``runtime/meter.py``: a GPU's datasheet figure for the
+dtype; on a CPU a matmul probe).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def _model(cfg: Any, dtype: torch.dtype = torch.float32) -> Any:
 def main() -> None:
     import shardflow as sf
     from shardflow.models.gpt import GPTConfig
+    from shardflow.runtime.meter import device_peak
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
@@ -150,6 +155,11 @@ def main() -> None:
             sync()
             times[k].append(time.perf_counter() - t)
     eager_ms = statistics.median(times["eager"]) * 1e3
+    counted = next(iter(pms.values())).flops().total
+    peak = device_peak(args.device, dtype)
+    print(
+        f"FLOPs per step (shardflow's count): {counted / 1e9:.2f} GFLOP; peak {peak.flops_per_s / 1e12:.4g} TFLOP/s ({peak.source})"
+    )
     rows = []
     for k in order:
         ms = statistics.median(times[k]) * 1e3
@@ -163,6 +173,8 @@ def main() -> None:
                 name[k],
                 f"{ms:.2f} (±{spread(times[k]):.0%})",
                 f"{eager_ms / ms:.2f}",
+                f"{counted / ms / 1e9:.3g}",
+                f"{counted / (ms / 1e3) / peak.flops_per_s:.1%}",
                 str(blocks) if k in memory else "",
                 f"{predicted / 2**20:.1f}" if predicted else "",
                 f"{measured / 2**20:.1f}" if measured else "",
@@ -170,7 +182,17 @@ def main() -> None:
             ]
         )
     shape = f"GPT {cfg.n_layer}x{cfg.n_embd}, batch {args.batch}x{cfg.block_size}, {args.dtype}"
-    header = [shape, "step ms", "eager / this", "placed", "predicted MiB", "max allocated MiB", "measured / predicted"]
+    header = [
+        shape,
+        "step ms",
+        "eager / this",
+        "TFLOP/s",
+        "MFU",
+        "placed",
+        "predicted MiB",
+        "max allocated MiB",
+        "measured / predicted",
+    ]
     print_table(header, rows, args.markdown)
 
 

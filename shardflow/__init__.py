@@ -1,16 +1,18 @@
 """shardflow: global tensors over device meshes, automatic boxing, static plans.
 
 Public API (everything else may change): ``init``, ``Mesh``, ``S``, ``B``, ``P``, ``Blocked``, ``GlobalTensor``,
-``distribute``, ``from_local``, ``plan_boxing``, ``compile``, ``plan``, ``ParallelPlan``.
+``distribute``, ``from_local``, ``plan_boxing``, ``compile``, ``plan``, ``ParallelPlan``, ``Flops``, ``Meter``.
 """
 
 from shardflow import checkpoint
 from shardflow.boxing import CostModel, Plan, plan_boxing
 from shardflow.comm import init
 from shardflow.graph import CaptureError, MemoryPlanError, MemoryReport, ParallelModule, compile, plan
+from shardflow.ops.flop_count import Flops
 from shardflow.placement import B, Blocked, Mesh, P, S
 from shardflow.plan import MeshSpec, ParallelPlan, PlanError
 from shardflow.runtime import Loader, Pipeline, PipelineModule
+from shardflow.runtime.meter import Meter
 from shardflow.tensor import GlobalTensor, distribute, from_local
 
 __all__ = [
@@ -24,6 +26,8 @@ __all__ = [
     "CaptureError",
     "MemoryPlanError",
     "MemoryReport",
+    "Flops",
+    "Meter",
     "Loader",
     "Pipeline",
     "PipelineModule",

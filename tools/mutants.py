@@ -180,7 +180,23 @@ MUTANTS = [
         "shardflow/train/loop.py",
         "meter.devices = dist.get_world_size()",
         "meter.devices = 1",
-        ("tests/train/test_train_keys.py::test_mfu_is_the_achieved_flops_over_the_peak_given",),
+        (
+            "tests/train/test_train_keys.py::test_every_log_line_shows_the_counted_flop_rate_and_the_mfu_over_the_job_s_peak",
+        ),
+    ),
+    Mutant(
+        "each rank's FLOPs counted on the global shapes",
+        "shardflow/graph/ir/op_call.py",
+        "flat[i] = TensorMeta(tuple(local_shape(m.shape, need, lp.mesh.shape, lp.coord)), m.dtype)",
+        "flat[i] = TensorMeta(tuple(m.shape), m.dtype)",
+        ("tests/graph/test_flops.py::test_each_rank_counts_what_it_computes",),
+    ),
+    Mutant(
+        "a recomputed forward counted as model work",
+        "shardflow/ops/flop_count.py",
+        'if phase == "recompute":  # a checkpointed forward again',
+        'if phase == "never":  # a checkpointed forward again',
+        ("tests/graph/test_flops.py::test_every_plan_counts_the_plain_model_s_step",),
     ),
     Mutant(
         "a capture error names the root module, not the failing one",

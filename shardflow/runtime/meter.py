@@ -41,8 +41,8 @@ class Peak:
 
 
 def device_peak(device: torch.device | str, dtype: torch.dtype = torch.float32, cache: Path | None = None) -> Peak:
-    """The peak of one ``device`` computing in ``dtype``: a GPU's datasheet figure (tf32's where torch lets
-    float32 matmuls use it), else the matmul probe's (``probe``; a CPU's cached in ``cache``)."""
+    """The peak of one ``device`` computing in ``dtype``: a GPU's datasheet figure (tf32's where float32
+    matmuls may use it: ``torch.set_float32_matmul_precision("high")``), else the matmul probe's (``probe``; a CPU's cached in ``cache``)."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -50,7 +50,7 @@ def device_peak(device: torch.device | str, dtype: torch.dtype = torch.float32, 
             if key in name:
                 if dtype in (torch.bfloat16, torch.float16):
                     return Peak(half, f"{name} datasheet, {dtype} dense")
-                if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+                if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
                     return Peak(tf32, f"{name} datasheet, tf32 dense")
                 return Peak(fp32, f"{name} datasheet, {dtype}")
         return Peak(probe(device, dtype), f"{name}: no datasheet figure, a matmul probe on it")
@@ -130,10 +130,10 @@ class Throughput(NamedTuple):
 
 
 def _per_second(flops: float) -> str:
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if flops >= scale:
             return f"{flops / scale:.3g} {unit}FLOP/s"
-    return f"{flops:.3g} FLOP/s"
+    return f"{flops:.0f} FLOP/s"
 
 
 class Meter:

@@ -20,7 +20,8 @@ from torch import nn
 
 from shardflow.comm.groups import group_for
 from shardflow.comm.init import world
-from shardflow.ops.flop_count import Flops
+from shardflow.ops.flop_count import Flops, FlopTally
+from shardflow.ops.flops import OpFlops
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, Placement, is_split
 from shardflow.plan import ParallelPlan
@@ -361,7 +362,8 @@ class PipelineModule(PipelineState):
 
     def flops(self, *inputs: Any) -> Flops:
         """See ``Runner.flops``: the whole model's step, and in ``rank`` this rank's stage program over
-        its shard of every micro-batch."""
+        its shard of every micro-batch, and the sum of a tied parameter's gradients from the stages holding
+        it (the serial step's add, done here by the all-reduce between them)."""
         whole = whole_batch(inputs, self.example_shapes) if inputs else [plain(x) for x in self.example_inputs]
         if self.count_flops is None:
             raise ValueError(
@@ -371,8 +373,11 @@ class PipelineModule(PipelineState):
         rank = Flops()
         if self.inside:
             for micro in self._micro_batches(whole)[0]:
-                counted = self._program(micro).flops
-                rank = rank + counted.rank
+                rank = rank + self._program(micro).program.flops.rank
+            tied = FlopTally()
+            summed = sum(local(p).numel() for n, p in self.named.items() if n in self.split.tied and p.requires_grad)
+            tied.add("aten.add", "backward", OpFlops(vector=summed))
+            rank = rank + tied.result()
         return logical.with_rank(rank)
 
     def _memory(self, inputs: Sequence[Any]) -> MemoryReport:

@@ -204,6 +204,7 @@ def plan(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
         log(pm.plan.explain())
         log(pm.explain())
         log(str(report))
+        log(pm.flops().explain())
         if cfg.save:
             _write_whole(cfg.save, pm.plan.to_json())
             log(f"plan written to {cfg.save}; train with it: shardflow train CONFIG --plan {cfg.save}")

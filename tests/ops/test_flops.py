@@ -45,7 +45,10 @@ def test_gelu_softmax_and_cross_entropy_forward() -> None:
     target = torch.tensor([0, 4, 2])
     got = _by_op(lambda x, t: F.cross_entropy(x, t), x, target)
     # log-softmax: per element max, subtract, exp, sum, subtract; per row a log; nll: pick and add 3, one divide
-    assert got == {"aten._log_softmax": 15 * (CMP + ADD + EXP + ADD + ADD) + 3 * LOG, "aten.nll_loss_forward": 3 * ADD + DIV}
+    assert got == {
+        "aten._log_softmax": 15 * (CMP + ADD + EXP + ADD + ADD) + 3 * LOG,
+        "aten.nll_loss_forward": 3 * ADD + DIV,
+    }
 
 
 def test_cross_entropy_backward() -> None:
@@ -63,7 +66,9 @@ def test_in_place_ops_count_as_their_functional_form_and_unknown_ops_count_as_no
     class T:
         shape = (3, 4)
 
-    assert op_flops(torch.ops.aten.add_.Tensor, (T(), T()), {}, [T()]) == op_flops(torch.ops.aten.add.Tensor, (T(), T()), {}, [T()])
+    assert op_flops(torch.ops.aten.add_.Tensor, (T(), T()), {}, [T()]) == op_flops(
+        torch.ops.aten.add.Tensor, (T(), T()), {}, [T()]
+    )
     assert op_flops(torch.ops.aten.view.default, (T(), [12]), {}, [T()]).total == 0  # type: ignore[union-attr]
     assert op_flops("some_op_nobody_wrote_a_formula_for", (), {}, []) is None
 
@@ -93,7 +98,9 @@ def test_a_grouped_convolution_counts_each_group_s_channels_only() -> None:
     one_group = 2 * (2 * 8 * 2 * 3 * 3 * positions)  # batch 2, 8 outputs x 2 inputs a group x 3x3, multiply-add 2
     assert plain.matmul["aten.convolution"] - counted.matmul["aten.convolution"] == 4 * one_group - one_group
     # input and weight gradients of b: each one forward's worth
-    assert plain.matmul["aten.convolution_backward"] - counted.matmul["aten.convolution_backward"] == 2 * (4 * one_group - one_group)
+    assert plain.matmul["aten.convolution_backward"] - counted.matmul["aten.convolution_backward"] == 2 * (
+        4 * one_group - one_group
+    )
 
 
 def _llama() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
@@ -113,8 +120,14 @@ def _models() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
     torch.manual_seed(0)
     x = torch.randint(0, 32, (4, 16))
     return {
-        "gpt": (GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=24)), (x, torch.roll(x, -1, 1))),
-        "mlp": (MLP(MLPConfig(in_features=8, hidden_sizes=(40, 24), num_classes=3)), (torch.randn(6, 8), torch.randint(0, 3, (6,)))),
+        "gpt": (
+            GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=24)),
+            (x, torch.roll(x, -1, 1)),
+        ),
+        "mlp": (
+            MLP(MLPConfig(in_features=8, hidden_sizes=(40, 24), num_classes=3)),
+            (torch.randn(6, 8), torch.randint(0, 3, (6,))),
+        ),
         "cnn": (SmallCNN(CNNConfig()), (torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))),
         "convs": (Convs(), (torch.randn(2, 4, 12, 12), torch.randn(2, 3, 36))),
         "llama": _llama(),

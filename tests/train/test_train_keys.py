@@ -1,7 +1,8 @@
 """``shardflow train`` config keys no other test sets: ``resume`` given a snapshot path, ``zero`` (trained
 against plain PyTorch, and the snapshot's parameters really split over the dp ranks), ``memory_limit`` (a
 limit below the parameters' own bytes is refused before any step, exit code non-zero with the message) and
-``peak_tflops`` (the MFU logged is the logged FLOP/s over the job's peak)."""
+``peak_tflops`` (every log line's FLOP/s is the step's counted FLOPs over its time, and its MFU that over the
+job's peak)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import shardflow as sf
+from shardflow.graph.flops import model_flops
 from shardflow.models import GPT, GPTConfig
 from shardflow.testing import run_on_ranks
 from shardflow.train import load_config, train
@@ -90,18 +93,23 @@ def _logged(flags: list[str]) -> list[str]:
     return lines
 
 
-def test_mfu_is_the_achieved_flops_over_the_peak_given(tmp_path):
+def test_every_log_line_shows_the_counted_flop_rate_and_the_mfu_over_the_job_s_peak(tmp_path):
     peak = 1e-4  # TFLOP/s of one device: 0.1 GFLOP/s, so the MFU figure is large and precise on any CPU
     flags = [*SMALL, *DP, "--steps", "2", "--log_every", "1", "--peak_tflops", str(peak), "--resume", "never"]
     lines = run_on_ranks(2, _logged, [*flags, "--run_dir", str(tmp_path / "run")], timeout=300)[0]
-    figures = [re.search(r"([0-9.]+) GFLOP/s, MFU ([0-9.]+)%", line) for line in lines if line.startswith("step ")]
+    pattern = r"([0-9,]+) tokens/s, ([0-9.]+) ([kMGT]?)FLOP/s, MFU ([0-9.]+)%"
+    figures = [re.search(pattern, line) for line in lines if line.startswith("step ")]
     assert len(figures) == 2 and all(figures), lines
-    # the first step compiles and can log 0.00 GFLOP/s; the last must be fast enough that the rounding of its
-    # GFLOP/s (0.005) cannot hide an MFU off by the job's size
-    assert figures[-1] is not None and float(figures[-1].group(1)) >= 0.05, lines
+    # the step's FLOPs, counted independently: the plain model's step on one batch (8 sequences of 16)
+    cfg = load_config(CONFIG, flags)
+    x = torch.zeros(cfg.batch_size, 16, dtype=torch.long)
+    per_step = model_flops(build_model(cfg.model, cfg.seed).module, (x, x)).total
+    scale = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
     for found in figures:
         assert found is not None
-        gflops, mfu = float(found.group(1)), float(found.group(2)) / 100
+        tokens, flops = float(found.group(1).replace(",", "")), float(found.group(2)) * scale[found.group(3)]
+        mfu = float(found.group(4)) / 100
+        # both rates are of one step's time: their ratio is the step's FLOPs per token (FLOP/s has 3 digits)
+        assert flops / tokens == pytest.approx(per_step / x.numel(), rel=0.01), lines
         job_peak = peak * 1e12 * 2  # the peak of one device times the job's 2 ranks
-        # both figures are rounded in the log: MFU to 0.1%, GFLOP/s to 0.01
-        assert abs(mfu - gflops * 1e9 / job_peak) <= 0.0005 + 0.005e9 / job_peak, lines
+        assert mfu == pytest.approx(flops / job_peak, rel=0.01, abs=0.0005), lines

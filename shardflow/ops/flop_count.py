@@ -75,8 +75,10 @@ class Flops:
             + (f"; recomputed {_si(self.recompute)} more" if self.recompute else "")
             + f"); matmuls, convolutions and attention {self.matmul_total / max(self.total, 1):.0%}"
         ]
-        for op, n in sorted(self.by_op.items(), key=lambda kv: -kv[1])[:top]:
-            lines.append(f"  {op:<48} {_si(n):>10}  {n / max(self.total, 1):6.1%}")
+        largest = sorted(self.by_op.items(), key=lambda kv: -kv[1])[:top]
+        width = max((len(op) for op, _ in largest), default=0)
+        for op, n in largest:
+            lines.append(f"  {op:<{width}}  {_si(n):>11}  {n / max(self.total, 1):6.1%}")
         if self.rank is not None:
             lines.append(f"this rank computes {_si(self.rank.total)} (+{_si(self.rank.recompute)} recomputed)")
         if self.uncounted:

@@ -26,6 +26,7 @@ TWO = {
 FOUR = {
     "hybrid": ((2, 2), ("dp", "tp"), {"strategy": "hybrid"}),
     "pipeline x tp": ((2, 2), ("pp", "tp"), {"strategy": "tp", "pipeline": "1f1b"}),
+    "pipeline x dp": ((2, 2), ("pp", "dp"), {"pipeline": "1f1b"}),
 }
 
 
@@ -107,8 +108,9 @@ def test_each_rank_counts_what_it_computes(counted) -> None:  # type: ignore[no-
     # data parallel: every matmul split by rows, nothing done twice
     for name in ("dp", "zero3", "recompute"):
         assert [r["rank"][1] for r in got[name]] == [plain.matmul_total // 2] * 2, name
-    # a pipeline's stages share the matmuls out, each done once (the tied head's too)
-    assert sum(r["rank"][1] for r in got["pipeline"]) == plain.matmul_total
+    # a pipeline's stages share the matmuls out, each done once (the tied head's too), by rows over dp
+    for name in ("pipeline", "pipeline x dp"):
+        assert sum(r["rank"][1] for r in got[name]) == plain.matmul_total, name
     # tensor parallel replicates some work (the embeddings' and the head's), splitting the blocks' matmuls
     tp = [r["rank"][1] for r in got["tp"]]
     assert plain.matmul_total < sum(tp) < 2 * plain.matmul_total

@@ -16,10 +16,10 @@ stage; the runtime sums those copies' gradients (``Split.tied``), which torch's 
 user.
 
 Without cut points, the candidates are the children of the model's longest ``ModuleList``/``Sequential``
-(a transformer's blocks, an MLP's layers); each leaf module's FLOPs are counted analytically by torch's
-``FlopCounterMode`` on the example micro-batch, in execution order, and the cuts that minimise the
-slowest stage's time is chosen: its FLOPs over its number of ranks, which share its micro-batches (the
-cost model for equal-speed devices).
+(a transformer's blocks, an MLP's layers); the forward runs once on the example micro-batch with every op's
+FLOPs counted by shardflow's formulas (``ops/flops.py``, the count ``pm.flops()`` reports), the running count
+read as each candidate starts, and the cuts that minimise the slowest stage's time is chosen: its FLOPs over
+its number of ranks, which share its micro-batches (the cost model for equal-speed devices).
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from shardflow.ops.flops import op_flops
 from shardflow.runtime.capture_errors import explained
 
 Source = tuple[str, int]  # ("input", i): the step's i-th input; ("prev", j): output j of the stage before
@@ -295,13 +298,7 @@ def balanced_split_points(
     share = [float(c) for c in capacity] if capacity is not None else [1.0] * stages
     if len(share) != stages or min(share) <= 0:
         raise ValueError(f"capacity needs one positive number per stage ({stages}), got {capacity}")
-    order = _leaf_flops(model, micro_batch)
-    # FLOPs executed before each candidate child starts, and in total
-    starts = []
-    for child in children:
-        before = next((i for i, (name, _) in enumerate(order) if name == child or name.startswith(child + ".")), None)
-        starts.append(sum(f for _, f in order[:before]) if before is not None else None)
-    total = sum(f for _, f in order)
+    starts, total = _flops_before(model, micro_batch, children)
     best: tuple[float, tuple[int, ...]] | None = None
     usable = [i for i in range(1, len(children)) if starts[i] is not None]
     for cut in itertools.combinations(usable, stages - 1):
@@ -314,28 +311,36 @@ def balanced_split_points(
     return [children[i] for i in best[1]]
 
 
-def _leaf_flops(model: nn.Module, micro_batch: Sequence[Any]) -> list[tuple[str, float]]:
-    """FLOPs of each leaf module call in execution order (a call with none, like an embedding, counts 1)."""
-    from torch.utils.flop_counter import FlopCounterMode
+class _Counter(TorchDispatchMode):
+    """Adds up the FLOPs of every ATen op that runs, by shardflow's formulas (``ops/flops.py``)."""
 
-    calls: list[tuple[str, float]] = []
-    counter = FlopCounterMode(display=False)
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        flops = op_flops(func, args, kwargs or {}, [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)])
+        self.total += flops.total if flops is not None else 0
+        return out
+
+
+def _flops_before(model: nn.Module, micro_batch: Sequence[Any], children: list[str]) -> tuple[list[int | None], int]:
+    """The forward's FLOPs run before each of ``children`` starts (None: it never runs), and in all."""
+    counter = _Counter()
+    starts: list[int | None] = [None] * len(children)
     handles = []
-    for name, module in model.named_modules():
-        if name and not any(True for _ in module.children()):
+    for i, name in enumerate(children):
 
-            def pre(_m: nn.Module, _a: Any, name: str = name) -> None:
-                calls.append((name, -float(counter.get_total_flops())))
+        def pre(_m: nn.Module, _a: Any, i: int = i) -> None:
+            if starts[i] is None:
+                starts[i] = counter.total
 
-            def post(_m: nn.Module, _a: Any, _o: Any) -> None:
-                name, start = calls[-1]
-                calls[-1] = (name, max(1.0, float(counter.get_total_flops()) + start))
-
-            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        handles.append(model.get_submodule(name).register_forward_pre_hook(pre))
     try:
         with torch.no_grad(), counter:
             model(*micro_batch)
     finally:
         for h in handles:
             h.remove()
-    return calls
+    return starts, counter.total

@@ -265,7 +265,8 @@ def test_balanced_cut_weighs_stages_by_their_ranks():
     batch = (torch.randn(4, 32), torch.randint(0, 32, (4,)))
     assert balanced_split_points(mlp, batch, 2, capacity=[1, 3]) == ["net.2"]  # 1 linear against 4 over 3 ranks
     assert balanced_split_points(mlp, batch, 2, capacity=[3, 1]) == ["net.7"]  # the last GELU goes too
-    assert balanced_split_points(mlp, batch, 2) in (["net.4"], ["net.6"])  # 2 against 3
+    # 3 linears against 2 and the loss: the GELU at the cut may go either way
+    assert balanced_split_points(mlp, batch, 2) in (["net.4"], ["net.5"], ["net.6"])
 
 
 def test_balanced_cut_puts_the_expensive_head_alone():
@@ -278,7 +279,7 @@ def test_balanced_cut_puts_the_expensive_head_alone():
     assert balanced_split_points(gpt, (x, x), 2) == ["transformer.h.3"]
     mlp = MLP(MLPConfig(in_features=64, hidden_sizes=(64, 64, 64), num_classes=64))  # four equal Linears
     cut = balanced_split_points(mlp, (torch.randn(2, 64), torch.zeros(2, dtype=torch.long)), 2)
-    assert cut in (["net.3"], ["net.4"])  # two Linears each side; the GELU between costs next to nothing
+    assert cut in (["net.3"], ["net.4"])  # two Linears each side; the GELU between goes either way
 
 
 def _tp_stage_collectives() -> tuple[list[list[tuple[str, str, str]]], str]:

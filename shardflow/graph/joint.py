@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from shardflow.graph.values import module_paths, value_keys
+from shardflow.graph.values import module_paths, recomputations, value_keys
 from shardflow.runtime.capture_errors import explained
 
 
@@ -80,7 +80,7 @@ def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu") -> 
 
     ps, bs, xs = fake_arguments(model, inputs, device)
     stage = f"tracing {type(model).__name__}'s forward and backward on fake tensors"
-    with attention_kernels(device), explained(model, stage), module_paths(model):
+    with attention_kernels(device), explained(model, stage), module_paths(model), recomputations():
         graph = make_fx(step, tracing_mode="fake")(ps, bs, xs)
     value_keys(graph.graph)
     return Joint(graph, len(ps), len(bs), tuple(grad_of))

@@ -30,7 +30,6 @@ from shardflow.graph.lower import Program, lower, trace_step
 from shardflow.graph.optimizer_pieces import optimizer_pieces
 from shardflow.graph.parallel_memory import parallel_memory
 from shardflow.graph.static_step import program_args, signature, static_step
-from shardflow.graph.values import recomputing
 from shardflow.ops.flop_count import Flops
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, format_sbp
@@ -378,14 +377,7 @@ class ParallelModule(Runner):
 
 
 def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    runs = [0]
-
-    def run(*a: Any, **k: Any) -> Any:
-        runs[0] += 1  # the first run is the forward; later ones recompute it in backward: tagged as such
-        with recomputing() if runs[0] > 1 else contextlib.nullcontext():
-            return forward(*a, **k)
-
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def _laid_out(module: nn.Module, mesh: Mesh, layouts: Mapping[str, NdSbp]) -> nn.Module:

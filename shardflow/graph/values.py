@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 import torch.fx.traceback as fx_traceback
+import torch.utils.checkpoint as checkpointing
 from torch import fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from shardflow.ops.flop_count import RECOMPUTED
 from shardflow.placement.mesh import Mesh
@@ -62,18 +64,54 @@ def module_paths(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def recomputing() -> Iterator[None]:
-    """While tracing, tag each node made inside as a recomputed forward (``ops/flop_count.py`` counts it as
-    hardware work, not model work); ``module_paths`` tags nothing then, as the model's forward has returned."""
-    before = fx_traceback.current_meta.get("custom")
-    fx_traceback.current_meta["custom"] = {RECOMPUTED: True}
+def recomputations() -> Iterator[None]:
+    """While tracing, tag the nodes of every recomputation of torch's non-reentrant ``checkpoint``
+    (shardflow's ``recompute=``, a user's own checkpointing, Hugging Face's gradient checkpointing) as
+    ``RECOMPUTED``, through the recomputation context ``checkpoint`` offers (``context_fn``; under tracing
+    both of its contexts must be dispatch modes). Left alone: a ``context_fn`` of the user's own (selective
+    checkpointing), and the reentrant variant, which has no such context: their recomputation counts as
+    backward work."""
+    original = checkpointing._checkpoint_without_reentrant_generator
+
+    def generator(
+        fn: Any, preserve: Any = True, context_fn: Any = checkpointing.noop_context_fn, *args: Any, **kwargs: Any
+    ) -> Any:
+        if context_fn is checkpointing.noop_context_fn:
+            context_fn = lambda: (_Tagging(False), _Tagging(True))  # noqa: E731
+        return original(fn, preserve, context_fn, *args, **kwargs)
+
+    checkpointing._checkpoint_without_reentrant_generator = generator  # type: ignore[assignment]
     try:
         yield
     finally:
-        if before is None:
-            fx_traceback.current_meta.pop("custom", None)
-        else:
-            fx_traceback.current_meta["custom"] = before
+        checkpointing._checkpoint_without_reentrant_generator = original
+
+
+class _Tagging(TorchDispatchMode):
+    """Passes every op on; while active with ``tag``, the nodes traced are tagged ``RECOMPUTED``."""
+
+    def __init__(self, tag: bool) -> None:
+        super().__init__()
+        self.tag, self.before = tag, None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self) -> Any:
+        if self.tag:
+            self.before = fx_traceback.current_meta.get("custom")
+            fx_traceback.current_meta["custom"] = {RECOMPUTED: True}
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            if self.tag:
+                if self.before is None:
+                    fx_traceback.current_meta.pop("custom", None)
+                else:
+                    fx_traceback.current_meta["custom"] = self.before
 
 
 def value_keys(graph: fx.Graph) -> dict[str, fx.Node]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -21,8 +20,6 @@ from torch.utils._pytree import tree_flatten, tree_map
 from shardflow.ops.flops import OpFlops, op_flops
 
 RECOMPUTED = "sf_recompute"  # set in a node's ``meta["custom"]`` when a checkpointed forward runs again
-
-_EMPTY: Mapping[str, int] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -38,8 +35,8 @@ class Flops:
     forward: int = 0
     backward: int = 0
     recompute: int = 0
-    by_op: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
-    matmul: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    by_op: Mapping[str, int] = field(default_factory=dict)
+    matmul: Mapping[str, int] = field(default_factory=dict)
     uncounted: tuple[str, ...] = ()
     rank: Flops | None = None
 
@@ -90,7 +87,7 @@ def _summed(a: Mapping[str, int], b: Mapping[str, int]) -> Mapping[str, int]:
     out = dict(a)
     for k, v in b.items():
         out[k] = out.get(k, 0) + v
-    return MappingProxyType(out)
+    return out
 
 
 def _si(n: float) -> str:
@@ -129,8 +126,8 @@ class FlopTally:
             p["forward"],
             p["backward"],
             p["recompute"],
-            MappingProxyType(dict(self.by_op)),
-            MappingProxyType(dict(self.matmul)),
+            dict(self.by_op),
+            dict(self.matmul),
             tuple(sorted(self.uncounted)),
         )
 

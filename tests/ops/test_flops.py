@@ -147,3 +147,62 @@ def test_matmul_convolution_and_attention_flops_agree_with_torch_flop_counter(na
         assert counted.matmul.get(op, 0) == pytest.approx(theirs.get(op, 0), rel=0.01), op
     assert counted.total == counted.forward + counted.backward == sum(counted.by_op.values())
     assert counted.backward > counted.forward > 0
+
+
+def _zoo() -> dict[str, tuple]:  # type: ignore[type-arg]
+    """Ops beyond the reference models', each with a gradient: forward and backward must all have formulas."""
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(2, 8)
+    ids, offsets = torch.tensor([0, 3, 3, 1, 5]), torch.tensor([0, 2])
+    table = torch.randn(6, 8)
+    return {
+        "pow": (lambda x: (x.abs() ** x + 2.0**x + x**3 + x**0.5).sum(), x),
+        "group norm, hardswish, elu": (lambda x: F.elu(F.hardswish(F.group_norm(x, 2, torch.ones(4), torch.ones(4)))).sum(), x),
+        "softplus, mish, logsigmoid, glu": (lambda x: (F.softplus(x) + F.mish(x) + F.logsigmoid(x)).sum() + F.glu(x, 1).sum(), x),
+        "prelu, upsampling": (lambda x: F.interpolate(F.prelu(x, torch.tensor([0.2])), scale_factor=2, mode="bilinear").sum() + F.interpolate(x, scale_factor=2).sum(), x),
+        "losses": (lambda w: F.smooth_l1_loss(w, w.flip(0)) + F.huber_loss(w, w.flip(0)) + F.kl_div(w.log_softmax(-1), w.softmax(-1), reduction="batchmean") + F.binary_cross_entropy_with_logits(w, w.sigmoid()) + F.binary_cross_entropy(w.sigmoid(), w.sigmoid().detach()) + F.mse_loss(w, w.flip(0)) + F.l1_loss(w, w.flip(0)), w),
+        "statistics": (lambda w: w.std() + w.var(0).sum() + torch.var_mean(w, 1)[0].sum() + w.norm() + w.logsumexp(-1).sum() + w.mean(), w),
+        "embedding bags": (lambda t: sum(F.embedding_bag(ids, t, offsets, mode=m).sum() for m in ("sum", "mean", "max")) + F.embedding_bag(ids, t, offsets, per_sample_weights=torch.ones(5), mode="sum").sum(), table),
+        "pools": (lambda x: F.avg_pool2d(x, 2).sum() + F.adaptive_avg_pool2d(x, 3).sum() + F.max_pool2d(x, 3).sum(), x),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_zoo()))
+def test_common_ops_forward_and_backward_have_formulas(case: str) -> None:
+    fn, x = _zoo()[case]
+
+    def step(x):  # type: ignore[no-untyped-def]
+        x = x.detach().requires_grad_(True)
+        return torch.autograd.grad(fn(x), x)
+
+    counted = graph_flops(make_fx(step)(x).graph, None)
+    assert counted.uncounted == (), case
+    assert counted.total > 0
+
+
+class Checkpointed(nn.Module):
+    """Two linears, checkpointed by the user (``torch.utils.checkpoint``) or not."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.checkpointed = nn.Linear(8, 8), nn.Linear(8, 8), checkpointed
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def block(t: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(t))) + t
+
+        h = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
+        return F.mse_loss(h, y)
+
+
+def test_a_user_s_or_hugging_face_s_checkpointing_is_recomputation_not_model_work() -> None:
+    x = torch.randn(4, 8)
+    plain, again = model_flops(Checkpointed(False), (x, x)), model_flops(Checkpointed(True), (x, x))
+    assert again.by_op == plain.by_op and (again.forward, again.backward) == (plain.forward, plain.backward)
+    assert again.recompute >= 2 * 4 * 8 * 8  # at least the first linear's product again
+    model, batch = _llama()
+    model.model.config.use_cache = False  # as gradient checkpointing sets it
+    plain = model_flops(model, batch)
+    model.model.activation_checkpointing_enable({"use_reentrant": False})
+    again = model_flops(model, batch)
+    assert again.by_op == plain.by_op
+    assert again.recompute > plain.recompute + plain.forward / 2  # the decoder layers' forwards, most of it

@@ -1,6 +1,6 @@
 """``Flops``: the FLOPs of one training step, by phase and by ATen op, and how a traced graph is counted.
 
-A step's ops are counted once each by ``ops/flops.py``'s formulas: on a traced graph's global shapes this is
+A step's ops are counted once each by ``ops/flops/``'s formulas: on a traced graph's global shapes this is
 the logical step, the same for every plan of a model and batch; on one rank's lowered program (its local
 shapes) it is what that rank computes, replicated work included. Recomputed forwards (activation
 checkpointing, a fused attention backward's scores) are hardware work: counted apart, never in ``total``.
@@ -24,7 +24,7 @@ RECOMPUTED = "sf_recompute"  # set in a node's ``meta["custom"]`` when a checkpo
 
 @dataclass(frozen=True)
 class Flops:
-    """FLOPs of one step of the global batch (multiply-add = 2; conventions in ``ops/flops.py``).
+    """FLOPs of one step of the global batch (multiply-add = 2; conventions in ``ops/flops/``).
 
     ``forward`` and ``backward`` are model work, each logical op counted once whatever the plan; ``total`` is
     their sum. ``recompute``: hardware FLOPs of recomputed forwards, not in ``total``; the optimizer is not

@@ -1,18 +1,24 @@
 """Throughput of a run: samples or tokens per second, FLOP/s and MFU, from a step's counted FLOPs.
 
-MFU (model FLOPs utilisation, PaLM's definition) is the step's model FLOPs (``Flops.total``: each logical op
-once, no recomputation) per second over the peak of every device of the job; ``hfu`` is this rank's own
-work (replicated and recomputed work included) over its device's peak. Peaks come from a table of datasheet
-figures (dense, no sparsity) for GPUs, and on a CPU from a matmul probe, measured once per machine, thread
-count and dtype and cached in a JSON file: a CPU has no datasheet figure a run could reach.
+MFU (model FLOPs utilisation, as PaLM defines it) is the step's model FLOPs per second over the peak of
+every device of the job, with the model FLOPs as shardflow counts them (``Flops.total``: each logical op
+once, no recomputation, element-wise work included by ``ops/flops/``' convention: about 1% of a GPT-2-sized
+transformer's step, up to half of a small MLP's, where PaLM's and Megatron's formulas count matmuls only;
+``Flops.matmul_total`` is that part). ``hfu`` is this rank's own work (replicated and recomputed work
+included) over its device's peak. Peaks come from a table of datasheet figures (dense, no sparsity) for
+GPUs, and on a CPU from a matmul probe, measured once per machine, thread count and dtype and cached in a
+JSON file: a CPU has no datasheet figure a run could reach.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import math
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,10 +29,13 @@ import torch
 
 from shardflow.ops.flop_count import Flops
 
-# dense datasheet peaks of one device, FLOP/s: (bf16 and fp16, tf32, fp32 without tensor cores)
+# dense datasheet peaks of one device, FLOP/s: (bf16 and fp16, tf32, fp32 without tensor cores), the first
+# key found in the device's name wins (NVL and PCIe boards before the SXM ones sharing their names)
 DEVICE_PEAKS: dict[str, tuple[float, float, float]] = {
-    "H200": (989.4e12, 494.7e12, 66.9e12),  # H200 SXM
+    "H200 NVL": (835.5e12, 417.5e12, 60.0e12),
+    "H100 NVL": (835.5e12, 417.5e12, 60.0e12),
     "H100 PCIe": (756.5e12, 378.0e12, 51.2e12),
+    "H200": (989.4e12, 494.7e12, 66.9e12),  # H200 SXM (GH200 too)
     "H100": (989.4e12, 494.7e12, 66.9e12),  # H100 SXM
     "A100": (312.0e12, 156.0e12, 19.5e12),
 }
@@ -40,43 +49,71 @@ class Peak:
     source: str
 
 
-def device_peak(device: torch.device | str, dtype: torch.dtype = torch.float32, cache: Path | None = None) -> Peak:
-    """The peak of one ``device`` computing in ``dtype``: a GPU's datasheet figure (tf32's where float32
-    matmuls may use it: ``torch.set_float32_matmul_precision("high")``), else the matmul probe's (``probe``; a CPU's cached in ``cache``)."""
+def device_peak(
+    device: torch.device | str, dtype: torch.dtype = torch.float32, conv_share: float = 0.0, cache: Path | None = None
+) -> Peak:
+    """The peak of one ``device`` computing in ``dtype``. A GPU in the table: its datasheet figure; in float32,
+    tf32's for matmuls where ``torch.set_float32_matmul_precision("high")`` allows it and for convolutions
+    where ``torch.backends.cudnn.allow_tf32`` does (torch's default), blended by the share of the work that
+    is convolutions (``conv_share``: the step takes each part's work over its own peak). Another GPU, or a
+    CPU: a matmul probe (``probe``), a CPU's measured once per CPU, thread count and dtype and kept in
+    ``cache`` (default ``~/.cache/shardflow/peaks.json``)."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, (half, tf32, fp32) in DEVICE_PEAKS.items():
-            if key in name:
-                if dtype in (torch.bfloat16, torch.float16):
-                    return Peak(half, f"{name} datasheet, {dtype} dense")
-                if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-                    return Peak(tf32, f"{name} datasheet, tf32 dense")
-                return Peak(fp32, f"{name} datasheet, {dtype}")
-        return Peak(probe(device, dtype), f"{name}: no datasheet figure, a matmul probe on it")
+        found = next((peaks for key, peaks in DEVICE_PEAKS.items() if key in name), None)
+        if found is None:
+            return Peak(probe(device, dtype), f"{name}: no datasheet figure in the table, a matmul probe on it")
+        half, tf32, fp32 = found
+        if dtype in (torch.bfloat16, torch.float16):
+            return Peak(half, f"{name} datasheet, {dtype} dense")
+        matmuls = tf32 if torch.get_float32_matmul_precision() != "highest" else fp32
+        convolutions = tf32 if torch.backends.cudnn.allow_tf32 else fp32
+        blended = 1 / (conv_share / convolutions + (1 - conv_share) / matmuls)
+        kinds = f"matmuls {'tf32' if matmuls == tf32 else 'fp32'}"
+        if conv_share:
+            kinds += f", convolutions ({conv_share:.0%} of the work) {'tf32' if convolutions == tf32 else 'fp32'}"
+        return Peak(blended, f"{name} datasheet, {kinds}")
+    return _cached_probe(device, dtype, cache or Path.home() / ".cache" / "shardflow" / "peaks.json")
+
+
+def _cached_probe(device: torch.device, dtype: torch.dtype, path: Path) -> Peak:
+    """A CPU's probe from the cache, or measured and added to it. Processes on one machine take turns (a
+    lock file): the first probes while the others wait, so no probe runs beside another on shared cores."""
     key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{dtype}"
-    path = cache or Path.home() / ".cache" / "shardflow" / "peaks.json"
-    known = _read(path)
-    if key not in known:
-        known[key] = probe(device, dtype)
-        _write(path, known)
-    return Peak(known[key], f"a {dtype} matmul probe on this CPU ({torch.get_num_threads()} threads), cached in {path}")
+    source = f"a {dtype} matmul probe on this CPU ({torch.get_num_threads()} threads), cached in {path}"
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except OSError:  # no writable cache: probe every time
+        return Peak(probe(device, dtype), source.replace("cached in", "not cached: cannot write"))
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        known = _read(path)
+        if key not in known:
+            known[key] = probe(device, dtype)
+            _write(path, known)
+    return Peak(known[key], source)
 
 
-def probe(device: torch.device | str, dtype: torch.dtype = torch.float32, n: int = 512, seconds: float = 0.3) -> float:
-    """FLOP/s of the best of repeated ``n x n`` matmuls on ``device`` for about ``seconds``."""
+def probe(device: torch.device | str, dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
+    """FLOP/s of the best of repeated matmuls on ``device`` for about ``seconds``: one ``512 x 512`` at a
+    time on a CPU, eight ``4096 x 4096`` between synchronisations on a GPU (launch costs not in the figure)."""
     device = torch.device(device)
+    n, reps = (4096, 8) if device.type == "cuda" else (512, 1)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
-    a @ b  # warm-up
+    torch.mm(a, b)  # warm-up
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    while time.perf_counter() < end or best == float("inf"):
         _sync(device)
         start = time.perf_counter()
-        a @ b
+        for _ in range(reps):
+            torch.mm(a, b)
         _sync(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return 2 * n**3 * reps / best
 
 
 def _sync(device: torch.device) -> None:
@@ -93,19 +130,22 @@ def _cpu_name() -> str:
 
 
 def _read(path: Path) -> dict[str, float]:
+    """The cached peaks; entries that are not a positive finite number are dropped (probed again)."""
     try:
         found = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return {k: float(v) for k, v in found.items()} if isinstance(found, dict) else {}
+    if not isinstance(found, dict):
+        return {}
+    return {k: float(v) for k, v in found.items() if isinstance(v, (int, float)) and 0 < v < math.inf}
 
 
 def _write(path: Path, peaks: dict[str, float]) -> None:
-    """Whole or not at all (several ranks may probe at once: the last complete file wins)."""
+    """Whole or not at all: a file of its own in the same folder, then moved into place."""
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(peaks, indent=1))
+        fd, partial = tempfile.mkstemp(prefix=path.name, suffix=".partial", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(peaks, f, indent=1)
         os.replace(partial, path)
 
 
@@ -159,7 +199,9 @@ class Meter:
         flops = pm.flops(*inputs)
         if dtype is None:
             dtype = next((p.dtype for p in pm.params if p.dtype.is_floating_point), torch.float32)
-        found = Peak(peak, "given") if peak else device_peak(pm.mesh.device, dtype)
+        convolutions = sum(n for op, n in flops.matmul.items() if "convolution" in op)
+        share = convolutions / flops.total if flops.total else 0.0
+        found = Peak(peak, "given") if peak else device_peak(pm.mesh.device, dtype, conv_share=share)
         return cls(flops, pm.mesh.size, found)
 
     @contextlib.contextmanager

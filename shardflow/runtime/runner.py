@@ -82,7 +82,7 @@ class Runner(Snapshots, abc.ABC):
     @abc.abstractmethod
     def flops(self, *inputs: Any) -> Flops:
         """FLOPs of one step on the global batch ``inputs`` (default: the example inputs), counted from the
-        plan's ops (``ops/flops.py``): the logical step, each op once whatever the plan, and in ``rank``
+        plan's ops (``ops/flops/``): the logical step, each op once whatever the plan, and in ``rank``
         what this rank computes (replicated work included; zero on a rank outside the mesh). Lowers, runs
         nothing, and needs no other rank."""
         raise NotImplementedError

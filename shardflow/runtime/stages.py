@@ -17,7 +17,7 @@ user.
 
 Without cut points, the candidates are the children of the model's longest ``ModuleList``/``Sequential``
 (a transformer's blocks, an MLP's layers); the forward runs once on the example micro-batch with every op's
-FLOPs counted by shardflow's formulas (``ops/flops.py``, the count ``pm.flops()`` reports), the running count
+FLOPs counted by shardflow's formulas (``ops/flops/``, the count ``pm.flops()`` reports), the running count
 read as each candidate starts, and the cuts that minimise the slowest stage's time is chosen: its FLOPs over
 its number of ranks, which share its micro-batches (the cost model for equal-speed devices).
 """
@@ -312,7 +312,7 @@ def balanced_split_points(
 
 
 class _Counter(TorchDispatchMode):
-    """Adds up the FLOPs of every ATen op that runs, by shardflow's formulas (``ops/flops.py``)."""
+    """Adds up the FLOPs of every ATen op that runs, by shardflow's formulas (``ops/flops/``)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""shardflow's FLOP formulas (``ops/flops.py``), on one process: the element-wise convention against counts
+"""shardflow's FLOP formulas (``ops/flops/``), on one process: the element-wise convention against counts
 written out by hand for small ops, and the matmul, convolution and attention FLOPs of whole models within 1%
 of ``torch.utils.flop_counter.FlopCounterMode`` measuring the plain model (its attention run by the math
 kernel, which it counts as matmuls: it has no formula for the CPU attention kernel the trace holds)."""

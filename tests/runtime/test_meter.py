@@ -19,6 +19,8 @@ def test_a_cpu_peak_is_probed_once_then_read_from_the_cache(tmp_path):
     (key,) = json.loads(cache.read_text())
     cache.write_text(json.dumps({key: 123.0}))  # a value no probe would measure: read, not measured again
     assert device_peak("cpu", torch.float32, cache=cache).flops_per_s == 123.0
+    cache.write_text(json.dumps({key: 0}))  # not a peak (a probe that never ran): measured again
+    assert device_peak("cpu", torch.float32, cache=cache).flops_per_s > 1e6
 
 
 @pytest.mark.parametrize(
@@ -28,6 +30,8 @@ def test_a_cpu_peak_is_probed_once_then_read_from_the_cache(tmp_path):
         ("NVIDIA H100 80GB HBM3", torch.float32, True, 494.7e12),
         ("NVIDIA H100 PCIe", torch.float16, False, 756.5e12),
         ("NVIDIA H200", torch.float32, False, 66.9e12),
+        ("NVIDIA H100 NVL", torch.bfloat16, False, 835.5e12),
+        ("NVIDIA H200 NVL", torch.float32, True, 417.5e12),
         ("NVIDIA A100-SXM4-80GB", torch.bfloat16, False, 312e12),
     ],
 )
@@ -35,6 +39,16 @@ def test_a_gpu_peak_is_its_datasheet_figure(monkeypatch, name, dtype, tf32, want
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high" if tf32 else "highest")
     assert device_peak("cuda", dtype).flops_per_s == want
+
+
+def test_float32_convolutions_on_tf32_blend_into_the_peak_by_their_share_of_the_work(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")  # matmuls at fp32: 19.5
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # convolutions at tf32: 156
+    # three quarters of the work at 156 and a quarter at 19.5: the step takes 0.75 / 156 + 0.25 / 19.5
+    assert device_peak("cuda", torch.float32, conv_share=0.75).flops_per_s == pytest.approx(
+        1 / (0.75 / 156e12 + 0.25 / 19.5e12)
+    )
 
 
 def test_mfu_is_the_job_s_model_flops_per_second_over_every_device_s_peak():

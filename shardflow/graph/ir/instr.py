@@ -94,7 +94,7 @@ class OutForm:
 
 @dataclass(frozen=True)
 class Work:
-    """An op's FLOPs on this rank's local shapes (``ops/flops.py``; None: no formula), by ``by_op`` name, in
+    """An op's FLOPs on this rank's local shapes (``ops/flops/``; None: no formula), by ``by_op`` name, in
     its phase: ``"forward"``, ``"backward"``, or ``"recompute"`` (a checkpointed forward run again)."""
 
     op: str

@@ -3,8 +3,8 @@
 The text is Python's own standard-library source (``char_corpus``: every machine with Python has it, no
 download), one token per byte. Every rank draws the same global batches (``batches`` with one seed) and
 ``sf.compile(..., strategy="hybrid")`` splits each batch over ``dp`` and the model's Megatron pairs over
-``tp``. Rank 0 prints the plan, a progress bar with the loss and tokens/s, and the loss at the start and at
-the end. Before training, rank 0 trains a copy of the same model with plain PyTorch for the first
+``tp``. Rank 0 prints the plan, a progress bar with the loss, tokens/s, FLOP/s and MFU, and the loss at the
+start and at the end. Before training, rank 0 trains a copy of the same model with plain PyTorch for the first
 ``CHECK_STEPS`` steps on the same batches (the test oracle: parallel must equal serial); every rank compares
 its parallel losses with those, and the demo exits 1 if any differs by more than ``RTOL``. With
 ``--pipeline TRACE.json`` the mesh is two pipeline stages of data-parallel ranks (1F1B, 4 micro-batches)
@@ -131,9 +131,10 @@ def _header(console: Console, n_tokens: int, model: torch.nn.Module, dp: int, st
 
 
 def _train(
-    pm: sf.ParallelModule | sf.PipelineModule, data: Sequence[Batch], console: Console | None
+    pm: sf.ParallelModule | sf.PipelineModule, data: Sequence[Batch], console: Console | None, meter: sf.Meter | None
 ) -> tuple[list[float], list[float]]:
-    """Every step's loss and the time each step ended (seconds from the start); rank 0 shows the progress."""
+    """Every step's loss and the time each step ended (seconds from the start); rank 0 shows the progress
+    (tokens/s, FLOP/s and MFU by ``meter``)."""
     losses: list[float] = []
     ends: list[float] = []
     start = time.perf_counter()
@@ -150,24 +151,31 @@ def _train(
         TextColumn("train"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:>6,.0f} tokens/s"),
+        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[speed]}"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("train", total=len(data), loss=math.nan, tps=0.0)
+        task = progress.add_task("train", total=len(data), loss=math.nan, speed="")
         for step, (x, y) in enumerate(data, 1):
             losses.append(pm.step(x, y))
             ends.append(time.perf_counter() - start)
             window = ends[-RATE_WINDOW - 1 :] if step > 1 else [0.0, ends[0]]
-            tps = (len(window) - 1) * tokens_per_step / max(window[-1] - window[0], 1e-9)
-            progress.update(task, advance=1, loss=losses[-1], tps=tps)
+            seconds = max(window[-1] - window[0], 1e-9)
+            assert meter is not None  # rank 0 has both
+            speed = str(meter.measure(seconds, steps=len(window) - 1, tokens=tokens_per_step))
+            progress.update(task, advance=1, loss=losses[-1], speed=speed)
             if step % every == 0 or step in (1, CHECK_STEPS):
-                progress.console.print(f"step {step:>4}  loss {losses[-1]:.4f}  {tps:>7,.0f} tokens/s")
+                progress.console.print(f"step {step:>4}  loss {losses[-1]:.4f}  {speed}")
     return losses, ends
 
 
 def _summary(
-    console: Console, losses: Sequence[float], ends: Sequence[float], want: Sequence[float], every_rank_ok: bool
+    console: Console,
+    losses: Sequence[float],
+    ends: Sequence[float],
+    want: Sequence[float],
+    every_rank_ok: bool,
+    meter: sf.Meter,
 ) -> None:
     k = max(1, min(5, len(losses) // 4))
     tokens_per_step = BATCH * CONFIG.block_size
@@ -176,11 +184,11 @@ def _summary(
         f"(mean of the first {k} and of the last {k} of {len(losses)} steps)"
     )
     if len(ends) > 1:
-        rate = (len(ends) - 1) * tokens_per_step / (ends[-1] - ends[0])
+        rate = meter.measure(ends[-1] - ends[0], steps=len(ends) - 1, tokens=tokens_per_step)
         console.print(
-            f"{ends[-1]:.1f} s: step 1 took {ends[0]:.1f} s (it picks every op's layouts), "
-            f"the rest ran at {rate:,.0f} tokens/s"
+            f"{ends[-1]:.1f} s: step 1 took {ends[0]:.1f} s (it picks every op's layouts), the rest ran at {rate}"
         )
+        console.print(f"peak of one device: {meter.peak.flops_per_s / 1e9:,.1f} GFLOP/s ({meter.peak.source})")
     bad = compare(losses[:CHECK_STEPS], want)
     if not bad and every_rank_ok:
         console.print(f"first {CHECK_STEPS} steps match serial PyTorch [green]✓[/] (losses within rtol {RTOL:g})")
@@ -229,9 +237,11 @@ def main() -> int:
         max_grad_norm=MAX_GRAD_NORM,
         pipeline=sf.Pipeline(micro_batches=MICRO_BATCHES, schedule="1f1b") if pipelined else None,
     )
-    console = None
+    console, meter = None, None
     if rank == 0:
         from rich.console import Console
+
+        meter = sf.Meter.of(pm)  # the step's FLOPs counted from the plan, over the devices' peak
 
         console = Console(highlight=False)
         if not console.is_terminal:
@@ -243,7 +253,7 @@ def main() -> int:
             f"\nrank 0 trained a plain PyTorch copy for {CHECK_STEPS} steps first (the oracle): losses "
             + ", ".join(f"{w:.4f}" for w in want.tolist())
         )
-    losses, ends = _train(pm, data, console)
+    losses, ends = _train(pm, data, console, meter)
     if pipelined:  # one more step, traced: every rank's timeline, drawn by rank 0
         pm.step(*data[-1], trace=args.pipeline)
         if console is not None:
@@ -263,6 +273,7 @@ def main() -> int:
         traffic = _first_step_traffic(pm.explain())
         if traffic:
             console.print(f"\nfirst step (pm.explain()): {traffic}", markup=False, soft_wrap=True)
-        _summary(console, losses, ends, want.tolist(), every_rank_ok=bool(ok))
+        assert meter is not None
+        _summary(console, losses, ends, want.tolist(), every_rank_ok=bool(ok), meter=meter)
     dist.destroy_process_group()
     return 0 if bool(ok) else 1

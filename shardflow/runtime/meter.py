@@ -81,7 +81,8 @@ def _cached_probe(device: torch.device, dtype: torch.dtype, path: Path) -> Peak:
     """A CPU's probe from the cache, or measured and added to it. Processes on one machine take turns (a
     lock file): the first probes while the others wait, so no probe runs beside another on shared cores."""
     key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{dtype}"
-    source = f"a {dtype} matmul probe on this CPU ({torch.get_num_threads()} threads), cached in {path}"
+    threads = torch.get_num_threads()
+    source = f"a {dtype} matmul probe on this CPU ({threads} thread{'s' if threads != 1 else ''}), cached in {path}"
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
     try:

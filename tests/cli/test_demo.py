@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import shardflow as sf
 from shardflow.runtime.trace import read
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,7 +109,8 @@ def test_train_shows_plan_progress_and_speed(train: subprocess.CompletedProcess[
         train
     )
     assert f"{TRAIN_STEPS}/{TRAIN_STEPS}" in out, _output(train)  # the progress bar's last state
-    assert re.search(r"the rest ran at [\d,]+ tokens/s", out), _output(train)
+    assert re.search(r"the rest ran at [\d,]+ tokens/s, [\d.]+ [kMGT]?FLOP/s, MFU [\d.]+%", out), _output(train)
+    assert re.search(r"step +\d+ +loss [\d.]+ +[\d,]+ tokens/s, [\d.]+ [kMGT]?FLOP/s, MFU [\d.]+%", out), _output(train)
 
 
 def test_train_reports_a_mismatch() -> None:
@@ -116,10 +118,12 @@ def test_train_reports_a_mismatch() -> None:
     from rich.console import Console
 
     from shardflow.demo.train_gpt import _summary
+    from shardflow.runtime.meter import Peak
 
     buf = io.StringIO()
     console = Console(file=buf, width=120)
-    _summary(console, [5.3, 5.1, 4.7, 4.6], [3.0, 3.5, 4.0, 4.5], [5.3, 5.2, 4.7], every_rank_ok=False)
+    meter = sf.Meter(sf.Flops(forward=1, backward=2), devices=1, peak=Peak(1e9, "given"))
+    _summary(console, [5.3, 5.1, 4.7, 4.6], [3.0, 3.5, 4.0, 4.5], [5.3, 5.2, 4.7], every_rank_ok=False, meter=meter)
     out = buf.getvalue()
     assert "do NOT match serial PyTorch" in out and "step 2: shardflow 5.100000, serial PyTorch 5.200000" in out, out
     assert MATCH_LINE not in out, out

@@ -47,9 +47,28 @@ def _model(cfg: Any, dtype: torch.dtype = torch.float32) -> Any:
     return GPT(cfg).to(dtype)
 
 
+def _config(args: Any) -> Any:
+    from shardflow.models.gpt import GPTConfig
+
+    if args.gpt2:
+        return GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=args.width or 768)
+    return GPTConfig(vocab_size=1024, block_size=256, n_layer=args.layers, n_head=8, n_embd=args.width or 512)
+
+
+def _count(args: Any) -> None:
+    from shardflow.graph.flops import model_flops
+    from shardflow.models.gpt import GPT
+
+    cfg = _config(args)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    x = torch.zeros(args.batch, cfg.block_size, dtype=torch.long)
+    print(f"GPT {cfg.n_layer}x{cfg.n_embd}, batch {args.batch}x{cfg.block_size}")
+    print(model_flops(model, (x, x)).explain())
+
+
 def main() -> None:
     import shardflow as sf
-    from shardflow.models.gpt import GPTConfig
     from shardflow.runtime.meter import device_peak
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,7 +76,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--width", type=int, default=0, help="n_embd (default 512; --gpt2: 768)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--gpt2", action="store_true", help="GPT-2 small (12 x 768, vocab 50257) at 1024 tokens")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -68,6 +87,7 @@ def main() -> None:
     )
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the eager model")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--count-only", action="store_true", help="print the step's FLOPs (shardflow's count) and stop")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     names = args.modes or ("off,true,all,graph" if args.device == "cuda" else "off,true,all")
@@ -75,13 +95,14 @@ def main() -> None:
     modes = [known[m] for m in names.split(",")]
     print_preamble()
     cuda = args.device == "cuda"
+    if args.count_only:  # on a meta-device model: no weights, no device
+        _count(args)
+        return
     if cuda and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu")
     if cuda:
         print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
-    cfg = GPTConfig(vocab_size=1024, block_size=256, n_layer=args.layers, n_head=8, n_embd=args.width)
-    if args.gpt2:
-        cfg = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    cfg = _config(args)
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), generator=gen)
     y = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), generator=gen)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx.traceback as fx_traceback
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
@@ -26,6 +27,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from shardflow.comm.init import world
 from shardflow.graph.lower import Joint, Program, lower
+from shardflow.graph.values import recomputations
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, P, Placement, grad_sbp
 from shardflow.runtime.capture_errors import explained
@@ -84,7 +86,8 @@ def trace_stage(module: nn.Module, inputs: Sequence[Any], needs_grad: Sequence[b
         return [*values, *[g for g in pgrads if g is not None], *xgrads]
 
     # the backward is traced whatever the caller's grad mode (an evaluation lowers its program under no_grad)
-    with explained(module, stage), torch.enable_grad():
+    # recomputed forwards tagged as such (their nodes' meta kept): a stage's FLOPs count them apart
+    with explained(module, stage), torch.enable_grad(), fx_traceback.preserve_node_meta(), recomputations():
         graph = make_fx(step, tracing_mode="fake")(ps, bs, xs, dys)
     joint = Joint(
         graph,

@@ -10,6 +10,7 @@ module hooks write the running module into the node metadata torch copies onto e
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -17,7 +18,6 @@ import torch
 import torch.fx.traceback as fx_traceback
 import torch.utils.checkpoint as checkpointing
 from torch import fx, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from shardflow.ops.flop_count import RECOMPUTED
 from shardflow.placement.mesh import Mesh
@@ -63,55 +63,58 @@ def module_paths(model: nn.Module) -> Iterator[None]:
         fx_traceback.current_meta.pop("custom", None)
 
 
+_TAGGING: contextvars.ContextVar[bool] = contextvars.ContextVar("sf_tag_recomputation", default=False)
+
+
 @contextlib.contextmanager
 def recomputations() -> Iterator[None]:
-    """While tracing, tag the nodes of every recomputation of torch's non-reentrant ``checkpoint``
-    (shardflow's ``recompute=``, a user's own checkpointing, Hugging Face's gradient checkpointing) as
-    ``RECOMPUTED``, through the recomputation context ``checkpoint`` offers (``context_fn``; under tracing
-    both of its contexts must be dispatch modes). Left alone: a ``context_fn`` of the user's own (selective
-    checkpointing), and the reentrant variant, which has no such context: their recomputation counts as
-    backward work."""
-    original = checkpointing._checkpoint_without_reentrant_generator
-
-    def generator(
-        fn: Any, preserve: Any = True, context_fn: Any = checkpointing.noop_context_fn, *args: Any, **kwargs: Any
-    ) -> Any:
-        if context_fn is checkpointing.noop_context_fn:
-            context_fn = lambda: (_Tagging(False), _Tagging(True))  # noqa: E731
-        return original(fn, preserve, context_fn, *args, **kwargs)
-
-    checkpointing._checkpoint_without_reentrant_generator = generator  # type: ignore[assignment]
+    """While tracing (in this thread or task), tag the nodes of every recomputation of torch's non-reentrant
+    ``checkpoint`` (shardflow's ``recompute=``, a user's own checkpointing, Hugging Face's activation
+    checkpointing) as ``RECOMPUTED``. ``checkpoint`` runs its forward with the caller's function and
+    recomputes with the one its generator was given, so that one is wrapped to run under ``recomputing()``.
+    Not reached: the reentrant variant and callers that import the generator by name; their recomputation
+    counts as backward work."""
+    _install()
+    token = _TAGGING.set(True)
     try:
         yield
     finally:
-        checkpointing._checkpoint_without_reentrant_generator = original
+        _TAGGING.reset(token)
 
 
-class _Tagging(TorchDispatchMode):
-    """Passes every op on; while active with ``tag``, the nodes traced are tagged ``RECOMPUTED``."""
+def _install() -> None:
+    """Wrap torch's generator once, for good; it does nothing unless ``recomputations()`` is active."""
+    original = checkpointing._checkpoint_without_reentrant_generator
+    if getattr(original, "_sf_wrapped", False):
+        return
 
-    def __init__(self, tag: bool) -> None:
-        super().__init__()
-        self.tag, self.before = tag, None
+    def generator(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _TAGGING.get():
+            return original(fn, *args, **kwargs)
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        return func(*args, **(kwargs or {}))
+        def again(*a: Any, **k: Any) -> Any:
+            with recomputing():
+                return fn(*a, **k)
 
-    def __enter__(self) -> Any:
-        if self.tag:
-            self.before = fx_traceback.current_meta.get("custom")
-            fx_traceback.current_meta["custom"] = {RECOMPUTED: True}
-        return super().__enter__()
+        return original(again, *args, **kwargs)
 
-    def __exit__(self, *exc: Any) -> Any:
-        try:
-            return super().__exit__(*exc)
-        finally:
-            if self.tag:
-                if self.before is None:
-                    fx_traceback.current_meta.pop("custom", None)
-                else:
-                    fx_traceback.current_meta["custom"] = self.before
+    generator._sf_wrapped = True  # type: ignore[attr-defined]
+    checkpointing._checkpoint_without_reentrant_generator = generator  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """While tracing, tag each node made inside as a recomputed forward (``ops/flop_count.py`` counts it as
+    hardware work, not model work)."""
+    before = fx_traceback.current_meta.get("custom")
+    fx_traceback.current_meta["custom"] = {RECOMPUTED: True}
+    try:
+        yield
+    finally:
+        if before is None:
+            fx_traceback.current_meta.pop("custom", None)
+        else:
+            fx_traceback.current_meta["custom"] = before
 
 
 def value_keys(graph: fx.Graph) -> dict[str, fx.Node]:

@@ -62,19 +62,47 @@ def device_peak(
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         found = next((peaks for key, peaks in DEVICE_PEAKS.items() if key in name), None)
-        if found is None:
+        if found is None or "MIG" in name:  # a MIG slice has part of the chip's peak
             return Peak(probe(device, dtype), f"{name}: no datasheet figure in the table, a matmul probe on it")
         half, tf32, fp32 = found
         if dtype in (torch.bfloat16, torch.float16):
             return Peak(half, f"{name} datasheet, {dtype} dense")
-        matmuls = tf32 if torch.get_float32_matmul_precision() != "highest" else fp32
-        convolutions = tf32 if torch.backends.cudnn.allow_tf32 else fp32
+        matmuls = tf32 if _tf32_matmuls() else fp32
+        convolutions = tf32 if _tf32_convolutions() else fp32
         blended = 1 / (conv_share / convolutions + (1 - conv_share) / matmuls)
         kinds = f"matmuls {'tf32' if matmuls == tf32 else 'fp32'}"
         if conv_share:
             kinds += f", convolutions ({conv_share:.0%} of the work) {'tf32' if convolutions == tf32 else 'fp32'}"
         return Peak(blended, f"{name} datasheet, {kinds}")
-    return _cached_probe(device, dtype, cache or Path.home() / ".cache" / "shardflow" / "peaks.json")
+    if cache is None:
+        try:
+            cache = Path.home() / ".cache" / "shardflow" / "peaks.json"
+        except RuntimeError:  # no home directory: nowhere to keep it
+            return Peak(probe(device, dtype), f"a {dtype} matmul probe on this CPU, not cached (no home directory)")
+    return _cached_probe(device, dtype, cache)
+
+
+def _tf32_matmuls() -> bool:
+    """Whether float32 matmuls may run in tf32: torch's newer setting where it is set, else the older one
+    (which raises once the newer one is set)."""
+    newer = getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", "none")
+    if newer in ("tf32", "ieee"):
+        return bool(newer == "tf32")
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        return False
+
+
+def _tf32_convolutions() -> bool:
+    """Whether float32 convolutions may run in tf32 (cuDNN's setting, newer form first)."""
+    newer = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", "none")
+    if newer in ("tf32", "ieee"):
+        return bool(newer == "tf32")
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return False
 
 
 def _cached_probe(device: torch.device, dtype: torch.dtype, path: Path) -> Peak:
@@ -87,10 +115,13 @@ def _cached_probe(device: torch.device, dtype: torch.dtype, path: Path) -> Peak:
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
         lock = open(path.with_name(path.name + ".lock"), "a")
-    except OSError:  # no writable cache: probe every time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError:  # a read-only cache (or no locks on its file system): read it, else probe every time
+        known = _read(path)
+        if key in known:
+            return Peak(known[key], source)
         return Peak(probe(device, dtype), source.replace("cached in", "not cached: cannot write"))
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         known = _read(path)
         if key not in known:
             known[key] = probe(device, dtype)
@@ -138,16 +169,22 @@ def _read(path: Path) -> dict[str, float]:
         return {}
     if not isinstance(found, dict):
         return {}
-    return {k: float(v) for k, v in found.items() if isinstance(v, (int, float)) and 0 < v < math.inf}
+    good = {k: v for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: float(v) for k, v in good.items() if 0 < v < math.inf}
 
 
 def _write(path: Path, peaks: dict[str, float]) -> None:
     """Whole or not at all: a file of its own in the same folder, then moved into place."""
     with contextlib.suppress(OSError):
         fd, partial = tempfile.mkstemp(prefix=path.name, suffix=".partial", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(peaks, f, indent=1)
-        os.replace(partial, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(peaks, f, indent=1)
+            os.chmod(partial, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+            os.replace(partial, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
 
 
 class Throughput(NamedTuple):

@@ -312,7 +312,10 @@ def balanced_split_points(
 
 
 class _Counter(TorchDispatchMode):
-    """Adds up the FLOPs of every ATen op that runs, by shardflow's formulas (``ops/flops/``)."""
+    """Adds up the FLOPs of every ATen op that runs, by shardflow's formulas (``ops/flops/``); higher-order
+    ops (``cond``) pass through, their inner ops counted as they run."""
+
+    supports_higher_order_operators = True
 
     def __init__(self) -> None:
         super().__init__()

@@ -206,3 +206,51 @@ def test_a_user_s_or_hugging_face_s_checkpointing_is_recomputation_not_model_wor
     again = model_flops(model, batch)
     assert again.by_op == plain.by_op
     assert again.recompute > plain.recompute + plain.forward / 2  # the decoder layers' forwards, most of it
+
+
+def test_a_count_travels_between_processes() -> None:
+    """``Flops`` pickles (``all_gather_object`` of every rank's share) and adds up (a pipeline's micro-batches)."""
+    import pickle
+
+    model, batch = _models()["mlp"]
+    counted = model_flops(model, batch)
+    counted = counted.with_rank(counted)
+    again = pickle.loads(pickle.dumps(counted))
+    assert again == counted
+    both = again + counted
+    assert both.total == 2 * counted.total and both.by_op["aten.mm"] == 2 * counted.by_op["aten.mm"]
+    assert both.rank is not None and both.rank.total == 2 * counted.total
+
+
+class _Shape:
+    """A tensor argument as a formula sees it: a shape (global or local) and a dtype."""
+
+    def __init__(self, *shape: int) -> None:
+        self.shape, self.dtype = shape, torch.float32
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "outs", "want"),
+    [
+        # (m, k) @ (k, n) products: 2 m k n, grouped by experts, fp8, batched and summed
+        ("_grouped_mm", (_Shape(10, 4), _Shape(3, 4, 6)), (_Shape(10, 6),), 2 * 10 * 4 * 6),
+        ("_grouped_mm", (_Shape(3, 5, 4), _Shape(3, 4, 6)), (_Shape(3, 5, 6),), 2 * 3 * 5 * 4 * 6),
+        ("_grouped_mm", (_Shape(3, 5, 4), _Shape(4, 6)), (_Shape(5, 6),), 2 * 5 * 4 * 6),
+        ("_scaled_mm", (_Shape(8, 16), _Shape(16, 4)), (_Shape(8, 4),), 2 * 8 * 16 * 4),
+        ("addbmm", (_Shape(5, 6), _Shape(3, 5, 4), _Shape(3, 4, 6)), (_Shape(5, 6),), 2 * 3 * 5 * 4 * 6 + 5 * 6),
+        ("mv", (_Shape(5, 4), _Shape(4)), (_Shape(5),), 2 * 5 * 4),
+        # group norm of (2, 4, 3) in 2 groups, affine: 8 per element, 13 per (sample, group)
+        ("native_group_norm", (_Shape(2, 4, 3), _Shape(4), _Shape(4), 2, 4, 3, 2, 1e-5), (_Shape(2, 4, 3),), 24 * 8 + 4 * 13),
+        # bilinear: each result a multiply and an add for each of 4 neighbours
+        ("upsample_bilinear2d", (_Shape(1, 2, 3, 3), (6, 6), False), (_Shape(1, 2, 6, 6),), 72 * 8),
+        ("scatter_reduce", (_Shape(5), 0, _Shape(7), _Shape(7), "mean"), (_Shape(5),), 7 * ADD + 5 * DIV),
+        ("index_put", (_Shape(5, 3), [_Shape(4)], _Shape(4, 3), True), (_Shape(5, 3),), 12 * ADD),
+        ("index_put", (_Shape(5, 3), [_Shape(4)], _Shape(4, 3), False), (_Shape(5, 3),), 0),
+        # an embedding bag's weights' gradient: a multiply-add per looked-up element
+        ("_embedding_bag_per_sample_weights_backward", (_Shape(2, 8), _Shape(6, 8), _Shape(5), _Shape(2), _Shape(5), 0), (_Shape(5),), 5 * 8 * 2),
+    ],
+)  # fmt: skip
+def test_formulas_of_ops_the_reference_models_do_not_use(name, args, outs, want) -> None:  # type: ignore[no-untyped-def]
+    from shardflow.ops.flops import FORMULAS
+
+    assert FORMULAS[name](args, {}, outs).total == want  # called directly: an error is not hidden as "uncounted"

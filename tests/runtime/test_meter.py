@@ -62,3 +62,14 @@ def test_mfu_is_the_job_s_model_flops_per_second_over_every_device_s_peak():
     assert str(got) == "256 tokens/s, 36 kFLOP/s, MFU 180.0%"
     with pytest.raises(ValueError, match="positive"):
         meter.measure(0.0)
+
+
+def test_tf32_set_by_torch_s_newer_setting_is_read_without_error(monkeypatch):
+    """Once ``fp32_precision`` is set, torch's older getter raises: the peak reads the newer setting."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        assert device_peak("cuda", torch.float32).flops_per_s == 494.7e12
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before

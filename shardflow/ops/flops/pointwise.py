@@ -76,6 +76,8 @@ def _pow(args: Sequence[Any], kwargs: dict[str, Any], outs: Sequence[Any]) -> Op
     k = arg(args, kwargs, 1, "exponent")  # a tensor for pow.Tensor_Tensor, and the base for pow.Scalar
     if not isinstance(k, (int, float)) or isinstance(args[0], (int, float)):
         cost = 2 * EXP + ADD
+    elif k == 0:  # a fill
+        cost = 0
     elif float(k).is_integer() and 1 <= k <= 4:
         cost = int(k) - 1
     elif k in (0.5, -0.5, -1):

@@ -50,7 +50,8 @@ def _scaled_mm(args: Sequence[Any], kwargs: dict[str, Any], outs: Sequence[Any])
 @formula("_grouped_mm")
 def _grouped_mm(args: Sequence[Any], kwargs: dict[str, Any], outs: Sequence[Any]) -> OpFlops:
     """A mixture of experts' matmuls: tokens ``(t, k)`` each by its group's ``(k, n)`` of ``(g, k, n)``, or
-    ``(g, m, k) @ (g, k, n)``, or ``(m, k) @ (k, n)`` split along ``k`` by groups: one product's worth each."""
+    ``(g, m, k) @ (g, k, n)``, or ``(m, k) @ (k, n)`` split along ``k`` (or ``(g, m, k) @ (k, n)`` along ``n``)
+    by groups: one product's worth each."""
     a, b = args[0].shape, args[1].shape
     if len(a) == 2 and len(b) == 3:
         return OpFlops(matmul=2 * a[0] * a[1] * b[2])
@@ -58,6 +59,8 @@ def _grouped_mm(args: Sequence[Any], kwargs: dict[str, Any], outs: Sequence[Any]
         return OpFlops(matmul=2 * a[0] * a[1] * a[2] * b[2])
     if len(a) == 2 and len(b) == 2:
         return OpFlops(matmul=2 * a[0] * a[1] * b[1])
+    if len(a) == 3 and len(b) == 2:  # (g, m, k) @ (k, n) split along n by groups: a 2-d by 2-d's backward
+        return OpFlops(matmul=2 * a[1] * a[2] * b[1])
     raise ValueError(f"_grouped_mm of shapes {a} and {b}: no formula")
 
 

@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import torch
+
 ADD = 1
 DIV = 4
 EXP = 8
@@ -37,6 +39,8 @@ def op_flops(func: Any, args: Sequence[Any], kwargs: dict[str, Any], outs: Seque
     global shapes give the logical op's work, one rank's local shapes that rank's); None when the op has no
     formula for it (or for the arguments it got). ``func`` is an ATen ``OpOverload`` (``aten.mm.default``) or
     its name."""
+    if not isinstance(func, (str, torch._ops.OpOverload)):  # a higher-order op (cond, flex attention)
+        return None
     name = func if isinstance(func, str) else func.overloadpacket.__name__
     if name.endswith("_") and (name[:-1] in FORMULAS or name[:-1] in FREE):  # in place: as its functional form
         name = name[:-1]

@@ -254,3 +254,14 @@ def test_formulas_of_ops_the_reference_models_do_not_use(name, args, outs, want)
     from shardflow.ops.flops import FORMULAS
 
     assert FORMULAS[name](args, {}, outs).total == want  # called directly: an error is not hidden as "uncounted"
+
+
+def test_a_gpt_s_matmuls_agree_with_the_palm_formula() -> None:
+    """PaLM's (and nanoGPT's) ``6 N + 12 L d T`` per token, an independent count of a transformer's matmuls and
+    attention, on a meta-device GPT (no weights): within 1% (the formula also counts biases as multiply-adds)."""
+    config = GPTConfig(vocab_size=1024, block_size=256, n_layer=4, n_head=8, n_embd=256)
+    with torch.device("meta"):
+        model = GPT(config)
+    x = torch.zeros(2, 256, dtype=torch.long)
+    counted = model_flops(model, (x, x))
+    assert counted.matmul_total == pytest.approx(config.flops_per_token() * x.numel(), rel=0.01)

@@ -11,9 +11,10 @@ from shardflow.ops.flops.registry import ADD, DIV, EXP, FORMULAS, Formula, OpFlo
 # -- matmuls, convolutions, attention ----------------------------------------------------------------------
 
 
-@formula("mm")
+@formula("mm", "_scaled_mm")
 def _mm(args: Sequence[Any], kwargs: dict[str, Any], outs: Sequence[Any]) -> OpFlops:
-    """``(m, k) @ (k, n)``: ``m n k`` multiply-adds."""
+    """``(m, k) @ (k, n)``: ``m n k`` multiply-adds (``_scaled_mm``, fp8 with scales: the same; its scaling
+    and bias not counted)."""
     (m, k), n = args[0].shape, args[1].shape[1]
     return OpFlops(matmul=2 * m * n * k)
 
@@ -38,13 +39,6 @@ def _baddbmm(args: Sequence[Any], kwargs: dict[str, Any], outs: Sequence[Any]) -
     """``bias + a @ b`` batched: the products, an add per result."""
     (b, m, k), n = args[1].shape, args[2].shape[2]
     return OpFlops(matmul=2 * b * m * n * k, vector=ADD * b * m * n)
-
-
-@formula("_scaled_mm")
-def _scaled_mm(args: Sequence[Any], kwargs: dict[str, Any], outs: Sequence[Any]) -> OpFlops:
-    """An fp8 ``(m, k) @ (k, n)`` with scales: the product's multiply-adds (scaling not counted)."""
-    (m, k), n = args[0].shape, args[1].shape[1]
-    return OpFlops(matmul=2 * m * n * k)
 
 
 @formula("_grouped_mm")

@@ -106,6 +106,7 @@ class PipelineModule(PipelineState):
         self.mesh, self._pipeline, self._plan = mesh, pipeline, plan
         # the logical step's FLOPs on a global batch (the compiler's trace of the whole model, handed in)
         self.count_flops = count_flops
+        self.logical_flops: dict[Any, Flops] = {}
         self.strategy = plan.strategy
         # makes a stage's lowered program (the compiler's, graph/stage_program.py: handed in, as the
         # compiler sits above the runtime): a tensor-parallel stage runs it; any stage counts memory by it
@@ -369,7 +370,10 @@ class PipelineModule(PipelineState):
             raise ValueError(
                 "this pipeline was built without a FLOP counter: build it with sf.compile(..., pipeline=...)"
             )
-        logical = self.count_flops(whole)
+        key = shape_key(whole)
+        if key not in self.logical_flops:  # a trace of the whole model: once per batch shape
+            self.logical_flops[key] = self.count_flops(whole)
+        logical = self.logical_flops[key]
         rank = Flops()
         if self.inside:
             for micro in self._micro_batches(whole)[0]:

@@ -115,7 +115,6 @@ def lower_ir(
         saved_bytes=saved_bytes(ir),
         arena=placed,
         ir=ir,
-        flops=joint_flops(joint).with_rank(program_flops(ir)),
     )
 
 
@@ -149,4 +148,7 @@ def lower(
         lower_ir(joint, mesh, rank, sbps, bucket_bytes, policy, zero_axis, grad_sbps, arena, values, gathered)
         for policy in (True, False)
     ]
-    return min(programs, key=lambda p: p.cost)
+    chosen = min(programs, key=lambda p: p.cost)
+    assert chosen.ir is not None
+    chosen.flops = joint_flops(joint).with_rank(program_flops(chosen.ir))  # counted once, for the program kept
+    return chosen

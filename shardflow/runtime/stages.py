@@ -312,8 +312,8 @@ def balanced_split_points(
 
 
 class _Counter(TorchDispatchMode):
-    """Adds up the FLOPs of every ATen op that runs, by shardflow's formulas (``ops/flops/``); higher-order
-    ops (``cond``) pass through, their inner ops counted as they run."""
+    """Adds up the FLOPs of every ATen op that runs, by shardflow's formulas (``ops/flops/``). Higher-order
+    ops (``cond``) run through it uncounted: their inner ops do not reach this mode."""
 
     supports_higher_order_operators = True
 

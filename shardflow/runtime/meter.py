@@ -20,7 +20,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,8 +67,14 @@ def device_peak(
         half, tf32, fp32 = found
         if dtype in (torch.bfloat16, torch.float16):
             return Peak(half, f"{name} datasheet, {dtype} dense")
-        matmuls = tf32 if _tf32_matmuls() else fp32
-        convolutions = tf32 if _tf32_convolutions() else fp32
+        matmul_tf32 = _allows_tf32(
+            getattr(torch.backends.cuda, "matmul", None), lambda: torch.get_float32_matmul_precision() != "highest"
+        )
+        conv_tf32 = _allows_tf32(
+            getattr(torch.backends.cudnn, "conv", None), lambda: bool(torch.backends.cudnn.allow_tf32)
+        )
+        matmuls = tf32 if matmul_tf32 else fp32
+        convolutions = tf32 if conv_tf32 else fp32
         blended = 1 / (conv_share / convolutions + (1 - conv_share) / matmuls)
         kinds = f"matmuls {'tf32' if matmuls == tf32 else 'fp32'}"
         if conv_share:
@@ -82,25 +88,15 @@ def device_peak(
     return _cached_probe(device, dtype, cache)
 
 
-def _tf32_matmuls() -> bool:
-    """Whether float32 matmuls may run in tf32: torch's newer setting where it is set, else the older one
-    (which raises once the newer one is set)."""
-    newer = getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", "none")
+def _allows_tf32(backend: Any, older: Callable[[], bool]) -> bool:
+    """Whether float32 work of ``backend`` (``torch.backends.cuda.matmul``, ``torch.backends.cudnn.conv``) may
+    run in tf32: torch's newer ``fp32_precision`` where it is set, else the ``older`` setting (whose getter
+    raises once the newer one is set)."""
+    newer = getattr(backend, "fp32_precision", "none")
     if newer in ("tf32", "ieee"):
         return bool(newer == "tf32")
     try:
-        return torch.get_float32_matmul_precision() != "highest"
-    except RuntimeError:
-        return False
-
-
-def _tf32_convolutions() -> bool:
-    """Whether float32 convolutions may run in tf32 (cuDNN's setting, newer form first)."""
-    newer = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", "none")
-    if newer in ("tf32", "ieee"):
-        return bool(newer == "tf32")
-    try:
-        return bool(torch.backends.cudnn.allow_tf32)
+        return older()
     except RuntimeError:
         return False
 

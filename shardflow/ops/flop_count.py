@@ -68,16 +68,18 @@ class Flops:
     def explain(self, top: int = 8) -> str:
         """A few lines for people: the totals and the ops doing most of the work."""
         lines = [
-            f"FLOPs per step: {_si(self.total)} (forward {_si(self.forward)}, backward {_si(self.backward)}"
-            + (f"; recomputed {_si(self.recompute)} more" if self.recompute else "")
+            f"FLOPs per step: {in_flops(self.total)} (forward {in_flops(self.forward)}, backward {in_flops(self.backward)}"
+            + (f"; recomputed {in_flops(self.recompute)} more" if self.recompute else "")
             + f"); matmuls, convolutions and attention {self.matmul_total / max(self.total, 1):.0%}"
         ]
         largest = sorted(self.by_op.items(), key=lambda kv: -kv[1])[:top]
         width = max((len(op) for op, _ in largest), default=0)
         for op, n in largest:
-            lines.append(f"  {op:<{width}}  {_si(n):>11}  {n / max(self.total, 1):6.1%}")
+            lines.append(f"  {op:<{width}}  {in_flops(n):>11}  {n / max(self.total, 1):6.1%}")
         if self.rank is not None:
-            lines.append(f"this rank computes {_si(self.rank.total)} (+{_si(self.rank.recompute)} recomputed)")
+            lines.append(
+                f"this rank computes {in_flops(self.rank.total)} (+{in_flops(self.rank.recompute)} recomputed)"
+            )
         if self.uncounted:
             lines.append(f"ops without a formula (counted 0): {', '.join(self.uncounted)}")
         return "\n".join(lines)
@@ -90,7 +92,8 @@ def _summed(a: Mapping[str, int], b: Mapping[str, int]) -> Mapping[str, int]:
     return out
 
 
-def _si(n: float) -> str:
+def in_flops(n: float) -> str:
+    """``n`` FLOPs for people, with an SI prefix: ``"1.23 GFLOP"``."""
     for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.3g} {unit}FLOP"

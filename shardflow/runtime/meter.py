@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from shardflow.ops.flop_count import Flops
+from shardflow.ops.flop_count import Flops, in_flops
 
 # dense datasheet peaks of one device, FLOP/s: (bf16 and fp16, tf32, fp32 without tensor cores), the first
 # key found in the device's name wins (NVL and PCIe boards before the SXM ones sharing their names)
@@ -199,15 +199,8 @@ class Throughput(NamedTuple):
             parts.append(f"{self.tokens_per_s:,.0f} tokens/s")
         elif self.samples_per_s is not None:
             parts.append(f"{self.samples_per_s:,.0f} samples/s")
-        parts.append(f"{_per_second(self.flops_per_s)}, MFU {self.mfu:.1%}")
+        parts.append(f"{in_flops(self.flops_per_s)}/s, MFU {self.mfu:.1%}")
         return ", ".join(parts)
-
-
-def _per_second(flops: float) -> str:
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if flops >= scale:
-            return f"{flops / scale:.3g} {unit}FLOP/s"
-    return f"{flops:.0f} FLOP/s"
 
 
 class Meter:

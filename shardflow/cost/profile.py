@@ -1,0 +1,160 @@
+"""Device profiles: what one device computes per second, per op class, and what its links move.
+
+A profile is data, one JSON file: datasheet profiles ship with the package (``profiles/*.json``: H100,
+H200, A100, labelled as not calibrated here), and ``shardflow calibrate`` measures this machine's and keeps
+it under ``~/.cache/shardflow/profiles/``. Compute is a roofline per op class (matmul, convolution,
+attention, element-wise FLOP/s by dtype, memory bytes/s) with a launch floor per op; a collective is
+``latency + bus factor x bytes / bus bandwidth`` (nccl-tests' convention), fitted per kind and group size.
+Decision: the same file format for shipped and measured profiles, so a lent GPU's calibration replaces a
+datasheet's by name, and the cost model never asks where a number came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+_SHIPPED = Path(__file__).parent / "profiles"
+OP_CLASSES = ("matmul", "conv", "attention", "vector")
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+
+
+class ProfileError(ValueError):
+    """A device profile that cannot be found or read."""
+
+
+@dataclass(frozen=True)
+class LinkFit:
+    """One collective ``kind`` on groups of ``ranks``: seconds = ``latency`` + bus bytes / ``bus_bandwidth``."""
+
+    kind: str
+    ranks: int
+    latency: float
+    bus_bandwidth: float  # bytes/s of bus traffic (nccl-tests' "busbw")
+
+
+def bus_factor(kind: str, n: int) -> float:
+    """The bytes each rank sends per byte of the full piece, for ring algorithms on ``n`` ranks
+    (nccl-tests' bus-bandwidth factors): all-reduce 2(n-1)/n; gathers, scatters, all-to-all (n-1)/n."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n if kind == "all_reduce" else 1.0 if kind == "send_recv" else (n - 1) / n
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One device of a job and its links (see the module docstring). FLOP/s maps are keyed by dtype name
+    (``"float32"``, ``"bfloat16"``, ``"float16"``); ``node_size`` devices share the fast links
+    (``collectives``), larger groups cross the ``network``."""
+
+    name: str
+    device_type: str  # "cpu" or "cuda"
+    source: str  # how the numbers were obtained
+    calibrated: bool  # measured on this kind of machine (False: datasheet figures)
+    flops: Mapping[str, Mapping[str, float]]  # op class -> dtype -> FLOP/s
+    memory_bandwidth: float  # bytes/s an element-wise op streams
+    launch: float  # seconds per op, whatever its size (Python, dispatch, kernel launch)
+    memory_bytes: int  # device memory per rank
+    collectives: tuple[LinkFit, ...] = ()
+    node_size: int = 1
+    network: tuple[LinkFit, ...] = ()  # fits for groups wider than a node
+    threads: int = 0  # CPU: the intra-op threads the compute was measured with (0: not a CPU)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def rate(self, op_class: str, dtype: str) -> float:
+        """FLOP/s of ``op_class`` in ``dtype`` (falling back to float32's, then to matmul's)."""
+        table = self.flops.get(op_class) or self.flops["matmul"]
+        return table.get(dtype) or table.get("float32") or next(iter(table.values()))
+
+    def collective(self, kind: str, n: int, nbytes: float) -> float:
+        """Seconds for ``kind`` over ``n`` ranks, ``nbytes`` the full piece (gathered output, scattered
+        input, all-reduced buffer, a rank's all-to-all input). Latency scales with the ring's hops from the
+        nearest fitted group size."""
+        if n <= 1:
+            return 0.0
+        fits = self.network if n > self.node_size and self.network else self.collectives
+        fit = _nearest([f for f in fits if f.kind == kind] or [f for f in fits if f.kind == "all_gather"] or fits, n)
+        hops = (n - 1) / max(fit.ranks - 1, 1)
+        return fit.latency * hops + bus_factor(kind, n) * nbytes / fit.bus_bandwidth
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "profile") -> DeviceProfile:
+        try:
+            raw: dict[str, Any] = json.loads(text)
+            raw["collectives"] = tuple(LinkFit(**f) for f in raw.get("collectives", ()))
+            raw["network"] = tuple(LinkFit(**f) for f in raw.get("network", ()))
+            raw["notes"] = tuple(raw.get("notes", ()))
+            profile = cls(**raw)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ProfileError(f"{where} is not a device profile ({e}); re-run `shardflow calibrate`") from None
+        if "matmul" not in profile.flops or not profile.collectives and profile.node_size > 1:
+            raise ProfileError(f"{where}: a profile needs matmul FLOP/s and, above one device, collective fits")
+        return profile
+
+
+def _nearest(fits: list[LinkFit], n: int) -> LinkFit:
+    if not fits:
+        raise ProfileError("the profile has no collective fits; re-run `shardflow calibrate`")
+    below = [f for f in fits if f.ranks <= n]
+    return max(below, key=lambda f: f.ranks) if below else min(fits, key=lambda f: f.ranks)
+
+
+def cache_dir() -> Path:
+    """Where calibrated profiles are kept (``SHARDFLOW_CACHE`` or ``~/.cache/shardflow``)."""
+    return Path(os.environ.get("SHARDFLOW_CACHE") or Path.home() / ".cache" / "shardflow") / "profiles"
+
+
+def machine_name() -> str:
+    """This machine's profile name: host and CPU, so a copied cache directory is not trusted elsewhere."""
+    cpu = (platform.processor() or platform.machine()).replace(" ", "_")[:40]
+    return f"{socket.gethostname()}-{cpu}"
+
+
+def shipped() -> list[str]:
+    """The datasheet profiles shipped with shardflow, by name."""
+    return sorted(p.stem for p in _SHIPPED.glob("*.json"))
+
+
+def device_profile(device: str | DeviceProfile | None = None) -> DeviceProfile:
+    """A profile by name: ``None`` this machine's calibrated one (``shardflow calibrate`` makes it), a
+    shipped name (``"h100"``, ``"h200"``, ``"a100"``; a calibrated profile of that name, if any, wins), or
+    a path to a profile's JSON file."""
+    if isinstance(device, DeviceProfile):
+        return device
+    if device is None:
+        path = cache_dir() / f"{machine_name()}.json"
+        if not path.exists():
+            raise ProfileError(
+                "this machine has no calibrated device profile yet: run `shardflow calibrate` (about a minute), "
+                f"or name one: device='h100' (shipped: {', '.join(shipped())}) or a profile's JSON path"
+            )
+        return DeviceProfile.from_json(path.read_text(), str(path))
+    key = device.lower()
+    for path in (cache_dir() / f"{key}.json", _SHIPPED / f"{key}.json"):
+        if path.exists():
+            return DeviceProfile.from_json(path.read_text(), str(path))
+    if os.path.exists(device):
+        return DeviceProfile.from_json(Path(device).read_text(), device)
+    raise ProfileError(
+        f"no device profile {device!r}: shipped ones are {', '.join(shipped())}; or give a profile's JSON path, "
+        "or None for this machine's (`shardflow calibrate`)"
+    )
+
+
+def save(profile: DeviceProfile, path: Path | None = None) -> Path:
+    """Write ``profile`` (default: as this machine's), whole or not at all."""
+    path = path or cache_dir() / f"{machine_name()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(profile.to_json())
+    os.replace(tmp, path)
+    return path

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shardflow.placement.mesh import ACTING
+
 DEFAULT_TIMEOUT = timedelta(seconds=60)
 _timeout = DEFAULT_TIMEOUT
 
@@ -81,6 +83,9 @@ def world() -> tuple[int, int]:
 
     Eager ops ask on every call and ``dist.get_rank()`` costs microseconds, so the answer is kept for as
     long as the default process group is the same object."""
+    acting = ACTING.get()  # pricing one rank of a virtual mesh (placement/mesh.py's acting_as)
+    if acting is not None:
+        return acting
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     pg = default_group()

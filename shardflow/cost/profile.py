@@ -65,12 +65,17 @@ class DeviceProfile:
     node_size: int = 1
     network: tuple[LinkFit, ...] = ()  # fits for groups wider than a node
     threads: int = 0  # CPU: the intra-op threads the compute was measured with (0: not a CPU)
+    peaks: Mapping[str, float] = field(default_factory=dict)  # datasheet dense peak by dtype, for MFU
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def rate(self, op_class: str, dtype: str) -> float:
         """FLOP/s of ``op_class`` in ``dtype`` (falling back to float32's, then to matmul's)."""
         table = self.flops.get(op_class) or self.flops["matmul"]
         return table.get(dtype) or table.get("float32") or next(iter(table.values()))
+
+    def peak(self, dtype: str) -> float:
+        """One device's peak FLOP/s in ``dtype`` for MFU: the datasheet's, or (a CPU) the measured matmul rate."""
+        return self.peaks.get(dtype) or self.rate("matmul", dtype)
 
     def collective(self, kind: str, n: int, nbytes: float) -> float:
         """Seconds for ``kind`` over ``n`` ranks, ``nbytes`` the full piece (gathered output, scattered

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardflow.graph.estimate import Estimator
 from shardflow.graph.flops import model_flops, skeleton
 from shardflow.graph.lower import trace_step
 from shardflow.graph.parallel_module import ParallelModule
@@ -291,7 +292,8 @@ def _check_fits(
 ) -> None:
     """Refuse, before any step, a plan whose predicted peak exceeds ``limit`` on some rank (collective: every
     rank predicts its own peak, the peaks are gathered, and every rank raises the same error). The changes
-    priced: half the batch, every block recomputed, the other strategies (with ``hints``), ZeRO 2 and 3."""
+    priced: half the batch, every block recomputed, the other strategies (with ``hints``), ZeRO 2 and 3; the
+    other plans by the cost model (``graph/estimate.py``), which lowers their programs without building them."""
     report = pm.memory()
     if max(report.peaks or [report.peak]) <= limit:
         return
@@ -324,12 +326,11 @@ def _check_fits(
             if stage > pm.zero:
                 what = f"zero={stage} (ZeRO stage {stage} on the dp axis)"
                 alternatives.append((what, lambda k=stage: apply_zero(pm.plan, k, pm.mesh.names[dp], shapes)))
+    estimator = Estimator(model, plain, optimizer)  # one trace of the step for every alternative
     for what, make in alternatives:
         try:
             other = make()
         except ValueError:
             continue  # the mesh has no axis for it, or the hints do not apply
-        with _pricing():
-            alt = _compile_plan(model, pm.mesh, other, plain, optimizer, None)
-        fixes.append((max(alt.memory().peaks or [0]), what))
+        fixes.append((max(estimator.peak_bytes(other)), what))
     raise _refusal(limit, report, fixes)

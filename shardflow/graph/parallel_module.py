@@ -26,13 +26,13 @@ from shardflow.comm.init import world
 from shardflow.graph.evaluate import EvalProgram, lower_eval, trace_method
 from shardflow.graph.flops import model_flops
 from shardflow.graph.graphed_step import graphed_step
-from shardflow.graph.lower import Program, lower, trace_step
+from shardflow.graph.lower import Joint, Program, lower, trace_step
 from shardflow.graph.optimizer_pieces import optimizer_pieces
 from shardflow.graph.parallel_memory import parallel_memory
 from shardflow.graph.static_step import program_args, signature, static_step
 from shardflow.ops.flop_count import Flops
 from shardflow.placement.mesh import Mesh
-from shardflow.placement.sbp import B, NdSbp, P, format_sbp
+from shardflow.placement.sbp import B, NdSbp, P, _Partial, format_sbp
 from shardflow.placement.shard import take_local
 from shardflow.plan import MeshSpec, ParallelPlan, PlanError, check_model
 from shardflow.plan.knobs import Fixed, Knob, logged
@@ -105,6 +105,7 @@ class ParallelModule(Runner):
         self.record: Record | None = None
         self.example_inputs: tuple[Any, ...] = ()
         self.programs: dict[Any, Program] = {}  # this rank's programs per input signature, lowered on first use
+        self.joints: dict[Any, Joint] | None = None  # traced steps shared with other modules (graph/estimate.py)
         self.eval_programs: dict[Any, EvalProgram] = {}  # per method and input signature (graph/evaluate.py)
         self.staging = Staging()  # pinned host buffers the inputs' shards are copied to the device through
         self._recomputed: tuple[str, ...] = ()  # modules whose forward is patched to recompute in backward
@@ -173,7 +174,9 @@ class ParallelModule(Runner):
                 # the full batch, the same on every rank (the API's promise): each rank slices its shard on the host, no
                 # messages, and copies only that to its device (through a pinned buffer: runtime/staging.py)
                 piece = take_local(x.detach(), sbp, self.mesh.shape, self.mesh.coord_of(world()[0]))
-                out.append(wrap(self.staging.to_device(i, piece, self.mesh.device), self.mesh, sbp, x.shape))
+                # (a virtual mesh's piece: a storage of its own, as the staged copy is)
+                piece = piece.clone() if self.mesh.virtual else self.staging.to_device(i, piece, self.mesh.device)
+                out.append(wrap(piece, self.mesh, sbp, x.shape))
             elif isinstance(x, torch.Tensor):
                 out.append(distribute(x, self.mesh, sbp))
             else:
@@ -250,7 +253,7 @@ class ParallelModule(Runner):
         """This rank's program for inputs laid out as ``inputs`` (GlobalTensors), lowered on first use."""
         key = signature(inputs)
         if key not in self.programs:
-            joint = trace_step(self.module, inputs, self.mesh.device_type)
+            joint = self._trace(inputs)
             program = lower(
                 joint,
                 self.mesh,
@@ -268,6 +271,20 @@ class ParallelModule(Runner):
                 program.run = compile_program(program.run)
             self.programs[key] = program
         return self.programs[key]
+
+    def _trace(self, inputs: Sequence[Any]) -> Joint:
+        """The traced step for ``inputs``: it depends on global shapes and the recomputed modules, not on
+        layouts, so a cost model pricing many plans of one model traces each once (``joints``)."""
+        device = self.mesh.device_type
+        if self.mesh.virtual and device == "cuda" and not torch.cuda.is_available():
+            device = "cpu"  # a GPU plan priced without a GPU: traced with the CPU's attention kernel
+        if self.joints is None:
+            return trace_step(self.module, inputs, device)
+        shapes = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in inputs)
+        key = (shapes, self._recomputed, device)
+        if key not in self.joints:
+            self.joints[key] = trace_step(self.module, inputs, device)
+        return self.joints[key]
 
     def flops(self, *inputs: Any) -> Flops:
         inputs = inputs or self.example_inputs
@@ -382,7 +399,14 @@ def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 
 def _laid_out(module: nn.Module, mesh: Mesh, layouts: Mapping[str, NdSbp]) -> nn.Module:
     """``module`` with its parameters distributed over ``mesh`` as ``layouts`` says and its buffers
-    replicated; tied parameters (GPT's wte / lm_head) stay one parameter."""
+    replicated; tied parameters (GPT's wte / lm_head) stay one parameter. On a virtual mesh (the cost
+    model's, a meta-device model) each tensor is sliced to this rank's shard: no messages."""
+
+    def place(t: torch.Tensor, sbp: NdSbp) -> GlobalTensor:
+        if not mesh.virtual:
+            return distribute(t, mesh, sbp)
+        local = take_local(t, tuple(B if isinstance(p, _Partial) else p for p in sbp), mesh.shape, mesh.coord_of(world()[0]))
+        return wrap(local.clone(), mesh, sbp, t.shape)  # a storage of its own, as a distributed shard has
 
     def owner(name: str) -> tuple[nn.Module, str]:
         mod_name, _, attr = name.rpartition(".")
@@ -391,9 +415,9 @@ def _laid_out(module: nn.Module, mesh: Mesh, layouts: Mapping[str, NdSbp]) -> nn
     laid: dict[int, nn.Parameter] = {}
     for name, p in list(module.named_parameters(remove_duplicate=False)):
         if id(p) not in laid:
-            laid[id(p)] = nn.Parameter(distribute(p.detach(), mesh, layouts[name]), requires_grad=p.requires_grad)
+            laid[id(p)] = nn.Parameter(place(p.detach(), layouts[name]), requires_grad=p.requires_grad)
         setattr(*owner(name), laid[id(p)])
     for name, buf in list(module.named_buffers()):
         mod, attr = owner(name)
-        mod.register_buffer(attr, distribute(buf, mesh, (B,) * mesh.ndim))
+        mod.register_buffer(attr, place(buf, (B,) * mesh.ndim))
     return module

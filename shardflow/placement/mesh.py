@@ -9,17 +9,37 @@ numbers of groups wait on different names forever.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 
+# (rank, world size) this process prices a plan as (``acting_as``): a virtual mesh's rank, no process group
+ACTING: ContextVar[tuple[int, int] | None] = ContextVar("shardflow_acting_rank", default=None)
+
+
+@contextlib.contextmanager
+def acting_as(rank: int, size: int) -> Iterator[None]:
+    """Within this block the process answers ``world()`` as ``rank`` of ``size``: the cost model builds one
+    rank's module of a virtual mesh (meta tensors, no process group) to price it."""
+    token = ACTING.set((rank, size))
+    try:
+        yield
+    finally:
+        ACTING.reset(token)
+
+
 def _world() -> tuple[int, int]:
     """(rank, world_size) of this process; a process without a process group is rank 0 of a world of 1."""
+    acting = ACTING.get()
+    if acting is not None:
+        return acting
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -35,12 +55,15 @@ def on_mesh_created(hook: Callable[[Mesh], None]) -> None:
 
 @dataclass(frozen=True, init=False)
 class Mesh:
-    """A grid of ranks. ``Mesh("cpu", (2, 2), names=("dp", "tp"))`` lays ranks 0..3 out row-major."""
+    """A grid of ranks. ``Mesh("cpu", (2, 2), names=("dp", "tp"))`` lays ranks 0..3 out row-major.
+    ``virtual=True``: a description only, of any size, with no process groups (plans priced for more
+    devices than the job has: ``plan.estimate``); equal to the real mesh of the same shape and ranks."""
 
     device_type: str
     shape: tuple[int, ...]
     names: tuple[str, ...]
     ranks: tuple[int, ...]
+    virtual: bool = field(default=False, compare=False)
 
     def __init__(
         self,
@@ -48,6 +71,7 @@ class Mesh:
         shape: int | Sequence[int],
         names: Sequence[str] | None = None,
         ranks: Sequence[int] | None = None,
+        virtual: bool = False,
     ) -> None:
         if device_type not in ("cpu", "cuda"):
             raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
@@ -61,7 +85,8 @@ class Mesh:
                 f"mesh names {names_t!r} must be {len(shape_t)} distinct strings, one per axis of shape {shape_t}"
             )
         # Without a running process group a mesh is a pure description (planning offline, unit tests).
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+        real = dist.is_available() and dist.is_initialized() and not virtual
+        world = dist.get_world_size() if real else None
         if ranks is None:
             if world is not None and size > world:
                 raise ValueError(
@@ -84,7 +109,8 @@ class Mesh:
         object.__setattr__(self, "shape", shape_t)
         object.__setattr__(self, "names", names_t)
         object.__setattr__(self, "ranks", ranks_t)
-        for hook in _CREATION_HOOKS:
+        object.__setattr__(self, "virtual", bool(virtual))
+        for hook in () if virtual else _CREATION_HOOKS:
             hook(self)
 
     # -- geometry -------------------------------------------------------------------------------------
@@ -167,7 +193,8 @@ class Mesh:
         rank, _ = _world()
         if rank not in self.ranks:
             raise ValueError(f"rank {rank} is not in {self}, so it has no sub-mesh along {self.names[a]!r}")
-        return Mesh(self.device_type, (self.shape[a],), names=(self.names[a],), ranks=self.axis_slice(a, rank))
+        ranks = self.axis_slice(a, rank)
+        return Mesh(self.device_type, (self.shape[a],), names=(self.names[a],), ranks=ranks, virtual=self.virtual)
 
     @property
     def device(self) -> torch.device:
@@ -179,4 +206,5 @@ class Mesh:
     def __repr__(self) -> str:
         axes = ", ".join(f"{n}={s}" for n, s in zip(self.names, self.shape))
         default = self.ranks == tuple(range(self.size))
-        return f"Mesh({self.device_type!r}, {axes}" + ("" if default else f", ranks={list(self.ranks)}") + ")"
+        extra = ("" if default else f", ranks={list(self.ranks)}") + (", virtual" if self.virtual else "")
+        return f"Mesh({self.device_type!r}, {axes}{extra})"

@@ -85,8 +85,9 @@ class MeshSpec:
     def of(cls, mesh: Mesh) -> MeshSpec:
         return cls(mesh.device_type, tuple(mesh.shape), tuple(mesh.names), tuple(mesh.ranks))
 
-    def build(self) -> Mesh:
-        return Mesh(self.device_type, self.shape, names=self.names, ranks=self.ranks)
+    def build(self, virtual: bool = False) -> Mesh:
+        """The mesh (collective), or with ``virtual`` its description only (no process groups)."""
+        return Mesh(self.device_type, self.shape, names=self.names, ranks=self.ranks, virtual=virtual)
 
     @property
     def ndim(self) -> int:
@@ -273,6 +274,17 @@ class ParallelPlan:
         from shardflow.plan.schema import load
 
         return load(text)
+
+    def estimate(
+        self, model: Any, example_inputs: Any, optimizer: Any = None, device: Any = None
+    ) -> Any:  # graph.estimate.Estimate
+        """This plan priced without running: ``peak_bytes`` per rank and ``step_seconds`` on ``device``'s
+        profile (a shipped name such as ``"h100"``, a profile's path, or None: this machine's calibrated
+        one), on fake tensors, with no process group; its mesh may be larger than the job. The work is the
+        compiler's (``graph/estimate.py``): the import reaches up a layer, as ``sf.compile(plan=...)`` does."""
+        from shardflow.graph.estimate import estimate
+
+        return estimate(self, model, example_inputs, optimizer, device)
 
     def replace(self, **changes: Any) -> ParallelPlan:
         """A copy with ``changes`` (fields of the plan or of its ``execution``), checked."""

@@ -43,7 +43,9 @@ def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (tied parameters and views count once)."""
     seen: dict[int, int] = {}
     for t in tensors:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        storage = t.untyped_storage()
+        # meta storages (a cost model's shards) all have address 0: told apart by their storage object
+        seen[storage._cdata if t.is_meta else storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 

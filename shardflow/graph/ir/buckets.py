@@ -91,13 +91,14 @@ def bucket_gradients(
             label = f"gradient pieces of a reduce-scatter bucket of {len(names)}, with its packed send buffers"
             ir.store(handle, bucket.nbytes + packed, f"{label} ({phase})")
             where, route = f"gradient reduce-scatter bucket of {len(names)}", "reduce_scatter"
+            total = bucket.nbytes * len(key.ranks)
         else:
             fn = ir.const(functools.partial(launch_all_reduce, key.ranks), "launch")
             ir.store(handle, bucket.nbytes, f"gradient bucket of {len(names)} ({phase})")
-            where, route = f"gradient bucket of {len(names)}", "all_reduce"
+            where, route, total = f"gradient bucket of {len(names)}", "all_reduce", bucket.nbytes
             out.all_reduces.append(AllReduced(key.ranks, bucket.nbytes))
         out.waits.append(Waiting(handle, tuple(p.grad.k for p in bucket.items)))
-        return Launch(out=handle, grads=names, fn=fn, comm=Comm(phase, where, route, None))
+        return Launch(out=handle, grads=names, fn=fn, comm=Comm(phase, where, route, None, route, len(key.ranks), total))
 
     for g in grads:
         if g.sbp == g.want:

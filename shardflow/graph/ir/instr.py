@@ -25,6 +25,10 @@ class Comm:
     where: str  # the op needing it, "gradient bucket of N", "loss" or "gradient"
     route: str
     plan: Plan | None
+    # a gradient bucket's collective (``plan`` None), for the cost model: its kind, group size, full bytes
+    kind: str = ""
+    group: int = 0
+    nbytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,11 +99,14 @@ class OutForm:
 @dataclass(frozen=True)
 class Work:
     """An op's FLOPs on this rank's local shapes (``ops/flops/``; None: no formula), by ``by_op`` name, in
-    its phase: ``"forward"``, ``"backward"``, or ``"recompute"`` (a checkpointed forward run again)."""
+    its phase: ``"forward"``, ``"backward"``, or ``"recompute"`` (a checkpointed forward run again); and
+    the bytes its local tensors read and write (0 for a view), the roofline's other axis."""
 
     op: str
     phase: str
     flops: OpFlops | None
+    nbytes: int = 0
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,6 +6,7 @@ what its results hold recorded for liveness and arena placement.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -205,7 +206,18 @@ def _local_work(
     shapes = iter(wants)
     outs = [TensorMeta(tuple(next(shapes)), m.dtype) if m is not None else None for m in out_metas]
     func = node.target
-    return Work(flops_key(func), _phase(lp, node), op_flops(func, args, kwargs, outs))
+    tensors = [m for m in (*flat, *outs) if isinstance(m, TensorMeta)]
+    nbytes = 0 if _is_view(func) else sum(math.prod(m.shape) * m.dtype.itemsize for m in tensors)
+    dtype = str(tensors[0].dtype).removeprefix("torch.") if tensors else "float32"
+    return Work(flops_key(func), _phase(lp, node), op_flops(func, args, kwargs, outs), nbytes, dtype)
+
+
+def _is_view(func: Any) -> bool:
+    """Whether ``func`` returns a view of an input (it moves no bytes); an in-place op writes its input."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return False
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
 
 
 def _gathered_or_reused(

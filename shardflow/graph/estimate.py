@@ -1,0 +1,186 @@
+"""``plan.estimate``: a plan's memory per rank and step time, without running it or any process group.
+
+Each rank is priced by building its ``ParallelModule`` of the plan on a virtual mesh from a meta-device copy
+of the model, acting as that rank (``placement.mesh.acting_as``): its program is lowered exactly as a real
+rank's, so its memory is the same report ``pm.memory()`` gives (``graph/parallel_memory.py``), and its time
+is the program's walk on a device profile (``graph/step_time.py``). Ranks whose shards all have the same
+shapes lower to the same program, so one of each class is priced: a 1,024-rank data-parallel plan is one
+rank. The traced step depends on shapes only, so an ``Estimator`` traces it once for every plan it prices.
+Decision: reuse the compiler rather than model it — an estimate can only differ from the compiled module
+by what the profile gets wrong, never by a second copy of the layout rules.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardflow.cost.profile import DeviceProfile, device_profile
+from shardflow.graph.flops import skeleton
+from shardflow.graph.joint import Joint
+from shardflow.graph.parallel_memory import parallel_memory
+from shardflow.graph.parallel_module import ParallelModule
+from shardflow.graph.step_time import StepTime, step_time
+from shardflow.ops.flop_count import Flops
+from shardflow.placement.mesh import Mesh, acting_as
+from shardflow.placement.shard import local_shape
+from shardflow.plan import ParallelPlan, PlanError
+from shardflow.runtime.memory import MemoryReport, fmt_bytes
+from shardflow.runtime.runner import OptimizerFactory, default_optimizer
+from shardflow.tensor.global_tensor import GlobalTensor
+
+
+@dataclass(frozen=True)
+class RankClass:
+    """Ranks whose programs are the same, priced once (on ``ranks[0]``)."""
+
+    ranks: tuple[int, ...]
+    memory: MemoryReport
+    time: StepTime | None  # None: priced for memory only
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A plan priced on a device profile: ``peak_bytes`` per rank of the plan's mesh (in mesh order),
+    ``step_seconds`` (the slowest rank's step), and how they were reached."""
+
+    plan: ParallelPlan
+    device: str
+    peak_bytes: tuple[int, ...]
+    step_seconds: float
+    flops: Flops  # the logical step's
+    classes: tuple[RankClass, ...] = field(default=(), repr=False)
+    peak_flops: float = 0.0  # one device's peak in the step's dtype (the profile's), for MFU
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs per second over the peak of every device of the plan's mesh."""
+        devices = self.plan.mesh.size
+        return self.flops.total / self.step_seconds / (devices * self.peak_flops) if self.peak_flops else 0.0
+
+    def explain(self) -> str:
+        slow = max(self.classes, key=lambda c: c.time.total if c.time else 0.0)
+        assert slow.time is not None
+        lines = [
+            f"estimate on {self.device}: {self.step_seconds * 1e3:.2f} ms per step, peak "
+            f"{fmt_bytes(max(self.peak_bytes))} on the fullest rank, MFU {self.mfu:.1%}",
+            f"{len(self.classes)} distinct rank program(s) priced for {self.plan.mesh.size} rank(s)",
+            f"slowest (rank {slow.ranks[0]}): {slow.time.explain()}",
+        ]
+        return "\n".join(lines)
+
+
+class Estimator:
+    """Prices plans of one model on one batch: ``estimator(plan)`` -> ``Estimate``. ``traces`` and
+    ``lowerings`` count the work done, so a search can see that thousands of ranks cost a handful."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Sequence[Any],
+        optimizer: OptimizerFactory | None = None,
+        device: str | DeviceProfile | None = None,
+    ) -> None:
+        self.device = device
+        self.model = skeleton(model)
+        self.inputs = tuple(_meta(x) for x in example_inputs)
+        self.optimizer = optimizer or default_optimizer
+        self.joints: dict[Any, Joint] = {}
+        self.lowerings = 0
+        self._shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
+
+    @property
+    def traces(self) -> int:
+        return len(self.joints)
+
+    @functools.cached_property
+    def profile(self) -> DeviceProfile:
+        return device_profile(self.device)
+
+    def __call__(self, plan: ParallelPlan) -> Estimate:
+        """``plan``'s memory and time."""
+        classes, flops = self._price(plan, timed=True)
+        mesh = plan.mesh
+        by_rank = {r: c.memory.peak for c in classes for r in c.ranks}
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        return Estimate(
+            plan,
+            self.profile.name,
+            tuple(by_rank[r] for r in mesh.ranks),
+            max(c.time.total for c in classes if c.time is not None),
+            flops,
+            tuple(classes),
+            self.profile.peak(str(dtype).removeprefix("torch.")),
+        )
+
+    def peak_bytes(self, plan: ParallelPlan) -> tuple[int, ...]:
+        """``plan``'s predicted peak per rank, in mesh order (no device profile needed)."""
+        classes, _ = self._price(plan, timed=False)
+        by_rank = {r: c.memory.peak for c in classes for r in c.ranks}
+        return tuple(by_rank[r] for r in plan.mesh.ranks)
+
+    def _price(self, plan: ParallelPlan, timed: bool) -> tuple[list[RankClass], Flops]:
+        if plan.pipeline is not None:
+            raise NotImplementedError(
+                "plan.estimate prices data, tensor and hybrid plans (ZeRO, recompute and arenas included); "
+                "a pipeline plan's estimate is not built yet: compile it and read pm.memory()"
+            )
+        if len(plan.inputs) != len(self.inputs):
+            raise PlanError(f"the plan has {len(plan.inputs)} inputs, the example {len(self.inputs)}: give its inputs")
+        mesh = plan.mesh.build(virtual=True)
+        classes = []
+        for ranks in self.rank_classes(plan, mesh):
+            with acting_as(ranks[0], max(mesh.ranks) + 1):
+                pm = ParallelModule(self.model, mesh, plan, self.optimizer)
+                pm.joints = self.joints
+                pm.example_inputs = self.inputs
+                program = pm.program(pm._inputs(self.inputs))
+                self.lowerings += 1
+                memory = parallel_memory(pm, ())
+                time = step_time(pm, program, self.profile) if timed else None
+                classes.append(RankClass(ranks, memory, time))
+        assert program.flops is not None
+        return classes, program.flops
+
+    def rank_classes(self, plan: ParallelPlan, mesh: Mesh) -> list[tuple[int, ...]]:
+        """The mesh's ranks grouped by the local shapes of every layout of every parameter and input (equal
+        shapes: the same program), in mesh order."""
+        combos: dict[tuple[Any, ...], None] = {}
+        for name, shape in self._shapes.items():
+            e = plan.params[name]
+            for sbp in (e.sbp, e.compute, e.grad, e.optim):
+                combos[(shape, sbp)] = None
+        for x, sbp in zip(self.inputs, plan.inputs):
+            if isinstance(x, torch.Tensor):
+                combos[(tuple(x.shape), sbp)] = None
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for r in mesh.ranks:
+            coord = mesh.coord_of(r)
+            key = tuple(tuple(local_shape(shape, sbp, mesh.shape, coord)) for shape, sbp in combos)
+            groups.setdefault(key, []).append(r)
+        return [tuple(g) for g in groups.values()]
+
+
+def estimate(
+    plan: ParallelPlan,
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    optimizer: OptimizerFactory | None = None,
+    device: str | DeviceProfile | None = None,
+) -> Estimate:
+    """``plan`` priced for ``model`` on ``example_inputs`` (one step's global batch) on ``device``'s profile."""
+    return Estimator(model, example_inputs, optimizer, device)(plan)
+
+
+def _meta(x: Any) -> Any:
+    """An input as a meta tensor of its global shape (no memory), else as it is."""
+    if isinstance(x, GlobalTensor):
+        return torch.empty(tuple(x.shape), dtype=x.dtype, device="meta")
+    if isinstance(x, torch.Tensor):
+        return torch.empty(tuple(x.shape), dtype=x.dtype, device="meta")
+    return x

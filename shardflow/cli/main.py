@@ -93,6 +93,26 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shardflow.cost.calibrate import calibrate, table
+    from shardflow.cost.profile import cache_dir, save
+    from shardflow.testing import RankError
+
+    try:
+        profile = calibrate(args.ranks, quick=args.quick, device=args.device)
+        # a GPU's profile is kept under its name ("h100"), where it replaces the shipped datasheet one
+        default = None if args.device == "cpu" else cache_dir() / f"{profile.name}.json"
+        where = save(profile, Path(args.out) if args.out else default)
+    except (ValueError, OSError, RankError) as e:
+        print(f"shardflow calibrate: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    print(table(profile))
+    print(f"saved to {where}")
+    return 0
+
+
 def _add_max_restarts(parser: argparse.ArgumentParser, resumes: str) -> None:
     def count(text: str) -> int:
         try:
@@ -215,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("trace", help="the trace JSON file")
     show.add_argument("-o", "--output", default=None, help="the PNG to write (default: the trace's name, .png)")
     show.set_defaults(func=_trace)
+    cal = sub.add_parser(
+        "calibrate",
+        help="measure this machine's device profile (compute, memory, collectives) for the cost model",
+        description=(
+            "Measure what one rank of a job of N local ranks computes per second (matmul, convolution, attention, "
+            "element-wise; float32 and bfloat16), its memory bandwidth and per-op launch floor, and time shardflow's "
+            "collectives on N ranks, fitted as latency + bytes / bus bandwidth. Prints the profile and saves it "
+            "where the cost model looks for this machine's (a GPU's: under its name, e.g. h100), or to --out PATH."
+        ),
+    )
+    cal.add_argument("-n", "--ranks", type=_positive_int, default=2, metavar="N", help="local ranks (default: 2)")
+    cal.add_argument("--quick", action="store_true", help="fewer sizes and repeats (seconds, not a minute)")
+    cal.add_argument("--out", default=None, metavar="PATH", help="write the profile's JSON here instead")
+    cal.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="what to measure (default: cpu)")
+    cal.set_defaults(func=_calibrate)
     return parser
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import platform
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,7 @@ class DeviceProfile:
         return profile
 
 
-def _nearest(fits: list[LinkFit], n: int) -> LinkFit:
+def _nearest(fits: Sequence[LinkFit], n: int) -> LinkFit:
     if not fits:
         raise ProfileError("the profile has no collective fits; re-run `shardflow calibrate`")
     below = [f for f in fits if f.ranks <= n]

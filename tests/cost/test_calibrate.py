@@ -1,0 +1,109 @@
+"""shardflow calibrate: one quick calibration on 2 ranks gives a complete profile whose figures agree with
+timings made independently here (the meter's matmul probe, plain torch.distributed all-reduces), survives
+JSON, and the CLI saves and prints it."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from shardflow.cli.main import main
+from shardflow.cost.calibrate import _fit, calibrate
+from shardflow.cost.profile import KINDS, OP_CLASSES, bus_factor, device_profile, save
+from shardflow.runtime.meter import probe
+from shardflow.testing import run_on_ranks
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return calibrate(ranks=2, quick=True)
+
+
+def test_every_op_class_has_a_rate_and_the_machine_its_share(profile):
+    for op_class in OP_CLASSES:
+        assert profile.flops[op_class]["float32"] > 0, op_class
+    assert profile.memory_bandwidth > 0 and 0 < profile.launch < 1e-3
+    assert profile.calibrated and profile.device_type == "cpu" and profile.threads >= 1
+    assert profile.node_size >= 2 and profile.memory_bytes > 0
+    assert "quick" in profile.source and "2 gloo rank(s)" in profile.source
+
+
+def test_matmul_rate_agrees_with_the_meter_probe(profile):
+    before = torch.get_num_threads()
+    torch.set_num_threads(profile.threads)  # the probe measures what one of the 2 ranks gets, as calibrate did
+    try:
+        measured = probe("cpu", torch.float32, seconds=0.2)
+    finally:
+        torch.set_num_threads(before)
+    assert measured / 10 < profile.flops["matmul"]["float32"] < measured * 10
+
+
+def test_every_kind_is_fitted_on_two_ranks(profile):
+    for kind in KINDS:
+        fits = [f for f in profile.collectives if f.kind == kind and f.ranks == 2]
+        assert len(fits) == 1, kind
+        assert fits[0].latency >= 1e-6 and fits[0].bus_bandwidth > 0, fits[0]
+
+
+def test_the_fit_recovers_latency_and_bandwidth():
+    points = [(n, 50e-6 + bus_factor("all_reduce", 4) * n / 2e9) for n in (1 << 10, 1 << 16, 1 << 20, 1 << 24)]
+    fit = _fit("all_reduce", 4, points)
+    assert fit.latency == pytest.approx(50e-6, rel=1e-6) and fit.bus_bandwidth == pytest.approx(2e9, rel=1e-6)
+    assert _fit("all_gather", 2, [(1 << 10, 1e-5), (1 << 20, 1e-2)]).latency == 1e-6  # under 1 µs: clamped
+    noise = _fit("all_gather", 2, [(1 << 10, 2e-3), (1 << 12, 1e-3)])  # slower at the smaller size
+    assert noise.bus_bandwidth == pytest.approx(2048 / 1e-3)  # the largest size's rate, not a negative one
+
+
+def _plain_all_reduce(nbytes: int, reps: int, threads: int) -> float:
+    """On each rank: median seconds of torch.distributed's own all-reduce, each after a barrier."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(nbytes // 4)
+        dist.all_reduce(x)
+        times = []
+        for _ in range(reps):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(x)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_predicted_all_reduce_agrees_with_a_fresh_measurement(profile):
+    nbytes = 4 << 20
+    measured = max(run_on_ranks(2, _plain_all_reduce, nbytes, 9, profile.threads))
+    predicted = profile.collective("all_reduce", 2, nbytes)
+    assert measured / 3 < predicted < measured * 3, (predicted, measured)
+
+
+def test_profile_round_trips_through_json(profile, tmp_path, monkeypatch):
+    assert device_profile(str(save(profile, tmp_path / "elsewhere.json"))) == profile
+    monkeypatch.setenv("SHARDFLOW_CACHE", str(tmp_path / "cache"))
+    save(profile)
+    assert device_profile(None) == profile  # this machine's, as the cost model reads it
+
+
+def test_cli_calibrates_prints_and_saves(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SHARDFLOW_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "mine.json"
+    assert main(["calibrate", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "FLOP/s" in printed and "GB/s" in printed and "all_to_all" in printed and f"saved to {out}" in printed
+    assert device_profile(str(out)).calibrated
+    assert not (tmp_path / "cache").exists()  # --out: this machine's cached profile is left as it was
+
+
+def test_cli_errors_are_messages(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "--ranks", "0"])
+    assert e.value.code == 2 and "expected a positive integer, got 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["calibrate", "--device", "cuda"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err

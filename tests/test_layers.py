@@ -6,6 +6,7 @@ from pathlib import Path
 ORDER = [
     "placement",
     "plan",
+    "cost",
     "comm",
     "boxing",
     "ops",

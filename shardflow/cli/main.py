@@ -96,7 +96,7 @@ def _trace(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from shardflow.cost.calibrate import calibrate, table
+    from shardflow.cli.calibrate import calibrate, table
     from shardflow.cost.profile import cache_dir, save
     from shardflow.testing import RankError
 

@@ -405,7 +405,9 @@ def _laid_out(module: nn.Module, mesh: Mesh, layouts: Mapping[str, NdSbp]) -> nn
     def place(t: torch.Tensor, sbp: NdSbp) -> GlobalTensor:
         if not mesh.virtual:
             return distribute(t, mesh, sbp)
-        local = take_local(t, tuple(B if isinstance(p, _Partial) else p for p in sbp), mesh.shape, mesh.coord_of(world()[0]))
+        local = take_local(
+            t, tuple(B if isinstance(p, _Partial) else p for p in sbp), mesh.shape, mesh.coord_of(world()[0])
+        )
         return wrap(local.clone(), mesh, sbp, t.shape)  # a storage of its own, as a distributed shard has
 
     def owner(name: str) -> tuple[nn.Module, str]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-
 # (rank, world size) this process prices a plan as (``acting_as``): a virtual mesh's rank, no process group
 ACTING: ContextVar[tuple[int, int] | None] = ContextVar("shardflow_acting_rank", default=None)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,6 +198,10 @@ def default_updates(mesh: MeshSpec) -> str:
     return "after" if mesh.size == 1 else ("loop" if mesh.device_type == "cpu" else "actors")
 
 
+# the cost model's ``estimate(plan, model, inputs, optimizer, device)``, registered by the compiler's layer
+ESTIMATORS: list[Callable[..., Any]] = []
+
+
 @dataclass(frozen=True)
 class ParallelPlan:
     """A parallel configuration as a value; ``sf.compile(model, plan=plan, ...)`` compiles it."""
@@ -281,10 +285,10 @@ class ParallelPlan:
         """This plan priced without running: ``peak_bytes`` per rank and ``step_seconds`` on ``device``'s
         profile (a shipped name such as ``"h100"``, a profile's path, or None: this machine's calibrated
         one), on fake tensors, with no process group; its mesh may be larger than the job. The work is the
-        compiler's (``graph/estimate.py``): the import reaches up a layer, as ``sf.compile(plan=...)`` does."""
-        from shardflow.graph.estimate import estimate
-
-        return estimate(self, model, example_inputs, optimizer, device)
+        compiler's (``graph/estimate.py``, which registers itself here: a plan sits below the compiler)."""
+        if not ESTIMATORS:
+            raise RuntimeError("plan.estimate needs the compiler: import shardflow (it registers graph/estimate.py)")
+        return ESTIMATORS[0](self, model, example_inputs, optimizer, device)
 
     def replace(self, **changes: Any) -> ParallelPlan:
         """A copy with ``changes`` (fields of the plan or of its ``execution``), checked."""

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from shardflow.cli.calibrate import _fit, calibrate
 from shardflow.cli.main import main
-from shardflow.cost.calibrate import _fit, calibrate
 from shardflow.cost.profile import KINDS, OP_CLASSES, bus_factor, device_profile, save
 from shardflow.runtime.meter import probe
 from shardflow.testing import run_on_ranks

@@ -182,8 +182,12 @@ def update_seconds(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tens
     kernels, passes = _UPDATE_WORK.get(name, (4, 12))
     if name == "SGD" and any(g.get("momentum", 0) for g in optimizer.param_groups):
         kernels, passes = 3, 8
-    foreach = any(g.get("foreach") for g in optimizer.param_groups)
-    launches = kernels * (1 if foreach else len(params))
+    groups = optimizer.param_groups
+    fused = any(g.get("fused") for g in groups)  # one kernel over every tensor
+    # torch picks foreach kernels by default for CUDA tensors only (the estimate's tensors are on meta)
+    foreach = fused or any(g.get("foreach") for g in groups)
+    foreach |= profile.device_type == "cuda" and all(g.get("foreach") is None for g in groups)
+    launches = (1 if fused else kernels) * (1 if foreach else len(params))
     nbytes = sum(p.numel() * p.element_size() for p in params)
     return launches * profile.launch + passes * nbytes / profile.memory_bandwidth
 

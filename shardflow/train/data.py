@@ -162,6 +162,15 @@ def _inputs(collated: Any) -> Batch:
     )
 
 
+def sequence_length(batch: Batch) -> int | None:
+    """Tokens per sample where the batch's first input is token ids, an integer ``(batch, seq)`` tensor (a
+    language model's); None otherwise (images, features, scalars: throughput is counted in samples)."""
+    x = batch[0] if batch else None
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point():
+        return int(x.shape[1])
+    return None
+
+
 def check_data(cfg: DataConfig) -> None:
     """Everything about ``cfg`` that can be wrong without reading data (the launcher checks it before any
     rank starts): the built-in's name and arguments, the function's and the collate's paths and signatures."""

@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +31,12 @@ import torch.distributed as dist
 
 import shardflow as sf
 from shardflow.checkpoint.index import FORMAT, INDEX
+from shardflow.plan import ParallelPlan
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.meter import Meter
-from shardflow.runtime.runner import Runner
+from shardflow.runtime.runner import OptimizerFactory, Runner
 from shardflow.train.config import TrainConfig, load_config, read_plan
-from shardflow.train.data import Batches, check_data, make_batches
+from shardflow.train.data import Batches, check_data, make_batches, sequence_length
 from shardflow.train.evaluation import metric_of, validate
 from shardflow.train.models import CausalLM, TrainModel, build_model, check_model
 
@@ -92,7 +93,6 @@ def compile_run(cfg: TrainConfig) -> Run:
             f"metric_method = {cfg.metric_method!r}: {type(model.module).__name__} has no such method for the metric"
         )
     data = make_batches(cfg.data, cfg.batch_size, cfg.seed, model.context)
-    optimizer = functools.partial(torch.optim.AdamW, lr=cfg.lr, eps=1e-6, foreach=False)
     example = next(data.train(0))
     if isinstance(model.module, CausalLM) and len(example) == 2 and torch.equal(example[0], example[1]):
         raise ValueError(
@@ -108,26 +108,39 @@ def compile_run(cfg: TrainConfig) -> Run:
     else:
         if math.prod(cfg.mesh) != world:
             raise ValueError(f"mesh {cfg.mesh} needs {math.prod(cfg.mesh)} ranks; the job has {world}")
-        plan = sf.plan(
-            model.module,
-            sf.Mesh("cpu", tuple(cfg.mesh), names=tuple(cfg.axes)),
-            example,
-            strategy=cfg.strategy,
-            zero=cfg.zero,
-            max_grad_norm=cfg.max_grad_norm,
-            pipeline=sf.Pipeline(micro_batches=cfg.micro_batches, schedule=cfg.schedule) if "pp" in cfg.axes else None,
-        )
+        plan = config_plan(cfg, model.module, sf.Mesh("cpu", tuple(cfg.mesh), names=tuple(cfg.axes)), example)
     limit = cfg.memory_limit or None
-    pm = sf.compile(model.module, plan=plan, example_inputs=example, optimizer=optimizer, memory_limit=limit)
+    pm = sf.compile(model.module, plan=plan, example_inputs=example, optimizer=optimizer_of(cfg), memory_limit=limit)
     return Run(pm, model, data)
+
+
+def optimizer_of(cfg: TrainConfig) -> OptimizerFactory:
+    """The optimizer every run of ``cfg`` steps with (and ``shardflow plan --simulate`` prices)."""
+    return functools.partial(torch.optim.AdamW, lr=cfg.lr, eps=1e-6, foreach=False)
+
+
+def config_plan(
+    cfg: TrainConfig, module: torch.nn.Module, mesh: sf.Mesh | sf.MeshSpec, example: Sequence[Any]
+) -> ParallelPlan:
+    """The plan the config's keys make on ``mesh`` (an ``sf.Mesh``, virtual or not, or a ``MeshSpec``): one
+    function for training and for ``--simulate``, so a simulated plan is the one a job of that size would run."""
+    return sf.plan(
+        module,
+        mesh,
+        example,
+        strategy=cfg.strategy,
+        zero=cfg.zero,
+        max_grad_norm=cfg.max_grad_norm,
+        pipeline=sf.Pipeline(micro_batches=cfg.micro_batches, schedule=cfg.schedule) if "pp" in mesh.names else None,
+    )
 
 
 def _speed(meter: Meter, batch: tuple[Any, ...], seconds: float) -> str:
     """Samples/s (tokens/s where the first input is token ids, (batch, seq)), FLOP/s and MFU."""
     x = batch[0]
     batched = isinstance(x, torch.Tensor) and x.dim() > 0
-    tokens = x.numel() if batched and x.dim() == 2 and not x.is_floating_point() else None
-    return str(meter.measure(seconds, samples=len(x) if batched else None, tokens=tokens))
+    seq = sequence_length(batch)
+    return str(meter.measure(seconds, samples=len(x) if batched else None, tokens=len(x) * seq if seq else None))
 
 
 def _meter(pm: Runner, cfg: TrainConfig) -> Meter:

@@ -9,6 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from shardflow.cli import simulate  # its flags only; the simulation is imported when one runs
+
 TRAIN_TARGET = "shardflow.demo.train_gpt:main"
 BOXING_TARGET = "shardflow.demo.boxing_tour:main"
 TRAIN_MAIN = "shardflow.train.loop:main"
@@ -56,12 +58,15 @@ def _train(args: argparse.Namespace) -> int:
     from shardflow.train.config import job_ranks, load_config
     from shardflow.train.loop import check
 
+    overrides = simulate.split_flags(args, args.overrides) if args.command == "plan" else args.overrides
     try:
-        cfg = load_config(args.config, args.overrides)  # checked here, before any rank starts
+        cfg = load_config(args.config, overrides)  # checked here, before any rank starts
         check(cfg)  # and what it names: modules, functions, classes, their arguments
     except (OSError, ValueError) as e:
         print(f"shardflow {args.command}: {e}", file=sys.stderr)
         return 2
+    if args.command == "plan" and args.simulate:
+        return simulate.run(args, cfg)  # in this process: no ranks
     if args.command == "train" and cfg.save:
         print(
             "shardflow train: --save writes a plan from shardflow plan; to train with one, --plan FILE", file=sys.stderr
@@ -73,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"shardflow {args.command}: {e}", file=sys.stderr)
         return 2
     target = TRAIN_MAIN if args.command == "train" else PLAN_MAIN
-    return launch(target, ranks, [args.config, *args.overrides], max_restarts=args.max_restarts)
+    return launch(target, ranks, [args.config, *overrides], max_restarts=args.max_restarts)
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -220,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
             ),
         )
         _add_max_restarts(cmd, "training resumes from the newest snapshot")
+        if name == "plan":
+            simulate.add_flags(cmd)
         cmd.add_argument("config", help="a TOML file (examples/gpt.toml)")
         cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs overriding the config")
         cmd.set_defaults(func=_train)

@@ -13,13 +13,13 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from shardflow.cost.profile import device_profile
-from shardflow.graph.estimate import Estimator
+from shardflow.graph.estimate import Estimate, Estimator
 from shardflow.graph.strategy import axes_for
 from shardflow.plan import MeshSpec
 from shardflow.runtime.memory import fmt_bytes
@@ -47,6 +47,7 @@ class Row:
     traces: int  # steps traced to price this row (graph/estimate.py's Estimator.traces)
     lowerings: int  # rank programs lowered for it: one per distinct rank program
     seconds: float  # wall time spent planning and pricing it
+    estimate: Estimate = field(repr=False)  # the whole of it: per rank class, compute, communication, update
 
     @property
     def layout(self) -> str:
@@ -91,6 +92,14 @@ class Simulation:
         zero = f", ZeRO-{self.cfg.zero}" if self.cfg.zero else ""
         return f"{name} ({args}{', ' if args else ''}{_si(params)} parameters), strategy {self.cfg.strategy}{zero}"
 
+    @property
+    def batching(self) -> str:
+        """How the global batch follows the device count."""
+        if self.fixed_batch:
+            return f"global batch {self.cfg.batch_size} at every count"
+        axis, ranks = self.cfg.axes[self.dp], self.cfg.mesh[self.dp]
+        return f"global batch grows with {axis} ({self.cfg.batch_size} per {ranks} {axis} ranks)"
+
     def _build(self) -> TrainModel:
         if self._model is None:
             with torch.device("meta"):  # shapes only: a model of any size costs no memory
@@ -126,16 +135,16 @@ class Simulation:
                 raise ValueError(f"{mesh.size} devices: {err}") from None
             yield Row(
                 mesh.size, mesh, batch, e.step_seconds, max(e.peak_bytes), batch * seq / e.step_seconds, e.mfu,
-                est.traces - traces, est.lowerings - lowerings, time.perf_counter() - started,
+                est.traces - traces, est.lowerings - lowerings, time.perf_counter() - started, e,
             )  # fmt: skip
 
     def header(self) -> str:
         p = self.profile
         kind = "calibrated" if p.calibrated else "datasheet"
-        cells = ("devices", "mesh", "global batch", "step (ms)", "peak/rank  ", f"{self.unit}/s", "MFU", "traces")
-        return f"{self.title} on {p.name} ({kind} profile, {fmt_bytes(p.memory_bytes)} per device)\n" + "".join(
-            _cell(c, i) for i, c in enumerate((*cells, "lowerings"))
-        )
+        cells = ("devices", "mesh", "global batch", "step (ms)", "peak/rank  ", f"{self.unit}/s", "MFU")
+        columns = "".join(_cell(c, i) for i, c in enumerate((*cells, "traces", "lowerings")))
+        memory = fmt_bytes(p.memory_bytes)
+        return f"{self.title} on {p.name} ({kind} profile, {memory} per device), {self.batching}\n{columns}"
 
     def line(self, row: Row) -> str:
         over = row.peak_bytes > self.profile.memory_bytes
@@ -228,7 +237,7 @@ def plot(sim: Simulation, rows: Sequence[Row], path: str) -> None:
     fig.legend(lines + more, labels + more_labels, loc="lower center", ncol=len(labels) + 1, fontsize="small")
     ax.grid(True, which="major", alpha=0.3)
     kind = "calibrated" if sim.profile.calibrated else "datasheet"
-    ax.set_title(f"{sim.title}\non {sim.profile.name} ({kind} profile)", fontsize="medium")
+    ax.set_title(f"{sim.title}\non {sim.profile.name} ({kind} profile), {sim.batching}", fontsize="medium")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

@@ -4,6 +4,7 @@ a valid PNG; 1,024 devices cost one trace; counts the mesh cannot take and unkno
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from shardflow.cli.main import main
 from shardflow.train.config import load_config
-from shardflow.train.simulate import Simulation
+from shardflow.train.simulate import Simulation, plot
 
 ROOT = Path(__file__).resolve().parents[2]
 GPT = str(ROOT / "examples" / "gpt.toml")  # mesh [2, 2], axes dp, tp; batch_size 8
@@ -90,3 +91,16 @@ def test_simulate_flags_need_simulate(capsys):
     with pytest.raises(SystemExit) as e:
         main(["plan", GPT, "--device", "h100"])
     assert e.value.code == 2 and "go with --simulate" in capsys.readouterr().err
+
+
+def test_rows_over_the_profiles_memory_are_flagged(tmp_path):
+    small = json.loads((ROOT / "shardflow" / "cost" / "profiles" / "h100.json").read_text())
+    small["memory_bytes"] = 2**18  # 256 KiB: the tiny GPT's ~470 KiB per rank do not fit
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(small))
+    sim = Simulation(load_config(GPT, TINY), [2], str(path))  # a profile's JSON path, as --device takes
+    (row,) = sim.rows()
+    assert row.peak_bytes > 2**18 and " KiB ! " in sim.line(row)
+    assert "! over the h100's 256.00 KiB of memory" in sim.footer([row])
+    plot(sim, [row], str(tmp_path / "one.png"))  # one count: no line to draw, still a plot
+    assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"

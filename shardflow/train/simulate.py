@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import textwrap
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -237,7 +238,8 @@ def plot(sim: Simulation, rows: Sequence[Row], path: str) -> None:
     fig.legend(lines + more, labels + more_labels, loc="lower center", ncol=len(labels) + 1, fontsize="small")
     ax.grid(True, which="major", alpha=0.3)
     kind = "calibrated" if sim.profile.calibrated else "datasheet"
-    ax.set_title(f"{sim.title}\non {sim.profile.name} ({kind} profile), {sim.batching}", fontsize="medium")
+    title = textwrap.fill(sim.title, 90)  # a Hugging Face model's arguments run long: wrapped, not cut off
+    ax.set_title(f"{title}\non {sim.profile.name} ({kind} profile), {sim.batching}", fontsize="medium")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

@@ -151,7 +151,7 @@ class Simulation:
         over = row.peak_bytes > self.profile.memory_bytes
         cells = (
             row.devices, row.layout, row.batch, f"{row.step_seconds * 1e3:.2f}",
-            fmt_bytes(row.peak_bytes) + (" !" if over else "  "), _si(row.throughput), f"{100 * row.mfu:.3g}%",
+            fmt_bytes(row.peak_bytes) + (" !" if over else "  "), _si(row.throughput), _percent(row.mfu),
             row.traces, row.lowerings,
         )  # fmt: skip
         return "".join(_cell(c, i) for i, c in enumerate(cells))
@@ -263,6 +263,11 @@ def _resized(x: Any, batch: int) -> Any:
 def _cell(value: object, column: int) -> str:
     width = _WIDTHS[column]
     return f"  {value!s:<{width}}" if column == 1 else f" {value!s:>{width}}"
+
+
+def _percent(x: float) -> str:
+    """34.1%, 31.0%; a small model's 0.0191% keeps three digits rather than reading 0.0%."""
+    return f"{100 * x:.1f}%" if x >= 0.01 else f"{100 * x:.3g}%"
 
 
 def _si(x: float) -> str:

@@ -12,6 +12,7 @@ datasheet's by name, and the cost model never asks where a number came from.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import socket
@@ -79,13 +80,14 @@ class DeviceProfile:
 
     def collective(self, kind: str, n: int, nbytes: float) -> float:
         """Seconds for ``kind`` over ``n`` ranks, ``nbytes`` the full piece (gathered output, scattered
-        input, all-reduced buffer, a rank's all-to-all input). Latency scales with the ring's hops from the
-        nearest fitted group size."""
+        input, all-reduced buffer, a rank's all-to-all input)."""
         if n <= 1:
             return 0.0
         fits = self.network if n > self.node_size and self.network else self.collectives
         fit = _nearest([f for f in fits if f.kind == kind] or [f for f in fits if f.kind == "all_gather"] or fits, n)
-        hops = (n - 1) / max(fit.ranks - 1, 1)
+        # latency from the fitted group size: a ring's hops, or a tree's depth where that is less (NCCL
+        # switches to trees for latency-bound sizes on wide groups)
+        hops = min((n - 1) / max(fit.ranks - 1, 1), math.log2(n) / math.log2(max(fit.ranks, 2)))
         return fit.latency * hops + bus_factor(kind, n) * nbytes / fit.bus_bandwidth
 
     def to_json(self) -> str:

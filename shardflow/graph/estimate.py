@@ -6,6 +6,7 @@ rank's, so its memory is the same report ``pm.memory()`` gives (``graph/parallel
 is the program's walk on a device profile (``graph/step_time.py``). Ranks whose shards all have the same
 shapes lower to the same program, so one of each class is priced: a 1,024-rank data-parallel plan is one
 rank. The traced step depends on shapes only, so an ``Estimator`` traces it once for every plan it prices.
+A pipeline is priced stage by stage (``graph/estimate_pipeline.py``), its schedule walked for the span.
 Decision: reuse the compiler rather than model it — an estimate can only differ from the compiled module
 by what the profile gets wrong, never by a second copy of the layout rules.
 """
@@ -21,8 +22,9 @@ import torch
 from torch import nn
 
 from shardflow.cost.profile import DeviceProfile, device_profile
-from shardflow.graph.flops import skeleton
-from shardflow.graph.joint import Joint
+from shardflow.graph.estimate_pipeline import FakeModel, fake_model, price_stages, stage_times
+from shardflow.graph.flops import joint_flops, skeleton
+from shardflow.graph.joint import Joint, trace_step
 from shardflow.graph.parallel_memory import parallel_memory
 from shardflow.graph.parallel_module import ParallelModule
 from shardflow.graph.step_time import StepTime, step_time
@@ -93,11 +95,13 @@ class Estimator:
         self.optimizer = optimizer or default_optimizer
         self.joints: dict[Any, Joint] = {}
         self.lowerings = 0
+        self.stage_traces = 0
         self._shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
 
     @property
     def traces(self) -> int:
-        return len(self.joints)
+        """Steps (and pipeline stages) traced so far."""
+        return len(self.joints) + self.stage_traces
 
     @functools.cached_property
     def profile(self) -> DeviceProfile:
@@ -127,10 +131,7 @@ class Estimator:
 
     def _price(self, plan: ParallelPlan, timed: bool) -> tuple[list[RankClass], Flops]:
         if plan.pipeline is not None:
-            raise NotImplementedError(
-                "plan.estimate prices data, tensor and hybrid plans (ZeRO, recompute and arenas included); "
-                "a pipeline plan's estimate is not built yet: compile it and read pm.memory()"
-            )
+            return self._price_pipeline(plan, timed)
         if len(plan.inputs) != len(self.inputs):
             raise PlanError(f"the plan has {len(plan.inputs)} inputs, the example {len(self.inputs)}: give its inputs")
         mesh = plan.mesh.build(virtual=True)
@@ -147,6 +148,26 @@ class Estimator:
                 classes.append(RankClass(ranks, memory, time))
         assert program.flops is not None
         return classes, program.flops
+
+    def _price_pipeline(self, plan: ParallelPlan, timed: bool) -> tuple[list[RankClass], Flops]:
+        """Each stage priced on its first rank (``graph/estimate_pipeline.py``); its ranks share its figures."""
+        profile = self.profile if timed else None
+        stages = price_stages(plan, self._fake, self.optimizer, profile)
+        self.lowerings += len(stages)
+        self.stage_traces += len(stages)  # each stage's cut and its program's trace
+        times = stage_times(stages, self.profile) if profile is not None else [None] * len(stages)
+        return [RankClass(s.ranks, s.memory, t) for s, t in zip(stages, times)], self._logical_flops
+
+    @functools.cached_property
+    def _fake(self) -> FakeModel:
+        return fake_model(self.model, self.inputs)
+
+    @functools.cached_property
+    def _logical_flops(self) -> Flops:
+        """The whole step's FLOPs (a pipeline's stages count their own shares)."""
+        joint = trace_step(self.model, self.inputs, "cpu")
+        self.stage_traces += 1
+        return joint_flops(joint).with_rank(Flops())
 
     def rank_classes(self, plan: ParallelPlan, mesh: Mesh) -> list[tuple[int, ...]]:
         """The mesh's ranks grouped by the local shapes of every layout of every parameter and input (equal

@@ -42,6 +42,7 @@ class StepTime:
     communication: float = 0.0  # every collective's own time
     exposed: float = 0.0  # the part of it compute waited for
     update: float = 0.0  # the optimizer update (and ZeRO's all-gather of updated pieces)
+    bubble: float = 0.0  # a pipeline stage's idle time in its schedule
 
     @property
     def hidden(self) -> float:
@@ -53,6 +54,7 @@ class StepTime:
         return (
             f"{self.total * 1e3:.2f} ms per step: compute ({parts}), communication {self.communication * 1e3:.2f} ms "
             f"({self.exposed * 1e3:.2f} ms exposed), update {self.update * 1e3:.2f} ms"
+            + (f", pipeline bubble {self.bubble * 1e3:.2f} ms" if self.bubble else "")
         )
 
 
@@ -128,14 +130,17 @@ class _Clocks:
             self.compute = until
 
 
-def program_time(ir: StepIR, profile: DeviceProfile) -> tuple[_Clocks, dict[str, float], dict[int, float], float]:
-    """Walk ``ir``: the clocks at its end, compute seconds by phase, when each update unit's gradients are
-    ready (by unit), and when backward's compute ended."""
+def program_time(
+    ir: StepIR, profile: DeviceProfile, start: int = 0, stop: int | None = None
+) -> tuple[_Clocks, dict[str, float], dict[int, float], float]:
+    """Walk ``ir`` (its instructions ``start:stop``: a stage's forward or backward): the clocks at its end,
+    compute seconds by phase, when each update unit's gradients are ready (by unit), and when backward's
+    compute ended."""
     clocks, phases = _Clocks(), {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
     handles: dict[str, float] = {}
     unit_ready: dict[int, float] = {}
     backward_end = 0.0
-    for i, ins in enumerate(ir.body):
+    for i, ins in enumerate(ir.body[start:stop], start):
         if isinstance(ins, Op):
             seconds = op_seconds(ins.work, profile)
             clocks.compute += seconds

@@ -126,7 +126,9 @@ def stage_crossings(
     # dim 0 (1 for a 0-d tensor) and the other dims of every boundary tensor on this rank's shard
     mine = [[[(tuple(shape) or (1,), dtype) for shape, dtype in meta] for meta in m] for m in metas]
     every: list[Any] = [mine]
-    if dist.is_initialized() and world()[1] > 1:
+    if grid.flat[0].virtual:  # a cost model's rank: every rank's shard taken to be this one's (even splits)
+        every = [mine] * world()[1]
+    elif dist.is_initialized() and world()[1] > 1:
         every = [None] * world()[1]
         dist.all_gather_object(every, mine)
     grids, flat, stage = grid.grids, grid.flat, grid.stage

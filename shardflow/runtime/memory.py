@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor
 
 from shardflow.comm.collectives import all_gather_single
 
@@ -44,8 +45,8 @@ def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
     seen: dict[int, int] = {}
     for t in tensors:
         storage = t.untyped_storage()
-        # meta storages (a cost model's shards) all have address 0: told apart by their storage object
-        seen[storage._cdata if t.is_meta else storage.data_ptr()] = storage.nbytes()
+        # meta and fake storages (a cost model's shards) have no address: told apart by their storage object
+        seen[storage._cdata if t.is_meta or isinstance(t, FakeTensor) else storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 

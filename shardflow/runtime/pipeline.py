@@ -123,7 +123,7 @@ class PipelineModule(PipelineState):
         self.tp_mesh = g.row_mesh if g.tp > 1 else None
         self._cut(model)
         self._keep_own_stage()
-        self.tied = TiedGrads(tied_groups(self.split.tied, self.stage_ranks, self.inside))  # collective
+        self.tied = TiedGrads(tied_groups(self.split.tied, self.stage_ranks, self.inside, mesh.virtual))  # collective
         self.order: list[Action] = stage_order(pipeline.schedule, self.stage, self.stages, pipeline.micro_batches)
         # the optimizer steps plain tensors: a tensor-parallel stage's local shards (their .grad set per step)
         self.opt_params = [local(p) for p in self.params]

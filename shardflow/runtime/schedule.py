@@ -118,6 +118,33 @@ def simulate(
     of a stage's last backward that runs after its inputs' gradients are sent (the split of
     ``split_backward.py``; 0 on a stage that does not split): the stage before may start that much earlier.
     """
+    fwd, bwd, span = _walk(schedule, stages, micro_batches, forward, backward, weights)
+    return sum(1.0 - micro_batches * (f + b) / span for f, b in zip(fwd, bwd)) / stages
+
+
+def makespan(
+    schedule: str,
+    stages: int,
+    micro_batches: int,
+    forward: Sequence[float],
+    backward: Sequence[float],
+    weights: float | Sequence[float] = 0.0,
+) -> float:
+    """Seconds from the first forward to the last backward of a step (``simulate``'s walk): what the cost
+    model prices a pipeline's schedule at, bubbles included."""
+    return _walk(schedule, stages, micro_batches, forward, backward, weights)[2]
+
+
+def _walk(
+    schedule: str,
+    stages: int,
+    micro_batches: int,
+    forward: float | Sequence[float],
+    backward: float | Sequence[float],
+    weights: float | Sequence[float],
+) -> tuple[list[float], list[float], float]:
+    """Every stage's forward and backward times and the step's span, each action started as early as its
+    stage and its input allow."""
 
     def per_stage(name: str, t: float | Sequence[float]) -> list[float]:
         times = [float(t)] * stages if isinstance(t, (int, float)) else [float(v) for v in t]
@@ -148,5 +175,4 @@ def simulate(
             progressed = True
         if not progressed:
             raise RuntimeError(f"schedule {schedule!r} deadlocks with {stages} stages, {micro_batches} micro-batches")
-    span = max(clock)
-    return sum(1.0 - micro_batches * (f + b) / span for f, b in zip(fwd, bwd)) / stages
+    return fwd, bwd, max(clock)

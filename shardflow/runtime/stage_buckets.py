@@ -97,16 +97,16 @@ class _TiedFlight:
 
 
 def tied_groups(
-    tied: Mapping[str, Sequence[int]], stage_ranks: Sequence[tuple[int, ...]], inside: bool
+    tied: Mapping[str, Sequence[int]], stage_ranks: Sequence[tuple[int, ...]], inside: bool, virtual: bool = False
 ) -> dict[str, Any]:
     """For each parameter held by several stages (``tied``: name -> stages) that this rank holds, the group
-    of all those stages' ranks (collective: every rank creates every group)."""
+    of all those stages' ranks (collective: every rank creates every group; on a ``virtual`` mesh, None)."""
     mine: dict[str, Any] = {}
     made: dict[tuple[int, ...], Any] = {}
     for name, stages in sorted(tied.items()):
         ranks = tuple(sorted(r for s in stages for r in stage_ranks[s]))
         if ranks not in made:
-            made[ranks] = dist.new_group(list(ranks), timeout=collective_timeout())
+            made[ranks] = None if virtual else dist.new_group(list(ranks), timeout=collective_timeout())
         if inside and world()[0] in ranks:
             mine[name] = made[ranks]
     return mine

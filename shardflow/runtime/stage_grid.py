@@ -49,10 +49,19 @@ def stage_grid(mesh: Mesh, pipeline: Pipeline, strategy: str) -> StageGrid:
     dp_index = next(i for i, row in enumerate(grids[stage]) if me in row)
     tp_index = grids[stage][dp_index].index(me)
     flat = [
-        Mesh(mesh.device_type, (len(g), len(g[0])), names=("dp", "tp"), ranks=[r for row in g for r in row])
+        Mesh(
+            mesh.device_type,
+            (len(g), len(g[0])),
+            names=("dp", "tp"),
+            ranks=[r for row in g for r in row],
+            virtual=mesh.virtual,
+        )
         for g in grids
     ]
-    rows = [[Mesh(mesh.device_type, (len(row),), names=("tp",), ranks=row) for row in g] for g in grids]
+    rows = [
+        [Mesh(mesh.device_type, (len(row),), names=("tp",), ranks=row, virtual=mesh.virtual) for row in g]
+        for g in grids
+    ]
     return StageGrid(grids, stage_ranks, flat, rows[stage][dp_index], stage, dp_index, tp_index)
 
 
@@ -83,6 +92,7 @@ def _stages(mesh: Mesh, pipeline: Pipeline) -> list[Mesh]:
             tuple(mesh.shape[a] for a in others) or (1,),
             names=tuple(mesh.names[a] for a in others) or ("replica",),
             ranks=[r for r in mesh.ranks if mesh.coord_of(r)[pp] == s],
+            virtual=mesh.virtual,
         )
         for s in range(mesh.shape[pp])
     ]

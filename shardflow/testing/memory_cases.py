@@ -57,7 +57,7 @@ class RankMemory(NamedTuple):
     held: int  # tensor bytes alive when that step began
     report: str  # str(pm.memory()), to read when a check fails
     compile_seconds: float  # sf.compile: capture, layouts, lowering, the prediction and any limit's verdict
-    estimated: int | None = None  # pm.plan.estimate's peak for this rank (meta tensors, no process group)
+    estimated: int = 0  # pm.plan.estimate's peak for this rank (fake tensors, no process group)
 
 
 def predict_and_measure(case: MemoryCase, **compile_options: Any) -> RankMemory:
@@ -82,11 +82,10 @@ def predict_and_measure(case: MemoryCase, **compile_options: Any) -> RankMemory:
         pm.step(*data)  # the optimizer's state exists from here on, as the prediction assumes
         measured = measure_step_peak(pm, *data)
     rank = dist.get_rank()
-    estimated = None
-    if not case.schedule:  # priced as a plan, apart from the module: virtual mesh, meta tensors
-        from shardflow.graph.estimate import Estimator
+    from shardflow.graph.estimate import Estimator
 
-        estimated = Estimator(model, data).peak_bytes(pm.plan)[pm.mesh.ranks.index(rank)]
+    # priced as a plan, apart from the module: a virtual mesh, fake tensors, no process group
+    estimated = Estimator(model, data).peak_bytes(pm.plan)[pm.mesh.ranks.index(rank)]
     return RankMemory(rank, report.peak, measured.peak, measured.held, str(report), seconds, estimated)
 
 

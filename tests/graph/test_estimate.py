@@ -127,10 +127,40 @@ def test_clear_errors():
         plan.estimate(model, batch, device="h999")
     with pytest.raises(Exception, match="has 2 inputs, the example 1"):
         plan.estimate(model, batch[:1], device="h100")
-    gpt, data = memory_case("gpt")
-    piped = sf.plan(gpt, sf.MeshSpec("cpu", (2,), ("pp",), (0, 1)), data, pipeline=sf.Pipeline(axis="pp"))
-    with pytest.raises(NotImplementedError, match="pipeline plan"):
-        piped.estimate(gpt, data, device="h100")
+
+
+def test_a_pipeline_is_its_stages_walked_by_its_schedule():
+    """Two stages of an MLP, four micro-batches: the stages' compute adds up to the whole batch's matmuls
+    (hand-counted; stage 1 also computes its input's gradient, to send back), and the schedule's span lies
+    between the busiest stage's work and both stages' work run one after the other."""
+    model, batch = _mlp()
+    spec = sf.MeshSpec("cpu", (2,), ("pp",), (0, 1))
+    plan = sf.plan(model, spec, batch, pipeline=sf.Pipeline(axis="pp", split_points=("net.2",), micro_batches=4))
+    estimator = Estimator(model, batch, device=_profile(collectives=(LinkFit("send_recv", 2, 0.0, 1e30),)))
+    est = estimator(plan)  # (messages between the stages free here)
+    widths = [(64, 256), (256, 256), (256, 8)]
+    forward = sum(2 * 32 * i * o for i, o in widths)
+    backward = 2 * forward - 2 * 32 * 64 * 256
+    times = [c.time for c in est.classes]
+    assert [c.ranks for c in est.classes] == [(0,), (1,)] and estimator.lowerings == 2
+    busy = [t.compute["forward"] + t.compute["backward"] for t in times]
+    assert sum(busy) == pytest.approx((forward + backward) / 1e12, rel=1e-6)
+    assert max(busy) < est.step_seconds < sum(busy)
+    assert all(t.bubble > 0 for t in times)
+    # more micro-batches of the same batch: a smaller bubble on the same work
+    more = estimator(plan.replace(pipeline=dataclasses.replace(plan.pipeline, micro_batches=8)))
+    assert more.step_seconds < est.step_seconds
+
+
+def test_a_thousand_devices_in_a_pipeline_price_one_rank_per_stage():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=64))
+    mesh = sf.Mesh("cuda", (4, 256), names=("pp", "dp"), virtual=True)
+    x = torch.zeros((2048, 64), dtype=torch.long, device="meta")
+    estimator = Estimator(model, (x, x), device="h100")
+    est = estimator(sf.plan(model, mesh, (x, x), pipeline=sf.Pipeline(axis="pp", micro_batches=8)))
+    assert len(est.peak_bytes) == 1024 and len(est.classes) == 4 and estimator.lowerings == 4
+    assert sorted(len(c.ranks) for c in est.classes) == [256] * 4 and 0 < est.step_seconds < 10
 
 
 def test_an_uncalibrated_machine_is_told_to_calibrate(tmp_path, monkeypatch):

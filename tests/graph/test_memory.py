@@ -48,8 +48,8 @@ def test_predicted_peak_matches_measured_on_every_rank(case):
             r.report,
         )
         assert "predicted peak on rank" in r.report and "largest at the peak" in r.report
-        if not case.schedule:  # the cost model's price of the plan is the compiled module's prediction
-            assert r.estimated == r.predicted, (case.name, r.rank, r.estimated, r.predicted)
+        # the cost model's price of the plan is the compiled module's prediction
+        assert r.estimated == r.predicted, (case.name, r.rank, r.estimated, r.predicted)
 
 
 def named_fixes(message: str) -> dict[str, object]:

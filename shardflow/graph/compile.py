@@ -11,9 +11,10 @@ searches the recompute set by that prediction.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +41,17 @@ from shardflow.runtime.stages import blocks
 from shardflow.tensor.global_tensor import GlobalTensor
 
 __all__ = ["MemoryPlanError", "ParallelModule", "check_graphable", "compile", "plan"]
+
+_PRICING: list[bool] = []  # non-empty while a refusal compiles another plan to price it: no default limit of its own
+
+
+@contextlib.contextmanager
+def _pricing() -> Iterator[None]:
+    _PRICING.append(True)
+    try:
+        yield
+    finally:
+        _PRICING.pop()
 
 
 def plan(
@@ -181,7 +193,7 @@ def _compile_plan(
     if plan.values:  # keys name values of the traced step: checked on every rank alike, before anything is built
         plain = [x.full() if isinstance(x, GlobalTensor) else x for x in example_inputs]
         forced_nodes(trace_step(model, plain, mesh.device_type).graph.graph, plan.values, mesh)
-    if memory_limit is None:  # on GPUs: what the devices can still give (least over ranks)
+    if memory_limit is None and not _PRICING:  # on GPUs: what the devices can still give (least over ranks)
         memory_limit = device_limit(mesh.device_type)
     keep_host_memory()  # steps reuse freed host blocks instead of page-faulting fresh ones (host_memory.py)
     if plan.pipeline is not None:
@@ -251,7 +263,8 @@ def _refusal(limit: int, report: MemoryReport, fixes: list[tuple[int, str]]) -> 
 
 def _check_pipeline_fits(pm: PipelineModule, limit: int, model: nn.Module, optimizer: OptimizerFactory | None) -> None:
     """Refuse a pipeline over ``limit`` before any step, pricing fewer activations in flight (1F1B instead of
-    GPipe) and smaller micro-batches (twice as many) by the cost model."""
+    GPipe) and smaller micro-batches (twice as many) by the cost model (stages of different sizes: by compiling
+    each, collectively)."""
     report = pm.memory()
     if max(report.peaks or [report.peak]) <= limit:
         return
@@ -260,13 +273,19 @@ def _check_pipeline_fits(pm: PipelineModule, limit: int, model: nn.Module, optim
     assert p is not None
     options = [] if p.schedule == "1f1b" else [(dataclasses.replace(p, schedule="1f1b"), "schedule='1f1b'")]
     batch = pm.example_shapes[0][0] if pm.example_shapes and pm.example_shapes[0] else 0
-    widest = max(len(g) for g in pm.grids)
+    widest = max(len(g) for g in pm.grids)  # the same on every rank: each prices the same options
     if batch % (2 * p.micro_batches * widest) == 0:
         more = dataclasses.replace(p, micro_batches=2 * p.micro_batches)
         options.append((more, f"micro_batches={2 * p.micro_batches} (micro-batches half as large)"))
     estimator = Estimator(model, pm.example_inputs, optimizer)  # priced without building them
     for option, what in options:
-        fixes.append((max(estimator.peak_bytes(pm.plan.replace(pipeline=option))), what))
+        other = pm.plan.replace(pipeline=option)
+        try:
+            peak = max(estimator.peak_bytes(other))
+        except NotImplementedError:  # stages of different sizes: compiled to price it (collective)
+            with _pricing():
+                peak = max(_compile_plan(model, pm.mesh, other, pm.example_inputs, optimizer, None).memory().peaks)
+        fixes.append((peak, what))
     raise _refusal(limit, report, fixes)
 
 

@@ -72,6 +72,11 @@ def price_stages(
     mesh = plan.mesh.build(virtual=True)
     p = plan.pipeline
     assert p is not None
+    if p.stage_meshes is not None and len({m.shape for m in p.stage_meshes}) > 1:
+        raise NotImplementedError(
+            "the cost model prices pipelines whose stages have equal meshes (it takes every rank's boundary "
+            f"shapes to be its own); these stage meshes differ: {[str(m) for m in p.stage_meshes]}"
+        )
     pipe = Pipeline(
         axis=p.axis,
         split_points=p.split_points,

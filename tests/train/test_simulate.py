@@ -1,6 +1,7 @@
 """``shardflow plan CONFIG --simulate N1,N2,...``: one process prices the config's job at each device count
 (meshes grown along 'dp' with the config's tp kept, the batch grown with dp), prints a row per count and draws
-a valid PNG; 1,024 devices cost one trace; counts the mesh cannot take and unknown profiles are one-line errors."""
+a valid PNG; 1,024 devices cost one trace; a pipeline config keeps its stages; counts the mesh cannot take and
+unknown profiles are one-line errors."""
 
 from __future__ import annotations
 
@@ -79,12 +80,15 @@ def test_unknown_or_missing_profiles_are_one_line_errors(tmp_path, monkeypatch, 
     assert err.count("\n") == 1 and "run `shardflow calibrate`" in err and "--device h100" in err
 
 
-def test_pipeline_configs_are_refused_by_name(capsys):
-    argv = ["plan", GPT, "--simulate", "4", "--device", "h100", "--axes", "pp,dp", "--strategy", "dp"]
-    assert main(argv) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""  # no table header before the error
-    assert "pipeline configs: --simulate prices data/tensor/hybrid plans only for now" in captured.err
+def test_a_pipeline_config_keeps_its_stages_and_grows_dp(capsys):
+    """A 'pp' axis is kept like tp: each count prices its stages, one rank program per stage."""
+    two_layers = ["--model.args.n_layer", "2", "--model.args.n_embd", "32", "--model.args.block_size", "16"]
+    argv = ["plan", GPT, "--simulate", "4,64", "--device", "h100", "--axes", "pp,dp", "--strategy", "dp", *two_layers]
+    assert main(argv) == 0
+    rows = _rows(capsys.readouterr().out)
+    for n, dp in {4: 2, 64: 32}.items():
+        _, mesh, _, step_ms, *_, lowerings = rows[n]
+        assert mesh == f"pp=2 x dp={dp}" and float(step_ms) > 0 and int(lowerings) == 2
 
 
 def test_simulate_flags_need_simulate(capsys):

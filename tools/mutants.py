@@ -257,6 +257,44 @@ MUTANTS = [
             "tests/plan/test_record.py::test_every_entry_survives_json",
         ),
     ),
+    Mutant(
+        "the cost model runs a started collective in the foreground (no overlap with backward)",
+        "shardflow/graph/step_time.py",
+        "self.comm = max(self.compute, self.comm) + seconds\n        self.busy += seconds\n        return self.comm",
+        "self.blocking(seconds)\n        return self.comm",
+        ("tests/graph/test_estimate.py::test_data_parallel_gradients_cost_a_ring_all_reduce_of_every_parameter",),
+    ),
+    Mutant(
+        "the cost model prices one rank for every rank, uneven shards included",
+        "shardflow/graph/estimate.py",
+        "groups.setdefault(key, []).append(r)",
+        "groups.setdefault((), []).append(r)",
+        ("tests/graph/test_estimate.py::test_a_thousand_devices_price_in_one_trace_and_one_lowering",),
+    ),
+    Mutant(
+        "meta shards counted by address (all of them at 0, so once)",
+        "shardflow/runtime/memory.py",
+        "seen[storage._cdata if t.is_meta or isinstance(t, FakeTensor) else storage.data_ptr()]",
+        "seen[storage.data_ptr()]",
+        ("tests/graph/test_estimate.py::test_estimate_matches_the_module_on_one_rank_with_an_arena_and_recompute",),
+    ),
+    Mutant(
+        "an all-reduce priced at a gather's bus factor",
+        "shardflow/cost/profile.py",
+        'return 2 * (n - 1) / n if kind == "all_reduce" else',
+        'return (n - 1) / n if kind == "all_reduce" else',
+        (
+            "tests/graph/test_estimate.py::test_data_parallel_gradients_cost_a_ring_all_reduce_of_every_parameter",
+            "tests/graph/test_estimate.py::test_shipped_profiles_read_and_price_links_by_bus_factor",
+        ),
+    ),
+    Mutant(
+        "a pipeline priced without its schedule's bubbles",
+        "shardflow/graph/estimate_pipeline.py",
+        "span = makespan(p.schedule, len(stages), p.micro_batches, forward, backward)",
+        "span = p.micro_batches * max(f + b for f, b in zip(forward, backward))",
+        ("tests/graph/test_estimate.py::test_a_pipeline_is_its_stages_walked_by_its_schedule",),
+    ),
 ]
 
 

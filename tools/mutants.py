@@ -260,8 +260,8 @@ MUTANTS = [
     Mutant(
         "the cost model runs a started collective in the foreground (no overlap with backward)",
         "shardflow/graph/step_time.py",
-        "self.comm = max(self.compute, self.comm) + seconds\n        self.busy += seconds\n        return self.comm",
-        "self.blocking(seconds)\n        return self.comm",
+        "return self._run(legs, self.compute)",
+        "self.blocking(legs)\n        return self.compute",
         ("tests/graph/test_estimate.py::test_data_parallel_gradients_cost_a_ring_all_reduce_of_every_parameter",),
     ),
     Mutant(

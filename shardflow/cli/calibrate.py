@@ -9,6 +9,7 @@ barrier before each call and the slowest rank kept, then fitted as latency + bus
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -25,7 +26,16 @@ import torch.nn.functional as F
 from shardflow.cli.launch import _threads_per_worker
 from shardflow.comm import collectives as C
 from shardflow.comm.groups import GroupHandle, group_for
-from shardflow.cost.profile import KINDS, OP_CLASSES, DeviceProfile, LinkFit, bus_factor, machine_name, shipped
+from shardflow.cost.profile import (
+    KINDS,
+    OP_CLASSES,
+    DeviceProfile,
+    LinkFit,
+    bus_factor,
+    datasheet,
+    machine_name,
+    shipped,
+)
 from shardflow.ops.flop_count import in_flops
 from shardflow.placement.mesh import Mesh
 from shardflow.runtime.meter import _sync
@@ -79,7 +89,7 @@ def calibrate(ranks: int = 2, backend: str | None = None, quick: bool = False, d
         node = max(torch.cuda.device_count(), ranks)
     how = f"{'quick' if quick else 'full'}, torch {torch.__version__}, {ranks} {backend} rank(s)"
     per_rank = f"{threads} thread(s) per rank" if threads else torch.cuda.get_device_name(dev)
-    return DeviceProfile(
+    profile = DeviceProfile(
         name=name,
         device_type=device,
         source=f"measured by shardflow calibrate on {datetime.now():%Y-%m-%d %H:%M} ({how}, {per_rank})",
@@ -91,6 +101,23 @@ def calibrate(ranks: int = 2, backend: str | None = None, quick: bool = False, d
         collectives=links,
         node_size=node if links else 1,  # one rank: no collective was measured, so no group is priced
         threads=threads,
+    )
+    return _with_datasheet(profile)
+
+
+def _with_datasheet(profile: DeviceProfile) -> DeviceProfile:
+    """A GPU calibrated on one machine keeps its datasheet's network fits, node size (where it measured
+    fewer ranks) and peaks: one machine cannot measure links between nodes."""
+    sheet = datasheet(profile.name) if profile.device_type == "cuda" else None
+    if sheet is None:
+        return profile
+    return dataclasses.replace(
+        profile,
+        collectives=profile.collectives or sheet.collectives,
+        node_size=max(profile.node_size, sheet.node_size),
+        network=sheet.network,
+        peaks=sheet.peaks,
+        notes=(*profile.notes, "network fits, node size and peaks: the shipped datasheet's"),
     )
 
 
@@ -168,7 +195,7 @@ def _rates(dtype: torch.dtype, dev: torch.device, budget: float) -> dict[str, fl
 
 
 def _gpu_name(device_name: str) -> str:
-    """A GPU's profile name: the shipped one it replaces (``"h100"``), else its name in lower case."""
+    """A GPU's profile name: the shipped datasheet's it matches (``"h100"``), else its name in lower case."""
     for known in shipped():
         if known.upper() in device_name.upper():
             return known

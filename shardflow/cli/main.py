@@ -102,14 +102,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from shardflow.cli.calibrate import calibrate, table
-    from shardflow.cost.profile import cache_dir, save
+    from shardflow.cost.profile import save
     from shardflow.testing import RankError
 
     try:
         profile = calibrate(args.ranks, quick=args.quick, device=args.device)
-        # a GPU's profile is kept under its name ("h100"), where it replaces the shipped datasheet one
-        default = None if args.device == "cpu" else cache_dir() / f"{profile.name}.json"
-        where = save(profile, Path(args.out) if args.out else default)
+        # this machine's profile (device=None), a GPU's too: a shipped datasheet name keeps its figures
+        where = save(profile, Path(args.out) if args.out else None)
     except (ValueError, OSError, RankError) as e:
         print(f"shardflow calibrate: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1

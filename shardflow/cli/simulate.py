@@ -69,6 +69,10 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> int:
     from shardflow.cost.profile import ProfileError
     from shardflow.train.simulate import Simulation, plot
 
+    path = args.plot or os.path.join(cfg.run_dir or ".", "simulate.png")
+    if os.path.isdir(path) or not os.access(_existing_parent(path), os.W_OK):  # said before minutes of pricing
+        print(f"shardflow plan: cannot write the plot to {path!r}: give --plot a writable file path", file=sys.stderr)
+        return 2
     rows: list[Row] = []
     try:
         sim = Simulation(cfg, args.simulate, args.device, args.fixed_batch)
@@ -82,7 +86,18 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> int:
         print(f"shardflow plan: {e}{hint}", file=sys.stderr)
         return 2
     print(sim.footer(rows))
-    path = args.plot or os.path.join(cfg.run_dir or ".", "simulate.png")
-    plot(sim, rows, path)
+    try:
+        plot(sim, rows, path)
+    except OSError as e:
+        print(f"shardflow plan: cannot write the plot to {path!r} ({e.strerror})", file=sys.stderr)
+        return 2
     print(f"scaling plot: {path}")
     return 0
+
+
+def _existing_parent(path: str) -> str:
+    """The nearest folder of ``path`` that exists (the plot's folders are made as needed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return folder

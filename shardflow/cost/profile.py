@@ -78,17 +78,20 @@ class DeviceProfile:
         """One device's peak FLOP/s in ``dtype`` for MFU: the datasheet's, or (a CPU) the measured matmul rate."""
         return self.peaks.get(dtype) or self.rate("matmul", dtype)
 
-    def collective(self, kind: str, n: int, nbytes: float) -> float:
+    def collective(self, kind: str, n: int, nbytes: float, ranks: Sequence[int] = ()) -> float:
         """Seconds for ``kind`` over ``n`` ranks, ``nbytes`` the full piece (gathered output, scattered
-        input, all-reduced buffer, a rank's all-to-all input)."""
+        input, all-reduced buffer, a rank's all-to-all input). A group spanning nodes (by its ``ranks``,
+        numbered node by node; without them, by its size) uses the ``network`` fits."""
         if n <= 1:
             return 0.0
-        fits = self.network if n > self.node_size and self.network else self.collectives
+        nodes = {r // max(self.node_size, 1) for r in ranks} if ranks else None
+        crosses = len(nodes) > 1 if nodes is not None else n > self.node_size
+        fits = self.network if crosses and self.network else self.collectives
         fit = _nearest([f for f in fits if f.kind == kind] or [f for f in fits if f.kind == "all_gather"] or fits, n)
-        # latency from the fitted group size: a ring's hops, or a tree's depth where that is less (NCCL
-        # switches to trees for latency-bound sizes on wide groups)
-        hops = min((n - 1) / max(fit.ranks - 1, 1), math.log2(n) / math.log2(max(fit.ranks, 2)))
-        return fit.latency * hops + bus_factor(kind, n) * nbytes / fit.bus_bandwidth
+        # latency grows with the algorithm's steps beyond the fitted group (never below the fit: its launch
+        # and setup do not shrink with fewer ranks)
+        latency = fit.latency * max(1.0, _steps(kind, n) / _steps(kind, fit.ranks))
+        return latency + bus_factor(kind, n) * nbytes / fit.bus_bandwidth
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -106,6 +109,14 @@ class DeviceProfile:
         if "matmul" not in profile.flops or not profile.collectives and profile.node_size > 1:
             raise ProfileError(f"{where}: a profile needs matmul FLOP/s and, above one device, collective fits")
         return profile
+
+
+def _steps(kind: str, n: int) -> float:
+    """Latency-bound steps of ``kind`` on ``n`` ranks: a ring's n-1 (twice for an all-reduce), or for an
+    all-reduce a tree's 2 log2 n where that is fewer (NCCL's choice for small messages on wide groups)."""
+    if kind == "send_recv" or n <= 1:
+        return 1.0
+    return min(2.0 * (n - 1), 2.0 * math.log2(n)) if kind == "all_reduce" else float(n - 1)
 
 
 def _nearest(fits: Sequence[LinkFit], n: int) -> LinkFit:
@@ -129,6 +140,12 @@ def machine_name() -> str:
 def shipped() -> list[str]:
     """The datasheet profiles shipped with shardflow, by name."""
     return sorted(p.stem for p in _SHIPPED.glob("*.json"))
+
+
+def datasheet(name: str) -> DeviceProfile | None:
+    """The shipped datasheet profile ``name`` (``"h100"``), or None."""
+    path = _SHIPPED / f"{name.lower()}.json"
+    return DeviceProfile.from_json(path.read_text(), str(path)) if path.exists() else None
 
 
 def device_profile(device: str | DeviceProfile | None = None) -> DeviceProfile:

@@ -186,6 +186,11 @@ def _compile_plan(
         raise TypeError(f"plan= takes an sf.ParallelPlan (sf.plan(...) or ParallelPlan.from_json), got {plan!r}")
     if mesh is None:
         mesh = plan.mesh.build()  # collective, as making any mesh is
+    elif mesh.virtual:
+        raise ValueError(
+            f"{mesh} is virtual (a description with no process groups): price a plan on it with plan.estimate(...); "
+            "compile on a mesh of the job's ranks, sf.Mesh(...) without virtual=True"
+        )
     elif MeshSpec.of(mesh) != plan.mesh:
         raise PlanError(f"the plan is for a {plan.mesh}, but the mesh given is {mesh}: give the plan's mesh")
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -235,11 +240,16 @@ def _fewest_recomputed(pm: ParallelModule, limit: int) -> None:
     while lo < hi:
         k = (lo + hi) // 2
         pm.set_recompute(every[:k])
-        if max(pm.memory().peaks or [0]) <= limit:
+        if _largest(pm.memory()) <= limit:
             hi = k
         else:
             lo = k + 1
     pm.set_recompute(every[:lo])
+
+
+def _largest(report: MemoryReport) -> int:
+    """The largest rank's peak (this rank's alone in a process without a process group)."""
+    return max(report.peaks or [report.peak])
 
 
 class MemoryPlanError(ValueError):
@@ -310,13 +320,11 @@ def _check_fits(
         half = [
             x[: batch // 2] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch else x for x in plain
         ]
-        fixes.append((max(pm.memory(*half).peaks or [0]), f"a batch of {batch // 2} per step instead of {batch}"))
+        fixes.append((_largest(pm.memory(*half)), f"a batch of {batch // 2} per step instead of {batch}"))
     if len(pm.recomputed) < len(blocks(pm.module)):
         chosen = list(pm.recomputed)
         pm.set_recompute(blocks(pm.module))
-        fixes.append(
-            (max(pm.memory().peaks or [0]), "recompute=True (every block's activations recomputed in backward)")
-        )
+        fixes.append((_largest(pm.memory()), "recompute=True (every block's activations recomputed in backward)"))
         pm.set_recompute(chosen)
     e = pm.plan.execution
     alternatives: list[tuple[str, Any]] = []

@@ -52,11 +52,11 @@ class Estimate:
     """A plan priced on a device profile: ``peak_bytes`` per rank of the plan's mesh (in mesh order),
     ``step_seconds`` (the slowest rank's step), and how they were reached."""
 
-    plan: ParallelPlan
+    plan: ParallelPlan = field(repr=False)
     device: str
-    peak_bytes: tuple[int, ...]
+    peak_bytes: tuple[int, ...] = field(repr=False)  # thousands of figures on a large mesh
     step_seconds: float
-    flops: Flops  # the logical step's
+    flops: Flops = field(repr=False)  # the logical step's
     classes: tuple[RankClass, ...] = field(default=(), repr=False)
     peak_flops: float = 0.0  # one device's peak in the step's dtype (the profile's), for MFU
 

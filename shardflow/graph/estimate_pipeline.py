@@ -31,6 +31,7 @@ from shardflow.runtime.pipeline_memory import pipeline_memory
 from shardflow.runtime.runner import OptimizerFactory
 from shardflow.runtime.schedule import makespan
 from shardflow.runtime.stage_cut import plain
+from shardflow.runtime.tensor_stage import local
 
 
 class FakeModel(NamedTuple):
@@ -103,37 +104,50 @@ def _price(pm: PipelineModule, profile: DeviceProfile | None) -> StagePrice:
     memory = pipeline_memory(pm, ())
     forward = backward = sent = back = 0.0
     if profile is not None:
+        rank = pm.stage_ranks[pm.stage][0]
         micro = pm._micro_batches([plain(x) for x in pm.example_inputs])[0][0]
         ir = pm._program(micro).program.ir
         split = ir.split_at()
-        forward = program_time(ir, profile, 0, split)[0].compute
-        backward = program_time(ir, profile, split)[0].compute
+        forward = program_time(ir, profile, rank, 0, split).clocks.compute
+        backward = program_time(ir, profile, rank, split).clocks.compute
         metas = pm._meta(micro)
-        sent = profile.collective("send_recv", 2, _nbytes(metas[pm.stage])) if pm.stage < pm.stages - 1 else 0.0
-        back = profile.collective("send_recv", 2, _nbytes(metas[pm.stage - 1])) if pm.stage > 0 else 0.0
+        if pm.stage < pm.stages - 1:  # to the next stage's rank in the same place: maybe on another node
+            pair = (rank, pm.stage_ranks[pm.stage + 1][0])
+            sent = profile.collective("send_recv", 2, _nbytes(metas[pm.stage]), pair)
+        if pm.stage > 0:
+            pair = (rank, pm.stage_ranks[pm.stage - 1][0])
+            back = profile.collective("send_recv", 2, _nbytes(metas[pm.stage - 1]), pair)
         forward, backward = forward + sent, backward + back
     return StagePrice(pm.stage_ranks[pm.stage], memory, pm, forward, backward, sent, back)
 
 
 def stage_times(stages: Sequence[StagePrice], profile: DeviceProfile) -> list[StepTime]:
-    """Each stage's step: the schedule's span (bubbles included), then its gradients all-reduced over its
-    data-parallel ranks and its update."""
+    """Each stage's step: the schedule's span (bubbles included), then its gradients all-reduced (over its
+    data-parallel ranks; a tensor-parallel stage's replicated ones over all its ranks) and its update."""
     pm = stages[0].module
     p = pm.pipeline
     forward, backward = [s.forward for s in stages], [s.backward for s in stages]
     span = makespan(p.schedule, len(stages), p.micro_batches, forward, backward)
     out = []
     for s in stages:
-        grads = sum(q.numel() * q.element_size() for q in s.module.opt_params if q.requires_grad or s.module.tp_mesh)
-        reduce = profile.collective("all_reduce", len(s.module.dp_ranks), grads)
-        opt = s.module.optimizer
-        update = update_seconds(opt, s.module.opt_params, profile) if opt is not None else 0.0
+        mod = s.module
+        over_dp = sum(_bytes(q) for q in mod.params if q.requires_grad and id(q) not in mod.partial)
+        over_stage = sum(_bytes(q) for q in mod.params if q.requires_grad and id(q) in mod.partial)
+        reduce = profile.collective("all_reduce", len(mod.dp_ranks), over_dp, mod.dp_ranks)
+        everyone = mod.stage_ranks[mod.stage]
+        reduce += profile.collective("all_reduce", len(everyone), over_stage, everyone) if over_stage else 0.0
+        update = update_seconds(mod.optimizer, mod.opt_params, profile) if mod.optimizer is not None else 0.0
         m = p.micro_batches
         busy = m * (s.forward + s.backward)
         sends = m * (s.sent + s.sent_back)  # on the stage's own time: the schedule's walk waits for them
         compute = {"forward": m * (s.forward - s.sent), "backward": m * (s.backward - s.sent_back)}
         out.append(StepTime(span + reduce + update, compute, sends + reduce, sends + reduce, update, span - busy))
     return out
+
+
+def _bytes(p: torch.Tensor) -> int:
+    q = local(p)
+    return q.numel() * q.element_size()
 
 
 def _nbytes(meta: Sequence[tuple[Any, torch.dtype]]) -> int:

@@ -12,16 +12,16 @@ contention; how far that is from measurement is BENCHMARKS.md's cost-model table
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from shardflow.boxing.plan import COLLECTIVES
-from shardflow.cost.profile import DeviceProfile
-from shardflow.graph.ir.instr import Box, GatherStart, Launch, Op, Release, Wait, Work
+from shardflow.comm.init import world
+from shardflow.cost.profile import DeviceProfile, bus_factor
+from shardflow.graph.ir.instr import Box, Comm, GatherStart, Launch, Op, Release, Wait, Work
 from shardflow.graph.ir.step import StepIR
 
 if TYPE_CHECKING:
@@ -68,61 +68,75 @@ def op_class(op: str) -> str:
 
 
 def op_seconds(work: Work | None, profile: DeviceProfile) -> float:
-    """Roofline of one op: its matmul part at its class's rate and its element-wise part at the vector rate,
-    or its bytes at the memory bandwidth, whichever is longer, plus the launch floor."""
+    """Roofline of one op: its matrix work (a fused attention backward's recomputed scores included) at its
+    class's rate and its element-wise part at the vector rate, or its bytes at the memory bandwidth,
+    whichever is longer; plus the launch floor on a CPU, where the calling thread runs the op, or at least
+    the launch on a GPU, where launching overlaps the kernels queued before."""
     if work is None:
         return profile.launch
     compute = 0.0
     if work.flops is not None:
-        compute = work.flops.matmul / profile.rate(op_class(work.op), work.dtype)
-        compute += (work.flops.vector + work.flops.recompute) / profile.rate("vector", work.dtype)
-    return max(compute, work.nbytes / profile.memory_bandwidth) + profile.launch
+        compute = (work.flops.matmul + work.flops.recompute) / profile.rate(op_class(work.op), work.dtype)
+        compute += work.flops.vector / profile.rate("vector", work.dtype)
+    roofline = max(compute, work.nbytes / profile.memory_bandwidth)
+    return max(roofline, profile.launch) if profile.device_type == "cuda" else roofline + profile.launch
 
 
-def boxing_seconds(ins: Box, profile: DeviceProfile) -> float:
-    """A layout conversion's communication: each step of its plan priced on the profile's links."""
-    comm = ins.comm
+class Leg(NamedTuple):
+    """One collective of a communication: the group it runs on (its ranks) and its seconds."""
+
+    group: tuple[int, ...]
+    seconds: float
+
+
+def legs(comm: Comm | None, rank: int, profile: DeviceProfile) -> list[Leg]:
+    """A communication's collectives on this ``rank``, each priced on the profile's links for its group
+    (a gradient bucket's one collective, or each step of a boxing plan)."""
     if comm is None:
-        return 0.0
+        return []
     if comm.plan is None:  # a gradient bucket
-        return profile.collective(comm.kind, comm.group, comm.nbytes)
-    total = 0.0
+        return [Leg(comm.ranks, profile.collective(comm.kind, len(comm.ranks), comm.nbytes, comm.ranks))]
+    out = []
     for step in comm.plan.steps:
-        if step.kind in COLLECTIVES:
-            n = step.src_mesh.shape[step.axis]
-            if n > 1:
-                total += profile.collective(step.kind, n, step.bytes_per_rank / _bus(step.kind, n))
+        n = step.src_mesh.shape[step.axis]
+        if step.kind in COLLECTIVES and n > 1:
+            group = step.src_mesh.axis_slice(step.axis, rank) if rank in step.src_mesh else ()
+            # a plan step records the bytes each rank sends; the profile prices full pieces
+            full = step.bytes_per_rank / bus_factor(step.kind, n)
+            out.append(Leg(group, profile.collective(step.kind, n, full, group)))
         elif step.kind == "send_recv":
-            total += profile.collective("send_recv", 2, step.bytes_per_rank)
-        else:
-            total += profile.launch
-    return total
-
-
-def _bus(kind: str, n: int) -> float:
-    # a plan step records the bytes each rank sends; the profile prices full pieces
-    return 2 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
+            pair = (step.src_mesh.ranks[0], step.dst_mesh.ranks[0])
+            out.append(Leg(pair, profile.collective("send_recv", 2, step.bytes_per_rank, pair)))
+        elif step.kind not in COLLECTIVES:
+            out.append(Leg((), profile.launch))  # a local slice or fill
+    return out
 
 
 @dataclass
 class _Clocks:
+    """The compute clock and one communication clock per process group: a group's collectives run one at a
+    time, in issue order, and groups run beside each other (NCCL: a stream per communicator; gloo: a
+    thread per group)."""
+
     compute: float = 0.0
-    comm: float = 0.0  # when the communication stream is next free
+    comm: dict[tuple[int, ...], float] = field(default_factory=dict)  # when each group is next free
     busy: float = 0.0  # total communication time
     exposed: float = 0.0
 
-    def blocking(self, seconds: float) -> None:
-        """A synchronous collective: it waits for earlier ones, and compute waits for it."""
-        start = max(self.compute, self.comm)
-        self.exposed += start + seconds - self.compute
-        self.compute = self.comm = start + seconds
-        self.busy += seconds
+    def _run(self, legs: Sequence[Leg], at: float) -> float:
+        for leg in legs:
+            at = max(at, self.comm.get(leg.group, 0.0)) + leg.seconds
+            self.comm[leg.group] = at
+            self.busy += leg.seconds
+        return at
 
-    def started(self, seconds: float) -> float:
-        """A collective started now, finishing in the background; returns when it finishes."""
-        self.comm = max(self.compute, self.comm) + seconds
-        self.busy += seconds
-        return self.comm
+    def blocking(self, legs: Sequence[Leg]) -> None:
+        """A synchronous communication: it waits for its groups' earlier ones, and compute waits for it."""
+        self.wait(self._run(legs, self.compute))
+
+    def started(self, legs: Sequence[Leg]) -> float:
+        """A communication started now, finishing in the background; returns when it finishes."""
+        return self._run(legs, self.compute)
 
     def wait(self, until: float) -> None:
         if until > self.compute:
@@ -130,12 +144,17 @@ class _Clocks:
             self.compute = until
 
 
-def program_time(
-    ir: StepIR, profile: DeviceProfile, start: int = 0, stop: int | None = None
-) -> tuple[_Clocks, dict[str, float], dict[int, float], float]:
-    """Walk ``ir`` (its instructions ``start:stop``: a stage's forward or backward): the clocks at its end,
-    compute seconds by phase, when each update unit's gradients are ready (by unit), and when backward's
-    compute ended."""
+class Walk(NamedTuple):
+    """A program walked on a profile."""
+
+    clocks: _Clocks  # at its end
+    phases: dict[str, float]  # compute seconds by phase
+    ready: dict[int, float]  # when each update unit's gradients are ready
+    backward_end: float  # when backward's compute ended
+
+
+def program_time(ir: StepIR, profile: DeviceProfile, rank: int, start: int = 0, stop: int | None = None) -> Walk:
+    """Walk ``ir``, lowered for ``rank`` (its instructions ``start:stop``: a stage's forward or backward)."""
     clocks, phases = _Clocks(), {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
     handles: dict[str, float] = {}
     unit_ready: dict[int, float] = {}
@@ -148,17 +167,16 @@ def program_time(
             phases[phase] = phases.get(phase, 0.0) + seconds
         elif isinstance(ins, Launch):
             assert ins.comm is not None
-            copy_in = ins.comm.nbytes / max(ins.comm.group, 1) * 2 / profile.memory_bandwidth
-            clocks.compute += copy_in + profile.launch
-            handles[ins.out] = clocks.started(profile.collective(ins.comm.kind, ins.comm.group, ins.comm.nbytes))
+            clocks.compute += 2 * ins.comm.nbytes / profile.memory_bandwidth + profile.launch  # packed into a buffer
+            handles[ins.out] = clocks.started(legs(ins.comm, rank, profile))
         elif isinstance(ins, GatherStart):
             clocks.compute += profile.launch
-            handles[ins.out] = clocks.started(boxing_seconds(ins, profile))
+            handles[ins.out] = clocks.started(legs(ins.comm, rank, profile))
         elif isinstance(ins, Box):
             if ins.src in handles:  # finishing a started gather
                 clocks.wait(handles[ins.src])
-            elif ins.comm is not None:
-                clocks.blocking(boxing_seconds(ins, profile))
+            else:
+                clocks.blocking(legs(ins.comm, rank, profile))
             clocks.compute += profile.launch
         elif isinstance(ins, Wait):
             clocks.wait(handles.get(ins.handle, 0.0))
@@ -169,7 +187,7 @@ def program_time(
                 backward_end = clocks.compute
             else:
                 _released(ins, handles, clocks, unit_ready)
-    return clocks, phases, unit_ready, backward_end or clocks.compute
+    return Walk(clocks, phases, unit_ready, backward_end or clocks.compute)
 
 
 def _released(release: Release, handles: dict[str, float], clocks: _Clocks, ready: dict[int, float]) -> None:
@@ -188,7 +206,9 @@ def update_seconds(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tens
     if name == "SGD" and any(g.get("momentum", 0) for g in optimizer.param_groups):
         kernels, passes = 3, 8
     groups = optimizer.param_groups
-    fused = any(g.get("fused") for g in groups)  # one kernel over every tensor
+    fused = any(g.get("fused") for g in groups)  # one kernel over every tensor, reading and writing each once
+    if fused:
+        passes = min(passes, 7)
     # torch picks foreach kernels by default for CUDA tensors only (the estimate's tensors are on meta)
     foreach = fused or any(g.get("foreach") for g in groups)
     foreach |= profile.device_type == "cuda" and all(g.get("foreach") is None for g in groups)
@@ -200,7 +220,7 @@ def update_seconds(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tens
 def step_time(pm: ParallelModule, program: Program, profile: DeviceProfile) -> StepTime:
     """``pm``'s step on this rank (``program``, lowered for it): the program's walk, then the updates."""
     assert program.ir is not None
-    clocks, phases, ready, backward_end = program_time(program.ir, profile)
+    clocks, phases, ready, backward_end = program_time(program.ir, profile, world()[0])
     per_unit = [
         update_seconds(pm.optimizer, [pm.local_params[program.grad_of[k]] for k in unit.grads], profile)
         for unit in program.units
@@ -214,10 +234,14 @@ def step_time(pm: ParallelModule, program: Program, profile: DeviceProfile) -> S
         for u, seconds in enumerate(per_unit):
             chain = max(chain, ready.get(u, backward_end)) + seconds
         end = max(end, chain)
-    gathers = 0.0
-    for i, (p, sl) in enumerate(zip(pm.params, pm.slices)):  # ZeRO-1/2: the updated pieces all-gathered
+    rank = world()[0]
+    after = 0.0  # what follows the updates: ZeRO-1/2's all-gather of the updated pieces
+    for i, (p, sl) in enumerate(zip(pm.params, pm.slices)):
         if sl is not None:
-            n = math.prod(pm.mesh.shape[a] for a, (h, o) in enumerate(zip(p.sbp, pm.opt_sbps[i])) if h != o)
-            gathers += profile.collective("all_gather", n, p._local.numel() * p._local.element_size())
-    comm = clocks.busy + gathers
-    return StepTime(end + gathers, phases, comm, clocks.exposed + gathers, update + gathers)
+            group = pm.mesh.slice_over([a for a, (h, o) in enumerate(zip(p.sbp, pm.opt_sbps[i])) if h != o], rank)
+            after += profile.collective("all_gather", len(group), p._local.numel() * p._local.element_size(), group)
+    if pm.max_grad_norm is not None:  # the gradients' norm (a pass over them) summed over the mesh, then scaled
+        grads = sum(q.numel() * q.element_size() for q in pm.local_params if q.requires_grad)
+        after += 3 * grads / profile.memory_bandwidth + profile.collective("all_reduce", pm.mesh.size, 4, pm.mesh.ranks)
+    comm = clocks.busy + after
+    return StepTime(end + after, phases, comm, clocks.exposed + after, update + after)

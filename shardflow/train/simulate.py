@@ -241,6 +241,7 @@ def plot(sim: Simulation, rows: Sequence[Row], path: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=120)
+        os.chmod(tmp, 0o644)  # mkstemp's file is the owner's alone; a plot is for anyone to read
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -78,6 +78,30 @@ def test_data_parallel_gradients_cost_a_ring_all_reduce_of_every_parameter():
     assert small.communication > one.communication and small.exposed < 0.5 * one.exposed
 
 
+def test_links_price_bus_bytes_and_cross_nodes_by_their_ranks():
+    """nccl-tests' factors on 4 ranks: an all-reduce moves 2·3/4 of the buffer per rank, a gather 3/4; the same
+    four ranks strided over nodes (0, 4, 8, 12) take the network's fit, and so does a 4-way data-parallel
+    group of a (dp, tp) = (4, 4) plan when a node holds 4 ranks, but not when it holds 16."""
+    fast = (LinkFit("all_reduce", 4, 0.0, 1e9), LinkFit("all_gather", 4, 0.0, 1e9))
+    profile = _profile(collectives=fast, node_size=4, network=(LinkFit("all_reduce", 4, 0.0, 1e8),))
+    assert profile.collective("all_reduce", 4, 1e9, (0, 1, 2, 3)) == pytest.approx(1.5)
+    assert profile.collective("all_gather", 4, 1e9, (0, 1, 2, 3)) == pytest.approx(0.75)
+    assert profile.collective("all_reduce", 4, 1e9, (0, 4, 8, 12)) == pytest.approx(15.0)
+    model, batch = _mlp()
+    free = {"matmul": {"float32": 1e30}, "vector": {"float32": 1e30}}
+    plan = sf.plan(model, sf.MeshSpec("cpu", (4,), ("dp",), (0, 1, 2, 3)), batch)
+    est = plan.estimate(model, batch, device=_profile(flops=free, collectives=fast, node_size=4))
+    nbytes = sum(p.numel() * 4 for p in model.parameters()) + 4  # and the loss
+    assert est.classes[0].time.communication == pytest.approx(1.5 * nbytes / 1e9, rel=1e-6)
+    grid = sf.MeshSpec("cpu", (4, 4), ("dp", "tp"), tuple(range(16)))
+    hybrid = sf.plan(model, grid, batch, strategy="hybrid")
+    one_node, four = (
+        hybrid.estimate(model, batch, device=dataclasses.replace(profile, flops=free, node_size=n)).step_seconds
+        for n in (16, 4)
+    )
+    assert four > 5 * one_node
+
+
 def test_a_thousand_devices_price_in_one_trace_and_one_lowering():
     """A 1,024-device GPT plan on a virtual mesh: one rank's program stands for all when every shard has the
     same shape; an uneven batch split makes two kinds of rank, each priced once."""

@@ -80,15 +80,22 @@ def test_unknown_or_missing_profiles_are_one_line_errors(tmp_path, monkeypatch, 
     assert err.count("\n") == 1 and "run `shardflow calibrate`" in err and "--device h100" in err
 
 
-def test_a_pipeline_config_keeps_its_stages_and_grows_dp(capsys):
+def test_a_pipeline_config_keeps_its_stages_and_grows_dp(tmp_path, capsys):
     """A 'pp' axis is kept like tp: each count prices its stages, one rank program per stage."""
     two_layers = ["--model.args.n_layer", "2", "--model.args.n_embd", "32", "--model.args.block_size", "16"]
     argv = ["plan", GPT, "--simulate", "4,64", "--device", "h100", "--axes", "pp,dp", "--strategy", "dp", *two_layers]
+    argv += ["--plot", str(tmp_path / "pp.png")]
     assert main(argv) == 0
     rows = _rows(capsys.readouterr().out)
     for n, dp in {4: 2, 64: 32}.items():
         _, mesh, _, step_ms, *_, lowerings = rows[n]
         assert mesh == f"pp=2 x dp={dp}" and float(step_ms) > 0 and int(lowerings) == 2
+
+
+def test_a_plot_path_that_cannot_be_written_is_refused_before_pricing(tmp_path, capsys):
+    assert main(["plan", GPT, "--simulate", "8", "--device", "h100", "--plot", str(tmp_path), *TINY]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "give --plot a writable file path" in captured.err
 
 
 def test_simulate_flags_need_simulate(capsys):

@@ -99,7 +99,7 @@ def bucket_gradients(
             out.all_reduces.append(AllReduced(key.ranks, bucket.nbytes))
         out.waits.append(Waiting(handle, tuple(p.grad.k for p in bucket.items)))
         return Launch(
-            out=handle, grads=names, fn=fn, comm=Comm(phase, where, route, None, route, len(key.ranks), total)
+            out=handle, grads=names, fn=fn, comm=Comm(phase, where, route, None, route, tuple(key.ranks), total)
         )
 
     for g in grads:

@@ -25,9 +25,9 @@ class Comm:
     where: str  # the op needing it, "gradient bucket of N", "loss" or "gradient"
     route: str
     plan: Plan | None
-    # a gradient bucket's collective (``plan`` None), for the cost model: its kind, group size, full bytes
+    # a gradient bucket's collective (``plan`` None), for the cost model: its kind, group, full bytes
     kind: str = ""
-    group: int = 0
+    ranks: tuple[int, ...] = ()
     nbytes: int = 0
 
 

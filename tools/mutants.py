@@ -136,8 +136,8 @@ MUTANTS = [
     Mutant(
         "the half-batch fix priced on the whole batch",
         "shardflow/graph/compile.py",
-        'fixes.append((max(pm.memory(*half).peaks or [0]), f"a batch of',
-        'fixes.append((max(pm.memory(*plain).peaks or [0]), f"a batch of',
+        'fixes.append((_largest(pm.memory(*half)), f"a batch of',
+        'fixes.append((_largest(pm.memory(*plain)), f"a batch of',
         ("tests/graph/test_memory_fixes.py::test_half_the_batch_that_the_refusal_prices_fits_when_run",),
     ),
     Mutant(

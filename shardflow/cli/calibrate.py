@@ -2,8 +2,9 @@
 
 Compute is timed in this process with the intra-op threads one rank gets when ``ranks`` ranks share the machine
 (the launcher's share), as medians of batches of calls after a warm-up: element-wise FLOP/s from an add whose
-operands stay in cache, memory bandwidth from one that streams, the launch floor from a one-element add. Links are
-timed on ``ranks`` pooled ranks (``shardflow.testing``) through shardflow's own collectives on a mesh's groups, a
+operands stay in cache, memory bandwidth from one that streams, and the launch floor per op from a real
+compiled step (a small GPT's on one rank: what its program's lines cost beyond their rooflines; a one-element
+add's at least). Links are timed on ``ranks`` pooled ranks (``shardflow.testing``) through shardflow's own collectives on a mesh's groups, a
 barrier before each call and the slowest rank kept, then fitted as latency + bus bytes / bus bandwidth.
 """
 
@@ -102,7 +103,37 @@ def calibrate(ranks: int = 2, backend: str | None = None, quick: bool = False, d
         node_size=node if links else 1,  # one rank: no collective was measured, so no group is priced
         threads=threads,
     )
+    if device == "cpu":
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            profile = dataclasses.replace(profile, launch=_step_launch(profile, quick))
+        finally:
+            torch.set_num_threads(before)
     return _with_datasheet(profile)
+
+
+def _step_launch(profile: DeviceProfile, quick: bool) -> float:
+    """Seconds per instruction of a real compiled step beyond its ops' rooflines: a bare one-element add
+    (the floor) leaves out what a program line costs in the runtime (Python, dispatch, wrapping, the
+    update loop's calls). Fitted on a small GPT's step on one rank: measured step less the estimate
+    without launches, over how many launches the estimate counts."""
+    import shardflow as sf
+    from shardflow.graph.estimate import Estimator
+    from shardflow.testing.memory import memory_case
+
+    model, batch = memory_case("gpt")
+    pm = sf.compile(model, sf.Mesh("cpu", (1,)), batch)
+    for _ in range(3):
+        pm.step(*batch)
+    seconds = []
+    for _ in range(5 if quick else 15):
+        started = time.perf_counter()
+        pm.step(*batch)
+        seconds.append(time.perf_counter() - started)
+    free, unit = (Estimator(model, batch, device=dataclasses.replace(profile, launch=t))(pm.plan) for t in (0.0, 1.0))
+    launches = unit.step_seconds - free.step_seconds  # the estimate is linear in the launch floor on a CPU
+    return max(profile.launch, (statistics.median(seconds) - free.step_seconds) / launches)
 
 
 def _with_datasheet(profile: DeviceProfile) -> DeviceProfile:

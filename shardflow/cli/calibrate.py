@@ -4,8 +4,9 @@ Compute is timed in this process with the intra-op threads one rank gets when ``
 (the launcher's share), as medians of batches of calls after a warm-up: element-wise FLOP/s from an add whose
 operands stay in cache, memory bandwidth from one that streams, and the launch floor per op from a real
 compiled step (a small GPT's on one rank: what its program's lines cost beyond their rooflines; a one-element
-add's at least). Links are timed on ``ranks`` pooled ranks (``shardflow.testing``) through shardflow's own collectives on a mesh's groups, a
-barrier before each call and the slowest rank kept, then fitted as latency + bus bytes / bus bandwidth.
+add's at least). Links are timed on ``ranks`` pooled ranks (``shardflow.testing``) through shardflow's own
+collectives on a mesh's groups, a barrier before each call and the slowest rank kept, then fitted as latency +
+bus bytes / bus bandwidth.
 """
 
 from __future__ import annotations

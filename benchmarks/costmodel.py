@@ -1,18 +1,14 @@
-"""Cost-model benchmark: ``plan.estimate``'s step time and peak memory against a measured step, and how fast
-it prices plans.
+"""Cost-model benchmark: ``plan.estimate``'s step time and peak memory against measured steps, and how fast it
+prices plans.
 
-Accuracy: plans of ``memory_case``'s GPT, MLP and CNN are priced by an ``Estimator`` on this machine's profile
-calibrated for the run's rank count (``calibrate(ranks=N)``, saved to a temporary file, passed as ``device=``),
-then compiled and stepped on N pooled gloo ranks, each with the launcher's intra-op threads for N ranks. Time:
-after a warm-up, the steps of every plan of a rank count interleaved in rotating order, a barrier before each
-step, the slowest rank's seconds kept per step, the median over steps; against ``Estimate.step_seconds``.
-Memory: the second step's peak counted by the allocator (``predict_and_measure``), the fullest rank, against
-``Estimate.peak_bytes``. Pipeline plans are "not priced yet" while ``estimate`` raises NotImplementedError.
-The worst-timed plans get ``StepTime.explain()`` and torch.profiler's top ops of measured steps beside the
-predicted seconds of the program's ops of the same name (``step_time.op_seconds``).
-
-Pricing speed: GPT-2 124M built on the meta device, candidate plans (dp, tp, hybrid, ZeRO 1/2/3, recompute)
-on virtual meshes of 8 to 1,024 devices, priced on the shipped H100 profile by one ``Estimator``.
+Accuracy: plans of ``memory_case``'s GPT, MLP and CNN, priced by an ``Estimator`` on this machine's profile for
+the run's rank count (``calibrate(ranks=N)``, saved and passed as ``device=``), then compiled and stepped on N
+pooled gloo ranks with the launcher's threads for N ranks. Time: after a warm-up, the steps of all plans of a rank
+count interleaved in rotating order, a barrier before each, each step's slowest rank kept, the median over steps.
+Memory: the second step's peak by the allocator (``predict_and_measure``), the fullest rank. Pipeline plans are
+"not priced yet" while ``estimate`` raises NotImplementedError. The worst-timed plan of each model: its
+``StepTime`` against torch.profiler (ATen ops) and cProfile (gloo), term by term and op by op.
+Pricing speed: GPT-2 124M on the meta device, candidate plans on virtual meshes of 8 to 1,024 H100s.
 
     .venv/bin/python benchmarks/costmodel.py [--ranks 1,2 | --ranks 4] [--steps 40] [--quick] [--markdown]
 """
@@ -20,6 +16,7 @@ on virtual meshes of 8 to 1,024 devices, priced on the shipped H100 profile by o
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import statistics
@@ -86,13 +83,14 @@ def _built(case: MemoryCase, virtual: bool = False) -> tuple[Any, Any, Any]:
 # ------------------------------------------------------------------------------------------- on the ranks
 
 
-def measure(cases: list[MemoryCase], threads: int, steps: int, warmup: int) -> list[dict[str, Any]]:
-    """On every rank: each case's peak (allocator), then its steps timed, all cases interleaved."""
+def measure(cases: list[MemoryCase], threads: int, steps: int, warmup: int) -> tuple[list[Any], tuple[float, float]]:
+    """On every rank: each case's peak (allocator), then its steps timed, all cases interleaved; and the
+    timing's seconds and the cores other processes kept busy meanwhile."""
     import torch.distributed as dist
 
     from shardflow.testing.memory_cases import predict_and_measure
 
-    before = torch.get_num_threads()
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)  # the launcher's share for this many ranks, as the profile was measured
     try:
         peaks = [predict_and_measure(c).measured for c in cases]
@@ -101,15 +99,19 @@ def measure(cases: list[MemoryCase], threads: int, steps: int, warmup: int) -> l
             for _ in range(warmup):
                 pm.step(*data)
         times: list[list[float]] = [[] for _ in cases]
+        before, start = _cpu_seconds(os.getppid()), time.perf_counter()  # the parent's tree: every rank
         for i in range(steps):  # rotating order: drift and the neighbours' caches hit every plan alike
             for j in [(i + k) % len(cases) for k in range(len(cases))]:
                 data, pm = built[j]
                 times[j].append(timed_call(lambda pm=pm, data=data: pm.step(*data)))  # the slowest rank's
+        seconds = time.perf_counter() - start
+        total, mine = (a - b for a, b in zip(_cpu_seconds(os.getppid()), before))
         every: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(every, peaks)
     finally:
-        torch.set_num_threads(before)
-    return [{"times": times[j], "peak": max(e[j] for e in every)} for j in range(len(cases))]
+        torch.set_num_threads(threads_before)
+    got = [{"times": times[j], "peak": max(e[j] for e in every)} for j in range(len(cases))]
+    return got, (seconds, (total - mine) / seconds)
 
 
 def diagnose(case: MemoryCase, threads: int, device: str, steps: int = 10) -> dict[str, Any]:
@@ -130,26 +132,22 @@ def diagnose(case: MemoryCase, threads: int, device: str, steps: int = 10) -> di
     torch.set_num_threads(threads)
     try:
         _, data, pm = _built(case)
-        for _ in range(3):
-            pm.step(*data)
+        run = functools.partial(_per_step, pm, data, steps)
+        run()  # warm-up
         dist.barrier()
-        start = time.perf_counter()
-        for _ in range(steps):
-            pm.step(*data)
-        wall = (time.perf_counter() - start) / steps
+        wall = run()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                pm.step(*data)
+            profiled = run()
         events = prof.key_averages()
         ops = {e.key: (e.count / steps, e.self_cpu_time_total / 1e6 / steps) for e in events}
-        steps_ = [e for e in events if e.key.startswith("Optimizer.step")]
-        optimizer = sum(e.cpu_time_total for e in steps_) / 1e6 / steps
-        inside = optimizer - sum(e.self_cpu_time_total for e in steps_) / 1e6 / steps  # its ATen ops
+        updates = [e for e in events if e.key.startswith("Optimizer.step")]
+        optimizer = sum(e.cpu_time_total for e in updates) / 1e6 / steps
+        inside = optimizer - sum(e.self_cpu_time_total for e in updates) / 1e6 / steps  # its ATen ops
         dist.barrier()
         cprof = cProfile.Profile()
-        cprof.runcall(lambda: [pm.step(*data) for _ in range(steps)])
+        share = 1 / cprof.runcall(run)
         stats = pstats.Stats(cprof).stats  # type: ignore[attr-defined]
-        gloo = sum(v[2] for (_, _, fn), v in stats.items() if "_distributed_c10d" in fn) / steps
+        share *= sum(v[2] for (_, _, fn), v in stats.items() if "_distributed_c10d" in fn) / steps
         profile_ = device_profile(device)
         predicted: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         for ins in pm.program(pm._inputs(data)).ir.body:
@@ -159,10 +157,18 @@ def diagnose(case: MemoryCase, threads: int, device: str, steps: int = 10) -> di
                 predicted[name][1] += op_seconds(ins.work, profile_)
     finally:
         torch.set_num_threads(before)
-    mine = {"rank": dist.get_rank(), "wall": wall, "ops": ops, "optimizer": optimizer, "inside": inside, "gloo": gloo}
+    mine = {"rank": dist.get_rank(), "wall": wall, "profiled": profiled, "ops": ops, "optimizer": optimizer}
+    mine |= {"inside": inside, "gloo": share * wall}  # gloo's share of the step under cProfile, of a plain step
     every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, {**mine, "predicted": dict(predicted)})
     return max(every, key=lambda r: r["wall"])
+
+
+def _per_step(pm: Any, data: Any, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        pm.step(*data)
+    return (time.perf_counter() - start) / steps
 
 
 # ------------------------------------------------------------------------------------------- in the parent
@@ -200,25 +206,37 @@ def accuracy(world: int, device: str, steps: int, warmup: int) -> list[dict[str,
     me = importlib.import_module("benchmarks.costmodel")  # the ranks import it by this name
     cases = plans(world)
     threads = _threads_per_worker(world)
-    load = os.getloadavg()[0]
-    got = run_on_ranks(world, me.measure, cases, threads, steps, warmup, timeout=3600)[0]
-    print(f"{world} rank(s): 1-minute load average {load:.2f} before the measurement, {os.getloadavg()[0]:.2f} after")
+    got, (seconds, foreign) = run_on_ranks(world, me.measure, cases, threads, steps, warmup, timeout=3600)[0]
+    foreign, noisy = max(foreign, 0.0), " (noisy: rerun on a quiet machine)" if foreign > 0.2 else ""
+    print(f"{world} rank(s): timed for {seconds:.0f} s; other processes kept {foreign:.2f} cores busy{noisy}")
     rows = []
     for case, est, m in zip(cases, priced(cases, device), got):
-        rows.append(
-            {
-                "case": case,
-                "world": world,
-                "threads": threads,
-                "est": est,
-                "ms": statistics.median(m["times"]) * 1e3,
-                "spread": _iqr(m["times"]),
-                "pred_ms": est.step_seconds * 1e3 if est else None,
-                "mib": m["peak"] / 2**20,
-                "pred_mib": max(est.peak_bytes) / 2**20 if est else None,
-            }
-        )
+        row = {"case": case, "world": world, "threads": threads, "est": est, "mib": m["peak"] / 2**20}
+        row |= {"ms": statistics.median(m["times"]) * 1e3, "spread": _iqr(m["times"])}
+        row |= {"pred_ms": est.step_seconds * 1e3, "pred_mib": max(est.peak_bytes) / 2**20} if est else {}
+        rows.append(row)
     return rows
+
+
+def _cpu_seconds(root: int) -> tuple[float, float]:
+    """CPU seconds used so far by the whole machine and by process ``root`` and its descendants (/proc): what
+    other jobs took from a measurement, the noise a load average only hints at."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        total = sum(int(v) for v in f.readline().split()[1:4]) / tick  # user, nice, system
+    parent, cpu = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(pid)], cpu[int(pid)] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+    mine, grown = {root}, True
+    while grown:
+        new = {p for p, pp in parent.items() if pp in mine} - mine
+        mine, grown = mine | new, bool(new)
+    return total, sum(cpu[p] for p in mine)
 
 
 def _iqr(ts: list[float]) -> float:
@@ -230,8 +248,12 @@ def _err(pred: float | None, meas: float) -> float | None:
     return None if pred is None else (pred / meas - 1) * 100
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
 def _cells(r: dict[str, Any]) -> list[str]:
-    te, me = _err(r["pred_ms"], r["ms"]), _err(r["pred_mib"], r["mib"])
+    te, me = _err(r.get("pred_ms"), r["ms"]), _err(r.get("pred_mib"), r["mib"])
     return [
         r["case"].name,
         f"{r['world']} ({r['threads']} thr)",
@@ -284,23 +306,21 @@ def worst(rows: list[dict[str, Any]], devices: dict[int, str], count: int, markd
         pred, ops = d["predicted"], d["ops"]
         program = sum(ops.get(k, (0, 0.0))[1] for k in pred)
         other = sum(s for k, (_, s) in ops.items() if k.startswith("aten::") and k not in pred) - d["inside"]
+        rest = program + d["gloo"] + d["optimizer"] + other
         terms = [
-            [
-                "compute: the program's ATen ops",
-                f"{sum(s for _, s in pred.values()) * 1e3:.2f}",
-                f"{program * 1e3:.2f}",
-            ],
-            [
-                "communication (exposed; measured: gloo calls and waits)",
-                f"{t.exposed * 1e3:.2f}",
-                f"{d['gloo'] * 1e3:.2f}",
-            ],
-            ["update (measured: Optimizer.step)", f"{t.update * 1e3:.2f}", f"{d['optimizer'] * 1e3:.2f}"],
-            ["other ATen ops, not in the program (copies, casts)", "-", f"{other * 1e3:.2f}"],
-            ["step", f"{t.total * 1e3:.2f}", f"{d['wall'] * 1e3:.2f}"],
+            ("compute: the program's ATen ops", sum(s for _, s in pred.values()), program),
+            ("communication (exposed; measured: gloo calls and waits)", t.exposed, d["gloo"]),
+            ("update (measured: Optimizer.step)", t.update, d["optimizer"]),
+            ("other ATen ops, not in the program (copies, casts)", None, other),
+            ("the rest: Python and the runtime between ops", None, d["wall"] - rest),
+            ("step", t.total, d["wall"]),
         ]
-        print(f"measured on rank {d['rank']} (the slowest), {len(pred)} op names, per step:\n")
-        print_table(["term", "predicted ms", "measured ms"], terms, markdown)
+        print(
+            f"measured on rank {d['rank']} (the slowest), per step: {d['wall'] * 1e3:.2f} ms plain, "
+            f"{d['profiled'] * 1e3:.2f} ms under torch.profiler (ATen ops' self time); gloo's share of a step "
+            "under cProfile applied to the plain step:\n"
+        )
+        print_table(["term", "predicted ms", "measured ms"], [[n, _ms(p), _ms(m)] for n, p, m in terms], markdown)
         print()
         names = sorted(set(ops) | set(pred), key=lambda k: -max(ops.get(k, (0, 0.0))[1], pred.get(k, (0, 0.0))[1]))
         table = []

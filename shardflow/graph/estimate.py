@@ -35,7 +35,6 @@ from shardflow.plan import ParallelPlan, PlanError
 from shardflow.plan.record import ESTIMATORS
 from shardflow.runtime.memory import MemoryReport, fmt_bytes
 from shardflow.runtime.runner import OptimizerFactory, default_optimizer
-from shardflow.tensor.global_tensor import GlobalTensor
 
 
 @dataclass(frozen=True)
@@ -110,13 +109,11 @@ class Estimator:
     def __call__(self, plan: ParallelPlan) -> Estimate:
         """``plan``'s memory and time."""
         classes, flops = self._price(plan, timed=True)
-        mesh = plan.mesh
-        by_rank = {r: c.memory.peak for c in classes for r in c.ranks}
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
         return Estimate(
             plan,
             self.profile.name,
-            tuple(by_rank[r] for r in mesh.ranks),
+            _per_rank(classes, plan),
             max(c.time.total for c in classes if c.time is not None),
             flops,
             tuple(classes),
@@ -125,9 +122,7 @@ class Estimator:
 
     def peak_bytes(self, plan: ParallelPlan) -> tuple[int, ...]:
         """``plan``'s predicted peak per rank, in mesh order (no device profile needed)."""
-        classes, _ = self._price(plan, timed=False)
-        by_rank = {r: c.memory.peak for c in classes for r in c.ranks}
-        return tuple(by_rank[r] for r in plan.mesh.ranks)
+        return _per_rank(self._price(plan, timed=False)[0], plan)
 
     def _price(self, plan: ParallelPlan, timed: bool) -> tuple[list[RankClass], Flops]:
         if plan.pipeline is not None:
@@ -202,10 +197,14 @@ def estimate(
 ESTIMATORS.append(estimate)  # ``plan.estimate`` (plan/record.py) calls it
 
 
+def _per_rank(classes: Sequence[RankClass], plan: ParallelPlan) -> tuple[int, ...]:
+    """Each rank's predicted peak, in the order of the plan's mesh, from the classes that price them."""
+    by_rank = {r: c.memory.peak for c in classes for r in c.ranks}
+    return tuple(by_rank[r] for r in plan.mesh.ranks)
+
+
 def _meta(x: Any) -> Any:
-    """An input as a meta tensor of its global shape (no memory), else as it is."""
-    if isinstance(x, GlobalTensor):
-        return torch.empty(tuple(x.shape), dtype=x.dtype, device="meta")
+    """An input as a meta tensor of its global shape (a GlobalTensor's too: its shape is global), else as it is."""
     if isinstance(x, torch.Tensor):
         return torch.empty(tuple(x.shape), dtype=x.dtype, device="meta")
     return x

@@ -95,7 +95,7 @@ def legs(comm: Comm | None, rank: int, profile: DeviceProfile) -> list[Leg]:
     if comm is None:
         return []
     if comm.plan is None:  # a gradient bucket
-        return [Leg(comm.ranks, profile.collective(comm.kind, len(comm.ranks), comm.nbytes, comm.ranks))]
+        return [Leg(comm.ranks, profile.collective(comm.route, len(comm.ranks), comm.nbytes, comm.ranks))]
     out = []
     for step in comm.plan.steps:
         n = step.src_mesh.shape[step.axis]

@@ -98,9 +98,7 @@ def bucket_gradients(
             where, route, total = f"gradient bucket of {len(names)}", "all_reduce", bucket.nbytes
             out.all_reduces.append(AllReduced(key.ranks, bucket.nbytes))
         out.waits.append(Waiting(handle, tuple(p.grad.k for p in bucket.items)))
-        return Launch(
-            out=handle, grads=names, fn=fn, comm=Comm(phase, where, route, None, route, tuple(key.ranks), total)
-        )
+        return Launch(out=handle, grads=names, fn=fn, comm=Comm(phase, where, route, None, tuple(key.ranks), total))
 
     for g in grads:
         if g.sbp == g.want:

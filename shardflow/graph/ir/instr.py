@@ -25,8 +25,7 @@ class Comm:
     where: str  # the op needing it, "gradient bucket of N", "loss" or "gradient"
     route: str
     plan: Plan | None
-    # a gradient bucket's collective (``plan`` None), for the cost model: its kind, group, full bytes
-    kind: str = ""
+    # a gradient bucket's collective (``plan`` None; ``route`` is its kind), for the cost model: group, full bytes
     ranks: tuple[int, ...] = ()
     nbytes: int = 0
 

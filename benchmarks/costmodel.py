@@ -3,8 +3,10 @@ prices plans.
 
 Accuracy: plans of ``memory_case``'s GPT, MLP and CNN, priced by an ``Estimator`` on this machine's profile for
 the run's rank count (``calibrate(ranks=N)``, saved and passed as ``device=``), then compiled and stepped on N
-pooled gloo ranks with the launcher's threads for N ranks. Time: after a warm-up, the steps of all plans of a rank
-count interleaved in rotating order, a barrier before each, each step's slowest rank kept, the median over steps.
+pooled gloo ranks with the launcher's threads for N ranks. Time: after a warm-up, the plans of a rank count take
+turns in rotating order, each a block of one untimed and 4 timed steps (a job runs one plan over and over; the
+untimed step finds the caches full of the previous plan's data), a barrier before each timed step, each step's
+slowest rank kept, the median over steps.
 Memory: the second step's peak by the allocator (``predict_and_measure``), the fullest rank. Pipeline plans are
 "not priced yet" while ``estimate`` raises NotImplementedError. The worst-timed plan of each model: its
 ``StepTime`` against torch.profiler (ATen ops) and cProfile (gloo), term by term and op by op.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import math
 import os
 import statistics
 import sys
@@ -37,6 +40,7 @@ from benchmarks.common import print_preamble, print_table, timed_call  # noqa: E
 from shardflow.testing.memory_cases import MemoryCase  # noqa: E402
 
 KINDS = ("gpt", "mlp", "cnn")
+BLOCK = 4  # timed steps of a plan in a row, after one untimed
 HEADER = ["plan", "ranks", "predicted ms", "measured ms", "time err %", "predicted MiB", "measured MiB", "mem err %"]
 
 
@@ -100,10 +104,12 @@ def measure(cases: list[MemoryCase], threads: int, steps: int, warmup: int) -> t
                 pm.step(*data)
         times: list[list[float]] = [[] for _ in cases]
         before, start = _cpu_seconds(os.getppid()), time.perf_counter()  # the parent's tree: every rank
-        for i in range(steps):  # rotating order: drift and the neighbours' caches hit every plan alike
+        for i in range(math.ceil(steps / BLOCK)):  # rotating order: drift hits every plan alike
             for j in [(i + k) % len(cases) for k in range(len(cases))]:
                 data, pm = built[j]
-                times[j].append(timed_call(lambda pm=pm, data=data: pm.step(*data)))  # the slowest rank's
+                pm.step(*data)  # untimed: it finds the caches full of the previous plan's data
+                for _ in range(BLOCK):  # then steady steps, as a job runs one plan over and over
+                    times[j].append(timed_call(lambda pm=pm, data=data: pm.step(*data)))  # the slowest rank's
         seconds = time.perf_counter() - start
         total, mine = (a - b for a, b in zip(_cpu_seconds(os.getppid()), before))
         every: list[Any] = [None] * dist.get_world_size()

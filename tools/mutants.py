@@ -260,9 +260,26 @@ MUTANTS = [
     Mutant(
         "the cost model runs a started collective in the foreground (no overlap with backward)",
         "shardflow/graph/step_time.py",
-        "return self._run(legs, self.compute)",
-        "self.blocking(legs)\n        return self.compute",
+        "end = self._run(legs, self.compute)",
+        "self.blocking(legs)\n        end = self.compute",
         ("tests/graph/test_estimate.py::test_data_parallel_gradients_cost_a_ring_all_reduce_of_every_parameter",),
+    ),
+    Mutant(
+        "the cost model leaves a local function's collectives unpriced (synchronised BatchNorm's statistics)",
+        "shardflow/graph/step_time.py",
+        "for plan in ins.work.boxes if ins.work is not None else ():",
+        "for plan in ():",
+        ("tests/graph/test_step_costs.py::test_synchronised_batch_norm_prices_its_statistics_all_reduces",),
+    ),
+    Mutant(
+        "the cost model hides a started collective behind compute whatever the profile's overlap",
+        "shardflow/graph/step_time.py",
+        "shared = (1.0 - self.overlap) * sum(leg.seconds for leg in legs)",
+        "shared = 0.0",
+        (
+            "tests/graph/test_step_costs.py::"
+            "test_every_collective_pays_the_in_step_cost_and_shares_cores_as_the_overlap_says",
+        ),
     ),
     Mutant(
         "the cost model prices one rank for every rank, uneven shards included",

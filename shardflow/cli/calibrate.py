@@ -2,9 +2,9 @@
 
 Compute is timed in this process with the intra-op threads one rank gets when ``ranks`` ranks share the machine
 (the launcher's share), as medians of batches of calls after a warm-up: element-wise FLOP/s from an add whose
-operands stay in cache, memory bandwidth from one that streams, and the launch floor per op from a real
-compiled step (a small GPT's on one rank: what its program's lines cost beyond their rooflines; a one-element
-add's at least). Links are timed on ``ranks`` pooled ranks (``shardflow.testing``) through shardflow's own
+operands stay in cache, memory bandwidth from one that streams, and the launch floor per op and the runtime's
+cost per step from real compiled steps (small models' on one rank: what their programs' lines and steps cost
+beyond their ops; a one-element add's at least). Links are timed on ``ranks`` pooled ranks (``shardflow.testing``) through shardflow's own
 collectives on a mesh's groups, a barrier before each call and the slowest rank kept, then fitted as latency +
 bus bytes / bus bandwidth.
 """
@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from shardflow.cost.profile import (
 from shardflow.ops.flop_count import in_flops
 from shardflow.placement.mesh import Mesh
 from shardflow.runtime.meter import _sync
+from shardflow.runtime.pipeline_config import Pipeline
 from shardflow.testing import run_on_ranks  # pooled ranks: a process group started once and kept warm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -52,6 +54,7 @@ _SHAPES = {
 }
 SIZES = tuple(1 << k for k in range(10, 25, 2))  # bytes of the full piece: 1 KiB to 16 MiB, x4 apart
 QUICK_SIZES = (1 << 10, 1 << 14, 1 << 18, 1 << 22, 1 << 24)
+_PIPELINE = Pipeline(axis="pp", micro_batches=4, schedule="1f1b")  # the pipeline action's calibration
 
 
 def calibrate(ranks: int = 2, backend: str | None = None, quick: bool = False, device: str = "cpu") -> DeviceProfile:
@@ -80,7 +83,7 @@ def calibrate(ranks: int = 2, backend: str | None = None, quick: bool = False, d
         flops, bandwidth, launch = _compute(dev, quick)
     finally:
         torch.set_num_threads(before)
-    links = _link_fits(ranks, backend, quick, device, threads) if ranks > 1 else ()
+    links = _link_fits(ranks, backend, quick, device, threads) if ranks > 1 else Links((), 0.0, 1.0)
     if device == "cpu":
         name = machine_name()
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
@@ -100,41 +103,163 @@ def calibrate(ranks: int = 2, backend: str | None = None, quick: bool = False, d
         memory_bandwidth=bandwidth,
         launch=launch,
         memory_bytes=int(memory),
-        collectives=links,
-        node_size=node if links else 1,  # one rank: no collective was measured, so no group is priced
+        collectives=links.fits,
+        node_size=node if links.fits else 1,  # one rank: no collective was measured, so no group is priced
+        in_step=links.in_step,
+        overlap=links.overlap,
         threads=threads,
     )
     if device == "cpu":
         if threads:
             torch.set_num_threads(threads)
         try:
-            profile = dataclasses.replace(profile, launch=_step_launch(profile, quick))
+            launch, overhead = _runtime_fit(profile, quick)
+            profile = dataclasses.replace(profile, launch=launch, step_overhead=overhead)
+            if ranks >= 2:  # in that order: a pipeline's sends pay the in-step cost too
+                profile = dataclasses.replace(profile, in_step=_in_step_fit(profile, quick))
+                profile = dataclasses.replace(profile, pipeline_action=_pipeline_fit(profile, quick))
         finally:
             torch.set_num_threads(before)
     return _with_datasheet(profile)
 
 
-def _step_launch(profile: DeviceProfile, quick: bool) -> float:
-    """Seconds per instruction of a real compiled step beyond its ops' rooflines: a bare one-element add
-    (the floor) leaves out what a program line costs in the runtime (Python, dispatch, wrapping, the
-    update loop's calls). Fitted on a small GPT's step on one rank: measured step less the estimate
-    without launches, over how many launches the estimate counts."""
+class Runtime(NamedTuple):
+    launch: float  # seconds per program line beyond its op's own time
+    step_overhead: float  # seconds per step beyond its lines
+
+
+def _runtime_fit(profile: DeviceProfile, quick: bool) -> Runtime:
+    """What a real compiled step costs beyond its ops' own times (measured or rooflines): per program line
+    (Python, dispatch, wrapping, the update loop's calls: a bare one-element add, the floor, leaves them out)
+    and per step (staging inputs and the loss, the step's bookkeeping). Fitted by least squares on one-rank
+    steps of models of their own (not ones the cost-model benchmark checks the fit on) whose line counts
+    differ: a small MLP, and GPTs of 1, 2 and 4 layers; each point the measured step less the estimate
+    without either, against how many launches the estimate counts."""
     import shardflow as sf
     from shardflow.graph.estimate import Estimator
-    from shardflow.testing.memory import memory_case
+    from shardflow.models import MLP, MLPConfig
 
-    model, batch = memory_case("gpt")
-    pm = sf.compile(model, sf.Mesh("cpu", (1,)), batch)
+    torch.manual_seed(0)
+    mlp = MLP(MLPConfig(in_features=96, hidden_sizes=(192,), num_classes=10))
+    cases: list[tuple[torch.nn.Module, tuple[torch.Tensor, ...]]] = [
+        (mlp, (torch.randn(16, 96), torch.randint(0, 10, (16,))))
+    ]
+    cases += [_calibration_gpt(depth) for depth in (1, 2, 4)]
+    xs, ys = [], []
+    for model, batch in cases:
+        pm = sf.compile(model, sf.Mesh("cpu", (1,)), batch)
+        for _ in range(3):
+            pm.step(*batch)
+        seconds = []
+        for _ in range(5 if quick else 15):
+            started = time.perf_counter()
+            pm.step(*batch)
+            seconds.append(time.perf_counter() - started)
+        free, unit = (
+            Estimator(model, batch, device=dataclasses.replace(profile, launch=t, step_overhead=0.0))(pm.plan)
+            for t in (0.0, 1.0)
+        )
+        xs.append(unit.step_seconds - free.step_seconds)  # launches: the estimate is linear in the floor on a CPU
+        ys.append(statistics.median(seconds) - free.step_seconds)
+    (overhead, launch), *_ = np.linalg.lstsq(np.stack([np.ones(len(xs)), xs], axis=1), np.array(ys), rcond=None)
+    return Runtime(max(float(launch), profile.launch), max(float(overhead), 0.0))
+
+
+def _calibration_gpt(depth: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A small GPT and its batch, of sizes the cost-model benchmark does not check the fits on."""
+    from shardflow.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 512, (8, 32))
+    return GPT(GPTConfig(vocab_size=512, block_size=32, n_layer=depth, n_head=2, n_embd=96)), (tokens, tokens)
+
+
+_IN_STEP_PLANS: tuple[dict[str, Any], ...] = (
+    {},
+    {"zero": 3},
+)  # data parallel, and ZeRO-3's gathers: few collectives and many
+
+
+def _in_step_fit(profile: DeviceProfile, quick: bool) -> float:
+    """Seconds each collective costs inside a real step beyond its link fit: the runtime's work around it
+    (boxing, packing, handles) and the waiting rank's wake-up. Fitted by least squares through the origin on
+    real 2-rank steps of a small GPT, data parallel and under ZeRO-3: each the measured step less the
+    estimate without it, against how much the estimate grows per second of it (about the collectives it does
+    not hide). Replaces the between-compute microbenchmark's figure, which leaves out the runtime."""
+    import shardflow as sf
+    from shardflow.graph.estimate import Estimator
+
+    model, batch = _calibration_gpt(2)
+    per_rank = run_on_ranks(2, _plan_steps, _IN_STEP_PLANS, 5 if quick else 15, profile.threads)
+    xs, ys = [], []
+    for options, steps in zip(_IN_STEP_PLANS, zip(*per_rank)):
+        measured = statistics.median(max(s) for s in zip(*steps))
+        plan = sf.plan(model, sf.MeshSpec("cpu", (2,), ("dp",), (0, 1)), batch, **options)
+        free, unit = (Estimator(model, batch, device=dataclasses.replace(profile, in_step=t))(plan) for t in (0.0, 1.0))
+        xs.append(unit.step_seconds - free.step_seconds)
+        ys.append(measured - free.step_seconds)
+    return max(float(np.dot(xs, ys) / np.dot(xs, xs)), 0.0)
+
+
+def _plan_steps(plans: tuple[dict[str, Any], ...], steps: int, threads: int) -> list[list[float]]:
+    """On every rank of a pool: per plan of ``plans`` (``sf.compile`` options on a 2-rank ``dp`` mesh), the
+    seconds of ``steps`` steps of the calibration GPT after a warm-up, a barrier before each."""
+    import shardflow as sf
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    out = []
+    try:
+        for options in plans:
+            model, batch = _calibration_gpt(2)
+            pm = sf.compile(model, sf.Mesh("cpu", (2,), names=("dp",)), batch, **options)
+            out.append(_steps(pm, batch, steps))
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def _steps(pm: Any, batch: tuple[torch.Tensor, ...], steps: int) -> list[float]:
+    """The seconds of ``steps`` steps of ``pm`` after a warm-up, a barrier of the pool before each."""
     for _ in range(3):
         pm.step(*batch)
     seconds = []
-    for _ in range(5 if quick else 15):
+    for _ in range(steps):
+        dist.barrier()
         started = time.perf_counter()
         pm.step(*batch)
         seconds.append(time.perf_counter() - started)
-    free, unit = (Estimator(model, batch, device=dataclasses.replace(profile, launch=t))(pm.plan) for t in (0.0, 1.0))
-    launches = unit.step_seconds - free.step_seconds  # the estimate is linear in the launch floor on a CPU
-    return max(profile.launch, (statistics.median(seconds) - free.step_seconds) / launches)
+    return seconds
+
+
+def _pipeline_fit(profile: DeviceProfile, quick: bool) -> float:
+    """Seconds each pipeline action (a micro-batch's forward or backward on a stage) costs beyond its program
+    and its messages: the schedule's bookkeeping, autograd's engine. Fitted on a real 2-stage 1F1B step of a
+    small GPT on 2 pooled ranks: the measured step against the estimate, which is linear in this cost for a
+    fixed schedule."""
+    import shardflow as sf
+    from shardflow.graph.estimate import Estimator
+
+    measured = statistics.median(
+        max(s) for s in zip(*run_on_ranks(2, _pipeline_steps, 5 if quick else 15, profile.threads))
+    )
+    model, batch = _calibration_gpt(2)
+    plan = sf.plan(model, sf.MeshSpec("cpu", (2,), ("pp",), (0, 1)), batch, pipeline=_PIPELINE)
+    free, unit = (Estimator(model, batch, device=dataclasses.replace(profile, pipeline_action=t))(plan) for t in (0, 1))
+    return max((measured - free.step_seconds) / (unit.step_seconds - free.step_seconds), 0.0)
+
+
+def _pipeline_steps(steps: int, threads: int) -> list[float]:
+    """On every rank of a pool: the seconds of ``steps`` steps of ``_pipeline_fit``'s pipeline (after a warm-up)."""
+    import shardflow as sf
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        model, batch = _calibration_gpt(2)
+        return _steps(sf.compile(model, sf.Mesh("cpu", (2,), names=("pp",)), batch, pipeline=_PIPELINE), batch, steps)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _with_datasheet(profile: DeviceProfile) -> DeviceProfile:
@@ -234,8 +359,17 @@ def _gpu_name(device_name: str) -> str:
     return "-".join(device_name.lower().replace("nvidia", "").split())
 
 
-def _link_fits(ranks: int, backend: str, quick: bool, device: str, threads: int) -> tuple[LinkFit, ...]:
-    """Fits of every kind on groups of ``ranks`` (and of pairs, above 3 ranks unless ``quick``)."""
+class Links(NamedTuple):
+    """The fitted links, and what a collective costs inside a step beyond them (``DeviceProfile`` fields)."""
+
+    fits: tuple[LinkFit, ...]
+    in_step: float
+    overlap: float
+
+
+def _link_fits(ranks: int, backend: str, quick: bool, device: str, threads: int) -> Links:
+    """Fits of every kind on groups of ``ranks`` (and of pairs, above 3 ranks unless ``quick``), and the
+    in-step cost and overlap of a small all-reduce between bursts of compute (``in_step``)."""
     sizes, reps = (QUICK_SIZES, 10) if quick else (SIZES, 20)
     widths = (ranks, 2) if ranks >= 4 and not quick else (ranks,)
     per_rank = run_on_ranks(ranks, time_links, sizes, reps, widths, threads, device, backend, timeout=600)
@@ -243,7 +377,76 @@ def _link_fits(ranks: int, backend: str, quick: bool, device: str, threads: int)
     for rows in zip(*per_rank):  # one row, the same (kind, group size, bytes) on every rank
         kind, k, nbytes, _ = rows[0]
         points.setdefault((kind, k), []).append((nbytes, max(r[3] for r in rows)))  # the slowest rank
-    return tuple(_fit(kind, k, p) for (kind, k), p in points.items())
+    # in rounds seconds apart, the median round: this cost comes and goes with the machine's scheduling
+    reps, n = (200, 1) if quick else (600, 3)
+    rounds = [run_on_ranks(ranks, in_step, reps, threads, device, backend, timeout=600) for _ in range(n)]
+    return Links(
+        tuple(_fit(kind, k, p) for (kind, k), p in points.items()),
+        statistics.median(max(r.in_step for r in per) for per in rounds),
+        statistics.median(min(r.overlap for r in per) for per in rounds),
+    )
+
+
+class InStep(NamedTuple):
+    in_step: float  # seconds a collective issued after compute costs beyond one issued back to back
+    overlap: float  # the share of a started collective that compute in the meantime hides
+
+
+def in_step(reps: int, threads: int, device: str, backend: str) -> InStep:
+    """On every rank of a pool: a 1 KiB all-reduce issued back to back, and after bursts of compute (4 to 32
+    small matmuls, as a step issues its collectives), each call timed alone: the mean difference is what a
+    collective costs inside a step beyond its link fit (a rank whose thread slept waits to be woken, and
+    now and then for the other's; the mean, since a step pays the tail too). Then the same all-reduce
+    started before a burst and waited for after a second one, against issuing it between the two: the
+    time saved, against the in-step collective it could hide, is the overlap."""
+    rank = dist.get_rank()
+    dev = torch.device("cuda", rank % torch.cuda.device_count()) if device == "cuda" else torch.device("cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        g = _group(Mesh(device, (1, dist.get_world_size())), rank, backend)  # collective: makes its groups
+        assert g is not None
+        group, x, a = g.group, torch.ones(256, device=dev), torch.randn(128, 128, device=dev)
+
+        def burst(n: int) -> None:
+            for _ in range(n):
+                a @ a
+            _sync(dev)
+
+        def call() -> float:
+            start = time.perf_counter()
+            dist.all_reduce(x, group=group)
+            _sync(dev)
+            return time.perf_counter() - start
+
+        def started(n: int) -> float:
+            start = time.perf_counter()
+            burst(n)
+            work = dist.all_reduce(x, group=group, async_op=True)
+            burst(n)
+            work.wait()
+            _sync(dev)
+            return time.perf_counter() - start
+
+        def between(n: int) -> float:
+            start = time.perf_counter()
+            burst(n)
+            call()
+            burst(n)
+            return time.perf_counter() - start
+
+        dist.barrier()
+        alone = statistics.mean(call() for _ in range(reps))
+        after, saved = [], []
+        for i in range(reps):
+            n = 4 << i % 4
+            burst(n)
+            after.append(call())
+            saved.append(between(n) - started(n))
+    finally:
+        torch.set_num_threads(before)
+    extra = max(statistics.mean(after) - alone, 0.0)
+    return InStep(extra, min(max(statistics.mean(saved) / statistics.mean(after), 0.0), 1.0))
 
 
 def _fit(kind: str, k: int, points: list[tuple[int, float]]) -> LinkFit:
@@ -339,6 +542,11 @@ def table(profile: DeviceProfile) -> str:
     lines.append(
         f"memory {profile.memory_bandwidth / 1e9:.1f} GB/s, launch {profile.launch * 1e6:.2f} µs per op, "
         f"{profile.memory_bytes / 2**30:.1f} GiB per rank"
+    )
+    lines.append(
+        f"runtime {profile.step_overhead * 1e3:.2f} ms per step, {profile.pipeline_action * 1e3:.2f} ms per pipeline "
+        f"action; a collective {profile.in_step * 1e6:.0f} µs more inside a step, {profile.overlap:.0%} of it "
+        "hidden by compute when started early"
     )
     if profile.collectives:
         lines.append(f"{'collective':<16}{'ranks':>6}{'latency':>12}{'bus bandwidth':>16}")

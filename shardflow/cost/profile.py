@@ -4,7 +4,8 @@ A profile is data, one JSON file: datasheet profiles ship with the package (``pr
 H200, A100, labelled as not calibrated here), and ``shardflow calibrate`` measures this machine's and keeps
 it under ``~/.cache/shardflow/profiles/``. Compute is a roofline per op class (matmul, convolution,
 attention, element-wise FLOP/s by dtype, memory bytes/s) with a launch floor per op; a collective is
-``latency + bus factor x bytes / bus bandwidth`` (nccl-tests' convention), fitted per kind and group size.
+``latency + bus factor x bytes / bus bandwidth`` (nccl-tests' convention), fitted per kind and group size,
+plus what a collective costs inside a real step beyond that (fitted on compiled steps).
 Decision: the same file format for shipped and measured profiles, so a lent GPU's calibration replaces a
 datasheet's by name, and the cost model never asks where a number came from.
 """
@@ -67,6 +68,13 @@ class DeviceProfile:
     network: tuple[LinkFit, ...] = ()  # fits for groups wider than a node
     threads: int = 0  # CPU: the intra-op threads the compute was measured with (0: not a CPU)
     peaks: Mapping[str, float] = field(default_factory=dict)  # datasheet dense peak by dtype, for MFU
+    # what a collective costs inside a step beyond its link fit (the runtime's packing and handles, the
+    # waiting rank's wake-up), and the share of a started one that runs beside compute (on a CPU whose cores
+    # all compute, gloo's copies and sums take the compute's cores): both fitted by calibrate on real steps
+    in_step: float = 0.0
+    overlap: float = 1.0
+    step_overhead: float = 0.0  # seconds per step the runtime spends beyond its program (fitted with ``launch``)
+    pipeline_action: float = 0.0  # seconds a pipeline action (a micro-batch's forward or backward) costs beyond it
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def rate(self, op_class: str, dtype: str) -> float:
@@ -91,7 +99,7 @@ class DeviceProfile:
         # latency grows with the algorithm's steps beyond the fitted group (never below the fit: its launch
         # and setup do not shrink with fewer ranks)
         latency = fit.latency * max(1.0, _steps(kind, n) / _steps(kind, fit.ranks))
-        return latency + bus_factor(kind, n) * nbytes / fit.bus_bandwidth
+        return latency + self.in_step + bus_factor(kind, n) * nbytes / fit.bus_bandwidth
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

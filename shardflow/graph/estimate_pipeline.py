@@ -117,7 +117,8 @@ def _price(pm: PipelineModule, profile: DeviceProfile | None) -> StagePrice:
         if pm.stage > 0:
             pair = (rank, pm.stage_ranks[pm.stage - 1][0])
             back = profile.collective("send_recv", 2, _nbytes(metas[pm.stage - 1]), pair)
-        forward, backward = forward + sent, backward + back
+        # each action also runs the schedule's bookkeeping around its program (and a backward autograd's engine)
+        forward, backward = forward + sent + profile.pipeline_action, backward + back + profile.pipeline_action
     return StagePrice(pm.stage_ranks[pm.stage], memory, pm, forward, backward, sent, back)
 
 
@@ -141,7 +142,8 @@ def stage_times(stages: Sequence[StagePrice], profile: DeviceProfile) -> list[St
         busy = m * (s.forward + s.backward)
         sends = m * (s.sent + s.sent_back)  # on the stage's own time: the schedule's walk waits for them
         compute = {"forward": m * (s.forward - s.sent), "backward": m * (s.backward - s.sent_back)}
-        out.append(StepTime(span + reduce + update, compute, sends + reduce, sends + reduce, update, span - busy))
+        total = span + reduce + update + profile.step_overhead
+        out.append(StepTime(total, compute, sends + reduce, sends + reduce, update, span - busy, profile.step_overhead))
     return out
 
 

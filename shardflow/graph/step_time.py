@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from shardflow.boxing.plan import COLLECTIVES
+from shardflow.boxing.plan import COLLECTIVES, Plan
 from shardflow.comm.init import world
 from shardflow.cost.profile import DeviceProfile, bus_factor
 from shardflow.graph.ir.instr import Box, Comm, GatherStart, Launch, Op, Release, Wait, Work
 from shardflow.graph.ir.step import StepIR
+from shardflow.graph.kernel_time import kernel_seconds, measures_here, update_seconds_here
 
 if TYPE_CHECKING:
     from shardflow.graph.parallel_module import ParallelModule
@@ -43,6 +44,7 @@ class StepTime:
     exposed: float = 0.0  # the part of it compute waited for
     update: float = 0.0  # the optimizer update (and ZeRO's all-gather of updated pieces)
     bubble: float = 0.0  # a pipeline stage's idle time in its schedule
+    runtime: float = 0.0  # the runtime's own work per step beyond the program's lines (the profile's)
 
     @property
     def hidden(self) -> float:
@@ -55,6 +57,7 @@ class StepTime:
             f"{self.total * 1e3:.2f} ms per step: compute ({parts}), communication {self.communication * 1e3:.2f} ms "
             f"({self.exposed * 1e3:.2f} ms exposed), update {self.update * 1e3:.2f} ms"
             + (f", pipeline bubble {self.bubble * 1e3:.2f} ms" if self.bubble else "")
+            + (f", runtime {self.runtime * 1e3:.2f} ms" if self.runtime else "")
         )
 
 
@@ -68,18 +71,24 @@ def op_class(op: str) -> str:
 
 
 def op_seconds(work: Work | None, profile: DeviceProfile) -> float:
-    """Roofline of one op: its matrix work (a fused attention backward's recomputed scores included) at its
+    """One op's seconds: timed on this machine where the profile is its own (``graph/kernel_time.py``),
+    else the roofline of its matrix work (a fused attention backward's recomputed scores included) at its
     class's rate and its element-wise part at the vector rate, or its bytes at the memory bandwidth,
     whichever is longer; plus the launch floor on a CPU, where the calling thread runs the op, or at least
     the launch on a GPU, where launching overlaps the kernels queued before."""
     if work is None:
         return profile.launch
+    if work.call is not None and work.kernels == 1 and measures_here(profile):
+        measured = kernel_seconds(work.call, profile)
+        if measured is not None:
+            return measured + profile.launch
     compute = 0.0
     if work.flops is not None:
         compute = (work.flops.matmul + work.flops.recompute) / profile.rate(op_class(work.op), work.dtype)
         compute += work.flops.vector / profile.rate("vector", work.dtype)
     roofline = max(compute, work.nbytes / profile.memory_bandwidth)
-    return max(roofline, profile.launch) if profile.device_type == "cuda" else roofline + profile.launch
+    launches = work.kernels * profile.launch
+    return max(roofline, launches) if profile.device_type == "cuda" else roofline + launches
 
 
 class Leg(NamedTuple):
@@ -96,8 +105,13 @@ def legs(comm: Comm | None, rank: int, profile: DeviceProfile) -> list[Leg]:
         return []
     if comm.plan is None:  # a gradient bucket
         return [Leg(comm.ranks, profile.collective(comm.route, len(comm.ranks), comm.nbytes, comm.ranks))]
+    return plan_legs(comm.plan, rank, profile)
+
+
+def plan_legs(plan: Plan, rank: int, profile: DeviceProfile) -> list[Leg]:
+    """A boxing plan's steps on this ``rank``, each a collective on its group or a local copy."""
     out = []
-    for step in comm.plan.steps:
+    for step in plan.steps:
         n = step.src_mesh.shape[step.axis]
         if step.kind in COLLECTIVES and n > 1:
             group = step.src_mesh.axis_slice(step.axis, rank) if rank in step.src_mesh else ()
@@ -118,6 +132,7 @@ class _Clocks:
     time, in issue order, and groups run beside each other (NCCL: a stream per communicator; gloo: a
     thread per group)."""
 
+    overlap: float = 1.0  # the share of a started collective that runs beside compute (the profile's)
     compute: float = 0.0
     comm: dict[tuple[int, ...], float] = field(default_factory=dict)  # when each group is next free
     busy: float = 0.0  # total communication time
@@ -135,8 +150,13 @@ class _Clocks:
         self.wait(self._run(legs, self.compute))
 
     def started(self, legs: Sequence[Leg]) -> float:
-        """A communication started now, finishing in the background; returns when it finishes."""
-        return self._run(legs, self.compute)
+        """A communication started now, finishing in the background; returns when it finishes. The share
+        that cannot run beside compute (it takes the cores compute runs on) delays compute by as much."""
+        end = self._run(legs, self.compute)
+        shared = (1.0 - self.overlap) * sum(leg.seconds for leg in legs)
+        self.compute += shared
+        self.exposed += shared
+        return end
 
     def wait(self, until: float) -> None:
         if until > self.compute:
@@ -155,7 +175,7 @@ class Walk(NamedTuple):
 
 def program_time(ir: StepIR, profile: DeviceProfile, rank: int, start: int = 0, stop: int | None = None) -> Walk:
     """Walk ``ir``, lowered for ``rank`` (its instructions ``start:stop``: a stage's forward or backward)."""
-    clocks, phases = _Clocks(), {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
+    clocks, phases = _Clocks(profile.overlap), {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
     handles: dict[str, float] = {}
     unit_ready: dict[int, float] = {}
     backward_end = 0.0
@@ -165,6 +185,8 @@ def program_time(ir: StepIR, profile: DeviceProfile, rank: int, start: int = 0, 
             clocks.compute += seconds
             phase = ins.work.phase if ins.work is not None else "forward"
             phases[phase] = phases.get(phase, 0.0) + seconds
+            for plan in ins.work.boxes if ins.work is not None else ():  # a local function's own collectives
+                clocks.blocking(plan_legs(plan, rank, profile))
         elif isinstance(ins, Launch):
             assert ins.comm is not None
             clocks.compute += 2 * ins.comm.nbytes / profile.memory_bandwidth + profile.launch  # packed into a buffer
@@ -196,11 +218,16 @@ def _released(release: Release, handles: dict[str, float], clocks: _Clocks, read
         ready[release.unit] = max(handles.get(payload, 0.0), clocks.compute)
 
 
-def update_seconds(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], profile: DeviceProfile) -> float:
-    """One update of ``params``: its kernels' launch floors and its passes over them at memory bandwidth
-    (an update is element-wise: memory bound)."""
+def update_seconds(
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], profile: DeviceProfile, skipped: int = 0
+) -> float:
+    """One update of ``params`` (with ``skipped`` more of the optimizer's parameters, which have no gradient
+    at this step): timed on this machine where the profile is its own, else its kernels' launch floors and its
+    passes over them at memory bandwidth (an update is element-wise: memory bound)."""
     if not params:
         return 0.0
+    if measures_here(profile):
+        return update_seconds_here(optimizer, params, profile, skipped) + profile.launch
     name = type(optimizer).__name__
     kernels, passes = _UPDATE_WORK.get(name, (4, 12))
     if name == "SGD" and any(g.get("momentum", 0) for g in optimizer.param_groups):
@@ -221,13 +248,15 @@ def step_time(pm: ParallelModule, program: Program, profile: DeviceProfile) -> S
     """``pm``'s step on this rank (``program``, lowered for it): the program's walk, then the updates."""
     assert program.ir is not None
     clocks, phases, ready, backward_end = program_time(program.ir, profile, world()[0])
-    per_unit = [
-        update_seconds(pm.optimizer, [pm.local_params[program.grad_of[k]] for k in unit.grads], profile)
-        for unit in program.units
-    ]
+    units = [[pm.local_params[program.grad_of[k]] for k in unit.grads] for unit in program.units]
+    every = [p for unit in units for p in unit]
+    if pm.updates == "after" or pm.max_grad_norm is not None or not program.units:  # one step over all
+        per_unit = [update_seconds(pm.optimizer, every, profile)]
+    else:  # a step per unit, walking past the parameters of every other unit (they have no gradient)
+        per_unit = [update_seconds(pm.optimizer, unit, profile, len(every) - len(unit)) for unit in units]
     update = sum(per_unit)
     end = clocks.compute
-    if pm.updates in ("after", "inline") or pm.max_grad_norm is not None or not program.units:
+    if len(per_unit) == 1 or pm.updates == "inline":
         end += update
     else:  # each unit updated once its gradients are reduced, in release order, beside the program
         chain = backward_end if pm.updates == "loop" else 0.0  # the loop shares the compute thread
@@ -244,4 +273,5 @@ def step_time(pm: ParallelModule, program: Program, profile: DeviceProfile) -> S
         grads = sum(q.numel() * q.element_size() for q in pm.local_params if q.requires_grad)
         after += 3 * grads / profile.memory_bandwidth + profile.collective("all_reduce", pm.mesh.size, 4, pm.mesh.ranks)
     comm = clocks.busy + after
-    return StepTime(end + after, phases, comm, clocks.exposed + after, update + after)
+    total = end + after + profile.step_overhead
+    return StepTime(total, phases, comm, clocks.exposed + after, update + after, runtime=profile.step_overhead)

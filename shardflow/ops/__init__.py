@@ -2,14 +2,18 @@
 
 from shardflow.ops import rules as _rules  # noqa: F401  (registers every rule module)
 from shardflow.ops.registry import (
+    INSIDE,
     LOCALS,
     PREPARED,
     RULES,
     WORKSPACE,
+    InnerBox,
+    Inside,
     LocalContext,
     OpCall,
     Sig,
     TensorMeta,
+    inside,
     local,
     prepared,
     rule,
@@ -19,16 +23,20 @@ from shardflow.ops.registry import (
 from shardflow.ops.select import NoRuleError, choose
 
 __all__ = [
+    "INSIDE",
     "LOCALS",
     "PREPARED",
     "RULES",
     "WORKSPACE",
+    "InnerBox",
+    "Inside",
     "LocalContext",
     "NoRuleError",
     "OpCall",
     "Sig",
     "TensorMeta",
     "choose",
+    "inside",
     "local",
     "prepared",
     "workspace",

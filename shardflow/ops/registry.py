@@ -84,6 +84,30 @@ PREPARED: dict[Any, Callable[[LocalContext], PreparedFn]] = {}
 WORKSPACE: dict[Any, Callable[[LocalContext], int]] = {}
 
 
+@dataclass(frozen=True)
+class InnerBox:
+    """A conversion a ``local`` function makes through ``ctx.box``: a tensor of global ``shape`` (the op's
+    first input's dtype) from layout ``src`` to ``dst``."""
+
+    shape: tuple[int, ...]
+    src: NdSbp
+    dst: NdSbp
+
+
+@dataclass(frozen=True)
+class Inside:
+    """What a ``local`` function runs beyond one kernel of its op, for the cost model: its conversions
+    (collectives the program cannot see), how many kernels it launches, and how many passes over its first
+    input's local bytes they make (0: as many as the op itself)."""
+
+    boxes: tuple[InnerBox, ...] = ()
+    kernels: int = 1
+    passes: int = 0
+
+
+INSIDE: dict[Any, Callable[[LocalContext], Inside]] = {}
+
+
 def rule(*ops: Any) -> Callable[[RuleFn], RuleFn]:
     """Register ``fn(call, axis_size) -> [Sig, ...]`` as the layout rule of each ATen overload in ``ops``."""
 
@@ -113,6 +137,18 @@ def workspace(*ops: Any) -> Callable[[Callable[[LocalContext], int]], Callable[[
     def deco(fn: Callable[[LocalContext], int]) -> Callable[[LocalContext], int]:
         for op in ops:
             WORKSPACE[op] = fn
+        return fn
+
+    return deco
+
+
+def inside(*ops: Any) -> Callable[[Callable[[LocalContext], Inside]], Callable[[LocalContext], Inside]]:
+    """Register ``fn(ctx) -> Inside``: what the ``local`` function of ``ops`` runs in this context (the
+    cost model prices its collectives and kernels; the program shows one line for it)."""
+
+    def deco(fn: Callable[[LocalContext], Inside]) -> Callable[[LocalContext], Inside]:
+        for op in ops:
+            INSIDE[op] = fn
         return fn
 
     return deco

@@ -59,13 +59,13 @@ def test_one_rank_compute_is_the_matmuls_over_the_rate():
 
 
 def test_data_parallel_gradients_cost_a_ring_all_reduce_of_every_parameter():
-    """Two ranks all-reduce every gradient once, and the loss: 2(n-1)/n of their bytes over the bus, here
-    with no compute at all, so it is exposed whole."""
+    """Two ranks all-reduce every gradient once, the loss, and the global weight the loss's mean divides by:
+    2(n-1)/n of their bytes over the bus, here with no compute at all, so it is exposed whole."""
     model, batch = _mlp()
     free = _profile(flops={"matmul": {"float32": 1e30}, "vector": {"float32": 1e30}})
     plan = sf.plan(model, sf.MeshSpec("cpu", (2,), ("dp",), (0, 1)), batch)
     est = plan.estimate(model, batch, device=free)
-    nbytes = sum(p.numel() * 4 for p in model.parameters()) + 4  # and the loss, one float32
+    nbytes = sum(p.numel() * 4 for p in model.parameters()) + 8  # the loss, and the global weight its mean divides by
     time = est.classes[0].time
     assert time.communication == pytest.approx(nbytes / 1e9, rel=1e-6)  # 2(2-1)/2 = 1 bus byte per byte
     assert time.exposed == pytest.approx(time.communication, rel=1e-6)
@@ -91,7 +91,7 @@ def test_links_price_bus_bytes_and_cross_nodes_by_their_ranks():
     free = {"matmul": {"float32": 1e30}, "vector": {"float32": 1e30}}
     plan = sf.plan(model, sf.MeshSpec("cpu", (4,), ("dp",), (0, 1, 2, 3)), batch)
     est = plan.estimate(model, batch, device=_profile(flops=free, collectives=fast, node_size=4))
-    nbytes = sum(p.numel() * 4 for p in model.parameters()) + 4  # and the loss
+    nbytes = sum(p.numel() * 4 for p in model.parameters()) + 8  # the loss, and its mean's global weight
     assert est.classes[0].time.communication == pytest.approx(1.5 * nbytes / 1e9, rel=1e-6)
     grid = sf.MeshSpec("cpu", (4, 4), ("dp", "tp"), tuple(range(16)))
     hybrid = sf.plan(model, grid, batch, strategy="hybrid")

@@ -7,7 +7,7 @@ beside the instructions in ``StepIR`` (``ir/step.py``), so that inserting an ins
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -106,6 +106,10 @@ class Work:
     flops: OpFlops | None
     nbytes: int = 0
     dtype: str = "float32"
+    kernels: int = 1  # a local function may launch several
+    boxes: tuple[Plan, ...] = ()  # the conversions a local function makes inside the op (``ops.Inside``)
+    # the ATen op on its local shapes (a ``graph.kernel_time.KernelCall``), for timing it on this machine
+    call: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,7 +20,19 @@ from shardflow.graph.arena import out_overload
 from shardflow.graph.ir.gathers import VIEWS, gather
 from shardflow.graph.ir.instr import Item, Op, OutForm, Work
 from shardflow.graph.ir.step import Storage, Value
-from shardflow.ops import LOCALS, PREPARED, WORKSPACE, LocalContext, OpCall, TensorMeta, choose, writes_arg
+from shardflow.graph.kernel_time import KernelCall
+from shardflow.ops import (
+    INSIDE,
+    LOCALS,
+    PREPARED,
+    WORKSPACE,
+    Inside,
+    LocalContext,
+    OpCall,
+    TensorMeta,
+    choose,
+    writes_arg,
+)
 from shardflow.ops.flop_count import op_name as flops_key
 from shardflow.ops.flop_count import recomputed
 from shardflow.ops.flops import op_flops
@@ -145,7 +157,7 @@ def lower_call(lp: LayoutPass, node: fx.Node) -> None:
     largs, lkwargs = tree_unflatten(local_flat, spec)
     used: list[str] = []
     fn = LOCALS.get(func)
-    callee, text, workspace = _callee(lp, call, ins, outs, out_metas, largs, lkwargs, used)
+    callee, text, workspace, inner = _callee(lp, call, ins, outs, out_metas, largs, lkwargs, used)
     wants = [local_shape(m.shape, s, lp.mesh.shape, lp.coord) for m, s in zip([m for m in out_metas if m], outs)]
     if isinstance(val, torch.Tensor):
         checks: tuple[tuple[int | None, tuple[int, ...]], ...] = ((None, tuple(wants[0])),)
@@ -164,7 +176,9 @@ def lower_call(lp: LayoutPass, node: fx.Node) -> None:
             checks=checks,
             local_new=local_new,
             temp=workspace,
-            work=_local_work(lp, node, meta_flat, spec, where, ins, out_metas, wants),
+            work=_inner_work(
+                lp, _local_work(lp, node, meta_flat, spec, where, ins, out_metas, wants), inner, metas[0], ins[0]
+            ),
         )
     )
     outputs(lp, node, list(outs), out_metas)
@@ -209,7 +223,18 @@ def _local_work(
     tensors = [m for m in (*flat, *outs) if isinstance(m, TensorMeta)]
     nbytes = 0 if _is_view(func) else sum(math.prod(m.shape) * m.dtype.itemsize for m in tensors)
     dtype = str(tensors[0].dtype).removeprefix("torch.") if tensors else "float32"
-    return Work(flops_key(func), _phase(lp, node), op_flops(func, args, kwargs, outs), nbytes, dtype)
+    work = Work(flops_key(func), _phase(lp, node), op_flops(func, args, kwargs, outs), nbytes, dtype)
+    return dataclasses.replace(work, call=KernelCall(func, tuple(args), dict(kwargs)))
+
+
+def _inner_work(lp: LayoutPass, work: Work, inner: Inside, first: TensorMeta, sbp: NdSbp) -> Work:
+    """``work`` with what a local function runs inside the op: its kernels, its passes over its first
+    input, and its conversions' boxing plans (in the first input's dtype)."""
+    if inner == Inside():
+        return work
+    nbytes = inner.passes * lp.local_bytes(first, sbp) if inner.passes else work.nbytes
+    boxes = tuple(plan_boxing(b.shape, first.dtype, lp.mesh, b.src, lp.mesh, b.dst) for b in inner.boxes)
+    return dataclasses.replace(work, kernels=inner.kernels, nbytes=nbytes, boxes=boxes)
 
 
 def _is_view(func: Any) -> bool:
@@ -255,15 +280,16 @@ def _callee(
     largs: Any,
     lkwargs: dict[str, Any],
     used: list[str],
-) -> tuple[str, str, int]:
-    """What the ``Op`` calls and its argument text (the variables read go to ``used``), and the bytes of
-    its own temporaries: the ATen op on locals, or the op's local function (``ops/``) with its context."""
+) -> tuple[str, str, int, Inside]:
+    """What the ``Op`` calls and its argument text (the variables read go to ``used``), the bytes of its
+    own temporaries and what it runs inside: the ATen op on locals, or the op's local function (``ops/``)
+    with its context."""
     fn = LOCALS.get(call.func)
     if fn is None:
         text = ", ".join(
             [lp.render(a, used) for a in largs] + [f"{k}={lp.render(v, used)}" for k, v in lkwargs.items()]
         )
-        return lp.ir.const(call.func, "op"), text, 0
+        return lp.ir.const(call.func, "op"), text, 0, Inside()
     shapes = tuple(m.shape if m is not None else None for m in out_metas)
     ctx = LocalContext(call, lp.mesh, lp.coord, tuple(ins), tuple(outs), shapes, boxer(lp.mesh, lp.rank))
     kw = f"{{{', '.join(f'{k!r}: {lp.render(v, used)}' for k, v in lkwargs.items())}}}"
@@ -273,7 +299,7 @@ def _callee(
         callee = lp.ir.const(fn, "local")
         text = f"{lp.ir.const(ctx, 'ctx')}, {lp.render(tuple(largs), used)}, {kw}"
     workspace = WORKSPACE[call.func](ctx) if call.func in WORKSPACE else 0  # alive while it runs
-    return callee, text, workspace
+    return callee, text, workspace, INSIDE[call.func](ctx) if call.func in INSIDE else Inside()
 
 
 def outputs(lp: LayoutPass, node: fx.Node, outs: list[NdSbp], out_metas: list[TensorMeta | None]) -> None:

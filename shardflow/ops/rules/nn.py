@@ -15,7 +15,21 @@ from typing import Any
 
 import torch
 
-from shardflow.ops.registry import B, LocalContext, OpCall, P, S, Sig, TensorMeta, local, rule, workspace
+from shardflow.ops.registry import (
+    B,
+    InnerBox,
+    Inside,
+    LocalContext,
+    OpCall,
+    P,
+    S,
+    Sig,
+    TensorMeta,
+    inside,
+    local,
+    rule,
+    workspace,
+)
 from shardflow.placement.sbp import NdSbp, Placement
 from shardflow.placement.shard import local_shape, shard_box
 
@@ -65,8 +79,17 @@ def _split_any(ins: NdSbp) -> bool:
 
 def _sum_over_splits(ctx: LocalContext, t: torch.Tensor, like: NdSbp) -> torch.Tensor:
     """All-reduce ``t`` (a per-shard partial result) over the mesh axes on which ``like`` is split."""
-    src: NdSbp = tuple(P if isinstance(p, S) else B for p in like)
-    return ctx.box(t, src, tuple(t.shape), (B,) * ctx.mesh.ndim)
+    return ctx.box(t, _partial_where_split(like), tuple(t.shape), (B,) * ctx.mesh.ndim)
+
+
+def _partial_where_split(like: NdSbp) -> NdSbp:
+    return tuple(P if isinstance(p, S) else B for p in like)
+
+
+def _sums(ctx: LocalContext, shape: tuple[int, ...], n: int, kernels: int, passes: int) -> Inside:
+    """``Inside`` of a local function that all-reduces ``n`` partial sums of ``shape`` (``_sum_over_splits``)."""
+    box = InnerBox(shape, _partial_where_split(ctx.ins[0]), (B,) * ctx.mesh.ndim)
+    return Inside((box,) * n, kernels, passes)
 
 
 def _full_args(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
@@ -124,6 +147,13 @@ def _nll_local(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any])
     total, local_weight = aten.nll_loss_forward.default(x, target, weight, _SUM, ignore_index)
     weight_sum = _sum_over_splits(ctx, local_weight, ctx.ins[0])
     return total / weight_sum, weight_sum
+
+
+@inside(aten.nll_loss_forward.default)
+def _nll_inside(ctx: LocalContext) -> Inside:
+    if _arg(ctx.call, 3, _MEAN) != _MEAN or not _split_any(ctx.ins[0]):
+        return Inside()
+    return _sums(ctx, (), 1, kernels=2, passes=0)  # the local sum, the division by the global weight
 
 
 @rule(aten.nll_loss_backward.default)
@@ -266,6 +296,21 @@ def _batch_norm_workspace(ctx: LocalContext) -> int:
 def _batch_norm_backward_workspace(ctx: LocalContext) -> int:
     # the split path: ``xhat`` and the grad_input expression's three intermediates, at most three at once
     return 3 * _input_bytes(ctx, 1) if _split_any(ctx.ins[0]) else 0
+
+
+# the split paths' kernels and passes over the input (reads and writes), counted from the locals above and below
+@inside(aten.native_batch_norm.default)
+def _batch_norm_inside(ctx: LocalContext) -> Inside:
+    if not _arg(ctx.call, 5) or not _split_any(ctx.ins[0]):
+        return Inside()
+    return _sums(ctx, (ctx.call.tensors[0].shape[1],), 2, kernels=17, passes=12)
+
+
+@inside(aten.native_batch_norm_backward.default)
+def _batch_norm_backward_inside(ctx: LocalContext) -> Inside:
+    if not _arg(ctx.call, 7) or not _split_any(ctx.ins[0]):
+        return Inside()
+    return _sums(ctx, (2 * ctx.call.tensors[1].shape[1],), 1, kernels=15, passes=20)
 
 
 @rule(aten.native_batch_norm_backward.default)

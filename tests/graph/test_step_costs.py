@@ -1,0 +1,130 @@
+"""What a step costs beyond its ops' rooflines, as the cost model prices it: the collectives a local function
+runs inside an op (synchronised BatchNorm's statistics), what a collective costs inside a step, how much
+of a started one compute hides, and op and update times measured on this machine for its own profile."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import shardflow as sf
+from shardflow.cost.profile import DeviceProfile, LinkFit, machine_name
+from shardflow.graph import kernel_time
+from shardflow.graph.kernel_time import KernelCall, kernel_seconds, measures_here, update_seconds_here
+from shardflow.models import MLP, MLPConfig
+from shardflow.testing.memory import memory_case
+
+KINDS = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def _profile(**changes: object) -> DeviceProfile:
+    """A device whose ops take no time and whose links cost 1 ms each, whatever they move."""
+    base = DeviceProfile(
+        name="synthetic",
+        device_type="cpu",
+        source="test",
+        calibrated=False,
+        flops={"matmul": {"float32": 1e30}, "vector": {"float32": 1e30}},
+        memory_bandwidth=1e30,
+        launch=0.0,
+        memory_bytes=2**40,
+        collectives=tuple(LinkFit(k, 2, 1e-3, 1e30) for k in KINDS),
+        node_size=1024,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_synchronised_batch_norm_prices_its_statistics_all_reduces():
+    """A data-parallel step of the BatchNorm CNN runs, beside its one gradient bucket and the reported loss's
+    all-reduce, collectives no program line shows: each of its 2 BatchNorms all-reduces its batch's sum and
+    centred sum of squares forward and both gradient sums backward (3 each), and the loss its global weight
+    (1). With 1 ms links and nothing else costing time, that is 9 milliseconds; on one rank there are none."""
+    model, batch = memory_case("cnn")
+    dp = sf.plan(model, sf.MeshSpec("cpu", (2,), ("dp",), (0, 1)), batch).replace(bucket_bytes=1 << 30)
+    time = dp.estimate(model, batch, device=_profile()).classes[0].time
+    assert time.communication == pytest.approx(9e-3, rel=1e-9)
+    one = sf.plan(model, sf.MeshSpec("cpu", (1,), ("dp",), (0,)), batch)
+    assert one.estimate(model, batch, device=_profile()).classes[0].time.communication == 0.0
+
+
+def test_every_collective_pays_the_in_step_cost_and_shares_cores_as_the_overlap_says():
+    """The profile's ``in_step`` is added to every collective; with ``overlap`` 0 a started collective (a
+    gradient bucket during backward) delays compute by its whole time, so nothing is hidden and the step is
+    compute plus communication."""
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(in_features=64, hidden_sizes=(256, 256), num_classes=8))
+    batch = (torch.randn(32, 64), torch.randint(0, 8, (32,)))
+    plan = sf.plan(model, sf.MeshSpec("cpu", (2,), ("dp",), (0, 1)), batch).replace(bucket_bytes=64 * 1024)
+    slow = {"matmul": {"float32": 1e8}, "vector": {"float32": 1e30}}
+    links = tuple(LinkFit(k, 2, 0.0, 1e9) for k in KINDS)
+    base = _profile(flops=slow, collectives=links)
+    hidden = plan.estimate(model, batch, device=base).classes[0].time
+    assert hidden.exposed < 0.5 * hidden.communication  # buckets launched during backward hide behind it
+    assert base.collective("all_reduce", 2, 1e6) == pytest.approx(1e-3)
+    assert dataclasses.replace(base, in_step=2e-4).collective("all_reduce", 2, 1e6) == pytest.approx(1.2e-3)
+    shared = plan.estimate(model, batch, device=dataclasses.replace(base, overlap=0.0)).classes[0].time
+    assert shared.communication == pytest.approx(hidden.communication, rel=1e-9)
+    assert shared.exposed == pytest.approx(shared.communication, rel=1e-9)
+    compute = sum(shared.compute.values())
+    assert shared.total == pytest.approx(compute + shared.communication + shared.update, rel=1e-9)
+
+
+def _here(**changes: object) -> DeviceProfile:
+    return _profile(name=machine_name(), calibrated=True, threads=1, **changes)
+
+
+def test_only_this_machines_own_profile_times_ops_here():
+    assert measures_here(_here())
+    assert not measures_here(_profile())  # another machine's name
+    assert not measures_here(_profile(name=machine_name()))  # not calibrated: a datasheet
+    assert not measures_here(_here(device_type="cuda"))
+
+
+def test_a_timed_op_is_its_measured_seconds_once():
+    """An mm timed here agrees with a timing of the same product made here independently (a factor of 3,
+    for a shared machine), and a second price of it is the cached figure; an op that cannot run on random
+    operands (a view to a size it does not have) keeps its roofline."""
+    call = KernelCall(torch.ops.aten.mm.default, (_Meta((256, 256)), _Meta((256, 512))), {})
+    profile = _here()
+    seconds = kernel_seconds(call, profile)
+    a, b = torch.randn(256, 256), torch.randn(256, 512)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        import time
+
+        start = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        independent = (time.perf_counter() - start) / 20
+    finally:
+        torch.set_num_threads(before)
+    assert seconds is not None and independent / 3 < seconds < independent * 3
+    cached = len(kernel_time._TIMES)
+    assert kernel_seconds(call, profile) == seconds and len(kernel_time._TIMES) == cached
+    bad = KernelCall(torch.ops.aten.view.default, (_Meta((4, 4)), [7]), {})
+    assert kernel_seconds(bad, profile) is None
+
+
+def test_an_update_is_timed_with_the_optimizers_own_settings():
+    """AdamW's defaults hold a key its constructor does not take; the timed update still runs, a larger set of
+    tensors takes longer, and so does a step that walks past many parameters without a gradient."""
+    params = [torch.nn.Parameter(torch.empty(256, 256, device="meta"))]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3, weight_decay=0.1)
+    small = update_seconds_here(optimizer, params, _here())
+    large = update_seconds_here(optimizer, params * 8, _here())
+    assert 0 < small < large
+    # a unit's step among 2,000 other parameters checks each for a gradient: far more than 1 tensor's kernels
+    assert update_seconds_here(optimizer, params, _here(), skipped=2000) > 2 * small
+
+
+class _Meta:
+    """Tensor metadata as the program records it: a shape and a dtype."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
+        self.shape, self.dtype = shape, dtype
+
+    def __repr__(self) -> str:
+        return f"_Meta({self.shape}, {self.dtype})"

@@ -162,7 +162,11 @@ def _runtime_fit(profile: DeviceProfile, quick: bool) -> Runtime:
         xs.append(unit.step_seconds - free.step_seconds)  # launches: the estimate is linear in the floor on a CPU
         ys.append(statistics.median(seconds) - free.step_seconds)
     (overhead, launch), *_ = np.linalg.lstsq(np.stack([np.ones(len(xs)), xs], axis=1), np.array(ys), rcond=None)
-    return Runtime(max(float(launch), profile.launch), max(float(overhead), 0.0))
+    if launch < 0:  # neither is negative: where one would be, it is 0 and the other is fitted alone
+        return Runtime(0.0, max(float(np.mean(ys)), 0.0))
+    if overhead < 0:
+        return Runtime(max(float(np.dot(xs, ys) / np.dot(xs, xs)), 0.0), 0.0)
+    return Runtime(float(launch), float(overhead))
 
 
 def _calibration_gpt(depth: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
@@ -183,22 +187,21 @@ _IN_STEP_PLANS: tuple[dict[str, Any], ...] = (
 def _in_step_fit(profile: DeviceProfile, quick: bool) -> float:
     """Seconds each collective costs inside a real step beyond its link fit: the runtime's work around it
     (boxing, packing, handles) and the waiting rank's wake-up. Fitted by least squares through the origin on
-    real 2-rank steps of a small GPT, data parallel and under ZeRO-3: each the measured step less the
-    estimate without it, against how much the estimate grows per second of it (about the collectives it does
-    not hide). Replaces the between-compute microbenchmark's figure, which leaves out the runtime."""
+    real 2-rank steps of a small GPT, data parallel and under ZeRO-3 (``_solve``). Replaces the
+    between-compute microbenchmark's figure, which leaves out the runtime."""
     import shardflow as sf
     from shardflow.graph.estimate import Estimator
 
     model, batch = _calibration_gpt(2)
     per_rank = run_on_ranks(2, _plan_steps, _IN_STEP_PLANS, 5 if quick else 15, profile.threads)
-    xs, ys = [], []
-    for options, steps in zip(_IN_STEP_PLANS, zip(*per_rank)):
-        measured = statistics.median(max(s) for s in zip(*steps))
-        plan = sf.plan(model, sf.MeshSpec("cpu", (2,), ("dp",), (0, 1)), batch, **options)
-        free, unit = (Estimator(model, batch, device=dataclasses.replace(profile, in_step=t))(plan) for t in (0.0, 1.0))
-        xs.append(unit.step_seconds - free.step_seconds)
-        ys.append(measured - free.step_seconds)
-    return max(float(np.dot(xs, ys) / np.dot(xs, xs)), 0.0)
+    measured = [statistics.median(max(s) for s in zip(*steps)) for steps in zip(*per_rank)]
+    plans = [sf.plan(model, sf.MeshSpec("cpu", (2,), ("dp",), (0, 1)), batch, **o) for o in _IN_STEP_PLANS]
+    estimator = Estimator(model, batch, device=profile)
+
+    def estimates(t: float) -> list[float]:
+        return [estimator(p, dataclasses.replace(profile, in_step=t)).step_seconds for p in plans]
+
+    return _solve(estimates, measured)
 
 
 def _plan_steps(plans: tuple[dict[str, Any], ...], steps: int, threads: int) -> list[list[float]]:
@@ -235,8 +238,7 @@ def _steps(pm: Any, batch: tuple[torch.Tensor, ...], steps: int) -> list[float]:
 def _pipeline_fit(profile: DeviceProfile, quick: bool) -> float:
     """Seconds each pipeline action (a micro-batch's forward or backward on a stage) costs beyond its program
     and its messages: the schedule's bookkeeping, autograd's engine. Fitted on a real 2-stage 1F1B step of a
-    small GPT on 2 pooled ranks: the measured step against the estimate, which is linear in this cost for a
-    fixed schedule."""
+    small GPT on 2 pooled ranks (``_solve``)."""
     import shardflow as sf
     from shardflow.graph.estimate import Estimator
 
@@ -245,8 +247,27 @@ def _pipeline_fit(profile: DeviceProfile, quick: bool) -> float:
     )
     model, batch = _calibration_gpt(2)
     plan = sf.plan(model, sf.MeshSpec("cpu", (2,), ("pp",), (0, 1)), batch, pipeline=_PIPELINE)
-    free, unit = (Estimator(model, batch, device=dataclasses.replace(profile, pipeline_action=t))(plan) for t in (0, 1))
-    return max((measured - free.step_seconds) / (unit.step_seconds - free.step_seconds), 0.0)
+
+    estimator = Estimator(model, batch, device=profile)
+
+    def estimate(t: float) -> list[float]:
+        return [estimator(plan, dataclasses.replace(profile, pipeline_action=t)).step_seconds]
+
+    return _solve(estimate, [measured])
+
+
+def _solve(estimates: Callable[[float], list[float]], measured: list[float], delta: float = 1e-4) -> float:
+    """The ``t >= 0`` at which ``estimates(t)`` comes closest to ``measured`` in least squares: Gauss-Newton
+    from 0 with a finite-difference slope at each step (the estimate is piecewise linear in ``t``: a cost
+    that grows stops hiding behind compute)."""
+    t = 0.0
+    for _ in range(3):
+        at, ahead = np.array(estimates(t)), np.array(estimates(t + delta))
+        slope = (ahead - at) / delta
+        if not slope.any():
+            return t
+        t = max(t + float(np.dot(slope, np.array(measured) - at) / np.dot(slope, slope)), 0.0)
+    return t
 
 
 def _pipeline_steps(steps: int, threads: int) -> list[float]:

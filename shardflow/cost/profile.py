@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 _SHIPPED = Path(__file__).parent / "profiles"
+# the model a calibrated profile's fitted figures belong to: 2 fits the launch floor beyond ops timed here
+# (``graph/kernel_time.py``) and the in-step costs; a profile fitted for another model is measured again
+FORMAT = 2
 OP_CLASSES = ("matmul", "conv", "attention", "vector")
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
@@ -75,6 +78,7 @@ class DeviceProfile:
     overlap: float = 1.0
     step_overhead: float = 0.0  # seconds per step the runtime spends beyond its program (fitted with ``launch``)
     pipeline_action: float = 0.0  # seconds a pipeline action (a micro-batch's forward or backward) costs beyond it
+    format: int = FORMAT
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def rate(self, op_class: str, dtype: str) -> float:
@@ -111,9 +115,15 @@ class DeviceProfile:
             raw["collectives"] = tuple(LinkFit(**f) for f in raw.get("collectives", ()))
             raw["network"] = tuple(LinkFit(**f) for f in raw.get("network", ()))
             raw["notes"] = tuple(raw.get("notes", ()))
+            raw.setdefault("format", 1)
             profile = cls(**raw)
         except (TypeError, ValueError, KeyError) as e:
             raise ProfileError(f"{where} is not a device profile ({e}); re-run `shardflow calibrate`") from None
+        if profile.calibrated and profile.format < FORMAT:
+            raise ProfileError(
+                f"{where} was calibrated by an earlier shardflow, for a cost model whose fitted figures mean other "
+                "things; re-run `shardflow calibrate` (about a minute)"
+            )
         if "matmul" not in profile.flops or not profile.collectives and profile.node_size > 1:
             raise ProfileError(f"{where}: a profile needs matmul FLOP/s and, above one device, collective fits")
         return profile

@@ -106,27 +106,30 @@ class Estimator:
     def profile(self) -> DeviceProfile:
         return device_profile(self.device)
 
-    def __call__(self, plan: ParallelPlan) -> Estimate:
-        """``plan``'s memory and time."""
-        classes, flops = self._price(plan, timed=True)
+    def __call__(self, plan: ParallelPlan, device: str | DeviceProfile | None = None) -> Estimate:
+        """``plan``'s memory and time; on ``device`` instead of the estimator's own profile if given (a search
+        comparing devices, a calibration solving for one of a profile's figures)."""
+        profile = device_profile(device) if device is not None else self.profile
+        classes, flops = self._price(plan, profile)
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
         return Estimate(
             plan,
-            self.profile.name,
+            profile.name,
             _per_rank(classes, plan),
             max(c.time.total for c in classes if c.time is not None),
             flops,
             tuple(classes),
-            self.profile.peak(str(dtype).removeprefix("torch.")),
+            profile.peak(str(dtype).removeprefix("torch.")),
         )
 
     def peak_bytes(self, plan: ParallelPlan) -> tuple[int, ...]:
         """``plan``'s predicted peak per rank, in mesh order (no device profile needed)."""
-        return _per_rank(self._price(plan, timed=False)[0], plan)
+        return _per_rank(self._price(plan, None)[0], plan)
 
-    def _price(self, plan: ParallelPlan, timed: bool) -> tuple[list[RankClass], Flops]:
+    def _price(self, plan: ParallelPlan, profile: DeviceProfile | None) -> tuple[list[RankClass], Flops]:
+        """Every rank class's memory, and its time on ``profile`` (None: memory only)."""
         if plan.pipeline is not None:
-            return self._price_pipeline(plan, timed)
+            return self._price_pipeline(plan, profile)
         if len(plan.inputs) != len(self.inputs):
             raise PlanError(f"the plan has {len(plan.inputs)} inputs, the example {len(self.inputs)}: give its inputs")
         mesh = plan.mesh.build(virtual=True)
@@ -139,18 +142,17 @@ class Estimator:
                 program = pm.program(pm._inputs(self.inputs))
                 self.lowerings += 1
                 memory = parallel_memory(pm, ())
-                time = step_time(pm, program, self.profile) if timed else None
+                time = step_time(pm, program, profile) if profile is not None else None
                 classes.append(RankClass(ranks, memory, time))
         assert program.flops is not None
         return classes, program.flops
 
-    def _price_pipeline(self, plan: ParallelPlan, timed: bool) -> tuple[list[RankClass], Flops]:
+    def _price_pipeline(self, plan: ParallelPlan, profile: DeviceProfile | None) -> tuple[list[RankClass], Flops]:
         """Each stage priced on its first rank (``graph/estimate_pipeline.py``); its ranks share its figures."""
-        profile = self.profile if timed else None
         stages = price_stages(plan, self._fake, self.optimizer, profile)
         self.lowerings += len(stages)
         self.stage_traces += len(stages)  # each stage's cut and its program's trace
-        times = stage_times(stages, self.profile) if profile is not None else [None] * len(stages)
+        times = stage_times(stages, profile) if profile is not None else [None] * len(stages)
         return [RankClass(s.ranks, s.memory, t) for s, t in zip(stages, times)], self._logical_flops
 
     @functools.cached_property

@@ -141,9 +141,11 @@ def stage_times(stages: Sequence[StagePrice], profile: DeviceProfile) -> list[St
         m = p.micro_batches
         busy = m * (s.forward + s.backward)
         sends = m * (s.sent + s.sent_back)  # on the stage's own time: the schedule's walk waits for them
-        compute = {"forward": m * (s.forward - s.sent), "backward": m * (s.backward - s.sent_back)}
+        action = profile.pipeline_action  # on the stage's time, inside its span: the runtime's, not compute
+        compute = {"forward": m * (s.forward - s.sent - action), "backward": m * (s.backward - s.sent_back - action)}
+        runtime = 2 * m * action + profile.step_overhead
         total = span + reduce + update + profile.step_overhead
-        out.append(StepTime(total, compute, sends + reduce, sends + reduce, update, span - busy, profile.step_overhead))
+        out.append(StepTime(total, compute, sends + reduce, sends + reduce, update, span - busy, runtime))
     return out
 
 

@@ -4,9 +4,11 @@ A roofline holds for large kernels and is far off for the small ones a CPU job r
 or a max-pool reaches a tenth of the calibrated rate. Where the plan is priced for the machine the estimate
 runs on (its own calibrated profile), each distinct op on its local shapes is timed once on random operands
 with the rank's thread count, and that time replaces its roofline; other devices (a datasheet's H100) keep
-the roofline. Decision: vTrain's and Proteus' way (profile each distinct kernel once, cache it), since the
-op's own schema and local shapes are in the program already; an op that will not run on random operands
-keeps its roofline.
+the roofline. Only small work is timed (``TIMED_SECONDS``, ``TIMED_BYTES``): large kernels run near their
+roofline. Decision: vTrain's and Proteus' way (profile each distinct kernel once, cache it), since the op's own
+schema and local shapes are in the program already; an op that will not run on random operands, writes an
+input in place, or runs as a local function (``ops/``: another computation than the ATen op) keeps its
+roofline.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from shardflow.cost.profile import DeviceProfile, machine_name
 
 _TIMES: dict[tuple[str, int, str], float | None] = {}  # (op and local shapes, threads, device) -> seconds
 _BUDGET = 2e-3  # seconds of calls per timed batch
+# what is timed: kernels the roofline prices under a millisecond, on operands under 64 MiB. Larger ones run
+# near their roofline, and timing them would cost as much time and memory as running them
+TIMED_SECONDS = 1e-3
+TIMED_BYTES = 64 << 20
 
 
 class KernelCall(NamedTuple):
@@ -41,6 +47,11 @@ class KernelCall(NamedTuple):
 def measures_here(profile: DeviceProfile) -> bool:
     """Whether ``profile`` is this machine's own calibrated CPU profile, so its ops can be timed here."""
     return profile.calibrated and profile.device_type == "cpu" and profile.name == machine_name()
+
+
+def timed_here(profile: DeviceProfile, roofline: float, nbytes: int) -> bool:
+    """Whether work the roofline prices at ``roofline`` seconds over ``nbytes`` is timed here instead."""
+    return roofline < TIMED_SECONDS and nbytes <= TIMED_BYTES and measures_here(profile)
 
 
 def kernel_seconds(call: KernelCall, profile: DeviceProfile) -> float | None:
@@ -61,8 +72,8 @@ def _time(call: KernelCall, threads: int) -> float | None:
         with torch.no_grad():
             call.func(*args, **kwargs)  # warm-up (and: does it run at all)
             return _median_call(lambda: call.func(*args, **kwargs))
-    except Exception:  # noqa: BLE001 - an op that needs meaningful operands keeps its roofline
-        return None
+    except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
+        return None  # an op that needs meaningful operands keeps its roofline
     finally:
         torch.set_num_threads(before)
 
@@ -96,10 +107,11 @@ def _operand(x: Any) -> Any:
 
 def update_seconds_here(
     optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], profile: DeviceProfile, skipped: int = 0
-) -> float:
+) -> float | None:
     """Median seconds of one ``optimizer`` update of tensors shaped as ``params`` on this machine (cached): a
     fresh optimizer of the same class and settings over random tensors, its state made by a first step, and
-    ``skipped`` more parameters without a gradient that each step walks past."""
+    ``skipped`` more parameters without a gradient that each step walks past; None where that optimizer
+    cannot be made from its settings alone (the roofline prices it)."""
     accepted = inspect.signature(type(optimizer)).parameters  # defaults may hold more (AdamW's decoupling)
     settings = {k: v for k, v in optimizer.defaults.items() if k in accepted and k != "differentiable"}
     shapes = tuple((tuple(p.shape), p.dtype) for p in params)
@@ -107,12 +119,12 @@ def update_seconds_here(
     key = (what, profile.threads, profile.device_type)
     if key not in _TIMES:
         _TIMES[key] = _time_update(type(optimizer), settings, shapes, skipped, profile.threads)
-    seconds = _TIMES[key]
-    assert seconds is not None
-    return seconds
+    return _TIMES[key]
 
 
-def _time_update(cls: type, settings: dict[str, Any], shapes: tuple[Any, ...], skipped: int, threads: int) -> float:
+def _time_update(
+    cls: type, settings: dict[str, Any], shapes: tuple[Any, ...], skipped: int, threads: int
+) -> float | None:
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -124,5 +136,7 @@ def _time_update(cls: type, settings: dict[str, Any], shapes: tuple[Any, ...], s
         optimizer = cls(tensors + idle, **settings)
         optimizer.step()  # its state
         return _median_call(optimizer.step)
+    except (RuntimeError, TypeError, ValueError, AssertionError):  # needs more than its defaults (a closure)
+        return None
     finally:
         torch.set_num_threads(before)

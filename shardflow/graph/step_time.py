@@ -23,7 +23,7 @@ from shardflow.comm.init import world
 from shardflow.cost.profile import DeviceProfile, bus_factor
 from shardflow.graph.ir.instr import Box, Comm, GatherStart, Launch, Op, Release, Wait, Work
 from shardflow.graph.ir.step import StepIR
-from shardflow.graph.kernel_time import kernel_seconds, measures_here, update_seconds_here
+from shardflow.graph.kernel_time import kernel_seconds, timed_here, update_seconds_here
 
 if TYPE_CHECKING:
     from shardflow.graph.parallel_module import ParallelModule
@@ -78,15 +78,15 @@ def op_seconds(work: Work | None, profile: DeviceProfile) -> float:
     the launch on a GPU, where launching overlaps the kernels queued before."""
     if work is None:
         return profile.launch
-    if work.call is not None and work.kernels == 1 and measures_here(profile):
-        measured = kernel_seconds(work.call, profile)
-        if measured is not None:
-            return measured + profile.launch
     compute = 0.0
     if work.flops is not None:
         compute = (work.flops.matmul + work.flops.recompute) / profile.rate(op_class(work.op), work.dtype)
         compute += work.flops.vector / profile.rate("vector", work.dtype)
     roofline = max(compute, work.nbytes / profile.memory_bandwidth)
+    if work.call is not None and work.kernels == 1 and timed_here(profile, roofline, work.nbytes):
+        measured = kernel_seconds(work.call, profile)
+        if measured is not None:
+            return measured + profile.launch
     launches = work.kernels * profile.launch
     return max(roofline, launches) if profile.device_type == "cuda" else roofline + launches
 
@@ -226,8 +226,10 @@ def update_seconds(
     passes over them at memory bandwidth (an update is element-wise: memory bound)."""
     if not params:
         return 0.0
-    if measures_here(profile):
-        return update_seconds_here(optimizer, params, profile, skipped) + profile.launch
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    timed = update_seconds_here(optimizer, params, profile, skipped) if timed_here(profile, 0.0, nbytes) else None
+    if timed is not None:
+        return timed + profile.launch
     name = type(optimizer).__name__
     kernels, passes = _UPDATE_WORK.get(name, (4, 12))
     if name == "SGD" and any(g.get("momentum", 0) for g in optimizer.param_groups):
@@ -240,7 +242,6 @@ def update_seconds(
     foreach = fused or any(g.get("foreach") for g in groups)
     foreach |= profile.device_type == "cuda" and all(g.get("foreach") is None for g in groups)
     launches = (1 if fused else kernels) * (1 if foreach else len(params))
-    nbytes = sum(p.numel() * p.element_size() for p in params)
     return launches * profile.launch + passes * nbytes / profile.memory_bandwidth
 
 
@@ -250,13 +251,14 @@ def step_time(pm: ParallelModule, program: Program, profile: DeviceProfile) -> S
     clocks, phases, ready, backward_end = program_time(program.ir, profile, world()[0])
     units = [[pm.local_params[program.grad_of[k]] for k in unit.grads] for unit in program.units]
     every = [p for unit in units for p in unit]
-    if pm.updates == "after" or pm.max_grad_norm is not None or not program.units:  # one step over all
+    once = pm.updates == "after" or pm.max_grad_norm is not None or not program.units
+    if once:  # one step over every parameter, after the program
         per_unit = [update_seconds(pm.optimizer, every, profile)]
     else:  # a step per unit, walking past the parameters of every other unit (they have no gradient)
         per_unit = [update_seconds(pm.optimizer, unit, profile, len(every) - len(unit)) for unit in units]
     update = sum(per_unit)
     end = clocks.compute
-    if len(per_unit) == 1 or pm.updates == "inline":
+    if once or pm.updates == "inline":
         end += update
     else:  # each unit updated once its gradients are reduced, in release order, beside the program
         chain = backward_end if pm.updates == "loop" else 0.0  # the loop shares the compute thread

@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from shardflow.cli.calibrate import _fit, calibrate
+import shardflow as sf
+from shardflow.cli.calibrate import _fit, _solve, calibrate
 from shardflow.cli.main import main
 from shardflow.cost.profile import KINDS, OP_CLASSES, bus_factor, device_profile, save
 from shardflow.runtime.meter import probe
 from shardflow.testing import run_on_ranks
+from shardflow.testing.memory import memory_case
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +31,6 @@ def test_every_op_class_has_a_rate_and_the_machine_its_share(profile):
     assert profile.memory_bandwidth > 0 and 0 < profile.launch < 1e-3
     assert profile.calibrated and profile.device_type == "cpu" and profile.threads >= 1
     assert profile.node_size >= 2 and profile.memory_bytes > 0
-    # what real steps cost beyond their ops and links, fitted on 2 ranks: none is negative, the overlap a share
-    assert profile.step_overhead >= 0 and profile.pipeline_action >= 0 and profile.in_step >= 0
-    assert 0 <= profile.overlap <= 1
     assert "quick" in profile.source and "2 gloo rank(s)" in profile.source
 
 
@@ -59,6 +58,49 @@ def test_the_fit_recovers_latency_and_bandwidth():
     assert _fit("all_gather", 2, [(1 << 10, 1e-5), (1 << 20, 1e-2)]).latency == 1e-6  # under 1 µs: clamped
     noise = _fit("all_gather", 2, [(1 << 10, 2e-3), (1 << 12, 1e-3)])  # slower at the smaller size
     assert noise.bus_bandwidth == pytest.approx(2048 / 1e-3)  # the largest size's rate, not a negative one
+
+
+def test_solve_finds_the_cost_that_makes_estimates_meet_measurements():
+    """``_solve`` on estimates that grow with a cost as the walk's do (linearly, then faster once the cost
+    stops hiding behind compute: here beyond 0.2 ms) recovers the cost two measurements were made with, and
+    answers 0 where the measurements are already below the cost-free estimates."""
+
+    def estimates(t: float) -> list[float]:
+        return [0.010 + 4 * t, 0.020 + 3 * t + 5 * max(t - 2e-4, 0.0)]
+
+    assert _solve(estimates, estimates(5e-4)) == pytest.approx(5e-4, rel=1e-6)
+    assert _solve(estimates, [0.009, 0.019]) == 0.0
+
+
+def _step_seconds(steps: int, threads: int) -> float:
+    """On each rank: the median seconds of a 2-rank data-parallel step of the memory tests' MLP."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model, batch = memory_case("mlp")
+        pm = sf.compile(model, sf.Mesh("cpu", (2,), names=("dp",)), batch)
+        for _ in range(3):
+            pm.step(*batch)
+        times = []
+        for _ in range(steps):
+            dist.barrier()
+            start = time.perf_counter()
+            pm.step(*batch)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_profile_prices_a_real_step_it_was_not_fitted_on(profile):
+    """The fitted figures (launch, per step, in-step, overlap) come from small models of calibrate's own; a
+    data-parallel step of another model, measured here, is predicted within half of it either way (the
+    cost-model benchmark measures the error itself; this guards against a fit gone wrong)."""
+    measured = max(run_on_ranks(2, _step_seconds, 15, profile.threads))
+    model, batch = memory_case("mlp")
+    plan = sf.plan(model, sf.MeshSpec("cpu", (2,), ("dp",), (0, 1)), batch)
+    predicted = plan.estimate(model, batch, device=profile).step_seconds
+    assert measured / 1.5 < predicted < measured * 1.5, (predicted, measured)
 
 
 def _plain_all_reduce(nbytes: int, reps: int, threads: int) -> float:

@@ -38,13 +38,21 @@ def _profile(**changes: object) -> DeviceProfile:
 
 def test_synchronised_batch_norm_prices_its_statistics_all_reduces():
     """A data-parallel step of the BatchNorm CNN runs, beside its one gradient bucket and the reported loss's
-    all-reduce, collectives no program line shows: each of its 2 BatchNorms all-reduces its batch's sum and
-    centred sum of squares forward and both gradient sums backward (3 each), and the loss its global weight
-    (1). With 1 ms links and nothing else costing time, that is 9 milliseconds; on one rank there are none."""
+    all-reduce, collectives no program line shows: each BatchNorm of C channels all-reduces its batch's sum
+    and centred sum of squares forward (C floats each) and both gradient sums backward (2C floats, which are
+    also its weight's and bias's gradients: the bucket leaves them out), and the loss its global weight. On 1 MB/s links with no latency (2 ranks: one bus byte per byte) and
+    nothing else costing time, the step moves exactly those bytes; each of the 9 collectives pays the
+    profile's in-step cost; on one rank there are none."""
     model, batch = memory_case("cnn")
     dp = sf.plan(model, sf.MeshSpec("cpu", (2,), ("dp",), (0, 1)), batch).replace(bucket_bytes=1 << 30)
-    time = dp.estimate(model, batch, device=_profile()).classes[0].time
-    assert time.communication == pytest.approx(9e-3, rel=1e-9)
+    links = tuple(LinkFit(k, 2, 0.0, 1e6) for k in KINDS)
+    time = dp.estimate(model, batch, device=_profile(collectives=links)).classes[0].time
+    # the BatchNorms' weight and bias gradients are the global sums their backward all-reduced already
+    grads = sum(p.numel() * 4 for n, p in model.named_parameters() if not n.startswith("bn"))
+    statistics = sum(4 * (2 * c + 2 * c) for c in (16, 32))  # the CNN's two BatchNorms
+    assert time.communication == pytest.approx((grads + 4 + 4 + statistics) / 1e6, rel=1e-9)
+    paid = dp.estimate(model, batch, device=_profile(collectives=links, in_step=1e-3)).classes[0].time
+    assert paid.communication - time.communication == pytest.approx(9e-3, rel=1e-9)
     one = sf.plan(model, sf.MeshSpec("cpu", (1,), ("dp",), (0,)), batch)
     assert one.estimate(model, batch, device=_profile()).classes[0].time.communication == 0.0
 

@@ -7,8 +7,8 @@ with the rank's thread count, and that time replaces its roofline; other devices
 the roofline. Only small work is timed (``TIMED_SECONDS``, ``TIMED_BYTES``): large kernels run near their
 roofline. Decision: vTrain's and Proteus' way (profile each distinct kernel once, cache it), since the op's own
 schema and local shapes are in the program already; an op that will not run on random operands, writes an
-input in place, or runs as a local function (``ops/``: another computation than the ATen op) keeps its
-roofline.
+input in place, or does not give the program's local shapes when called as is (its local function in
+``ops/`` computes something else) keeps its roofline.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from shardflow.cost.profile import DeviceProfile, machine_name
 
@@ -34,11 +34,14 @@ TIMED_BYTES = 64 << 20
 
 
 class KernelCall(NamedTuple):
-    """An ATen op on local shapes: tensor arguments as ``(shape, dtype)`` metadata, the rest as given."""
+    """An ATen op on local shapes: tensor arguments as ``(shape, dtype)`` metadata, the rest as given, and
+    the local shapes its tensor results must have (an op whose local function rewrites its size arguments
+    gives other shapes when called as is: it is not what the program runs, and keeps its roofline)."""
 
     func: Any
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    outs: tuple[tuple[int, ...], ...]
 
     def key(self) -> str:
         return f"{self.func}{self.args!r}{sorted(self.kwargs.items())!r}"
@@ -70,7 +73,10 @@ def _time(call: KernelCall, threads: int) -> float | None:
     try:
         args, kwargs = tree_map(_operand, (call.args, dict(call.kwargs)))
         with torch.no_grad():
-            call.func(*args, **kwargs)  # warm-up (and: does it run at all)
+            got = call.func(*args, **kwargs)  # warm-up (and: does it run at all, and to the program's shapes)
+            shapes = tuple(tuple(t.shape) for t in tree_flatten(got)[0] if isinstance(t, torch.Tensor))
+            if shapes != call.outs:
+                return None
             return _median_call(lambda: call.func(*args, **kwargs))
     except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
         return None  # an op that needs meaningful operands keeps its roofline

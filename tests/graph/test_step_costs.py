@@ -93,8 +93,9 @@ def test_only_this_machines_own_profile_times_ops_here():
 def test_a_timed_op_is_its_measured_seconds_once():
     """An mm timed here agrees with a timing of the same product made here independently (a factor of 3,
     for a shared machine), and a second price of it is the cached figure; an op that cannot run on random
-    operands (a view to a size it does not have) keeps its roofline."""
-    call = KernelCall(torch.ops.aten.mm.default, (_Meta((256, 256)), _Meta((256, 512))), {})
+    operands (a view to a size it does not have), or whose result is not the program's local shape, keeps
+    its roofline."""
+    call = KernelCall(torch.ops.aten.mm.default, (_Meta((256, 256)), _Meta((256, 512))), {}, ((256, 512),))
     profile = _here()
     seconds = kernel_seconds(call, profile)
     a, b = torch.randn(256, 256), torch.randn(256, 512)
@@ -112,8 +113,11 @@ def test_a_timed_op_is_its_measured_seconds_once():
     assert seconds is not None and independent / 3 < seconds < independent * 3
     cached = len(kernel_time._TIMES)
     assert kernel_seconds(call, profile) == seconds and len(kernel_time._TIMES) == cached
-    bad = KernelCall(torch.ops.aten.view.default, (_Meta((4, 4)), [7]), {})
+    bad = KernelCall(torch.ops.aten.view.default, (_Meta((4, 4)), [7]), {}, ((7,),))
     assert kernel_seconds(bad, profile) is None
+    # a local function's op called as is with its global size argument: not the program's local result
+    other = KernelCall(torch.ops.aten.new_zeros.default, (_Meta((4, 4)), [8, 4]), {}, ((4, 4),))
+    assert kernel_seconds(other, profile) is None
 
 
 def test_an_update_is_timed_with_the_optimizers_own_settings():

@@ -224,10 +224,10 @@ def _local_work(
     nbytes = 0 if _is_view(func) else sum(math.prod(m.shape) * m.dtype.itemsize for m in tensors)
     dtype = str(tensors[0].dtype).removeprefix("torch.") if tensors else "float32"
     work = Work(flops_key(func), _phase(lp, node), op_flops(func, args, kwargs, outs), nbytes, dtype)
-    # timed as is only where the program runs the ATen op itself and timing it changes nothing it reads
-    if func in LOCALS or any(writes_arg(func, i) for i in range(len(args))):
+    if any(writes_arg(func, i) for i in range(len(args))):  # timing it would change what it reads
         return work
-    return dataclasses.replace(work, call=KernelCall(func, tuple(args), dict(kwargs)))
+    results = tuple(tuple(m.shape) for m in outs if m is not None)
+    return dataclasses.replace(work, call=KernelCall(func, tuple(args), dict(kwargs), results))
 
 
 def _inner_work(lp: LayoutPass, work: Work, inner: Inside, first: TensorMeta, sbp: NdSbp) -> Work:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from shardflow.ops.registry import B, LocalContext, OpCall, P, S, Sig, local, rule
+from shardflow.ops.registry import B, InnerBox, Inside, LocalContext, OpCall, P, S, Sig, inside, local, rule
 from shardflow.placement.sbp import is_split
 
 aten = torch.ops.aten
@@ -64,6 +64,15 @@ def _norm(call: OpCall, k: int) -> list[Sig]:
     if dim is None and isinstance(ord_, (int, float)) and 0 < ord_ < math.inf:
         return [Sig((S(d),), (B,)) for d in range(call.tensors[0].ndim)] + [Sig((B,), (B,))]
     return [Sig((B,), (B,))]
+
+
+@inside(aten.linalg_vector_norm.default)
+def _norm_inside(ctx: LocalContext) -> Inside:
+    sbp = ctx.ins[0]
+    if all(p == B for p in sbp):
+        return Inside()
+    partial = tuple(P if is_split(p) else p for p in sbp)
+    return Inside((InnerBox((), partial, (B,) * ctx.mesh.ndim),), kernels=3)  # the norm, its power, the root
 
 
 @local(aten.linalg_vector_norm.default)

@@ -20,7 +20,22 @@ from typing import Any
 
 import torch
 
-from shardflow.ops.registry import B, LocalContext, OpCall, P, PreparedFn, S, Sig, TensorMeta, local, prepared, rule
+from shardflow.ops.registry import (
+    B,
+    InnerBox,
+    Inside,
+    LocalContext,
+    OpCall,
+    P,
+    PreparedFn,
+    S,
+    Sig,
+    TensorMeta,
+    inside,
+    local,
+    prepared,
+    rule,
+)
 from shardflow.placement.sbp import Blocked, NdSbp, Placement
 from shardflow.placement.shard import local_shape, shard_box, split_range
 
@@ -170,6 +185,15 @@ def _reshape_local(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         return aten.view.default(x, list(shape))
     except RuntimeError:
         return aten.reshape.default(x, list(shape))
+
+
+@inside(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+def _view_inside(ctx: LocalContext) -> Inside:
+    src, dst = _view_shapes(ctx.call)
+    if _nested_exact(ctx, src, dst):
+        return Inside()
+    all_b: NdSbp = (B,) * ctx.mesh.ndim  # ``_regather``: gathered whole, reshaped, this rank's piece taken
+    return Inside((InnerBox(tuple(src), ctx.ins[0], all_b), InnerBox(tuple(dst), all_b, ctx.outs[0])), kernels=2)
 
 
 @prepared(aten.view.default, aten._unsafe_view.default, aten.reshape.default)

@@ -94,13 +94,13 @@ def _step_seconds(steps: int, threads: int) -> float:
 
 def test_the_profile_prices_a_real_step_it_was_not_fitted_on(profile):
     """The fitted figures (launch, per step, in-step, overlap) come from small models of calibrate's own; a
-    data-parallel step of another model, measured here, is predicted within half of it either way (the
-    cost-model benchmark measures the error itself; this guards against a fit gone wrong)."""
+    data-parallel step of another model, measured here, is predicted within a factor of 2 either way (the
+    cost-model benchmark measures the error itself, 10-30%; this guards against a fit gone wrong)."""
     measured = max(run_on_ranks(2, _step_seconds, 15, profile.threads))
     model, batch = memory_case("mlp")
     plan = sf.plan(model, sf.MeshSpec("cpu", (2,), ("dp",), (0, 1)), batch)
     predicted = plan.estimate(model, batch, device=profile).step_seconds
-    assert measured / 1.5 < predicted < measured * 1.5, (predicted, measured)
+    assert measured / 2 < predicted < measured * 2, (predicted, measured)
 
 
 def _plain_all_reduce(nbytes: int, reps: int, threads: int) -> float:

@@ -18,23 +18,12 @@ from shardflow.graph.estimate import Estimator
 from shardflow.models import GPT, MLP, GPTConfig, MLPConfig
 from shardflow.testing import with_ranks
 from shardflow.testing.memory import memory_case
+from shardflow.testing.profiles import synthetic_profile
 
 
 def _profile(**changes: object) -> DeviceProfile:
     """A synthetic device: 1 TFLOP/s matmuls, instant element-wise work and launches, 1 GB/s links."""
-    base = DeviceProfile(
-        name="synthetic",
-        device_type="cpu",
-        source="test",
-        calibrated=False,
-        flops={"matmul": {"float32": 1e12}, "vector": {"float32": 1e30}},
-        memory_bandwidth=1e30,
-        launch=0.0,
-        memory_bytes=2**40,
-        collectives=tuple(LinkFit(k, 2, 0.0, 1e9) for k in ("all_reduce", "all_gather", "reduce_scatter")),
-        node_size=1024,
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    return synthetic_profile(**changes)
 
 
 def _mlp() -> tuple[MLP, tuple[torch.Tensor, torch.Tensor]]:

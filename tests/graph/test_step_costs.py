@@ -5,6 +5,7 @@ of a started one compute hides, and op and update times measured on this machine
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -15,25 +16,12 @@ from shardflow.graph import kernel_time
 from shardflow.graph.kernel_time import KernelCall, kernel_seconds, measures_here, update_seconds_here
 from shardflow.models import MLP, MLPConfig
 from shardflow.testing.memory import memory_case
-
-KINDS = ("all_reduce", "all_gather", "reduce_scatter")
+from shardflow.testing.profiles import KINDS, synthetic_profile
 
 
 def _profile(**changes: object) -> DeviceProfile:
     """A device whose ops take no time and whose links cost 1 ms each, whatever they move."""
-    base = DeviceProfile(
-        name="synthetic",
-        device_type="cpu",
-        source="test",
-        calibrated=False,
-        flops={"matmul": {"float32": 1e30}, "vector": {"float32": 1e30}},
-        memory_bandwidth=1e30,
-        launch=0.0,
-        memory_bytes=2**40,
-        collectives=tuple(LinkFit(k, 2, 1e-3, 1e30) for k in KINDS),
-        node_size=1024,
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    return synthetic_profile(matmul=1e30, latency=1e-3, bus_bandwidth=1e30, **changes)
 
 
 def test_synchronised_batch_norm_prices_its_statistics_all_reduces():
@@ -91,10 +79,10 @@ def test_only_this_machines_own_profile_times_ops_here():
 
 
 def test_a_timed_op_is_its_measured_seconds_once():
-    """An mm timed here agrees with a timing of the same product made here independently (a factor of 3,
-    for a shared machine), and a second price of it is the cached figure; an op that cannot run on random
-    operands (a view to a size it does not have), or whose result is not the program's local shape, keeps
-    its roofline."""
+    """An mm timed here is of the order of the same product timed here independently (a factor of 10 either
+    way: a shared machine's spikes, not a speed check), and a second price of it is the cached figure; an op
+    that cannot run on random operands (a view to a size it does not have), or whose result is not the
+    program's local shape, keeps its roofline."""
     call = KernelCall(torch.ops.aten.mm.default, (_Meta((256, 256)), _Meta((256, 512))), {}, ((256, 512),))
     profile = _here()
     seconds = kernel_seconds(call, profile)
@@ -102,15 +90,16 @@ def test_a_timed_op_is_its_measured_seconds_once():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        import time
-
-        start = time.perf_counter()
-        for _ in range(20):
-            a @ b
-        independent = (time.perf_counter() - start) / 20
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(20):
+                a @ b
+            runs.append((time.perf_counter() - start) / 20)
+        independent = min(runs)
     finally:
         torch.set_num_threads(before)
-    assert seconds is not None and independent / 3 < seconds < independent * 3
+    assert seconds is not None and independent / 10 < seconds < independent * 10
     cached = len(kernel_time._TIMES)
     assert kernel_seconds(call, profile) == seconds and len(kernel_time._TIMES) == cached
     bad = KernelCall(torch.ops.aten.view.default, (_Meta((4, 4)), [7]), {}, ((7,),))
@@ -128,8 +117,8 @@ def test_an_update_is_timed_with_the_optimizers_own_settings():
     small = update_seconds_here(optimizer, params, _here())
     large = update_seconds_here(optimizer, params * 8, _here())
     assert 0 < small < large
-    # a unit's step among 2,000 other parameters checks each for a gradient: far more than 1 tensor's kernels
-    assert update_seconds_here(optimizer, params, _here(), skipped=2000) > 2 * small
+    # a unit's step among 50,000 other parameters checks each for a gradient: far more than 1 tensor's kernels
+    assert update_seconds_here(optimizer, params, _here(), skipped=50_000) > 3 * small
 
 
 class _Meta:

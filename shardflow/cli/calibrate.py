@@ -2,11 +2,12 @@
 
 Compute is timed in this process with the intra-op threads one rank gets when ``ranks`` ranks share the machine
 (the launcher's share), as medians of batches of calls after a warm-up: element-wise FLOP/s from an add whose
-operands stay in cache, memory bandwidth from one that streams, and the launch floor per op and the runtime's
-cost per step from real compiled steps (small models' on one rank: what their programs' lines and steps cost
-beyond their ops; a one-element add's at least). Links are timed on ``ranks`` pooled ranks (``shardflow.testing``) through shardflow's own
-collectives on a mesh's groups, a barrier before each call and the slowest rank kept, then fitted as latency +
-bus bytes / bus bandwidth.
+operands stay in cache, memory bandwidth from one that streams. Links are timed on ``ranks`` pooled ranks
+(``shardflow.testing``) through shardflow's own collectives on a mesh's groups, a barrier before each call
+and the slowest rank kept, then fitted as latency + bus bytes / bus bandwidth. On a CPU, what real compiled
+steps of calibrate's own small models cost beyond their ops (timed here) and links is fitted last: per
+program line and per step on one rank (neither negative), and on 2 ranks per collective and per pipeline
+action.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def _in_step_fit(profile: DeviceProfile, quick: bool) -> float:
     def estimates(t: float) -> list[float]:
         return [estimator(p, dataclasses.replace(profile, in_step=t)).step_seconds for p in plans]
 
-    return _solve(estimates, measured)
+    return _solve(estimates, measured, quick)
 
 
 def _plan_steps(plans: tuple[dict[str, Any], ...], steps: int, threads: int) -> list[list[float]]:
@@ -253,21 +254,36 @@ def _pipeline_fit(profile: DeviceProfile, quick: bool) -> float:
     def estimate(t: float) -> list[float]:
         return [estimator(plan, dataclasses.replace(profile, pipeline_action=t)).step_seconds]
 
-    return _solve(estimate, [measured])
+    return _solve(estimate, [measured], quick)
 
 
-def _solve(estimates: Callable[[float], list[float]], measured: list[float], delta: float = 1e-4) -> float:
-    """The ``t >= 0`` at which ``estimates(t)`` comes closest to ``measured`` in least squares: Gauss-Newton
-    from 0 with a finite-difference slope at each step (the estimate is piecewise linear in ``t``: a cost
-    that grows stops hiding behind compute)."""
-    t = 0.0
-    for _ in range(3):
-        at, ahead = np.array(estimates(t)), np.array(estimates(t + delta))
-        slope = (ahead - at) / delta
-        if not slope.any():
-            return t
-        t = max(t + float(np.dot(slope, np.array(measured) - at) / np.dot(slope, slope)), 0.0)
-    return t
+def _solve(estimates: Callable[[float], list[float]], measured: list[float], quick: bool, most: float = 5e-3) -> float:
+    """The ``t`` in ``[0, most]`` at which ``estimates(t)`` comes closest to ``measured`` in least squares: the
+    best of a geometric grid, then a golden-section search between its neighbours. A search, not a slope: the
+    estimate grows piecewise linearly in ``t`` (faster once a cost stops hiding behind compute), so the error
+    need not be convex, and a slope at one point can miss where another plan's cost starts to show."""
+    target = np.array(measured)
+
+    def error(t: float) -> float:
+        return float(np.sum((np.array(estimates(t)) - target) ** 2))
+
+    grid = [0.0] + [most / 4**k for k in range(4 if quick else 7, -1, -1)]
+    tried = [(error(t), t) for t in grid]
+    k = min(range(len(grid)), key=lambda i: tried[i][0])
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    ratio = (5**0.5 - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = error(a), error(b)
+    for _ in range(4 if quick else 10):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = error(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = error(b)
+    return min([*tried, (fa, a), (fb, b)])[1]
 
 
 def _pipeline_steps(steps: int, threads: int) -> list[float]:

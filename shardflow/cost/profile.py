@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 _SHIPPED = Path(__file__).parent / "profiles"
-# the model a calibrated profile's fitted figures belong to: 2 fits the launch floor beyond ops timed here
-# (``graph/kernel_time.py``) and the in-step costs; a profile fitted for another model is measured again
+# the model a calibrated CPU profile's fitted figures belong to: 2 fits the launch floor beyond ops timed here
+# (``graph/kernel_time.py``) and the in-step costs; a CPU profile fitted for another model is measured again
 FORMAT = 2
 OP_CLASSES = ("matmul", "conv", "attention", "vector")
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
@@ -115,14 +115,14 @@ class DeviceProfile:
             raw["collectives"] = tuple(LinkFit(**f) for f in raw.get("collectives", ()))
             raw["network"] = tuple(LinkFit(**f) for f in raw.get("network", ()))
             raw["notes"] = tuple(raw.get("notes", ()))
-            raw.setdefault("format", 1)
+            raw["format"] = int(raw.get("format", 1))
             profile = cls(**raw)
         except (TypeError, ValueError, KeyError) as e:
             raise ProfileError(f"{where} is not a device profile ({e}); re-run `shardflow calibrate`") from None
-        if profile.calibrated and profile.format < FORMAT:
+        if profile.calibrated and profile.device_type == "cpu" and profile.format != FORMAT:
             raise ProfileError(
-                f"{where} was calibrated by an earlier shardflow, for a cost model whose fitted figures mean other "
-                "things; re-run `shardflow calibrate` (about a minute)"
+                f"{where} was calibrated by another version of shardflow, for a cost model whose fitted figures "
+                "mean other things; re-run `shardflow calibrate` (about a minute)"
             )
         if "matmul" not in profile.flops or not profile.collectives and profile.node_size > 1:
             raise ProfileError(f"{where}: a profile needs matmul FLOP/s and, above one device, collective fits")

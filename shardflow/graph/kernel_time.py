@@ -13,11 +13,12 @@ input in place, or does not give the program's local shapes when called as is (i
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -27,9 +28,9 @@ from shardflow.cost.profile import DeviceProfile, machine_name
 
 _TIMES: dict[tuple[str, int, str], float | None] = {}  # (op and local shapes, threads, device) -> seconds
 _BUDGET = 2e-3  # seconds of calls per timed batch
-# what is timed: kernels the roofline prices under a millisecond, on operands under 64 MiB. Larger ones run
-# near their roofline, and timing them would cost as much time and memory as running them
-TIMED_SECONDS = 1e-3
+# what is timed: work the roofline prices under 0.1 s, on operands under 64 MiB. Larger work runs near its
+# roofline, and timing it would cost as much time and memory as running it
+TIMED_SECONDS = 0.1
 TIMED_BYTES = 64 << 20
 
 
@@ -44,7 +45,7 @@ class KernelCall(NamedTuple):
     outs: tuple[tuple[int, ...], ...]
 
     def key(self) -> str:
-        return f"{self.func}{self.args!r}{sorted(self.kwargs.items())!r}"
+        return f"{self.func}{self.args!r}{sorted(self.kwargs.items())!r}{self.outs!r}"
 
 
 def measures_here(profile: DeviceProfile) -> bool:
@@ -67,19 +68,28 @@ def kernel_seconds(call: KernelCall, profile: DeviceProfile) -> float | None:
 
 
 def _time(call: KernelCall, threads: int) -> float | None:
+    with _as_a_rank(threads):
+        try:
+            args, kwargs = tree_map(_operand, (call.args, dict(call.kwargs)))
+            with torch.no_grad():
+                got = call.func(*args, **kwargs)  # warm-up (and: does it run at all, to the program's shapes)
+                shapes = tuple(tuple(t.shape) for t in tree_flatten(got)[0] if isinstance(t, torch.Tensor))
+                if shapes != call.outs:
+                    return None
+                return _median_call(lambda: call.func(*args, **kwargs))
+        except Exception:  # noqa: BLE001 - whatever an op raises on random operands, it keeps its roofline
+            return None
+
+
+@contextlib.contextmanager
+def _as_a_rank(threads: int) -> Iterator[None]:
+    """With a rank's intra-op threads (0: as they are), and the caller's random stream left as it was."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        args, kwargs = tree_map(_operand, (call.args, dict(call.kwargs)))
-        with torch.no_grad():
-            got = call.func(*args, **kwargs)  # warm-up (and: does it run at all, and to the program's shapes)
-            shapes = tuple(tuple(t.shape) for t in tree_flatten(got)[0] if isinstance(t, torch.Tensor))
-            if shapes != call.outs:
-                return None
-            return _median_call(lambda: call.func(*args, **kwargs))
-    except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
-        return None  # an op that needs meaningful operands keeps its roofline
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         torch.set_num_threads(before)
 
@@ -131,18 +141,14 @@ def update_seconds_here(
 def _time_update(
     cls: type, settings: dict[str, Any], shapes: tuple[Any, ...], skipped: int, threads: int
 ) -> float | None:
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        tensors = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape, dtype in shapes]
-        for t in tensors:
-            t.grad = torch.randn_like(t)
-        idle = [torch.zeros(1, requires_grad=True) for _ in range(skipped)]  # never stepped: their size is moot
-        optimizer = cls(tensors + idle, **settings)
-        optimizer.step()  # its state
-        return _median_call(optimizer.step)
-    except (RuntimeError, TypeError, ValueError, AssertionError):  # needs more than its defaults (a closure)
-        return None
-    finally:
-        torch.set_num_threads(before)
+    with _as_a_rank(threads):
+        try:
+            tensors = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape, dtype in shapes]
+            for t in tensors:
+                t.grad = torch.randn_like(t)
+            idle = [torch.zeros(1, requires_grad=True) for _ in range(skipped)]  # never stepped: size is moot
+            optimizer = cls(tensors + idle, **settings)
+            optimizer.step()  # its state
+            return _median_call(optimizer.step)
+        except Exception:  # noqa: BLE001 - one that needs more than its settings (a closure) keeps the roofline
+            return None

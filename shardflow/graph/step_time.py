@@ -227,7 +227,8 @@ def update_seconds(
     if not params:
         return 0.0
     nbytes = sum(p.numel() * p.element_size() for p in params)
-    timed = update_seconds_here(optimizer, params, profile, skipped) if timed_here(profile, 0.0, nbytes) else None
+    here = timed_here(profile, 0.0, 4 * nbytes)  # timing it holds parameters, gradients and two states
+    timed = update_seconds_here(optimizer, params, profile, skipped) if here else None
     if timed is not None:
         return timed + profile.launch
     name = type(optimizer).__name__

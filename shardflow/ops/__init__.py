@@ -18,6 +18,7 @@ from shardflow.ops.registry import (
     prepared,
     rule,
     workspace,
+    writes_any,
     writes_arg,
 )
 from shardflow.ops.select import NoRuleError, choose
@@ -41,5 +42,6 @@ __all__ = [
     "prepared",
     "workspace",
     "rule",
+    "writes_any",
     "writes_arg",
 ]

@@ -155,6 +155,12 @@ def inside(*ops: Any) -> Callable[[Callable[[LocalContext], Inside]], Callable[[
 
 
 @functools.cache
+def writes_any(func: Any) -> bool:
+    """Whether ``func`` writes any of its arguments in place (by position or by keyword)."""
+    return any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+
+
+@functools.cache
 def writes_arg(func: Any, index: int) -> bool:
     """Whether ``func`` writes its argument ``index`` in place (``add_``'s self, batch norm's running stats)."""
     args = func._schema.arguments

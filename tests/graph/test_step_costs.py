@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from shardflow.cost.profile import DeviceProfile, LinkFit, machine_name
 from shardflow.graph import kernel_time
 from shardflow.graph.kernel_time import KernelCall, kernel_seconds, measures_here, update_seconds_here
 from shardflow.models import MLP, MLPConfig
+from shardflow.ops import INSIDE, LOCALS, InnerBox, LocalContext, OpCall, TensorMeta
+from shardflow.placement.sbp import B, P, S
 from shardflow.testing.memory import memory_case
 from shardflow.testing.profiles import KINDS, synthetic_profile
 
@@ -129,3 +132,46 @@ class _Meta:
 
     def __repr__(self) -> str:
         return f"_Meta({self.shape}, {self.dtype})"
+
+
+def _recorded_boxes(func: Any, args: tuple[Any, ...], ins: tuple[Any, ...], outs: tuple[Any, ...]) -> list[InnerBox]:
+    """The conversions ``func``'s local function makes on a virtual 2-rank mesh (rank 0), recorded by a boxer
+    that keeps each local as it is (a P -> B sum has the local's shape), beside what its ``Inside`` declares."""
+    mesh = sf.Mesh("cpu", (2,), virtual=True)
+    metas = tuple(TensorMeta(tuple(a.shape), a.dtype) for a in args if isinstance(a, torch.Tensor))
+    meta_args = tuple(TensorMeta(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+    call = OpCall(func, meta_args, {}, metas)
+    seen: list[InnerBox] = []
+
+    def box(local: torch.Tensor, src: Any, shape: tuple[int, ...], dst: Any) -> torch.Tensor:
+        seen.append(InnerBox(tuple(shape), src, dst))
+        return local
+
+    ctx = LocalContext(call, mesh, (0,), ins, outs, (None,) * 3, box)
+    LOCALS[func](ctx, args, {})
+    assert list(INSIDE[func](ctx).boxes) == seen
+    return seen
+
+
+def test_inside_declares_the_boxes_each_local_function_makes():
+    """Each ``ops.Inside`` lists exactly the conversions its local function makes, checked by running the
+    local function with a recording boxer: batch-split BatchNorm forward and backward, the split loss, a
+    split vector norm."""
+    aten = torch.ops.aten
+    split, whole = (S(0),), (B,)
+    x, w, b = torch.randn(4, 3, 5, 5), torch.randn(3), torch.randn(3)
+    forward = (x, w, b, torch.zeros(3), torch.ones(3), True, 0.1, 1e-5)
+    assert (
+        len(_recorded_boxes(aten.native_batch_norm.default, forward, (split,) + (whole,) * 4, (split, whole, whole)))
+        == 2
+    )
+    mean, invstd = torch.zeros(3), torch.ones(3)
+    backward = (torch.randn(4, 3, 5, 5), x, w, None, None, mean, invstd, True, 1e-5, [True, True, True])
+    ins = (split, split, whole, whole, whole)
+    assert len(_recorded_boxes(aten.native_batch_norm_backward.default, backward, ins, (split, whole, whole))) == 1
+    logp, target = torch.randn(4, 6).log_softmax(1), torch.randint(0, 6, (4,))
+    assert (
+        len(_recorded_boxes(aten.nll_loss_forward.default, (logp, target, None, 1, -100), (split, split), (P, P))) == 1
+    )
+    norm = (torch.randn(4, 6), 2.0)
+    assert len(_recorded_boxes(aten.linalg_vector_norm.default, norm, (split,), (whole,))) == 1

@@ -31,6 +31,7 @@ from shardflow.ops import (
     OpCall,
     TensorMeta,
     choose,
+    writes_any,
     writes_arg,
 )
 from shardflow.ops.flop_count import op_name as flops_key
@@ -224,7 +225,9 @@ def _local_work(
     nbytes = 0 if _is_view(func) else sum(math.prod(m.shape) * m.dtype.itemsize for m in tensors)
     dtype = str(tensors[0].dtype).removeprefix("torch.") if tensors else "float32"
     work = Work(flops_key(func), _phase(lp, node), op_flops(func, args, kwargs, outs), nbytes, dtype)
-    if any(writes_arg(func, i) for i in range(len(args))):  # timing it would change what it reads
+    if writes_any(func) or _is_view(
+        func
+    ):  # timing it would change what it reads; a view is a launch, whatever its size
         return work
     results = tuple(tuple(m.shape) for m in outs if m is not None)
     return dataclasses.replace(work, call=KernelCall(func, tuple(args), dict(kwargs), results))

@@ -88,15 +88,14 @@ def _built(case: MemoryCase, virtual: bool = False) -> tuple[Any, Any, Any]:
 
 
 def measure(cases: list[MemoryCase], threads: int, steps: int, warmup: int) -> tuple[list[Any], tuple[float, float]]:
-    """On every rank: each case's peak (allocator), then its steps timed, all cases interleaved; and the
-    timing's seconds and the cores other processes kept busy meanwhile."""
+    """On every rank: each case's peak (allocator), then its steps timed, the cases taking turns in blocks of
+    steps; and the timing's seconds and the cores other processes kept busy meanwhile."""
     import torch.distributed as dist
 
+    from shardflow.runtime.meter import rank_threads
     from shardflow.testing.memory_cases import predict_and_measure
 
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the launcher's share for this many ranks, as the profile was measured
-    try:
+    with rank_threads(threads):  # the launcher's share for this many ranks, as the profile was measured
         peaks = [predict_and_measure(c).measured for c in cases]
         built = [_built(c)[1:] for c in cases]
         for data, pm in built:
@@ -114,8 +113,6 @@ def measure(cases: list[MemoryCase], threads: int, steps: int, warmup: int) -> t
         total, mine = (a - b for a, b in zip(_cpu_seconds(os.getppid()), before))
         every: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(every, peaks)
-    finally:
-        torch.set_num_threads(threads_before)
     got = [{"times": times[j], "peak": max(e[j] for e in every)} for j in range(len(cases))]
     return got, (seconds, (total - mine) / seconds)
 
@@ -133,10 +130,9 @@ def diagnose(case: MemoryCase, threads: int, device: str, steps: int = 10) -> di
     from shardflow.cost.profile import device_profile
     from shardflow.graph.ir.instr import Op
     from shardflow.graph.step_time import op_seconds
+    from shardflow.runtime.meter import rank_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with rank_threads(threads):
         _, data, pm = _built(case)
         run = functools.partial(_per_step, pm, data, steps)
         run()  # warm-up
@@ -161,8 +157,6 @@ def diagnose(case: MemoryCase, threads: int, device: str, steps: int = 10) -> di
                 name = (ins.work.op if ins.work else ins.op.rsplit(".", 1)[0]).replace(".", "::")
                 predicted[name][0] += 1
                 predicted[name][1] += op_seconds(ins.work, profile_)
-    finally:
-        torch.set_num_threads(before)
     mine = {"rank": dist.get_rank(), "wall": wall, "profiled": profiled, "ops": ops, "optimizer": optimizer}
     mine |= {"inside": inside, "gloo": share * wall}  # gloo's share of the step under cProfile, of a plain step
     every: list[Any] = [None] * dist.get_world_size()

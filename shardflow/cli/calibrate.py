@@ -42,7 +42,7 @@ from shardflow.cost.profile import (
 )
 from shardflow.ops.flop_count import in_flops
 from shardflow.placement.mesh import Mesh
-from shardflow.runtime.meter import _sync
+from shardflow.runtime.meter import _sync, rank_threads
 from shardflow.runtime.pipeline_config import Pipeline
 from shardflow.testing import run_on_ranks  # pooled ranks: a process group started once and kept warm
 
@@ -77,13 +77,8 @@ def calibrate(ranks: int = 2, backend: str | None = None, quick: bool = False, d
             raise ValueError(f"nccl needs a GPU per rank: {ranks} ranks, {gpus} GPU(s) here; use --ranks {gpus}")
     dev = torch.device(device)
     threads = _threads_per_worker(ranks) if device == "cpu" else 0
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)  # a rank's share of the cores, as the launcher gives it
-    try:
+    with rank_threads(threads):  # a rank's share of the cores, as the launcher gives it
         flops, bandwidth, launch = _compute(dev, quick)
-    finally:
-        torch.set_num_threads(before)
     links = _link_fits(ranks, backend, quick, device, threads) if ranks > 1 else Links((), 0.0, 1.0)
     if device == "cpu":
         name = machine_name()
@@ -111,16 +106,12 @@ def calibrate(ranks: int = 2, backend: str | None = None, quick: bool = False, d
         threads=threads,
     )
     if device == "cpu":
-        if threads:
-            torch.set_num_threads(threads)
-        try:
+        with rank_threads(threads):
             launch, overhead = _runtime_fit(profile, quick)
             profile = dataclasses.replace(profile, launch=launch, step_overhead=overhead)
             if ranks >= 2:  # in that order: a pipeline's sends pay the in-step cost too
                 profile = dataclasses.replace(profile, in_step=_in_step_fit(profile, quick))
                 profile = dataclasses.replace(profile, pipeline_action=_pipeline_fit(profile, quick))
-        finally:
-            torch.set_num_threads(before)
     return _with_datasheet(profile)
 
 
@@ -149,13 +140,7 @@ def _runtime_fit(profile: DeviceProfile, quick: bool) -> Runtime:
     xs, ys = [], []
     for model, batch in cases:
         pm = sf.compile(model, sf.Mesh("cpu", (1,)), batch)
-        for _ in range(3):
-            pm.step(*batch)
-        seconds = []
-        for _ in range(5 if quick else 15):
-            started = time.perf_counter()
-            pm.step(*batch)
-            seconds.append(time.perf_counter() - started)
+        seconds = _steps(pm, batch, 5 if quick else 15, barrier=False)  # this process alone
         free, unit = (
             Estimator(model, batch, device=dataclasses.replace(profile, launch=t, step_overhead=0.0))(pm.plan)
             for t in (0.0, 1.0)
@@ -187,8 +172,8 @@ _IN_STEP_PLANS: tuple[dict[str, Any], ...] = (
 
 def _in_step_fit(profile: DeviceProfile, quick: bool) -> float:
     """Seconds each collective costs inside a real step beyond its link fit: the runtime's work around it
-    (boxing, packing, handles) and the waiting rank's wake-up. Fitted by least squares through the origin on
-    real 2-rank steps of a small GPT, data parallel and under ZeRO-3 (``_solve``). Replaces the
+    (boxing, packing, handles) and the waiting rank's wake-up. Found by ``_solve`` on real 2-rank steps of a
+    small GPT, data parallel and under ZeRO-3. Replaces the
     between-compute microbenchmark's figure, which leaves out the runtime."""
     import shardflow as sf
     from shardflow.graph.estimate import Estimator
@@ -210,26 +195,23 @@ def _plan_steps(plans: tuple[dict[str, Any], ...], steps: int, threads: int) -> 
     seconds of ``steps`` steps of the calibration GPT after a warm-up, a barrier before each."""
     import shardflow as sf
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
     out = []
-    try:
+    with rank_threads(threads):
         for options in plans:
             model, batch = _calibration_gpt(2)
             pm = sf.compile(model, sf.Mesh("cpu", (2,), names=("dp",)), batch, **options)
             out.append(_steps(pm, batch, steps))
-    finally:
-        torch.set_num_threads(before)
     return out
 
 
-def _steps(pm: Any, batch: tuple[torch.Tensor, ...], steps: int) -> list[float]:
-    """The seconds of ``steps`` steps of ``pm`` after a warm-up, a barrier of the pool before each."""
+def _steps(pm: Any, batch: tuple[torch.Tensor, ...], steps: int, barrier: bool = True) -> list[float]:
+    """The seconds of ``steps`` steps of ``pm`` after a warm-up, a barrier of the pool before each (on ranks)."""
     for _ in range(3):
         pm.step(*batch)
     seconds = []
     for _ in range(steps):
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         started = time.perf_counter()
         pm.step(*batch)
         seconds.append(time.perf_counter() - started)
@@ -290,13 +272,9 @@ def _pipeline_steps(steps: int, threads: int) -> list[float]:
     """On every rank of a pool: the seconds of ``steps`` steps of ``_pipeline_fit``'s pipeline (after a warm-up)."""
     import shardflow as sf
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
+    with rank_threads(threads):
         model, batch = _calibration_gpt(2)
         return _steps(sf.compile(model, sf.Mesh("cpu", (2,), names=("pp",)), batch, pipeline=_PIPELINE), batch, steps)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _with_datasheet(profile: DeviceProfile) -> DeviceProfile:
@@ -436,11 +414,8 @@ def in_step(reps: int, threads: int, device: str, backend: str) -> InStep:
     now and then for the other's; the mean, since a step pays the tail too). Then the same all-reduce
     started before a burst and waited for after a second one, against issuing it between the two: the
     time saved, against the in-step collective it could hide, is the overlap."""
-    rank = dist.get_rank()
-    dev = torch.device("cuda", rank % torch.cuda.device_count()) if device == "cuda" else torch.device("cpu")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
+    rank, dev = dist.get_rank(), _rank_device(device)
+    with rank_threads(threads):
         g = _group(Mesh(device, (1, dist.get_world_size())), rank, backend)  # collective: makes its groups
         assert g is not None
         group, x, a = g.group, torch.ones(256, device=dev), torch.randn(128, 128, device=dev)
@@ -480,8 +455,6 @@ def in_step(reps: int, threads: int, device: str, backend: str) -> InStep:
             burst(n)
             after.append(call())
             saved.append(between(n) - started(n))
-    finally:
-        torch.set_num_threads(before)
     extra = max(statistics.mean(after) - alone, 0.0)
     return InStep(extra, min(max(statistics.mean(saved) / statistics.mean(after), 0.0), 1.0))
 
@@ -502,14 +475,9 @@ def time_links(
 ) -> list[tuple[str, int, int, float]]:
     """On every rank of a pool: ``(kind, group size, bytes, median seconds)`` of each collective on each size,
     groups of each width side by side (as a mesh axis runs them), the same rows in the same order on every rank."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dev = torch.device("cuda", rank % torch.cuda.device_count()) if device == "cuda" else torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
+    rank, world, dev = dist.get_rank(), dist.get_world_size(), _rank_device(device)
     out: list[tuple[str, int, int, float]] = []
-    try:
+    with rank_threads(threads):
         for k in widths:
             mesh = Mesh(device, (world // k, k), ranks=range(world // k * k))  # collective: makes its groups
             g, me = _group(mesh, rank, backend), rank % k
@@ -520,9 +488,16 @@ def time_links(
                     m = max(1, nbytes // 4 // k)  # float32 elements of one rank's piece
                     fn = _call(kind, m, k, me, g, dev) if g is not None else lambda: None
                     out.append((kind, 2 if kind == "send_recv" else k, 4 * m * k, _timed(fn, reps, dev)))
-    finally:
-        torch.set_num_threads(before)
     return out
+
+
+def _rank_device(device: str) -> torch.device:
+    """This pooled rank's device: the CPU, or its GPU (made current)."""
+    if device != "cuda":
+        return torch.device("cpu")
+    dev = torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
+    torch.cuda.set_device(dev)
+    return dev
 
 
 def _group(mesh: Mesh, rank: int, backend: str) -> GroupHandle | None:

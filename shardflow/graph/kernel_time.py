@@ -25,6 +25,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from shardflow.cost.profile import DeviceProfile, machine_name
+from shardflow.runtime.meter import rank_threads
 
 _TIMES: dict[tuple[str, int, str], float | None] = {}  # (op and local shapes, threads, device) -> seconds
 _BUDGET = 2e-3  # seconds of calls per timed batch
@@ -84,14 +85,8 @@ def _time(call: KernelCall, threads: int) -> float | None:
 @contextlib.contextmanager
 def _as_a_rank(threads: int) -> Iterator[None]:
     """With a rank's intra-op threads (0: as they are), and the caller's random stream left as it was."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        torch.set_num_threads(before)
+    with rank_threads(threads), torch.random.fork_rng(devices=[]):
+        yield
 
 
 def _median_call(fn: Callable[[], object]) -> float:

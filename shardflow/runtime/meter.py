@@ -144,6 +144,19 @@ def probe(device: torch.device | str, dtype: torch.dtype = torch.float32, second
     return 2 * n**3 * reps / best
 
 
+@contextlib.contextmanager
+def rank_threads(threads: int) -> Iterator[None]:
+    """With ``threads`` intra-op threads (a rank's share of the cores; 0: as they are), restored after: how a
+    measurement times what one rank of a job would."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -222,12 +222,12 @@ def _local_work(
     outs = [TensorMeta(tuple(next(shapes)), m.dtype) if m is not None else None for m in out_metas]
     func = node.target
     tensors = [m for m in (*flat, *outs) if isinstance(m, TensorMeta)]
-    nbytes = 0 if _is_view(func) else sum(math.prod(m.shape) * m.dtype.itemsize for m in tensors)
+    view = _is_view(func)
+    nbytes = 0 if view else sum(math.prod(m.shape) * m.dtype.itemsize for m in tensors)
     dtype = str(tensors[0].dtype).removeprefix("torch.") if tensors else "float32"
     work = Work(flops_key(func), _phase(lp, node), op_flops(func, args, kwargs, outs), nbytes, dtype)
-    if writes_any(func) or _is_view(
-        func
-    ):  # timing it would change what it reads; a view is a launch, whatever its size
+    # not timed: an op writing an input (timing would change what it reads), a view (a launch, whatever its size)
+    if view or writes_any(func):
         return work
     results = tuple(tuple(m.shape) for m in outs if m is not None)
     return dataclasses.replace(work, call=KernelCall(func, tuple(args), dict(kwargs), results))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from shardflow.ops.registry import B, InnerBox, Inside, LocalContext, OpCall, P, S, Sig, inside, local, rule
-from shardflow.placement.sbp import is_split
+from shardflow.placement.sbp import NdSbp, is_split
 
 aten = torch.ops.aten
 
@@ -68,21 +68,26 @@ def _norm(call: OpCall, k: int) -> list[Sig]:
 
 @inside(aten.linalg_vector_norm.default)
 def _norm_inside(ctx: LocalContext) -> Inside:
-    sbp = ctx.ins[0]
-    if all(p == B for p in sbp):
+    partial = _norm_partial(ctx.ins[0])
+    if partial is None:
         return Inside()
-    partial = tuple(P if is_split(p) else p for p in sbp)
     return Inside((InnerBox((), partial, (B,) * ctx.mesh.ndim),), kernels=3)  # the norm, its power, the root
+
+
+def _norm_partial(sbp: NdSbp) -> NdSbp | None:
+    """The layout of a split tensor's powered norm (partial where it is split), or None when it is whole."""
+    if all(p == B for p in sbp):
+        return None
+    return tuple(P if is_split(p) else p for p in sbp)
 
 
 @local(aten.linalg_vector_norm.default)
 def _norm_local(ctx: LocalContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    sbp = ctx.ins[0]
-    if all(p == B for p in sbp):
+    partial = _norm_partial(ctx.ins[0])
+    if partial is None:
         return ctx.call.func(*args, **kwargs)
     ord_ = float(args[1] if len(args) > 1 else kwargs.get("ord", 2))
     powered = ctx.call.func(*args, **kwargs) ** ord_
-    partial = tuple(P if is_split(p) else p for p in sbp)
     total = ctx.box(powered, partial, (), (B,) * ctx.mesh.ndim)
     return total ** (1.0 / ord_)
 

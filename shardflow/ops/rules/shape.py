@@ -13,6 +13,7 @@ falls back to gathering the input (collective, the same decision on every rank) 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -153,18 +154,23 @@ def _view(call: OpCall, k: int) -> list[Sig]:
 
 def _nested_exact(ctx: LocalContext, src: Sequence[int], dst: Sequence[int]) -> bool:
     """Whether every coordinate's input box maps onto its output box under the chosen nd-signature."""
+    return _exact_on(tuple(src), tuple(dst), tuple(ctx.ins[0]), tuple(ctx.outs[0]), tuple(ctx.mesh.shape))
+
+
+@functools.lru_cache(maxsize=4096)  # asked twice per view lowered (its local function and its Inside), per plan
+def _exact_on(src: tuple[int, ...], dst: tuple[int, ...], ins: NdSbp, outs: NdSbp, mesh_shape: tuple[int, ...]) -> bool:
     maps = {}
-    for axis, (p, q) in enumerate(zip(ctx.ins[0], ctx.outs[0])):
+    for axis, (p, q) in enumerate(zip(ins, outs)):
         if isinstance(p, S) and isinstance(q, S):
-            e, num, den = view_dim_map(src, dst, ctx.mesh.shape[axis])[p.dim]
+            e, num, den = view_dim_map(src, dst, mesh_shape[axis])[p.dim]
             maps[p.dim] = (e, num, den)
     if not maps:
         return True
     # a Blocked dim keeps its size through the view (select.py lifts only such views): only S dims nest
-    ins, outs = (tuple(B if isinstance(p, Blocked) else p for p in sbp) for sbp in (ctx.ins[0], ctx.outs[0]))
-    for coord in itertools.product(*(range(n) for n in ctx.mesh.shape)):
-        ibox = shard_box(src, ins, ctx.mesh.shape, coord)
-        obox = shard_box(dst, outs, ctx.mesh.shape, coord)
+    ins, outs = (tuple(B if isinstance(p, Blocked) else p for p in sbp) for sbp in (ins, outs))
+    for coord in itertools.product(*(range(n) for n in mesh_shape)):
+        ibox = shard_box(src, ins, mesh_shape, coord)
+        obox = shard_box(dst, outs, mesh_shape, coord)
         for d, (e, num, den) in maps.items():
             if _maps(*ibox[d], num, den) != obox[e]:
                 return False

@@ -282,6 +282,32 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "the cost model prices ops at their time alone whatever the profile's in-step kernel scale",
+        "shardflow/graph/step_time.py",
+        "roofline *= profile.kernel_scale",
+        "roofline *= 1.0",
+        ("tests/graph/test_step_costs.py::test_the_kernel_scale_stretches_ops_and_updates_not_launches",),
+    ),
+    Mutant(
+        "a collective's bytes priced at their link time whatever the profile's in-step link scale",
+        "shardflow/cost/profile.py",
+        "nbytes / fit.bus_bandwidth * self.link_scale",
+        "nbytes / fit.bus_bandwidth",
+        (
+            "tests/graph/test_step_costs.py::"
+            "test_every_collective_pays_the_in_step_cost_and_shares_cores_as_the_overlap_says",
+        ),
+    ),
+    Mutant(
+        "an Estimator prices every plan on the programs it lowered first",
+        "shardflow/graph/estimate.py",
+        "lowered = self._lowered.pop(plan, None) or self._lower(plan)",
+        "lowered = next(iter(self._lowered.values()), None) or self._lower(plan)",
+        (
+            "tests/graph/test_estimate.py::test_an_estimator_prices_a_plan_again_on_another_device_without_lowering_it_again",
+        ),
+    ),
+    Mutant(
         "the cost model prices one rank for every rank, uneven shards included",
         "shardflow/graph/estimate.py",
         "groups.setdefault(key, []).append(r)",

@@ -5,9 +5,8 @@ Compute is timed in this process with the intra-op threads one rank gets when ``
 operands stay in cache, memory bandwidth from one that streams. Links are timed on ``ranks`` pooled ranks
 (``shardflow.testing``) through shardflow's own collectives on a mesh's groups, a barrier before each call
 and the slowest rank kept, then fitted as latency + bus bytes / bus bandwidth. On a CPU, what real compiled
-steps of calibrate's own small models cost beyond their ops (timed here) and links is fitted last: per
-program line and per step on one rank (neither negative), and on 2 ranks per collective and per pipeline
-action.
+steps of calibrate's own small models cost beyond their ops (timed here) and links is fitted last
+(``shardflow/cli/step_fits.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from shardflow.cli.launch import _threads_per_worker
+from shardflow.cli.step_fits import in_step_fit, pipeline_fit, runtime_fit
 from shardflow.comm import collectives as C
 from shardflow.comm.groups import GroupHandle, group_for
 from shardflow.cost.profile import (
@@ -43,7 +43,6 @@ from shardflow.cost.profile import (
 from shardflow.ops.flop_count import in_flops
 from shardflow.placement.mesh import Mesh
 from shardflow.runtime.meter import _sync, rank_threads
-from shardflow.runtime.pipeline_config import Pipeline
 from shardflow.testing import run_on_ranks  # pooled ranks: a process group started once and kept warm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -55,7 +54,6 @@ _SHAPES = {
 }
 SIZES = tuple(1 << k for k in range(10, 25, 2))  # bytes of the full piece: 1 KiB to 16 MiB, x4 apart
 QUICK_SIZES = (1 << 10, 1 << 14, 1 << 18, 1 << 22, 1 << 24)
-_PIPELINE = Pipeline(axis="pp", micro_batches=4, schedule="1f1b")  # the pipeline action's calibration
 
 
 def calibrate(ranks: int = 2, backend: str | None = None, quick: bool = False, device: str = "cpu") -> DeviceProfile:
@@ -107,174 +105,11 @@ def calibrate(ranks: int = 2, backend: str | None = None, quick: bool = False, d
     )
     if device == "cpu":
         with rank_threads(threads):
-            launch, overhead = _runtime_fit(profile, quick)
-            profile = dataclasses.replace(profile, launch=launch, step_overhead=overhead)
+            profile = dataclasses.replace(profile, **runtime_fit(profile, quick)._asdict())
             if ranks >= 2:  # in that order: a pipeline's sends pay the in-step cost too
-                profile = dataclasses.replace(profile, in_step=_in_step_fit(profile, quick))
-                profile = dataclasses.replace(profile, pipeline_action=_pipeline_fit(profile, quick))
+                profile = dataclasses.replace(profile, **in_step_fit(profile, quick)._asdict())
+                profile = dataclasses.replace(profile, pipeline_action=pipeline_fit(profile, quick))
     return _with_datasheet(profile)
-
-
-class Runtime(NamedTuple):
-    launch: float  # seconds per program line beyond its op's own time
-    step_overhead: float  # seconds per step beyond its lines
-
-
-def _runtime_fit(profile: DeviceProfile, quick: bool) -> Runtime:
-    """What a real compiled step costs beyond its ops' own times (measured or rooflines): per program line
-    (Python, dispatch, wrapping, the update loop's calls: a bare one-element add, the floor, leaves them out)
-    and per step (staging inputs and the loss, the step's bookkeeping). Fitted by least squares on one-rank
-    steps of models of their own (not ones the cost-model benchmark checks the fit on) whose line counts
-    differ: a small MLP, and GPTs of 1, 2 and 4 layers; each point the measured step less the estimate
-    without either, against how many launches the estimate counts."""
-    import shardflow as sf
-    from shardflow.graph.estimate import Estimator
-    from shardflow.models import MLP, MLPConfig
-
-    torch.manual_seed(0)
-    mlp = MLP(MLPConfig(in_features=96, hidden_sizes=(192,), num_classes=10))
-    cases: list[tuple[torch.nn.Module, tuple[torch.Tensor, ...]]] = [
-        (mlp, (torch.randn(16, 96), torch.randint(0, 10, (16,))))
-    ]
-    cases += [_calibration_gpt(depth) for depth in (1, 2, 4)]
-    xs, ys = [], []
-    for model, batch in cases:
-        pm = sf.compile(model, sf.Mesh("cpu", (1,)), batch)
-        seconds = _steps(pm, batch, 5 if quick else 15, barrier=False)  # this process alone
-        free, unit = (
-            Estimator(model, batch, device=dataclasses.replace(profile, launch=t, step_overhead=0.0))(pm.plan)
-            for t in (0.0, 1.0)
-        )
-        xs.append(unit.step_seconds - free.step_seconds)  # launches: the estimate is linear in the floor on a CPU
-        ys.append(statistics.median(seconds) - free.step_seconds)
-    (overhead, launch), *_ = np.linalg.lstsq(np.stack([np.ones(len(xs)), xs], axis=1), np.array(ys), rcond=None)
-    if launch < 0:  # neither is negative: where one would be, it is 0 and the other is fitted alone
-        return Runtime(0.0, max(float(np.mean(ys)), 0.0))
-    if overhead < 0:
-        return Runtime(max(float(np.dot(xs, ys) / np.dot(xs, xs)), 0.0), 0.0)
-    return Runtime(float(launch), float(overhead))
-
-
-def _calibration_gpt(depth: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """A small GPT and its batch, of sizes the cost-model benchmark does not check the fits on."""
-    from shardflow.models import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    tokens = torch.randint(0, 512, (8, 32))
-    return GPT(GPTConfig(vocab_size=512, block_size=32, n_layer=depth, n_head=2, n_embd=96)), (tokens, tokens)
-
-
-_IN_STEP_PLANS: tuple[dict[str, Any], ...] = (
-    {},
-    {"zero": 3},
-)  # data parallel, and ZeRO-3's gathers: few collectives and many
-
-
-def _in_step_fit(profile: DeviceProfile, quick: bool) -> float:
-    """Seconds each collective costs inside a real step beyond its link fit: the runtime's work around it
-    (boxing, packing, handles) and the waiting rank's wake-up. Found by ``_solve`` on real 2-rank steps of a
-    small GPT, data parallel and under ZeRO-3. Replaces the
-    between-compute microbenchmark's figure, which leaves out the runtime."""
-    import shardflow as sf
-    from shardflow.graph.estimate import Estimator
-
-    model, batch = _calibration_gpt(2)
-    per_rank = run_on_ranks(2, _plan_steps, _IN_STEP_PLANS, 5 if quick else 15, profile.threads)
-    measured = [statistics.median(max(s) for s in zip(*steps)) for steps in zip(*per_rank)]
-    plans = [sf.plan(model, sf.MeshSpec("cpu", (2,), ("dp",), (0, 1)), batch, **o) for o in _IN_STEP_PLANS]
-    estimator = Estimator(model, batch, device=profile)
-
-    def estimates(t: float) -> list[float]:
-        return [estimator(p, dataclasses.replace(profile, in_step=t)).step_seconds for p in plans]
-
-    return _solve(estimates, measured, quick)
-
-
-def _plan_steps(plans: tuple[dict[str, Any], ...], steps: int, threads: int) -> list[list[float]]:
-    """On every rank of a pool: per plan of ``plans`` (``sf.compile`` options on a 2-rank ``dp`` mesh), the
-    seconds of ``steps`` steps of the calibration GPT after a warm-up, a barrier before each."""
-    import shardflow as sf
-
-    out = []
-    with rank_threads(threads):
-        for options in plans:
-            model, batch = _calibration_gpt(2)
-            pm = sf.compile(model, sf.Mesh("cpu", (2,), names=("dp",)), batch, **options)
-            out.append(_steps(pm, batch, steps))
-    return out
-
-
-def _steps(pm: Any, batch: tuple[torch.Tensor, ...], steps: int, barrier: bool = True) -> list[float]:
-    """The seconds of ``steps`` steps of ``pm`` after a warm-up, a barrier of the pool before each (on ranks)."""
-    for _ in range(3):
-        pm.step(*batch)
-    seconds = []
-    for _ in range(steps):
-        if barrier:
-            dist.barrier()
-        started = time.perf_counter()
-        pm.step(*batch)
-        seconds.append(time.perf_counter() - started)
-    return seconds
-
-
-def _pipeline_fit(profile: DeviceProfile, quick: bool) -> float:
-    """Seconds each pipeline action (a micro-batch's forward or backward on a stage) costs beyond its program
-    and its messages: the schedule's bookkeeping, autograd's engine. Fitted on a real 2-stage 1F1B step of a
-    small GPT on 2 pooled ranks (``_solve``)."""
-    import shardflow as sf
-    from shardflow.graph.estimate import Estimator
-
-    measured = statistics.median(
-        max(s) for s in zip(*run_on_ranks(2, _pipeline_steps, 5 if quick else 15, profile.threads))
-    )
-    model, batch = _calibration_gpt(2)
-    plan = sf.plan(model, sf.MeshSpec("cpu", (2,), ("pp",), (0, 1)), batch, pipeline=_PIPELINE)
-
-    estimator = Estimator(model, batch, device=profile)
-
-    def estimate(t: float) -> list[float]:
-        return [estimator(plan, dataclasses.replace(profile, pipeline_action=t)).step_seconds]
-
-    return _solve(estimate, [measured], quick)
-
-
-def _solve(estimates: Callable[[float], list[float]], measured: list[float], quick: bool, most: float = 5e-3) -> float:
-    """The ``t`` in ``[0, most]`` at which ``estimates(t)`` comes closest to ``measured`` in least squares: the
-    best of a geometric grid, then a golden-section search between its neighbours. A search, not a slope: the
-    estimate grows piecewise linearly in ``t`` (faster once a cost stops hiding behind compute), so the error
-    need not be convex, and a slope at one point can miss where another plan's cost starts to show."""
-    target = np.array(measured)
-
-    def error(t: float) -> float:
-        return float(np.sum((np.array(estimates(t)) - target) ** 2))
-
-    grid = [0.0] + [most / 4**k for k in range(4 if quick else 7, -1, -1)]
-    tried = [(error(t), t) for t in grid]
-    k = min(range(len(grid)), key=lambda i: tried[i][0])
-    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
-    ratio = (5**0.5 - 1) / 2
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = error(a), error(b)
-    for _ in range(4 if quick else 10):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - ratio * (hi - lo)
-            fa = error(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = error(b)
-    return min([*tried, (fa, a), (fb, b)])[1]
-
-
-def _pipeline_steps(steps: int, threads: int) -> list[float]:
-    """On every rank of a pool: the seconds of ``steps`` steps of ``_pipeline_fit``'s pipeline (after a warm-up)."""
-    import shardflow as sf
-
-    with rank_threads(threads):
-        model, batch = _calibration_gpt(2)
-        return _steps(sf.compile(model, sf.Mesh("cpu", (2,), names=("pp",)), batch, pipeline=_PIPELINE), batch, steps)
 
 
 def _with_datasheet(profile: DeviceProfile) -> DeviceProfile:
@@ -556,8 +391,10 @@ def table(profile: DeviceProfile) -> str:
         f"{profile.memory_bytes / 2**30:.1f} GiB per rank"
     )
     lines.append(
-        f"runtime {profile.step_overhead * 1e3:.2f} ms per step, {profile.pipeline_action * 1e3:.2f} ms per pipeline "
-        f"action; a collective {profile.in_step * 1e6:.0f} µs more inside a step, {profile.overlap:.0%} of it "
+        f"in a step: ops x{profile.kernel_scale:.2f} their time alone, {profile.step_overhead * 1e3:.2f} ms per step, "
+        f"{profile.pipeline_action * 1e3:.2f} ms per pipeline "
+        f"action; a collective {profile.in_step * 1e6:.0f} µs more and its bytes x{profile.link_scale:.2f} their "
+        f"link time inside a step, {profile.overlap:.0%} of it "
         "hidden by compute when started early"
     )
     if profile.collectives:

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 _SHIPPED = Path(__file__).parent / "profiles"
-# the model a calibrated CPU profile's fitted figures belong to: 2 fits the launch floor beyond ops timed here
-# (``graph/kernel_time.py``) and the in-step costs; a CPU profile fitted for another model is measured again
-FORMAT = 2
+# the model a calibrated CPU profile's fitted figures belong to: 3 fits the launch floor beyond ops timed here
+# (``graph/kernel_time.py``), their in-step scale and the in-step costs; a CPU profile fitted for another model
+# is measured again
+FORMAT = 3
 OP_CLASSES = ("matmul", "conv", "attention", "vector")
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
@@ -72,11 +73,16 @@ class DeviceProfile:
     threads: int = 0  # CPU: the intra-op threads the compute was measured with (0: not a CPU)
     peaks: Mapping[str, float] = field(default_factory=dict)  # datasheet dense peak by dtype, for MFU
     # what a collective costs inside a step beyond its link fit (the runtime's packing and handles, the
-    # waiting rank's wake-up), and the share of a started one that runs beside compute (on a CPU whose cores
+    # waiting rank's wake-up), how much longer its bytes take there (gloo shares the compute's cores; also
+    # ``link_scale`` below), and the share of a started one that runs beside compute (on a CPU whose cores
     # all compute, gloo's copies and sums take the compute's cores): both fitted by calibrate on real steps
     in_step: float = 0.0
     overlap: float = 1.0
+    link_scale: float = 1.0  # a collective's bytes inside a step take this many times their link-fit time
     step_overhead: float = 0.0  # seconds per step the runtime spends beyond its program (fitted with ``launch``)
+    # an op's seconds inside a real step over its seconds alone (timed in a tight loop, or its roofline): a
+    # step's ops find caches full of other ops' tensors; fitted with ``launch`` (1: a datasheet's)
+    kernel_scale: float = 1.0
     pipeline_action: float = 0.0  # seconds a pipeline action (a micro-batch's forward or backward) costs beyond it
     format: int = FORMAT
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -103,7 +109,7 @@ class DeviceProfile:
         # latency grows with the algorithm's steps beyond the fitted group (never below the fit: its launch
         # and setup do not shrink with fewer ranks)
         latency = fit.latency * max(1.0, _steps(kind, n) / _steps(kind, fit.ranks))
-        return latency + self.in_step + bus_factor(kind, n) * nbytes / fit.bus_bandwidth
+        return latency + self.in_step + bus_factor(kind, n) * nbytes / fit.bus_bandwidth * self.link_scale
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

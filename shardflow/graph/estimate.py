@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from shardflow.graph.flops import joint_flops, skeleton
 from shardflow.graph.joint import Joint, trace_step
 from shardflow.graph.parallel_memory import parallel_memory
 from shardflow.graph.parallel_module import ParallelModule
+from shardflow.graph.program import Program
 from shardflow.graph.step_time import StepTime, step_time
 from shardflow.ops.flop_count import Flops
 from shardflow.placement.mesh import Mesh, acting_as
@@ -77,6 +78,20 @@ class Estimate:
         return "\n".join(lines)
 
 
+LOWERED_KEPT = 8  # plans whose programs an Estimator keeps, for pricing them again on another device
+
+
+class _Lowered(NamedTuple):
+    """One rank class of a plan, lowered: its ranks, the world it was lowered in, its module and program, and
+    its memory."""
+
+    ranks: tuple[int, ...]
+    world: int
+    pm: ParallelModule
+    program: Program
+    memory: MemoryReport
+
+
 class Estimator:
     """Prices plans of one model on one batch: ``estimator(plan)`` -> ``Estimate``. ``traces`` and
     ``lowerings`` count the work done, so a search can see that thousands of ranks cost a handful."""
@@ -96,6 +111,7 @@ class Estimator:
         self.lowerings = 0
         self.stage_traces = 0
         self._shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
+        self._lowered: dict[ParallelPlan, list[_Lowered]] = {}  # recent plans: priced again on other devices
 
     @property
     def traces(self) -> int:
@@ -132,20 +148,32 @@ class Estimator:
             return self._price_pipeline(plan, profile)
         if len(plan.inputs) != len(self.inputs):
             raise PlanError(f"the plan has {len(plan.inputs)} inputs, the example {len(self.inputs)}: give its inputs")
-        mesh = plan.mesh.build(virtual=True)
+        lowered = self._lowered.pop(plan, None) or self._lower(plan)
+        self._lowered[plan] = lowered  # the most recent last: the oldest goes first
+        while len(self._lowered) > LOWERED_KEPT:
+            del self._lowered[next(iter(self._lowered))]
         classes = []
+        for low in lowered:
+            with acting_as(low.ranks[0], low.world):
+                time = step_time(low.pm, low.program, profile) if profile is not None else None
+            classes.append(RankClass(low.ranks, low.memory, time))
+        assert lowered[-1].program.flops is not None
+        return classes, lowered[-1].program.flops
+
+    def _lower(self, plan: ParallelPlan) -> list[_Lowered]:
+        """Each rank class's program and memory under ``plan`` (they do not depend on the device)."""
+        mesh = plan.mesh.build(virtual=True)
+        out = []
         for ranks in self.rank_classes(plan, mesh):
-            with acting_as(ranks[0], max(mesh.ranks) + 1):
+            world = max(mesh.ranks) + 1
+            with acting_as(ranks[0], world):
                 pm = ParallelModule(self.model, mesh, plan, self.optimizer)
                 pm.joints = self.joints
                 pm.example_inputs = self.inputs
                 program = pm.program(pm._inputs(self.inputs))
                 self.lowerings += 1
-                memory = parallel_memory(pm, ())
-                time = step_time(pm, program, profile) if profile is not None else None
-                classes.append(RankClass(ranks, memory, time))
-        assert program.flops is not None
-        return classes, program.flops
+                out.append(_Lowered(ranks, world, pm, program, parallel_memory(pm, ())))
+        return out
 
     def _price_pipeline(self, plan: ParallelPlan, profile: DeviceProfile | None) -> tuple[list[RankClass], Flops]:
         """Each stage priced on its first rank (``graph/estimate_pipeline.py``); its ranks share its figures."""

@@ -74,8 +74,9 @@ def op_seconds(work: Work | None, profile: DeviceProfile) -> float:
     """One op's seconds: timed on this machine where the profile is its own (``graph/kernel_time.py``),
     else the roofline of its matrix work (a fused attention backward's recomputed scores included) at its
     class's rate and its element-wise part at the vector rate, or its bytes at the memory bandwidth,
-    whichever is longer; plus the launch floor on a CPU, where the calling thread runs the op, or at least
-    the launch on a GPU, where launching overlaps the kernels queued before."""
+    whichever is longer; either scaled by the profile's ``kernel_scale`` (inside a step against alone); plus
+    the launch floor on a CPU, where the calling thread runs the op, or at least the launch on a GPU, where
+    launching overlaps the kernels queued before."""
     if work is None:
         return profile.launch
     compute = 0.0
@@ -86,8 +87,9 @@ def op_seconds(work: Work | None, profile: DeviceProfile) -> float:
     if work.call is not None and work.kernels == 1 and timed_here(profile, roofline, work.nbytes):
         measured = kernel_seconds(work.call, profile)
         if measured is not None:
-            return measured + profile.launch
+            return measured * profile.kernel_scale + profile.launch
     launches = work.kernels * profile.launch
+    roofline *= profile.kernel_scale
     return max(roofline, launches) if profile.device_type == "cuda" else roofline + launches
 
 
@@ -230,7 +232,7 @@ def update_seconds(
     here = timed_here(profile, 0.0, 4 * nbytes)  # timing it holds parameters, gradients and two states
     timed = update_seconds_here(optimizer, params, profile, skipped) if here else None
     if timed is not None:
-        return timed + profile.launch
+        return timed * profile.kernel_scale + profile.launch
     name = type(optimizer).__name__
     kernels, passes = _UPDATE_WORK.get(name, (4, 12))
     if name == "SGD" and any(g.get("momentum", 0) for g in optimizer.param_groups):
@@ -243,7 +245,7 @@ def update_seconds(
     foreach = fused or any(g.get("foreach") for g in groups)
     foreach |= profile.device_type == "cuda" and all(g.get("foreach") is None for g in groups)
     launches = (1 if fused else kernels) * (1 if foreach else len(params))
-    return launches * profile.launch + passes * nbytes / profile.memory_bandwidth
+    return launches * profile.launch + passes * nbytes / profile.memory_bandwidth * profile.kernel_scale
 
 
 def step_time(pm: ParallelModule, program: Program, profile: DeviceProfile) -> StepTime:

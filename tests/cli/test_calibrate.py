@@ -4,6 +4,7 @@ JSON, and the CLI saves and prints it."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -13,9 +14,10 @@ import torch
 import torch.distributed as dist
 
 import shardflow as sf
-from shardflow.cli.calibrate import _fit, _solve, calibrate
+from shardflow.cli.calibrate import _fit, calibrate
 from shardflow.cli.launch import _threads_per_worker
 from shardflow.cli.main import main
+from shardflow.cli.step_fits import _nonnegative_fit, _solve
 from shardflow.cost.profile import KINDS, OP_CLASSES, bus_factor, device_profile, save
 from shardflow.runtime.meter import probe
 from shardflow.testing import run_on_ranks
@@ -31,6 +33,7 @@ def test_every_op_class_has_a_rate_and_the_machine_its_share(profile):
     for op_class in OP_CLASSES:
         assert profile.flops[op_class]["float32"] > 0, op_class
     assert profile.memory_bandwidth > 0 and 0 <= profile.launch < 1e-3
+    assert 0.5 < profile.kernel_scale < 3, profile.kernel_scale  # ops in a step run near their time alone
     assert profile.calibrated and profile.device_type == "cpu" and profile.threads >= 1
     assert profile.node_size >= 2 and profile.memory_bytes > 0
     assert "quick" in profile.source and "2 gloo rank(s)" in profile.source
@@ -80,6 +83,19 @@ def test_solve_finds_the_cost_that_makes_estimates_meet_measurements():
     fine = min((sum((e - m) ** 2 for e, m in zip(hidden(t), measured)), t) for t in np.linspace(0, 5e-3, 50_001))[1]
     assert _solve(hidden, measured, quick=False) == pytest.approx(fine, rel=0.02)
     assert _solve(estimates, [0.009, 0.019], quick=True) == 0.0
+
+
+def test_the_runtime_fit_recovers_scale_launch_and_overhead():
+    """Steps made of ops, lines and a per-step cost (seconds, as calibrate's columns) give back the three
+    coefficients; where the best unconstrained fit has a negative per-step cost, it is 0 and the others are
+    refitted (a fit that lets it go negative would price an empty step below nothing)."""
+    ops, lines = np.array([0.2e-3, 2e-3, 3e-3, 6e-3, 14e-3, 4e-3]), np.array([40.0, 160, 270, 490, 270, 40])
+    columns = np.stack([ops, lines, np.ones_like(ops)], axis=1)
+    assert _nonnegative_fit(columns, columns @ [1.2, 8e-6, 1e-4]) == pytest.approx((1.2, 8e-6, 1e-4), rel=1e-6)
+    measured = columns @ [1.1, 9e-6, -2e-4]
+    scale, launch, overhead = _nonnegative_fit(columns, measured)
+    two = columns[:, :2] / measured[:, None]  # the same fit in relative error without the per-step column
+    assert overhead == 0 and (scale, launch) == pytest.approx(np.linalg.lstsq(two, np.ones(6), rcond=None)[0])
 
 
 def _step_seconds(steps: int, threads: int) -> float:
@@ -134,7 +150,8 @@ def _plain_all_reduce(nbytes: int, reps: int, threads: int) -> float:
 def test_predicted_all_reduce_agrees_with_a_fresh_measurement(profile):
     nbytes = 4 << 20
     measured = max(run_on_ranks(2, _plain_all_reduce, nbytes, 9, profile.threads))
-    predicted = profile.collective("all_reduce", 2, nbytes) - profile.in_step  # a call after a barrier, not in a step
+    links = dataclasses.replace(profile, in_step=0.0, link_scale=1.0)  # a call after a barrier, not in a step
+    predicted = links.collective("all_reduce", 2, nbytes)
     assert measured / 3 < predicted < measured * 3, (predicted, measured)
 
 

@@ -110,6 +110,21 @@ def test_a_thousand_devices_price_in_one_trace_and_one_lowering():
     assert len(set(est.peak_bytes)) == 2
 
 
+def test_an_estimator_prices_a_plan_again_on_another_device_without_lowering_it_again():
+    """Pricing the same plan on several devices (a search comparing them, a calibration solving for a figure)
+    lowers it once; each price equals a fresh estimator's, and another plan is lowered and priced as its own."""
+    model, batch = _mlp()
+    spec = sf.MeshSpec("cpu", (2,), ("dp",), (0, 1))
+    dp, zero3 = sf.plan(model, spec, batch), sf.plan(model, spec, batch, zero=3)
+    slow = _profile(matmul=1e9, latency=1e-4)
+    estimator = Estimator(model, batch, device=_profile())
+    for plan in (dp, zero3, dp):
+        for device in (_profile(), slow):
+            assert estimator(plan, device) == Estimator(model, batch)(plan, device)
+    assert estimator.lowerings == 2
+    assert estimator(dp, slow).step_seconds != estimator(zero3, slow).step_seconds
+
+
 def test_estimate_matches_the_module_on_one_rank_with_an_arena_and_recompute():
     model, batch = memory_case("gpt")
     mesh = sf.Mesh("cpu", (1,))

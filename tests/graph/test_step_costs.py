@@ -49,7 +49,7 @@ def test_synchronised_batch_norm_prices_its_statistics_all_reduces():
 
 
 def test_every_collective_pays_the_in_step_cost_and_shares_cores_as_the_overlap_says():
-    """The profile's ``in_step`` is added to every collective; with ``overlap`` 0 a started collective (a
+    """The profile's ``in_step`` is added to every collective and its ``link_scale`` stretches the bytes' time; with ``overlap`` 0 a started collective (a
     gradient bucket during backward) delays compute by its whole time, so nothing is hidden and the step is
     compute plus communication."""
     torch.manual_seed(0)
@@ -63,11 +63,33 @@ def test_every_collective_pays_the_in_step_cost_and_shares_cores_as_the_overlap_
     assert hidden.exposed < 0.5 * hidden.communication  # buckets launched during backward hide behind it
     assert base.collective("all_reduce", 2, 1e6) == pytest.approx(1e-3)
     assert dataclasses.replace(base, in_step=2e-4).collective("all_reduce", 2, 1e6) == pytest.approx(1.2e-3)
+    assert dataclasses.replace(base, link_scale=1.5).collective("all_reduce", 2, 1e6) == pytest.approx(1.5e-3)
     shared = plan.estimate(model, batch, device=dataclasses.replace(base, overlap=0.0)).classes[0].time
     assert shared.communication == pytest.approx(hidden.communication, rel=1e-9)
     assert shared.exposed == pytest.approx(shared.communication, rel=1e-9)
     compute = sum(shared.compute.values())
     assert shared.total == pytest.approx(compute + shared.communication + shared.update, rel=1e-9)
+
+
+def test_the_kernel_scale_stretches_ops_and_updates_not_launches():
+    """A profile's ``kernel_scale`` (an op's time inside a step over its time alone) multiplies every op's and
+    the update's own time on one rank; the launch per line and the per-step cost stay as they are."""
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(in_features=64, hidden_sizes=(256,), num_classes=8))
+    batch = (torch.randn(32, 64), torch.randint(0, 8, (32,)))
+    plan = sf.plan(model, sf.MeshSpec("cpu", (1,), ("dp",), (0,)), batch)
+    slow = {"matmul": {"float32": 1e8}, "vector": {"float32": 1e9}}
+    base = _profile(flops=slow, memory_bandwidth=1e9)
+    ops = plan.estimate(model, batch, device=base).step_seconds
+    assert ops > 0 and plan.estimate(model, batch, device=dataclasses.replace(base, kernel_scale=2.0)).step_seconds == (
+        pytest.approx(2 * ops, rel=1e-9)
+    )
+    runtime = {"launch": 1e-5, "step_overhead": 1e-3}
+    one, two = (
+        plan.estimate(model, batch, device=dataclasses.replace(base, kernel_scale=k, **runtime)).step_seconds
+        for k in (1.0, 2.0)
+    )
+    assert one > ops + 1e-3 and two - one == pytest.approx(ops, rel=1e-9)
 
 
 def _here(**changes: object) -> DeviceProfile:

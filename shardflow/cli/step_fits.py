@@ -1,0 +1,249 @@
+"""A profile's in-step figures, fitted on real compiled steps of calibrate's own small models (never the cost-model
+benchmark's): what a step costs beyond its ops timed alone and its links timed between idle ranks.
+
+On one rank, a scale on the ops' times, a cost per program line and one per step, by least squares in relative
+error with none negative (``runtime_fit``); on 2 pooled ranks, a cost per collective and a scale on its bytes'
+time (``in_step_fit``), then a cost per pipeline action (``pipeline_fit``), each found by a search because the
+estimate is only piecewise linear in them. Decision: several models whose op time, line count and gradient size
+vary apart, since fitted on one family (GPTs of one width) the scale and the per-line cost trade off and the
+fit mispriced wider models by 10-20%.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from shardflow.cost.profile import DeviceProfile
+from shardflow.runtime.meter import rank_threads
+from shardflow.runtime.pipeline_config import Pipeline
+from shardflow.testing import run_on_ranks  # pooled ranks: a process group started once and kept warm
+
+_PIPELINE = Pipeline(axis="pp", micro_batches=4, schedule="1f1b")  # the pipeline action's calibration
+
+
+class Runtime(NamedTuple):
+    kernel_scale: float  # an op's seconds inside a step over its seconds timed alone (or its roofline)
+    launch: float  # seconds per program line beyond its op's own time
+    step_overhead: float  # seconds per step beyond its lines
+
+
+def runtime_fit(profile: DeviceProfile, quick: bool) -> Runtime:
+    """What a real compiled step costs beyond its ops' times alone (measured or rooflines): a scale on those
+    times (a step's ops find caches full of other ops' tensors; a tight loop finds its own), a cost per program
+    line (Python, dispatch, wrapping, the update loop's calls: a bare one-element add, the floor, leaves them
+    out) and one per step (staging inputs and the loss, bookkeeping). Fitted by least squares in relative
+    error, none negative, on one-rank steps of models of their own (not ones the cost-model benchmark checks
+    the fit on), chosen so that op time and line count vary apart: small and wide MLPs, GPTs of 1, 2 and 4
+    layers, and wider GPTs on longer sequences."""
+    import shardflow as sf
+    from shardflow.graph.estimate import Estimator
+
+    columns, measured = [], []
+    for model, batch in map(_calibration_model, _RUNTIME_MODELS):
+        pm = sf.compile(model, sf.Mesh("cpu", (1,)), batch)
+        seconds = _steps(pm, batch, 5 if quick else 15, barrier=False)  # this process alone
+        bare = dataclasses.replace(profile, kernel_scale=1.0, launch=0.0, step_overhead=0.0)
+        estimator = Estimator(model, batch, device=bare)
+        ops, unit = (estimator(pm.plan, dataclasses.replace(bare, launch=t)).step_seconds for t in (0.0, 1.0))
+        columns.append((ops, unit - ops, 1.0))  # the estimate is linear in all three on one CPU rank
+        measured.append(statistics.median(seconds))
+    return Runtime(*_nonnegative_fit(np.array(columns), np.array(measured)))
+
+
+_RUNTIME_MODELS = ("mlp", "mlp-wide", "gpt1", "gpt2", "gpt4", "gpt2-192", "gpt1-256")
+
+
+def _calibration_model(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """One of calibrate's own models and its batch, none of the sizes the cost-model benchmark checks the fits
+    on: MLPs (small, and wide with a large gradient), GPTs of 1, 2 and 4 layers of width 96 on 8 x 32 tokens,
+    and wider GPTs on 8 x 64 tokens (``gpt2-192``: 2 layers of width 192)."""
+    from shardflow.models import GPT, MLP, GPTConfig, MLPConfig
+
+    torch.manual_seed(0)
+    if name.startswith("mlp"):
+        features, hidden, batch = (512, 2048, 128) if name == "mlp-wide" else (96, 192, 16)
+        mlp = MLP(MLPConfig(in_features=features, hidden_sizes=(hidden,), num_classes=10))
+        return mlp, (torch.randn(batch, features), torch.randint(0, 10, (batch,)))
+    depth, _, wide = name[3:].partition("-")
+    width, tokens = (int(wide), 64) if wide else (96, 32)
+    data = torch.randint(0, 512, (8, tokens))
+    config = GPTConfig(vocab_size=512, block_size=tokens, n_layer=int(depth), n_head=max(width // 64, 2), n_embd=width)
+    return GPT(config), (data, data)
+
+
+def _nonnegative_fit(columns: np.ndarray, measured: np.ndarray) -> tuple[float, ...]:
+    """The coefficients, none negative and the first (the op-time scale) never 0, that bring ``columns @ x``
+    closest to ``measured`` in relative error: least squares on each subset of the other columns (the rest 0),
+    the best one whose coefficients are all non-negative (with three columns, four small solves)."""
+    weighted, target = columns / measured[:, None], np.ones(len(measured))
+    best: tuple[float, np.ndarray] | None = None
+    for rest in itertools.product((True, False), repeat=columns.shape[1] - 1):
+        kept = [0] + [i + 1 for i, keep in enumerate(rest) if keep]
+        x = np.zeros(columns.shape[1])
+        x[kept] = np.linalg.lstsq(weighted[:, kept], target, rcond=None)[0]
+        error = float(np.sum((weighted @ x - target) ** 2))
+        if (x >= 0).all() and x[0] > 0 and (best is None or error < best[0]):
+            best = (error, x)
+    if best is None:
+        raise RuntimeError("calibrate: no step fits a positive op-time scale; is another job loading this machine?")
+    return tuple(float(v) for v in best[1])
+
+
+class InStepCase(NamedTuple):
+    """A 2-rank plan the in-step costs are fitted on: one of calibrate's models, its mesh axis, its options."""
+
+    model: str
+    axis: str
+    options: dict[str, Any]
+
+
+# few collectives and many (ZeRO-3's gathers), blocking ones inside the program (tp), a large gradient
+_IN_STEP_CASES = (
+    InStepCase("gpt2", "dp", {}),
+    InStepCase("gpt2", "dp", {"zero": 3}),
+    InStepCase("gpt2", "tp", {"strategy": "tp"}),
+    InStepCase("mlp-wide", "dp", {}),
+)
+
+
+class StepLinks(NamedTuple):
+    in_step: float  # seconds each collective costs inside a step beyond its link fit
+    link_scale: float  # a collective's bytes inside a step take this many times their link-fit time
+
+
+def in_step_fit(profile: DeviceProfile, quick: bool) -> StepLinks:
+    """What collectives cost inside real steps beyond their link fits: a cost per collective (the runtime's
+    boxing, packing and handles, the waiting rank's wake-up) and a scale on their bytes' time (gloo's threads
+    share the cores the step computes on, which the link fits, timed between idle ranks, never see). Fitted
+    on real 2-rank steps of calibrate's models (``_IN_STEP_CASES``): for each scale of a grid and then a
+    golden-section search between its best neighbours, ``_solve`` finds the per-collective cost, and the pair
+    closest to the measurements wins. Replaces the between-compute microbenchmark's figure, which leaves out
+    the runtime."""
+    import shardflow as sf
+    from shardflow.graph.estimate import Estimator
+
+    per_rank = run_on_ranks(2, _plan_steps, _IN_STEP_CASES, 5 if quick else 15, profile.threads)
+    measured = [statistics.median(max(s) for s in zip(*steps)) for steps in zip(*per_rank)]
+    priced = []
+    for case in _IN_STEP_CASES:
+        model, batch = _calibration_model(case.model)
+        plan = sf.plan(model, sf.MeshSpec("cpu", (2,), (case.axis,), (0, 1)), batch, **case.options)
+        priced.append((Estimator(model, batch, device=profile), plan))
+
+    def fitted(scale: float) -> tuple[float, float]:
+        def estimates(t: float) -> list[float]:
+            changed = dataclasses.replace(profile, in_step=t, link_scale=scale)
+            return [estimator(plan, changed).step_seconds for estimator, plan in priced]
+
+        t = _solve(estimates, measured, quick)
+        return float(np.sum(((np.array(estimates(t)) - measured) / measured) ** 2)), t
+
+    grid = [1.0, 1.5, 2.0, 3.0] if quick else [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0]
+    tried = {scale: fitted(scale) for scale in grid}
+    best = min(grid, key=lambda g: tried[g])
+    k = grid.index(best)
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    for _ in range(0 if quick else 5):  # golden section on the scale, each point its own best cost
+        ratio = (5**0.5 - 1) / 2
+        for scale in (hi - ratio * (hi - lo), lo + ratio * (hi - lo)):
+            tried.setdefault(scale, fitted(scale))
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        lo, hi = (lo, b) if tried[a] < tried[b] else (a, hi)
+    scale = min(tried, key=lambda g: tried[g])
+    return StepLinks(tried[scale][1], scale)
+
+
+def _plan_steps(cases: tuple[InStepCase, ...], steps: int, threads: int) -> list[list[float]]:
+    """On every rank of a pool: per case, the seconds of ``steps`` steps of its model compiled on a 2-rank mesh
+    of its axis with its options, after a warm-up, a barrier before each."""
+    import shardflow as sf
+
+    out = []
+    with rank_threads(threads):
+        for case in cases:
+            model, batch = _calibration_model(case.model)
+            pm = sf.compile(model, sf.Mesh("cpu", (2,), names=(case.axis,)), batch, **case.options)
+            out.append(_steps(pm, batch, steps))
+    return out
+
+
+def _steps(pm: Any, batch: tuple[torch.Tensor, ...], steps: int, barrier: bool = True) -> list[float]:
+    """The seconds of ``steps`` steps of ``pm`` after a warm-up, a barrier of the pool before each (on ranks)."""
+    for _ in range(3):
+        pm.step(*batch)
+    seconds = []
+    for _ in range(steps):
+        if barrier:
+            dist.barrier()
+        started = time.perf_counter()
+        pm.step(*batch)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def pipeline_fit(profile: DeviceProfile, quick: bool) -> float:
+    """Seconds each pipeline action (a micro-batch's forward or backward on a stage) costs beyond its program
+    and its messages: the schedule's bookkeeping, autograd's engine. Fitted on a real 2-stage 1F1B step of a
+    small GPT on 2 pooled ranks (``_solve``)."""
+    import shardflow as sf
+    from shardflow.graph.estimate import Estimator
+
+    measured = statistics.median(
+        max(s) for s in zip(*run_on_ranks(2, _pipeline_steps, 5 if quick else 15, profile.threads))
+    )
+    model, batch = _calibration_model("gpt2")
+    plan = sf.plan(model, sf.MeshSpec("cpu", (2,), ("pp",), (0, 1)), batch, pipeline=_PIPELINE)
+
+    estimator = Estimator(model, batch, device=profile)
+
+    def estimate(t: float) -> list[float]:
+        return [estimator(plan, dataclasses.replace(profile, pipeline_action=t)).step_seconds]
+
+    return _solve(estimate, [measured], quick)
+
+
+def _solve(estimates: Callable[[float], list[float]], measured: list[float], quick: bool, most: float = 5e-3) -> float:
+    """The ``t`` in ``[0, most]`` at which ``estimates(t)`` comes closest to ``measured`` in least squares: the
+    best of a geometric grid, then a golden-section search between its neighbours. A search, not a slope: the
+    estimate grows piecewise linearly in ``t`` (faster once a cost stops hiding behind compute), so the error
+    need not be convex, and a slope at one point can miss where another plan's cost starts to show."""
+    target = np.array(measured)
+
+    def error(t: float) -> float:
+        return float(np.sum((np.array(estimates(t)) - target) ** 2))
+
+    grid = [0.0] + [most / 4**k for k in range(4 if quick else 7, -1, -1)]
+    tried = [(error(t), t) for t in grid]
+    k = min(range(len(grid)), key=lambda i: tried[i][0])
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    ratio = (5**0.5 - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = error(a), error(b)
+    for _ in range(4 if quick else 10):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = error(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = error(b)
+    return min([*tried, (fa, a), (fb, b)])[1]
+
+
+def _pipeline_steps(steps: int, threads: int) -> list[float]:
+    """On every rank of a pool: the seconds of ``steps`` steps of ``_pipeline_fit``'s pipeline (after a warm-up)."""
+    import shardflow as sf
+
+    with rank_threads(threads):
+        model, batch = _calibration_model("gpt2")
+        return _steps(sf.compile(model, sf.Mesh("cpu", (2,), names=("pp",)), batch, pipeline=_PIPELINE), batch, steps)

@@ -387,16 +387,22 @@ def table(profile: DeviceProfile) -> str:
         cells = "".join(f"{in_flops(rates[d]) + '/s' if d in rates else '-':>16}" for d in dtypes)
         lines.append(f"{op_class:<12}{cells}")
     lines.append(
-        f"memory {profile.memory_bandwidth / 1e9:.1f} GB/s, launch {profile.launch * 1e6:.2f} µs per op, "
-        f"{profile.memory_bytes / 2**30:.1f} GiB per rank"
+        f"memory {profile.memory_bandwidth / 1e9:.1f} GB/s, launch {profile.launch * 1e6:.2f} µs per op (program "
+        f"line), {profile.memory_bytes / 2**30:.1f} GiB per rank"
     )
-    lines.append(
-        f"in a step: ops x{profile.kernel_scale:.2f} their time alone, {profile.step_overhead * 1e3:.2f} ms per step, "
-        f"{profile.pipeline_action * 1e3:.2f} ms per pipeline "
-        f"action; a collective {profile.in_step * 1e6:.0f} µs more and its bytes x{profile.link_scale:.2f} their "
-        f"link time inside a step, {profile.overlap:.0%} of it "
-        "hidden by compute when started early"
-    )
+    if profile.calibrated and profile.device_type == "cpu":  # fitted on real steps (step_fits.py)
+        pipeline = f", +{profile.pipeline_action * 1e3:.2f} ms per pipeline action" if profile.collectives else ""
+        lines.append(
+            f"in a step (fitted): ops take x{profile.kernel_scale:.2f} their time alone, "
+            f"+{profile.step_overhead * 1e3:.2f} ms per step{pipeline}"
+        )
+    if profile.collectives:
+        fitted = profile.calibrated and profile.device_type == "cpu"
+        bytes_ = f"bytes x{profile.link_scale:.2f} their link time, " if fitted else ""
+        lines.append(
+            f"collectives in a step: +{profile.in_step * 1e6:.0f} µs each, {bytes_}{profile.overlap:.0%} of a "
+            "started one hidden by compute"
+        )
     if profile.collectives:
         lines.append(f"{'collective':<16}{'ranks':>6}{'latency':>12}{'bus bandwidth':>16}")
     for f in profile.collectives:

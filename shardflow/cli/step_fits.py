@@ -15,7 +15,7 @@ import dataclasses
 import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,13 +30,13 @@ from shardflow.testing import run_on_ranks  # pooled ranks: a process group star
 _PIPELINE = Pipeline(axis="pp", micro_batches=4, schedule="1f1b")  # the pipeline action's calibration
 
 
-class Runtime(NamedTuple):
+class OneRankFit(NamedTuple):
     kernel_scale: float  # an op's seconds inside a step over its seconds timed alone (or its roofline)
     launch: float  # seconds per program line beyond its op's own time
     step_overhead: float  # seconds per step beyond its lines
 
 
-def runtime_fit(profile: DeviceProfile, quick: bool) -> Runtime:
+def runtime_fit(profile: DeviceProfile, quick: bool) -> OneRankFit:
     """What a real compiled step costs beyond its ops' times alone (measured or rooflines): a scale on those
     times (a step's ops find caches full of other ops' tensors; a tight loop finds its own), a cost per program
     line (Python, dispatch, wrapping, the update loop's calls: a bare one-element add, the floor, leaves them
@@ -56,7 +56,7 @@ def runtime_fit(profile: DeviceProfile, quick: bool) -> Runtime:
         ops, unit = (estimator(pm.plan, dataclasses.replace(bare, launch=t)).step_seconds for t in (0.0, 1.0))
         columns.append((ops, unit - ops, 1.0))  # the estimate is linear in all three on one CPU rank
         measured.append(statistics.median(seconds))
-    return Runtime(*_nonnegative_fit(np.array(columns), np.array(measured)))
+    return OneRankFit(*_nonnegative_fit(np.array(columns), np.array(measured)))
 
 
 _RUNTIME_MODELS = ("mlp", "mlp-wide", "gpt1", "gpt2", "gpt4", "gpt2-192", "gpt1-256")
@@ -115,6 +115,9 @@ _IN_STEP_CASES = (
 )
 
 
+LINK_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)  # the scales on a collective's bytes the search starts from
+
+
 class StepLinks(NamedTuple):
     in_step: float  # seconds each collective costs inside a step beyond its link fit
     link_scale: float  # a collective's bytes inside a step take this many times their link-fit time
@@ -124,10 +127,12 @@ def in_step_fit(profile: DeviceProfile, quick: bool) -> StepLinks:
     """What collectives cost inside real steps beyond their link fits: a cost per collective (the runtime's
     boxing, packing and handles, the waiting rank's wake-up) and a scale on their bytes' time (gloo's threads
     share the cores the step computes on, which the link fits, timed between idle ranks, never see). Fitted
-    on real 2-rank steps of calibrate's models (``_IN_STEP_CASES``): for each scale of a grid and then a
-    golden-section search between its best neighbours, ``_solve`` finds the per-collective cost, and the pair
-    closest to the measurements wins. Replaces the between-compute microbenchmark's figure, which leaves out
-    the runtime."""
+    on real 2-rank steps of calibrate's models (``_IN_STEP_CASES``): for each scale tried by ``_search``
+    (``LINK_SCALES``, then golden section between the best one's neighbours), ``_solve`` finds the
+    per-collective cost, and the pair closest to the measurements in relative error wins. Both are bounded
+    (the scale by ``LINK_SCALES``, the cost by ``_solve``'s 5 ms): a fit at a bound means the model is missing
+    something on this machine. Replaces the between-compute microbenchmark's figure, which leaves out the
+    runtime."""
     import shardflow as sf
     from shardflow.graph.estimate import Estimator
 
@@ -139,27 +144,18 @@ def in_step_fit(profile: DeviceProfile, quick: bool) -> StepLinks:
         plan = sf.plan(model, sf.MeshSpec("cpu", (2,), (case.axis,), (0, 1)), batch, **case.options)
         priced.append((Estimator(model, batch, device=profile), plan))
 
-    def fitted(scale: float) -> tuple[float, float]:
+    solved: dict[float, float] = {}  # link scale -> its best per-collective cost
+
+    def error(scale: float) -> float:
         def estimates(t: float) -> list[float]:
             changed = dataclasses.replace(profile, in_step=t, link_scale=scale)
             return [estimator(plan, changed).step_seconds for estimator, plan in priced]
 
-        t = _solve(estimates, measured, quick)
-        return float(np.sum(((np.array(estimates(t)) - measured) / measured) ** 2)), t
+        solved[scale] = _solve(estimates, measured, quick)
+        return _relative_error(estimates(solved[scale]), measured)
 
-    grid = [1.0, 1.5, 2.0, 3.0] if quick else [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0]
-    tried = {scale: fitted(scale) for scale in grid}
-    best = min(grid, key=lambda g: tried[g])
-    k = grid.index(best)
-    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
-    for _ in range(0 if quick else 5):  # golden section on the scale, each point its own best cost
-        ratio = (5**0.5 - 1) / 2
-        for scale in (hi - ratio * (hi - lo), lo + ratio * (hi - lo)):
-            tried.setdefault(scale, fitted(scale))
-        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        lo, hi = (lo, b) if tried[a] < tried[b] else (a, hi)
-    scale = min(tried, key=lambda g: tried[g])
-    return StepLinks(tried[scale][1], scale)
+    scale = _search(error, LINK_SCALES[:4] if quick else LINK_SCALES, 2 if quick else 5)
+    return StepLinks(solved[scale], scale)
 
 
 def _plan_steps(cases: tuple[InStepCase, ...], steps: int, threads: int) -> list[list[float]]:
@@ -212,23 +208,24 @@ def pipeline_fit(profile: DeviceProfile, quick: bool) -> float:
 
 
 def _solve(estimates: Callable[[float], list[float]], measured: list[float], quick: bool, most: float = 5e-3) -> float:
-    """The ``t`` in ``[0, most]`` at which ``estimates(t)`` comes closest to ``measured`` in least squares: the
-    best of a geometric grid, then a golden-section search between its neighbours. A search, not a slope: the
+    """The ``t`` in ``[0, most]`` at which ``estimates(t)`` comes closest to ``measured`` in relative error
+    (each plan counts alike, whatever its size): ``_search`` from a geometric grid. A search, not a slope: the
     estimate grows piecewise linearly in ``t`` (faster once a cost stops hiding behind compute), so the error
     need not be convex, and a slope at one point can miss where another plan's cost starts to show."""
-    target = np.array(measured)
-
-    def error(t: float) -> float:
-        return float(np.sum((np.array(estimates(t)) - target) ** 2))
-
     grid = [0.0] + [most / 4**k for k in range(4 if quick else 7, -1, -1)]
+    return _search(lambda t: _relative_error(estimates(t), measured), grid, 4 if quick else 10)
+
+
+def _search(error: Callable[[float], float], grid: Sequence[float], rounds: int) -> float:
+    """The point where ``error`` is least: the best of ``grid`` (ascending), then ``rounds`` of golden-section
+    search between its neighbours, each round reusing the point the last one kept; the best point tried."""
     tried = [(error(t), t) for t in grid]
     k = min(range(len(grid)), key=lambda i: tried[i][0])
     lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
     ratio = (5**0.5 - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
     fa, fb = error(a), error(b)
-    for _ in range(4 if quick else 10):
+    for _ in range(rounds):
         if fa < fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
@@ -240,8 +237,12 @@ def _solve(estimates: Callable[[float], list[float]], measured: list[float], qui
     return min([*tried, (fa, a), (fb, b)])[1]
 
 
+def _relative_error(estimates: Sequence[float], measured: Sequence[float]) -> float:
+    return float(sum(((e - m) / m) ** 2 for e, m in zip(estimates, measured)))
+
+
 def _pipeline_steps(steps: int, threads: int) -> list[float]:
-    """On every rank of a pool: the seconds of ``steps`` steps of ``_pipeline_fit``'s pipeline (after a warm-up)."""
+    """On every rank of a pool: the seconds of ``steps`` steps of ``pipeline_fit``'s pipeline (after a warm-up)."""
     import shardflow as sf
 
     with rank_threads(threads):

@@ -73,12 +73,14 @@ class DeviceProfile:
     threads: int = 0  # CPU: the intra-op threads the compute was measured with (0: not a CPU)
     peaks: Mapping[str, float] = field(default_factory=dict)  # datasheet dense peak by dtype, for MFU
     # what a collective costs inside a step beyond its link fit (the runtime's packing and handles, the
-    # waiting rank's wake-up), how much longer its bytes take there (gloo shares the compute's cores; also
-    # ``link_scale`` below), and the share of a started one that runs beside compute (on a CPU whose cores
-    # all compute, gloo's copies and sums take the compute's cores): both fitted by calibrate on real steps
+    # waiting rank's wake-up; fitted by calibrate on real steps with ``link_scale``), and the share of a
+    # started one that runs beside compute (on a CPU whose cores all compute, gloo's copies and sums take
+    # the compute's cores; from calibrate's microbenchmark)
     in_step: float = 0.0
     overlap: float = 1.0
-    link_scale: float = 1.0  # a collective's bytes inside a step take this many times their link-fit time
+    # a collective's bytes inside a step take this many times their link-fit time (gloo's threads share the
+    # cores the step computes on; link fits are timed between idle ranks)
+    link_scale: float = 1.0
     step_overhead: float = 0.0  # seconds per step the runtime spends beyond its program (fitted with ``launch``)
     # an op's seconds inside a real step over its seconds alone (timed in a tight loop, or its roofline): a
     # step's ops find caches full of other ops' tensors; fitted with ``launch`` (1: a datasheet's)

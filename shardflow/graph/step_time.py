@@ -191,7 +191,8 @@ def program_time(ir: StepIR, profile: DeviceProfile, rank: int, start: int = 0, 
                 clocks.blocking(plan_legs(plan, rank, profile))
         elif isinstance(ins, Launch):
             assert ins.comm is not None
-            clocks.compute += 2 * ins.comm.nbytes / profile.memory_bandwidth + profile.launch  # packed into a buffer
+            packing = 2 * ins.comm.nbytes / profile.memory_bandwidth * profile.kernel_scale  # into a buffer
+            clocks.compute += packing + profile.launch
             handles[ins.out] = clocks.started(legs(ins.comm, rank, profile))
         elif isinstance(ins, GatherStart):
             clocks.compute += profile.launch
@@ -276,7 +277,8 @@ def step_time(pm: ParallelModule, program: Program, profile: DeviceProfile) -> S
             after += profile.collective("all_gather", len(group), p._local.numel() * p._local.element_size(), group)
     if pm.max_grad_norm is not None:  # the gradients' norm (a pass over them) summed over the mesh, then scaled
         grads = sum(q.numel() * q.element_size() for q in pm.local_params if q.requires_grad)
-        after += 3 * grads / profile.memory_bandwidth + profile.collective("all_reduce", pm.mesh.size, 4, pm.mesh.ranks)
+        norm = 3 * grads / profile.memory_bandwidth * profile.kernel_scale
+        after += norm + profile.collective("all_reduce", pm.mesh.size, 4, pm.mesh.ranks)
     comm = clocks.busy + after
     total = end + after + profile.step_overhead
     return StepTime(total, phases, comm, clocks.exposed + after, update + after, runtime=profile.step_overhead)

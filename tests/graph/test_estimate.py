@@ -14,7 +14,7 @@ import torch
 
 import shardflow as sf
 from shardflow.cost.profile import DeviceProfile, LinkFit, ProfileError, device_profile
-from shardflow.graph.estimate import Estimator
+from shardflow.graph.estimate import LOWERED_KEPT, Estimator
 from shardflow.models import GPT, MLP, GPTConfig, MLPConfig
 from shardflow.testing import with_ranks
 from shardflow.testing.memory import memory_case
@@ -123,6 +123,10 @@ def test_an_estimator_prices_a_plan_again_on_another_device_without_lowering_it_
             assert estimator(plan, device) == Estimator(model, batch)(plan, device)
     assert estimator.lowerings == 2
     assert estimator(dp, slow).step_seconds != estimator(zero3, slow).step_seconds
+    for k in range(LOWERED_KEPT):  # as many other plans as it keeps: the oldest (dp) is dropped
+        estimator(dp.replace(bucket_bytes=1024 * (k + 1)))
+    estimator(dp)
+    assert estimator.lowerings == 2 + LOWERED_KEPT + 1
 
 
 def test_estimate_matches_the_module_on_one_rank_with_an_arena_and_recompute():

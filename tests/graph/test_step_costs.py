@@ -49,9 +49,9 @@ def test_synchronised_batch_norm_prices_its_statistics_all_reduces():
 
 
 def test_every_collective_pays_the_in_step_cost_and_shares_cores_as_the_overlap_says():
-    """The profile's ``in_step`` is added to every collective and its ``link_scale`` stretches the bytes' time; with ``overlap`` 0 a started collective (a
-    gradient bucket during backward) delays compute by its whole time, so nothing is hidden and the step is
-    compute plus communication."""
+    """The profile's ``in_step`` is added to every collective and its ``link_scale`` stretches the bytes' time
+    (not the latency); with ``overlap`` 0 a started collective (a gradient bucket during backward) delays
+    compute by its whole time, so nothing is hidden and the step is compute plus communication."""
     torch.manual_seed(0)
     model = MLP(MLPConfig(in_features=64, hidden_sizes=(256, 256), num_classes=8))
     batch = (torch.randn(32, 64), torch.randint(0, 8, (32,)))
@@ -63,7 +63,8 @@ def test_every_collective_pays_the_in_step_cost_and_shares_cores_as_the_overlap_
     assert hidden.exposed < 0.5 * hidden.communication  # buckets launched during backward hide behind it
     assert base.collective("all_reduce", 2, 1e6) == pytest.approx(1e-3)
     assert dataclasses.replace(base, in_step=2e-4).collective("all_reduce", 2, 1e6) == pytest.approx(1.2e-3)
-    assert dataclasses.replace(base, link_scale=1.5).collective("all_reduce", 2, 1e6) == pytest.approx(1.5e-3)
+    slow = dataclasses.replace(base, link_scale=1.5, collectives=tuple(LinkFit(k, 2, 1e-4, 1e9) for k in KINDS))
+    assert slow.collective("all_reduce", 2, 1e6) == pytest.approx(1e-4 + 1.5e-3)
     shared = plan.estimate(model, batch, device=dataclasses.replace(base, overlap=0.0)).classes[0].time
     assert shared.communication == pytest.approx(hidden.communication, rel=1e-9)
     assert shared.exposed == pytest.approx(shared.communication, rel=1e-9)
@@ -73,7 +74,8 @@ def test_every_collective_pays_the_in_step_cost_and_shares_cores_as_the_overlap_
 
 def test_the_kernel_scale_stretches_ops_and_updates_not_launches():
     """A profile's ``kernel_scale`` (an op's time inside a step over its time alone) multiplies every op's and
-    the update's own time on one rank; the launch per line and the per-step cost stay as they are."""
+    the update's own time on one rank, rooflines and times measured here alike; the launch per line and the
+    per-step cost stay as they are."""
     torch.manual_seed(0)
     model = MLP(MLPConfig(in_features=64, hidden_sizes=(256,), num_classes=8))
     batch = (torch.randn(32, 64), torch.randint(0, 8, (32,)))
@@ -90,6 +92,10 @@ def test_the_kernel_scale_stretches_ops_and_updates_not_launches():
         for k in (1.0, 2.0)
     )
     assert one > ops + 1e-3 and two - one == pytest.approx(ops, rel=1e-9)
+    timed = plan.estimate(model, batch, device=_here()).step_seconds  # this machine's own: timed here, cached
+    assert timed != ops and plan.estimate(model, batch, device=_here(kernel_scale=2.0)).step_seconds == (
+        pytest.approx(2 * timed, rel=1e-9)
+    )
 
 
 def _here(**changes: object) -> DeviceProfile:

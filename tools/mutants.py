@@ -299,6 +299,13 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "a synchronous boxing priced without the profile's boxing cost on the compute clock",
+        "shardflow/graph/step_time.py",
+        "self.compute += overhead",
+        "self.compute += 0.0",
+        ("tests/graph/test_step_costs.py::test_synchronised_batch_norm_prices_its_statistics_all_reduces",),
+    ),
+    Mutant(
         "an Estimator prices every plan on the programs it lowered first",
         "shardflow/graph/estimate.py",
         "lowered = self._lowered.pop(plan, None) or self._lower(plan)",

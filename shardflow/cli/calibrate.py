@@ -399,6 +399,7 @@ def table(profile: DeviceProfile) -> str:
     if profile.collectives:
         fitted = profile.calibrated and profile.device_type == "cpu"
         bytes_ = f"bytes x{profile.link_scale:.2f} their link time, " if fitted else ""
+        bytes_ += f"+{profile.box_overhead * 1e6:.0f} µs per synchronous boxing, " if fitted else ""
         lines.append(
             f"collectives in a step: +{profile.in_step * 1e6:.0f} µs each, {bytes_}{profile.overlap:.0%} of a "
             "started one hidden by compute"

@@ -12,6 +12,7 @@ fit mispriced wider models by 10-20%.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import statistics
 import time
@@ -112,6 +113,7 @@ _IN_STEP_CASES = (
     InStepCase("gpt2", "dp", {"zero": 3}),
     InStepCase("gpt2", "tp", {"strategy": "tp"}),
     InStepCase("mlp-wide", "dp", {}),
+    InStepCase("mlp-wide", "tp", {"strategy": "tp"}),
 )
 
 
@@ -121,18 +123,20 @@ LINK_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)  # the scales on a collective's bytes th
 class StepLinks(NamedTuple):
     in_step: float  # seconds each collective costs inside a step beyond its link fit
     link_scale: float  # a collective's bytes inside a step take this many times their link-fit time
+    box_overhead: float  # seconds a synchronous boxing costs the compute clock beyond its collective
 
 
 def in_step_fit(profile: DeviceProfile, quick: bool) -> StepLinks:
     """What collectives cost inside real steps beyond their link fits: a cost per collective (the runtime's
-    boxing, packing and handles, the waiting rank's wake-up) and a scale on their bytes' time (gloo's threads
-    share the cores the step computes on, which the link fits, timed between idle ranks, never see). Fitted
-    on real 2-rank steps of calibrate's models (``_IN_STEP_CASES``): for each scale tried by ``_search``
-    (``LINK_SCALES``, then golden section between the best one's neighbours), ``_solve`` finds the
-    per-collective cost, and the pair closest to the measurements in relative error wins. Both are bounded
-    (the scale by ``LINK_SCALES``, the cost by ``_solve``'s 5 ms): a fit at a bound means the model is missing
-    something on this machine. Replaces the between-compute microbenchmark's figure, which leaves out the
-    runtime."""
+    packing and handles, the waiting rank's wake-up), a scale on their bytes' time (gloo's threads share the
+    cores the step computes on, which the link fits, timed between idle ranks, never see), and a cost per
+    synchronous boxing on the compute clock (the boxing runtime's Python; the partner that arrives late).
+    Fitted on real 2-rank steps of calibrate's models (``_IN_STEP_CASES``) by nested searches
+    (``_search``): each scale tried (``LINK_SCALES``, then golden section) searches the boxing cost, and each
+    of those ``_solve``s the per-collective cost; the triple closest to the measurements in relative error
+    wins. Each is bounded (the scale by ``LINK_SCALES``, the costs by ``_solve``'s 5 ms): a fit at a bound
+    means the model misses something on this machine. Replaces the between-compute microbenchmark's
+    figure, which leaves out the runtime."""
     import shardflow as sf
     from shardflow.graph.estimate import Estimator
 
@@ -143,19 +147,25 @@ def in_step_fit(profile: DeviceProfile, quick: bool) -> StepLinks:
         model, batch = _calibration_model(case.model)
         plan = sf.plan(model, sf.MeshSpec("cpu", (2,), (case.axis,), (0, 1)), batch, **case.options)
         priced.append((Estimator(model, batch, device=profile), plan))
+    found: dict[tuple[float, float], tuple[float, float]] = {}  # (scale, boxing) -> (error, per-collective)
 
-    solved: dict[float, float] = {}  # link scale -> its best per-collective cost
-
-    def error(scale: float) -> float:
+    def with_costs(scale: float, box: float) -> float:
         def estimates(t: float) -> list[float]:
-            changed = dataclasses.replace(profile, in_step=t, link_scale=scale)
+            changed = dataclasses.replace(profile, in_step=t, link_scale=scale, box_overhead=box)
             return [estimator(plan, changed).step_seconds for estimator, plan in priced]
 
-        solved[scale] = _solve(estimates, measured, quick)
-        return _relative_error(estimates(solved[scale]), measured)
+        t = _solve(estimates, measured, quick)
+        found[scale, box] = (_relative_error(estimates(t), measured), t)
+        return found[scale, box][0]
 
-    scale = _search(error, LINK_SCALES[:4] if quick else LINK_SCALES, 2 if quick else 5)
-    return StepLinks(solved[scale], scale)
+    boxes = _costs(quick)
+
+    def with_scale(scale: float) -> float:
+        return with_costs(scale, _search(functools.partial(with_costs, scale), boxes, 3 if quick else 6))
+
+    _search(with_scale, LINK_SCALES[:4] if quick else LINK_SCALES, 2 if quick else 5)
+    (scale, box), (_, t) = min(found.items(), key=lambda kv: kv[1][0])
+    return StepLinks(t, scale, box)
 
 
 def _plan_steps(cases: tuple[InStepCase, ...], steps: int, threads: int) -> list[list[float]]:
@@ -207,13 +217,17 @@ def pipeline_fit(profile: DeviceProfile, quick: bool) -> float:
     return _solve(estimate, [measured], quick)
 
 
-def _solve(estimates: Callable[[float], list[float]], measured: list[float], quick: bool, most: float = 5e-3) -> float:
-    """The ``t`` in ``[0, most]`` at which ``estimates(t)`` comes closest to ``measured`` in relative error
-    (each plan counts alike, whatever its size): ``_search`` from a geometric grid. A search, not a slope: the
-    estimate grows piecewise linearly in ``t`` (faster once a cost stops hiding behind compute), so the error
-    need not be convex, and a slope at one point can miss where another plan's cost starts to show."""
-    grid = [0.0] + [most / 4**k for k in range(4 if quick else 7, -1, -1)]
-    return _search(lambda t: _relative_error(estimates(t), measured), grid, 4 if quick else 10)
+def _solve(estimates: Callable[[float], list[float]], measured: list[float], quick: bool) -> float:
+    """The ``t`` in ``_costs`` (0 to 5 ms) at which ``estimates(t)`` comes closest to ``measured`` in relative
+    error (each plan counts alike, whatever its size): ``_search`` from a geometric grid. A search, not a
+    slope: the estimate grows piecewise linearly in ``t`` (faster once a cost stops hiding behind compute), so
+    the error need not be convex, and a slope at one point can miss where another plan's cost starts to show."""
+    return _search(lambda t: _relative_error(estimates(t), measured), _costs(quick), 4 if quick else 10)
+
+
+def _costs(quick: bool, most: float = 5e-3) -> list[float]:
+    """A geometric grid of costs in seconds, 0 and ``most`` / 4^k: where searches for a cost start."""
+    return [0.0] + [most / 4**k for k in range(4 if quick else 7, -1, -1)]
 
 
 def _search(error: Callable[[float], float], grid: Sequence[float], rounds: int) -> float:

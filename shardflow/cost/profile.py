@@ -81,6 +81,9 @@ class DeviceProfile:
     # a collective's bytes inside a step take this many times their link-fit time (gloo's threads share the
     # cores the step computes on; link fits are timed between idle ranks)
     link_scale: float = 1.0
+    # seconds a synchronous boxing (tensor parallelism's all-reduces, BatchNorm's statistics) costs the compute
+    # clock beyond its collective: the boxing runtime's Python, and the partner rank that reaches it late
+    box_overhead: float = 0.0
     step_overhead: float = 0.0  # seconds per step the runtime spends beyond its program (fitted with ``launch``)
     # an op's seconds inside a real step over its seconds alone (timed in a tight loop, or its roofline): a
     # step's ops find caches full of other ops' tensors; fitted with ``launch`` (1: a datasheet's)

@@ -151,6 +151,13 @@ class _Clocks:
         """A synchronous communication: it waits for its groups' earlier ones, and compute waits for it."""
         self.wait(self._run(legs, self.compute))
 
+    def boxing(self, legs: Sequence[Leg], overhead: float) -> None:
+        """A synchronous boxing: blocking, and if it runs a collective, ``overhead`` more on the compute clock
+        (the boxing runtime's work around it, and the partner that reaches it late)."""
+        if any(leg.group for leg in legs):
+            self.compute += overhead
+        self.blocking(legs)
+
     def started(self, legs: Sequence[Leg]) -> float:
         """A communication started now, finishing in the background; returns when it finishes. The share
         that cannot run beside compute (it takes the cores compute runs on) delays compute by as much."""
@@ -188,7 +195,7 @@ def program_time(ir: StepIR, profile: DeviceProfile, rank: int, start: int = 0, 
             phase = ins.work.phase if ins.work is not None else "forward"
             phases[phase] = phases.get(phase, 0.0) + seconds
             for plan in ins.work.boxes if ins.work is not None else ():  # a local function's own collectives
-                clocks.blocking(plan_legs(plan, rank, profile))
+                clocks.boxing(plan_legs(plan, rank, profile), profile.box_overhead)
         elif isinstance(ins, Launch):
             assert ins.comm is not None
             packing = 2 * ins.comm.nbytes / profile.memory_bandwidth * profile.kernel_scale  # into a buffer
@@ -201,7 +208,7 @@ def program_time(ir: StepIR, profile: DeviceProfile, rank: int, start: int = 0, 
             if ins.src in handles:  # finishing a started gather
                 clocks.wait(handles[ins.src])
             else:
-                clocks.blocking(legs(ins.comm, rank, profile))
+                clocks.boxing(legs(ins.comm, rank, profile), profile.box_overhead)
             clocks.compute += profile.launch
         elif isinstance(ins, Wait):
             clocks.wait(handles.get(ins.handle, 0.0))

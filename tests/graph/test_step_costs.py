@@ -31,9 +31,11 @@ def test_synchronised_batch_norm_prices_its_statistics_all_reduces():
     """A data-parallel step of the BatchNorm CNN runs, beside its one gradient bucket and the reported loss's
     all-reduce, collectives no program line shows: each BatchNorm of C channels all-reduces its batch's sum
     and centred sum of squares forward (C floats each) and both gradient sums backward (2C floats, which are
-    also its weight's and bias's gradients: the bucket leaves them out), and the loss its global weight. On 1 MB/s links with no latency (2 ranks: one bus byte per byte) and
-    nothing else costing time, the step moves exactly those bytes; each of the 9 collectives pays the
-    profile's in-step cost; on one rank there are none."""
+    also its weight's and bias's gradients: the bucket leaves them out), and the loss its global weight. On
+    1 MB/s links with no latency (2 ranks: one bus byte per byte) and nothing else costing time, the step moves
+    exactly those bytes; each of the 9 collectives pays the profile's in-step cost, and each of the 8
+    synchronous ones (all but the gradient bucket: BatchNorm's six, the loss's weight, the reported loss) its
+    boxing cost on the compute clock; on one rank there are none."""
     model, batch = memory_case("cnn")
     dp = sf.plan(model, sf.MeshSpec("cpu", (2,), ("dp",), (0, 1)), batch).replace(bucket_bytes=1 << 30)
     links = tuple(LinkFit(k, 2, 0.0, 1e6) for k in KINDS)
@@ -44,8 +46,14 @@ def test_synchronised_batch_norm_prices_its_statistics_all_reduces():
     assert time.communication == pytest.approx((grads + 4 + 4 + statistics) / 1e6, rel=1e-9)
     paid = dp.estimate(model, batch, device=_profile(collectives=links, in_step=1e-3)).classes[0].time
     assert paid.communication - time.communication == pytest.approx(9e-3, rel=1e-9)
+    boxed = dp.estimate(model, batch, device=_profile(collectives=links, box_overhead=1e-3)).classes[0].time
+    hidden = time.exposed - boxed.exposed  # what of the started bucket the longer compute now hides
+    assert (
+        boxed.total - time.total + hidden == pytest.approx(8e-3, rel=1e-9) and boxed.communication == time.communication
+    )
     one = sf.plan(model, sf.MeshSpec("cpu", (1,), ("dp",), (0,)), batch)
     assert one.estimate(model, batch, device=_profile()).classes[0].time.communication == 0.0
+    assert one.estimate(model, batch, device=_profile(box_overhead=1.0)).step_seconds < 1e-6
 
 
 def test_every_collective_pays_the_in_step_cost_and_shares_cores_as_the_overlap_says():

@@ -107,7 +107,7 @@ def calibrate(ranks: int = 2, backend: str | None = None, quick: bool = False, d
         with rank_threads(threads):
             profile = dataclasses.replace(profile, **runtime_fit(profile, quick)._asdict())
             if ranks >= 2:  # in that order: a pipeline's sends pay the in-step cost too
-                profile = dataclasses.replace(profile, **in_step_fit(profile, quick)._asdict())
+                profile = dataclasses.replace(profile, **in_step_fit(profile, quick, ranks)._asdict())
                 profile = dataclasses.replace(profile, pipeline_action=pipeline_fit(profile, quick))
     return _with_datasheet(profile)
 

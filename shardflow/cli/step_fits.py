@@ -2,9 +2,9 @@
 benchmark's): what a step costs beyond its ops timed alone and its links timed between idle ranks.
 
 On one rank, a scale on the ops' times, a cost per program line and one per step, by least squares in relative
-error with none negative (``runtime_fit``); on 2 pooled ranks, a cost per collective and a scale on its bytes'
-time (``in_step_fit``), then a cost per pipeline action (``pipeline_fit``), each found by a search because the
-estimate is only piecewise linear in them. Decision: several models whose op time, line count and gradient size
+error with none negative (``runtime_fit``); on the job's pooled ranks, a cost per collective, a scale on its
+bytes' time and a cost per synchronous boxing (``in_step_fit``), then on 2 a cost per pipeline action
+(``pipeline_fit``), each found by a search because the estimate is only piecewise linear in them. Decision: several models whose op time, line count and gradient size
 vary apart, since fitted on one family (GPTs of one width) the scale and the per-line cost trade off and the
 fit mispriced wider models by 10-20%.
 """
@@ -100,21 +100,25 @@ def _nonnegative_fit(columns: np.ndarray, measured: np.ndarray) -> tuple[float, 
 
 
 class InStepCase(NamedTuple):
-    """A 2-rank plan the in-step costs are fitted on: one of calibrate's models, its mesh axis, its options."""
+    """A plan the in-step costs are fitted on: one of calibrate's models, its mesh's shape and axis names, and
+    its ``sf.compile`` options."""
 
     model: str
-    axis: str
+    shape: tuple[int, ...]
+    names: tuple[str, ...]
     options: dict[str, Any]
 
 
-# few collectives and many (ZeRO-3's gathers), blocking ones inside the program (tp), a large gradient
-_IN_STEP_CASES = (
-    InStepCase("gpt2", "dp", {}),
-    InStepCase("gpt2", "dp", {"zero": 3}),
-    InStepCase("gpt2", "tp", {"strategy": "tp"}),
-    InStepCase("mlp-wide", "dp", {}),
-    InStepCase("mlp-wide", "tp", {"strategy": "tp"}),
-)
+def in_step_cases(ranks: int) -> tuple[InStepCase, ...]:
+    """The plans fitted on for a job of ``ranks`` ranks, on all of them (so links, contention and the waiting
+    partners are the job's): few collectives and many (ZeRO-3's gathers), a large gradient, and blocking ones
+    inside the program (tensor parallel: on 2 ranks alone, above that beside data parallel, a pair per group)."""
+    dp = ((ranks,), ("dp",))
+    tp = ((2,), ("tp",), {"strategy": "tp"}) if ranks == 2 else ((ranks // 2, 2), ("dp", "tp"), {"strategy": "hybrid"})
+    cases = [InStepCase("gpt2", *dp, {}), InStepCase("gpt2", *dp, {"zero": 3}), InStepCase("mlp-wide", *dp, {})]
+    if ranks % 2 == 0:
+        cases += [InStepCase("gpt2", *tp), InStepCase("mlp-wide", *tp)]
+    return tuple(cases)
 
 
 LINK_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)  # the scales on a collective's bytes the search starts from
@@ -126,12 +130,12 @@ class StepLinks(NamedTuple):
     box_overhead: float  # seconds a synchronous boxing costs the compute clock beyond its collective
 
 
-def in_step_fit(profile: DeviceProfile, quick: bool) -> StepLinks:
+def in_step_fit(profile: DeviceProfile, quick: bool, ranks: int = 2) -> StepLinks:
     """What collectives cost inside real steps beyond their link fits: a cost per collective (the runtime's
     packing and handles, the waiting rank's wake-up), a scale on their bytes' time (gloo's threads share the
     cores the step computes on, which the link fits, timed between idle ranks, never see), and a cost per
     synchronous boxing on the compute clock (the boxing runtime's Python; the partner that arrives late).
-    Fitted on real 2-rank steps of calibrate's models (``_IN_STEP_CASES``) by nested searches
+    Fitted on real steps on ``ranks`` ranks of calibrate's models (``in_step_cases``) by nested searches
     (``_search``): each scale tried (``LINK_SCALES``, then golden section) searches the boxing cost, and each
     of those ``_solve``s the per-collective cost; the triple closest to the measurements in relative error
     wins. Each is bounded (the scale by ``LINK_SCALES``, the costs by ``_solve``'s 5 ms): a fit at a bound
@@ -140,12 +144,13 @@ def in_step_fit(profile: DeviceProfile, quick: bool) -> StepLinks:
     import shardflow as sf
     from shardflow.graph.estimate import Estimator
 
-    per_rank = run_on_ranks(2, _plan_steps, _IN_STEP_CASES, 5 if quick else 15, profile.threads)
+    cases = in_step_cases(ranks)
+    per_rank = run_on_ranks(ranks, _plan_steps, cases, 5 if quick else 15, profile.threads)
     measured = [statistics.median(max(s) for s in zip(*steps)) for steps in zip(*per_rank)]
     priced = []
-    for case in _IN_STEP_CASES:
+    for case in cases:
         model, batch = _calibration_model(case.model)
-        plan = sf.plan(model, sf.MeshSpec("cpu", (2,), (case.axis,), (0, 1)), batch, **case.options)
+        plan = sf.plan(model, sf.MeshSpec("cpu", case.shape, case.names, tuple(range(ranks))), batch, **case.options)
         priced.append((Estimator(model, batch, device=profile), plan))
     found: dict[tuple[float, float], tuple[float, float]] = {}  # (scale, boxing) -> (error, per-collective)
 
@@ -169,15 +174,15 @@ def in_step_fit(profile: DeviceProfile, quick: bool) -> StepLinks:
 
 
 def _plan_steps(cases: tuple[InStepCase, ...], steps: int, threads: int) -> list[list[float]]:
-    """On every rank of a pool: per case, the seconds of ``steps`` steps of its model compiled on a 2-rank mesh
-    of its axis with its options, after a warm-up, a barrier before each."""
+    """On every rank of a pool: per case, the seconds of ``steps`` steps of its model compiled on its mesh with
+    its options, after a warm-up, a barrier before each."""
     import shardflow as sf
 
     out = []
     with rank_threads(threads):
         for case in cases:
             model, batch = _calibration_model(case.model)
-            pm = sf.compile(model, sf.Mesh("cpu", (2,), names=(case.axis,)), batch, **case.options)
+            pm = sf.compile(model, sf.Mesh("cpu", case.shape, names=case.names), batch, **case.options)
             out.append(_steps(pm, batch, steps))
     return out
 

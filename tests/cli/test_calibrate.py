@@ -17,7 +17,7 @@ import shardflow as sf
 from shardflow.cli.calibrate import _fit, calibrate
 from shardflow.cli.launch import _threads_per_worker
 from shardflow.cli.main import main
-from shardflow.cli.step_fits import _nonnegative_fit, _solve
+from shardflow.cli.step_fits import _nonnegative_fit, _solve, in_step_cases
 from shardflow.cost.profile import KINDS, OP_CLASSES, bus_factor, device_profile, save
 from shardflow.runtime.meter import probe
 from shardflow.testing import run_on_ranks
@@ -84,6 +84,17 @@ def test_solve_finds_the_cost_that_makes_estimates_meet_measurements():
     fine = min((sum(((e - m) / m) ** 2 for e, m in zip(hidden(t), measured)), t) for t in grid)[1]
     assert _solve(hidden, measured, quick=False) == pytest.approx(fine, rel=0.02)
     assert _solve(estimates, [0.009, 0.019], quick=True) == 0.0
+
+
+def test_the_in_step_figures_are_fitted_on_every_rank_of_the_job():
+    """A job's in-step costs are fitted on plans over all its ranks, with blocking boxings among them: tensor
+    parallel alone on 2 ranks, beside data parallel (pairs) on 4; an odd count has no pairs."""
+    for ranks in (2, 3, 4):
+        cases = in_step_cases(ranks)
+        assert all(np.prod(c.shape) == ranks and len(c.names) == len(c.shape) for c in cases), cases
+        assert any(c.options.get("zero") == 3 for c in cases)
+        tensor = [c for c in cases if c.options.get("strategy") in ("tp", "hybrid")]
+        assert [c.shape for c in tensor] == ({2: [(2,)] * 2, 3: [], 4: [(2, 2)] * 2}[ranks]), tensor
 
 
 def test_the_runtime_fit_recovers_scale_launch_and_overhead():

@@ -313,7 +313,11 @@ def worst(rows: list[dict[str, Any]], devices: dict[int, str], count: int, markd
             ("communication (exposed; measured: gloo calls and waits)", t.exposed, d["gloo"]),
             ("update (measured: Optimizer.step)", t.update, d["optimizer"]),
             ("other ATen ops, not in the program (copies, casts)", None, other),
-            ("the rest: Python and the runtime between ops", None, d["wall"] - rest),
+            (
+                "the rest: Python and the runtime between ops (predicted: per step, per boxing)",
+                t.runtime + t.boxing,
+                d["wall"] - rest,
+            ),
             ("step", t.total, d["wall"]),
         ]
         print(

@@ -109,6 +109,7 @@ def calibrate(ranks: int = 2, backend: str | None = None, quick: bool = False, d
             if ranks >= 2:  # in that order: a pipeline's sends pay the in-step cost too
                 profile = dataclasses.replace(profile, **in_step_fit(profile, quick, ranks)._asdict())
                 profile = dataclasses.replace(profile, pipeline_action=pipeline_fit(profile, quick))
+            profile = dataclasses.replace(profile, ranks=ranks)  # after the fits, which price other sizes
     return _with_datasheet(profile)
 
 

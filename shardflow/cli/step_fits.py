@@ -4,9 +4,9 @@ benchmark's): what a step costs beyond its ops timed alone and its links timed b
 On one rank, a scale on the ops' times, a cost per program line and one per step, by least squares in relative
 error with none negative (``runtime_fit``); on the job's pooled ranks, a cost per collective, a scale on its
 bytes' time and a cost per synchronous boxing (``in_step_fit``), then on 2 a cost per pipeline action
-(``pipeline_fit``), each found by a search because the estimate is only piecewise linear in them. Decision: several models whose op time, line count and gradient size
-vary apart, since fitted on one family (GPTs of one width) the scale and the per-line cost trade off and the
-fit mispriced wider models by 10-20%.
+(``pipeline_fit``), each found by a search because the estimate is only piecewise linear in them.
+Decision: several models whose op time, line count and gradient size vary apart, since fitted on one family
+(GPTs of one width) the scale and the per-line cost trade off and the fit mispriced wider models by 10-20%.
 """
 
 from __future__ import annotations
@@ -138,14 +138,14 @@ def in_step_fit(profile: DeviceProfile, quick: bool, ranks: int = 2) -> StepLink
     Fitted on real steps on ``ranks`` ranks of calibrate's models (``in_step_cases``) by nested searches
     (``_search``): each scale tried (``LINK_SCALES``, then golden section) searches the boxing cost, and each
     of those ``_solve``s the per-collective cost; the triple closest to the measurements in relative error
-    wins. Each is bounded (the scale by ``LINK_SCALES``, the costs by ``_solve``'s 5 ms): a fit at a bound
-    means the model misses something on this machine. Replaces the between-compute microbenchmark's
+    wins. Each is bounded (the scale by ``LINK_SCALES``, 3 in a quick calibration; the costs by ``_costs``'
+    5 ms): a fit at a bound means the model misses something on this machine. Replaces the between-compute microbenchmark's
     figure, which leaves out the runtime."""
     import shardflow as sf
     from shardflow.graph.estimate import Estimator
 
     cases = in_step_cases(ranks)
-    per_rank = run_on_ranks(ranks, _plan_steps, cases, 5 if quick else 15, profile.threads)
+    per_rank = run_on_ranks(ranks, _plan_steps, cases, 5 if quick else 15, profile.threads, timeout=600)
     measured = [statistics.median(max(s) for s in zip(*steps)) for steps in zip(*per_rank)]
     priced = []
     for case in cases:
@@ -159,14 +159,12 @@ def in_step_fit(profile: DeviceProfile, quick: bool, ranks: int = 2) -> StepLink
             changed = dataclasses.replace(profile, in_step=t, link_scale=scale, box_overhead=box)
             return [estimator(plan, changed).step_seconds for estimator, plan in priced]
 
-        t = _solve(estimates, measured, quick)
-        found[scale, box] = (_relative_error(estimates(t), measured), t)
-        return found[scale, box][0]
-
-    boxes = _costs(quick)
+        error, t = _search(lambda t: _relative_error(estimates(t), measured), _costs(quick), 4 if quick else 10)
+        found[scale, box] = (error, t)
+        return error
 
     def with_scale(scale: float) -> float:
-        return with_costs(scale, _search(functools.partial(with_costs, scale), boxes, 3 if quick else 6))
+        return _search(functools.partial(with_costs, scale), _costs(quick), 3 if quick else 6)[0]
 
     _search(with_scale, LINK_SCALES[:4] if quick else LINK_SCALES, 2 if quick else 5)
     (scale, box), (_, t) = min(found.items(), key=lambda kv: kv[1][0])
@@ -227,7 +225,7 @@ def _solve(estimates: Callable[[float], list[float]], measured: list[float], qui
     error (each plan counts alike, whatever its size): ``_search`` from a geometric grid. A search, not a
     slope: the estimate grows piecewise linearly in ``t`` (faster once a cost stops hiding behind compute), so
     the error need not be convex, and a slope at one point can miss where another plan's cost starts to show."""
-    return _search(lambda t: _relative_error(estimates(t), measured), _costs(quick), 4 if quick else 10)
+    return _search(lambda t: _relative_error(estimates(t), measured), _costs(quick), 4 if quick else 10)[1]
 
 
 def _costs(quick: bool, most: float = 5e-3) -> list[float]:
@@ -235,9 +233,10 @@ def _costs(quick: bool, most: float = 5e-3) -> list[float]:
     return [0.0] + [most / 4**k for k in range(4 if quick else 7, -1, -1)]
 
 
-def _search(error: Callable[[float], float], grid: Sequence[float], rounds: int) -> float:
-    """The point where ``error`` is least: the best of ``grid`` (ascending), then ``rounds`` of golden-section
-    search between its neighbours, each round reusing the point the last one kept; the best point tried."""
+def _search(error: Callable[[float], float], grid: Sequence[float], rounds: int) -> tuple[float, float]:
+    """``(error, point)`` where ``error`` is least: the best of ``grid`` (ascending), then ``rounds`` of
+    golden-section search between its neighbours, each round reusing the point the last one kept; the best
+    point tried."""
     tried = [(error(t), t) for t in grid]
     k = min(range(len(grid)), key=lambda i: tried[i][0])
     lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
@@ -253,7 +252,7 @@ def _search(error: Callable[[float], float], grid: Sequence[float], rounds: int)
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
             fb = error(b)
-    return min([*tried, (fa, a), (fb, b)])[1]
+    return min([*tried, (fa, a), (fb, b)])
 
 
 def _relative_error(estimates: Sequence[float], measured: Sequence[float]) -> float:

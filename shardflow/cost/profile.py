@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 _SHIPPED = Path(__file__).parent / "profiles"
-# the model a calibrated CPU profile's fitted figures belong to: 3 fits the launch floor beyond ops timed here
-# (``graph/kernel_time.py``), their in-step scale and the in-step costs; a CPU profile fitted for another model
-# is measured again
-FORMAT = 3
+# the model a calibrated CPU profile's fitted figures belong to: 4 fits the launch floor beyond ops timed here
+# (``graph/kernel_time.py``), their in-step scale, and the in-step costs of collectives and synchronous boxings
+# on the job's ranks; a CPU profile fitted for another model is measured again
+FORMAT = 4
 OP_CLASSES = ("matmul", "conv", "attention", "vector")
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
@@ -81,14 +81,17 @@ class DeviceProfile:
     # a collective's bytes inside a step take this many times their link-fit time (gloo's threads share the
     # cores the step computes on; link fits are timed between idle ranks)
     link_scale: float = 1.0
-    # seconds a synchronous boxing (tensor parallelism's all-reduces, BatchNorm's statistics) costs the compute
-    # clock beyond its collective: the boxing runtime's Python, and the partner rank that reaches it late
+    # seconds a synchronous boxing inside the program (tensor parallelism's all-reduces, BatchNorm's statistics,
+    # the loss's, ZeRO-3's gathers not prefetched) costs the compute clock beyond its collective: the boxing
+    # runtime's Python, and the partner rank that reaches it late. Not charged: started buckets and gathers,
+    # and the all-gathers after a ZeRO-1/2 update, which run back to back once the ranks are in step
     box_overhead: float = 0.0
     step_overhead: float = 0.0  # seconds per step the runtime spends beyond its program (fitted with ``launch``)
     # an op's seconds inside a real step over its seconds alone (timed in a tight loop, or its roofline): a
     # step's ops find caches full of other ops' tensors; fitted with ``launch`` (1: a datasheet's)
     kernel_scale: float = 1.0
     pipeline_action: float = 0.0  # seconds a pipeline action (a micro-batch's forward or backward) costs beyond it
+    ranks: int = 0  # the local ranks of the job its in-step figures were fitted for (0: none fitted)
     format: int = FORMAT
     notes: tuple[str, ...] = field(default_factory=tuple)
 

@@ -14,6 +14,7 @@ by what the profile gets wrong, never by a second copy of the layout rules.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -79,6 +80,7 @@ class Estimate:
 
 
 LOWERED_KEPT = 8  # plans whose programs an Estimator keeps, for pricing them again on another device
+_WARNED: set[tuple[str, int]] = set()  # (profile, plan size) pairs told once per process that they differ
 
 
 class _Lowered(NamedTuple):
@@ -126,6 +128,13 @@ class Estimator:
         """``plan``'s memory and time; on ``device`` instead of the estimator's own profile if given (a search
         comparing devices, a calibration solving for one of a profile's figures)."""
         profile = device_profile(device) if device is not None else self.profile
+        if profile.ranks and plan.mesh.size != profile.ranks and (profile.name, plan.mesh.size) not in _WARNED:
+            _WARNED.add((profile.name, plan.mesh.size))
+            warnings.warn(
+                f"the {profile.name} profile's in-step costs were fitted for {profile.ranks} ranks, this plan has "
+                f"{plan.mesh.size}; for closer prices run `shardflow calibrate --ranks {plan.mesh.size}`",
+                stacklevel=2,
+            )
         classes, flops = self._price(plan, profile)
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
         return Estimate(

@@ -45,6 +45,7 @@ class StepTime:
     update: float = 0.0  # the optimizer update (and ZeRO's all-gather of updated pieces)
     bubble: float = 0.0  # a pipeline stage's idle time in its schedule
     runtime: float = 0.0  # the runtime's own work per step beyond the program's lines (the profile's)
+    boxing: float = 0.0  # synchronous boxings' cost on the compute clock (a pipeline stage's: inside compute)
 
     @property
     def hidden(self) -> float:
@@ -58,6 +59,7 @@ class StepTime:
             f"({self.exposed * 1e3:.2f} ms exposed), update {self.update * 1e3:.2f} ms"
             + (f", pipeline bubble {self.bubble * 1e3:.2f} ms" if self.bubble else "")
             + (f", runtime {self.runtime * 1e3:.2f} ms" if self.runtime else "")
+            + (f", synchronous boxings {self.boxing * 1e3:.2f} ms" if self.boxing else "")
         )
 
 
@@ -139,6 +141,7 @@ class _Clocks:
     comm: dict[tuple[int, ...], float] = field(default_factory=dict)  # when each group is next free
     busy: float = 0.0  # total communication time
     exposed: float = 0.0
+    boxed: float = 0.0  # the boxing cost charged to compute
 
     def _run(self, legs: Sequence[Leg], at: float) -> float:
         for leg in legs:
@@ -156,6 +159,7 @@ class _Clocks:
         (the boxing runtime's work around it, and the partner that reaches it late)."""
         if any(leg.group for leg in legs):
             self.compute += overhead
+            self.boxed += overhead
         self.blocking(legs)
 
     def started(self, legs: Sequence[Leg]) -> float:
@@ -288,4 +292,6 @@ def step_time(pm: ParallelModule, program: Program, profile: DeviceProfile) -> S
         after += norm + profile.collective("all_reduce", pm.mesh.size, 4, pm.mesh.ranks)
     comm = clocks.busy + after
     total = end + after + profile.step_overhead
-    return StepTime(total, phases, comm, clocks.exposed + after, update + after, runtime=profile.step_overhead)
+    return StepTime(
+        total, phases, comm, clocks.exposed + after, update + after, runtime=profile.step_overhead, boxing=clocks.boxed
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -127,6 +128,20 @@ def test_an_estimator_prices_a_plan_again_on_another_device_without_lowering_it_
         estimator(dp.replace(bucket_bytes=1024 * (k + 1)))
     estimator(dp)
     assert estimator.lowerings == 2 + LOWERED_KEPT + 1
+
+
+def test_a_plan_of_another_size_than_the_profile_was_fitted_for_is_priced_with_a_warning():
+    """A profile whose in-step figures were fitted for 2-rank jobs prices a 1-rank plan all the same, once
+    warning which calibration fits it; a 2-rank plan, or a datasheet (fitted for no size), says nothing."""
+    model, batch = _mlp()
+    fitted = _profile(name="fitted-for-2", ranks=2)
+    one = sf.plan(model, sf.MeshSpec("cpu", (1,), ("dp",), (0,)), batch)
+    with pytest.warns(UserWarning, match=r"fitted for 2 ranks, this plan has 1; .*calibrate --ranks 1"):
+        assert Estimator(model, batch, device=fitted)(one).step_seconds > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Estimator(model, batch, device=fitted)(sf.plan(model, sf.MeshSpec("cpu", (2,), ("dp",), (0, 1)), batch))
+        Estimator(model, batch, device=_profile())(one)
 
 
 def test_estimate_matches_the_module_on_one_rank_with_an_arena_and_recompute():

@@ -391,14 +391,14 @@ def table(profile: DeviceProfile) -> str:
         f"memory {profile.memory_bandwidth / 1e9:.1f} GB/s, launch {profile.launch * 1e6:.2f} µs per op (program "
         f"line), {profile.memory_bytes / 2**30:.1f} GiB per rank"
     )
-    if profile.calibrated and profile.device_type == "cpu":  # fitted on real steps (step_fits.py)
+    fitted = profile.calibrated and profile.device_type == "cpu"  # fitted on real steps (step_fits.py)
+    if fitted:
         pipeline = f", +{profile.pipeline_action * 1e3:.2f} ms per pipeline action" if profile.collectives else ""
         lines.append(
             f"in a step (fitted): ops take x{profile.kernel_scale:.2f} their time alone, "
             f"+{profile.step_overhead * 1e3:.2f} ms per step{pipeline}"
         )
     if profile.collectives:
-        fitted = profile.calibrated and profile.device_type == "cpu"
         bytes_ = f"bytes x{profile.link_scale:.2f} their link time, " if fitted else ""
         bytes_ += f"+{profile.box_overhead * 1e6:.0f} µs per synchronous boxing, " if fitted else ""
         lines.append(

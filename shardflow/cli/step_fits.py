@@ -139,19 +139,20 @@ def in_step_fit(profile: DeviceProfile, quick: bool, ranks: int = 2) -> StepLink
     (``_search``): each scale tried (``LINK_SCALES``, then golden section) searches the boxing cost, and each
     of those ``_solve``s the per-collective cost; the triple closest to the measurements in relative error
     wins. Each is bounded (the scale by ``LINK_SCALES``, 3 in a quick calibration; the costs by ``_costs``'
-    5 ms): a fit at a bound means the model misses something on this machine. Replaces the between-compute microbenchmark's
-    figure, which leaves out the runtime."""
+    5 ms): a fit at a bound means the model misses something on this machine. Replaces the between-compute
+    microbenchmark's figure, which leaves out the runtime."""
     import shardflow as sf
     from shardflow.graph.estimate import Estimator
 
     cases = in_step_cases(ranks)
     per_rank = run_on_ranks(ranks, _plan_steps, cases, 5 if quick else 15, profile.threads, timeout=600)
     measured = [statistics.median(max(s) for s in zip(*steps)) for steps in zip(*per_rank)]
+    estimators: dict[str, Estimator] = {}  # one per model: its step traced once for all its plans
     priced = []
     for case in cases:
         model, batch = _calibration_model(case.model)
         plan = sf.plan(model, sf.MeshSpec("cpu", case.shape, case.names, tuple(range(ranks))), batch, **case.options)
-        priced.append((Estimator(model, batch, device=profile), plan))
+        priced.append((estimators.setdefault(case.model, Estimator(model, batch, device=profile)), plan))
     found: dict[tuple[float, float], tuple[float, float]] = {}  # (scale, boxing) -> (error, per-collective)
 
     def with_costs(scale: float, box: float) -> float:
@@ -159,9 +160,8 @@ def in_step_fit(profile: DeviceProfile, quick: bool, ranks: int = 2) -> StepLink
             changed = dataclasses.replace(profile, in_step=t, link_scale=scale, box_overhead=box)
             return [estimator(plan, changed).step_seconds for estimator, plan in priced]
 
-        error, t = _search(lambda t: _relative_error(estimates(t), measured), _costs(quick), 4 if quick else 10)
-        found[scale, box] = (error, t)
-        return error
+        found[scale, box] = _solve(estimates, measured, quick)
+        return found[scale, box][0]
 
     def with_scale(scale: float) -> float:
         return _search(functools.partial(with_costs, scale), _costs(quick), 3 if quick else 6)[0]
@@ -217,15 +217,15 @@ def pipeline_fit(profile: DeviceProfile, quick: bool) -> float:
     def estimate(t: float) -> list[float]:
         return [estimator(plan, dataclasses.replace(profile, pipeline_action=t)).step_seconds]
 
-    return _solve(estimate, [measured], quick)
+    return _solve(estimate, [measured], quick)[1]
 
 
-def _solve(estimates: Callable[[float], list[float]], measured: list[float], quick: bool) -> float:
-    """The ``t`` in ``_costs`` (0 to 5 ms) at which ``estimates(t)`` comes closest to ``measured`` in relative
+def _solve(estimates: Callable[[float], list[float]], measured: list[float], quick: bool) -> tuple[float, float]:
+    """``(error, t)``: the ``t`` in ``_costs`` (0 to 5 ms) at which ``estimates(t)`` comes closest to ``measured`` in relative
     error (each plan counts alike, whatever its size): ``_search`` from a geometric grid. A search, not a
     slope: the estimate grows piecewise linearly in ``t`` (faster once a cost stops hiding behind compute), so
     the error need not be convex, and a slope at one point can miss where another plan's cost starts to show."""
-    return _search(lambda t: _relative_error(estimates(t), measured), _costs(quick), 4 if quick else 10)[1]
+    return _search(lambda t: _relative_error(estimates(t), measured), _costs(quick), 4 if quick else 10)
 
 
 def _costs(quick: bool, most: float = 5e-3) -> list[float]:

@@ -1,12 +1,14 @@
 """shardflow: global tensors over device meshes, automatic boxing, static plans.
 
 Public API (everything else may change): ``init``, ``Mesh``, ``S``, ``B``, ``P``, ``Blocked``, ``GlobalTensor``,
-``distribute``, ``from_local``, ``plan_boxing``, ``compile``, ``plan``, ``ParallelPlan``, ``Flops``, ``Meter``.
+``distribute``, ``from_local``, ``plan_boxing``, ``compile``, ``plan``, ``ParallelPlan``, ``Flops``, ``Meter``,
+``Embeddings`` and ``embedding`` (its optimizers and ``init_rows``).
 """
 
-from shardflow import checkpoint
+from shardflow import checkpoint, embedding
 from shardflow.boxing import CostModel, Plan, plan_boxing
 from shardflow.comm import init
+from shardflow.embedding import Embeddings
 from shardflow.graph import CaptureError, MemoryPlanError, MemoryReport, ParallelModule, compile, plan
 from shardflow.ops.flop_count import Flops
 from shardflow.placement import B, Blocked, Mesh, P, S
@@ -17,6 +19,8 @@ from shardflow.tensor import GlobalTensor, distribute, from_local
 
 __all__ = [
     "checkpoint",
+    "embedding",
+    "Embeddings",
     "ParallelModule",
     "compile",
     "plan",

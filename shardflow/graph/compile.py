@@ -70,12 +70,19 @@ def plan(
     arena: bool | str = False,
     cuda_graphs: bool = False,
     inductor: bool = False,
+    embeddings: Any = None,
 ) -> ParallelPlan:
     """The plan ``sf.compile`` builds with the same arguments, without compiling: no process group, no
     step; ``mesh`` may be an ``sf.Mesh`` or its description, a ``MeshSpec`` (no groups made at all).
     ``optimizer`` and ``memory_limit`` are taken so that any ``sf.compile`` call can become an ``sf.plan`` call;
     the plan does not hold them (the optimizer is given beside a plan, the limit checks a compiled one).
-    ``recompute="auto"`` is the exception: it chooses by predicted memory, so it compiles (collective)."""
+    ``recompute="auto"`` is the exception: it chooses by predicted memory, so it compiles (collective).
+    ``embeddings``: the plan holds the tables' placements too (``shardflow/embedding/``)."""
+    if embeddings is not None:
+        from shardflow.embedding.compile import plan_sparse  # the sparse layer sits above the compiler
+
+        keywords = _sparse_keywords(locals())
+        return plan_sparse(model, mesh, example_inputs, embeddings, keywords)[0]
     if recompute == "auto":
         mesh = mesh.build() if isinstance(mesh, MeshSpec) else mesh
         return compile(**locals()).plan  # type: ignore[no-any-return]
@@ -84,6 +91,16 @@ def plan(
         model, mesh, example_inputs, strategy, hints, input_sbp, max_grad_norm, pipeline, zero, recompute,
         arena, cuda_graphs, inductor,
     )  # fmt: skip
+
+
+def _sparse_keywords(given: dict[str, Any]) -> dict[str, Any]:
+    """The planning keywords of a ``compile``/``plan`` call, for the dense model of a sparse one."""
+    names = ("strategy", "hints", "input_sbp", "max_grad_norm", "pipeline", "zero", "recompute", "arena")
+    keywords = {k: given[k] for k in names}
+    keywords |= {"cuda_graphs": given["cuda_graphs"], "inductor": given["inductor"]}
+    if keywords["recompute"] == "auto":
+        raise NotImplementedError("recompute='auto' with embeddings=: name the modules to recompute")
+    return keywords
 
 
 def _check_options(
@@ -120,6 +137,7 @@ def compile(
     cuda_graphs: bool = False,
     inductor: bool = False,
     plan: ParallelPlan | None = None,
+    embeddings: Any = None,
 ) -> Any:
     """Compile ``model`` (its forward returns a scalar loss) for ``mesh``; see the README's API sections.
 
@@ -135,6 +153,14 @@ def compile(
     """
     if example_inputs is None:
         raise TypeError("sf.compile needs example_inputs=(...): the inputs of one step, as pm.step will get them")
+    if embeddings is not None or (plan is not None and plan.tables):
+        from shardflow.embedding.compile import compile_sparse  # the sparse layer sits above the compiler
+
+        if embeddings is None:
+            raise ValueError("the plan has sparse tables: give embeddings=sf.Embeddings(...) (their optimizer) too")
+        if mesh is None and plan is None:
+            raise TypeError("sf.compile needs a mesh (or plan=, which names its mesh)")
+        return compile_sparse(model, mesh, example_inputs, embeddings, optimizer, _sparse_keywords(locals()), plan)
     if plan is not None:
         given = {
             "strategy": strategy != "dp", "hints": hints is not None, "input_sbp": input_sbp is not None,

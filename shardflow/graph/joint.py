@@ -36,7 +36,8 @@ class Joint:
     grad_of: tuple[int, ...]  # the parameter index of each gradient output (unused parameters get none)
     n_values: int = 1  # forward results first: the loss, or a stage's outputs
     n_grads_in: int = 0  # a stage: the gradients arriving for its outputs, its last placeholders
-    n_input_grads: int = 0  # a stage: gradients of its inputs, last in the results
+    n_input_grads: int = 0  # a stage (or a step with ``input_grad_of``): gradients of inputs, last in the results
+    input_grad_of: tuple[int, ...] = ()  # a training step: the inputs (by position) whose gradients it returns
     forward_only: bool = False  # an evaluation: ``graph(params, buffers, inputs) -> [*outputs]``, no backward
 
 
@@ -47,14 +48,18 @@ class _Joint(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: tuple[Any, ...], names: list[str]) -> list[torch.Tensor | None]:
+    def forward(
+        self, inputs: tuple[Any, ...], names: list[str], xs: Sequence[torch.Tensor] = ()
+    ) -> list[torch.Tensor | None]:
         loss = self.model(*inputs)
         leaves: list[torch.Tensor] = [functools.reduce(getattr, n.split("."), self.model) for n in names]  # type: ignore[misc]
-        return [loss, *torch.autograd.grad(loss, leaves, allow_unused=True)]
+        return [loss, *torch.autograd.grad(loss, [*leaves, *xs], allow_unused=True)]
 
 
-def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu") -> Joint:
-    """Trace forward + backward of ``model(*inputs)`` (a scalar loss) with respect to its parameters.
+def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu", input_grads: Sequence[int] = ()) -> Joint:
+    """Trace forward + backward of ``model(*inputs)`` (a scalar loss) with respect to its parameters, and
+    to the inputs at positions ``input_grads`` (their gradients last; zeros where the loss ignores one:
+    the pooled vectors of sparse tables, whose gradients leave the program for the tables' exchange).
 
     Parameters, buffers and tensor inputs are replaced by fake tensors of their global shapes (no memory),
     so ``model`` may hold GlobalTensors or real tensors alike; tied parameters stay tied.
@@ -67,23 +72,28 @@ def trace_step(model: nn.Module, inputs: Sequence[Any], device: str = "cpu") -> 
     def step(ps: list[torch.Tensor], bs: list[torch.Tensor], xs: list[Any]) -> list[torch.Tensor]:
         leaves = [p.detach().requires_grad_(q.requires_grad) for p, q in zip(ps, named.values())]
         wanted = [i for i, p in enumerate(leaves) if p.requires_grad]
+        xs = [x.detach().requires_grad_(True) if i in input_grads else x for i, x in enumerate(xs)]
         # NOTE: backward runs inside functional_call too: a block under activation checkpointing runs its
         # forward again during backward, and must see the traced parameters then, not the module's own.
         grads = functional_call(
             _Joint(model),
             {**{"model." + n: t for n, t in zip(names, leaves)}, **{"model." + n: b for n, b in zip(bnames, bs)}},
-            (tuple(xs), [names[i] for i in wanted]),
+            (tuple(xs), [names[i] for i in wanted], [xs[i] for i in input_grads]),
         )
         loss, grads = grads[0], grads[1:]
+        xgrads = [torch.zeros_like(xs[i]) if g is None else g for i, g in zip(input_grads, grads[len(wanted) :])]
+        grads = grads[: len(wanted)]
         grad_of[:] = [i for i, g in zip(wanted, grads) if g is not None]
-        return [loss.detach(), *[g for g in grads if g is not None]]
+        return [loss.detach(), *[g for g in grads if g is not None], *xgrads]
 
     ps, bs, xs = fake_arguments(model, inputs, device)
     stage = f"tracing {type(model).__name__}'s forward and backward on fake tensors"
     with attention_kernels(device), explained(model, stage), module_paths(model), recomputations():
         graph = make_fx(step, tracing_mode="fake")(ps, bs, xs)
     value_keys(graph.graph)
-    return Joint(graph, len(ps), len(bs), tuple(grad_of))
+    return Joint(
+        graph, len(ps), len(bs), tuple(grad_of), n_input_grads=len(input_grads), input_grad_of=tuple(input_grads)
+    )
 
 
 class FakeArguments(NamedTuple):

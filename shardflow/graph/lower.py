@@ -80,7 +80,7 @@ def lower_ir(
         kept = [*grads, *ends.input_grads, *ir.stage_outputs, *saved(ir)]
         returned = ["", *grads]
     else:
-        kept = returned = [ends.loss or "", *grads]
+        kept = returned = [ends.loss or "", *grads, *ends.input_grads]
     placed, memory = None, timeline(ir, returned)
     if arena:
         body = list(ir.body)

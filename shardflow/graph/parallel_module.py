@@ -110,6 +110,7 @@ class ParallelModule(Runner):
         self.staging = Staging()  # pinned host buffers the inputs' shards are copied to the device through
         self._recomputed: tuple[str, ...] = ()  # modules whose forward is patched to recompute in backward
         self.events: list[Event] = []  # every rank's events of the last traced step
+        self.input_grads: list[torch.Tensor] = []  # the last step's gradients of the inputs ``_trace`` asks for
         # one device: each program's step (forward, backward, clipping, update) captured as a CUDA graph
         # after warm-up and replayed (runtime/cuda_graph.py)
         self.graphs: dict[Any, GraphedStep] = {}

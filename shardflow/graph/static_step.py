@@ -78,6 +78,7 @@ def static_step(pm: ParallelModule, program: Program, inputs: Sequence[Any], tra
     if actors is not None:
         actors.finish()
     program.ran = True
+    pm.input_grads = grads[len(program.grad_of) :]  # gradients of inputs it was asked for (sparse tables' pooled)
     for i, g in zip(program.grad_of, grads):
         pm.local_params[i].grad = pm._piece(i, g)
     pm._update(stepped=pm.updates != "after" and pm.max_grad_norm is None)

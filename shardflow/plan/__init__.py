@@ -11,6 +11,7 @@ from shardflow.plan.record import (
     ParallelPlan,
     ParamPlan,
     PipelinePlan,
+    TablePlan,
     default_updates,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "ParallelPlan",
     "ParamPlan",
     "PipelinePlan",
+    "TablePlan",
     "PlanError",
     "check",
     "check_model",

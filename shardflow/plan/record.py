@@ -138,6 +138,37 @@ class ParamPlan:
         return out + (f"  ({'; '.join(extra)})" if extra else "")
 
 
+TABLE_PLACEMENTS = ("row", "column", "table", "replicated")
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """Where a sparse embedding table lives over the mesh's data-parallel axis (``sf.Embeddings``): split by
+    rows (``S(0)``), by columns (``S(1)``), whole on the rank at index ``owner`` of that axis, or whole on
+    every rank (``B``); ``rows`` x ``dim`` its logical shape."""
+
+    placement: str
+    rows: int
+    dim: int
+    owner: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.placement not in TABLE_PLACEMENTS:
+            raise PlanError(f"table placement {self.placement!r}: one of {TABLE_PLACEMENTS}")
+        _ints((self.rows, self.dim), "table rows and dim", positive=True)
+        if (self.placement == "table") != (self.owner is not None):
+            raise PlanError(
+                f"table placement {self.placement!r} with owner {self.owner!r}: a 'table' placement names the "
+                "index of its rank on the data-parallel axis (owner), the others none"
+            )
+        if self.owner is not None:
+            _ints((self.owner,), "table owner")
+
+    def __str__(self) -> str:
+        layout = {"row": "S(0)", "column": "S(1)", "replicated": "B"}.get(self.placement, f"on dp rank {self.owner}")
+        return f"{self.placement:<10} {self.rows} x {self.dim}  {layout}"
+
+
 @dataclass(frozen=True)
 class PipelinePlan:
     """The cut and schedule: stage ``s`` starts at module ``split_points[s - 1]``."""
@@ -224,6 +255,9 @@ class ParallelPlan:
     """Gradient all-reduce bucket size (DDP uses 25 MiB on GPUs)."""
     max_grad_norm: float | None = None
     execution: Execution = field(default_factory=Execution)
+    tables: Mapping[str, TablePlan] = field(default_factory=Frozen)
+    """Sparse embedding tables (module name -> ``TablePlan``), kept out of ``params``: looked up and updated
+    by all-to-all around the dense program (``shardflow/embedding/``)."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -233,6 +267,9 @@ class ParallelPlan:
         if not isinstance(self.values, Mapping):
             raise PlanError("values: a mapping from value keys (module.path/op.k) to layouts")
         object.__setattr__(self, "params", Frozen(self.params))
+        if not isinstance(self.tables, Mapping) or not all(isinstance(t, TablePlan) for t in self.tables.values()):
+            raise PlanError("tables: a mapping from embedding module names to TablePlan")
+        object.__setattr__(self, "tables", Frozen(self.tables))
         object.__setattr__(self, "values", Frozen({str(k): _sbp(v, f"values[{k!r}]") for k, v in self.values.items()}))
         if isinstance(self.inputs, (str, bytes)) or not isinstance(self.inputs, (list, tuple)):
             raise PlanError(f"inputs {self.inputs!r}: a list with one layout per input")
@@ -328,11 +365,14 @@ class ParallelPlan:
         lines.append("execution: " + ", ".join(options))
         if self.inputs:
             lines.append("inputs: " + ", ".join(format_sbp(s) for s in self.inputs))
-        width = max((len(n) for n in [*self.params, *self.values]), default=4)
+        width = max((len(n) for n in [*self.params, *self.values, *self.tables]), default=4)
         if self.params:
             grid = " (over each stage's (dp, tp) grid)" if self.pipeline is not None else ""
             lines.append(f"parameters{grid}:")
             lines += [f"  {n:<{width}}  {p}" for n, p in self.params.items()]
+        if self.tables:
+            lines.append("sparse tables (over the data-parallel axis):")
+            lines += [f"  {n:<{width}}  {t}" for n, t in self.tables.items()]
         if self.values:
             lines.append("values (forced):")
             lines += [f"  {k:<{width}}  {format_sbp(s)}" for k, s in self.values.items()]

@@ -5,7 +5,7 @@ and per value, and a parameter's ``compute``, ``grad`` and ``optim`` layouts onl
 what its ``sbp`` implies (ZeRO), so changing one layout is one edit. Reading is strict: ``"version"`` must
 be this one (a newer file is refused rather than half read), every object's keys are known (a misspelt
 key must not be dropped), and every value has its type (``"false"`` is not a boolean); errors name the
-entry's path. Later versions add keys of their own (sparse tables) next to these.
+entry's path. Sparse embedding tables are one more section, ``tables``, written only when a plan has them.
 """
 
 from __future__ import annotations
@@ -16,12 +16,20 @@ from typing import Any
 
 from shardflow.placement.sbp import B, Blocked, NdSbp, P, Placement, S
 from shardflow.plan.check import PlanError
-from shardflow.plan.record import Execution, MeshSpec, ParallelPlan, ParamPlan, PipelinePlan
+from shardflow.plan.record import Execution, MeshSpec, ParallelPlan, ParamPlan, PipelinePlan, TablePlan
 
 VERSION = 1
 _PLACEMENT = re.compile(r"^\s*(?:(B|P)|S\((\d+)\)|Blocked\((\d+),\s*(\d+)\))\s*$")
 _PARAM_KEYS = ("sbp", "compute", "grad", "optim")
-_OPTIONAL = ("values", "pipeline", "recompute", "bucket_bytes", "max_grad_norm", "execution")  # top-level keys
+_OPTIONAL = (
+    "values",
+    "pipeline",
+    "recompute",
+    "bucket_bytes",
+    "max_grad_norm",
+    "execution",
+    "tables",
+)  # top-level keys
 
 
 def dump(plan: ParallelPlan) -> str:
@@ -60,7 +68,10 @@ def dump(plan: ParallelPlan) -> str:
         },
     }
     lines = [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
-    for key, table in (("params", params), ("values", {k: _sbp_json(s) for k, s in plan.values.items()})):
+    tables = {n: {k: v for k, v in vars(t).items() if v is not None} for n, t in plan.tables.items()}
+    sections: list[tuple[str, dict[str, Any]]] = [("params", params)]
+    sections.append(("values", {k: _sbp_json(s) for k, s in plan.values.items()}))
+    for key, table in sections + [("tables", tables)] * bool(tables):
         rows = [f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in table.items()]
         lines.append(f"  {json.dumps(key)}: {{" + ("\n" + ",\n".join(rows) + "\n  }," if rows else "},"))
     lines[-1] = lines[-1].rstrip(",")
@@ -119,6 +130,18 @@ def load(text: str) -> ParallelPlan:
         bucket_bytes=_typed(top.get("bucket_bytes", 4 * 2**20), int, "bucket_bytes"),
         max_grad_norm=norm,
         execution=Execution(**run),
+        tables={n: _table(t, f"tables[{n!r}]") for n, t in _object(top.get("tables", {}), "tables").items()},
+    )
+
+
+def _table(value: Any, where: str) -> TablePlan:
+    t = _object(value, where, required=("placement", "rows", "dim"), optional=("owner",))
+    owner = t.get("owner")
+    return TablePlan(
+        _typed(t["placement"], str, f"{where}.placement"),
+        _typed(t["rows"], int, f"{where}.rows"),
+        _typed(t["dim"], int, f"{where}.dim"),
+        None if owner is None else _typed(owner, int, f"{where}.owner"),
     )
 
 

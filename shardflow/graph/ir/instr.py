@@ -289,4 +289,4 @@ class Return(Instr):
             return f"return [{', '.join(self.outputs)}]"
         if self.loss is None:
             return f"return [{', '.join(self.grads)}], [{', '.join(self.input_grads)}]"
-        return f"return {self.loss}, [{', '.join(self.grads)}]"
+        return f"return {self.loss}, [{', '.join((*self.grads, *self.input_grads))}]"  # input gradients last

@@ -221,7 +221,11 @@ class LayoutPass:
         else:
             assert result.loss is not None, "a training step returns its loss"
             loss, plan = self.box(result.loss, (B,) * self.mesh.ndim, "loss")
-            input_grads = []
+            first = self.joint.n_params + self.joint.n_buffers  # the inputs' placeholders follow these
+            input_grads = [
+                self.box(g, grad_sbp(self.sbps[first + i] or (B,) * self.mesh.ndim), "input gradient")[0]
+                for g, i in zip(result.input_grads, self.joint.input_grad_of)
+            ]
             if plan is not None:
                 self.record.other.append(("loss", plan, None))
         converted: dict[int, str] = {}

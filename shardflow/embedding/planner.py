@@ -106,9 +106,3 @@ def check_fits(plans: Mapping[str, TablePlan], tables: Sequence[TableModule], n:
             raise ValueError(
                 f"table {name!r} is placed on data-parallel rank {p.owner}, but that axis has {n} ranks (0..{n - 1})"
             )
-        if p.placement == "row" and t.rows < n:
-            raise ValueError(f"table {name!r} has {t.rows} rows: too few to split by rows over {n} ranks; use 'table'")
-        if p.placement == "column" and t.dim < n:
-            raise ValueError(
-                f"table {name!r} has {t.dim} columns: too few to split by columns over {n} ranks; use 'row' or 'table'"
-            )

@@ -4,13 +4,18 @@ The oracle for every parallel run: the same model trained on one device with pla
 """
 
 from shardflow.models.cnn import CNNConfig, SmallCNN
+from shardflow.models.criteo import CriteoShape, criteo_batch, dlrm_inputs
 from shardflow.models.data import CHAR_VOCAB_SIZE, batches, char_corpus, random_classification
+from shardflow.models.dlrm import DLRM, DLRMConfig
 from shardflow.models.gpt import GPT, GPTConfig
 from shardflow.models.mlp import MLP, MLPConfig
 
 __all__ = [
     "CHAR_VOCAB_SIZE",
     "CNNConfig",
+    "CriteoShape",
+    "DLRM",
+    "DLRMConfig",
     "GPT",
     "GPTConfig",
     "MLP",
@@ -18,5 +23,7 @@ __all__ = [
     "SmallCNN",
     "batches",
     "char_corpus",
+    "criteo_batch",
+    "dlrm_inputs",
     "random_classification",
 ]

@@ -1,0 +1,68 @@
+"""Sparse tables equal plain PyTorch: a DLRM with its 26 tables sharded by each placement (row, column,
+table, replicated, and the planner's mix) and each fused optimizer, trained 5 steps on 1, 2 and 4 real
+ranks, has the losses and parameters of the same model with ``nn.EmbeddingBag(sparse=True)`` trained
+serially by the matching torch optimizer (row-wise Adagrad: the reference in ``cases.py``).
+
+The default suite runs every placement on every rank count with the optimizers rotated over them (each
+optimizer meets three placements, row-wise Adagrad the column split among them); ``-m slow`` runs the whole
+matrix. Tolerances: the numerics policy's (rtol 1e-4, atol 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shardflow as sf
+from shardflow.testing import run_on_ranks
+from tests.embedding import cases
+
+PLACEMENTS = {"row": {"*": "row"}, "column": {"*": "column"}, "table": {"*": "table"}, "replicated": {"*": "replicated"}}
+PLACEMENTS["planner"] = None  # type: ignore[assignment]
+KINDS = ("sgd", "adagrad", "adam", "rowwise")
+STEPS = 5
+
+
+def _train(work: list[tuple[str, str]], size: int) -> list[tuple[list[float], dict[str, torch.Tensor], str]]:
+    sf.init()
+    mesh = sf.Mesh("cpu", (torch.distributed.get_world_size(),))
+    out = []
+    for placement, kind in work:
+        pm = cases.compiled(PLACEMENTS[placement], kind, mesh, size=size)
+        losses = [pm.step(*cases.batch(s, size)) for s in range(STEPS)]
+        chosen = ",".join(sorted({t.placement for t in pm.plan.tables.values()}))
+        out.append((losses, pm.full_state_dict(), chosen))
+    return out
+
+
+def _check(n: int, work: list[tuple[str, str]], size: int = 12) -> None:
+    results = run_on_ranks(n, _train, work, size, timeout=600)
+    for (placement, kind), (losses, state, chosen) in zip(work, results[0]):
+        ref_losses, ref_state = cases.reference_run(kind, STEPS, size)
+        where = f"{placement} ({chosen}) with {kind} on {n} rank(s)"
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-4, atol=1e-5, msg=lambda m: f"losses, {where}: {m}")
+        assert state.keys() == ref_state.keys()
+        for k, v in ref_state.items():
+            torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}, {where}: {m}")
+    for r in results[1:]:  # every rank holds the same full state
+        for (_, s0, _), (_, s, _) in zip(results[0], r):
+            assert all(torch.equal(s0[k], s[k]) for k in s0)
+
+
+def _rotated(n: int) -> list[tuple[str, str]]:
+    return [(p, KINDS[(i + n) % len(KINDS)]) for i, p in enumerate(PLACEMENTS)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_every_placement_equals_serial(n: int) -> None:
+    _check(n, _rotated(n))
+
+
+def test_batch_not_divisible_by_ranks() -> None:
+    """13 samples over 4 ranks: shards of 4, 3, 3, 3 samples (tensor_split's), mixed placements."""
+    _check(4, [("planner", "rowwise"), ("row", "adam")], size=13)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_every_placement_and_optimizer_equals_serial(n: int) -> None:
+    _check(n, [(p, k) for p in PLACEMENTS for k in KINDS])

@@ -16,7 +16,12 @@ import shardflow as sf
 from shardflow.testing import run_on_ranks
 from tests.embedding import cases
 
-PLACEMENTS = {"row": {"*": "row"}, "column": {"*": "column"}, "table": {"*": "table"}, "replicated": {"*": "replicated"}}
+PLACEMENTS = {
+    "row": {"*": "row"},
+    "column": {"*": "column"},
+    "table": {"*": "table"},
+    "replicated": {"*": "replicated"},
+}
 PLACEMENTS["planner"] = None  # type: ignore[assignment]
 KINDS = ("sgd", "adagrad", "adam", "rowwise")
 STEPS = 5

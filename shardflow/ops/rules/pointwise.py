@@ -49,7 +49,7 @@ NONLINEAR = [
     aten.maximum.default, aten.copysign.Tensor, aten.isfinite.default, aten.isinf.default, aten.isnan.default,
     aten.logical_and.default, aten.logical_or.default, aten.sign_.default, aten.exp_.default,
     aten.round.default, aten.round.decimals, aten.floor.default, aten.ceil.default, aten.trunc.default,
-    aten.frac.default, aten.sgn.default, aten.log1p.default, aten.expm1.default, aten.softplus.default, aten.softplus_backward.default,
+    aten.frac.default, aten.remainder.Scalar, aten.remainder.Tensor, aten.fmod.Scalar, aten.sgn.default, aten.log1p.default, aten.expm1.default, aten.softplus.default, aten.softplus_backward.default,
 ]  # fmt: skip
 
 

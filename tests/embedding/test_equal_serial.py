@@ -44,10 +44,10 @@ def _check(n: int, work: list[tuple[str, str]], size: int = 12) -> None:
     for (placement, kind), (losses, state, chosen) in zip(work, results[0]):
         ref_losses, ref_state = cases.reference_run(kind, STEPS, size)
         where = f"{placement} ({chosen}) with {kind} on {n} rank(s)"
-        torch.testing.assert_close(losses, ref_losses, rtol=1e-4, atol=1e-5, msg=lambda m: f"losses, {where}: {m}")
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-4, atol=1e-5, msg=lambda m, w=where: f"losses, {w}: {m}")
         assert state.keys() == ref_state.keys()
         for k, v in ref_state.items():
-            torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}, {where}: {m}")
+            torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k, w=where: f"{k}, {w}: {m}")
     for r in results[1:]:  # every rank holds the same full state
         for (_, s0, _), (_, s, _) in zip(results[0], r):
             assert all(torch.equal(s0[k], s[k]) for k in s0)

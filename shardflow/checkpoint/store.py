@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from shardflow.checkpoint.index import (
     FORMAT,
@@ -37,6 +36,7 @@ from shardflow.checkpoint.index import (
     shards_of,
     verify_files,
 )
+from shardflow.checkpoint.stream import save_streamed
 from shardflow.comm.init import world
 from shardflow.placement.sbp import B, format_sbp, grad_sbp
 from shardflow.placement.shard import box_shape, intersect, local_pieces, relative
@@ -96,7 +96,7 @@ def _prepare(
                     if math.prod(box_shape(b)) > 0:
                         key = name if len(pieces) == 1 else f"{name}#{i}"
                         local = t._local.detach()[where]
-                        mine[key] = local.to("cpu", copy=True) if copy else local.contiguous()
+                        mine[key] = local.to("cpu", copy=True) if copy else local  # written by chunks of rows
                         listing.setdefault(name, []).append({"key": key, "box": [list(x) for x in b]})
     return _Pending(directory, partial, mine, listing, entries, dict(meta or {}))
 
@@ -106,7 +106,7 @@ def _write(pending: _Pending) -> None:
     rank, _ = world()
     file = f"rank{rank:05d}.safetensors"
     if pending.mine:
-        save_file({k: v.contiguous() for k, v in pending.mine.items()}, os.path.join(pending.partial, file))
+        save_streamed(pending.mine, os.path.join(pending.partial, file))  # a chunk of rows at a time
         with open(os.path.join(pending.partial, file), "rb+") as f:
             os.fsync(f.fileno())
     digest = sha256(os.path.join(pending.partial, file)) if pending.mine else None  # every rank hashes its own

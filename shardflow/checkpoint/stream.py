@@ -48,4 +48,4 @@ def save_streamed(tensors: Mapping[str, torch.Tensor], path: str) -> None:
             rows = max(1, CHUNK_BYTES // row_bytes)
             for start in range(0, t.shape[0], rows):
                 chunk = t[start : start + rows].contiguous()  # a copy of these rows only (or a view)
-                f.write(memoryview(chunk.reshape(-1).view(torch.uint8).numpy()))
+                f.write(chunk.reshape(-1).view(torch.uint8).numpy().data)  # the buffer itself, no bytes copy

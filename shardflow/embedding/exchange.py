@@ -59,6 +59,7 @@ class Routed:
     tables: list[TableBatch]
     send_counts: torch.Tensor  # (n, tables) ids sent to each rank, per table
     recv_counts: torch.Tensor | None = None
+    sent_bytes: int = 0  # all-to-all payload this rank sent other ranks for this batch (ids, rows, gradients)
 
 
 class Exchange:
@@ -68,7 +69,7 @@ class Exchange:
         self.shards = list(shards)
         self.group, self.n, self.me = group, n, me
         self.optimizer = optimizer
-        self.sent_bytes = 0  # payload this rank sent in the last step's all-to-alls (ids, rows, gradients)
+        self.sent_bytes = 0  # payload this rank sent other ranks in the last step's all-to-alls
 
     # -- routing ----------------------------------------------------------------------------------------
     def route(self, calls: Sequence[Call], args: Sequence[torch.Tensor], batch: int) -> Routed:
@@ -102,18 +103,19 @@ class Exchange:
         return next(s for s in self.shards if s.module.name == name)
 
     # -- forward ----------------------------------------------------------------------------------------
-    def exchange_ids(self, routed: Routed) -> None:
-        """The ids each rank asks this one for (split sizes first, then the ids of every table at once)."""
+    def exchange_ids(self, routed: Routed, group: Any = None) -> None:
+        """The ids each rank asks this one for (split sizes first, then the ids of every table at once);
+        ``group``: another process group over the same ranks (the prefetching thread's own)."""
         T = len(routed.tables)
         recv_counts = torch.empty_like(routed.send_counts)
-        self._all_to_all(recv_counts.reshape(-1), routed.send_counts.reshape(-1), [T] * self.n, [T] * self.n)
+        self._all_to_all(recv_counts.reshape(-1), routed.send_counts.reshape(-1), [T] * self.n, [T] * self.n, group)
         routed.recv_counts = recv_counts
         send = torch.cat(
             [t.sent[d] for d in range(self.n) for t in routed.tables] or [torch.zeros(0, dtype=torch.int64)]
         )
         recv = torch.empty(int(recv_counts.sum()), dtype=torch.int64)
-        self._all_to_all(recv, send, recv_counts.sum(1).tolist(), routed.send_counts.sum(1).tolist())
-        self.sent_bytes = send.numel() * 8
+        self._all_to_all(recv, send, recv_counts.sum(1).tolist(), routed.send_counts.sum(1).tolist(), group)
+        routed.sent_bytes = (self._wire(routed.send_counts.sum(1).tolist()) + (self.n - 1) * T) * 8  # ids, counts
         chunks = iter(torch.split(recv, recv_counts.reshape(-1).tolist()))
         per_source = [[next(chunks) for _ in routed.tables] for _ in range(self.n)]
         for k, t in enumerate(routed.tables):
@@ -132,7 +134,7 @@ class Exchange:
         out_splits = [self._floats(routed.send_counts[d], routed, dest=d) for d in range(self.n)]
         recv = torch.empty(sum(out_splits))
         self._all_to_all(recv, send, out_splits, in_splits)
-        self.sent_bytes += send.numel() * 4
+        routed.sent_bytes += self._wire(in_splits) * 4
         pieces = iter(torch.split(recv, [c * t.shard.width(d, False) for d in range(self.n)
                                          for c, t in zip(routed.send_counts[d].tolist(), routed.tables)]))  # fmt: skip
         got = [[next(pieces) for _ in routed.tables] for _ in range(self.n)]
@@ -175,7 +177,8 @@ class Exchange:
         ]
         recv = torch.empty(sum(out_splits))
         self._all_to_all(recv, send, out_splits, in_splits)
-        self.sent_bytes += send.numel() * 4
+        routed.sent_bytes += self._wire(in_splits) * 4
+        self.sent_bytes = routed.sent_bytes
         pieces = iter(torch.split(recv, [c * t.shard.width(self.me, True) for s in range(self.n)
                                          for c, t in zip(routed.recv_counts[s].tolist(), routed.tables)]))  # fmt: skip
         got = [[next(pieces) for _ in routed.tables] for _ in range(self.n)]
@@ -206,11 +209,17 @@ class Exchange:
                     self.optimizer, shard.weight, shard.state, shard.steps, shard.local_rows(rows), summed, whole_rows
                 )
 
-    def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
+    def _wire(self, in_splits: list[int]) -> int:
+        """Elements this rank sends to other ranks (its part for itself never leaves it)."""
+        return sum(in_splits) - in_splits[self.me]
+
+    def _all_to_all(
+        self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any = None
+    ) -> None:
         if self.n == 1:
             out.copy_(inp)
             return
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=group or self.group)
 
 
 class _Given:

@@ -11,6 +11,7 @@ stays outside the traced program.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -66,6 +67,10 @@ class SparseParallelModule(ParallelModule):
         group = group_for(mesh.ranks).group if n > 1 else None
         self.exchange = Exchange(self.shards, group, n, me, spec.optimizer)
         self._table_meshes = {t.name: self._table_mesh(s) for t, s in zip(self.tables, self.shards)}
+        # the next batch's ids, exchanged on a thread of their own while a step's dense program runs
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardflow-sparse-ids")
+        self._prefetched: tuple[tuple[Any, ...], Future[tuple[Any, int]]] | None = None
+        self._ids_group: Any = None
 
     # -- steps --------------------------------------------------------------------------------------------
     def _trace(self, inputs: Sequence[Any]) -> Joint:
@@ -74,19 +79,63 @@ class SparseParallelModule(ParallelModule):
         first = len(inputs) - n_pooled
         return trace_step(self.module, inputs, self.mesh.device_type, input_grads=range(first, len(inputs)))
 
-    def step(self, *inputs: Any, trace: str | None = None) -> float:
+    def step(self, *inputs: Any, trace: str | None = None, next_inputs: Sequence[Any] | None = None) -> float:
+        """One step on the global batch ``inputs``. ``next_inputs``: the batch of the following step, whose
+        ids are checked, routed and exchanged in the background while this step's dense program runs
+        (TorchRec's sparse-data-dist pipeline); the following ``step(*next_inputs)`` takes them."""
         if not self.static:
             raise ValueError("sparse tables run around the static program: leave pm.static = True")
         lookups = self._method_lookups("forward", inputs)
-        dense, routed, pooled, batch = self._sparse_forward(lookups, inputs)
+        routed, batch = self._routed(lookups, inputs)
+        pooled = self.exchange.lookup(routed)
+        if next_inputs is not None:
+            self.prefetch(*next_inputs)
+        dense = [x for i, x in enumerate(inputs) if i not in lookups.sparse]
         loss = super().step(*dense, *self._global(pooled, batch), trace=trace)
         self.exchange.backward(routed, pooled, self.input_grads[-len(pooled) :])
         return loss
 
+    def prefetch(self, *inputs: Any) -> None:
+        """Start checking, routing and exchanging the ids of the batch the next step will take, on a thread
+        and a process group of its own; rows are looked up only in that step (after this one's update)."""
+        self._take_prefetched(None)  # one in flight at a time: an earlier one is finished (and dropped)
+        lookups = self._method_lookups("forward", inputs)
+        if self._ids_group is None and self.mesh.size > 1:
+            self._ids_group = torch.distributed.new_group(list(self.mesh.ranks), use_local_synchronization=True)
+        self._prefetched = (tuple(inputs), self._prefetcher.submit(self._route_ids, lookups, inputs))
+
+    def _route_ids(self, lookups: Lookups, inputs: Sequence[Any]) -> tuple[Any, int]:
+        plain = [x.full() if isinstance(x, GlobalTensor) else x for x in inputs]
+        args = lookups.arguments(plain)
+        batch = check_arguments(lookups, args, {t.name: t for t in self.tables})
+        routed = self.exchange.route(lookups.calls, args, batch)
+        self.exchange.exchange_ids(routed, self._ids_group)
+        return routed, batch
+
+    def _take_prefetched(self, inputs: Sequence[Any] | None) -> tuple[Any, int] | None:
+        """The prefetched batch if it is ``inputs`` (the same tensors); any other is waited for and dropped."""
+        if self._prefetched is None:
+            return None
+        (given, future), self._prefetched = self._prefetched, None
+        result = future.result()  # its error, if any, is this step's (every rank checked the same batch)
+        same = inputs is not None and len(given) == len(inputs) and all(a is b for a, b in zip(given, inputs))
+        return result if same else None
+
+    def _routed(self, lookups: Lookups, inputs: Sequence[Any]) -> tuple[Any, int]:
+        """This rank's batch routed and its ids exchanged (prefetched by the previous step, or now)."""
+        if lookups is self.lookups["forward"]:
+            taken = self._take_prefetched(inputs)
+            if taken is not None:
+                return taken
+        return self._route_ids(lookups, inputs)
+
     def evaluate(self, *inputs: Any, method: str = "forward") -> Any:
         lookups = self._method_lookups(method, inputs)
+        self._take_prefetched(None)  # its messages come first on every rank; the step after routes anew
         with torch.no_grad():
-            dense, _, pooled, batch = self._sparse_forward(lookups, inputs)
+            routed, batch = self._route_ids(lookups, inputs)
+            pooled = self.exchange.lookup(routed)
+            dense = [x for i, x in enumerate(inputs) if i not in lookups.sparse]
             return super().evaluate(*dense, *self._global(pooled, batch), method=method)
 
     def _method_lookups(self, method: str, inputs: Sequence[Any]) -> Lookups:
@@ -100,19 +149,6 @@ class SparseParallelModule(ParallelModule):
         if len(inputs) != lookups.n_inputs:
             raise ValueError(f"{method} got {len(inputs)} inputs; it was traced with {lookups.n_inputs}")
         return lookups
-
-    def _sparse_forward(
-        self, lookups: Lookups, inputs: Sequence[Any]
-    ) -> tuple[list[Any], Any, list[torch.Tensor], int]:
-        """The dense inputs, the routed batch and this rank's pooled vectors, and the global batch size."""
-        plain = [x.full() if isinstance(x, GlobalTensor) else x for x in inputs]
-        args = lookups.arguments(plain)
-        batch = check_arguments(lookups, args, {t.name: t for t in self.tables})
-        routed = self.exchange.route(lookups.calls, args, batch)
-        self.exchange.exchange_ids(routed)
-        pooled = self.exchange.lookup(routed)
-        dense = [x for i, x in enumerate(inputs) if i not in lookups.sparse]
-        return dense, routed, pooled, batch
 
     def _global(self, pooled: Sequence[torch.Tensor], batch: int) -> list[GlobalTensor]:
         """This rank's pooled vectors as the dense program's inputs: split by samples over the mesh."""

@@ -27,20 +27,26 @@ KINDS = ("sgd", "adagrad", "adam", "rowwise")
 STEPS = 5
 
 
-def _train(work: list[tuple[str, str]], size: int) -> list[tuple[list[float], dict[str, torch.Tensor], str]]:
+def _train(
+    work: list[tuple[str, str]], size: int, prefetch: bool = False
+) -> list[tuple[list[float], dict[str, torch.Tensor], str]]:
     sf.init()
     mesh = sf.Mesh("cpu", (torch.distributed.get_world_size(),))
     out = []
     for placement, kind in work:
         pm = cases.compiled(PLACEMENTS[placement], kind, mesh, size=size)
-        losses = [pm.step(*cases.batch(s, size)) for s in range(STEPS)]
+        batches = [cases.batch(s, size) for s in range(STEPS)]
+        if prefetch:  # each step exchanges the next batch's ids while its dense program runs
+            losses = [pm.step(*b, next_inputs=nxt) for b, nxt in zip(batches, [*batches[1:], None])]
+        else:
+            losses = [pm.step(*b) for b in batches]
         chosen = ",".join(sorted({t.placement for t in pm.plan.tables.values()}))
         out.append((losses, pm.full_state_dict(), chosen))
     return out
 
 
-def _check(n: int, work: list[tuple[str, str]], size: int = 12) -> None:
-    results = run_on_ranks(n, _train, work, size, timeout=600)
+def _check(n: int, work: list[tuple[str, str]], size: int = 12, prefetch: bool = False) -> None:
+    results = run_on_ranks(n, _train, work, size, prefetch, timeout=600)
     for (placement, kind), (losses, state, chosen) in zip(work, results[0]):
         ref_losses, ref_state = cases.reference_run(kind, STEPS, size)
         where = f"{placement} ({chosen}) with {kind} on {n} rank(s)"
@@ -65,6 +71,10 @@ def test_every_placement_equals_serial(n: int) -> None:
 def test_batch_not_divisible_by_ranks() -> None:
     """13 samples over 4 ranks: shards of 4, 3, 3, 3 samples (tensor_split's), mixed placements."""
     _check(4, [("planner", "rowwise"), ("row", "adam")], size=13)
+
+
+def test_next_batch_ids_prefetched_during_the_step() -> None:
+    _check(2, [("planner", "adam"), ("column", "rowwise")], prefetch=True)
 
 
 @pytest.mark.slow

@@ -227,17 +227,29 @@ class SparseParallelModule(ParallelModule):
         state = ", ".join(optimizer_state(opt)) or "no state"
         lines = [f"sparse tables over {n} rank(s), optimizer {type(opt).__name__} ({state}):"]
         width = max(len(t.name) for t in self.tables)
-        total = 0.0
         for t, shard in zip(self.tables, self.shards):
             unique = self.expected_unique.get(t.name, 0.0)
             c = cost(t, shard.plan, n, unique, opt)
-            total += sum(c.sent) / n
             held = "/".join(fmt_bytes(h) for h in c.held) if len(set(c.held)) > 1 else fmt_bytes(c.held[0])
             lines.append(
                 f"  {t.name:<{width}}  {shard.plan}  held per rank {held} (of {fmt_bytes(table_bytes(t, opt))}), "
                 f"~{unique:.0f} unique ids a rank, all-to-all ~{fmt_bytes(int(sum(c.sent) / n))} sent a rank a step"
             )
-        lines.append(f"  expected all-to-all bytes sent per rank per step: {fmt_bytes(int(total))}")
+        lines.append(
+            f"  expected all-to-all bytes sent per rank per step: {fmt_bytes(int(self.expected_bytes()))} "
+            f"(last step: {fmt_bytes(self.exchange.sent_bytes)})"
+        )
         return "\n".join(lines)
 
-    expected_unique: dict[str, float] = {}
+    def expected_bytes(self) -> float:
+        """All-to-all bytes a rank sends other ranks per step by the plan's estimate (mean over ranks): ids,
+        split sizes, rows and gradients, at the example batch's unique ids per rank."""
+        n = self.mesh.size
+        opt = self.spec.optimizer
+        total = sum(
+            sum(cost(t, s.plan, n, self.expected_unique.get(t.name, 0.0), opt).sent) / n
+            for t, s in zip(self.tables, self.shards)
+        )
+        return total + (n - 1) * len(self.tables) * 8
+
+    expected_unique: dict[str, float] = {}  # distinct ids a rank looks up per table, from the example batch

@@ -14,6 +14,7 @@ ORDER = [
     "checkpoint",
     "runtime",
     "graph",
+    "embedding",
     "models",
     "testing",
     "demo",

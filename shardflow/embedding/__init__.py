@@ -8,6 +8,7 @@ meta tables), ``lookups`` (tables found and traced), ``dense`` (the model with s
 (``SparseParallelModule``), ``compile``.
 """
 
+from shardflow.embedding import compile as _compile  # noqa: F401 - registers embeddings= with sf.compile
 from shardflow.embedding.init import init_rows
 from shardflow.embedding.spec import SGD, Adagrad, Embeddings, RowWiseAdagrad, SparseAdam, Tiers
 

@@ -19,6 +19,7 @@ from shardflow.embedding.planner import check_fits, place_tables
 from shardflow.embedding.spec import Embeddings
 from shardflow.embedding.table import bounds
 from shardflow.embedding.validate import check_arguments
+from shardflow.graph.compile import SPARSE
 from shardflow.placement.mesh import Mesh
 from shardflow.plan import MeshSpec, ParallelPlan, TablePlan
 from shardflow.runtime.runner import OptimizerFactory, default_optimizer
@@ -127,5 +128,12 @@ def compile_sparse(
     pm.expected_unique = pieces.unique
     return pm
 
+
+class _Hook:
+    plan = staticmethod(plan_sparse)
+    compile = staticmethod(compile_sparse)
+
+
+SPARSE.append(_Hook)
 
 __all__ = ["TablePlan", "compile_sparse", "plan_sparse"]

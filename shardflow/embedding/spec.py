@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-PLACEMENTS = ("row", "column", "table", "replicated")
+from shardflow.plan.record import TABLE_PLACEMENTS as PLACEMENTS
 
 
 @dataclass(frozen=True)

@@ -79,10 +79,8 @@ def plan(
     ``recompute="auto"`` is the exception: it chooses by predicted memory, so it compiles (collective).
     ``embeddings``: the plan holds the tables' placements too (``shardflow/embedding/``)."""
     if embeddings is not None:
-        from shardflow.embedding.compile import plan_sparse  # the sparse layer sits above the compiler
-
         keywords = _sparse_keywords(locals())
-        return plan_sparse(model, mesh, example_inputs, embeddings, keywords)[0]
+        return _sparse().plan(model, mesh, example_inputs, embeddings, keywords)[0]  # type: ignore[no-any-return]
     if recompute == "auto":
         mesh = mesh.build() if isinstance(mesh, MeshSpec) else mesh
         return compile(**locals()).plan  # type: ignore[no-any-return]
@@ -91,6 +89,17 @@ def plan(
         model, mesh, example_inputs, strategy, hints, input_sbp, max_grad_norm, pipeline, zero, recompute,
         arena, cuda_graphs, inductor,
     )  # fmt: skip
+
+
+# ``shardflow/embedding/compile.py`` registers its ``plan`` and ``compile`` here: sparse tables sit above the
+# compiler (they run around its programs), so the compiler reaches them only through this hook.
+SPARSE: list[Any] = []
+
+
+def _sparse() -> Any:
+    if not SPARSE:
+        raise RuntimeError("embeddings= needs shardflow.embedding: import shardflow (it registers the sparse tables)")
+    return SPARSE[0]
 
 
 def _sparse_keywords(given: dict[str, Any]) -> dict[str, Any]:
@@ -154,13 +163,12 @@ def compile(
     if example_inputs is None:
         raise TypeError("sf.compile needs example_inputs=(...): the inputs of one step, as pm.step will get them")
     if embeddings is not None or (plan is not None and plan.tables):
-        from shardflow.embedding.compile import compile_sparse  # the sparse layer sits above the compiler
-
         if embeddings is None:
             raise ValueError("the plan has sparse tables: give embeddings=sf.Embeddings(...) (their optimizer) too")
         if mesh is None and plan is None:
             raise TypeError("sf.compile needs a mesh (or plan=, which names its mesh)")
-        return compile_sparse(model, mesh, example_inputs, embeddings, optimizer, _sparse_keywords(locals()), plan)
+        keywords = _sparse_keywords(locals())
+        return _sparse().compile(model, mesh, example_inputs, embeddings, optimizer, keywords, plan)
     if plan is not None:
         given = {
             "strategy": strategy != "dp", "hints": hints is not None, "input_sbp": input_sbp is not None,

@@ -53,6 +53,7 @@ class SparseParallelModule(ParallelModule):
     ) -> None:
         super().__init__(dense, mesh, plan, optimizer)
         self.source = model  # traced again for other methods' lookups (evaluate)
+        self.expected_unique: dict[str, float] = {}  # distinct ids a rank looks up per table (example batch)
         self.spec = spec
         self.tables = list(tables)
         self.lookups: dict[str, Lookups] = {"forward": lookups}
@@ -251,5 +252,3 @@ class SparseParallelModule(ParallelModule):
             for t, s in zip(self.tables, self.shards)
         )
         return total + (n - 1) * len(self.tables) * 8
-
-    expected_unique: dict[str, float] = {}  # distinct ids a rank looks up per table, from the example batch

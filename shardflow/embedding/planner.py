@@ -2,11 +2,13 @@
 overridable per glob (``sf.Embeddings(placement=...)``); and what a placement costs, for ``explain``.
 
 Decision: greedy, largest table first, as TorchRec's default proposer and OneFlow's sharding planner do. A
-candidate must keep every rank's table bytes within 1.25x of an even share (so ``replicated`` is for
-small tables and ``table`` needs room on its rank); among those, the one whose busiest rank spends the least
-time sending and receiving (ids, rows back, gradients: the link of ``boxing.DEFAULT_COST``) wins, ties to
-``table`` (whole lookups on one rank), then ``row``, ``column``, ``replicated``. Unique ids per rank come from
-the example batch.
+candidate must keep every rank's table bytes within 1.25x of an even share (so ``replicated`` is for small
+tables and ``table`` needs room on its rank); among those, the one whose busiest rank then spends the least
+time sending and receiving ids, rows and gradients (unique ids per rank from the example batch; the link of
+``boxing.DEFAULT_COST``) wins, ties (within 1%) to ``table``, then ``row``, ``column``, ``replicated``. With one
+exchange for all tables a row split never moves more bytes than a whole table, so large tables go by rows;
+a table with fewer rows than ranks is not split (its shards would be empty), nor one narrower than the
+ranks by columns.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def place_tables(
     for t in sorted(tables, key=lambda t: (-table_bytes(t, opt), t.name)):
         asked = spec.placement_of(t.name)
         options = [asked] if asked is not None else list(_ORDER)
+        if asked is None:  # a split with empty shards gains nothing over a whole table
+            options = [o for o in options if not (o == "row" and t.rows < n) and not (o == "column" and t.dim < n)]
         best: tuple[float, int, TablePlan, TableCost] | None = None
         for k, where in enumerate(options):
             owner = min(range(n), key=lambda r: (held[r], r)) if where == "table" else None

@@ -325,6 +325,11 @@ class ParallelPlan:
         compiler's (``graph/estimate.py``, which registers itself here: a plan sits below the compiler)."""
         if not ESTIMATORS:
             raise RuntimeError("plan.estimate needs the compiler: import shardflow (it registers graph/estimate.py)")
+        if self.tables:
+            raise NotImplementedError(
+                "plan.estimate prices dense plans; the sparse tables' all-to-alls are not priced yet "
+                "(pm.explain() gives their expected bytes per step)"
+            )
         return ESTIMATORS[0](self, model, example_inputs, optimizer, device)
 
     def replace(self, **changes: Any) -> ParallelPlan:

@@ -84,6 +84,14 @@ def reference_run(kind: str, steps: int, size: int = 12) -> tuple[list[float], d
     return losses, {k: v.detach().clone() for k, v in ref.state_dict().items()}
 
 
+def predictions(state: dict[str, torch.Tensor], size: int = 12) -> torch.Tensor:
+    """The plain model's click probabilities on a held-out batch, with the weights ``state``."""
+    plain = model()
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        return plain.predict(*batch(99, size)[:-1])
+
+
 def compiled(placement: Any, kind: str, mesh: sf.Mesh, seed: int = 0, size: int = 12) -> Any:
     return sf.compile(
         model(seed),

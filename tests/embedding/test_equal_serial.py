@@ -41,7 +41,9 @@ def _train(
         else:
             losses = [pm.step(*b) for b in batches]
         chosen = ",".join(sorted({t.placement for t in pm.plan.tables.values()}))
-        out.append((losses, pm.full_state_dict(), chosen))
+        state = pm.full_state_dict()
+        state["predict"] = pm.evaluate(*cases.batch(99, size)[:-1], method="predict")  # the plain model's predictions
+        out.append((losses, state, chosen))
     return out
 
 
@@ -49,6 +51,7 @@ def _check(n: int, work: list[tuple[str, str]], size: int = 12, prefetch: bool =
     results = run_on_ranks(n, _train, work, size, prefetch, timeout=600)
     for (placement, kind), (losses, state, chosen) in zip(work, results[0]):
         ref_losses, ref_state = cases.reference_run(kind, STEPS, size)
+        ref_state["predict"] = cases.predictions(ref_state, size)
         where = f"{placement} ({chosen}) with {kind} on {n} rank(s)"
         torch.testing.assert_close(losses, ref_losses, rtol=1e-4, atol=1e-5, msg=lambda m, w=where: f"losses, {w}: {m}")
         assert state.keys() == ref_state.keys()

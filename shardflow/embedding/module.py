@@ -31,7 +31,7 @@ from shardflow.graph.parallel_module import ParallelModule
 from shardflow.placement.mesh import Mesh
 from shardflow.placement.sbp import B, NdSbp, S
 from shardflow.plan import ParallelPlan
-from shardflow.runtime.memory import fmt_bytes
+from shardflow.runtime.memory import MemoryReport, fmt_bytes
 from shardflow.runtime.runner import OptimizerFactory
 from shardflow.tensor.global_tensor import GlobalTensor, wrap
 
@@ -155,6 +155,21 @@ class SparseParallelModule(ParallelModule):
         """This rank's pooled vectors as the dense program's inputs: split by samples over the mesh."""
         return [wrap(p.detach(), self.mesh, (S(0),), (batch, *p.shape[1:])) for p in pooled]
 
+    def _memory(self, inputs: Sequence[Any]) -> MemoryReport:
+        """The dense program's report with this rank's table shards and their optimizer state added (the
+        sparse step's own temporaries, a batch's unique rows and their gradients, are not counted)."""
+        dense: Sequence[Any] = ()
+        if inputs:
+            lookups = self._method_lookups("forward", inputs)
+            plain = [x.full() if isinstance(x, GlobalTensor) else x for x in inputs]
+            batch = check_arguments(lookups, lookups.arguments(plain), {t.name: t for t in self.tables})
+            pooled = [torch.zeros((batch, *c.shape[1:])) for c in lookups.calls]
+            dense = [x for i, x in enumerate(plain) if i not in lookups.sparse] + pooled
+        report = super()._memory(dense)
+        report.persistent["sparse tables"] = sum(s.weight.nbytes for s in self.shards)
+        report.persistent["sparse optimizer state"] = sum(v.nbytes for s in self.shards for v in s.state.values())
+        return report
+
     # -- state --------------------------------------------------------------------------------------------
     def _table_mesh(self, shard: Shard) -> Mesh:
         if shard.plan.placement != "table":
@@ -236,9 +251,9 @@ class SparseParallelModule(ParallelModule):
                 f"  {t.name:<{width}}  {shard.plan}  held per rank {held} (of {fmt_bytes(table_bytes(t, opt))}), "
                 f"~{unique:.0f} unique ids a rank, all-to-all ~{fmt_bytes(int(sum(c.sent) / n))} sent a rank a step"
             )
+        last = f" (last step: {fmt_bytes(self.exchange.sent_bytes)})" if self.steps else ""
         lines.append(
-            f"  expected all-to-all bytes sent per rank per step: {fmt_bytes(int(self.expected_bytes()))} "
-            f"(last step: {fmt_bytes(self.exchange.sent_bytes)})"
+            f"  expected all-to-all bytes sent per rank per step: {fmt_bytes(int(self.expected_bytes()))}{last}"
         )
         return "\n".join(lines)
 

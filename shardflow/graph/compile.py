@@ -168,7 +168,13 @@ def compile(
         if mesh is None and plan is None:
             raise TypeError("sf.compile needs a mesh (or plan=, which names its mesh)")
         keywords = _sparse_keywords(locals())
-        return _sparse().compile(model, mesh, example_inputs, embeddings, optimizer, keywords, plan)
+        pm = _sparse().compile(model, mesh, example_inputs, embeddings, optimizer, keywords, plan)
+        limit = memory_limit if memory_limit is not None else device_limit(pm.mesh.device_type)
+        if limit is not None:  # tables and dense program together (no alternatives priced for sparse plans yet)
+            report = pm.memory()
+            if max(report.peaks or [report.peak]) > parse_bytes(limit):
+                raise _refusal(parse_bytes(limit), report, [])
+        return pm
     if plan is not None:
         given = {
             "strategy": strategy != "dp", "hints": hints is not None, "input_sbp": input_sbp is not None,

@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         (
             "train",
-            "train a model on its data from a TOML config (the built-in GPT, a Hugging Face class or your own module "
-            "and dataset): snapshots, --resume auto, evaluation, loss, throughput",
+            "train a model on its data from a TOML config (the built-in GPT or DLRM with sparse tables, a Hugging Face "
+            "class or your own module and dataset): snapshots, --resume auto, evaluation, loss, throughput",
         ),
         ("plan", "compile a TOML config only: print the plan and every rank's predicted memory, run no step"),
     ):
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_max_restarts(cmd, "training resumes from the newest snapshot")
         if name == "plan":
             simulate.add_flags(cmd)
-        cmd.add_argument("config", help="a TOML file (examples/gpt.toml)")
+        cmd.add_argument("config", help="a TOML file (examples/gpt.toml, examples/dlrm.toml)")
         cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs overriding the config")
         cmd.set_defaults(func=_train)
     show = sub.add_parser(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardflow.plan import ParallelPlan, PlanError
+from shardflow.plan.record import TABLE_PLACEMENTS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,7 +33,8 @@ class ModelConfig:
     ``args`` after seeding torch with the run's seed. The module's ``forward(*batch)`` returns the loss."""
 
     builtin: str = ""
-    """A model shardflow ships: "gpt" (``args``: the keys of ``GPTArgs``)."""
+    """A model shardflow ships: "gpt" (``args``: the keys of ``GPTArgs``) or "dlrm" (``DLRMArgs``; its sparse
+    tables follow ``[embeddings]``, its table sizes and dense width the click data's)."""
     hf: str = ""
     """A Hugging Face ``transformers`` class, e.g. "LlamaForCausalLM" (a ``*ForCausalLM`` / ``*LMHeadModel``
     trains on next tokens, a ``*ForSequenceClassification`` on labels), built from its config class with
@@ -44,7 +46,8 @@ class ModelConfig:
     """``hf`` only: a local directory of weights (``save_pretrained``'s) to start from; ``args`` override its
     config. Empty: random weights from the seed."""
     args: dict[str, Any] = field(default_factory=dict)
-    """Arguments of the model: ``GPTArgs``' keys, the ``hf`` config class's, or the function's keywords."""
+    """Arguments of the model: ``GPTArgs``' or ``DLRMArgs``' keys, the ``hf`` config class's, or the function's
+    keywords."""
 
 
 @dataclass
@@ -59,13 +62,56 @@ class GPTArgs:
 
 
 @dataclass
+class DLRMArgs:
+    """``[model.args]`` of the built-in DLRM (``models/dlrm.py``'s ``DLRMConfig`` less what the data fixes: its
+    ``table_rows`` and ``dense_features`` are the click data's, and its tables are always sparse)."""
+
+    dim: int = 16
+    """Width of every embedding row and of the bottom MLP's output."""
+    bottom: list[int] = field(default_factory=lambda: [64, 16])
+    """Widths of the bottom MLP's layers over the dense features; the last must be ``dim``."""
+    top: list[int] = field(default_factory=lambda: [64, 32])
+    """Widths of the top MLP's hidden layers (a final layer to one click logit follows)."""
+    mode: str = "sum"
+    """How a table pools a sample's bag of rows: "sum", "mean" or "max" ("mean" keeps multi-hot bags' sums
+    small at any embedding learning rate: ``nn.EmbeddingBag`` draws rows from N(0, 1))."""
+
+
+@dataclass
+class EmbeddingsConfig:
+    """``[embeddings]``: which embedding modules become sharded sparse tables (``sf.Embeddings``), where they
+    live and how they learn; the dense parameters keep ``lr`` and AdamW. The built-in DLRM's tables always
+    are (``tables`` defaults to all of them); another model's only where ``tables`` names them."""
+
+    tables: list[str] = field(default_factory=list)
+    """Globs over module names, e.g. ["tables.*"] (empty: no sparse tables; the built-in DLRM's: all)."""
+    placement: dict[str, Any] = field(default_factory=dict)
+    """Glob -> "row", "column", "table" or "replicated" (the first glob that matches a table wins); a table
+    no glob matches is placed by the planner (by its bytes and expected traffic)."""
+    optimizer: str = "adagrad"
+    """The tables' fused sparse optimizer: "sgd", "adagrad", "adam" (``SparseAdam``) or "rowwise" (FBGEMM's
+    row-wise Adagrad, one accumulator per row)."""
+    lr: float = 0.05
+    """The tables' learning rate."""
+    seed: int = 0
+    """Seeds the rows of tables made on the meta device (``sf.embedding.init_rows``): the built-in DLRM's, so
+    that each rank draws only the rows it holds, whatever the tables' size."""
+
+
+EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "adam", "rowwise")
+CLICK_DATA = ("criteo", "movielens")  # the built-in data whose batches are DLRM's inputs
+
+
+@dataclass
 class DataConfig:
     """The batches: one of ``builtin`` or ``function`` (none given: the built-in text). Batch ``i`` of the
     training split is a function of the seed and ``i`` only, so a resumed run sees the same batches."""
 
     builtin: str = ""
     """Data shardflow ships: "text" (next-byte windows of Python's standard-library source; ``args``:
-    ``seq_len``, default the model's context length; the last tenth is the validation split)."""
+    ``seq_len``, default the model's context length; the last tenth is the validation split), or DLRM's click
+    logs (``train/clicks.py``): "criteo" (a synthetic Criteo-shaped log; ``args``: ``CriteoArgs``' keys; the
+    built-in DLRM's default) and "movielens" (MovieLens-100k ratings as clicks; ``MovieLensArgs``' keys)."""
     function: str = ""
     """``package.module:function`` called as ``function(split, **args)`` with split "train" or "validation",
     returning a map-style dataset (``__len__``, ``__getitem__``: shuffled per epoch from the seed) or an
@@ -74,7 +120,8 @@ class DataConfig:
     """``package.module:function`` turning a list of samples into the model's inputs (a tuple, or one tensor);
     empty: torch's ``default_collate``."""
     args: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the data function (of "text": ``seq_len``)."""
+    """Keyword arguments of the data function (of "text": ``seq_len``; of "criteo" and "movielens": their
+    dataclasses' keys)."""
 
 
 @dataclass
@@ -123,20 +170,24 @@ class TrainConfig:
     """Write the timeline of the run's last step here (Chrome/Perfetto JSON, every rank's tracks) and draw it
     as a PNG beside it (empty: no trace)."""
     data: DataConfig = field(default_factory=DataConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     eval_every: int = 0
     """Evaluate on the validation split every this many steps and after the last (0: never)."""
     eval_batches: int = 4
     """Validation batches per evaluation, the first ones of the split in order (0: every full batch of it)."""
     metric: str = ""
     """Also measure this on the validation batches: "accuracy" (of the largest output against the batch's
-    last element, the labels), or ``package.module:function(outputs, batches) -> float`` (empty: the loss
-    only)."""
+    last element, the labels), "auc" (ROC AUC of the outputs, click scores, against 0/1 labels, the batch's
+    last element; exact, over every validation batch at once), or ``package.module:function(outputs, batches)
+    -> float`` (empty: the loss only)."""
     metric_method: str = "predict"
     """The model method whose outputs the metric reads: ``pm.evaluate(*batch[:-1], method=...)``, the batch
     less its labels (its last element); "forward" reads the loss of the whole batch."""
 
 
 def _convert(value: Any, kind: Any, key: str) -> Any:
+    if kind is Any:  # a key of several types (criteo's alpha: a number or "uniform"): checked where it is used
+        return value
     origin = typing.get_origin(kind)
     if origin is dict:  # free arguments: checked by what they are passed to (train/models.py, train/data.py)
         if not isinstance(value, dict):
@@ -181,6 +232,19 @@ def _literal(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def _free(cls: Any, path: Sequence[str]) -> bool:
+    """Whether the key at ``path`` lies in a free table (``args``, ``embeddings.placement``): its keys are not
+    the schema's, so a flag's text there is read as a TOML value, ``{"tables.*" = "row"}`` a table."""
+    for name in path:
+        hint = typing.get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+        if hint is None:
+            return False
+        if typing.get_origin(hint) is dict:
+            return True
+        cls = hint
+    return False
 
 
 def _one_of(table: Any, keys: tuple[str, ...], default: str, section: str) -> None:
@@ -228,8 +292,8 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
         node = table
         for p in parents:
             node = node.setdefault(p, {})
-        # an argument has no declared type to convert a flag's text to: read it as a TOML value
-        node[leaf] = _literal(value) if "args" in (*parents, leaf) else value
+        # a free table's key has no declared type to convert a flag's text to: read it as a TOML value
+        node[leaf] = _literal(value) if _free(TrainConfig, [*parents, leaf]) else value
     cfg = fill(TrainConfig, table)
     if len(cfg.mesh) != len(cfg.axes):
         raise ValueError(f"mesh {cfg.mesh} and axes {cfg.axes} must have the same length")
@@ -243,11 +307,14 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
     if cfg.eval_every < 0 or cfg.eval_batches < 0:
         raise ValueError("eval_every and eval_batches must be 0 or positive")
     _one_of(cfg.model, ("builtin", "hf", "function"), "gpt", "model")
-    _one_of(cfg.data, ("builtin", "function"), "text", "data")
+    _one_of(cfg.data, ("builtin", "function"), "criteo" if cfg.model.builtin == "dlrm" else "text", "data")
+    _check_clicks(cfg)
+    _check_embeddings(cfg)
     if cfg.model.weights and not cfg.model.hf:
         raise ValueError("model.weights loads a Hugging Face model's weights: set model.hf too")
-    if cfg.metric == "accuracy" and cfg.metric_method == "forward":
-        raise ValueError("metric = 'accuracy' reads a method's scores per class, not the loss forward returns")
+    if cfg.metric in ("accuracy", "auc") and cfg.metric_method == "forward":
+        what = "scores per class" if cfg.metric == "accuracy" else "click scores"
+        raise ValueError(f"metric = {cfg.metric!r} reads a method's {what}, not the loss forward returns")
     pipelined = "pp" in cfg.axes or (cfg.plan and read_plan(cfg.plan).pipeline is not None)
     if cfg.metric and cfg.metric_method != "forward" and pipelined:
         raise ValueError(
@@ -255,3 +322,53 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
             "evaluate the loss alone (metric = '') or train without a 'pp' axis"
         )
     return cfg
+
+
+def _check_clicks(cfg: TrainConfig) -> None:
+    """The built-in DLRM and the click data go together (another model may read click data: a function)."""
+    data = f"data.builtin = {cfg.data.builtin!r}" if cfg.data.builtin else f"data.function = {cfg.data.function!r}"
+    if cfg.model.builtin == "dlrm" and cfg.data.builtin not in CLICK_DATA:
+        raise ValueError(
+            f"model.builtin = 'dlrm' reads click logs, its table sizes theirs: set data.builtin to one of "
+            f"{list(CLICK_DATA)} (got {data}); for data of your own, build DLRM in a model.function"
+        )
+    if cfg.data.builtin in CLICK_DATA and (cfg.model.hf or cfg.model.builtin == "gpt"):
+        model = f"model.hf = {cfg.model.hf!r}" if cfg.model.hf else "model.builtin = 'gpt'"
+        raise ValueError(
+            f"{data} makes DLRM's inputs (dense features, ids and offsets per table, clicks), which {model} "
+            "does not read: set model.builtin = 'dlrm', or a model.function whose forward takes them"
+        )
+
+
+def _check_embeddings(cfg: TrainConfig) -> None:
+    """``[embeddings]``' values, and what sparse tables allow of the rest of the config."""
+    emb = cfg.embeddings
+    if cfg.model.builtin == "dlrm" and not emb.tables:
+        emb.tables = ["tables.*"]  # every table of the built-in DLRM
+    if not emb.tables:
+        if emb != EmbeddingsConfig():
+            raise ValueError(
+                "[embeddings] applies to the embedding modules it names: set embeddings.tables (globs over module "
+                "names, e.g. ['tables.*']), or leave the section out"
+            )
+        return
+    if emb.optimizer not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"embeddings.optimizer = {emb.optimizer!r}: one of {list(EMBEDDING_OPTIMIZERS)}")
+    if not emb.lr > 0:
+        raise ValueError(f"embeddings.lr must be positive, got {emb.lr!r}")
+    for glob, where in emb.placement.items():
+        if where not in TABLE_PLACEMENTS:
+            raise ValueError(
+                f"embeddings.placement {glob!r} = {where!r}: a placement is one of {list(TABLE_PLACEMENTS)}"
+            )
+    refused = {
+        f"strategy = {cfg.strategy!r}": cfg.strategy != "dp",
+        f"a {len(cfg.mesh)}-d mesh": len(cfg.mesh) != 1,
+        "a 'pp' axis": "pp" in cfg.axes,
+    }
+    said = [k for k, v in refused.items() if v]
+    if said and not cfg.plan:
+        raise ValueError(
+            f"sparse tables ([embeddings], or the built-in DLRM) train data parallel on a 1-d mesh: {said[0]} is "
+            "not supported with them yet; use mesh = [N], axes = ['dp'] and strategy = 'dp' (zero may be any)"
+        )

@@ -1,4 +1,5 @@
-"""The batches a config names: the built-in text, or a user's dataset, each with a validation split.
+"""The batches a config names: the built-in text or click data (``train/clicks.py``), or a user's dataset, each
+with a validation split.
 
 Training batch ``i`` is a function of the seed and ``i`` only, so a run resumed at step ``i`` reads exactly
 what an uninterrupted run would (and on CPU its losses are bit-identical): the text draws batch ``i``'s
@@ -29,7 +30,7 @@ from shardflow.train.config import DataConfig
 from shardflow.train.imports import bind, call_with, resolve
 
 Batch = tuple[Any, ...]
-BUILTIN = ("text",)
+BUILTIN = ("text", "criteo", "movielens")  # the last two: DLRM's click data, train/clicks.py
 HELD_OUT = 0.1  # the built-in text's validation share: its last tenth
 
 
@@ -177,6 +178,11 @@ def check_data(cfg: DataConfig) -> None:
     if cfg.builtin:
         if cfg.builtin not in BUILTIN:
             raise ValueError(f"data.builtin = {cfg.builtin!r}: shardflow ships {list(BUILTIN)}")
+        if cfg.builtin != "text":
+            from shardflow.train.clicks import check_clicks  # click data builds on this module's batches
+
+            check_clicks(cfg)
+            return
         unknown = sorted(set(cfg.args) - {"seq_len"})
         if unknown:
             raise ValueError(f"unknown key 'data.args.{unknown[0]}': the built-in text takes seq_len only")
@@ -189,6 +195,10 @@ def check_data(cfg: DataConfig) -> None:
 def make_batches(cfg: DataConfig, batch_size: int, seed: int, context: int | None) -> Batches:
     """The batches ``cfg`` names, for the global batch ``batch_size``."""
     check_data(cfg)
+    if cfg.builtin in ("criteo", "movielens"):
+        from shardflow.train.clicks import click_batches
+
+        return click_batches(cfg, batch_size, seed)
     if cfg.builtin:
         seq_len = cfg.args.get("seq_len", context)
         if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:

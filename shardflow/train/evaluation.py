@@ -3,7 +3,8 @@ eval mode, every rank the same value) and, where the config names one, a metric 
 
 A metric named by import path, ``metric(outputs, batches) -> float``, sees every validation batch's outputs at
 once, as AUC needs (a mean of per-batch AUCs is not the AUC). The built-in accuracy needs only counts, so it
-keeps counts, not the outputs (an LM's logits over many batches would be batch x seq x vocab each).
+keeps counts, not the outputs (an LM's logits over many batches would be batch x seq x vocab each); the built-in
+AUC keeps one score and one label a sample, and ranks them all at the end (``train/metrics.py``, exact).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from shardflow.runtime.runner import Runner
 from shardflow.train.config import TrainConfig
 from shardflow.train.imports import resolve
+from shardflow.train.metrics import auc
 
 Batch = tuple[Any, ...]
 
@@ -51,6 +55,29 @@ class Accuracy(Metric):
         return self.right / self.total
 
 
+class AUC(Metric):
+    """ROC AUC of click scores (one a sample: probabilities or logits) against the 0/1 labels, each batch's last
+    element, over every validation batch at once."""
+
+    def __init__(self) -> None:
+        self.scores: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def update(self, output: Any, batch: Batch) -> None:
+        labels = batch[-1]
+        if not isinstance(output, torch.Tensor) or output.numel() != labels.numel():
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ValueError(
+                f"auc ranks one score a sample: metric_method returned {shape} for {labels.numel()} labels (the "
+                "batch's last element); name a method that returns click scores, like DLRM's predict"
+            )
+        self.scores.append(output.detach().reshape(-1).float())
+        self.labels.append(labels.reshape(-1))
+
+    def compute(self) -> float:
+        return auc(torch.cat(self.scores), torch.cat(self.labels))
+
+
 class AllOutputs(Metric):
     """A user's ``metric(outputs, batches)``, called once with everything."""
 
@@ -73,8 +100,12 @@ def metric_of(cfg: TrainConfig) -> Callable[[], Metric] | None:
         return None
     if cfg.metric == "accuracy":
         return Accuracy
+    if cfg.metric == "auc":
+        return AUC
     if ":" not in cfg.metric:
-        raise ValueError(f"metric = {cfg.metric!r}: 'accuracy' is built in, or name 'package.module:function'")
+        raise ValueError(
+            f"metric = {cfg.metric!r}: 'accuracy' and 'auc' are built in, or name 'package.module:function'"
+        )
     fn = resolve(cfg.metric, "metric")
     if not callable(fn):
         raise ValueError(f"metric = {cfg.metric!r} is not a function")

@@ -1,5 +1,6 @@
 """The training loop behind ``shardflow train``: build the model and data the config names
-(``train/models.py``, ``train/data.py``), compile, resume, step, log, evaluate, snapshot, prune.
+(``train/models.py``, ``train/data.py``), compile (sparse tables as ``[embeddings]`` says), resume, step, log,
+evaluate, snapshot, prune.
 
 Snapshots are background saves (``pm.save(..., blocking=False)``) into ``run_dir/stepNNNNNNNN``; a run
 resumed with ``resume = "auto"`` continues from the newest *complete* one (its ``index.json`` exists: a
@@ -35,6 +36,7 @@ from shardflow.plan import ParallelPlan
 from shardflow.runtime import trace as tracing
 from shardflow.runtime.meter import Meter
 from shardflow.runtime.runner import OptimizerFactory, Runner
+from shardflow.train.clicks import ClickShape, click_shape
 from shardflow.train.config import TrainConfig, load_config, read_plan
 from shardflow.train.data import Batches, check_data, make_batches, sequence_length
 from shardflow.train.evaluation import metric_of, validate
@@ -82,12 +84,30 @@ def check(cfg: TrainConfig) -> None:
     check_model(cfg.model)
     check_data(cfg.data)
     metric_of(cfg)
+    if cfg.model.builtin == "dlrm":
+        _check_dlrm_tables(cfg, click_shape(cfg.data))
+
+
+def _check_dlrm_tables(cfg: TrainConfig, clicks: ClickShape | None) -> None:
+    """Every table of the built-in DLRM is sparse: they are made on the meta device for ``sf.Embeddings``."""
+    spec = embeddings_of(cfg)
+    if spec is None or clicks is None or cfg.model.builtin != "dlrm":
+        return
+    left = [f"tables.{t}" for t in range(len(clicks.table_rows)) if not spec.chosen(f"tables.{t}")]
+    if left:
+        raise ValueError(
+            f"embeddings.tables = {cfg.embeddings.tables} leaves out {left[:3]}{' ...' if len(left) > 3 else ''}: "
+            "every table of the built-in DLRM is sparse (place a small one 'replicated' with embeddings.placement)"
+        )
 
 
 def compile_run(cfg: TrainConfig) -> Run:
     """The model, its batches and the compiled module for ``cfg``, on the job's ranks."""
     world = dist.get_world_size()
-    model = build_model(cfg.model, cfg.seed)
+    clicks = click_shape(cfg.data)
+    _check_dlrm_tables(cfg, clicks)
+    model = build_model(cfg.model, cfg.seed, clicks)
+    tables = embeddings_of(cfg)
     if cfg.metric and cfg.metric_method != "forward" and not callable(getattr(model.module, cfg.metric_method, None)):
         raise ValueError(
             f"metric_method = {cfg.metric_method!r}: {type(model.module).__name__} has no such method for the metric"
@@ -110,8 +130,36 @@ def compile_run(cfg: TrainConfig) -> Run:
             raise ValueError(f"mesh {cfg.mesh} needs {math.prod(cfg.mesh)} ranks; the job has {world}")
         plan = config_plan(cfg, model.module, sf.Mesh("cpu", tuple(cfg.mesh), names=tuple(cfg.axes)), example)
     limit = cfg.memory_limit or None
-    pm = sf.compile(model.module, plan=plan, example_inputs=example, optimizer=optimizer_of(cfg), memory_limit=limit)
+    pm = sf.compile(
+        model.module,
+        plan=plan,
+        example_inputs=example,
+        optimizer=optimizer_of(cfg),
+        memory_limit=limit,
+        embeddings=tables,
+    )
     return Run(pm, model, data)
+
+
+_SPARSE_OPTIMIZERS = {
+    "sgd": sf.embedding.SGD,
+    "adagrad": sf.embedding.Adagrad,
+    "adam": sf.embedding.SparseAdam,
+    "rowwise": sf.embedding.RowWiseAdagrad,
+}  # config.EMBEDDING_OPTIMIZERS' names
+
+
+def embeddings_of(cfg: TrainConfig) -> sf.Embeddings | None:
+    """The sparse tables ``[embeddings]`` names (None: none, the model is all dense)."""
+    emb = cfg.embeddings
+    if not emb.tables:
+        return None
+    return sf.Embeddings(
+        tables=emb.tables,
+        placement=emb.placement or None,
+        optimizer=_SPARSE_OPTIMIZERS[emb.optimizer](emb.lr),
+        seed=emb.seed,
+    )
 
 
 def optimizer_of(cfg: TrainConfig) -> OptimizerFactory:
@@ -132,6 +180,7 @@ def config_plan(
         zero=cfg.zero,
         max_grad_norm=cfg.max_grad_norm,
         pipeline=sf.Pipeline(micro_batches=cfg.micro_batches, schedule=cfg.schedule) if "pp" in mesh.names else None,
+        embeddings=embeddings_of(cfg),
     )
 
 

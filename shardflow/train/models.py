@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardflow.models import CHAR_VOCAB_SIZE, GPT, GPTConfig
-from shardflow.train.config import GPTArgs, ModelConfig, fill
+from shardflow.models import CHAR_VOCAB_SIZE, DLRM, GPT, DLRMConfig, GPTConfig
+from shardflow.train.clicks import ClickShape
+from shardflow.train.config import DLRMArgs, GPTArgs, ModelConfig, fill
 from shardflow.train.imports import bind, resolve
 
-BUILTIN = ("gpt",)
+BUILTIN = ("gpt", "dlrm")
+_FROM_DATA = ("table_rows", "dense_features", "sparse")  # DLRMConfig's keys that DLRMArgs leaves out
 
 
 @dataclass(frozen=True)
@@ -77,18 +79,23 @@ def check_model(cfg: ModelConfig) -> None:
     rank starts): the built-in's name and arguments, the Hugging Face class and its settings, the function's
     path and signature."""
     if cfg.builtin:
-        _gpt_args(cfg)
+        _builtin_args(cfg)
     elif cfg.hf:
         _hf_class(cfg)
     else:
         bind(resolve(cfg.function, "model.function"), cfg.args, "model.args")
 
 
-def build_model(cfg: ModelConfig, seed: int) -> TrainModel:
-    """The model ``cfg`` names, its weights drawn after ``torch.manual_seed(seed)``."""
+def build_model(cfg: ModelConfig, seed: int, clicks: ClickShape | None = None) -> TrainModel:
+    """The model ``cfg`` names, its weights drawn after ``torch.manual_seed(seed)``; the built-in DLRM's
+    widths and table sizes are the click data's, ``clicks``."""
     # each branch checks what it builds as it builds it (check_model's work, not done twice)
     if cfg.builtin:
-        args = _gpt_args(cfg)
+        args = _builtin_args(cfg)
+        if isinstance(args, DLRMArgs):
+            if clicks is None:
+                raise ValueError("model.builtin = 'dlrm' takes its table sizes from the click data: give its shape")
+            return _dlrm(args, clicks, seed)
         torch.manual_seed(seed)
         return _gpt(args)
     if cfg.hf:
@@ -104,11 +111,47 @@ def build_model(cfg: ModelConfig, seed: int) -> TrainModel:
     return TrainModel(made)
 
 
-def _gpt_args(cfg: ModelConfig) -> GPTArgs:
-    """The built-in's arguments, its name and their keys checked."""
+def _builtin_args(cfg: ModelConfig) -> GPTArgs | DLRMArgs:
+    """The built-in's arguments, its name and their keys (and a DLRM's widths) checked."""
     if cfg.builtin not in BUILTIN:
         raise ValueError(f"model.builtin = {cfg.builtin!r}: shardflow ships {list(BUILTIN)}")
-    return fill(GPTArgs, cfg.args, "model.args.")  # type: ignore[no-any-return]
+    if cfg.builtin == "gpt":
+        return fill(GPTArgs, cfg.args, "model.args.")  # type: ignore[no-any-return]
+    given = sorted(set(cfg.args) & set(_FROM_DATA))
+    if given:
+        raise ValueError(
+            f"model.args.{given[0]}: the built-in DLRM takes its table sizes and dense width from the click data, "
+            "and its tables are always sparse ([embeddings]); set dim, bottom, top and mode only"
+        )
+    args: DLRMArgs = fill(DLRMArgs, cfg.args, "model.args.")
+    _dlrm_config(args, ClickShape(1, (1,)))  # its own checks (bottom ends in dim, the mode), before any data
+    return args
+
+
+def _dlrm_config(args: DLRMArgs, clicks: ClickShape) -> DLRMConfig:
+    try:
+        return DLRMConfig(
+            dense_features=clicks.dense_features, table_rows=clicks.table_rows, dim=args.dim,
+            bottom=tuple(args.bottom), top=tuple(args.top), mode=args.mode,  # type: ignore[arg-type]
+        )  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"model.args: {e}") from None
+
+
+def _dlrm(args: DLRMArgs, clicks: ClickShape, seed: int) -> TrainModel:
+    """DLRM with its tables on the meta device: ``sf.Embeddings`` has each rank draw only the rows its
+    placement gives it (``init_rows``, seeded by ``embeddings.seed``), so a row-split 40M-row table is never
+    whole on any rank; the MLPs are drawn from ``seed``."""
+    config = _dlrm_config(args, clicks)
+    with torch.device("meta"):
+        dlrm = DLRM(config)
+    torch.manual_seed(seed)
+    for mlp in (dlrm.bottom, dlrm.top):
+        mlp.to_empty(device="cpu")
+        for layer in mlp:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+    return TrainModel(dlrm)
 
 
 def _gpt(args: GPTArgs) -> TrainModel:

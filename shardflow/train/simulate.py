@@ -69,6 +69,11 @@ class Simulation:
             )
         if not counts:
             raise ValueError("--simulate needs at least one device count")
+        if cfg.embeddings.tables:
+            raise ValueError(
+                "--simulate prices dense plans; sparse tables ([embeddings], the built-in DLRM) are not priced yet: "
+                "shardflow plan CONFIG (no --simulate) prints their placement, bytes per rank and all-to-all traffic"
+            )
         self.cfg, self.fixed_batch = cfg, fixed_batch
         self.profile = device_profile(device)  # before any work: an unknown name is the first error
         self.dp = data_axis(cfg)

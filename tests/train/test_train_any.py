@@ -108,14 +108,14 @@ def _missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
          "unknown key 'model.args.hiden_size': LlamaConfig has no such setting"),
         (["--model.hf", "LlamaForCausaLM"], "transformers has no model class"),
         (["--model.hf", "LlamaModel"], "shardflow trains *ForCausalLM"),
-        (["--model.builtin", "dlrm"], "shardflow ships ['gpt']"),
+        (["--model.builtin", "bert"], "shardflow ships ['gpt', 'dlrm']"),
         (["--model.weights", "w/"], "model.weights loads a Hugging Face model's weights: set model.hf too"),
     ],
 )  # fmt: skip
 def test_a_config_naming_what_is_not_there_says_so(flags, message):
     with pytest.raises(ValueError) as e:
         # the Hugging Face and built-in cases start from no config (the spirals' [model.args] are not theirs)
-        cfg = load_config(None if "--model.hf" in flags or "dlrm" in flags else SPIRALS, flags)
+        cfg = load_config(None if "--model.hf" in flags or "bert" in flags else SPIRALS, flags)
         build_model(cfg.model, 0)
     assert message in str(e.value)
 
@@ -127,7 +127,7 @@ def test_a_config_naming_what_is_not_there_says_so(flags, message):
         (["--data.args.size", "3"], "data.args: points cannot take these arguments"),
         (["--data.collate", "builtins:dict"], "a collated batch is the model's inputs"),
         (["--data.function", "", "--data.args", "{seq_len = 0}"], "data.args.seq_len must be a positive int"),
-        (["--metric", "auroc"], "metric = 'auroc': 'accuracy' is built in"),
+        (["--metric", "auroc"], "metric = 'auroc': 'accuracy' and 'auc' are built in"),
         (["--metric_method", "forward"], "metric = 'accuracy' reads a method's scores per class, not the loss"),
         (["--metric", "examples.spirals:auc"], "has no attribute 'auc'"),
         (["--mesh", "2,1", "--axes", "pp,dp"], "a pipelined model evaluates its forward (the loss) only"),

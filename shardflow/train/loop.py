@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,10 +230,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
     losses: list[float] = []
     # batches are made by the loader's reader actor one step ahead of the step that uses them
     made = itertools.islice(run.batches.train(pm.steps), max(cfg.steps - pm.steps, 0))
-    for step, batch in enumerate(sf.Loader(made), start=pm.steps):
+    prefetching = hasattr(pm, "prefetch")  # sparse tables: the next batch's ids move while this step computes
+    for step, (batch, following) in enumerate(_with_next(sf.Loader(made)), start=pm.steps):
         traced = cfg.trace if cfg.trace and step + 1 == cfg.steps else None
         started = time.perf_counter()
-        loss = pm.step(*batch, trace=traced)
+        ahead = {"next_inputs": following} if prefetching and following is not None else {}
+        loss = pm.step(*batch, trace=traced, **ahead)
         seconds = time.perf_counter() - started
         if traced and rank == 0:  # the step gathered every rank's events here too: no need to read the file back
             png = os.path.splitext(traced)[0] + ".png"
@@ -255,6 +257,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[float]:
     if rank == 0:
         _prune(cfg.run_dir, cfg.keep_last)
     return losses
+
+
+def _with_next(batches: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    """Each batch with the one after it (None after the last)."""
+    it = iter(batches)
+    end = object()
+    current = next(it, end)
+    while current is not end:
+        following = next(it, end)
+        yield current, None if following is end else following
+        current = following
 
 
 def plan(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:

@@ -1,7 +1,10 @@
 """Shared pytest hooks for the shardflow test suite."""
 
 import sys
+from collections.abc import Iterator
 
+import pytest
+import torch
 from hypothesis import settings
 
 # Every property test draws the same examples on every run (a failure reproduces, a pass is not luck of the
@@ -17,3 +20,12 @@ def pytest_sessionfinish() -> None:
     ranks = sys.modules.get("shardflow.testing.ranks")  # only if some test used it: avoids importing torch
     if ranks is not None:
         ranks.shutdown_pools()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a busy 2-core machine extra threads make them crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

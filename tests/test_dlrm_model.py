@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,7 @@ from shardflow.train.metrics import auc
 TINY = 1e-4  # tables of 2 to 4000 rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy 2-core machine extra threads make them crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _assert_same(a: CriteoBatch, b: CriteoBatch) -> None:

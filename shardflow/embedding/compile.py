@@ -21,7 +21,8 @@ from shardflow.embedding.table import bounds
 from shardflow.embedding.validate import check_arguments
 from shardflow.graph.compile import SPARSE
 from shardflow.placement.mesh import Mesh
-from shardflow.plan import MeshSpec, ParallelPlan, TablePlan
+from shardflow.placement.sbp import S
+from shardflow.plan import MeshSpec, ParallelPlan, PlanError, TablePlan
 from shardflow.runtime.runner import OptimizerFactory, default_optimizer
 from shardflow.tensor.global_tensor import GlobalTensor
 
@@ -42,6 +43,11 @@ def sparse_pieces(
 ) -> SparsePieces:
     if not isinstance(spec, Embeddings):
         raise TypeError(f"embeddings= takes sf.Embeddings(...), got {type(spec).__name__}")
+    if mesh.device_type != "cpu":
+        raise NotImplementedError(
+            f"sparse tables run on CPU meshes over gloo for now; {mesh} is a {mesh.device_type} mesh: use "
+            'sf.Mesh("cpu", ...) (GPU lookups and a NCCL exchange are a later piece of work)'
+        )
     if len(mesh.shape) != 1 or list(mesh.ranks) != sorted(mesh.ranks):
         raise NotImplementedError(
             f"sparse tables are split over a 1-d data-parallel mesh of increasing ranks for now; got {mesh}: "
@@ -88,12 +94,27 @@ def plan_sparse(
         raise NotImplementedError("sparse tables with pipeline= are not supported yet: leave pipeline=None")
     if keywords.get("strategy", "dp") != "dp":
         raise NotImplementedError("sparse tables ride on data parallelism: use strategy='dp' with embeddings=")
+    if keywords.get("max_grad_norm") is not None:
+        raise NotImplementedError(
+            "max_grad_norm with embeddings=: clipping would leave the tables' gradients out of the norm "
+            "(clip_grad_norm_ over all parameters counts them); leave max_grad_norm=None"
+        )
+    if keywords.get("input_sbp") is not None:
+        raise NotImplementedError("input_sbp with embeddings=: the dense inputs are split by samples; leave it None")
     pieces = sparse_pieces(model, mesh, example_inputs, spec)
     n = mesh.shape[0]
     tables = place_tables(pieces.tables, spec, n, pieces.unique)
     check_fits(tables, pieces.tables, n)
     plan = build_plan(pieces.dense, mesh, pieces.dense_inputs, **keywords)
     return plan.replace(tables=tables), pieces
+
+
+def _check_pooled_inputs(plan: ParallelPlan, pieces: SparsePieces) -> None:
+    """The pooled vectors are fed split by samples: the plan must take them so."""
+    first = len(pieces.dense_inputs) - len(pieces.lookups.calls)
+    bad = [i for i in range(first, len(plan.inputs)) if plan.inputs[i] != (S(0),)]
+    if bad:
+        raise PlanError(f"inputs {bad} of the dense model are the tables' pooled vectors: their layout is (S(0),)")
 
 
 def compile_sparse(
@@ -118,6 +139,7 @@ def compile_sparse(
                 f"the plan's tables and the model's differ in {missing}: plan tables with sf.plan(..., embeddings=)"
             )
         check_fits(plan.tables, pieces.tables, mesh.shape[0])
+    _check_pooled_inputs(plan, pieces)
     if plan.execution.cuda_graphs or not plan.execution.static:
         raise NotImplementedError("sparse tables run around the static program: no cuda_graphs, static=True")
     assert isinstance(mesh, Mesh)

@@ -33,11 +33,10 @@ from shardflow.embedding.table import Shard, bounds
 class LocalCall:
     """One lookup of this rank's samples: positions of its ids among the table's unique ids."""
 
-    call: Call
+    index: int  # its place among the method's lookups (the dense program takes their results in this order)
     inverse: torch.Tensor  # per id of this rank's samples (shape of the ids), into the table's unique ids
     offsets: torch.Tensor | None
     weights: torch.Tensor | None
-    shape: tuple[int, ...]  # the local result's shape
 
 
 @dataclass
@@ -58,6 +57,8 @@ class Routed:
 
     tables: list[TableBatch]
     send_counts: torch.Tensor  # (n, tables) ids sent to each rank, per table
+    n_calls: int  # the method's lookups
+    batch: int  # samples in the global batch
     recv_counts: torch.Tensor | None = None
     sent_bytes: int = 0  # all-to-all payload this rank sent other ranks for this batch (ids, rows, gradients)
 
@@ -75,15 +76,15 @@ class Exchange:
     def route(self, calls: Sequence[Call], args: Sequence[torch.Tensor], batch: int) -> Routed:
         """Split each call's global arguments to this rank's samples, deduplicate ids per table, route them."""
         lo, hi = bounds(batch, self.n)[self.me : self.me + 2]
-        parts: dict[str, list[tuple[Call, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]] = {}
-        for c in calls:
+        parts: dict[str, list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]] = {}
+        for index, c in enumerate(calls):
             ids, offsets, weights = (None if k is None else args[k] for k in (c.ids, c.offsets, c.weights))
             assert ids is not None
             shard = self._shard(c.table)
             local_ids, local_offsets, local_weights = split_samples(
                 shard.module.include_last_offset, ids, offsets, weights, lo, hi
             )
-            parts.setdefault(c.table, []).append((c, local_ids, local_offsets, local_weights))
+            parts.setdefault(c.table, []).append((index, local_ids, local_offsets, local_weights))
         tables = []
         for shard in self.shards:
             mine = parts.get(shard.module.name, [])
@@ -91,13 +92,13 @@ class Exchange:
             uniq, inverse = torch.unique(flat, sorted=True, return_inverse=True)
             tb = TableBatch(shard, uniq, shard.holders(uniq))
             start = 0
-            for c, x, off, w in mine:
+            for index, x, off, w in mine:
                 inv = inverse[start : start + x.numel()].reshape(x.shape)
                 start += x.numel()
-                tb.calls.append(LocalCall(c, inv, off, w, _result_shape(shard, x, off)))
+                tb.calls.append(LocalCall(index, inv, off, w))
             tables.append(tb)
         counts = torch.tensor([[len(t.sent[d]) for t in tables] for d in range(self.n)], dtype=torch.int64)
-        return Routed(tables, counts.reshape(self.n, len(tables)))
+        return Routed(tables, counts.reshape(self.n, len(tables)), len(calls), batch)
 
     def _shard(self, name: str) -> Shard:
         return next(s for s in self.shards if s.module.name == name)
@@ -130,27 +131,25 @@ class Exchange:
                 if t.shard.width(t.shard.me, backward=False):
                     reply.append(t.shard.weight[t.shard.local_rows(t.received[s])].reshape(-1))
         send = torch.cat(reply) if reply else torch.zeros(0)
-        in_splits = [self._floats(routed.recv_counts[s], routed, s_is_me=True) for s in range(self.n)]
-        out_splits = [self._floats(routed.send_counts[d], routed, dest=d) for d in range(self.n)]
+        in_splits = [self._floats(routed.recv_counts[s], routed, self.me) for s in range(self.n)]
+        out_splits = [self._floats(routed.send_counts[d], routed, d) for d in range(self.n)]
         recv = torch.empty(sum(out_splits))
         self._all_to_all(recv, send, out_splits, in_splits)
         routed.sent_bytes += self._wire(in_splits) * 4
         pieces = iter(torch.split(recv, [c * t.shard.width(d, False) for d in range(self.n)
                                          for c, t in zip(routed.send_counts[d].tolist(), routed.tables)]))  # fmt: skip
         got = [[next(pieces) for _ in routed.tables] for _ in range(self.n)]
-        out: dict[int, torch.Tensor] = {}
+        out: list[torch.Tensor | None] = [None] * routed.n_calls
         for k, t in enumerate(routed.tables):
             t.rows = _assemble(t, [got[d][k] for d in range(self.n)]).requires_grad_(True)
             for lc in t.calls:
-                out[id(lc.call)] = _pool(t, lc)
-        return [out[id(lc.call)] for t in routed.tables for lc in t.calls]
+                out[lc.index] = _pool(t, lc)
+        assert all(x is not None for x in out)
+        return out  # type: ignore[return-value]
 
-    def _floats(self, counts: torch.Tensor, routed: Routed, dest: int | None = None, s_is_me: bool = False) -> int:
-        """Floats of rows in one message: to ``dest`` from the holders' side, or this rank's replies."""
-        total = 0
-        for c, t in zip(counts.tolist(), routed.tables):
-            total += c * t.shard.width(self.me if s_is_me else dest, backward=False)  # type: ignore[arg-type]
-        return total
+    def _floats(self, counts: torch.Tensor, routed: Routed, holder: int) -> int:
+        """Floats of rows in one message whose ids (``counts`` per table) rank ``holder`` answers."""
+        return sum(c * t.shard.width(holder, backward=False) for c, t in zip(counts.tolist(), routed.tables))
 
     # -- backward ---------------------------------------------------------------------------------------
     def backward(self, routed: Routed, pooled: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
@@ -187,7 +186,7 @@ class Exchange:
         for k, t in enumerate(routed.tables):
             width = t.shard.width(self.me, True)
             ids = torch.cat(t.received)
-            g = torch.cat([got[s][k].reshape(-1, width) for s in range(self.n)])
+            g = torch.cat([got[s][k].reshape(len(t.received[s]), width) for s in range(self.n)])
             rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
             summed = torch.zeros(len(rows), width).index_add_(0, inverse, g)
             updates.append((t, rows, summed))
@@ -201,9 +200,9 @@ class Exchange:
         for t, rows, summed in updates:
             shard = t.shard
             shard.steps += 1
-            whole_rows = None
+            whole_rows = None  # a column shard's rows: the mean square over all their columns
             if isinstance(self.optimizer, RowWiseAdagrad) and shard.plan.placement == "column":
-                whole_rows = _Given(squares.pop(0) / shard.module.dim)
+                whole_rows = squares.pop(0) / shard.module.dim
             if len(rows):
                 apply(
                     self.optimizer, shard.weight, shard.state, shard.steps, shard.local_rows(rows), summed, whole_rows
@@ -220,16 +219,6 @@ class Exchange:
             out.copy_(inp)
             return
         dist.all_to_all_single(out, inp, out_splits, in_splits, group=group or self.group)
-
-
-class _Given:
-    """A column shard's row means of the squared gradient, summed over the row's shards already."""
-
-    def __init__(self, mean: torch.Tensor) -> None:
-        self.mean = mean
-
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        return self.mean
 
 
 def split_samples(
@@ -251,15 +240,6 @@ def split_samples(
     return ids[a:b], local_offsets, None if weights is None else weights[a:b]
 
 
-def _result_shape(shard: Shard, ids: torch.Tensor, offsets: torch.Tensor | None) -> tuple[int, ...]:
-    m = shard.module
-    if not m.bag:
-        return (*ids.shape, m.dim)
-    if offsets is None:
-        return (ids.shape[0], m.dim)
-    return (len(offsets) - int(m.include_last_offset), m.dim)
-
-
 def _assemble(t: TableBatch, got: list[torch.Tensor]) -> torch.Tensor:
     """The unique ids' full rows from the holders' replies (or, replicated, from the local table)."""
     shard, dim = t.shard, t.shard.module.dim
@@ -267,8 +247,10 @@ def _assemble(t: TableBatch, got: list[torch.Tensor]) -> torch.Tensor:
     if place == "replicated":
         return shard.weight[t.uniq].clone()
     if place == "column":
-        return torch.cat([g.reshape(len(t.uniq), -1) for g in got], dim=1)
-    return torch.cat([g.reshape(-1, dim) for g in got])  # row: the unique ids are sorted by holder; table: one
+        widths = [shard.col_bounds[d + 1] - shard.col_bounds[d] for d in range(len(got))]
+        return torch.cat([g.reshape(len(t.uniq), w) for g, w in zip(got, widths)], dim=1)
+    sizes = [len(x) for x in t.sent]  # row: the unique ids are sorted by holder; table: all to one
+    return torch.cat([g.reshape(k, dim) for g, k in zip(got, sizes)])
 
 
 def _pool(t: TableBatch, lc: LocalCall) -> torch.Tensor:

@@ -11,6 +11,7 @@ vectors, given as extra inputs (``embedding/dense.py``).
 from __future__ import annotations
 
 import copy
+import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,11 @@ def find_tables(model: nn.Module, spec: Embeddings) -> list[TableModule]:
             f"Embeddings(tables={list(spec.tables)}) matches no nn.EmbeddingBag or nn.Embedding of "
             f"{type(model).__name__}; its embedding modules are {kinds or 'none'}"
         )
+    names = [t.name for t in found]
+    idle = [g for g in spec.tables if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+    idle += [g for g in dict(spec.placement or {}) if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+    if idle:  # a misspelt glob would otherwise leave a table where the planner puts it, silently
+        raise ValueError(f"Embeddings globs {idle} match none of the tables {names}: correct or remove them")
     return found
 
 

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from shardflow.comm.groups import group_for
-from shardflow.comm.init import world
+from shardflow.comm.init import collective_timeout, world
 from shardflow.embedding.dense import add_method
-from shardflow.embedding.exchange import Exchange
-from shardflow.embedding.lookups import Lookups, TableModule, trace_lookups
+from shardflow.embedding.exchange import Exchange, Routed
+from shardflow.embedding.lookups import Lookups, TableModule, stub_tree, trace_lookups
 from shardflow.embedding.planner import cost, table_bytes
 from shardflow.embedding.spec import Embeddings, optimizer_state
 from shardflow.embedding.table import Shard
@@ -34,6 +35,35 @@ from shardflow.plan import ParallelPlan
 from shardflow.runtime.memory import MemoryReport, fmt_bytes
 from shardflow.runtime.runner import OptimizerFactory
 from shardflow.tensor.global_tensor import GlobalTensor, wrap
+
+
+class _Gone(nn.Module):
+    """Where a table was in the module kept for tracing (the tracer replaces it again)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+
+
+@dataclass
+class Prefetched:
+    """A batch whose ids are being exchanged on the prefetching thread."""
+
+    inputs: tuple[Any, ...]
+    future: Future[Routed]
+
+
+def _same_batch(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x is y:
+            continue
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 class SparseParallelModule(ParallelModule):
@@ -52,7 +82,9 @@ class SparseParallelModule(ParallelModule):
         lookups: Lookups,
     ) -> None:
         super().__init__(dense, mesh, plan, optimizer)
-        self.source = model  # traced again for other methods' lookups (evaluate)
+        # traced again for other methods' lookups (evaluate); its tables are stubs, so the user's full tables
+        # are not kept alive by this module
+        self.source = stub_tree(model, [t.name for t in tables], _Gone)
         self.expected_unique: dict[str, float] = {}  # distinct ids a rank looks up per table (example batch)
         self.spec = spec
         self.tables = list(tables)
@@ -70,7 +102,7 @@ class SparseParallelModule(ParallelModule):
         self._table_meshes = {t.name: self._table_mesh(s) for t, s in zip(self.tables, self.shards)}
         # the next batch's ids, exchanged on a thread of their own while a step's dense program runs
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardflow-sparse-ids")
-        self._prefetched: tuple[tuple[Any, ...], Future[tuple[Any, int]]] | None = None
+        self._prefetched: Prefetched | None = None
         self._ids_group: Any = None
 
     # -- steps --------------------------------------------------------------------------------------------
@@ -83,61 +115,75 @@ class SparseParallelModule(ParallelModule):
     def step(self, *inputs: Any, trace: str | None = None, next_inputs: Sequence[Any] | None = None) -> float:
         """One step on the global batch ``inputs``. ``next_inputs``: the batch of the following step, whose
         ids are checked, routed and exchanged in the background while this step's dense program runs
-        (TorchRec's sparse-data-dist pipeline); the following ``step(*next_inputs)`` takes them."""
+        (TorchRec's sparse-data-dist pipeline); the following step must then be ``step(*next_inputs)``."""
         if not self.static:
             raise ValueError("sparse tables run around the static program: leave pm.static = True")
         lookups = self._method_lookups("forward", inputs)
-        routed, batch = self._routed(lookups, inputs)
+        routed = self._take_prefetched(inputs) or self._route_ids(lookups, self._plain(inputs))
         pooled = self.exchange.lookup(routed)
         if next_inputs is not None:
             self.prefetch(*next_inputs)
         dense = [x for i, x in enumerate(inputs) if i not in lookups.sparse]
-        loss = super().step(*dense, *self._global(pooled, batch), trace=trace)
+        loss = super().step(*dense, *self._global(pooled, routed.batch), trace=trace)
         self.exchange.backward(routed, pooled, self.input_grads[-len(pooled) :])
         return loss
 
     def prefetch(self, *inputs: Any) -> None:
-        """Start checking, routing and exchanging the ids of the batch the next step will take, on a thread
-        and a process group of its own; rows are looked up only in that step (after this one's update)."""
-        self._take_prefetched(None)  # one in flight at a time: an earlier one is finished (and dropped)
+        """Start checking, routing and exchanging the ids of the batch the next step takes (which must be
+        ``inputs``), on a thread and a process group of their own; rows are looked up only in that step,
+        after this one's update. Collective: every rank of the mesh calls it at the same point."""
+        self.wait_prefetch()
+        if self._prefetched is not None:
+            self._prefetched = None  # one in flight at a time: an earlier one no step took is dropped
         lookups = self._method_lookups("forward", inputs)
         if self._ids_group is None and self.mesh.size > 1:
-            self._ids_group = torch.distributed.new_group(list(self.mesh.ranks), use_local_synchronization=True)
-        self._prefetched = (tuple(inputs), self._prefetcher.submit(self._route_ids, lookups, inputs))
+            self._ids_group = torch.distributed.new_group(
+                list(self.mesh.ranks), timeout=collective_timeout(), use_local_synchronization=True
+            )
+        plain = self._plain(inputs)  # gathered here: the thread must not use the mesh's process group
+        self._prefetched = Prefetched(
+            tuple(inputs), self._prefetcher.submit(self._route_ids, lookups, plain, self._ids_group)
+        )
 
-    def _route_ids(self, lookups: Lookups, inputs: Sequence[Any]) -> tuple[Any, int]:
-        plain = [x.full() if isinstance(x, GlobalTensor) else x for x in inputs]
+    def wait_prefetch(self) -> None:
+        """Wait until the prefetched batch's ids have arrived (its error, if any, raised here)."""
+        if self._prefetched is not None:
+            self._prefetched.future.result()
+
+    def _route_ids(self, lookups: Lookups, plain: Sequence[Any], group: Any = None) -> Routed:
+        """Check, route and exchange a batch's ids (on ``group``: the prefetching thread's own)."""
         args = lookups.arguments(plain)
         batch = check_arguments(lookups, args, {t.name: t for t in self.tables})
         routed = self.exchange.route(lookups.calls, args, batch)
-        self.exchange.exchange_ids(routed, self._ids_group)
-        return routed, batch
+        self.exchange.exchange_ids(routed, group)
+        return routed
 
-    def _take_prefetched(self, inputs: Sequence[Any] | None) -> tuple[Any, int] | None:
-        """The prefetched batch if it is ``inputs`` (the same tensors); any other is waited for and dropped."""
+    def _take_prefetched(self, inputs: Sequence[Any]) -> Routed | None:
+        """The prefetched batch, which must be ``inputs`` (the same or equal tensors, on every rank alike)."""
         if self._prefetched is None:
             return None
-        (given, future), self._prefetched = self._prefetched, None
-        result = future.result()  # its error, if any, is this step's (every rank checked the same batch)
-        same = inputs is not None and len(given) == len(inputs) and all(a is b for a, b in zip(given, inputs))
-        return result if same else None
+        given, future = self._prefetched.inputs, self._prefetched.future
+        routed = future.result()  # its error, if any, is this step's (every rank checked the same batch)
+        self._prefetched = None
+        if not _same_batch(given, inputs):
+            raise ValueError(
+                "step() got another batch than the next_inputs of the step before: give each step the batch "
+                "the previous one was told is next (or no next_inputs)"
+            )
+        return routed
 
-    def _routed(self, lookups: Lookups, inputs: Sequence[Any]) -> tuple[Any, int]:
-        """This rank's batch routed and its ids exchanged (prefetched by the previous step, or now)."""
-        if lookups is self.lookups["forward"]:
-            taken = self._take_prefetched(inputs)
-            if taken is not None:
-                return taken
-        return self._route_ids(lookups, inputs)
+    @staticmethod
+    def _plain(inputs: Sequence[Any]) -> list[Any]:
+        return [x.full() if isinstance(x, GlobalTensor) else x for x in inputs]
 
     def evaluate(self, *inputs: Any, method: str = "forward") -> Any:
         lookups = self._method_lookups(method, inputs)
-        self._take_prefetched(None)  # its messages come first on every rank; the step after routes anew
+        self.wait_prefetch()  # its messages are on their own group; the step after takes it as usual
         with torch.no_grad():
-            routed, batch = self._route_ids(lookups, inputs)
+            routed = self._route_ids(lookups, self._plain(inputs))
             pooled = self.exchange.lookup(routed)
             dense = [x for i, x in enumerate(inputs) if i not in lookups.sparse]
-            return super().evaluate(*dense, *self._global(pooled, batch), method=method)
+            return super().evaluate(*dense, *self._global(pooled, routed.batch), method=method)
 
     def _method_lookups(self, method: str, inputs: Sequence[Any]) -> Lookups:
         if method not in self.lookups:

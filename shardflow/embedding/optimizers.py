@@ -7,8 +7,6 @@ sparse Adagrad and SparseAdam coalesce the gradient first; here it arrives coale
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from shardflow.embedding.spec import SGD, Adagrad, Optimizer, RowWiseAdagrad, SparseAdam
@@ -33,11 +31,11 @@ def apply(
     step: int,
     rows: torch.Tensor,
     grad: torch.Tensor,
-    row_square_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    row_square_mean: torch.Tensor | None = None,
 ) -> None:
     """Update ``weight[rows]`` by ``grad`` (step ``step``, counted from 1). ``row_square_mean``: for the
-    row-wise accumulator, the mean of each row's squared gradient over all its columns (a column shard
-    sums its part with the other shards'); default: over this shard's columns."""
+    row-wise accumulator, the mean of each row's squared gradient over all its columns (a column shard's
+    rows, its part summed with the other shards'); default: over this shard's columns, the whole row."""
     with torch.no_grad():
         if isinstance(opt, SGD):
             weight.index_add_(0, rows, grad, alpha=-opt.lr)
@@ -56,7 +54,7 @@ def apply(
             step_size = opt.lr * (1 - b2**step) ** 0.5 / (1 - b1**step)
             weight.index_add_(0, rows, m_new / (v_new.sqrt() + opt.eps), alpha=-step_size)
         elif isinstance(opt, RowWiseAdagrad):
-            mean = row_square_mean(grad) if row_square_mean is not None else (grad * grad).mean(dim=1)
+            mean = row_square_mean if row_square_mean is not None else (grad * grad).mean(dim=1)
             acc = state["momentum"]
             acc.index_add_(0, rows, mean)
             scale = opt.lr / (acc[rows].sqrt() + opt.eps)

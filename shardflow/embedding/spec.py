@@ -42,10 +42,10 @@ class SparseAdam:
 @dataclass(frozen=True)
 class RowWiseAdagrad:
     """FBGEMM's row-wise Adagrad: one accumulator per row, the mean of the row's squared gradient (over the
-    whole row, also when the row's columns live on several ranks)."""
+    whole row, also when the row's columns live on several ranks); ``eps`` FBGEMM's default."""
 
     lr: float
-    eps: float = 1e-10
+    eps: float = 1e-8
 
 
 Optimizer = SGD | Adagrad | SparseAdam | RowWiseAdagrad

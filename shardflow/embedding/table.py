@@ -19,6 +19,8 @@ from shardflow.embedding.optimizers import new_state
 from shardflow.embedding.spec import Optimizer
 from shardflow.plan.record import TablePlan
 
+_INIT_CHUNK = 2**20  # values drawn at once for a meta table (init_rows keeps ~40 bytes of temporaries each)
+
 
 def bounds(total: int, n: int) -> list[int]:
     """``torch.tensor_split``'s boundaries of ``total`` items over ``n`` parts (the first ``total % n`` one larger)."""
@@ -63,7 +65,15 @@ class Shard:
         """This shard's values: sliced from the module's weight, or drawn by ``init_rows`` for a meta table."""
         (r0, r1), (c0, c1) = self.rows, self.cols
         if self.module.meta or source is None:
-            self.weight = init_rows(self.module.name, torch.arange(r0, r1), self.module.dim, seed, slice(c0, c1))
+            self.weight = torch.empty(r1 - r0, c1 - c0)
+            step = max(1, _INIT_CHUNK // max(1, c1 - c0))  # init_rows' temporaries: a chunk of rows at a time
+            for a in range(r0, r1, step):
+                b = min(a + step, r1)
+                self.weight[a - r0 : b - r0] = init_rows(self.module.name, torch.arange(a, b), self.module.dim,
+                                                         seed, slice(c0, c1))  # fmt: skip
+            pad = self.module.padding_idx
+            if pad is not None and r0 <= pad % self.module.rows < r1:  # zeroed, as torch initialises it
+                self.weight[pad % self.module.rows - r0] = 0
         else:
             weight: torch.Tensor = source.weight  # type: ignore[assignment]
             self.weight = weight.detach()[r0:r1, c0:c1].to(torch.float32).clone()

@@ -20,7 +20,8 @@ def check_arguments(lookups: Lookups, args: Sequence[torch.Tensor], tables: Mapp
         where = f"table {c.table!r} ({kind} of {t.rows} rows)"
         ids = args[c.ids]
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{where}: ids must be an int64 tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
+            got = getattr(ids, "dtype", type(ids).__name__)
+            raise TypeError(f"{where}: ids must be an int64 (or int32) tensor, got {got}")
         if ids.numel():
             low, high = int(ids.min()), int(ids.max())
             if low < 0 or high >= t.rows:
@@ -51,8 +52,13 @@ def check_arguments(lookups: Lookups, args: Sequence[torch.Tensor], tables: Mapp
             samples = len(offsets) - int(t.include_last_offset)
         else:
             samples = ids.shape[0] if ids.dim() else 1
-        if c.weights is not None and args[c.weights].shape != ids.shape:
-            raise ValueError(f"{where}: per_sample_weights must have the ids' shape {tuple(ids.shape)}")
+        if c.weights is not None:
+            w = args[c.weights]
+            if w.shape != ids.shape or not w.is_floating_point():
+                raise ValueError(
+                    f"{where}: per_sample_weights must be floats of the ids' shape {tuple(ids.shape)}, "
+                    f"got {w.dtype} {tuple(w.shape)}"
+                )
         if batch is not None and samples != batch:
             raise ValueError(f"{where} got {samples} samples, another lookup of the same batch {batch}")
         batch = samples

@@ -38,7 +38,7 @@ class RowWiseAdagradReference(torch.optim.Optimizer):
     """FBGEMM's exact row-wise Adagrad on a sparse gradient, written from its formula: one accumulator per
     row, ``acc[r] += mean(g[r]^2)``, ``w[r] -= lr * g[r] / (sqrt(acc[r]) + eps)``, touched rows only."""
 
-    def __init__(self, params: Any, lr: float, eps: float = 1e-10) -> None:
+    def __init__(self, params: Any, lr: float, eps: float = 1e-8) -> None:  # FBGEMM's default eps
         super().__init__(params, {"lr": lr, "eps": eps})
 
     @torch.no_grad()

@@ -58,7 +58,7 @@ def _step_error(bad: tuple[torch.Tensor, ...]) -> str:
         (inputs(oa=[1, 2, 3, 5]), ["table 'a'", "offsets must start at 0"]),
         (inputs(oa=[0, 3, 2, 5]), ["offsets must not decrease"]),
         (inputs(oa=[0, 2, 3, 9]), ["past the ids", "6 ids"]),
-        (inputs(ia=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), ["ids must be an int64 tensor"]),  # type: ignore[list-item]
+        (inputs(ia=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), ["ids must be an int64 (or int32) tensor"]),  # type: ignore[list-item]
     ],
 )
 def test_bad_batch_is_a_clear_error_on_every_rank(bad: tuple[torch.Tensor, ...], words: list[str]) -> None:

@@ -94,11 +94,6 @@ def plan_sparse(
         raise NotImplementedError("sparse tables with pipeline= are not supported yet: leave pipeline=None")
     if keywords.get("strategy", "dp") != "dp":
         raise NotImplementedError("sparse tables ride on data parallelism: use strategy='dp' with embeddings=")
-    if keywords.get("max_grad_norm") is not None:
-        raise NotImplementedError(
-            "max_grad_norm with embeddings=: clipping would leave the tables' gradients out of the norm "
-            "(clip_grad_norm_ over all parameters counts them); leave max_grad_norm=None"
-        )
     if keywords.get("input_sbp") is not None:
         raise NotImplementedError("input_sbp with embeddings=: the dense inputs are split by samples; leave it None")
     pieces = sparse_pieces(model, mesh, example_inputs, spec)

@@ -66,8 +66,9 @@ class Embeddings:
     """``sf.compile(..., embeddings=sf.Embeddings(...))``: ``tables`` globs over module names choose the
     ``nn.EmbeddingBag``/``nn.Embedding`` modules that become sharded tables; ``placement`` maps globs to
     ``"row"``, ``"column"``, ``"table"`` or ``"replicated"`` (unmatched tables: the planner decides);
-    ``optimizer`` updates the tables (the dense parameters keep ``sf.compile``'s ``optimizer=``); ``seed``
-    initialises tables built on the meta device (``init_rows``)."""
+    ``optimizer`` updates the tables (the dense parameters keep ``sf.compile``'s ``optimizer=``, and
+    ``max_grad_norm`` clips their gradients only: a fused table update is not clipped, as with TorchRec's
+    fused optimizers); ``seed`` initialises tables built on the meta device (``init_rows``)."""
 
     tables: str | Sequence[str] = "*"
     placement: Mapping[str, str] | None = None

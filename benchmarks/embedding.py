@@ -10,7 +10,8 @@ fbgemm-gpu-cpu 1.8.0 by hand (``--no-deps``; the default resolution pulls the CU
 load on torch 2.13), and on CPU it offers no row-wise sharding. The peer here is what a PyTorch user
 without TorchRec writes. Both sides start from the same weights, take the same batches and use the same
 dense optimizer; their first losses must agree. Steps interleave (each repeat times one step of each, in
-alternating order), each timed step is the slowest rank's, and the table gives medians.
+alternating order), each timed step is the slowest rank's and includes the arrival of the next batch's ids,
+and the table gives medians.
 
     .venv/bin/python benchmarks/embedding.py [--ranks 1 2 4] [--repeats 20] [--markdown]
 """
@@ -100,7 +101,7 @@ def _work(alpha: float | None, repeats: int, warmup: int) -> dict[str, Any]:
     for i in range(1, warmup + repeats + 1):
         b, nxt = batches[i], batches[i + 1] if i + 1 < len(batches) else None
         sides = [
-            ("shardflow", functools.partial(pm.step, *b, next_inputs=nxt)),
+            ("shardflow", functools.partial(_step_and_prefetch, pm, b, nxt)),
             ("peer", functools.partial(peer_step, b)),
         ]
         for name, fn in sides if i % 2 else sides[::-1]:
@@ -119,6 +120,14 @@ def _work(alpha: float | None, repeats: int, warmup: int) -> dict[str, Any]:
         "expected": pm.expected_bytes(),
         "placements": ", ".join(f"{k} {v}" for k, v in counts.items()),
     }
+
+
+def _step_and_prefetch(pm: Any, batch: tuple[Any, ...], following: tuple[Any, ...] | None) -> float:
+    """A step whose next batch's ids move during it, timed until they have arrived (so that work is this
+    side's, not left running into the peer's timed step)."""
+    loss = pm.step(*batch, next_inputs=following)
+    pm.wait_prefetch()
+    return float(loss)
 
 
 def _rank(rank: int, world: int, port: int, q: Any, alpha: float | None, repeats: int, warmup: int) -> None:

@@ -12,6 +12,17 @@ import torch
 from shardflow.embedding.spec import SGD, Adagrad, Optimizer, RowWiseAdagrad, SparseAdam
 
 
+def floats_per_row(opt: Optimizer, dim: int) -> int:
+    """Floats a row of ``dim`` keeps with its optimizer state (the row itself included)."""
+    if isinstance(opt, Adagrad):
+        return 2 * dim
+    if isinstance(opt, SparseAdam):
+        return 3 * dim
+    if isinstance(opt, RowWiseAdagrad):
+        return dim + 1  # one accumulator per row
+    return dim
+
+
 def new_state(opt: Optimizer, weight: torch.Tensor, full_rows: bool) -> dict[str, torch.Tensor]:
     """Zeroed state for a local shard ``weight``; ``full_rows``: the row-wise accumulator covers every row
     of the table (a column shard holds all rows, but only some of each row's columns)."""

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from shardflow.boxing import DEFAULT_COST
 from shardflow.embedding.lookups import TableModule
-from shardflow.embedding.spec import Embeddings, Optimizer, optimizer_state
+from shardflow.embedding.optimizers import floats_per_row
+from shardflow.embedding.spec import Embeddings, Optimizer
 from shardflow.plan.record import TablePlan
 
 _ORDER = ("table", "row", "column", "replicated")
@@ -37,9 +38,7 @@ class TableCost:
 
 def table_bytes(t: TableModule, opt: Optimizer) -> int:
     """Bytes of the whole table and its optimizer state (float32)."""
-    state = optimizer_state(opt)
-    per_row = t.dim * (1 + sum(k != "momentum" for k in state)) + ("momentum" in state)
-    return 4 * t.rows * per_row
+    return 4 * t.rows * floats_per_row(opt, t.dim)
 
 
 def cost(t: TableModule, plan: TablePlan, n: int, unique: float, opt: Optimizer) -> TableCost:

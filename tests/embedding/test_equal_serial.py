@@ -1,7 +1,9 @@
 """Sparse tables equal plain PyTorch: a DLRM with its 26 tables sharded by each placement (row, column,
 table, replicated, and the planner's mix) and each fused optimizer, trained 5 steps on 1, 2 and 4 real
-ranks, has the losses and parameters of the same model with ``nn.EmbeddingBag(sparse=True)`` trained
-serially by the matching torch optimizer (row-wise Adagrad: the reference in ``cases.py``).
+ranks, has the losses, parameters and ``predict`` outputs of the same model with
+``nn.EmbeddingBag(sparse=True)`` trained serially by the matching torch optimizer (row-wise Adagrad: the
+reference in ``cases.py``), also with a batch that does not divide by the ranks and with the next batch's ids
+exchanged during each step.
 
 The default suite runs every placement on every rank count with the optimizers rotated over them (each
 optimizer meets three placements, row-wise Adagrad the column split among them); ``-m slow`` runs the whole
@@ -68,16 +70,9 @@ def _rotated(n: int) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_every_placement_equals_serial(n: int) -> None:
-    _check(n, _rotated(n))
-
-
-def test_batch_not_divisible_by_ranks() -> None:
-    """13 samples over 4 ranks: shards of 4, 3, 3, 3 samples (tensor_split's), mixed placements."""
-    _check(4, [("planner", "rowwise"), ("row", "adam")], size=13)
-
-
-def test_next_batch_ids_prefetched_during_the_step() -> None:
-    _check(2, [("planner", "adam"), ("column", "rowwise")], prefetch=True)
+    """On 4 ranks a batch of 13 (shards of 4, 3, 3, 3 samples, tensor_split's); on 2 each step exchanges the
+    next batch's ids while its dense program runs (``next_inputs``)."""
+    _check(n, _rotated(n), size=13 if n == 4 else 12, prefetch=n == 2)
 
 
 @pytest.mark.slow

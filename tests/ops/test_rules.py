@@ -554,3 +554,25 @@ def test_cuda_attention_rules_give_every_output_a_layout():
         assert sigs and all(len(s.outs) == n for s in sigs), (func, n, sigs)
         first = 0 if func in (fwd, flash) else 1  # query's place among the tensor arguments
         assert {s.ins[first] for s in sigs} >= {S(0), S(1)}, sigs  # batch and heads
+
+
+def _pointwise_for_clicks() -> None:
+    """Pointwise ops a click model's loss or id hashing uses: split or replicated in, the same layout out,
+    values and gradients equal to plain torch."""
+    x = _randn(6, 5) * 3
+    ops = [
+        ("log1p", lambda t: (t.abs() + 0.5).log1p()),
+        ("expm1", lambda t: t.expm1()),
+        ("softplus", lambda t: F.softplus(t)),
+        ("sgn", lambda t: t.sgn() * t),
+        ("remainder", lambda t: torch.remainder(t, 2.5) + t),
+        ("fmod", lambda t: torch.fmod(t, 2.5) + t),
+    ]
+    for mesh in _meshes():
+        for sbp in _layouts(mesh, 2):
+            for name, fn in ops:
+                _check(name, fn, mesh, [x], [sbp])
+
+
+def test_pointwise_ops_for_click_models():
+    run_on_ranks(4, _pointwise_for_clicks)

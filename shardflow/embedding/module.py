@@ -189,7 +189,7 @@ class SparseParallelModule(ParallelModule):
         if method not in self.lookups:
             if not callable(getattr(self.source, method, None)):
                 raise ValueError(f"evaluate(method={method!r}): {type(self.source).__name__} has no such method")
-            plain = [x.full() if isinstance(x, GlobalTensor) else x for x in inputs]
+            plain = self._plain(inputs)
             self.lookups[method] = trace_lookups(self.source, method, self.tables, plain)
             add_method(self.module, method, self.lookups[method])
         lookups = self.lookups[method]
@@ -207,7 +207,7 @@ class SparseParallelModule(ParallelModule):
         dense: Sequence[Any] = ()
         if inputs:
             lookups = self._method_lookups("forward", inputs)
-            plain = [x.full() if isinstance(x, GlobalTensor) else x for x in inputs]
+            plain = self._plain(inputs)
             batch = check_arguments(lookups, lookups.arguments(plain), {t.name: t for t in self.tables})
             pooled = [torch.zeros((batch, *c.shape[1:])) for c in lookups.calls]
             dense = [x for i, x in enumerate(plain) if i not in lookups.sparse] + pooled
